@@ -1,0 +1,67 @@
+"""Typed exceptions of alignd.
+
+Every layer raises these; ``alignd.server.errors`` is the one place that turns them into HTTP
+responses in the OpenAI error shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+
+class AligndError(Exception):
+    """Base class. ``status`` is the HTTP status the server answers with."""
+
+    status: int = 500
+    error_type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class ClientError(AligndError):
+    """The request is wrong; the message says what to fix."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidRequestError(ClientError):
+    code = "invalid_request"
+
+
+class ContextLengthError(ClientError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFoundError(ClientError):
+    status = 404
+    error_type = "not_found_error"
+    code = "model_not_found"
+
+
+class NotFoundError(ClientError):
+    status = 404
+    error_type = "not_found_error"
+    code = "not_found"
+
+
+class ServerError(AligndError):
+    """Something failed on our side; the request may be retried."""
+
+    status = 500
+    error_type = "internal_error"
+    code = "internal_error"
+
+
+class EngineNotReadyError(ServerError):
+    status = 503
+    error_type = "service_unavailable"
+    code = "engine_not_ready"
+
+
+class ModelPreparationError(ServerError):
+    code = "model_preparation_failed"

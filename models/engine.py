@@ -1,0 +1,188 @@
+"""The engine contract: the batched primitives that serving and decoding methods build on.
+
+Two engines implement it: :class:`alignd.models.vllm_engine.VLLMEngine` (serves; requests batched by
+vLLM's scheduler, prefix caching on) and :class:`alignd.models.hf_engine.HFEngine` (the
+``transformers`` reference path, also for tiny-model unit tests and hidden-state probes).
+
+Every primitive takes *many* prefixes at once, so that a decoding method hands one step's whole
+work (all candidates, all rollouts) to the engine in a single call. Prompts and prefixes are token
+ids; text goes in and out through :attr:`Engine.tokenizer`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Engine-neutral sampling parameters (the server maps API fields onto these)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    # Number of top alternatives to report per generated token; None = no log-probabilities.
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class GeneratedTokenLogprobs:
+    """Log-probability of a generated token and the top alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass
+class Choice:
+    """One generated continuation of a prompt."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: list[GeneratedTokenLogprobs] | None = None
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_count: int
+    choices: list[Choice]
+
+
+@dataclass
+class StreamDelta:
+    """New output of one choice since the previous delta. ``finish_reason`` is set on its last one."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: list[GeneratedTokenLogprobs] | None = None
+    prompt_token_count: int = 0
+
+
+@dataclass
+class Rollout:
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    text: str = ""
+
+
+@dataclass
+class EngineInfo:
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+async def collect_stream(
+    deltas: AsyncIterator[StreamDelta], params: GenerationParams, prompt_token_count: int
+) -> GenerationResult:
+    """Assemble a stream of deltas into whole choices."""
+    choices = [Choice(i, [], "", None, [] if params.logprobs is not None else None) for i in range(params.n)]
+    async for delta in deltas:
+        choice = choices[delta.index]
+        choice.token_ids.extend(delta.token_ids)
+        choice.text += delta.text
+        if delta.logprobs is not None and choice.logprobs is not None:
+            choice.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+    return GenerationResult(prompt_token_count=prompt_token_count, choices=choices)
+
+
+class Engine(abc.ABC):
+    """Batched generation primitives over one causal language model."""
+
+    info: EngineInfo
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self):  # a transformers tokenizer
+        ...
+
+    # --- serving ---
+    @abc.abstractmethod
+    def stream(
+        self, prompt_token_ids: Sequence[int], params: GenerationParams, request_id: str
+    ) -> AsyncIterator[StreamDelta]:
+        """Yield deltas of all ``params.n`` choices as they are produced.
+
+        Closing the iterator early (client gone) must cancel the engine work for this request.
+        """
+
+    async def generate(
+        self, prompt_token_ids: Sequence[int], params: GenerationParams, request_id: str
+    ) -> GenerationResult:
+        """Whole-answer generation, assembled from :meth:`stream`."""
+        return await collect_stream(self.stream(prompt_token_ids, params, request_id), params, len(prompt_token_ids))
+
+    def check_params(self, params: GenerationParams) -> None:
+        """Raise :class:`alignd.errors.InvalidRequestError` if this engine cannot run ``params``;
+        called before a response starts, so that a stream never begins with a doomed request."""
+
+    # --- batched primitives for decoding methods ---
+    @abc.abstractmethod
+    async def top_k_next(self, prefixes: Sequence[Sequence[int]], k: int) -> list[list[TokenLogprob]]:
+        """For each prefix, the ``k`` most likely next tokens with their log-probabilities,
+        most likely first (log-probabilities of the unmodified model distribution)."""
+
+    @abc.abstractmethod
+    async def rollouts(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[Rollout]]:
+        """For each prefix, ``n`` continuations of at most ``max_tokens`` tokens, stopping at EOS
+        (the EOS token is kept as the last token of a rollout that stopped on it)."""
+
+    @abc.abstractmethod
+    async def continuation_logprobs(
+        self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """For each (prefix, continuation) pair, ``log p(c_t | prefix, c_<t)`` for every token of the
+        continuation."""
+
+    async def shutdown(self) -> None:  # pragma: no cover - engines override when they hold resources
+        return None
+
+    # --- helpers shared by engines ---
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def render_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of a chat conversation rendered with the model's chat template, ready for the
+        assistant's answer."""
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return self.encode(text)

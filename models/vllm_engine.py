@@ -1,0 +1,206 @@
+"""The vLLM engine: serves requests through vLLM's in-process async API (``AsyncLLM``).
+
+"Batched" here means concurrent: each primitive submits one vLLM request per prefix at once and
+vLLM's continuous-batching scheduler runs them together, with prefix caching sharing the KV cache of
+the common prefix. Scale-out (tensor / pipeline parallel, Ray) is passed straight to vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from alignd.errors import InvalidRequestError, ServerError
+from alignd.models.engine import (
+    Engine,
+    EngineInfo,
+    GeneratedTokenLogprobs,
+    GenerationParams,
+    Rollout,
+    StreamDelta,
+    TokenLogprob,
+)
+from alignd.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _top_entries(position: dict | None, k: int) -> tuple[TokenLogprob, ...]:
+    """The k best alternatives at one position of a vLLM logprobs list, most likely first.
+
+    vLLM adds the sampled token to the top-k dict (with its true rank), so filter by rank."""
+    if not position or k <= 0:
+        return ()
+    ranked = sorted(position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
+    return tuple(TokenLogprob(int(t), float(lp.logprob)) for t, lp in ranked if lp.rank is not None and lp.rank <= k)[
+        :k
+    ]
+
+
+class VLLMEngine(Engine):
+    def __init__(self, llm, tokenizer, info: EngineInfo) -> None:
+        self._llm = llm
+        self._tokenizer = tokenizer
+        self.info = info
+
+    @classmethod
+    def start(cls, model_path: str, settings: Settings) -> VLLMEngine:
+        """Build the async engine. Must run inside an event loop (vLLM starts its output task)."""
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=model_path,
+            served_model_name=[settings.model_name],
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            enforce_eager=settings.enforce_eager,
+            enable_prefix_caching=settings.enable_prefix_caching,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            pipeline_parallel_size=settings.pipeline_parallel_size,
+            distributed_executor_backend=settings.distributed_executor_backend,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_num_seqs=settings.max_num_seqs,
+            max_logprobs=settings.max_logprobs,
+            seed=settings.seed,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        tokenizer = llm.get_tokenizer()
+        config = llm.model_config
+        eos = tokenizer.eos_token_id
+        gen_eos = (config.hf_config.eos_token_id if config.hf_config is not None else None) or eos
+        eos_ids = set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]) | ({eos} if eos is not None else set())
+        info = EngineInfo(
+            model_path=model_path,
+            max_model_len=config.max_model_len,
+            vocab_size=config.get_vocab_size(),
+            eos_token_ids=tuple(sorted(i for i in eos_ids if i is not None)),
+            extra={"max_logprobs": settings.max_logprobs},
+        )
+        return cls(llm, tokenizer, info)
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    async def shutdown(self) -> None:
+        self._llm.shutdown()
+
+    # ------------------------------------------------------------------ helpers
+    def check_params(self, params: GenerationParams) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        self._sampling_params(params, RequestOutputKind.DELTA)
+
+    def _sampling_params(self, params: GenerationParams, output_kind):
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+
+        if params.logprobs is not None and params.logprobs > self.info.extra["max_logprobs"]:
+            raise InvalidRequestError(
+                f"at most {self.info.extra['max_logprobs']} top log-probabilities are available", param="top_logprobs"
+            )
+        try:
+            return SamplingParams(
+                n=params.n,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                stop=list(params.stop) or None,
+                seed=params.seed,
+                logprobs=params.logprobs,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                ignore_eos=params.ignore_eos,
+                output_kind=output_kind,
+            )
+        except (VLLMClientError, ValueError) as exc:
+            raise InvalidRequestError(f"vLLM rejected the sampling parameters: {exc}") from exc
+
+    async def _final(self, prompt_token_ids: Sequence[int], sampling_params):
+        """Run one request to completion and return vLLM's final RequestOutput."""
+        final = None
+        async for out in self._llm.generate(
+            {"prompt_token_ids": list(prompt_token_ids)}, sampling_params, request_id=f"alignd-{uuid.uuid4().hex}"
+        ):
+            final = out
+        if final is None:
+            raise ServerError("the vLLM engine returned no output")
+        return final
+
+    # ------------------------------------------------------------------ serving
+    async def stream(self, prompt_token_ids, params, request_id) -> AsyncIterator[StreamDelta]:
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = self._sampling_params(params, RequestOutputKind.DELTA)
+        # vLLM's generator aborts the engine request itself when it is closed or cancelled early.
+        async for out in self._llm.generate({"prompt_token_ids": list(prompt_token_ids)}, sampling, request_id=request_id):
+            prompt_count = len(out.prompt_token_ids or prompt_token_ids)
+            for comp in out.outputs:
+                logprobs = None
+                if params.logprobs is not None:
+                    logprobs = [
+                        GeneratedTokenLogprobs(tok, float(pos[tok].logprob), _top_entries(pos, params.logprobs))
+                        for tok, pos in zip(comp.token_ids, comp.logprobs or [])
+                    ]
+                yield StreamDelta(
+                    index=comp.index,
+                    token_ids=list(comp.token_ids),
+                    text=comp.text,
+                    finish_reason=comp.finish_reason,
+                    logprobs=logprobs,
+                    prompt_token_count=prompt_count,
+                )
+
+    # ------------------------------------------------------------------ primitives
+    async def top_k_next(self, prefixes, k):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = SamplingParams(
+            max_tokens=1, temperature=0.0, logprobs=k, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        outs = await asyncio.gather(*(self._final(p, sampling) for p in prefixes))
+        return [list(_top_entries(out.outputs[0].logprobs[0], k)) for out in outs]
+
+    async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        async def one(i: int, prefix):
+            sampling = SamplingParams(
+                n=n,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=None if seed is None else seed + i * n,  # vLLM seeds choice j with seed + j
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+            out = await self._final(prefix, sampling)
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            return [Rollout(list(c.token_ids), c.finish_reason, c.text) for c in comps]
+
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prefixes))))
+
+    async def continuation_logprobs(self, prefixes, continuations):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if len(prefixes) != len(continuations):
+            raise ValueError("prefixes and continuations must have the same length")
+        sampling = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+
+        async def one(prefix, cont):
+            if not cont:
+                return []
+            full = list(prefix) + list(cont)
+            out = await self._final(full, sampling)
+            # prompt_logprobs[j] holds log p(full[j] | full[:j]) (None at j = 0)
+            return [float(out.prompt_logprobs[j][full[j]].logprob) for j in range(len(prefix), len(full))]
+
+        return list(await asyncio.gather(*(one(p, c) for p, c in zip(prefixes, continuations))))

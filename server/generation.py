@@ -1,0 +1,125 @@
+"""What every generate endpoint shares: model check, prompt rendering, limits, metered streaming,
+server-sent events."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from functools import lru_cache
+
+from pydantic import BaseModel
+
+from alignd.errors import AligndError, InvalidRequestError, ModelNotFoundError, ServerError
+from alignd.models.engine import Engine, GenerationParams, GenerationResult, StreamDelta, collect_stream
+from alignd.server.errors import error_body
+from alignd.server.metrics import ServerMetrics
+from alignd.server.sampling import SamplingFields
+from alignd.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(payload: BaseModel | dict | str) -> str:
+    if isinstance(payload, BaseModel):
+        data = payload.model_dump_json(exclude_none=False)
+    elif isinstance(payload, dict):
+        data = json.dumps(payload)
+    else:
+        data = payload
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class GenerationService:
+    """Base of the serving classes: holds the engine and turns requests into engine calls."""
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.model_name = settings.model_name
+        self.token_text = lru_cache(maxsize=65536)(self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ModelNotFoundError(
+                f"model '{name}' is not served here; this server serves '{self.model_name}' (see GET /v1/models)",
+                param="model",
+            )
+
+    def render_messages(self, messages: Sequence) -> list[int]:
+        return self.engine.render_chat([m.as_template_message() for m in messages])
+
+    def render_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.engine.encode(prompt)
+        vocab = self.engine.info.vocab_size
+        bad = [t for t in prompt if t < 0 or t >= vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token id {bad[0]} is outside this model's vocabulary [0, {vocab})", param="prompt"
+            )
+        return list(prompt)
+
+    def params(self, request: SamplingFields, prompt_ids: Sequence[int], logprobs: int | None = None) -> GenerationParams:
+        params = request.generation_params(
+            prompt_tokens=len(prompt_ids),
+            max_model_len=self.engine.info.max_model_len,
+            settings=self.settings,
+            logprobs=logprobs,
+        )
+        self.engine.check_params(params)
+        return params
+
+    async def metered_stream(
+        self, endpoint: str, prompt_ids: Sequence[int], params: GenerationParams, request_id: str
+    ) -> AsyncIterator[StreamDelta]:
+        """The engine's stream, counted into the metrics (running gauge, TTFT, tokens)."""
+        start = time.perf_counter()
+        first = True
+        self.metrics.running_requests.labels(endpoint).inc()
+        self.metrics.prompt_tokens.labels(endpoint).inc(len(prompt_ids))
+        try:
+            async for delta in self.engine.stream(prompt_ids, params, request_id):
+                if first and delta.token_ids:
+                    self.metrics.time_to_first_token.labels(endpoint).observe(time.perf_counter() - start)
+                    first = False
+                self.metrics.generation_tokens.labels(endpoint).inc(len(delta.token_ids))
+                yield delta
+        except AligndError:
+            raise
+        except ValueError as exc:  # vLLM rejects some inputs with ValueError (e.g. prompt too long)
+            raise InvalidRequestError(str(exc)) from exc
+        finally:
+            self.metrics.running_requests.labels(endpoint).dec()
+
+    async def collect(
+        self, endpoint: str, prompt_ids: Sequence[int], params: GenerationParams, request_id: str
+    ) -> GenerationResult:
+        """A whole answer, gathered from the metered stream (so the metrics see it too)."""
+        return await collect_stream(self.metered_stream(endpoint, prompt_ids, params, request_id), params, len(prompt_ids))
+
+    async def sse_events(self, events: AsyncIterator[BaseModel | dict]) -> AsyncIterator[str]:
+        """Server-sent events of a stream, ended by [DONE]. An error after the headers were sent
+        can no longer change the status, so it becomes an error event in the OpenAI shape."""
+        try:
+            async for event in events:
+                yield sse(event)
+        except AligndError as exc:
+            yield sse(error_body(exc))
+        except Exception as exc:  # noqa: BLE001 - the stream must end with an error event, not a cut
+            logger.exception("stream failed")
+            yield sse(error_body(ServerError(f"generation failed: {type(exc).__name__}")))
+        yield SSE_DONE

@@ -1,0 +1,94 @@
+"""Serving logic of the native ``POST /generate`` endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from alignd.models.engine import GeneratedTokenLogprobs
+from alignd.server.generation import GenerationService, new_id
+from alignd.server.native.protocol import (
+    GeneratedTokenOut,
+    GenerateChoice,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateStreamEvent,
+    TokenLogprobOut,
+)
+from alignd.server.openai_api.protocol import UsageInfo
+
+GENERATE_ENDPOINT = "/generate"
+
+
+class NativeServing(GenerationService):
+    def _prepare(self, request: GenerateRequest):
+        self.check_model(request.model)
+        if request.messages is not None:
+            prompt_ids = self.render_messages(request.messages)
+        else:
+            prompt_ids = self.render_prompt(request.prompt)
+        return prompt_ids, self.params(request, prompt_ids, logprobs=request.logprobs)
+
+    def _logprobs(self, items: list[GeneratedTokenLogprobs] | None) -> list[GeneratedTokenOut] | None:
+        if items is None:
+            return None
+        return [
+            GeneratedTokenOut(
+                token_id=it.token_id,
+                token=self.token_text(it.token_id),
+                logprob=it.logprob,
+                top=[TokenLogprobOut(token_id=a.token_id, token=self.token_text(a.token_id), logprob=a.logprob) for a in it.top],
+            )
+            for it in items
+        ]
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        prompt_ids, params = self._prepare(request)
+        request_id = new_id("gen")
+        result = await self.collect(GENERATE_ENDPOINT, prompt_ids, params, request_id)
+        completion_tokens = sum(len(c.token_ids) for c in result.choices)
+        return GenerateResponse(
+            id=request_id,
+            model=self.model_name,
+            choices=[
+                GenerateChoice(
+                    index=c.index,
+                    text=c.text,
+                    token_ids=c.token_ids,
+                    finish_reason=c.finish_reason,
+                    logprobs=self._logprobs(c.logprobs),
+                )
+                for c in result.choices
+            ],
+            usage=UsageInfo(
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=completion_tokens,
+                total_tokens=len(prompt_ids) + completion_tokens,
+            ),
+        )
+
+    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateStreamEvent]:
+        prompt_ids, params = self._prepare(request)  # before the response starts: errors stay 4xx
+        request_id = new_id("gen")
+
+        async def events():
+            completion_tokens = 0
+            async for delta in self.metered_stream(GENERATE_ENDPOINT, prompt_ids, params, request_id):
+                completion_tokens += len(delta.token_ids)
+                yield GenerateStreamEvent(
+                    id=request_id,
+                    index=delta.index,
+                    text=delta.text,
+                    token_ids=delta.token_ids,
+                    finish_reason=delta.finish_reason,
+                    logprobs=self._logprobs(delta.logprobs),
+                )
+            yield GenerateStreamEvent(
+                id=request_id,
+                usage=UsageInfo(
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=completion_tokens,
+                    total_tokens=len(prompt_ids) + completion_tokens,
+                ),
+            )
+
+        return events()

@@ -1,0 +1,215 @@
+"""Serving logic of the OpenAI-compatible endpoints: request -> engine parameters -> response."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from alignd.models.engine import GeneratedTokenLogprobs
+from alignd.server.generation import GenerationService, new_id
+from alignd.server.openai_api.protocol import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    UsageInfo,
+)
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+COMPLETIONS_ENDPOINT = "/v1/completions"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+class OpenAIServing(GenerationService):
+    def list_models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.info.max_model_len)])
+
+    # ------------------------------------------------------------------ logprobs shapes
+    def _chat_logprobs(self, items: list[GeneratedTokenLogprobs] | None) -> ChatChoiceLogprobs | None:
+        if items is None:
+            return None
+        content = []
+        for it in items:
+            text = self.token_text(it.token_id)
+            content.append(
+                ChatTokenLogprob(
+                    token=text,
+                    logprob=it.logprob,
+                    bytes=list(text.encode()),
+                    top_logprobs=[
+                        TopLogprob(token=(t := self.token_text(alt.token_id)), logprob=alt.logprob, bytes=list(t.encode()))
+                        for alt in it.top
+                    ],
+                )
+            )
+        return ChatChoiceLogprobs(content=content)
+
+    def _completion_logprobs(
+        self, items: list[GeneratedTokenLogprobs] | None, offset: int = 0
+    ) -> CompletionLogprobs | None:
+        if items is None:
+            return None
+        out = CompletionLogprobs()
+        for it in items:
+            text = self.token_text(it.token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(it.logprob)
+            out.top_logprobs.append({self.token_text(a.token_id): a.logprob for a in it.top})
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
+
+    # ------------------------------------------------------------------ chat
+    def _prepare_chat(self, request: ChatCompletionRequest):
+        self.check_model(request.model)
+        prompt_ids = self.render_messages(request.messages)
+        params = self.params(request, prompt_ids, logprobs=request.num_logprobs)
+        return prompt_ids, params
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        prompt_ids, params = self._prepare_chat(request)
+        request_id = new_id("chatcmpl")
+        result = await self.collect(CHAT_ENDPOINT, prompt_ids, params, request_id)
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=self._chat_logprobs(c.logprobs),
+                finish_reason=c.finish_reason,
+            )
+            for c in result.choices
+        ]
+        completion_tokens = sum(len(c.token_ids) for c in result.choices)
+        return ChatCompletionResponse(
+            id=request_id, model=self.model_name, choices=choices, usage=_usage(len(prompt_ids), completion_tokens)
+        )
+
+    def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
+        # Validation happens here, before the response starts, so bad input still gets a 4xx status.
+        prompt_ids, params = self._prepare_chat(request)
+        request_id = new_id("chatcmpl")
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        async def events():
+            started: set[int] = set()
+            completion_tokens = 0
+            async for delta in self.metered_stream(CHAT_ENDPOINT, prompt_ids, params, request_id):
+                completion_tokens += len(delta.token_ids)
+                role = None
+                if delta.index not in started:
+                    started.add(delta.index)
+                    role = "assistant"
+                yield ChatCompletionChunk(
+                    id=request_id,
+                    model=self.model_name,
+                    choices=[
+                        ChatStreamChoice(
+                            index=delta.index,
+                            delta=ChatDelta(role=role, content=delta.text),
+                            logprobs=self._chat_logprobs(delta.logprobs),
+                            finish_reason=delta.finish_reason,
+                        )
+                    ],
+                )
+            if include_usage:
+                yield ChatCompletionChunk(
+                    id=request_id, model=self.model_name, choices=[], usage=_usage(len(prompt_ids), completion_tokens)
+                )
+
+        return events()
+
+    # ------------------------------------------------------------------ completions
+    def _prepare_completion(self, request: CompletionRequest):
+        self.check_model(request.model)
+        prepared = []
+        for prompt in request.prompts():
+            ids = self.render_prompt(prompt)
+            prepared.append((prompt, ids, self.params(request, ids, logprobs=request.logprobs)))
+        return prepared
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        prepared = self._prepare_completion(request)
+        request_id = new_id("cmpl")
+        results = await asyncio.gather(
+            *(
+                self.collect(COMPLETIONS_ENDPOINT, ids, params, f"{request_id}-{i}")
+                for i, (_, ids, params) in enumerate(prepared)
+            )
+        )
+        choices = []
+        prompt_tokens = completion_tokens = 0
+        for i, ((prompt, ids, params), result) in enumerate(zip(prepared, results)):
+            prompt_tokens += len(ids)
+            echo = (prompt if isinstance(prompt, str) else self.engine.decode(ids)) if request.echo else ""
+            for c in result.choices:
+                completion_tokens += len(c.token_ids)
+                choices.append(
+                    CompletionChoice(
+                        index=i * params.n + c.index,
+                        text=echo + c.text,
+                        logprobs=self._completion_logprobs(c.logprobs),
+                        finish_reason=c.finish_reason,
+                    )
+                )
+        return CompletionResponse(
+            id=request_id, model=self.model_name, choices=choices, usage=_usage(prompt_tokens, completion_tokens)
+        )
+
+    def complete_stream(self, request: CompletionRequest) -> AsyncIterator[CompletionResponse]:
+        prepared = self._prepare_completion(request)
+        request_id = new_id("cmpl")
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        async def events():
+            prompt_tokens = completion_tokens = 0
+            # Several prompts are streamed one after another; each gets its own choice indices.
+            for i, (prompt, ids, params) in enumerate(prepared):
+                prompt_tokens += len(ids)
+                offsets: dict[int, int] = {}
+                if request.echo:
+                    echo = prompt if isinstance(prompt, str) else self.engine.decode(ids)
+                    for j in range(params.n):
+                        yield CompletionResponse(
+                            id=request_id,
+                            model=self.model_name,
+                            choices=[CompletionChoice(index=i * params.n + j, text=echo, finish_reason=None)],
+                        )
+                async for delta in self.metered_stream(COMPLETIONS_ENDPOINT, ids, params, f"{request_id}-{i}"):
+                    completion_tokens += len(delta.token_ids)
+                    offset = offsets.get(delta.index, 0)
+                    offsets[delta.index] = offset + len(delta.text)
+                    yield CompletionResponse(
+                        id=request_id,
+                        model=self.model_name,
+                        choices=[
+                            CompletionChoice(
+                                index=i * params.n + delta.index,
+                                text=delta.text,
+                                logprobs=self._completion_logprobs(delta.logprobs, offset),
+                                finish_reason=delta.finish_reason,
+                            )
+                        ],
+                    )
+            if include_usage:
+                yield CompletionResponse(
+                    id=request_id, model=self.model_name, choices=[], usage=_usage(prompt_tokens, completion_tokens)
+                )
+
+        return events()
