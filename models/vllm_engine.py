@@ -8,6 +8,7 @@ the common prefix. Scale-out (tensor / pipeline parallel, Ray) is passed straigh
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import uuid
@@ -88,7 +89,12 @@ class VLLMEngine(Engine):
         return self._tokenizer
 
     async def shutdown(self) -> None:
-        self._llm.shutdown()
+        if self._llm is not None:
+            self._llm.shutdown()
+            # Drop the engine now: vLLM's __del__ shuts down again and fails noisily if it only
+            # runs at interpreter exit, after the modules it needs are gone.
+            self._llm = None
+            gc.collect()
 
     # ------------------------------------------------------------------ helpers
     def check_params(self, params: GenerationParams) -> None:

@@ -66,6 +66,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         param = _param_path(tuple(p for p in loc if not (isinstance(p, str) and p in _UNION_TAGS)))
         if kind == "extra_forbidden":
             text = f"unknown field '{param}': remove it (see GET /openapi.json for the accepted fields)"
+        elif kind == "missing" and param is None:
+            text = "the request body is empty: send a JSON object"
         elif kind == "missing":
             text = f"'{param}' is required"
         elif kind == "model_attributes_type" and param is None:

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from alignd.server.sampling import SamplingFields
 
 
+MAX_PROMPTS_PER_REQUEST = 64
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -91,10 +94,11 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, prompt):
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not prompt or any(len(p) == 0 for p in prompt):
+        items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        if not items or any(len(p) == 0 for p in items):
             raise ValueError("prompt is empty: give a non-empty string, list of strings, or token ids")
+        if len(items) > MAX_PROMPTS_PER_REQUEST:
+            raise ValueError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request")
         return prompt
 
     @model_validator(mode="after")
@@ -108,7 +112,7 @@ class CompletionRequest(SamplingFields):
     def prompts(self) -> list[str | list[int]]:
         """The prompt normalised to a list of strings or token-id lists."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], int):
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         return list(p)
 
