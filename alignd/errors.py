@@ -65,3 +65,23 @@ class EngineNotReadyError(ServerError):
 
 class ModelPreparationError(ServerError):
     code = "model_preparation_failed"
+
+
+class RewardNotFoundError(ClientError):
+    status = 404
+    error_type = "not_found_error"
+    code = "reward_not_found"
+
+
+class RewardFailedError(ClientError):
+    """A deployment's own reward callable raised: the request cannot be scored as given."""
+
+    status = 422
+    error_type = "reward_error"
+    code = "reward_failed"
+
+
+class ConfigurationError(AligndError):
+    """The server's configuration is wrong (raised at start-up)."""
+
+    code = "configuration_error"

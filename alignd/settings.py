@@ -15,6 +15,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded"
+DEFAULT_BASELINE_SYSTEM_PROMPT = (
+    "You are a warm, kind and positive assistant. You answer helpfully, with encouragement and "
+    "cheerful, friendly words."
+)
 
 
 def _default_cache_dir() -> Path:
@@ -58,6 +62,18 @@ class Settings(BaseSettings):
         2, ge=1, description="KV-cache size on the CPU backend (sets VLLM_CPU_KVCACHE_SPACE if unset)."
     )
     seed: int = 0
+
+    # --- rewards ---
+    rewards: dict[str, dict] = Field(
+        default_factory=dict,
+        description="Extra rewards, a JSON object {name: spec} (see alignd/rewards/registry.py).",
+    )
+    baseline_system_prompt: str = Field(
+        DEFAULT_BASELINE_SYSTEM_PROMPT,
+        description="System prompt that turns the served model into the prompted (aligned) baseline.",
+    )
+    implicit_beta: float = Field(0.1, gt=0.0, description="beta of the implicit reward beta*log(pi_aligned/pi_ref).")
+    max_reward_batch: int = Field(256, ge=1, description="Largest number of items per /v1/rewards request.")
 
     # --- request limits ---
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")

@@ -10,19 +10,30 @@ from fastapi import FastAPI, Request, Response
 from alignd import __version__
 from alignd.models.engine import Engine
 from alignd.models.factory import open_engine
+from alignd.rewards.registry import build_rewards
 from alignd.server.errors import install_error_handlers
 from alignd.server.metrics import RequestMetricsMiddleware, ServerMetrics
 from alignd.server.native.router import router as native_router
 from alignd.server.native.serving import NativeServing
 from alignd.server.openai_api.router import router as openai_router
 from alignd.server.openai_api.serving import OpenAIServing
+from alignd.server.rewards.router import router as rewards_router
+from alignd.server.rewards.serving import RewardServing
 from alignd.settings import Settings, get_settings
 
 
-def _attach(app: FastAPI, engine: Engine, settings: Settings, metrics: ServerMetrics) -> None:
+@asynccontextmanager
+async def _serving(app: FastAPI, engine: Engine, settings: Settings, metrics: ServerMetrics) -> AsyncIterator[None]:
+    """Build the serving objects over an open engine; close what they own on exit."""
+    registry = await build_rewards(settings, engine)
     app.state.engine = engine
     app.state.openai_serving = OpenAIServing(engine, settings, metrics)
     app.state.native_serving = NativeServing(engine, settings, metrics)
+    app.state.reward_serving = RewardServing(registry, settings, metrics)
+    try:
+        yield
+    finally:
+        await registry.close()
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -34,11 +45,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
-            _attach(app, engine, settings, metrics)
-            yield
+            async with _serving(app, engine, settings, metrics):
+                yield
             return
-        async with open_engine(settings) as opened:
-            _attach(app, opened, settings, metrics)
+        async with open_engine(settings) as opened, _serving(app, opened, settings, metrics):
             yield
 
     app = FastAPI(
@@ -52,6 +62,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(native_router)
+    app.include_router(rewards_router)
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request) -> dict:

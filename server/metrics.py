@@ -45,6 +45,8 @@ class ServerMetrics:
             "alignd_running_requests", "Generation requests being served now.", ["endpoint"], registry=r
         )
 
+        self.reward_items = Counter("alignd_reward_items", "Items scored, by reward.", ["reward"], registry=r)
+
     def render(self, include_default: bool = True) -> tuple[bytes, str]:
         body = generate_latest(self.registry)
         if include_default:

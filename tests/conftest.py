@@ -111,6 +111,27 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+def build_tiny_classifier(path: Path, tokenizer_dir: Path, *, seed: int = 1) -> Path:
+    """A random 2-layer Llama sequence classifier (one logit: a reward head) with the tiny tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    return build_tiny_classifier(tmp_path_factory.mktemp("tiny-classifier"), tiny_llama_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_engine(tiny_llama_dir):
     from alignd.models.hf_engine import HFEngine
@@ -207,9 +228,24 @@ class ServerProcess:
         self.log.close()
 
 
+def rewards_env(classifier_dir: Path) -> dict[str, str]:
+    """Rewards the test servers are configured with, beside the built-in ones."""
+    import json
+
+    rewards = {
+        "tiny_rm": {"type": "classifier", "model": str(classifier_dir)},
+        "exclaim": {"type": "callable", "path": "reward_plugins:exclamation_count"},
+        "char_length": {"type": "callable", "path": "reward_plugins:batched_length", "batched": True},
+        "broken": {"type": "callable", "path": "reward_plugins:broken"},
+        "warm_and_short": {"type": "weighted_sum", "terms": {"positivity": 1.0, "length_penalty": 1.0}},
+    }
+    tests_dir = str(Path(__file__).parent)
+    return {"ALIGND_REWARDS": json.dumps(rewards), "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 @pytest.fixture(scope="session")
-def server(embedded_model_dir):
-    proc = ServerProcess()
+def server(embedded_model_dir, tiny_classifier_dir):
+    proc = ServerProcess(rewards_env(tiny_classifier_dir))
     try:
         proc.wait_ready()
         yield proc

@@ -1,0 +1,1 @@
+"""Probe analysis: geometry of hidden representations, layer by layer."""

@@ -1,0 +1,1 @@
+"""Rewards: one interface for classifier, implicit and programmatic rewards, by name."""

@@ -1,0 +1,156 @@
+"""Rewards by name, built from the settings.
+
+Always present (no network needed):
+  positivity          VADER sentiment of the response
+  length_penalty      -0.01 per word beyond 200 words
+  prompted_implicit   implicit reward of the prompted baseline (the served model with the alignment
+                      system prompt) against the served model itself
+
+More come from ``ALIGND_REWARDS``, a JSON object ``{name: spec}``; a spec's ``type`` is one of:
+  {"type": "positivity"}
+  {"type": "length_penalty", "per_word": 0.01, "free_words": 200}
+  {"type": "callable", "path": "package.module:function", "batched": false}
+  {"type": "classifier", "model": "/path/to/RewardModel", "label_index": 0, "max_length": 2048}
+  {"type": "implicit", "aligned_model": "/path" | "aligned_system_prompt": "...",
+                       "reference_model": "/path" (default: the served model), "beta": 0.1}
+  {"type": "weighted_sum", "terms": {"positivity": 1.0, "length_penalty": 0.5}}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alignd.errors import ConfigurationError, RewardNotFoundError
+from alignd.models.engine import Engine
+from alignd.rewards.base import Reward
+from alignd.rewards.classifier import ClassifierReward
+from alignd.rewards.implicit import ImplicitReward
+from alignd.rewards.programmatic import CallableReward, LengthPenaltyReward, PositivityReward, WeightedSumReward
+from alignd.settings import Settings
+
+
+class RewardRegistry:
+    def __init__(self, rewards: dict[str, Reward], extra_engines: list[Engine] | None = None) -> None:
+        self._rewards = rewards
+        self._extra_engines = extra_engines or []
+
+    def get(self, name: str) -> Reward:
+        try:
+            return self._rewards[name]
+        except KeyError:
+            raise RewardNotFoundError(
+                f"unknown reward '{name}'; configured rewards: {', '.join(sorted(self._rewards))} (GET /v1/rewards)",
+                param="reward",
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._rewards)
+
+    def all(self) -> list[Reward]:
+        return [self._rewards[n] for n in self.names()]
+
+    async def close(self) -> None:
+        for reward in self._rewards.values():
+            await reward.close()
+        for engine in self._extra_engines:
+            await engine.shutdown()
+
+
+def _spec_value(name: str, spec: dict, key: str, kind: type, default: Any = None, required: bool = False):
+    if key not in spec:
+        if required:
+            raise ConfigurationError(f"reward '{name}' needs '{key}'")
+        return default
+    value = spec[key]
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"reward '{name}': '{key}' must be {kind.__name__}, got {value!r}") from exc
+
+
+async def build_rewards(settings: Settings, served: Engine) -> RewardRegistry:
+    """Build every configured reward. ``served`` is the serving engine, reused as the reference model
+    (and as the prompted baseline) so no second copy of the weights is loaded."""
+    from alignd.models.hf_engine import HFEngine
+
+    rewards: dict[str, Reward] = {
+        "positivity": PositivityReward("positivity"),
+        "length_penalty": LengthPenaltyReward("length_penalty", per_word=0.01, free_words=200),
+        "prompted_implicit": ImplicitReward(
+            "prompted_implicit",
+            aligned=served,
+            reference=served,
+            beta=settings.implicit_beta,
+            aligned_system_prompt=settings.baseline_system_prompt,
+            description="implicit reward of the prompted baseline (served model + alignment system prompt) "
+            f"against the served model, beta={settings.implicit_beta}",
+        ),
+    }
+    extra_engines: list[Engine] = []
+    engines_by_path: dict[str, Engine] = {}
+
+    def engine_for(path: str) -> Engine:
+        # Extra models for rewards run on the transformers engine in this process: they only score
+        # (no generation), and a second vLLM engine would compete with the serving one for memory.
+        if path not in engines_by_path:
+            engines_by_path[path] = HFEngine.from_pretrained(path, max_model_len=settings.max_model_len)
+            extra_engines.append(engines_by_path[path])
+        return engines_by_path[path]
+
+    pending_sums: dict[str, dict] = {}
+    for name, spec in settings.rewards.items():
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ConfigurationError(f"reward '{name}' must be an object with a 'type'")
+        kind = spec["type"]
+        if kind == "positivity":
+            rewards[name] = PositivityReward(name)
+        elif kind == "length_penalty":
+            rewards[name] = LengthPenaltyReward(
+                name,
+                per_word=_spec_value(name, spec, "per_word", float, 0.01),
+                free_words=_spec_value(name, spec, "free_words", int, 0),
+            )
+        elif kind == "callable":
+            rewards[name] = CallableReward(
+                name, _spec_value(name, spec, "path", str, required=True), bool(spec.get("batched", False))
+            )
+        elif kind == "classifier":
+            rewards[name] = ClassifierReward.from_pretrained(
+                name,
+                _spec_value(name, spec, "model", str, required=True),
+                label_index=_spec_value(name, spec, "label_index", int, 0),
+                max_length=_spec_value(name, spec, "max_length", int, None),
+            )
+        elif kind == "implicit":
+            aligned_path = _spec_value(name, spec, "aligned_model", str)
+            system_prompt = _spec_value(name, spec, "aligned_system_prompt", str)
+            if (aligned_path is None) == (system_prompt is None):
+                raise ConfigurationError(
+                    f"implicit reward '{name}' needs exactly one of 'aligned_model' or 'aligned_system_prompt'"
+                )
+            ref_path = _spec_value(name, spec, "reference_model", str)
+            reference = engine_for(ref_path) if ref_path else served
+            aligned = engine_for(aligned_path) if aligned_path else reference
+            rewards[name] = ImplicitReward(
+                name,
+                aligned=aligned,
+                reference=reference,
+                beta=_spec_value(name, spec, "beta", float, settings.implicit_beta),
+                aligned_system_prompt=system_prompt,
+            )
+        elif kind == "weighted_sum":
+            pending_sums[name] = spec
+        else:
+            raise ConfigurationError(
+                f"reward '{name}': unknown type '{kind}' (positivity, length_penalty, callable, classifier, "
+                "implicit, weighted_sum)"
+            )
+    for name, spec in pending_sums.items():
+        terms = spec.get("terms")
+        if not isinstance(terms, dict) or not terms:
+            raise ConfigurationError(f"weighted reward '{name}' needs 'terms': {{reward name: weight}}")
+        missing = [t for t in terms if t not in rewards]
+        if missing:
+            raise ConfigurationError(f"weighted reward '{name}' refers to unknown rewards {missing}")
+        rewards[name] = WeightedSumReward(name, [(float(w), rewards[t]) for t, w in terms.items()])
+    return RewardRegistry(rewards, extra_engines)
