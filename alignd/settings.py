@@ -75,6 +75,25 @@ class Settings(BaseSettings):
     implicit_beta: float = Field(0.1, gt=0.0, description="beta of the implicit reward beta*log(pi_aligned/pi_ref).")
     max_reward_batch: int = Field(256, ge=1, description="Largest number of items per /v1/rewards request.")
 
+    # --- aligned decoding ---
+    baseline_model: str | None = Field(
+        None,
+        description="Baseline (aligned) model folder for Transfer Q*; unset = the prompted baseline "
+        "(the served model with baseline_system_prompt, sharing its engine).",
+    )
+    target_reward: str = Field("positivity", description="Reward that aligned decoding maximises by default.")
+    baseline_reward: str | None = Field(
+        "prompted_implicit", description="Reward the baseline is aligned to (indirect transfer)."
+    )
+    decoding_alpha: float = Field(1.0, gt=0.0)
+    decoding_top_k: int = Field(10, ge=1)
+    decoding_num_rollouts: int = Field(1, ge=1)
+    decoding_rollout_len: int = Field(20, ge=0)
+    max_top_k: int = Field(20, ge=1, description="Largest decoding.top_k (at most max_logprobs).")
+    max_num_rollouts: int = Field(16, ge=1)
+    max_rollout_len: int = Field(64, ge=1)
+    max_best_of_n: int = Field(32, ge=1)
+
     # --- request limits ---
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     max_n: int = Field(16, ge=1, description="Largest 'n' (choices per request) accepted.")

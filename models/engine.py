@@ -64,6 +64,8 @@ class Choice:
     text: str
     finish_reason: FinishReason | None
     logprobs: list[GeneratedTokenLogprobs] | None = None
+    # Aligned decoding's diagnostics of this choice (method, reward, KL, steps), when asked for.
+    alignment: dict | None = None
 
 
 @dataclass
@@ -82,6 +84,7 @@ class StreamDelta:
     finish_reason: FinishReason | None = None
     logprobs: list[GeneratedTokenLogprobs] | None = None
     prompt_token_count: int = 0
+    alignment: dict | None = None
 
 
 @dataclass
@@ -113,6 +116,8 @@ async def collect_stream(
             choice.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
+        if delta.alignment is not None:
+            choice.alignment = delta.alignment
     return GenerationResult(prompt_token_count=prompt_token_count, choices=choices)
 
 

@@ -48,22 +48,23 @@ def make_datasets() -> dict[str, np.ndarray]:
     basis, _ = np.linalg.qr(rng.standard_normal((100, 5)))
     out["manifold"] = latent @ basis.T + 0.01 * rng.standard_normal((500, 100))
 
-    # 2. Four unit-variance Gaussian blobs in 12 dimensions, centres 5 apart along the axes
-    #    (pairwise separation ~7 sigma), unbalanced sizes: ADP should find 4 clusters with halos.
+    # 2. Four unit-variance Gaussian blobs in 12 dimensions, centres 6 apart along the axes
+    #    (pairwise separation ~8.5 sigma), unbalanced sizes: ADP should find the 4 clusters.
     sizes = [150, 100, 80, 70]
-    centres = 5.0 * np.eye(4, 12)
+    centres = 6.0 * np.eye(4, 12)
     out["blobs"] = np.concatenate(
         [c + rng.standard_normal((n, 12)) for c, n in zip(centres, sizes)]
     )
     out["blobs_labels"] = np.repeat(np.arange(4), sizes)
 
-    # 3. Four strongly overlapping classes (random centres, scale 1.6): exercises ADP's merging of
-    #    many putative peaks and label overlaps well below 1.
-    centres = 1.6 * rng.standard_normal((4, 12))
+    # 3. Six strongly overlapping classes (random centres, scale 1.5, in 12 dimensions): ADP must
+    #    merge many putative peaks and keeps large halos; label overlaps fall well below 1.
+    sizes = [90, 80, 70, 60, 50, 40]
+    centres = 1.5 * rng.standard_normal((6, 12))
     out["overlapping"] = np.concatenate(
         [c + rng.standard_normal((n, 12)) for c, n in zip(centres, sizes)]
     )
-    out["overlapping_labels"] = np.repeat(np.arange(4), sizes)
+    out["overlapping_labels"] = np.repeat(np.arange(6), sizes)
 
     # 4. Two noisy views of the same 300 items (random linear maps of an 8-d latent into 20-d):
     #    their neighbourhood overlap is well between 0 and 1.

@@ -1,0 +1,91 @@
+"""The request's ``decoding`` object: which method, and its parameters (validated, bounded).
+
+Bounds on everything that drives cost come from the server's settings (``ALIGND_MAX_TOP_K`` ...);
+a value beyond them is a 400 that names the field and the limit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from alignd.errors import InvalidRequestError
+from alignd.settings import Settings
+
+Method = Literal["sft", "transfer_q", "args", "cd", "best_of_n"]
+
+
+class DecodingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method = "sft"
+    alpha: float | None = Field(None, gt=0.0, description="KL strength: large = close to SFT, small = reward-seeking.")
+    top_k: int | None = Field(None, ge=1, description="Candidate tokens per step.")
+    num_rollouts: int | None = Field(None, ge=1, description="Rollouts per candidate (transfer_q, cd).")
+    rollout_len: int | None = Field(None, ge=0, description="Tokens per rollout (transfer_q, cd).")
+    rollout_temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy rollouts.")
+    transfer: Literal["direct", "indirect"] = Field(
+        "direct", description="direct: the baseline is aligned to the target reward; indirect: to baseline_reward."
+    )
+    beta: float | None = Field(None, gt=0.0, description="KL coefficient the baseline was aligned with (indirect).")
+    reward: str | None = Field(None, description="Target reward name (default: the server's target reward).")
+    baseline_reward: str | None = Field(None, description="Baseline reward name for indirect transfer.")
+    block_size: int = Field(1, ge=1, description="Decide by value every block_size tokens; the SFT model writes the rest.")
+    confidence_threshold: float | None = Field(
+        None, gt=0.0, le=1.0, description="Skip the value step where the SFT top-1 probability is at least this."
+    )
+    cd_mode: Literal["token", "block"] = Field("token", description="cd: token-wise, or block-wise (K blocks of M tokens).")
+    num_blocks: int | None = Field(None, ge=1, description="cd block-wise: K sampled blocks per decision.")
+    block_len: int | None = Field(None, ge=1, description="cd block-wise: M tokens per block.")
+    num_samples: int | None = Field(None, ge=1, description="best_of_n: N whole answers.")
+    sample_temperature: float | None = Field(None, gt=0.0, le=2.0, description="Sampling temperature of blocks and of best_of_n.")
+    diagnostics: bool = Field(False, description="Per-step candidates, values and choices; response reward and KL.")
+
+    @model_validator(mode="after")
+    def _rollouts_need_sampling(self) -> DecodingConfig:
+        if (self.num_rollouts or 1) > 1 and self.rollout_temperature == 0.0:
+            raise ValueError("num_rollouts > 1 needs rollout_temperature > 0: greedy rollouts would all be identical")
+        return self
+
+    def resolved(self, settings: Settings) -> DecodingConfig:
+        """Defaults filled from the settings, then every cost-driving field checked against its limit."""
+        values = self.model_dump()
+        defaults = {
+            "alpha": settings.decoding_alpha,
+            "top_k": settings.decoding_top_k,
+            "num_rollouts": settings.decoding_num_rollouts,
+            "rollout_len": settings.decoding_rollout_len,
+            "rollout_temperature": 0.0 if (self.num_rollouts or 1) == 1 else 1.0,
+            "beta": settings.implicit_beta,
+            "reward": settings.target_reward,
+            "baseline_reward": settings.baseline_reward,
+            "num_blocks": 4,
+            "block_len": 8,
+            "num_samples": 4,
+            "sample_temperature": 1.0,
+        }
+        for key, default in defaults.items():
+            if values[key] is None:
+                values[key] = default
+        out = DecodingConfig.model_validate(values)
+        limits = {
+            "top_k": settings.max_top_k,
+            "num_rollouts": settings.max_num_rollouts,
+            "rollout_len": settings.max_rollout_len,
+            "num_blocks": settings.max_num_rollouts,
+            "block_len": settings.max_rollout_len,
+            "num_samples": settings.max_best_of_n,
+            "block_size": settings.max_rollout_len,
+        }
+        for key, limit in limits.items():
+            if getattr(out, key) > limit:
+                raise InvalidRequestError(
+                    f"decoding.{key}={getattr(out, key)} is above this server's limit of {limit}", param=f"decoding.{key}"
+                )
+        if out.transfer == "indirect" and out.method == "transfer_q" and not out.baseline_reward:
+            raise InvalidRequestError(
+                "indirect transfer needs a baseline reward: set decoding.baseline_reward (GET /v1/rewards lists them)",
+                param="decoding.baseline_reward",
+            )
+        return out

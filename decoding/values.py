@@ -1,0 +1,171 @@
+"""Value estimators: Q(s, z) for the candidate tokens z of one decoding step.
+
+Every estimator hands the whole step to the engine at once: all candidates' rollouts in one batched
+``rollouts`` call, all rewards in one batched ``score`` call.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from alignd.models.engine import Engine
+from alignd.rewards.base import Reward, RewardItem
+from alignd.rewards.implicit import with_system_prompt
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt: token ids as the SFT model sees them, plus the chat or text they came from
+    (a prompted baseline renders its own version)."""
+
+    token_ids: tuple[int, ...]
+    messages: tuple[dict, ...] | None = None
+    text: str | None = None
+
+    def reward_item(self, response: str) -> RewardItem:
+        if self.messages is not None:
+            return RewardItem(response=response, messages=self.messages)
+        return RewardItem(response=response, prompt=self.text or "")
+
+
+class Policy:
+    """A model that continues prompts: an engine, and optionally an alignment system prompt that turns
+    it into a prompted baseline (sharing the SFT engine's weights and KV cache)."""
+
+    def __init__(self, engine: Engine, name: str, system_prompt: str | None = None) -> None:
+        self.engine = engine
+        self.name = name
+        self.system_prompt = system_prompt
+
+    def prefix(self, prompt: Prompt) -> list[int]:
+        if self.system_prompt is None:
+            return list(prompt.token_ids)
+        if prompt.messages is not None:
+            return self.engine.render_chat(with_system_prompt([dict(m) for m in prompt.messages], self.system_prompt))
+        return self.engine.encode(f"{self.system_prompt}\n\n{prompt.text or ''}")
+
+
+@dataclass
+class StepCost:
+    """What one value estimate cost (summed into the response's diagnostics and metrics)."""
+
+    rollouts: int = 0
+    rollout_tokens: int = 0
+    reward_calls: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ValueEstimator(abc.ABC):
+    @abc.abstractmethod
+    async def estimate(
+        self, prompt: Prompt, policy_prefix: list[int], generated: list[int], candidates: Sequence[int], seed: int | None
+    ) -> tuple[list[float], StepCost]:
+        """Q for each candidate token appended to ``generated``."""
+
+    def policy_for_prefix(self) -> Policy | None:
+        return None
+
+
+class RolloutValueEstimator(ValueEstimator):
+    """Q(s, z) from rollouts of a policy, scored by the target reward.
+
+    Direct transfer (policy aligned to the target reward):   Q = mean_i r_i.
+    Indirect transfer (policy aligned to another reward r_BL, with KL coefficient beta):
+        Q = sum_i w_i r_i / sum_i w_i,  w_i = exp((r_i - r_BL_i) / beta)   (self-normalised).
+    With the SFT model as the policy this is CD's Q^{pi_sft}.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        reward: Reward,
+        *,
+        num_rollouts: int = 1,
+        rollout_len: int = 20,
+        temperature: float = 0.0,
+        baseline_reward: Reward | None = None,
+        beta: float = 1.0,
+    ) -> None:
+        if num_rollouts < 1 or rollout_len < 0:
+            raise ValueError("num_rollouts must be >= 1 and rollout_len >= 0")
+        if baseline_reward is not None and beta <= 0:
+            raise ValueError(f"beta must be > 0 for indirect transfer, got {beta}")
+        self.policy = policy
+        self.reward = reward
+        self.num_rollouts = num_rollouts
+        self.rollout_len = rollout_len
+        self.temperature = temperature
+        self.baseline_reward = baseline_reward
+        self.beta = beta
+
+    def policy_for_prefix(self) -> Policy:
+        return self.policy
+
+    async def estimate(self, prompt, policy_prefix, generated, candidates, seed):
+        eos = set(self.policy.engine.info.eos_token_ids)
+        # A candidate that ends the answer has nothing to roll out: its value is the finished answer's reward.
+        open_idx = [i for i, z in enumerate(candidates) if z not in eos and self.rollout_len > 0]
+        rollouts = await self.policy.engine.rollouts(
+            [policy_prefix + generated + [candidates[i]] for i in open_idx],
+            n=self.num_rollouts,
+            max_tokens=self.rollout_len,
+            temperature=self.temperature,
+            seed=seed,
+        )
+        by_candidate: dict[int, list[list[int]]] = {i: [r.token_ids for r in group] for i, group in zip(open_idx, rollouts)}
+        texts: list[str] = []
+        owners: list[int] = []
+        decode = self.policy.engine.decode
+        for i, z in enumerate(candidates):
+            for tail in by_candidate.get(i, [[]]):
+                texts.append(decode(generated + [z] + tail))
+                owners.append(i)
+        items = [prompt.reward_item(t) for t in texts]
+        rewards = [s.value for s in await self.reward.score(items, truncate=True)]
+        cost = StepCost(
+            rollouts=sum(len(g) for g in rollouts),
+            rollout_tokens=sum(len(r.token_ids) for g in rollouts for r in g),
+            reward_calls=len(items),
+        )
+        if self.baseline_reward is not None:
+            base = [s.value for s in await self.baseline_reward.score(items, truncate=True)]
+            cost.reward_calls += len(items)
+        values = []
+        for i in range(len(candidates)):
+            idx = [j for j, o in enumerate(owners) if o == i]
+            r = [rewards[j] for j in idx]
+            if self.baseline_reward is None:
+                values.append(sum(r) / len(r))
+            else:
+                logw = [(rewards[j] - base[j]) / self.beta for j in idx]
+                top = max(logw)
+                w = [math.exp(x - top) for x in logw]  # shifted for stability; the ratio is unchanged
+                values.append(sum(wi * ri for wi, ri in zip(w, r)) / sum(w))
+        return values, cost
+
+
+class PartialRewardValue(ValueEstimator):
+    """ARGS: the reward of the partial answer with the candidate appended; no rollout."""
+
+    def __init__(self, reward: Reward, decode: Callable[[list[int]], str]) -> None:
+        self.reward = reward
+        self.decode = decode
+
+    async def estimate(self, prompt, policy_prefix, generated, candidates, seed):
+        items = [prompt.reward_item(self.decode(generated + [z])) for z in candidates]
+        scores = await self.reward.score(items, truncate=True)
+        return [s.value for s in scores], StepCost(reward_calls=len(items))
+
+
+class FunctionValue(ValueEstimator):
+    """Q given by a function of (generated tokens, candidate): exact values in tests, or a learned
+    value model plugged in by a deployment."""
+
+    def __init__(self, fn: Callable[[list[int], int], float]) -> None:
+        self.fn = fn
+
+    async def estimate(self, prompt, policy_prefix, generated, candidates, seed):
+        return [float(self.fn(list(generated), z)) for z in candidates], StepCost()
