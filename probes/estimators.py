@@ -73,7 +73,9 @@ def _as_points(X, name: str = "X", min_points: int = 2) -> np.ndarray:
     if arr.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {arr.shape})")
     if arr.shape[0] < min_points:
-        raise ValueError(f"{name} has {arr.shape[0]} points; this estimator needs at least {min_points}")
+        raise ValueError(
+            f"{name} has {arr.shape[0]} points; this estimator needs at least {min_points}"
+        )
     arr = arr.astype(np.float64, copy=False)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -166,6 +168,13 @@ def _twonn_from_mus(mus: np.ndarray, mu_fraction: float, algorithm: str) -> floa
     return float(np.dot(x, y) / np.dot(x, x))
 
 
+def _id_or_twonn(intrinsic_dim: float | None, dist: np.ndarray) -> float:
+    """The given ID, or dadapy's fallback when none is set: TwoNN with its defaults."""
+    if intrinsic_dim is not None:
+        return intrinsic_dim
+    return _twonn_from_mus(dist[:, 2] / dist[:, 1], 0.9, "fit")
+
+
 def twonn_id(X, mu_fraction: float = 0.9, algorithm: str = "fit") -> float:
     """TwoNN intrinsic dimension (Facco et al. 2017), as dadapy's ``Data(X).compute_id_2NN()``.
 
@@ -247,7 +256,7 @@ def _gride_single_scale(
 
 @dataclass(frozen=True)
 class GrideScaling:
-    """Gride intrinsic dimension at scales n2 = 2n1 = 2, 4, 8, ... (dadapy return_id_scaling_gride)."""
+    """Gride ID at the scales n2 = 2 n1 = 2, 4, 8, ... (dadapy's return_id_scaling_gride)."""
 
     ids: np.ndarray  # ID estimated from the ratios r_{2n} / r_{n}, n = 1, 2, 4, ...
     errs: np.ndarray  # its standard error (inverse square root of the Fisher information)
@@ -338,7 +347,7 @@ def knn_density(X, k: int = 16, intrinsic_dim: float | None = None) -> LogDensit
         intrinsic_dim = _check_intrinsic_dim(intrinsic_dim)
     _reject_duplicates(X)
     dist, _ = _neighbours(X, max(k, 2))
-    d = intrinsic_dim if intrinsic_dim is not None else _twonn_from_mus(dist[:, 2] / dist[:, 1], 0.9, "fit")
+    d = _id_or_twonn(intrinsic_dim, dist)
     log_den, err = _knn_log_density(dist, k, d)
     return LogDensity(log_den, err, d, np.full(X.shape[0], k, dtype=np.int64))
 
@@ -346,8 +355,9 @@ def knn_density(X, k: int = 16, intrinsic_dim: float | None = None) -> LogDensit
 def _compute_kstar(dist: np.ndarray, ind: np.ndarray, d: float, alpha: float) -> np.ndarray:
     """Point-adaptive neighbourhood size k* (dadapy ``cython_density._compute_kstar``).
 
-    k* is the largest k for which the density around i and around its k-th neighbour j pass a
-    likelihood-ratio test of being equal (chi^2_1 at level alpha), tested for k = 3, 4, ...
+    For k = 3, 4, ..., the densities measured on k neighbours around i and around i's (k+1)-th
+    neighbour are compared by a likelihood-ratio test (chi^2_1, level alpha); k* is the first k at
+    which the test rejects them as equal (dadapy's convention), or maxk - 1 if it never does.
     """
     maxk = dist.shape[1] - 1
     js = np.arange(4, maxk)
@@ -364,7 +374,7 @@ def _compute_kstar(dist: np.ndarray, ind: np.ndarray, d: float, alpha: float) ->
 
 
 def _pak_newton(f: np.ndarray, kstar: np.ndarray, volumes: np.ndarray, max_iter: int = 10000):
-    """Maximise the PAk likelihood per point, as dadapy ``cython_maximum_likelihood_opt_full._nrmaxl``.
+    """Maximise the PAk likelihood of each point (dadapy ``cython_maximum_likelihood_opt_full``).
 
     The model is log rho(r_l) = F + a * l over the k* shells l = 1..k*; F is the log-density. dadapy
     runs a damped Newton (step 0.1, capped at 10 % of |F|) that stops once the relative gradient is
@@ -377,6 +387,9 @@ def _pak_newton(f: np.ndarray, kstar: np.ndarray, volumes: np.ndarray, max_iter:
     shell = np.arange(1, volumes.shape[1] + 1, dtype=np.float64)
     in_k = shell[None, :] <= kf[:, None]
     vol = np.where(in_k, volumes, 0.0)
+    # Shells beyond a point's k* are not in its likelihood; -inf there keeps exp() from overflowing
+    # into inf * 0 = nan.
+    beyond = np.where(in_k, 0.0, -np.inf)
     f = f.copy()
     a = np.zeros(n)
     # Points with a vanishing shell volume keep the closed-form kNN start (dadapy's flag).
@@ -384,7 +397,7 @@ def _pak_newton(f: np.ndarray, kstar: np.ndarray, volumes: np.ndarray, max_iter:
     stepmax = 0.1 * np.abs(f)
 
     def derivatives(rows):
-        gf_tmp = vol[rows] * np.exp(f[rows, None] + a[rows, None] * shell[None, :])
+        gf_tmp = vol[rows] * np.exp(f[rows, None] + a[rows, None] * shell[None, :] + beyond[rows])
         grad_f = kf[rows] - gf_tmp.sum(axis=1)
         grad_a = ksum[rows] - (gf_tmp * shell).sum(axis=1)
         h00 = -gf_tmp.sum(axis=1)
@@ -473,7 +486,7 @@ def pak_density(
         intrinsic_dim = _check_intrinsic_dim(intrinsic_dim)
     _reject_duplicates(X)
     dist, ind = _neighbours(X, maxk)
-    d = intrinsic_dim if intrinsic_dim is not None else _twonn_from_mus(dist[:, 2] / dist[:, 1], 0.9, "fit")
+    d = _id_or_twonn(intrinsic_dim, dist)
     return _pak_from_neighbours(dist, ind, d, alpha)
 
 
@@ -580,15 +593,18 @@ def _adp(kstar, ind, log_den, log_den_err, z: float):
     #    row-major order on ties, as dadapy), dropping the less significant peak of the two.
     rho_c, err_c = rho[centers], log_den_err[centers]
     alive = np.ones(n_clus, dtype=bool)
-    upper = np.triu(np.ones((n_clus, n_clus), dtype=bool), 1)
-    while n_clus > 1:
-        a1 = rho_c[:, None] - rho_bord
-        a2 = rho_c[None, :] - rho_bord
-        e1 = z * (err_c[:, None] + rho_bord_err)
-        e2 = z * (err_c[None, :] + rho_bord_err)
-        weak = upper & ((a1 < e1) | (a2 < e2))
-        if not weak.any():
-            break
+    all_c = np.arange(n_clus)
+
+    def weak_pairs(i, j):
+        # Peak i (or j) rises less than Z errors above the saddle between them. Only pairs with a
+        # saddle can qualify: without one rho_bord is 0 or -1 and rho_c >= Z * err_c + 1.
+        bord, bord_err = rho_bord[i, j], rho_bord_err[i, j]
+        return ((rho_c[i] - bord) < z * (err_c[i] + bord_err)) | (
+            (rho_c[j] - bord) < z * (err_c[j] + bord_err)
+        )
+
+    weak = np.triu(weak_pairs(all_c[:, None], all_c[None, :]), 1)
+    while weak.any():
         imod, jmod = divmod(int(np.argmax(np.where(weak, rho_bord, -np.inf))), n_clus)
         c1 = (rho_c[imod] - rho_bord[imod, jmod]) / (err_c[imod] + rho_bord_err[imod, jmod])
         c2 = (rho_c[jmod] - rho_bord[imod, jmod]) / (err_c[jmod] + rho_bord_err[imod, jmod])
@@ -606,6 +622,11 @@ def _adp(kstar, ind, log_den, log_den_err, z: float):
         rho_bord_err[imod, take] = rho_bord_err[take, imod] = rho_bord_err[jmod, take]
         rho_bord[jmod, others] = rho_bord[others, jmod] = -1.0
         rho_bord_err[jmod, others] = rho_bord_err[others, jmod] = 0.0
+        # Only the rows and columns of the two merged peaks changed: re-test just those pairs
+        # (dadapy re-tests all pairs each round; the outcome is the same, at O(n) instead of O(n^2)).
+        for line in (imod, jmod):
+            weak[line, :] = weak_pairs(line, all_c) & (all_c > line)
+            weak[:, line] = weak_pairs(all_c, line) & (all_c < line)
 
     # 6. Final labels: surviving peaks renumbered in order. Halo: points of a cluster whose density
     #    is below the cluster's highest saddle towards any other cluster.
@@ -628,7 +649,7 @@ def adp_clustering(
     maxk: int | None = None,
     alpha: float = 1e-6,
 ) -> ADPResult:
-    """Advanced Density Peaks clustering (d'Errico et al. 2021), as dadapy's ``compute_clustering_ADP``.
+    """Advanced Density Peaks clustering (d'Errico et al. 2021), as dadapy ``compute_clustering_ADP``.
 
     Args:
         X: (N, D) points, no duplicates.
@@ -669,7 +690,7 @@ def adp_clustering(
     _reject_duplicates(X)
 
     dist, ind = _neighbours(X, maxk)
-    d = intrinsic_dim if intrinsic_dim is not None else _twonn_from_mus(dist[:, 2] / dist[:, 1], 0.9, "fit")
+    d = _id_or_twonn(intrinsic_dim, dist)
     if density == "PAk":
         dens = _pak_from_neighbours(dist, ind, d, alpha)
     else:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
 from alignd import __version__
+from alignd.decoding.service import AlignedDecoding
 from alignd.models.engine import Engine
+from alignd.models.hf_engine import HFEngine
 from alignd.models.factory import open_engine
 from alignd.rewards.registry import build_rewards
 from alignd.server.errors import install_error_handlers
@@ -26,13 +29,22 @@ from alignd.settings import Settings, get_settings
 async def _serving(app: FastAPI, engine: Engine, settings: Settings, metrics: ServerMetrics) -> AsyncIterator[None]:
     """Build the serving objects over an open engine; close what they own on exit."""
     registry = await build_rewards(settings, engine)
+    baseline_engine = None
+    if settings.baseline_model:
+        # A separate baseline runs on the transformers engine in this process (see rewards' extra engines).
+        baseline_engine = await asyncio.to_thread(
+            HFEngine.from_pretrained, settings.baseline_model, max_model_len=settings.max_model_len
+        )
+    aligned = AlignedDecoding(engine, registry, settings, baseline_engine)
+    aligned.step_observers.append(metrics.observe_step)
     app.state.engine = engine
-    app.state.openai_serving = OpenAIServing(engine, settings, metrics)
-    app.state.native_serving = NativeServing(engine, settings, metrics)
+    app.state.openai_serving = OpenAIServing(engine, settings, metrics, aligned)
+    app.state.native_serving = NativeServing(engine, settings, metrics, aligned)
     app.state.reward_serving = RewardServing(registry, settings, metrics)
     try:
         yield
     finally:
+        await aligned.close()
         await registry.close()
 
 

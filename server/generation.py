@@ -8,10 +8,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 from pydantic import BaseModel
 
+from alignd.decoding.config import DecodingConfig
+from alignd.decoding.service import AlignedDecoding
+from alignd.decoding.values import Prompt
 from alignd.errors import AligndError, InvalidRequestError, ModelNotFoundError, ServerError
 from alignd.models.engine import Engine, GenerationParams, GenerationResult, StreamDelta, collect_stream
 from alignd.server.errors import error_body
@@ -39,13 +43,30 @@ def sse(payload: BaseModel | dict | str) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A validated generation: the prompt, engine parameters, and the aligned decoding to use (None =
+    the engine's own sampler)."""
+
+    prompt: Prompt
+    params: GenerationParams
+    decoding: DecodingConfig | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return list(self.prompt.token_ids)
+
+
 class GenerationService:
     """Base of the serving classes: holds the engine and turns requests into engine calls."""
 
-    def __init__(self, engine: Engine, settings: Settings, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, metrics: ServerMetrics, aligned: AlignedDecoding | None = None
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self.aligned = aligned
         self.model_name = settings.model_name
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
 
@@ -59,44 +80,63 @@ class GenerationService:
                 param="model",
             )
 
-    def render_messages(self, messages: Sequence) -> list[int]:
-        return self.engine.render_chat([m.as_template_message() for m in messages])
+    def render_messages(self, messages: Sequence) -> Prompt:
+        chat = tuple(m.as_template_message() for m in messages)
+        return Prompt(tuple(self.engine.render_chat(list(chat))), messages=chat)
 
-    def render_prompt(self, prompt: str | list[int]) -> list[int]:
+    def render_prompt(self, prompt: str | list[int]) -> Prompt:
         if isinstance(prompt, str):
-            return self.engine.encode(prompt)
+            return Prompt(tuple(self.engine.encode(prompt)), text=prompt)
         vocab = self.engine.info.vocab_size
         bad = [t for t in prompt if t < 0 or t >= vocab]
         if bad:
             raise InvalidRequestError(
                 f"prompt token id {bad[0]} is outside this model's vocabulary [0, {vocab})", param="prompt"
             )
-        return list(prompt)
+        return Prompt(tuple(prompt), text=self.engine.decode(prompt))
 
-    def params(self, request: SamplingFields, prompt_ids: Sequence[int], logprobs: int | None = None) -> GenerationParams:
+    def plan(self, request: SamplingFields, prompt: Prompt, logprobs: int | None = None) -> Plan:
+        """Validate everything before any work (and before a stream's headers): sampling values
+        against the context, the engine's own checks, and the decoding method's parameters."""
         params = request.generation_params(
-            prompt_tokens=len(prompt_ids),
+            prompt_tokens=len(prompt.token_ids),
             max_model_len=self.engine.info.max_model_len,
             settings=self.settings,
             logprobs=logprobs,
         )
         self.engine.check_params(params)
-        return params
+        decoding = request.decoding
+        if decoding is None or (decoding.method == "sft" and not decoding.diagnostics):
+            return Plan(prompt, params)
+        if self.aligned is None:
+            raise InvalidRequestError("aligned decoding is not enabled on this server", param="decoding")
+        if logprobs is not None:
+            raise InvalidRequestError(
+                f"logprobs are not available with decoding.method={decoding.method}; the diagnostics "
+                "(decoding.diagnostics=true) report each step's candidates and log-probabilities",
+                param="logprobs",
+            )
+        return Plan(prompt, params, self.aligned.resolve(decoding))
 
-    async def metered_stream(
-        self, endpoint: str, prompt_ids: Sequence[int], params: GenerationParams, request_id: str
-    ) -> AsyncIterator[StreamDelta]:
-        """The engine's stream, counted into the metrics (running gauge, TTFT, tokens)."""
+    def _source(self, plan: Plan, request_id: str) -> AsyncIterator[StreamDelta]:
+        if plan.decoding is None:
+            return self.engine.stream(plan.prompt_ids, plan.params, request_id)
+        return self.aligned.stream(plan.prompt, plan.params, plan.decoding, request_id)
+
+    async def metered_stream(self, endpoint: str, plan: Plan, request_id: str) -> AsyncIterator[StreamDelta]:
+        """The plan's stream, counted into the metrics (running gauge, TTFT, tokens)."""
         start = time.perf_counter()
         first = True
         self.metrics.running_requests.labels(endpoint).inc()
-        self.metrics.prompt_tokens.labels(endpoint).inc(len(prompt_ids))
+        self.metrics.prompt_tokens.labels(endpoint).inc(len(plan.prompt.token_ids))
         try:
-            async for delta in self.engine.stream(prompt_ids, params, request_id):
+            async for delta in self._source(plan, request_id):
                 if first and delta.token_ids:
                     self.metrics.time_to_first_token.labels(endpoint).observe(time.perf_counter() - start)
                     first = False
                 self.metrics.generation_tokens.labels(endpoint).inc(len(delta.token_ids))
+                if delta.alignment is not None:
+                    self.metrics.observe_alignment(delta.alignment)
                 yield delta
         except AligndError:
             raise
@@ -105,11 +145,9 @@ class GenerationService:
         finally:
             self.metrics.running_requests.labels(endpoint).dec()
 
-    async def collect(
-        self, endpoint: str, prompt_ids: Sequence[int], params: GenerationParams, request_id: str
-    ) -> GenerationResult:
+    async def collect(self, endpoint: str, plan: Plan, request_id: str) -> GenerationResult:
         """A whole answer, gathered from the metered stream (so the metrics see it too)."""
-        return await collect_stream(self.metered_stream(endpoint, prompt_ids, params, request_id), params, len(prompt_ids))
+        return await collect_stream(self.metered_stream(endpoint, plan, request_id), plan.params, len(plan.prompt.token_ids))
 
     async def sse_events(self, events: AsyncIterator[BaseModel | dict]) -> AsyncIterator[str]:
         """Server-sent events of a stream, ended by [DONE]. An error after the headers were sent

@@ -46,6 +46,37 @@ class ServerMetrics:
         )
 
         self.reward_items = Counter("alignd_reward_items", "Items scored, by reward.", ["reward"], registry=r)
+        # aligned decoding
+        self.decoding_steps = Counter("alignd_decoding_steps", "Decisions taken by aligned decoding.", ["method"], registry=r)
+        self.gated_steps = Counter(
+            "alignd_decoding_gated_steps", "Decisions that skipped value estimation (confident SFT).", ["method"], registry=r
+        )
+        self.rollouts = Counter("alignd_rollouts", "Rollouts run for value estimation.", ["method"], registry=r)
+        self.rollout_tokens = Counter("alignd_rollout_tokens", "Tokens generated in rollouts.", ["method"], registry=r)
+        self.value_step_seconds = Histogram(
+            "alignd_value_step_seconds", "Seconds per decision (candidates, rollouts, rewards).", ["method"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.response_reward = Histogram(
+            "alignd_response_reward", "Target reward of finished responses (with diagnostics).", ["method"],
+            buckets=(-2, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 2, 5), registry=r,
+        )
+        self.response_kl = Histogram(
+            "alignd_response_kl", "KL from the SFT model summed over a response's decisions.", ["method"],
+            buckets=(0, 0.1, 0.5, 1, 2, 5, 10, 20, 50, 100), registry=r,
+        )
+
+    def observe_step(self, method: str, step, seconds: float) -> None:
+        self.decoding_steps.labels(method).inc()
+        if step.gated:
+            self.gated_steps.labels(method).inc()
+        self.rollouts.labels(method).inc(step.cost.rollouts)
+        self.rollout_tokens.labels(method).inc(step.cost.rollout_tokens)
+        self.value_step_seconds.labels(method).observe(seconds)
+
+    def observe_alignment(self, alignment: dict) -> None:
+        self.response_reward.labels(alignment["method"]).observe(alignment["reward"])
+        self.response_kl.labels(alignment["method"]).observe(alignment["kl"])
 
     def render(self, include_default: bool = True) -> tuple[bytes, str]:
         body = generate_latest(self.registry)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from alignd.decoding.config import DecodingConfig
 from alignd.errors import ContextLengthError, InvalidRequestError
 from alignd.models.engine import GenerationParams
 from alignd.settings import Settings
@@ -27,6 +28,9 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    decoding: DecodingConfig | None = Field(
+        None, description="Aligned decoding: method (sft, transfer_q, args, cd, best_of_n) and its parameters."
+    )
 
     @field_validator("stop")
     @classmethod

@@ -48,6 +48,7 @@ class GenerateChoice(BaseModel):
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[GeneratedTokenOut] | None = None
+    alignment: dict | None = None
 
 
 class GenerateResponse(BaseModel):
@@ -66,4 +67,5 @@ class GenerateStreamEvent(BaseModel):
     token_ids: list[int] = []
     finish_reason: str | None = None
     logprobs: list[GeneratedTokenOut] | None = None
+    alignment: dict | None = None
     usage: UsageInfo | None = None

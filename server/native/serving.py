@@ -22,11 +22,8 @@ GENERATE_ENDPOINT = "/generate"
 class NativeServing(GenerationService):
     def _prepare(self, request: GenerateRequest):
         self.check_model(request.model)
-        if request.messages is not None:
-            prompt_ids = self.render_messages(request.messages)
-        else:
-            prompt_ids = self.render_prompt(request.prompt)
-        return prompt_ids, self.params(request, prompt_ids, logprobs=request.logprobs)
+        prompt = self.render_messages(request.messages) if request.messages is not None else self.render_prompt(request.prompt)
+        return self.plan(request, prompt, logprobs=request.logprobs)
 
     def _logprobs(self, items: list[GeneratedTokenLogprobs] | None) -> list[GeneratedTokenOut] | None:
         if items is None:
@@ -42,9 +39,10 @@ class NativeServing(GenerationService):
         ]
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        prompt_ids, params = self._prepare(request)
+        plan = self._prepare(request)
+        prompt_ids = plan.prompt_ids
         request_id = new_id("gen")
-        result = await self.collect(GENERATE_ENDPOINT, prompt_ids, params, request_id)
+        result = await self.collect(GENERATE_ENDPOINT, plan, request_id)
         completion_tokens = sum(len(c.token_ids) for c in result.choices)
         return GenerateResponse(
             id=request_id,
@@ -56,6 +54,7 @@ class NativeServing(GenerationService):
                     token_ids=c.token_ids,
                     finish_reason=c.finish_reason,
                     logprobs=self._logprobs(c.logprobs),
+                    alignment=c.alignment,
                 )
                 for c in result.choices
             ],
@@ -67,12 +66,13 @@ class NativeServing(GenerationService):
         )
 
     def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateStreamEvent]:
-        prompt_ids, params = self._prepare(request)  # before the response starts: errors stay 4xx
+        plan = self._prepare(request)  # before the response starts: errors stay 4xx
+        prompt_ids = plan.prompt_ids
         request_id = new_id("gen")
 
         async def events():
             completion_tokens = 0
-            async for delta in self.metered_stream(GENERATE_ENDPOINT, prompt_ids, params, request_id):
+            async for delta in self.metered_stream(GENERATE_ENDPOINT, plan, request_id):
                 completion_tokens += len(delta.token_ids)
                 yield GenerateStreamEvent(
                     id=request_id,
@@ -81,6 +81,7 @@ class NativeServing(GenerationService):
                     token_ids=delta.token_ids,
                     finish_reason=delta.finish_reason,
                     logprobs=self._logprobs(delta.logprobs),
+                    alignment=delta.alignment,
                 )
             yield GenerateStreamEvent(
                 id=request_id,

@@ -148,6 +148,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None
+    alignment: dict | None = Field(None, description="Aligned decoding diagnostics (decoding.diagnostics=true).")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -169,6 +170,7 @@ class ChatStreamChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
+    alignment: dict | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -192,6 +194,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    alignment: dict | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -79,38 +79,38 @@ class OpenAIServing(GenerationService):
     # ------------------------------------------------------------------ chat
     def _prepare_chat(self, request: ChatCompletionRequest):
         self.check_model(request.model)
-        prompt_ids = self.render_messages(request.messages)
-        params = self.params(request, prompt_ids, logprobs=request.num_logprobs)
-        return prompt_ids, params
+        return self.plan(request, self.render_messages(request.messages), logprobs=request.num_logprobs)
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        prompt_ids, params = self._prepare_chat(request)
+        plan = self._prepare_chat(request)
         request_id = new_id("chatcmpl")
-        result = await self.collect(CHAT_ENDPOINT, prompt_ids, params, request_id)
+        result = await self.collect(CHAT_ENDPOINT, plan, request_id)
         choices = [
             ChatChoice(
                 index=c.index,
                 message=ChatResponseMessage(content=c.text),
                 logprobs=self._chat_logprobs(c.logprobs),
                 finish_reason=c.finish_reason,
+                alignment=c.alignment,
             )
             for c in result.choices
         ]
         completion_tokens = sum(len(c.token_ids) for c in result.choices)
         return ChatCompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=_usage(len(prompt_ids), completion_tokens)
+            id=request_id, model=self.model_name, choices=choices, usage=_usage(len(plan.prompt_ids), completion_tokens)
         )
 
     def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         # Validation happens here, before the response starts, so bad input still gets a 4xx status.
-        prompt_ids, params = self._prepare_chat(request)
+        plan = self._prepare_chat(request)
+        prompt_ids = plan.prompt_ids
         request_id = new_id("chatcmpl")
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
         async def events():
             started: set[int] = set()
             completion_tokens = 0
-            async for delta in self.metered_stream(CHAT_ENDPOINT, prompt_ids, params, request_id):
+            async for delta in self.metered_stream(CHAT_ENDPOINT, plan, request_id):
                 completion_tokens += len(delta.token_ids)
                 role = None
                 if delta.index not in started:
@@ -125,6 +125,7 @@ class OpenAIServing(GenerationService):
                             delta=ChatDelta(role=role, content=delta.text),
                             logprobs=self._chat_logprobs(delta.logprobs),
                             finish_reason=delta.finish_reason,
+                            alignment=delta.alignment,
                         )
                     ],
                 )
@@ -140,8 +141,7 @@ class OpenAIServing(GenerationService):
         self.check_model(request.model)
         prepared = []
         for prompt in request.prompts():
-            ids = self.render_prompt(prompt)
-            prepared.append((prompt, ids, self.params(request, ids, logprobs=request.logprobs)))
+            prepared.append((prompt, self.plan(request, self.render_prompt(prompt), logprobs=request.logprobs)))
         return prepared
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
@@ -149,23 +149,24 @@ class OpenAIServing(GenerationService):
         request_id = new_id("cmpl")
         results = await asyncio.gather(
             *(
-                self.collect(COMPLETIONS_ENDPOINT, ids, params, f"{request_id}-{i}")
-                for i, (_, ids, params) in enumerate(prepared)
+                self.collect(COMPLETIONS_ENDPOINT, plan, f"{request_id}-{i}")
+                for i, (_, plan) in enumerate(prepared)
             )
         )
         choices = []
         prompt_tokens = completion_tokens = 0
-        for i, ((prompt, ids, params), result) in enumerate(zip(prepared, results)):
-            prompt_tokens += len(ids)
-            echo = (prompt if isinstance(prompt, str) else self.engine.decode(ids)) if request.echo else ""
+        for i, ((prompt, plan), result) in enumerate(zip(prepared, results)):
+            prompt_tokens += len(plan.prompt_ids)
+            echo = (prompt if isinstance(prompt, str) else self.engine.decode(plan.prompt_ids)) if request.echo else ""
             for c in result.choices:
                 completion_tokens += len(c.token_ids)
                 choices.append(
                     CompletionChoice(
-                        index=i * params.n + c.index,
+                        index=i * plan.params.n + c.index,
                         text=echo + c.text,
                         logprobs=self._completion_logprobs(c.logprobs),
                         finish_reason=c.finish_reason,
+                        alignment=c.alignment,
                     )
                 )
         return CompletionResponse(
@@ -180,7 +181,8 @@ class OpenAIServing(GenerationService):
         async def events():
             prompt_tokens = completion_tokens = 0
             # Several prompts are streamed one after another; each gets its own choice indices.
-            for i, (prompt, ids, params) in enumerate(prepared):
+            for i, (prompt, plan) in enumerate(prepared):
+                ids, params = plan.prompt_ids, plan.params
                 prompt_tokens += len(ids)
                 offsets: dict[int, int] = {}
                 if request.echo:
@@ -191,7 +193,7 @@ class OpenAIServing(GenerationService):
                             model=self.model_name,
                             choices=[CompletionChoice(index=i * params.n + j, text=echo, finish_reason=None)],
                         )
-                async for delta in self.metered_stream(COMPLETIONS_ENDPOINT, ids, params, f"{request_id}-{i}"):
+                async for delta in self.metered_stream(COMPLETIONS_ENDPOINT, plan, f"{request_id}-{i}"):
                     completion_tokens += len(delta.token_ids)
                     offset = offsets.get(delta.index, 0)
                     offsets[delta.index] = offset + len(delta.text)
@@ -204,6 +206,7 @@ class OpenAIServing(GenerationService):
                                 text=delta.text,
                                 logprobs=self._completion_logprobs(delta.logprobs, offset),
                                 finish_reason=delta.finish_reason,
+                                alignment=delta.alignment,
                             )
                         ],
                     )

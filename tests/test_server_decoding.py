@@ -1,0 +1,162 @@
+"""Aligned decoding through the real server (vLLM, embedded SmolLM2, prompted baseline, positivity).
+
+Small settings keep the suite fast on 2 cores (top_k 4, 6-token rollouts, 16 new tokens); the
+benchmark and evaluation use the paper's settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import httpx
+import openai
+import pytest
+
+from alignd.clients import Alignd, BadRequestError, NotFoundError
+
+pytestmark = pytest.mark.server
+
+TQ = {"method": "transfer_q", "alpha": 0.1, "top_k": 4, "rollout_len": 6}
+# Neutral-to-dull everyday requests: room for the answer's tone to move either way.
+PROMPTS = [
+    "Tell me about your weekend.", "What do you think of Mondays?", "Describe the weather today.",
+    "How was your commute?", "What is your opinion of homework?", "Tell me about traffic jams.",
+    "What do you think about rainy days?", "Describe a long queue at the bank.", "How do you feel about taxes?",
+    "Tell me about a broken phone.", "What is it like to wait at the airport?", "Describe a cold office.",
+    "What do you think of alarms in the morning?", "Tell me about doing laundry.", "How do you feel about meetings?",
+    "Describe a noisy neighbour.", "What do you think of exams?", "Tell me about a flat tyre.",
+    "Describe cleaning the kitchen.", "What do you think of spam emails?",
+]
+
+
+def alignment_of(choice) -> dict | None:
+    return getattr(choice, "alignment", None) or (choice.model_extra or {}).get("alignment")
+
+
+def test_transfer_q_raises_positivity_over_sft_greedy(server, model_name):
+    """20 prompts, sent concurrently (their decoding steps batch together in vLLM), scored by the
+    server's own positivity reward."""
+
+    async def answers(decoding):
+        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=900) as c:
+            extra = {"decoding": decoding} if decoding else {}
+            rs = await asyncio.gather(*(
+                c.chat.completions.create(model=model_name, messages=[{"role": "user", "content": p}], max_tokens=16,
+                                          temperature=0, extra_body=extra)
+                for p in PROMPTS
+            ))
+        return [r.choices[0].message.content for r in rs]
+
+    sft, tq = asyncio.run(answers(None)), asyncio.run(answers(TQ))
+
+    def positivity(texts):
+        body = {"reward": "positivity", "items": [{"prompt": p, "response": t} for p, t in zip(PROMPTS, texts)]}
+        return httpx.post(server.base_url + "/v1/rewards", json=body, timeout=60).json()["scores"]
+
+    sft_scores, tq_scores = positivity(sft), positivity(tq)
+    print(f"\nmean positivity over {len(PROMPTS)} prompts: SFT greedy {statistics.mean(sft_scores):.3f}, "
+          f"TQ* {statistics.mean(tq_scores):.3f}; TQ* higher on {sum(t > s for s, t in zip(sft_scores, tq_scores))}")
+    assert statistics.mean(tq_scores) > statistics.mean(sft_scores) + 0.1
+    assert sum(t >= s for s, t in zip(sft_scores, tq_scores)) >= len(PROMPTS) // 2
+
+
+def test_diagnostics_report_steps_reward_and_kl(server, model_name):
+    with Alignd(server.base_url) as client:
+        r = client.generate(messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=6, temperature=0,
+                            decoding={**TQ, "diagnostics": True})
+    choice = r.choices[0]
+    a = choice.alignment
+    assert a["method"] == "transfer_q" and a["reward_name"] == "positivity"
+    steps = a["steps"]
+    assert len(steps) == a["cost"]["decisions"] == len(choice.token_ids)
+    assert a["cost"]["rollouts"] == sum(1 for s in steps for c in s["candidates"] if c["token_id"] != 2)
+    for step in steps:
+        cands = step["candidates"]
+        assert len(cands) == 4 and step["kl"] >= -1e-9
+        assert step["chosen"][0] == max(cands, key=lambda c: c["logprob"])["token_id"]  # greedy over the rule
+        for c in cands:  # the rule: log pi = log pi_sft + Q/alpha - logsumexp
+            assert c["logprob"] <= 0
+    assert a["kl"] == pytest.approx(sum(s["kl"] for s in steps))
+    scored = httpx.post(server.base_url + "/v1/rewards", json={"reward": "positivity", "items": [
+        {"messages": [{"role": "user", "content": PROMPTS[0]}], "response": choice.text}]}).json()["scores"][0]
+    assert a["reward"] == pytest.approx(scored)
+
+
+@pytest.mark.parametrize("decoding", [
+    {"method": "sft", "diagnostics": True},
+    TQ,
+    {**TQ, "transfer": "indirect"},
+    {"method": "args", "alpha": 0.5, "top_k": 4},
+    {"method": "cd", "alpha": 0.1, "top_k": 3, "rollout_len": 4},
+    {"method": "cd", "cd_mode": "block", "num_blocks": 3, "block_len": 4},
+    {"method": "best_of_n", "num_samples": 3},
+], ids=["sft", "tq-direct", "tq-indirect", "args", "cd", "cd-block", "best-of-n"])
+def test_every_method_streams_the_same_text_it_returns(openai_client, model_name, decoding):
+    kwargs = dict(model=model_name, messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=8, temperature=0,
+                  seed=5, extra_body={"decoding": decoding})
+    whole = openai_client.chat.completions.create(**kwargs)
+    chunks = list(openai_client.chat.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_completions_and_n_with_aligned_decoding(openai_client, model_name):
+    r = openai_client.completions.create(model=model_name, prompt="My day at work was", max_tokens=6, temperature=0.8,
+                                         seed=3, n=2, extra_body={"decoding": {**TQ, "diagnostics": True}})
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert all(alignment_of(c)["method"] == "transfer_q" for c in r.choices)
+
+
+def test_very_large_alpha_gives_sft_greedy_through_the_server(openai_client, model_name):
+    for prompt in PROMPTS[:3]:
+        kwargs = dict(model=model_name, messages=[{"role": "user", "content": prompt}], max_tokens=10, temperature=0)
+        sft = openai_client.chat.completions.create(**kwargs).choices[0].message.content
+        tq = openai_client.chat.completions.create(**kwargs, extra_body={"decoding": {**TQ, "alpha": 1e9}})
+        assert tq.choices[0].message.content == sft
+
+
+BAD_DECODING = {
+    "unknown method": ({"method": "beam"}, 400),
+    "top_k above limit": ({**TQ, "top_k": 500}, 400),
+    "rollouts above limit": ({**TQ, "num_rollouts": 1000, "rollout_temperature": 1.0}, 400),
+    "rollout_len above limit": ({**TQ, "rollout_len": 10000}, 400),
+    "greedy multi-rollouts": ({**TQ, "num_rollouts": 4, "rollout_temperature": 0.0}, 400),
+    "negative alpha": ({**TQ, "alpha": -1}, 400),
+    "unknown field": ({**TQ, "alfa": 1}, 400),
+    "unknown reward": ({**TQ, "reward": "helpfulness"}, 404),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DECODING), ids=list(BAD_DECODING))
+def test_bad_decoding_parameters_get_4xx(server, model_name, case):
+    decoding, status = BAD_DECODING[case]
+    r = httpx.post(server.base_url + "/v1/chat/completions", json={
+        "model": model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "decoding": decoding})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    assert "decoding" in (r.json()["error"]["param"] or "") or case == "unknown reward"
+    with Alignd(server.base_url) as client:
+        with pytest.raises(BadRequestError if status == 400 else NotFoundError):
+            client.generate(prompt="hi", max_tokens=4, decoding=decoding)
+        assert client.generate(prompt="hi", max_tokens=2, temperature=0).choices[0].token_ids
+
+
+def test_logprobs_with_aligned_decoding_is_a_clear_400(server, model_name):
+    r = httpx.post(server.base_url + "/v1/chat/completions", json={
+        "model": model_name, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "decoding": TQ})
+    assert r.status_code == 400 and "diagnostics" in r.json()["error"]["message"]
+
+
+def test_decoding_metrics_are_exported(server):
+    text = httpx.get(server.base_url + "/metrics").text
+    def value(line_start: str) -> float:
+        lines = [ln for ln in text.splitlines() if ln.startswith(line_start) and 'method="transfer_q"' in ln]
+        assert lines, line_start
+        return float(lines[0].rsplit(" ", 1)[1])
+
+    assert value("alignd_decoding_steps_total") > 0
+    assert value("alignd_rollout_tokens_total") > 0
+    for name in ("alignd_value_step_seconds_count", "alignd_response_reward_count", "alignd_response_kl_count"):
+        assert value(name) > 0, name
