@@ -44,6 +44,11 @@ class DecodeChunk:
     finish_reason: str | None = None
 
 
+def kl_bound_best_of_n(n: int) -> float:
+    """Selecting the best of n samples moves at most log n - (n-1)/n nats away from the sampler."""
+    return math.log(n) - (n - 1) / n
+
+
 def _generator(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed)
 
@@ -152,7 +157,24 @@ class ValueGuidedDecoder(Decoder):
                 return
 
 
-class BlockwiseCDDecoder(Decoder):
+class _RewardSelectionDecoder(Decoder):
+    """Base of the methods that sample several continuations from the SFT model and select by reward."""
+
+    def __init__(
+        self, sft: Policy, reward: Reward, *, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
+        record_candidates: bool = False,
+    ) -> None:
+        super().__init__(sft, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        self.reward = reward
+        self.record_candidates = record_candidates
+
+    async def _rewards(self, prompt: Prompt, generated: list[int], samples: Sequence[list[int]]) -> list[float]:
+        decode = self.sft.engine.decode
+        items = [prompt.reward_item(decode(generated + s)) for s in samples]
+        return [s.value for s in await self.reward.score(items, truncate=True)]
+
+
+class BlockwiseCDDecoder(_RewardSelectionDecoder):
     """CD block-wise: sample K blocks of M tokens from the SFT model, keep the block whose partial answer
     has the highest reward (greedy) or sample one with probability ∝ exp(r / alpha); repeat."""
 
@@ -165,18 +187,13 @@ class BlockwiseCDDecoder(Decoder):
         block_len: int = 8,
         alpha: float = 1.0,
         block_temperature: float = 1.0,
-        max_tokens: int,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        record_candidates: bool = False,
+        **common,
     ) -> None:
-        super().__init__(sft, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        self.reward = reward
+        super().__init__(sft, reward, **common)
         self.num_blocks = num_blocks
         self.block_len = block_len
         self.alpha = alpha
         self.block_temperature = block_temperature
-        self.record_candidates = record_candidates
 
     async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
         prefix = list(prompt.token_ids)
@@ -190,16 +207,14 @@ class BlockwiseCDDecoder(Decoder):
                 [prefix + generated], n=self.num_blocks, max_tokens=room, temperature=self.block_temperature,
                 seed=_sub_seed(self.seed, step),
             ))[0]
-            items = [prompt.reward_item(decode(generated + b.token_ids)) for b in blocks]
-            values = [s.value for s in await self.reward.score(items, truncate=True)]
+            values = await self._rewards(prompt, generated, [b.token_ids for b in blocks])
             # Blocks are drawn from the SFT model, so each has (about) equal prior weight 1/K.
             rule = reweight(list(range(len(blocks))), [-math.log(len(blocks))] * len(blocks), values, self.alpha)
             index = int(max(range(len(values)), key=lambda i: values[i])) if self.temperature == 0.0 else rule.sample_index(rng)
             chosen = blocks[index].token_ids
-            cost = StepCost(rollouts=len(blocks), rollout_tokens=sum(len(b.token_ids) for b in blocks), reward_calls=len(items))
-            # Selecting 1 of K samples moves at most log K - (K-1)/K nats away from the SFT model.
-            k = len(blocks)
-            record = StepRecord(position=len(generated), chosen=chosen, kl=math.log(k) - (k - 1) / k, cost=cost)
+            cost = StepCost(rollouts=len(blocks), rollout_tokens=sum(len(b.token_ids) for b in blocks),
+                            reward_calls=len(blocks))
+            record = StepRecord(position=len(generated), chosen=chosen, kl=kl_bound_best_of_n(len(blocks)), cost=cost)
             if self.record_candidates:
                 record.candidates = [{"text": decode(b.token_ids), "token_ids": b.token_ids, "value": v}
                                      for b, v in zip(blocks, values)]
@@ -213,26 +228,13 @@ class BlockwiseCDDecoder(Decoder):
                 return
 
 
-class BestOfNDecoder(Decoder):
+class BestOfNDecoder(_RewardSelectionDecoder):
     """N whole answers sampled from the SFT model; the one with the highest reward is returned."""
 
-    def __init__(
-        self,
-        sft: Policy,
-        reward: Reward,
-        *,
-        num_samples: int = 4,
-        sample_temperature: float = 1.0,
-        max_tokens: int,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        record_candidates: bool = False,
-    ) -> None:
-        super().__init__(sft, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        self.reward = reward
+    def __init__(self, sft: Policy, reward: Reward, *, num_samples: int = 4, sample_temperature: float = 1.0, **common):
+        super().__init__(sft, reward, **common)
         self.num_samples = num_samples
         self.sample_temperature = sample_temperature
-        self.record_candidates = record_candidates
 
     async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
         samples = (await self.sft.engine.rollouts(
@@ -240,21 +242,16 @@ class BestOfNDecoder(Decoder):
             temperature=self.sample_temperature, seed=self.seed,
         ))[0]
         decode = self.sft.engine.decode
-        items = [prompt.reward_item(decode(s.token_ids)) for s in samples]
-        values = [s.value for s in await self.reward.score(items, truncate=True)]
+        values = await self._rewards(prompt, [], [s.token_ids for s in samples])
         best = max(range(len(values)), key=lambda i: values[i])
         n = len(samples)
         record = StepRecord(
-            position=0, chosen=samples[best].token_ids, kl=math.log(n) - (n - 1) / n,
+            position=0, chosen=samples[best].token_ids, kl=kl_bound_best_of_n(n),
             cost=StepCost(rollouts=n, rollout_tokens=sum(len(s.token_ids) for s in samples), reward_calls=n),
         )
         if self.record_candidates:
             record.candidates = [{"text": decode(s.token_ids), "value": v} for s, v in zip(samples, values)]
         yield DecodeChunk(samples[best].token_ids, record, samples[best].finish_reason or "length")
-
-
-def kl_bound_best_of_n(n: int) -> float:
-    return math.log(n) - (n - 1) / n
 
 
 __all__: Sequence[str] = [
