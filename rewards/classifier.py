@@ -2,13 +2,20 @@
 
 The (chat, response) pair is rendered with the reward model's own chat template when it has one
 (reward models are trained on that format), else as ``prompt + "\\n" + response``. The score is the
-logit of ``label_index`` (the single logit of a ``num_labels=1`` reward head).
+raw logit of ``label_index`` (the single logit of a ``num_labels=1`` reward head).
+
+Two backends: :class:`VLLMClassifierReward` runs the checkpoint on vLLM's pooling runner (batched
+with continuous batching, where vLLM supports the architecture); :class:`ClassifierReward` runs it
+with ``transformers`` (any architecture). :func:`load_classifier` picks one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import threading
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +25,22 @@ from alignd.errors import ConfigurationError, ContextLengthError
 from alignd.rewards.base import Reward, RewardItem, RewardScore
 
 _BATCH = 16
+logger = logging.getLogger(__name__)
+
+
+def render_pair(tokenizer, item: RewardItem) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        chat = item.chat() + [{"role": "assistant", "content": item.response}]
+        return tokenizer.apply_chat_template(chat, tokenize=False)
+    return f"{item.prompt_text()}\n{item.response}"
+
+
+def too_long_error(name: str, tokens: int, limit: int) -> ContextLengthError:
+    return ContextLengthError(
+        f"reward '{name}': a text has {tokens} tokens, above the reward model's limit of {limit}; "
+        'shorten it or send "truncate": true',
+        param="items",
+    )
 
 
 class ClassifierReward(Reward):
@@ -53,10 +76,7 @@ class ClassifierReward(Reward):
         return cls(name, model, tokenizer, **kwargs)
 
     def render(self, item: RewardItem) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            chat = item.chat() + [{"role": "assistant", "content": item.response}]
-            return self.tokenizer.apply_chat_template(chat, tokenize=False)
-        return f"{item.prompt_text()}\n{item.response}"
+        return render_pair(self.tokenizer, item)
 
     @torch.inference_mode()
     def _score_sync(self, texts: list[str], truncate: bool) -> list[tuple[float, bool]]:
@@ -66,11 +86,7 @@ class ClassifierReward(Reward):
             lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in chunk]
             too_long = [n for n in lengths if n > self.max_length]
             if too_long and not truncate:
-                raise ContextLengthError(
-                    f"reward '{self.name}': a text has {too_long[0]} tokens, above the reward model's limit of "
-                    f"{self.max_length}; shorten it or send \"truncate\": true",
-                    param="items",
-                )
+                raise too_long_error(self.name, too_long[0], self.max_length)
             batch = self.tokenizer(
                 chunk, add_special_tokens=False, padding=True, truncation=True, max_length=self.max_length,
                 return_tensors="pt",
@@ -87,3 +103,77 @@ class ClassifierReward(Reward):
                 return self._score_sync(texts, truncate)
 
         return [RewardScore(v, truncated=cut) for v, cut in await asyncio.to_thread(locked)]
+
+
+class VLLMClassifierReward(Reward):
+    """The classifier on vLLM's pooling runner: every item is one pooling request, all submitted at
+    once, so a batch is one continuous batch in the engine."""
+
+    kind = "classifier"
+
+    def __init__(self, name: str, llm, tokenizer, *, label_index: int = 0, max_length: int) -> None:
+        self.name = name
+        self._llm = llm
+        self.tokenizer = tokenizer
+        self.label_index = label_index
+        self.max_length = max_length
+        self.description = f"classifier on vLLM's pooling runner, label {label_index}"
+
+    @classmethod
+    def start(cls, name: str, path: str, settings, *, label_index: int = 0, max_length: int | None = None):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=path, runner="pooling", dtype=settings.dtype, enforce_eager=settings.enforce_eager,
+            max_model_len=max_length or settings.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size, seed=settings.seed,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        num_labels = int(getattr(llm.model_config.hf_config, "num_labels", 1))
+        if not 0 <= label_index < num_labels:
+            llm.shutdown()
+            raise ConfigurationError(f"reward '{name}': label_index {label_index} outside the model's {num_labels} labels")
+        return cls(name, llm, llm.get_tokenizer(), label_index=label_index, max_length=llm.model_config.max_model_len)
+
+    async def _one(self, ids: list[int]) -> float:
+        from vllm import PoolingParams
+
+        params = PoolingParams(task="classify", use_activation=False)  # the raw logit, like the HF path
+        final = None
+        async for out in self._llm.encode({"prompt_token_ids": ids}, params, request_id=f"rm-{uuid.uuid4().hex}"):
+            final = out
+        return float(final.outputs.data.flatten()[self.label_index])
+
+    async def score(self, items: Sequence[RewardItem], *, token_values=False, truncate=False):
+        encoded = [self.tokenizer(render_pair(self.tokenizer, i), add_special_tokens=False)["input_ids"] for i in items]
+        too_long = [len(ids) for ids in encoded if len(ids) > self.max_length]
+        if too_long and not truncate:
+            raise too_long_error(self.name, too_long[0], self.max_length)
+        values = await asyncio.gather(*(self._one(ids[: self.max_length]) for ids in encoded))
+        return [RewardScore(v, truncated=len(ids) > self.max_length) for v, ids in zip(values, encoded)]
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+
+def load_classifier(name: str, path: str, settings, *, backend: str = "auto", label_index: int = 0,
+                    max_length: int | None = None) -> Reward:
+    """``backend``: "vllm" (pooling runner, fails if vLLM cannot run the architecture), "hf"
+    (transformers), or "auto" (vLLM when the server runs on vLLM and vLLM accepts the model, else
+    transformers, with the reason logged)."""
+    if backend not in ("auto", "vllm", "hf"):
+        raise ConfigurationError(f"reward '{name}': backend must be auto, vllm or hf, not {backend!r}")
+    if backend == "vllm" or (backend == "auto" and settings.engine == "vllm"):
+        try:
+            return VLLMClassifierReward.start(name, path, settings, label_index=label_index, max_length=max_length)
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - vLLM signals unsupported models in many ways
+            if backend == "vllm":
+                raise ConfigurationError(f"reward '{name}': vLLM's pooling runner cannot run {path}: {exc}") from exc
+            logger.warning("reward %s: vLLM's pooling runner cannot run %s (%s); using transformers", name, path, exc)
+    return ClassifierReward.from_pretrained(name, path, label_index=label_index, max_length=max_length)

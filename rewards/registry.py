@@ -10,7 +10,8 @@ More come from ``ALIGND_REWARDS``, a JSON object ``{name: spec}``; a spec's ``ty
   {"type": "positivity"}
   {"type": "length_penalty", "per_word": 0.01, "free_words": 200}
   {"type": "callable", "path": "package.module:function", "batched": false}
-  {"type": "classifier", "model": "/path/to/RewardModel", "label_index": 0, "max_length": 2048}
+  {"type": "classifier", "model": "/path/to/RewardModel", "label_index": 0, "max_length": 2048,
+                         "backend": "auto" | "vllm" | "hf"}
   {"type": "implicit", "aligned_model": "/path" | "aligned_system_prompt": "...",
                        "reference_model": "/path" (default: the served model), "beta": 0.1}
   {"type": "weighted_sum", "terms": {"positivity": 1.0, "length_penalty": 0.5}}
@@ -23,7 +24,7 @@ from typing import Any
 from alignd.errors import ConfigurationError, RewardNotFoundError
 from alignd.models.engine import Engine
 from alignd.rewards.base import Reward
-from alignd.rewards.classifier import ClassifierReward
+from alignd.rewards.classifier import load_classifier
 from alignd.rewards.implicit import ImplicitReward
 from alignd.rewards.programmatic import CallableReward, LengthPenaltyReward, PositivityReward, WeightedSumReward
 from alignd.settings import Settings
@@ -115,9 +116,11 @@ async def build_rewards(settings: Settings, served: Engine) -> RewardRegistry:
                 name, _spec_value(name, spec, "path", str, required=True), bool(spec.get("batched", False))
             )
         elif kind == "classifier":
-            rewards[name] = ClassifierReward.from_pretrained(
+            rewards[name] = load_classifier(
                 name,
                 _spec_value(name, spec, "model", str, required=True),
+                settings,
+                backend=_spec_value(name, spec, "backend", str, "auto"),
                 label_index=_spec_value(name, spec, "label_index", int, 0),
                 max_length=_spec_value(name, spec, "max_length", int, None),
             )

@@ -233,7 +233,8 @@ def rewards_env(classifier_dir: Path) -> dict[str, str]:
     import json
 
     rewards = {
-        "tiny_rm": {"type": "classifier", "model": str(classifier_dir)},
+        # a 2-layer toy with 8-wide heads: transformers runs it (vLLM's CPU kernels need real head sizes)
+        "tiny_rm": {"type": "classifier", "model": str(classifier_dir), "backend": "hf"},
         "exclaim": {"type": "callable", "path": "reward_plugins:exclamation_count"},
         "char_length": {"type": "callable", "path": "reward_plugins:batched_length", "batched": True},
         "broken": {"type": "callable", "path": "reward_plugins:broken"},

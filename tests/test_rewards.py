@@ -106,7 +106,7 @@ def test_implicit_reward_context_limit_and_truncation(tiny_hf_engine):
 def test_classifier_loads_through_the_registry_and_scores(tiny_classifier_dir, tiny_hf_engine):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    settings = Settings(rewards={"rm": {"type": "classifier", "model": str(tiny_classifier_dir)}})
+    settings = Settings(rewards={"rm": {"type": "classifier", "model": str(tiny_classifier_dir), "backend": "hf"}})
     registry = asyncio.run(build_rewards(settings, tiny_hf_engine))
     reward = registry.get("rm")
     items = [RewardItem("the cat sat", prompt="hello"), RewardItem("a happy answer", prompt="how are you"),
