@@ -21,7 +21,7 @@ from alignd.decoding.methods import (
     ValueGuidedDecoder,
 )
 from alignd.decoding.values import PartialRewardValue, Policy, Prompt, RolloutValueEstimator
-from alignd.models.engine import Engine, GenerationParams, StreamDelta
+from alignd.models.engine import Engine, GenerationParams, StreamDelta, TextAssembler
 from alignd.rewards.registry import RewardRegistry
 from alignd.settings import Settings
 
@@ -91,7 +91,8 @@ class AlignedDecoding:
         decoder = self.build(config, params, seed)
         tokens: list[int] = []
         pending: list[int] = []  # tokens not yet sent (held back by an incomplete character)
-        sent_text = piece = ""
+        text = TextAssembler(self.engine.decode, params.stop)
+        piece = ""
         steps = []
         kl = 0.0
         finish = None
@@ -110,22 +111,17 @@ class AlignedDecoding:
                         observer(config.method, chunk.step, time.perf_counter() - started)
                 tokens += chunk.token_ids
                 pending += chunk.token_ids
-                text = self.engine.decode(tokens)
-                finish = chunk.finish_reason
-                for stop in params.stop:
-                    cut = text.find(stop)
-                    if cut != -1:
-                        text, finish = text[:cut], "stop"
-                if finish is None and text.endswith("\ufffd"):
+                new = text.advance(tokens, final=chunk.finish_reason is not None)
+                finish = "stop" if text.stopped else chunk.finish_reason
+                if new is None:
                     continue  # an incomplete UTF-8 character: wait for the next bytes
-                piece = text[len(sent_text) :] if text.startswith(sent_text) else ""
-                sent_text = text
+                piece += new
                 if finish is None:
                     yield StreamDelta(index, pending, piece, None, prompt_token_count=len(prompt.token_ids))
                     pending, piece = [], ""
         finally:
             await chunks.aclose()  # a stop string or a gone client ends the method's engine work now
-        alignment = await self._summary(prompt, config, sent_text, steps, kl)
+        alignment = await self._summary(prompt, config, text.text, steps, kl)
         yield StreamDelta(index, pending, piece, finish or "length", prompt_token_count=len(prompt.token_ids),
                           alignment=alignment)
 

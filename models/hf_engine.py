@@ -25,6 +25,7 @@ from alignd.models.engine import (
     GenerationParams,
     Rollout,
     StreamDelta,
+    TextAssembler,
     TokenLogprob,
 )
 
@@ -247,7 +248,7 @@ class HFEngine(Engine):
         cancelled = threading.Event()
         rows = [_Row(list(prompt_token_ids), self._make_generator(params.seed, j)) for j in range(params.n)]
         emitted = [0] * len(rows)  # tokens already sent per row
-        sent_text = [""] * len(rows)
+        texts = [TextAssembler(self.decode, params.stop) for _ in rows]
         done = [False] * len(rows)
         prompt_count = len(prompt_token_ids)
 
@@ -256,25 +257,18 @@ class HFEngine(Engine):
             for j, row in enumerate(current):
                 if done[j]:
                     continue
-                text = self.decode(row.tokens)
-                finish = row.finish_reason
-                for stop in params.stop:
-                    cut = text.find(stop)
-                    if cut != -1:
-                        text, finish = text[:cut], "stop"
-                        row.finish_reason = "stop"
-                if finish is None and text.endswith("\ufffd"):
+                piece = texts[j].advance(row.tokens, final=row.finish_reason is not None)
+                if texts[j].stopped:
+                    row.finish_reason = "stop"
+                if piece is None:
                     continue  # an incomplete UTF-8 character: wait for its next byte
                 new_tokens = row.tokens[emitted[j] :]
                 new_lp = row.logprobs[emitted[j] :] if params.logprobs is not None else None
-                piece = text[len(sent_text[j]) :] if text.startswith(sent_text[j]) else ""
-                if not new_tokens and not piece and finish is None:
+                if not new_tokens and not piece and row.finish_reason is None:
                     continue
                 emitted[j] = len(row.tokens)
-                sent_text[j] = text
-                if finish is not None:
-                    done[j] = True
-                out.append(StreamDelta(j, new_tokens, piece, finish, new_lp, prompt_count))
+                done[j] = row.finish_reason is not None
+                out.append(StreamDelta(j, new_tokens, piece, row.finish_reason, new_lp, prompt_count))
             return out
 
         def on_step(current: list[_Row]) -> None:
