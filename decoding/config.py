@@ -40,6 +40,11 @@ class DecodingConfig(BaseModel):
     block_len: int | None = Field(None, ge=1, description="cd block-wise: M tokens per block.")
     num_samples: int | None = Field(None, ge=1, description="best_of_n: N whole answers.")
     sample_temperature: float | None = Field(None, gt=0.0, le=2.0, description="Sampling temperature of blocks and of best_of_n.")
+    prune: bool | None = Field(
+        None,
+        description="Greedy only, bounded rewards: skip rollouts of candidates that cannot win (same answer, "
+        "less work). Default: on, except with diagnostics (whose KL is then exact).",
+    )
     diagnostics: bool = Field(False, description="Per-step candidates, values and choices; response reward and KL.")
 
     @model_validator(mode="after")
@@ -64,6 +69,7 @@ class DecodingConfig(BaseModel):
             "block_len": 8,
             "num_samples": 4,
             "sample_temperature": 1.0,
+            "prune": not self.diagnostics,
         }
         for key, default in defaults.items():
             if values[key] is None:

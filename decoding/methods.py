@@ -86,6 +86,11 @@ class ValueGuidedDecoder(Decoder):
       ``block_size`` B: decide one token by value, then let the SFT model write the next B - 1 tokens;
       ``confidence_threshold`` c: when the SFT model's top-1 probability is at least c, skip the value
       estimate for that step (the rule with constant Q keeps the SFT choice).
+
+    And one that changes nothing in the answer: ``prune`` (greedy only, rewards with known bounds
+    [lo, hi]): a candidate whose SFT log-probability is more than (hi - lo) / alpha below the best one
+    cannot win whatever the values, so it gets no rollouts; with one candidate left the step needs no
+    value at all. Pruned candidates enter the step's distribution (and its KL) with Q = lo.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class ValueGuidedDecoder(Decoder):
         top_k: int = 10,
         block_size: int = 1,
         confidence_threshold: float | None = None,
+        prune: bool = False,
         max_tokens: int,
         temperature: float = 0.0,
         seed: int | None = None,
@@ -104,6 +110,9 @@ class ValueGuidedDecoder(Decoder):
     ) -> None:
         super().__init__(sft, max_tokens=max_tokens, temperature=temperature, seed=seed)
         self.estimator = estimator
+        bounds = estimator.value_bounds()
+        # Only exact in greedy mode: sampling gives every candidate a chance.
+        self.prune_bounds = bounds if (prune and temperature == 0.0 and bounds is not None) else None
         self.alpha = alpha
         self.top_k = top_k
         self.block_size = block_size
@@ -123,10 +132,23 @@ class ValueGuidedDecoder(Decoder):
             ids = [t.token_id for t in top]
             sft_lp = [t.logprob for t in top]
             gated = self.confidence_threshold is not None and math.exp(sft_lp[0]) >= self.confidence_threshold
+            live = list(range(len(ids)))
+            if self.prune_bounds is not None:
+                lo, hi = self.prune_bounds
+                live = [i for i in live if sft_lp[i] >= sft_lp[0] - (hi - lo) / self.alpha]
             if gated:
                 values, cost = [0.0] * len(ids), StepCost()
+            elif len(live) == 1 and self.prune_bounds is not None:
+                values, cost = [self.prune_bounds[0]] * len(ids), StepCost(extra={"pruned": len(ids) - 1})
             else:
-                values, cost = await self.estimator.estimate(prompt, policy_prefix, generated, ids, _sub_seed(self.seed, step))
+                live_values, cost = await self.estimator.estimate(
+                    prompt, policy_prefix, generated, [ids[i] for i in live], _sub_seed(self.seed, step)
+                )
+                values = [self.prune_bounds[0]] * len(ids) if self.prune_bounds is not None else [0.0] * len(ids)
+                for i, v in zip(live, live_values):
+                    values[i] = v
+                if len(live) < len(ids):
+                    cost.extra["pruned"] = len(ids) - len(live)
             rule = reweight(ids, sft_lp, values, self.alpha)
             index = rule.greedy_index() if self.temperature == 0.0 else rule.sample_index(rng, self.temperature)
             chosen = [ids[index]]

@@ -82,7 +82,7 @@ class AlignedDecoding:
             )
         return ValueGuidedDecoder(self.sft, estimator, alpha=config.alpha, top_k=config.top_k,
                                   block_size=config.block_size, confidence_threshold=config.confidence_threshold,
-                                  record_candidates=record, **common)
+                                  prune=bool(config.prune), record_candidates=record, **common)
 
     async def _one_choice(
         self, index: int, prompt: Prompt, params: GenerationParams, config: DecodingConfig

@@ -68,6 +68,10 @@ class ValueEstimator(abc.ABC):
     def policy_for_prefix(self) -> Policy | None:
         return None
 
+    def value_bounds(self) -> tuple[float, float] | None:
+        """Range every estimate lies in (None if unknown)."""
+        return None
+
 
 class RolloutValueEstimator(ValueEstimator):
     """Q(s, z) from rollouts of a policy, scored by the target reward.
@@ -103,6 +107,10 @@ class RolloutValueEstimator(ValueEstimator):
 
     def policy_for_prefix(self) -> Policy:
         return self.policy
+
+    def value_bounds(self):
+        # a plain or importance-weighted average of rewards stays within the reward's range
+        return self.reward.bounds
 
     async def estimate(self, prompt, policy_prefix, generated, candidates, seed):
         eos = set(self.policy.engine.info.eos_token_ids)
@@ -153,6 +161,9 @@ class PartialRewardValue(ValueEstimator):
     def __init__(self, reward: Reward, decode: Callable[[list[int]], str]) -> None:
         self.reward = reward
         self.decode = decode
+
+    def value_bounds(self):
+        return self.reward.bounds
 
     async def estimate(self, prompt, policy_prefix, generated, candidates, seed):
         items = [prompt.reward_item(self.decode(generated + [z])) for z in candidates]

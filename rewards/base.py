@@ -49,6 +49,9 @@ class Reward(abc.ABC):
     kind: str
     description: str = ""
     supports_token_values: bool = False
+    # Known range of the scores, (low, high), or None when unbounded or unknown. Greedy value-guided
+    # decoding uses it to skip candidates that cannot win whatever their value.
+    bounds: tuple[float, float] | None = None
 
     @abc.abstractmethod
     async def score(

@@ -16,6 +16,7 @@ class PositivityReward(Reward):
 
     kind = "positivity"
     description = "VADER compound sentiment of the response, -1 (hostile) to +1 (warm)"
+    bounds = (-1.0, 1.0)
 
     def __init__(self, name: str = "positivity") -> None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -102,6 +103,9 @@ class WeightedSumReward(Reward):
         self.name = name
         self.terms = list(terms)
         self.description = " + ".join(f"{w:g}*{r.name}" for w, r in self.terms)
+        if all(r.bounds is not None for _, r in self.terms):
+            ends = [sorted((w * r.bounds[0], w * r.bounds[1])) for w, r in self.terms]
+            self.bounds = (sum(e[0] for e in ends), sum(e[1] for e in ends))
 
     async def score(self, items, *, token_values=False, truncate=False):
         parts = await asyncio.gather(*(r.score(items, truncate=truncate) for _, r in self.terms))

@@ -314,3 +314,21 @@ def test_enumeration_helper_is_a_distribution(baseline):
             continue
         total += p * math.exp(float(next_logprobs(baseline, PROMPT + [a])[b]))
     assert total == pytest.approx(1.0, abs=1e-9)
+
+
+def test_pruning_keeps_the_greedy_answer_and_saves_rollouts(sft, baseline):
+    """Candidates whose SFT log-probability trails the best by more than (hi - lo) / alpha cannot win:
+    skipping their rollouts leaves the greedy answer unchanged."""
+
+    class BoundedLetters(LetterCount):
+        bounds = (-2.5, 5.0)  # answers of at most 5 words here
+
+    def decode(prune):
+        estimator = RolloutValueEstimator(Policy(baseline, "bl"), BoundedLetters(), num_rollouts=1, rollout_len=2)
+        decoder = ValueGuidedDecoder(Policy(sft, "sft"), estimator, alpha=12.0, top_k=6, max_tokens=3, prune=prune)
+        chunks = run(decoder)
+        return [t for c in chunks for t in c.token_ids], sum(c.step.cost.rollouts for c in chunks)
+
+    (pruned_tokens, pruned_rollouts), (full_tokens, full_rollouts) = decode(True), decode(False)
+    assert pruned_tokens == full_tokens
+    assert pruned_rollouts < full_rollouts
