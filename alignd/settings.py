@@ -94,6 +94,21 @@ class Settings(BaseSettings):
     max_rollout_len: int = Field(64, ge=1)
     max_best_of_n: int = Field(32, ge=1)
 
+    # --- probe analysis (/v1/probe/jobs) ---
+    probe_max_texts: int = Field(2000, ge=1, description="Most texts per probe job (per condition).")
+    probe_max_text_chars: int = Field(20000, ge=1, description="Longest probe text, in characters.")
+    probe_max_job_tokens: int = Field(1_000_000, ge=1, description="Most tokens per probe job, all conditions.")
+    probe_max_queued_jobs: int = Field(8, ge=0, description="Probe jobs that may wait for a running slot.")
+    probe_max_running_jobs: int = Field(1, ge=1, description="Probe jobs running at once.")
+    probe_max_finished_jobs: int = Field(32, ge=0, description="Finished probe jobs kept (oldest dropped first).")
+    probe_job_timeout_s: float = Field(3600.0, ge=0, description="Longer-running probe jobs fail ('timeout'); 0 = no limit.")
+    probe_batch_size: int = Field(16, ge=1, description="Texts per forward pass of a probe job.")
+    probe_max_batch_tokens: int = Field(8192, ge=1, description="Padded tokens per forward pass of a probe job.")
+    probe_device: str = Field("cpu", description="Device of the transformers copy that probes run on.")
+    probe_models: dict[str, str] = Field(
+        default_factory=dict, description="Other models probes may compare with, {name: folder}."
+    )
+
     # --- request limits ---
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     max_n: int = Field(16, ge=1, description="Largest 'n' (choices per request) accepted.")

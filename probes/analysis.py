@@ -21,8 +21,9 @@ For each layer's points X (one row per text):
    item under another condition (other model, other prompt format, other number of shots).
 
 A layer whose distinct points are too few for the estimators (e.g. the embeddings of texts that all
-end with the same token) gets ``skipped`` = the reason, ``None`` for those numbers, and the overlaps
-still computed.
+end with the same token) gets ``skipped`` = the reason and ``None`` for those numbers. The overlaps
+need more than ``k_overlap`` distinct points (in both conditions, for the neighbourhood overlap):
+otherwise the neighbour lists are decided by tie-breaking among identical rows and mean nothing.
 """
 
 from __future__ import annotations
@@ -160,13 +161,19 @@ def analyse_layer(
                 entry["ari"][name] = _finite(adjusted_rand_index(adp.labels, lab[keep]))
         except ValueError as exc:  # degenerate geometry (near-duplicates ...): report, do not fail the job
             entry["skipped"] = f"estimators failed at this layer: {exc}"
+    # Overlaps accept duplicated points, but with no more distinct points than neighbours the
+    # neighbour lists are decided by tie-breaking among identical rows: report nothing then.
+    if keep.size <= params.k_overlap:
+        note = f"overlaps need more than k_overlap={params.k_overlap} distinct points (this layer has {keep.size})"
+        entry["skipped"] = f"{entry['skipped']}; {note}" if entry["skipped"] else note
+        return entry
     for name, lab in labels.items():
         entry["label_overlap"][name] = _label_overlap(X, lab, params)
     if other is not None:
         Y = np.asarray(other, dtype=np.float64)
         if Y.shape[0] != n:
             raise ValueError(f"the other condition has {Y.shape[0]} points at layer {layer}, this one {n}")
-        if params.k_overlap <= n - 1:
+        if unique_points(Y).size > params.k_overlap:
             entry["neighbourhood_overlap"] = _finite(neighbourhood_overlap(X, Y, params.k_overlap))
     return entry
 
@@ -302,6 +309,8 @@ def plot_layers(result, path: str | Path | io.IOBase | None = None, *, title: st
             label=f"core fraction{tag}",
         )
     ax_core.set_ylim(0, 1.05)
+    ax_peaks.set_ylim(bottom=0)
+    ax_peaks.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_core.set_ylabel("core fraction")
     first_layers = series[0][1]
     if any(e.get("neighbourhood_overlap") is not None for e in first_layers):

@@ -226,16 +226,16 @@ async def layer_representations(
     cm = lock if lock is not None else contextlib.nullcontext()
 
     def work() -> dict[int, np.ndarray]:
-        token_ids = [engine.encode(t) for t in texts]
-        if limit:
-            long = [i for i, s in enumerate(token_ids) if len(s) > limit]
-            if long:
-                i = long[0]
-                raise ValueError(
-                    f"text {i} has {len(token_ids[i])} tokens, above the model's context of {limit}; "
-                    f"{len(long)} text(s) are too long"
-                )
-        with cm:
+        with cm:  # tokenising inside too: a fast tokenizer must not be used by two threads at once
+            token_ids = [engine.encode(t) for t in texts]
+            if limit:
+                long = [i for i, s in enumerate(token_ids) if len(s) > limit]
+                if long:
+                    i = long[0]
+                    raise ValueError(
+                        f"text {i} has {len(token_ids[i])} tokens, above the model's context of {limit}; "
+                        f"{len(long)} text(s) are too long"
+                    )
             return layer_representations_sync(
                 engine.model,
                 token_ids,

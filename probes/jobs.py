@@ -139,10 +139,13 @@ class JobManager:
         """Queue ``work(job)``; it starts as soon as a running slot is free. Needs a running loop."""
         if self._closed:
             raise JobManagerClosedError("the server is shutting down; no new jobs are accepted")
-        queued = self.count("queued")
-        if queued >= self.max_queued:
+        # jobs that will wait for a slot: the queued ones beyond the free running slots (a job just
+        # submitted is "queued" until its task takes a free slot)
+        free = max(0, self.max_running - self.count("running"))
+        waiting = max(0, self.count("queued") - free)
+        if waiting >= self.max_queued:
             raise JobQueueFullError(
-                f"{queued} jobs are already queued (this server's limit is {self.max_queued}); wait for one to "
+                f"{waiting} jobs are already queued (this server's limit is {self.max_queued}); wait for one to "
                 "finish or cancel one, then retry"
             )
         if self._slots is None:

@@ -20,6 +20,8 @@ from alignd.server.native.router import router as native_router
 from alignd.server.native.serving import NativeServing
 from alignd.server.openai_api.router import router as openai_router
 from alignd.server.openai_api.serving import OpenAIServing
+from alignd.server.probes.router import router as probes_router
+from alignd.server.probes.serving import ProbeServing
 from alignd.server.rewards.router import router as rewards_router
 from alignd.server.rewards.serving import RewardServing
 from alignd.settings import Settings, get_settings
@@ -41,9 +43,11 @@ async def _serving(app: FastAPI, engine: Engine, settings: Settings, metrics: Se
     app.state.openai_serving = OpenAIServing(engine, settings, metrics, aligned)
     app.state.native_serving = NativeServing(engine, settings, metrics, aligned)
     app.state.reward_serving = RewardServing(registry, settings, metrics)
+    app.state.probe_serving = ProbeServing.for_engine(engine, settings, metrics)
     try:
         yield
     finally:
+        await app.state.probe_serving.close()
         await aligned.close()
         await registry.close()
 
@@ -75,6 +79,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(openai_router)
     app.include_router(native_router)
     app.include_router(rewards_router)
+    app.include_router(probes_router)
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request) -> dict:

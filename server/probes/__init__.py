@@ -1,0 +1,1 @@
+"""Probe analysis as a job API: /v1/probe/jobs."""
