@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -42,15 +43,30 @@ def _raise_for_status(response: httpx.Response) -> None:
         raise status_error(response, body)
 
 
-def _parse_sse_line(line: str) -> GenerateStreamEvent | None | dict:
+_STREAM_END = object()
+
+
+@contextmanager
+def _transport_errors():
+    """The one place where httpx's transport failures become the client's typed errors."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise APITimeoutError(str(exc) or "request timed out") from exc
+    except httpx.TransportError as exc:
+        raise APIConnectionError(str(exc) or type(exc).__name__) from exc
+
+
+def _sse_event(response: httpx.Response, line: str):
+    """One server-sent line: an event, None (not a data line), or _STREAM_END; an error event raises."""
     if not line.startswith("data: "):
         return None
     data = line[len("data: ") :]
     if data == "[DONE]":
-        return {}
+        return _STREAM_END
     payload = json.loads(data)
     if "error" in payload:
-        return payload
+        raise status_error(response, payload, status=500)
     return GenerateStreamEvent.model_validate(payload)
 
 
@@ -70,12 +86,8 @@ class Alignd:
         self._http.close()
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
+        with _transport_errors():
             response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(str(exc) or "request timed out") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(str(exc) or type(exc).__name__) from exc
         _raise_for_status(response)
         return response
 
@@ -100,24 +112,16 @@ class Alignd:
         """Streaming ``POST /generate``: yields one event per new piece of text, then the usage."""
         body = _generate_body({**kwargs, "stream": True})
         extra = {"timeout": timeout} if timeout is not None else {}
-        try:
-            with self._http.stream("POST", "/generate", json=body, **extra) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for_status(response)
-                for line in response.iter_lines():
-                    event = _parse_sse_line(line)
-                    if event is None:
-                        continue
-                    if isinstance(event, dict):
-                        if event:
-                            raise status_error(response, event, status=500)
-                        return
+        with _transport_errors(), self._http.stream("POST", "/generate", json=body, **extra) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_status(response)
+            for line in response.iter_lines():
+                event = _sse_event(response, line)
+                if event is _STREAM_END:
+                    return
+                if event is not None:
                     yield event
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(str(exc) or "request timed out") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(str(exc) or type(exc).__name__) from exc
 
 
 class AsyncAlignd:
@@ -136,12 +140,8 @@ class AsyncAlignd:
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
+        with _transport_errors():
             response = await self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(str(exc) or "request timed out") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(str(exc) or type(exc).__name__) from exc
         _raise_for_status(response)
         return response
 
@@ -163,21 +163,14 @@ class AsyncAlignd:
     async def generate_stream(self, *, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[GenerateStreamEvent]:
         body = _generate_body({**kwargs, "stream": True})
         extra = {"timeout": timeout} if timeout is not None else {}
-        try:
+        with _transport_errors():
             async with self._http.stream("POST", "/generate", json=body, **extra) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for_status(response)
                 async for line in response.aiter_lines():
-                    event = _parse_sse_line(line)
-                    if event is None:
-                        continue
-                    if isinstance(event, dict):
-                        if event:
-                            raise status_error(response, event, status=500)
+                    event = _sse_event(response, line)
+                    if event is _STREAM_END:
                         return
-                    yield event
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(str(exc) or "request timed out") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(str(exc) or type(exc).__name__) from exc
+                    if event is not None:
+                        yield event

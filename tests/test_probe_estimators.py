@@ -9,7 +9,6 @@ re-drawn, so numpy's random streams cannot make data and goldens drift apart.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

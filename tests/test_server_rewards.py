@@ -44,7 +44,6 @@ def test_positivity_ranks_warm_above_hostile_and_compare_is_bradley_terry(server
 
 def hand_implicit(hf_engine, messages, response, beta):
     """beta * (log p(y | baseline prompt) - log p(y | plain prompt)) from the HF engine's forward pass."""
-    tok = hf_engine.tokenizer
     y = hf_engine.encode(response)
 
     def logprob_sum(chat):
@@ -54,7 +53,6 @@ def hand_implicit(hf_engine, messages, response, beta):
         lp = torch.log_softmax(logits, -1)
         return [float(lp[len(prefix) - 1 + j, t]) for j, t in enumerate(y)]
 
-    del tok
     aligned = logprob_sum(with_system_prompt(messages, DEFAULT_BASELINE_SYSTEM_PROMPT))
     reference = logprob_sum(messages)
     return beta * (sum(aligned) - sum(reference)), len(y)
