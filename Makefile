@@ -24,6 +24,11 @@ $(BASE_STAMP): pyproject.toml
 	touch $@
 
 $(TEST_STAMP): $(BASE_STAMP)
+	# The observability tests run a real Prometheus (and promtool): Debian's `prometheus` package.
+	command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "make: install Prometheus (prometheus, promtool) as root: apt-get install prometheus" >&2; exit 1; fi; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
 	$(BIN)/pip install --progress-bar off -e '.[$(VLLM_EXTRA),test]'
 	if [ "$(VLLM_EXTRA)" = cpu ]; then $(BIN)/pip uninstall --yes torchvision torchaudio torchcodec; fi
 	touch $@
