@@ -49,6 +49,30 @@ class NotFoundError(ClientError):
     code = "not_found"
 
 
+class AuthenticationError(ClientError):
+    """Missing or wrong API key (OpenAI's shape: type invalid_request_error, code invalid_api_key)."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class PayloadTooLargeError(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class OverloadedError(ClientError):
+    """Every slot and queue place of the request's family is taken: retry after ``retry_after`` s."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "server_overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
 class ServerError(AligndError):
     """Something failed on our side; the request may be retried."""
 
@@ -85,3 +109,23 @@ class ConfigurationError(AligndError):
     """The server's configuration is wrong (raised at start-up)."""
 
     code = "configuration_error"
+
+
+class QueueTimeoutError(ServerError):
+    """The request waited for a slot longer than the server allows; nothing was generated."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "queue_timeout"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class DeadlineExceededError(ServerError):
+    """The request's deadline passed while it was generating; its engine work was stopped."""
+
+    status = 504
+    error_type = "timeout_error"
+    code = "deadline_exceeded"

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     max_num_rollouts: int = Field(16, ge=1)
     max_rollout_len: int = Field(64, ge=1)
     max_best_of_n: int = Field(32, ge=1)
+    score_responses: bool = Field(
+        True,
+        description="Score every aligned-decoding response with its target reward, for the "
+        "alignd_response_reward metric (one reward call per response).",
+    )
 
     # --- probe analysis (/v1/probe/jobs) ---
     probe_max_texts: int = Field(2000, ge=1, description="Most texts per probe job (per condition).")
@@ -109,15 +114,49 @@ class Settings(BaseSettings):
         default_factory=dict, description="Other models probes may compare with, {name: folder}."
     )
 
-    # --- request limits ---
+    # --- request limits (every field that drives cost is bounded; beyond a limit the answer is a 4xx) ---
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    max_output_tokens: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt, in tokens; unset = the model's context length."
+    )
     max_n: int = Field(16, ge=1, description="Largest 'n' (choices per request) accepted.")
+    max_prompts_per_request: int = Field(64, ge=1, description="Most prompts in one /v1/completions request.")
     max_top_logprobs: int = Field(20, ge=0, le=20)
+    max_request_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body; beyond it the answer is 413."
+    )
+
+    # --- admission control: bounded concurrency and queue per decoding family ---
+    # "aligned" = value-guided and sampling-based aligned decoding (transfer_q, args, cd, best_of_n),
+    # each request costing many engine calls; "plain" = the engine's own sampler (and decoding.method
+    # "sft"). Beyond running + queued the answer is 429 with Retry-After, never a hang.
+    max_running_aligned: int = Field(8, ge=1, description="Aligned-decoding requests served at once.")
+    max_queued_aligned: int = Field(32, ge=0, description="Aligned-decoding requests that may wait for a slot.")
+    max_running_plain: int = Field(256, ge=1, description="Plain generation requests served at once.")
+    max_queued_plain: int = Field(1024, ge=0, description="Plain generation requests that may wait for a slot.")
+    max_queue_wait_s: float = Field(
+        60.0, gt=0, description="Longest wait for a slot; beyond it the answer is 503 with Retry-After."
+    )
+    request_timeout_s: float = Field(
+        600.0, ge=0, description="Deadline of a generation request, queue wait included (0 = none); a client "
+        "may ask for a shorter one with the header X-Request-Timeout (seconds).",
+    )
+
+    # --- authentication ---
+    api_keys: str = Field(
+        "", description="Comma-separated API keys (Authorization: Bearer <key>); empty = no authentication."
+    )
+    metrics_require_auth: bool = Field(False, description="Also require an API key on GET /metrics.")
 
     @field_validator("cache_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     @property
     def model_name(self) -> str:

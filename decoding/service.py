@@ -40,6 +40,9 @@ class AlignedDecoding:
         self._baseline_engine = baseline_engine
         # Per-step observers (metrics): called with (method, StepRecord, seconds).
         self.step_observers: list = []
+        # Per-response observers (metrics): called with (method, target reward or None, KL from SFT)
+        # for every finished choice, diagnostics or not.
+        self.response_observers: list = []
 
     async def close(self) -> None:
         if self._baseline_engine is not None:
@@ -121,18 +124,23 @@ class AlignedDecoding:
                     pending, piece = [], ""
         finally:
             await chunks.aclose()  # a stop string or a gone client ends the method's engine work now
-        alignment = await self._summary(prompt, config, text.text, steps, kl)
+        reward = None
+        if config.diagnostics or (self.response_observers and self.settings.score_responses):
+            reward = await self._target_reward(prompt, config, text.text)
+        for observer in self.response_observers:
+            observer(config.method, reward, kl)
+        alignment = self._summary(config, reward, steps, kl) if config.diagnostics else None
         yield StreamDelta(index, pending, piece, finish or "length", prompt_token_count=len(prompt.token_ids),
                           alignment=alignment)
 
-    async def _summary(self, prompt: Prompt, config: DecodingConfig, text: str, steps: list, kl: float) -> dict | None:
-        if not config.diagnostics:
-            return None
+    async def _target_reward(self, prompt: Prompt, config: DecodingConfig, text: str) -> float:
         reward_name = config.reward or self.settings.target_reward
-        reward = (await self.rewards.get(reward_name).score([prompt.reward_item(text)], truncate=True))[0].value
+        return (await self.rewards.get(reward_name).score([prompt.reward_item(text)], truncate=True))[0].value
+
+    def _summary(self, config: DecodingConfig, reward: float, steps: list, kl: float) -> dict:
         return {
             "method": config.method,
-            "reward_name": reward_name,
+            "reward_name": config.reward or self.settings.target_reward,
             "reward": reward,
             "kl": kl,
             "cost": {

@@ -200,6 +200,11 @@ class Engine(abc.ABC):
         """For each (prefix, continuation) pair, ``log p(c_t | prefix, c_<t)`` for every token of the
         continuation."""
 
+    def unfinished_requests(self) -> int:
+        """Engine requests started and not yet finished or aborted (streams and primitive calls alike).
+        Zero when idle: a client that goes away must bring it back to zero."""
+        return 0
+
     async def shutdown(self) -> None:  # pragma: no cover - engines override when they hold resources
         return None
 

@@ -49,6 +49,7 @@ class HFEngine(Engine):
         self.model = model.eval()
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
+        self._in_flight = 0  # engine calls started and not finished (threads included)
         config = model.config
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         if eos is None:
@@ -208,12 +209,23 @@ class HFEngine(Engine):
             return None
         return torch.Generator(device="cpu").manual_seed(seed + offset)
 
+    def unfinished_requests(self) -> int:
+        return self._in_flight
+
+    def _end_call(self) -> None:
+        self._in_flight -= 1
+
     async def _run(self, fn, *args, **kwargs):
+        # A cancelled caller cannot stop a forward pass already running in its thread; the call is
+        # counted until the thread is done, so the gauge shows the work that really remains.
         def locked():
             with self._lock:
                 return fn(*args, **kwargs)
 
-        return await asyncio.to_thread(locked)
+        self._in_flight += 1
+        work = asyncio.get_running_loop().run_in_executor(None, locked)
+        work.add_done_callback(lambda _: self._end_call())  # runs on the loop's thread
+        return await work
 
     # ------------------------------------------------------------------ primitives
     async def top_k_next(self, prefixes, k):
@@ -288,7 +300,9 @@ class HFEngine(Engine):
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
+        self._in_flight += 1
         worker = loop.run_in_executor(None, work)
+        worker.add_done_callback(lambda _: self._end_call())
         try:
             while True:
                 item = await queue.get()

@@ -88,6 +88,9 @@ class VLLMEngine(Engine):
     def tokenizer(self):
         return self._tokenizer
 
+    def unfinished_requests(self) -> int:
+        return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
+
     async def shutdown(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()

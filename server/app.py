@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
 from alignd import __version__
 from alignd.decoding.service import AlignedDecoding
@@ -14,7 +14,10 @@ from alignd.models.engine import Engine
 from alignd.models.hf_engine import HFEngine
 from alignd.models.factory import open_engine
 from alignd.rewards.registry import build_rewards
-from alignd.server.errors import install_error_handlers
+from alignd.server.admission import AdmissionController
+from alignd.server.auth import require_api_key
+from alignd.server.errors import ERROR_RESPONSES, install_error_handlers
+from alignd.server.limits import BodySizeLimitMiddleware
 from alignd.server.metrics import RequestMetricsMiddleware, ServerMetrics
 from alignd.server.native.router import router as native_router
 from alignd.server.native.serving import NativeServing
@@ -39,9 +42,15 @@ async def _serving(app: FastAPI, engine: Engine, settings: Settings, metrics: Se
         )
     aligned = AlignedDecoding(engine, registry, settings, baseline_engine)
     aligned.step_observers.append(metrics.observe_step)
+    aligned.response_observers.append(metrics.observe_response)
+    # One controller for every generate endpoint: the limits are per server, not per API.
+    admission = AdmissionController(settings, on_reject=lambda family, reason: metrics.admission_rejected.labels(family, reason).inc())
+    metrics.bind_admission(admission)
+    metrics.bind_engine(engine)
     app.state.engine = engine
-    app.state.openai_serving = OpenAIServing(engine, settings, metrics, aligned)
-    app.state.native_serving = NativeServing(engine, settings, metrics, aligned)
+    app.state.admission = admission
+    app.state.openai_serving = OpenAIServing(engine, settings, metrics, aligned, admission)
+    app.state.native_serving = NativeServing(engine, settings, metrics, aligned, admission)
     app.state.reward_serving = RewardServing(registry, settings, metrics)
     app.state.probe_serving = ProbeServing.for_engine(engine, settings, metrics)
     try:
@@ -76,20 +85,31 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.include_router(openai_router)
-    app.include_router(native_router)
-    app.include_router(rewards_router)
-    app.include_router(probes_router)
+    authenticated = [Depends(require_api_key)]
+    app.include_router(openai_router, dependencies=authenticated)
+    app.include_router(native_router, dependencies=authenticated)
+    app.include_router(rewards_router, dependencies=authenticated)
+    app.include_router(probes_router, dependencies=authenticated)
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request) -> dict:
-        """200 once the engine is loaded and warmed up (the server accepts connections only then)."""
+        """200 once the engine is loaded and warmed up (the server accepts connections only then).
+        Never needs an API key (load balancers and container health checks call it)."""
         return {"status": "ok", "model": settings.model_name, "engine": settings.engine}
 
-    @app.get("/metrics", tags=["ops"], response_class=Response)
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        dependencies=authenticated if settings.metrics_require_auth else [],
+        responses={200: {"content": {"text/plain": {}}}, 401: ERROR_RESPONSES[401]},
+    )
     async def prometheus_metrics() -> Response:
+        """Prometheus metrics: alignd_* and the vLLM engine's own vllm:* series."""
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    # Outermost first: the metrics see every answer, the size limit runs before any body is read.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

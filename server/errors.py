@@ -32,6 +32,16 @@ def error_body(exc: AligndError) -> dict:
     return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
 
 
+def error_response(exc: AligndError) -> JSONResponse:
+    """The HTTP response of a typed error, with the headers its status calls for."""
+    headers = {}
+    if exc.status in (429, 503):
+        headers["Retry-After"] = str(getattr(exc, "retry_after", 1))
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers or None)
+
+
 def _response(status: int, message: str, error_type: str, param: str | None = None, code: str | None = None):
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
@@ -85,10 +95,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AligndError)
     async def _aligned(request: Request, exc: AligndError):
-        if exc.status >= 500:
+        if exc.status >= 500 and exc.status not in (503, 504):  # overload and deadlines are not failures
             logger.error("request failed: %s", exc.message)
-        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-        return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -126,7 +135,16 @@ class ErrorResponse(BaseModel):
 # Documented on every route, so the OpenAPI document (and schema-based fuzzers) know the error shape.
 ERROR_RESPONSES: dict = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key (when the server has keys)"},
     404: {"model": ErrorResponse, "description": "Unknown model or resource"},
+    413: {"model": ErrorResponse, "description": "Request body too large"},
     500: {"model": ErrorResponse, "description": "Server error"},
-    503: {"model": ErrorResponse, "description": "Engine not ready"},
+    503: {"model": ErrorResponse, "description": "Engine not ready, or no slot free in time (see Retry-After)"},
+}
+
+# Routes that generate also answer these (admission control and deadlines).
+GENERATION_ERROR_RESPONSES: dict = {
+    **ERROR_RESPONSES,
+    429: {"model": ErrorResponse, "description": "At capacity for this decoding family: retry after Retry-After s"},
+    504: {"model": ErrorResponse, "description": "The request's deadline passed; its engine work was stopped"},
 }

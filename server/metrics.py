@@ -41,8 +41,45 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("alignd_prompt_tokens", "Prompt tokens processed.", ["endpoint"], registry=r)
         self.generation_tokens = Counter("alignd_generation_tokens", "Tokens generated.", ["endpoint"], registry=r)
+        self.time_per_output_token = Histogram(
+            "alignd_time_per_output_token_seconds",
+            "Mean time per output token after the first, per response (inter-token latency).",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20),
+            registry=r,
+        )
         self.running_requests = Gauge(
             "alignd_running_requests", "Generation requests being served now.", ["endpoint"], registry=r
+        )
+        # admission control (the gauges read the controller when scraped; see bind_admission)
+        self.admission_running = Gauge(
+            "alignd_admission_running", "Requests holding a slot, by decoding family.", ["family"], registry=r
+        )
+        self.admission_queued = Gauge(
+            "alignd_admission_queued", "Requests waiting for a slot, by decoding family.", ["family"], registry=r
+        )
+        self.admission_rejected = Counter(
+            "alignd_admission_rejected",
+            "Requests turned away: queue_full (429) or queue_timeout (503).",
+            ["family", "reason"],
+            registry=r,
+        )
+        self.deadline_exceeded = Counter(
+            "alignd_deadline_exceeded", "Requests stopped by their deadline.", ["endpoint"], registry=r
+        )
+        self.client_disconnects = Counter(
+            "alignd_client_disconnects",
+            "Requests whose client went away before the answer was complete (their engine work is cancelled).",
+            ["endpoint"],
+            registry=r,
+        )
+        self.engine_requests = Gauge(
+            "alignd_engine_requests_running",
+            "Engine requests started and not finished (generation, top-k steps, rollouts, log-probabilities).",
+            registry=r,
+        )
+        self.decoding_requests = Counter(
+            "alignd_decoding_requests", "Aligned-decoding responses (choices) finished, by method.", ["method"], registry=r
         )
 
         self.reward_items = Counter("alignd_reward_items", "Items scored, by reward.", ["reward"], registry=r)
@@ -66,6 +103,18 @@ class ServerMetrics:
             buckets=(0, 0.1, 0.5, 1, 2, 5, 10, 20, 50, 100), registry=r,
         )
 
+        for family in ("aligned", "plain"):
+            for reason in ("queue_full", "queue_timeout"):
+                self.admission_rejected.labels(family, reason)  # the series exist (at 0) from the start
+
+    def bind_engine(self, engine) -> None:
+        self.engine_requests.set_function(engine.unfinished_requests)
+
+    def bind_admission(self, admission) -> None:
+        for family, gate in admission.gates.items():
+            self.admission_running.labels(family).set_function(lambda gate=gate: gate.running)
+            self.admission_queued.labels(family).set_function(lambda gate=gate: gate.queued)
+
     def observe_step(self, method: str, step, seconds: float) -> None:
         self.decoding_steps.labels(method).inc()
         if step.gated:
@@ -74,9 +123,11 @@ class ServerMetrics:
         self.rollout_tokens.labels(method).inc(step.cost.rollout_tokens)
         self.value_step_seconds.labels(method).observe(seconds)
 
-    def observe_alignment(self, alignment: dict) -> None:
-        self.response_reward.labels(alignment["method"]).observe(alignment["reward"])
-        self.response_kl.labels(alignment["method"]).observe(alignment["kl"])
+    def observe_response(self, method: str, reward: float | None, kl: float) -> None:
+        self.decoding_requests.labels(method).inc()
+        if reward is not None:
+            self.response_reward.labels(method).observe(reward)
+        self.response_kl.labels(method).observe(kl)
 
     def render(self, include_default: bool = True) -> tuple[bytes, str]:
         body = generate_latest(self.registry)

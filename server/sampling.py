@@ -62,6 +62,17 @@ class SamplingFields(BaseModel):
             raise InvalidRequestError(
                 f"at most {settings.max_top_logprobs} top log-probabilities per token are available", param="logprobs"
             )
+        if settings.max_prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens, above this server's limit of {settings.max_prompt_tokens}: "
+                "shorten the prompt",
+                param="messages",
+            )
+        if self.max_tokens is not None and self.max_tokens > settings.max_output_tokens:
+            raise InvalidRequestError(
+                f"max_tokens={self.max_tokens} is above this server's limit of {settings.max_output_tokens}",
+                param="max_tokens",
+            )
         room = max_model_len - prompt_tokens
         if room <= 0:
             raise ContextLengthError(
@@ -70,7 +81,7 @@ class SamplingFields(BaseModel):
                 param="messages",
             )
         if self.max_tokens is None:
-            max_tokens = min(settings.default_max_tokens, room)
+            max_tokens = min(settings.default_max_tokens, settings.max_output_tokens, room)
         elif self.max_tokens > room:
             raise ContextLengthError(
                 f"max_tokens={self.max_tokens} does not fit: this model's context is {max_model_len} tokens and "

@@ -244,9 +244,17 @@ def rewards_env(classifier_dir: Path) -> dict[str, str]:
     return {"ALIGND_REWARDS": json.dumps(rewards), "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+# Admission limits of the session server: small, so that tests can fill them (tests/test_production.py).
+SESSION_MAX_RUNNING_ALIGNED = 4
+SESSION_MAX_QUEUED_ALIGNED = 8
+
+
 @pytest.fixture(scope="session")
 def server(embedded_model_dir, tiny_classifier_dir):
-    proc = ServerProcess(rewards_env(tiny_classifier_dir))
+    env = rewards_env(tiny_classifier_dir)
+    env["ALIGND_MAX_RUNNING_ALIGNED"] = str(SESSION_MAX_RUNNING_ALIGNED)
+    env["ALIGND_MAX_QUEUED_ALIGNED"] = str(SESSION_MAX_QUEUED_ALIGNED)
+    proc = ServerProcess(env)
     try:
         proc.wait_ready()
         yield proc

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
-from alignd.server.errors import ERROR_RESPONSES
+from alignd.server.errors import GENERATION_ERROR_RESPONSES
 from alignd.server.native.protocol import GenerateRequest, GenerateResponse
-from alignd.server.native.serving import NativeServing
+from alignd.server.native.serving import GENERATE_ENDPOINT, NativeServing
+from alignd.server.request_scope import RequestContext, request_context, respond
 
-router = APIRouter(tags=["native"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["native"], responses=GENERATION_ERROR_RESPONSES)
 
 
 def get_native_serving(request: Request) -> NativeServing:
@@ -17,7 +17,11 @@ def get_native_serving(request: Request) -> NativeServing:
 
 
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
-async def generate(body: GenerateRequest, serving: NativeServing = Depends(get_native_serving)):
-    if body.stream:
-        return StreamingResponse(serving.sse_events(serving.generate_stream(body)), media_type="text/event-stream")
-    return await serving.generate(body)
+async def generate(
+    body: GenerateRequest,
+    request: Request,
+    ctx: RequestContext = Depends(request_context),
+    serving: NativeServing = Depends(get_native_serving),
+):
+    work = serving.generate_stream(body, ctx) if body.stream else serving.generate(body, ctx)
+    return await respond(request, work, serving.metrics.client_disconnects.labels(GENERATE_ENDPOINT).inc)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from alignd.models.engine import GeneratedTokenLogprobs
 from alignd.server.generation import GenerationService, new_id
 from alignd.server.native.protocol import (
@@ -15,6 +13,7 @@ from alignd.server.native.protocol import (
     TokenLogprobOut,
 )
 from alignd.server.openai_api.protocol import UsageInfo
+from alignd.server.request_scope import AdmittedStream, RequestContext
 
 GENERATE_ENDPOINT = "/generate"
 
@@ -38,11 +37,13 @@ class NativeServing(GenerationService):
             for it in items
         ]
 
-    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+    async def generate(self, request: GenerateRequest, ctx: RequestContext) -> GenerateResponse:
         plan = self._prepare(request)
         prompt_ids = plan.prompt_ids
         request_id = new_id("gen")
-        result = await self.collect(GENERATE_ENDPOINT, plan, request_id)
+        result = await self.run_admitted(
+            GENERATE_ENDPOINT, [plan], ctx, lambda: self.collect(GENERATE_ENDPOINT, plan, request_id)
+        )
         completion_tokens = sum(len(c.token_ids) for c in result.choices)
         return GenerateResponse(
             id=request_id,
@@ -65,7 +66,7 @@ class NativeServing(GenerationService):
             ),
         )
 
-    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateStreamEvent]:
+    async def generate_stream(self, request: GenerateRequest, ctx: RequestContext) -> AdmittedStream:
         plan = self._prepare(request)  # before the response starts: errors stay 4xx
         prompt_ids = plan.prompt_ids
         request_id = new_id("gen")
@@ -92,4 +93,4 @@ class NativeServing(GenerationService):
                 ),
             )
 
-        return events()
+        return await self.open_stream(GENERATE_ENDPOINT, [plan], ctx, events())

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
-from alignd.server.errors import ERROR_RESPONSES
+from alignd.server.errors import ERROR_RESPONSES, GENERATION_ERROR_RESPONSES
 from alignd.server.openai_api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -13,7 +12,8 @@ from alignd.server.openai_api.protocol import (
     CompletionResponse,
     ModelList,
 )
-from alignd.server.openai_api.serving import OpenAIServing
+from alignd.server.openai_api.serving import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, OpenAIServing
+from alignd.server.request_scope import RequestContext, request_context, respond
 
 router = APIRouter(tags=["openai"], responses=ERROR_RESPONSES)
 
@@ -30,20 +30,28 @@ async def list_models(serving: OpenAIServing = Depends(get_openai_serving)):
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={**GENERATION_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
-async def chat_completions(body: ChatCompletionRequest, serving: OpenAIServing = Depends(get_openai_serving)):
-    if body.stream:
-        return StreamingResponse(serving.sse_events(serving.chat_stream(body)), media_type="text/event-stream")
-    return await serving.chat(body)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    ctx: RequestContext = Depends(request_context),
+    serving: OpenAIServing = Depends(get_openai_serving),
+):
+    work = serving.chat_stream(body, ctx) if body.stream else serving.chat(body, ctx)
+    return await respond(request, work, serving.metrics.client_disconnects.labels(CHAT_ENDPOINT).inc)
 
 
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={**GENERATION_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
-async def completions(body: CompletionRequest, serving: OpenAIServing = Depends(get_openai_serving)):
-    if body.stream:
-        return StreamingResponse(serving.sse_events(serving.complete_stream(body)), media_type="text/event-stream")
-    return await serving.complete(body)
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    ctx: RequestContext = Depends(request_context),
+    serving: OpenAIServing = Depends(get_openai_serving),
+):
+    work = serving.complete_stream(body, ctx) if body.stream else serving.complete(body, ctx)
+    return await respond(request, work, serving.metrics.client_disconnects.labels(COMPLETIONS_ENDPOINT).inc)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
 from alignd.models.engine import GeneratedTokenLogprobs
 from alignd.server.generation import GenerationService, new_id
 from alignd.server.openai_api.protocol import (
@@ -26,6 +24,7 @@ from alignd.server.openai_api.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from alignd.server.request_scope import AdmittedStream, RequestContext
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
@@ -81,10 +80,12 @@ class OpenAIServing(GenerationService):
         self.check_model(request.model)
         return self.plan(request, self.render_messages(request.messages), logprobs=request.num_logprobs)
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def chat(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatCompletionResponse:
         plan = self._prepare_chat(request)
         request_id = new_id("chatcmpl")
-        result = await self.collect(CHAT_ENDPOINT, plan, request_id)
+        result = await self.run_admitted(
+            CHAT_ENDPOINT, [plan], ctx, lambda: self.collect(CHAT_ENDPOINT, plan, request_id)
+        )
         choices = [
             ChatChoice(
                 index=c.index,
@@ -100,8 +101,9 @@ class OpenAIServing(GenerationService):
             id=request_id, model=self.model_name, choices=choices, usage=_usage(len(plan.prompt_ids), completion_tokens)
         )
 
-    def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-        # Validation happens here, before the response starts, so bad input still gets a 4xx status.
+    async def chat_stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AdmittedStream:
+        # Validation and admission happen here, before the response starts, so bad input still gets
+        # a 4xx status and overload a 429/503.
         plan = self._prepare_chat(request)
         prompt_ids = plan.prompt_ids
         request_id = new_id("chatcmpl")
@@ -134,25 +136,29 @@ class OpenAIServing(GenerationService):
                     id=request_id, model=self.model_name, choices=[], usage=_usage(len(prompt_ids), completion_tokens)
                 )
 
-        return events()
+        return await self.open_stream(CHAT_ENDPOINT, [plan], ctx, events())
 
     # ------------------------------------------------------------------ completions
     def _prepare_completion(self, request: CompletionRequest):
         self.check_model(request.model)
+        prompts = request.prompts()
+        self.check_prompt_count(len(prompts))
         prepared = []
-        for prompt in request.prompts():
+        for prompt in prompts:
             prepared.append((prompt, self.plan(request, self.render_prompt(prompt), logprobs=request.logprobs)))
         return prepared
 
-    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+    async def complete(self, request: CompletionRequest, ctx: RequestContext) -> CompletionResponse:
         prepared = self._prepare_completion(request)
         request_id = new_id("cmpl")
-        results = await asyncio.gather(
-            *(
-                self.collect(COMPLETIONS_ENDPOINT, plan, f"{request_id}-{i}")
-                for i, (_, plan) in enumerate(prepared)
+        plans = [plan for _, plan in prepared]
+
+        async def work():
+            return await asyncio.gather(
+                *(self.collect(COMPLETIONS_ENDPOINT, plan, f"{request_id}-{i}") for i, plan in enumerate(plans))
             )
-        )
+
+        results = await self.run_admitted(COMPLETIONS_ENDPOINT, plans, ctx, work)
         choices = []
         prompt_tokens = completion_tokens = 0
         for i, ((prompt, plan), result) in enumerate(zip(prepared, results)):
@@ -173,7 +179,7 @@ class OpenAIServing(GenerationService):
             id=request_id, model=self.model_name, choices=choices, usage=_usage(prompt_tokens, completion_tokens)
         )
 
-    def complete_stream(self, request: CompletionRequest) -> AsyncIterator[CompletionResponse]:
+    async def complete_stream(self, request: CompletionRequest, ctx: RequestContext) -> AdmittedStream:
         prepared = self._prepare_completion(request)
         request_id = new_id("cmpl")
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -215,4 +221,4 @@ class OpenAIServing(GenerationService):
                     id=request_id, model=self.model_name, choices=[], usage=_usage(prompt_tokens, completion_tokens)
                 )
 
-        return events()
+        return await self.open_stream(COMPLETIONS_ENDPOINT, [plan for _, plan in prepared], ctx, events())

@@ -128,11 +128,16 @@ class ProbeServing:
 
         from alignd.server.metrics import LATENCY_BUCKETS
 
-        jobs_gauge = Gauge("alignd_probe_jobs_active", "Probe jobs queued or running now.", ["status"], registry=registry)
-        for status in ("queued", "running"):
-            jobs_gauge.labels(status).set_function(lambda status=status: self.jobs.count(status))
+        jobs_gauge = Gauge(
+            "alignd_probe_jobs", "Probe jobs held by the server now, by state (finished ones until evicted).",
+            ["state"], registry=registry,
+        )
+        for state in ("queued", "running", "done", "failed", "cancelled"):
+            jobs_gauge.labels(state).set_function(lambda state=state: self.jobs.count(state))
         return {
-            "finished": Counter("alignd_probe_jobs", "Probe jobs finished, by final status.", ["status"], registry=registry),
+            "finished": Counter(
+                "alignd_probe_jobs_finished", "Probe jobs finished, by final state.", ["state"], registry=registry
+            ),
             "seconds": Histogram(
                 "alignd_probe_job_seconds", "Run time of finished probe jobs.", buckets=LATENCY_BUCKETS + (640, 1280, 2560),
                 registry=registry,
