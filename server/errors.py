@@ -48,6 +48,8 @@ def _response(status: int, message: str, error_type: str, param: str | None = No
 
 
 def _param_path(loc: tuple) -> str | None:
+    if len(loc) == 2 and loc[0] == "header":
+        return f"header {loc[1]}"  # header names have dashes, which the body rule below would drop
     parts = [p for p in loc if p not in ("body", "query", "path")]
     out = ""
     for p in parts:

@@ -15,6 +15,7 @@ from prometheus_client import disable_created_metrics
 # The *_created series double every counter's cardinality and no dashboard uses them.
 disable_created_metrics()
 
+GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/generate")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
@@ -103,9 +104,13 @@ class ServerMetrics:
             buckets=(0, 0.1, 0.5, 1, 2, 5, 10, 20, 50, 100), registry=r,
         )
 
+        # Event counters exist (at 0) from the start, so dashboards show 0 rather than "no data".
         for family in ("aligned", "plain"):
             for reason in ("queue_full", "queue_timeout"):
-                self.admission_rejected.labels(family, reason)  # the series exist (at 0) from the start
+                self.admission_rejected.labels(family, reason)
+        for endpoint in GENERATION_ENDPOINTS:
+            self.client_disconnects.labels(endpoint)
+            self.deadline_exceeded.labels(endpoint)
 
     def bind_engine(self, engine) -> None:
         self.engine_requests.set_function(engine.unfinished_requests)

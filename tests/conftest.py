@@ -249,8 +249,18 @@ SESSION_MAX_RUNNING_ALIGNED = 4
 SESSION_MAX_QUEUED_ALIGNED = 8
 
 
+class RunningServer:
+    """A server started outside the test run (ALIGND_TEST_SERVER_URL), for quick iterations."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+
+
 @pytest.fixture(scope="session")
 def server(embedded_model_dir, tiny_classifier_dir):
+    if os.environ.get("ALIGND_TEST_SERVER_URL"):
+        yield RunningServer(os.environ["ALIGND_TEST_SERVER_URL"])
+        return
     env = rewards_env(tiny_classifier_dir)
     env["ALIGND_MAX_RUNNING_ALIGNED"] = str(SESSION_MAX_RUNNING_ALIGNED)
     env["ALIGND_MAX_QUEUED_ALIGNED"] = str(SESSION_MAX_QUEUED_ALIGNED)
