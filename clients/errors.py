@@ -9,8 +9,8 @@
         ├── PermissionDeniedError   403
         ├── NotFoundError           404
         ├── UnprocessableEntityError 422
-        ├── RateLimitError          429
-        └── InternalServerError     5xx (and errors reported inside a stream)
+        ├── RateLimitError          429 (the server is at capacity: .retry_after says when to retry)
+        └── InternalServerError     5xx (and errors reported inside a stream; 503 and 504 too)
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class APIStatusError(AligndClientError):
         self.param = error.get("param")
         self.code = error.get("code")
         self.type = error.get("type")
+        # Seconds the server asks to wait before retrying (429 at capacity, 503 queue timeout).
+        retry_after = response.headers.get("Retry-After") if response is not None else None
+        self.retry_after: float | None = float(retry_after) if retry_after and retry_after.isdigit() else None
 
 
 class BadRequestError(APIStatusError):

@@ -104,6 +104,12 @@ async def test_fifty_concurrent_aligned_requests_get_only_200_or_429(server):
             assert "capacity" in error["message"]
         else:
             assert r.json()["choices"][0]["message"]["content"]
+    # The typed client surfaces the refusal and when to retry.
+    from alignd.clients import errors as client_errors
+
+    refusal = next(r for r in responses if r.status_code == 429)
+    error = client_errors.status_error(refusal, refusal.json())
+    assert isinstance(error, client_errors.RateLimitError) and error.retry_after >= 1
     after = metric(server.base_url, "alignd_admission_rejected_total", family="aligned", reason="queue_full")
     assert after - before == refused
     # The server still answers, and every slot came back.
