@@ -1,32 +1,63 @@
 """Transfer Q* speed: alignd (vLLM engine, batched) vs a faithful re-implementation of the reference
-loop (Hugging Face, batch size 1), same settings, same script, same machine.
+loop (Hugging Face, batch size 1), a concurrency sweep with *rollout efficiency*, and cheaper variants;
+same settings, same script, same machine.
 
-    .venv/bin/python bench/tq_speed.py                 # k=10, 20-token rollouts, 1 rollout, greedy, 64 tokens
-    .venv/bin/python bench/tq_speed.py --smoke         # a tiny run (used by the test suite)
+    .venv/bin/python bench/tq_speed.py                  # reference loop, sweep 1 2 4 8 16, variants
+    .venv/bin/python bench/tq_speed.py --no-reference --variant-prompts 0   # the sweep only
+    .venv/bin/python bench/tq_speed.py --smoke          # a tiny run (the test suite calls sweep() itself)
 
 Settings (both sides): SFT = embedded SmolLM2, baseline = prompted SmolLM2 (alignment system prompt),
 target reward = positivity (VADER), alpha = 1, top_k = 10, 1 greedy rollout of 20 tokens per
-candidate, greedy decoding, 64 new tokens.
-
-alignd prunes candidates that cannot win (greedy, bounded reward: the same answers, fewer rollouts)
-unless --no-prune is given.
+candidate, greedy decoding, 64 new tokens. alignd prunes candidates that cannot win (greedy, bounded
+reward: the same answers, fewer rollouts) unless --no-prune is given.
 
 Measured:
-  * reference loop: output tokens/s for one request (it cannot serve two at once);
-  * alignd TQ*: aggregate output tokens/s at concurrency 1, 4, 8 (different prompts at once);
+  * reference loop: output tokens/s for one request (it cannot serve two at once); --no-reference skips it;
+  * alignd TQ*: aggregate output tokens/s at each concurrency c (c different prompts decoded at once);
+  * rollout efficiency at each c (defined below);
   * alignd TQ* with block-wise decisions (block_size 4) and confidence gating (0.5): rollout tokens
-    per output token and mean reward, against plain TQ* on the same prompts.
-Prints markdown tables for docs/BENCHMARKS.md.
+    per output token and mean reward, against plain TQ* on the same prompts (--variant-prompts 0 skips).
+
+Rollout efficiency, precisely. During the TQ* run at concurrency c the engine's ``rollouts`` primitive is
+wrapped (on the engine instance, for the run only) so that each rollout sequence counts as *in flight*
+from its submission until its own result is back (a call for k prefixes is split into k one-prefix calls,
+submitted together: the engine sees the same requests). From that:
+
+  * R = rollout tokens of the run: the sum of the responses' diagnostics ``cost.rollout_tokens``;
+  * T = wall time of the run (all c requests, first submission to last answer);
+  * rollout throughput = R / T (rollout tokens per second inside TQ*);
+  * B = mean number of rollout sequences in flight while at least one is: the time integral of the
+    in-flight count divided by the time during which it is >= 1 (the batch the engine really ran
+    rollouts at; ``nominal B`` = c x the mean rollouts per decision that rolled out, for comparison);
+  * capacity(B) = the engine's own batched greedy decode throughput at batch size B, measured in the same
+    process right after the run: B prefixes shaped like rollout prefixes (the c prompts' prompted-baseline
+    prefixes plus one of their top candidate tokens, prefix cache warm) each get one greedy continuation
+    of ``rollout_len`` tokens, all in one ``engine.rollouts`` call (the primitive TQ* uses, so the same
+    request path); generated tokens over the wall time (the tables show that these continuations ran to
+    full length), the median of ``--capacity-repeats`` timed runs after one untimed one; for a fractional
+    B, linear interpolation between the two neighbouring integer batch sizes;
+  * rollout efficiency = (R / T) / capacity(B).
+
+It splits into the *rollout duty* D (the fraction of T with at least one rollout in flight) times the
+efficiency while rolling out ((R / (D T)) / capacity(B)): time without rollouts (top-k steps, reward
+scoring, decisions that pruning settles without rollouts) lowers D; rollouts that end early at EOS, a
+batch that drains unevenly and per-step overhead lower the second factor.
+
+Prints markdown tables for docs/BENCHMARKS.md; --out writes all numbers as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
 import os
 import platform
 import statistics
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -35,7 +66,31 @@ PROMPTS = [
     "Tell me about your weekend.", "What do you think of Mondays?", "Describe the weather today.",
     "How was your commute?", "What is your opinion of homework?", "Tell me about traffic jams.",
     "What do you think about rainy days?", "Describe a long queue at the bank.",
+    "How do you feel about doing the dishes?", "Tell me about waking up early.",
+    "What is it like to wait for a delayed train?", "Describe your neighbour's loud music.",
+    "What do you think of tax forms?", "Tell me about a cold shower.",
+    "How was the meeting that ran late?", "Describe an empty fridge.",
 ]
+
+
+@dataclass
+class BenchConfig:
+    max_tokens: int = 64
+    top_k: int = 10
+    rollout_len: int = 20
+    alpha: float = 1.0
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    prune: bool = True
+    reference_prompts: int = 1  # 0 = no reference loop
+    variant_prompts: int = 8  # 0 = no cheaper-variants table
+    capacity_repeats: int = 3
+
+    def tq(self, **extra) -> dict:
+        return dict(method="transfer_q", alpha=self.alpha, top_k=self.top_k, num_rollouts=1,
+                    rollout_len=self.rollout_len, diagnostics=True, prune=self.prune, **extra)
+
+
+SMOKE = dict(max_tokens=3, top_k=3, rollout_len=4, concurrency=[1, 2], variant_prompts=2, capacity_repeats=1)
 
 
 # ---------------------------------------------------------------------------- the reference loop
@@ -82,8 +137,32 @@ class ReferenceTQ:
         return out
 
 
+async def measure_reference(engine, settings, registry, cfg: BenchConfig) -> dict:
+    """Output tokens/s of the reference loop over ``cfg.reference_prompts`` prompts, one at a time. Runs
+    in a thread; its reward calls go through the same reward object as alignd's, on this loop."""
+    from alignd.rewards.base import RewardItem
+
+    loop = asyncio.get_running_loop()
+    positivity = registry.get("positivity")
+
+    def reward_fn(prompt, text):
+        item = RewardItem(text, prompt=prompt)
+        return asyncio.run_coroutine_threadsafe(positivity.score([item]), loop).result()[0].value
+
+    ref = ReferenceTQ(engine.info.model_path, settings.baseline_system_prompt, reward_fn, cfg.top_k,
+                      cfg.rollout_len, cfg.alpha)
+    tokens = seconds = 0.0
+    for p in tqdm(PROMPTS[: cfg.reference_prompts], desc="reference loop (HF, batch 1)"):
+        start = time.perf_counter()
+        tokens += len(await asyncio.to_thread(ref.generate, p, cfg.max_tokens))
+        seconds += time.perf_counter() - start
+    return {"prompts": cfg.reference_prompts, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
 # ---------------------------------------------------------------------------- alignd
 async def run_alignd(aligned, engine, prompts, config, max_tokens) -> tuple[float, list[dict]]:
+    """Decode ``prompts`` concurrently with a resolved decoding ``config``; (wall seconds, per-prompt
+    results: output tokens and the alignment diagnostics)."""
     from alignd.decoding.values import Prompt
     from alignd.models.engine import GenerationParams
 
@@ -103,74 +182,259 @@ async def run_alignd(aligned, engine, prompts, config, max_tokens) -> tuple[floa
     return time.perf_counter() - start, results
 
 
-async def main(args) -> None:
+class RolloutTracker:
+    """Counts rollout sequences in flight over time by wrapping ``engine.rollouts`` on the instance.
+
+    A call for k prefixes becomes k one-prefix calls submitted together (same requests, same seeds:
+    prefix i keeps seed + i * n), so each sequence leaves the count when its own result is back."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.in_flight = 0
+        self.busy_seconds = 0.0  # time with >= 1 sequence in flight
+        self.sequence_seconds = 0.0  # time integral of the in-flight count
+        self.sequences = 0
+        self.tokens = 0
+        self._last = time.perf_counter()
+
+    def _advance(self) -> None:
+        now = time.perf_counter()
+        if self.in_flight:
+            self.busy_seconds += now - self._last
+            self.sequence_seconds += self.in_flight * (now - self._last)
+        self._last = now
+
+    @property
+    def mean_in_flight(self) -> float:
+        return self.sequence_seconds / self.busy_seconds if self.busy_seconds else 0.0
+
+    def __enter__(self) -> RolloutTracker:
+        original = self.engine.rollouts  # the bound method of the engine's class
+
+        async def rollouts(prefixes, n, max_tokens, temperature=1.0, seed=None):
+            async def one(i, prefix):
+                self._advance()
+                self.in_flight += n
+                try:
+                    group = (await original([prefix], n, max_tokens, temperature=temperature,
+                                            seed=None if seed is None else seed + i * n))[0]
+                finally:
+                    self._advance()
+                    self.in_flight -= n
+                self.sequences += len(group)
+                self.tokens += sum(len(r.token_ids) for r in group)
+                return group
+
+            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prefixes))))
+
+        self.engine.rollouts = rollouts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.__dict__.pop("rollouts", None)
+
+
+async def capacity_prefixes(engine, aligned, prompts: list[str], batch: int) -> list[list[int]]:
+    """``batch`` prefixes shaped like rollout prefixes: the prompts' prompted-baseline prefixes, each with
+    one of its top next tokens appended (as a decision's candidates are)."""
+    from alignd.decoding.values import Prompt
+
+    bases = []
+    for p in prompts:
+        chat = ({"role": "user", "content": p},)
+        bases.append(aligned.baseline.prefix(Prompt(tuple(engine.render_chat(list(chat))), messages=chat)))
+    per_prompt = math.ceil(batch / len(bases))
+    tops = await engine.top_k_next(bases, min(per_prompt, engine.info.extra.get("max_logprobs", 20)))
+    prefixes = []
+    for j in range(per_prompt):
+        for base, top in zip(bases, tops):
+            prefixes.append(base + [top[j % len(top)].token_id])
+    return prefixes[:batch]
+
+
+async def decode_throughput(engine, prefixes: list[list[int]], tokens: int, repeats: int = 3) -> dict:
+    """The engine's batched greedy decode through the primitive TQ* itself calls: one ``rollouts`` call
+    for all prefixes (one greedy continuation of up to ``tokens`` tokens each). One untimed run (prefix
+    cache, warm-up), then the median tokens/s of ``repeats`` timed runs. ``full_length`` is the share of
+    the B x ``tokens`` tokens generated (1.0 = no continuation stopped early at EOS)."""
+
+    async def once() -> tuple[float, int]:
+        start = time.perf_counter()
+        groups = await engine.rollouts(prefixes, n=1, max_tokens=tokens, temperature=0.0)
+        return time.perf_counter() - start, sum(len(g[0].token_ids) for g in groups)
+
+    await once()
+    rates, generated = [], 0
+    for _ in range(max(1, repeats)):
+        seconds, generated = await once()
+        rates.append(generated / seconds)
+    return {"batch": len(prefixes), "tokens_per_s": statistics.median(rates), "runs": rates,
+            "full_length": generated / (len(prefixes) * tokens)}
+
+
+async def capacity_at(engine, aligned, prompts, batch: float, tokens: int, repeats: int, cache: dict) -> float:
+    """capacity(B), linearly interpolated between the neighbouring integer batch sizes (cached)."""
+    lo, hi = max(1, math.floor(batch)), max(1, math.ceil(batch))
+    for b in {lo, hi}:
+        if b not in cache:
+            cache[b] = await decode_throughput(engine, await capacity_prefixes(engine, aligned, prompts, b), tokens, repeats)
+    if lo == hi:
+        return cache[lo]["tokens_per_s"]
+    w = batch - lo
+    return (1 - w) * cache[lo]["tokens_per_s"] + w * cache[hi]["tokens_per_s"]
+
+
+async def sweep(engine, aligned, cfg: BenchConfig, reference_tps: float | None = None,
+                capacity_cache: dict | None = None) -> list[dict]:
+    """TQ* at each concurrency in ``cfg.concurrency``: throughput, reward, rollout statistics and rollout
+    efficiency (see the module docstring). ``engine`` may be any open engine (tests pass theirs)."""
     from alignd.decoding.config import DecodingConfig
+
+    config = aligned.resolve(DecodingConfig(**cfg.tq()))
+    capacity_cache = {} if capacity_cache is None else capacity_cache
+    if max(cfg.concurrency) > len(PROMPTS):
+        raise ValueError(f"at most {len(PROMPTS)} concurrent prompts are defined")
+    await run_alignd(aligned, engine, PROMPTS[:1], config, min(4, cfg.max_tokens))  # warm-up
+    rows = []
+    for c in tqdm(cfg.concurrency, desc="alignd TQ* concurrency sweep"):
+        prompts = PROMPTS[:c]
+        with RolloutTracker(engine) as tracker:
+            seconds, results = await run_alignd(aligned, engine, prompts, config, cfg.max_tokens)
+        tokens = sum(r["tokens"] for r in results)
+        rollout_tokens = sum(r["cost"]["rollout_tokens"] for r in results)
+        rollouts = sum(r["cost"]["rollouts"] for r in results)
+        decisions = sum(r["cost"]["decisions"] for r in results)
+        rollout_decisions = sum(1 for r in results for s in r["steps"] if s["cost"]["rollouts"])
+        batch = tracker.mean_in_flight
+        capacity = await capacity_at(engine, aligned, prompts, batch, cfg.rollout_len, cfg.capacity_repeats,
+                                     capacity_cache) if batch else float("nan")
+        duty = tracker.busy_seconds / seconds
+        row = {
+            "concurrency": c,
+            "seconds": seconds,
+            "output_tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "vs_reference": tokens / seconds / reference_tps if reference_tps else None,
+            "mean_reward": statistics.mean(r["reward"] for r in results),
+            "decisions": decisions,
+            "rollout_decisions": rollout_decisions,
+            "rollouts": rollouts,
+            "rollout_tokens": rollout_tokens,
+            "rollout_tokens_tracked": tracker.tokens,
+            "rollout_tokens_per_s": rollout_tokens / seconds,
+            "batch": batch,
+            "nominal_batch": c * rollouts / rollout_decisions if rollout_decisions else 0.0,
+            "capacity_tokens_per_s": capacity,
+            "rollout_efficiency": rollout_tokens / seconds / capacity if batch else float("nan"),
+            "rollout_duty": duty,
+            "efficiency_while_rolling_out": (rollout_tokens / tracker.busy_seconds / capacity
+                                             if tracker.busy_seconds else float("nan")),
+        }
+        rows.append(row)
+        print(f"alignd c={c}: {row['tokens_per_s']:.3f} tokens/s aggregate, {row['rollout_tokens_per_s']:.1f} rollout "
+              f"tokens/s at B={batch:.1f} (engine {capacity:.1f} tokens/s): efficiency {row['rollout_efficiency']:.2f} "
+              f"(duty {duty:.2f} x {row['efficiency_while_rolling_out']:.2f})", flush=True)
+    return rows
+
+
+VARIANTS = {
+    "TQ* every token": {},
+    "TQ* block 4": {"block_size": 4},
+    "TQ* gate 0.5": {"confidence_threshold": 0.5},
+    "TQ* block 4 + gate 0.5": {"block_size": 4, "confidence_threshold": 0.5},
+}
+
+
+async def cheaper_variants(engine, aligned, cfg: BenchConfig) -> list[dict]:
+    """Block-wise decisions and confidence gating against plain TQ*, ``cfg.variant_prompts`` prompts at once."""
+    from alignd.decoding.config import DecodingConfig
+
+    rows = []
+    for name, extra in tqdm(VARIANTS.items() if cfg.variant_prompts else [], desc="cheaper variants"):
+        config = aligned.resolve(DecodingConfig(**cfg.tq(**extra)))
+        seconds, results = await run_alignd(aligned, engine, PROMPTS[: cfg.variant_prompts], config, cfg.max_tokens)
+        tokens = sum(r["tokens"] for r in results)
+        rollout_tokens = sum(r["cost"]["rollout_tokens"] for r in results)
+        rows.append({"variant": name, "rollout_tokens_per_output_token": rollout_tokens / tokens,
+                     "mean_reward": statistics.mean(r["reward"] for r in results), "tokens_per_s": tokens / seconds})
+    return rows
+
+
+async def run_all(engine, settings, cfg: BenchConfig) -> dict:
+    """Everything this script measures, over an open engine."""
     from alignd.decoding.service import AlignedDecoding
-    from alignd.models.factory import open_engine
     from alignd.rewards.registry import build_rewards
+
+    registry = await build_rewards(settings, engine)
+    try:
+        aligned = AlignedDecoding(engine, registry, settings)
+        reference = await measure_reference(engine, settings, registry, cfg) if cfg.reference_prompts else None
+        if reference:
+            print(f"reference loop: {reference['tokens_per_s']:.3f} tokens/s "
+                  f"({1 / reference['tokens_per_s']:.2f} s/token)", flush=True)
+        capacity_cache: dict = {}
+        rows = await sweep(engine, aligned, cfg, reference["tokens_per_s"] if reference else None, capacity_cache)
+        variants = await cheaper_variants(engine, aligned, cfg)
+    finally:
+        await registry.close()
+    return {"config": asdict(cfg), "reference": reference, "sweep": rows, "capacity": capacity_cache,
+            "variants": variants}
+
+
+def report(results: dict) -> str:
+    cfg = BenchConfig(**results["config"])
+    ref = results["reference"]
+    lines = [f"{platform.machine()}, {os.cpu_count()} cores; k={cfg.top_k}, rollout_len={cfg.rollout_len}, 1 rollout, "
+             f"greedy, alpha={cfg.alpha}, {cfg.max_tokens} new tokens; reference: "
+             f"{cfg.reference_prompts or 'no'} prompt(s); pruning {'on' if cfg.prune else 'off'}", ""]
+    lines += ["| | output tokens/s | vs reference loop | mean positivity |", "|---|---|---|---|"]
+    if ref:
+        lines.append(f"| reference loop (HF, batch 1) | {ref['tokens_per_s']:.3f} | 1.00x | |")
+    for r in results["sweep"]:
+        vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
+        lines.append(f"| alignd TQ*, concurrency {r['concurrency']} | {r['tokens_per_s']:.3f} | {vs} | {r['mean_reward']:.3f} |")
+    lines += ["", "| concurrency | decisions (with rollouts) | rollouts per rollout decision | rollout tokens/s | "
+              "B: mean rollouts in flight (nominal) | engine decode tokens/s at B | **rollout efficiency** | "
+              "rollout duty | efficiency while rolling out |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["sweep"]:
+        per = r["rollouts"] / r["rollout_decisions"] if r["rollout_decisions"] else 0.0
+        lines.append(
+            f"| {r['concurrency']} | {r['decisions']} ({r['rollout_decisions']}) | {per:.2f} | {r['rollout_tokens_per_s']:.1f} | "
+            f"{r['batch']:.1f} ({r['nominal_batch']:.1f}) | {r['capacity_tokens_per_s']:.1f} | **{r['rollout_efficiency']:.0%}** | "
+            f"{r['rollout_duty']:.0%} | {r['efficiency_while_rolling_out']:.0%} |")
+    cap = results["capacity"]
+    if cap:
+        lines += ["", f"engine batched greedy decode (one rollouts call, {cfg.rollout_len} tokens each): " + ", ".join(
+            f"B={b}: {cap[b]['tokens_per_s']:.1f} tok/s ({cap[b]['full_length']:.0%} of full length)"
+            for b in sorted(cap))]
+    if results["variants"]:
+        base = results["variants"][0]["rollout_tokens_per_output_token"]
+        lines += ["", f"| variant ({cfg.variant_prompts} prompts, concurrent) | rollout tokens per output token | "
+                  "reduction | mean positivity | output tokens/s |", "|---|---|---|---|---|"]
+        for v in results["variants"]:
+            rpt = v["rollout_tokens_per_output_token"]
+            lines.append(f"| {v['variant']} | {rpt:.1f} | {base / max(rpt, 1e-9):.1f}x | {v['mean_reward']:.3f} | "
+                         f"{v['tokens_per_s']:.3f} |")
+    return "\n".join(lines)
+
+
+async def main(args) -> dict:
+    from alignd.models.factory import open_engine
     from alignd.settings import Settings
 
+    cfg = BenchConfig(max_tokens=args.max_tokens, top_k=args.top_k, rollout_len=args.rollout_len, alpha=args.alpha,
+                      concurrency=args.concurrency, prune=args.prune,
+                      reference_prompts=args.reference_prompts if args.reference else 0,
+                      variant_prompts=args.variant_prompts, capacity_repeats=args.capacity_repeats)
+    if args.smoke:
+        cfg = BenchConfig(**{**asdict(cfg), **SMOKE})
     settings = Settings()
-    tq = dict(method="transfer_q", alpha=args.alpha, top_k=args.top_k, num_rollouts=1, rollout_len=args.rollout_len,
-              diagnostics=True, prune=args.prune)
-    rows, cheap_rows = [], []
     async with open_engine(settings) as engine:
-        registry = await build_rewards(settings, engine)
-        aligned = AlignedDecoding(engine, registry, settings)
-        positivity = registry.get("positivity")
-
-        def reward_fn(prompt, text):
-            from alignd.rewards.base import RewardItem
-
-            return asyncio.run_coroutine_threadsafe(positivity.score([RewardItem(text, prompt=prompt)]), loop).result()[0].value
-
-        loop = asyncio.get_running_loop()
-        # reference loop (runs in a thread: its reward calls go through the same reward object)
-        ref = ReferenceTQ(engine.info.model_path, settings.baseline_system_prompt, reward_fn, args.top_k,
-                          args.rollout_len, args.alpha)
-        ref_tokens = ref_seconds = 0.0
-        for p in tqdm(PROMPTS[: args.reference_prompts], desc="reference loop (HF, batch 1)"):
-            start = time.perf_counter()
-            ref_tokens += len(await asyncio.to_thread(ref.generate, p, args.max_tokens))
-            ref_seconds += time.perf_counter() - start
-        ref_tps = ref_tokens / ref_seconds
-        print(f"reference loop: {ref_tps:.3f} tokens/s ({ref_seconds / ref_tokens:.2f} s/token)", flush=True)
-
-        config = aligned.resolve(DecodingConfig(**tq))
-        await run_alignd(aligned, engine, PROMPTS[:1], config, 4)  # warm-up
-        for c in tqdm(args.concurrency, desc="alignd TQ* concurrency sweep"):
-            seconds, results = await run_alignd(aligned, engine, PROMPTS[:c], config, args.max_tokens)
-            tokens = sum(r["tokens"] for r in results)
-            rows.append((c, tokens / seconds, tokens / seconds / ref_tps, statistics.mean(r["reward"] for r in results)))
-            print(f"alignd c={c}: {tokens / seconds:.3f} tokens/s aggregate, x{tokens / seconds / ref_tps:.2f}", flush=True)
-
-        variants = {
-            "TQ* every token": {},
-            "TQ* block 4": {"block_size": 4},
-            "TQ* gate 0.5": {"confidence_threshold": 0.5},
-            "TQ* block 4 + gate 0.5": {"block_size": 4, "confidence_threshold": 0.5},
-        }
-        for name, extra in tqdm(variants.items() if args.variant_prompts else [], desc="cheaper variants"):
-            cfg = aligned.resolve(DecodingConfig(**tq, **extra))
-            seconds, results = await run_alignd(aligned, engine, PROMPTS[: args.variant_prompts], cfg, args.max_tokens)
-            tokens = sum(r["tokens"] for r in results)
-            rollout_tokens = sum(r["cost"]["rollout_tokens"] for r in results)
-            cheap_rows.append((name, rollout_tokens / tokens, statistics.mean(r["reward"] for r in results), tokens / seconds))
-
-    print(f"\n{platform.machine()}, {os.cpu_count()} cores; k={args.top_k}, rollout_len={args.rollout_len}, 1 rollout, "
-          f"greedy, alpha={args.alpha}, {args.max_tokens} new tokens; reference: {args.reference_prompts} prompt(s); "
-          f"pruning {'on' if args.prune else 'off'}\n")
-    print(f"| | output tokens/s | vs reference loop | mean positivity |\n|---|---|---|---|")
-    print(f"| reference loop (HF, batch 1) | {ref_tps:.3f} | 1.00x | |")
-    for c, tps, ratio, reward in rows:
-        print(f"| alignd TQ*, concurrency {c} | {tps:.3f} | {ratio:.2f}x | {reward:.3f} |")
-    if not cheap_rows:
-        return
-    base = cheap_rows[0][1]
-    print(f"\n| variant ({args.variant_prompts} prompts, concurrent) | rollout tokens per output token | reduction | "
-          f"mean positivity | output tokens/s |\n|---|---|---|---|---|")
-    for name, rpt, reward, tps in cheap_rows:
-        print(f"| {name} | {rpt:.1f} | {base / max(rpt, 1e-9):.1f}x | {reward:.3f} | {tps:.3f} |")
+        results = await run_all(engine, settings, cfg)
+    print("\n" + report(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2, default=str))
+    return results
 
 
 if __name__ == "__main__":
@@ -179,13 +443,14 @@ if __name__ == "__main__":
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--rollout-len", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the reference loop (HF, batch 1) for the speed-up column")
     parser.add_argument("--reference-prompts", type=int, default=1)
-    parser.add_argument("--variant-prompts", type=int, default=8)
+    parser.add_argument("--variant-prompts", type=int, default=8, help="0 skips the cheaper-variants table")
+    parser.add_argument("--capacity-repeats", type=int, default=3, help="timed runs per engine-capacity batch size")
     parser.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
                         help="skip rollouts of candidates that cannot win (greedy, bounded reward: same answers)")
+    parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, not the speed")
-    args = parser.parse_args()
-    if args.smoke:
-        args.max_tokens, args.top_k, args.rollout_len, args.concurrency, args.variant_prompts = 3, 3, 4, [1, 2], 2
-    asyncio.run(main(args))
+    asyncio.run(main(parser.parse_args()))
