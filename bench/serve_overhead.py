@@ -60,6 +60,7 @@ METRICS = (
     "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms",
     "median_tpot_ms", "median_e2el_ms",
 )
+CPU_METRICS = ("cpu_ms_per_token_front_end", "cpu_ms_per_token_all")
 THROUGHPUT_TARGET = 0.95  # alignd keeps at least 95 % of raw vLLM's throughput
 TTFT_TARGET_MS = 10.0  # and adds at most 10 ms to the median time to first token
 
@@ -129,6 +130,28 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def cpu_seconds(pgid: int) -> dict[str, float]:
+    """CPU time (user + system) used so far by the live processes of a process group: the group leader
+    (the HTTP front end: API server and vLLM's output processing) and all of them (with the engine core)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    leader = total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is the state (stat field 3): pgrp is field 5, utime/stime fields 14/15
+        if int(fields[2]) != pgid:
+            continue
+        used = (int(fields[11]) + int(fields[12])) / tick
+        total += used
+        if int(entry.name) == pgid:
+            leader = used
+    return {"front_end": leader, "all": total}
 
 
 def _popen(name: str, cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
@@ -251,16 +274,30 @@ def bench_serve_command(base_url: str, model_name: str, tokenizer: str, spec: Lo
     return cmd + spec.extra
 
 
+MAIN_RUN_STARTS = "Starting main benchmark run"  # what `vllm bench serve` prints around the timed part
+MAIN_RUN_ENDS = "Serving Benchmark Result"
+
+
 def run_load(side: str, base_url: str, model_name: str, tokenizer: str, spec: LoadSpec, seed: int,
-             work_dir: Path, label: str) -> dict:
-    """One ``vllm bench serve`` run; returns its saved result JSON (plus the mean output length)."""
+             work_dir: Path, label: str, server: ServerProcess | None = None) -> dict:
+    """One ``vllm bench serve`` run; returns its saved result JSON (plus the mean output length and, for a
+    server this script started, the server's CPU milliseconds per output token during the timed part,
+    front end and all processes: the client's output is read line by line to find that part)."""
     result_name = f"{label}.json"
     log_path = work_dir / f"{label}.log"
     cmd = bench_serve_command(base_url, model_name, tokenizer, spec, seed, work_dir, result_name)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu")}
+    cpu: dict[str, dict[str, float]] = {}
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
-                                env={**os.environ, "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu")})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=REPO, env=env, text=True, errors="replace")
         try:
+            for line in proc.stdout:
+                if server is not None and MAIN_RUN_STARTS in line and "before" not in cpu:
+                    cpu["before"] = cpu_seconds(server.proc.pid)
+                elif server is not None and MAIN_RUN_ENDS in line and "after" not in cpu:
+                    cpu["after"] = cpu_seconds(server.proc.pid)
+                out.write(line)
             rc = proc.wait()
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -273,6 +310,10 @@ def run_load(side: str, base_url: str, model_name: str, tokenizer: str, spec: Lo
     if result.get("failed") or not result.get("completed"):
         raise RuntimeError(f"{side}: {result.get('failed')} of {spec.num_prompts} requests failed:\n{tail}")
     result["mean_output_tokens"] = result["total_output_tokens"] / result["completed"]
+    if "before" in cpu and "after" in cpu:
+        for part in ("front_end", "all"):
+            used = cpu["after"][part] - cpu["before"][part]
+            result[f"cpu_ms_per_token_{part}"] = 1000 * used / result["total_output_tokens"]
     return result
 
 
@@ -282,7 +323,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     median of the per-round paired values)."""
     out: dict = {"sides": {}, "comparison": {}}
     for side, results in runs.items():
-        keys = (*METRICS, "mean_output_tokens")
+        keys = (*METRICS, "mean_output_tokens", *CPU_METRICS)
         out["sides"][side] = {k: statistics.median(r[k] for r in results) for k in keys if all(k in r for r in results)}
         out["sides"][side]["rounds"] = len(results)
     a, b = out["sides"]["alignd"], out["sides"]["vllm"]
@@ -319,6 +360,12 @@ def markdown(summary: dict, runs: dict[str, list[dict]]) -> str:
         lines.append(f"| {i} | {x['request_throughput']:.3f} / {y['request_throughput']:.3f} | "
                      f"{x['output_throughput']:.1f} / {y['output_throughput']:.1f} | "
                      f"{x['median_ttft_ms']:.1f} / {y['median_ttft_ms']:.1f} | {x['median_itl_ms']:.1f} / {y['median_itl_ms']:.1f} |")
+    if all(k in a and k in b for k in CPU_METRICS):
+        lines += ["", "Server CPU per output token (ms, median over rounds; front end = the HTTP process with vLLM's "
+                  "output processing, all = with the engine core):", "",
+                  "| server | front end | all processes |", "|---|---|---|"]
+        for name, s in (("raw `vllm serve`", b), ("alignd (plain decoding)", a)):
+            lines.append(f"| {name} | {s['cpu_ms_per_token_front_end']:.2f} | {s['cpu_ms_per_token_all']:.2f} |")
     lines += ["", f"throughput ratio (paired, median over rounds): req {c['request_throughput_ratio_paired']:.3f}x, "
               f"output {c['output_throughput_ratio_paired']:.3f}x; TTFT difference (paired): {c['median_ttft_ms_diff_paired']:+.1f} ms",
               f"targets: throughput >= {THROUGHPUT_TARGET:.2f}x: {'met' if c['throughput_target_met'] else 'MISSED'}; "
@@ -382,12 +429,15 @@ def run(args: argparse.Namespace) -> dict:
     started: list[ServerProcess] = []
     try:
         urls = {"alignd": args.alignd_url, "vllm": args.vllm_url}
+        servers: dict[str, ServerProcess] = {}
         if urls["vllm"] is None:
-            started.append(start_vllm_server(model_dir, settings, kv_gib, work_dir))
-            urls["vllm"] = started[-1].base_url
+            servers["vllm"] = start_vllm_server(model_dir, settings, kv_gib, work_dir)
+            started.append(servers["vllm"])
+            urls["vllm"] = servers["vllm"].base_url
         if urls["alignd"] is None:
-            started.append(start_alignd_server(kv_gib, work_dir))
-            urls["alignd"] = started[-1].base_url
+            servers["alignd"] = start_alignd_server(kv_gib, work_dir)
+            started.append(servers["alignd"])
+            urls["alignd"] = servers["alignd"].base_url
         for server in started:
             log(f"starting {server.name} at {server.base_url} (log: {server.log_path})")
         for server in started:
@@ -412,7 +462,7 @@ def run(args: argparse.Namespace) -> dict:
         for r in range(1, args.rounds + 1):
             for side in order:
                 res = run_load(side, urls[side], settings.model_name, model_dir, spec, args.seed + r, work_dir,
-                               f"round{r}-{side}")
+                               f"round{r}-{side}", servers.get(side))
                 runs[side].append(res)
                 log(f"round {r}/{args.rounds} {side:6s}: {res['request_throughput']:.3f} req/s, "
                     f"{res['output_throughput']:.1f} tok/s, TTFT median {res['median_ttft_ms']:.1f} ms "
@@ -432,7 +482,7 @@ def run(args: argparse.Namespace) -> dict:
         "kv_cache_gib": kv_gib, "vllm_serve_flags": engine_settings(settings),
         "alignd_url_given": args.alignd_url is not None,
     }
-    summary["runs"] = {side: [{k: r.get(k) for k in (*METRICS, "mean_output_tokens", "completed", "duration")}
+    summary["runs"] = {side: [{k: r.get(k) for k in (*METRICS, *CPU_METRICS, "mean_output_tokens", "completed", "duration")}
                               for r in results] for side, results in runs.items()}
     print()
     print(f"{summary['setup']['machine']}; {summary['setup']['versions']}")
