@@ -12,6 +12,7 @@ import statistics
 import httpx
 import openai
 import pytest
+from conftest import SESSION_MAX_RUNNING_ALIGNED
 
 from alignd.clients import Alignd, BadRequestError, NotFoundError
 
@@ -39,13 +40,19 @@ def test_transfer_q_raises_positivity_over_sft_greedy(server, model_name):
     server's own positivity reward."""
 
     async def answers(decoding):
+        # No more at once than the session server runs, so none waits in its queue (or gets a 429).
+        admitted = asyncio.Semaphore(SESSION_MAX_RUNNING_ALIGNED)
         async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=900) as c:
             extra = {"decoding": decoding} if decoding else {}
-            rs = await asyncio.gather(*(
-                c.chat.completions.create(model=model_name, messages=[{"role": "user", "content": p}], max_tokens=16,
-                                          temperature=0, extra_body=extra)
-                for p in PROMPTS
-            ))
+
+            async def one(p):
+                async with admitted:
+                    return await c.chat.completions.create(
+                        model=model_name, messages=[{"role": "user", "content": p}], max_tokens=16, temperature=0,
+                        extra_body=extra,
+                    )
+
+            rs = await asyncio.gather(*(one(p) for p in PROMPTS))
         return [r.choices[0].message.content for r in rs]
 
     sft, tq = asyncio.run(answers(None)), asyncio.run(answers(TQ))
