@@ -14,12 +14,16 @@ class AligndError(Exception):
     error_type: str = "internal_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        # Seconds after which a retry is likely to succeed (sent as Retry-After with 429 and 503).
+        self.retry_after = retry_after
 
 
 class ClientError(AligndError):
@@ -68,10 +72,6 @@ class OverloadedError(ClientError):
     error_type = "rate_limit_error"
     code = "server_overloaded"
 
-    def __init__(self, message: str, *, retry_after: int = 1, **kwargs) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after = retry_after
-
 
 class ServerError(AligndError):
     """Something failed on our side; the request may be retried."""
@@ -117,10 +117,6 @@ class QueueTimeoutError(ServerError):
     status = 503
     error_type = "service_unavailable"
     code = "queue_timeout"
-
-    def __init__(self, message: str, *, retry_after: int = 1, **kwargs) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after = retry_after
 
 
 class DeadlineExceededError(ServerError):

@@ -36,7 +36,7 @@ def error_response(exc: AligndError) -> JSONResponse:
     """The HTTP response of a typed error, with the headers its status calls for."""
     headers = {}
     if exc.status in (429, 503):
-        headers["Retry-After"] = str(getattr(exc, "retry_after", 1))
+        headers["Retry-After"] = str(exc.retry_after or 1)
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(exc), status_code=exc.status, headers=headers or None)
