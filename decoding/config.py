@@ -56,12 +56,16 @@ class DecodingConfig(BaseModel):
     def resolved(self, settings: Settings) -> DecodingConfig:
         """Defaults filled from the settings, then every cost-driving field checked against its limit."""
         values = self.model_dump()
+        indirect = self.method == "transfer_q" and self.transfer == "indirect"
+        # Indirect transfer weights rollouts by self-normalised importance weights: with one rollout
+        # the weight cancels (w r / w = r) and it would silently be direct transfer.
+        default_rollouts = max(settings.decoding_num_rollouts, 2) if indirect else settings.decoding_num_rollouts
         defaults = {
             "alpha": settings.decoding_alpha,
             "top_k": settings.decoding_top_k,
-            "num_rollouts": settings.decoding_num_rollouts,
+            "num_rollouts": default_rollouts,
             "rollout_len": settings.decoding_rollout_len,
-            "rollout_temperature": 0.0 if (self.num_rollouts or 1) == 1 else 1.0,
+            "rollout_temperature": 0.0 if (self.num_rollouts or default_rollouts) == 1 else 1.0,
             "beta": settings.implicit_beta,
             "reward": settings.target_reward,
             "baseline_reward": settings.baseline_reward,
@@ -89,6 +93,12 @@ class DecodingConfig(BaseModel):
                 raise InvalidRequestError(
                     f"decoding.{key}={getattr(out, key)} is above this server's limit of {limit}", param=f"decoding.{key}"
                 )
+        if indirect and out.num_rollouts < 2:
+            raise InvalidRequestError(
+                "indirect transfer needs decoding.num_rollouts >= 2: its importance weights are normalised over "
+                "the rollouts, so with one rollout they cancel and the answer is direct transfer's",
+                param="decoding.num_rollouts",
+            )
         if out.transfer == "indirect" and out.method == "transfer_q" and not out.baseline_reward:
             raise InvalidRequestError(
                 "indirect transfer needs a baseline reward: set decoding.baseline_reward (GET /v1/rewards lists them)",

@@ -332,3 +332,17 @@ def test_pruning_keeps_the_greedy_answer_and_saves_rollouts(sft, baseline):
     (pruned_tokens, pruned_rollouts), (full_tokens, full_rollouts) = decode(True), decode(False)
     assert pruned_tokens == full_tokens
     assert pruned_rollouts < full_rollouts
+
+
+def test_indirect_transfer_needs_two_rollouts():
+    """With one rollout the self-normalised importance weights cancel: it would be direct transfer."""
+    from alignd.decoding.config import DecodingConfig
+    from alignd.errors import InvalidRequestError
+    from alignd.settings import Settings
+
+    settings = Settings(decoding_num_rollouts=1)
+    resolved = DecodingConfig(method="transfer_q", transfer="indirect").resolved(settings)
+    assert resolved.num_rollouts == 2 and resolved.rollout_temperature == 1.0
+    assert DecodingConfig(method="transfer_q").resolved(settings).num_rollouts == 1  # direct keeps the default
+    with pytest.raises(InvalidRequestError, match="num_rollouts >= 2"):
+        DecodingConfig(method="transfer_q", transfer="indirect", num_rollouts=1).resolved(settings)
