@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from alignd.errors import InvalidRequestError
 from alignd.settings import Settings
@@ -78,7 +78,11 @@ class DecodingConfig(BaseModel):
         for key, default in defaults.items():
             if values[key] is None:
                 values[key] = default
-        out = DecodingConfig.model_validate(values)
+        try:
+            out = DecodingConfig.model_validate(values)
+        except ValidationError as exc:  # a default combined with the request's values (e.g. greedy rollouts)
+            message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise InvalidRequestError(f"decoding: {message}", param="decoding") from None
         limits = {
             "top_k": settings.max_top_k,
             "num_rollouts": settings.max_num_rollouts,

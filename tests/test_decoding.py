@@ -346,3 +346,5 @@ def test_indirect_transfer_needs_two_rollouts():
     assert DecodingConfig(method="transfer_q").resolved(settings).num_rollouts == 1  # direct keeps the default
     with pytest.raises(InvalidRequestError, match="num_rollouts >= 2"):
         DecodingConfig(method="transfer_q", transfer="indirect", num_rollouts=1).resolved(settings)
+    with pytest.raises(InvalidRequestError, match="rollout_temperature"):  # greedy rollouts would be identical
+        DecodingConfig(method="transfer_q", transfer="indirect", rollout_temperature=0.0).resolved(settings)
