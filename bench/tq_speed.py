@@ -182,11 +182,44 @@ async def run_alignd(aligned, engine, prompts, config, max_tokens) -> tuple[floa
     return time.perf_counter() - start, results
 
 
+def _engine_running_gauge():
+    """vLLM's own gauge of the requests running in its scheduler (None without a vLLM engine here)."""
+    try:
+        from prometheus_client import REGISTRY
+
+        return REGISTRY._names_to_collectors.get("vllm:num_requests_running")
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return None
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU time used so far by this process (the asyncio front end, all threads) and by its children
+    (vLLM's engine-core processes)."""
+    import psutil
+
+    me = psutil.Process()
+    children = 0.0
+    for child in me.children(recursive=True):
+        try:
+            t = child.cpu_times()
+            children += t.user + t.system
+        except psutil.Error:
+            pass
+    t = me.cpu_times()
+    return t.user + t.system, children
+
+
 class RolloutTracker:
     """Counts rollout sequences in flight over time by wrapping ``engine.rollouts`` on the instance.
 
     A call for k prefixes becomes k one-prefix calls submitted together (same requests, same seeds:
-    prefix i keeps seed + i * n), so each sequence leaves the count when its own result is back."""
+    prefix i keeps seed + i * n), so each sequence leaves the count when its own result is back.
+
+    Diagnostics beside it: every 20 ms while rollouts are in flight, vLLM's own count of requests running
+    in its scheduler (rollouts and top-k steps of all requests; absent on other engines), and the CPU
+    time of this process (the front end) and of its children (the engine) over the run."""
+
+    SAMPLE_S = 0.02
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -196,6 +229,30 @@ class RolloutTracker:
         self.sequences = 0
         self.tokens = 0
         self._last = time.perf_counter()
+        self._gauge = _engine_running_gauge()
+        self._samples = 0
+        self._engine_running_sum = 0.0
+        self._in_flight_sum = 0
+        self._sampler: asyncio.Task | None = None
+        self.wall_seconds = 0.0
+        self.front_end_cpu_seconds = self.engine_cpu_seconds = float("nan")
+
+    async def _sample(self) -> None:
+        while True:
+            await asyncio.sleep(self.SAMPLE_S)
+            if self.in_flight and self._gauge is not None:
+                self._samples += 1
+                self._in_flight_sum += self.in_flight
+                self._engine_running_sum += sum(s.value for m in self._gauge.collect() for s in m.samples)
+
+    @property
+    def engine_running_mean(self) -> float | None:
+        """Mean of vLLM's running-requests gauge over the samples taken while rollouts were in flight."""
+        return self._engine_running_sum / self._samples if self._samples else None
+
+    @property
+    def sampled_in_flight_mean(self) -> float | None:
+        return self._in_flight_sum / self._samples if self._samples else None
 
     def _advance(self) -> None:
         now = time.perf_counter()
@@ -228,10 +285,17 @@ class RolloutTracker:
             return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prefixes))))
 
         self.engine.rollouts = rollouts
+        self._sampler = asyncio.get_running_loop().create_task(self._sample())
+        self._cpu_start, self._wall_start = _cpu_seconds(), time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.engine.__dict__.pop("rollouts", None)
+        if self._sampler is not None:
+            self._sampler.cancel()
+        (front_end, engine), (front_end0, engine0) = _cpu_seconds(), self._cpu_start
+        self.wall_seconds = time.perf_counter() - self._wall_start
+        self.front_end_cpu_seconds, self.engine_cpu_seconds = front_end - front_end0, engine - engine0
 
 
 async def capacity_prefixes(engine, aligned, prompts: list[str], batch: int) -> list[list[int]]:
@@ -329,11 +393,19 @@ async def sweep(engine, aligned, cfg: BenchConfig, reference_tps: float | None =
             "rollout_duty": duty,
             "efficiency_while_rolling_out": (rollout_tokens / tracker.busy_seconds / capacity
                                              if tracker.busy_seconds else float("nan")),
+            # diagnostics: what the engine itself ran, and who used the CPU
+            "engine_running_mean": tracker.engine_running_mean,
+            "sampled_in_flight_mean": tracker.sampled_in_flight_mean,
+            "front_end_cpu_cores": tracker.front_end_cpu_seconds / tracker.wall_seconds,
+            "engine_cpu_cores": tracker.engine_cpu_seconds / tracker.wall_seconds,
         }
         rows.append(row)
+        running = row["engine_running_mean"]
         print(f"alignd c={c}: {row['tokens_per_s']:.3f} tokens/s aggregate, {row['rollout_tokens_per_s']:.1f} rollout "
               f"tokens/s at B={batch:.1f} (engine {capacity:.1f} tokens/s): efficiency {row['rollout_efficiency']:.2f} "
-              f"(duty {duty:.2f} x {row['efficiency_while_rolling_out']:.2f})", flush=True)
+              f"(duty {duty:.2f} x {row['efficiency_while_rolling_out']:.2f}); vLLM running "
+              f"{'-' if running is None else f'{running:.1f}'}, CPU front end {row['front_end_cpu_cores']:.2f} / "
+              f"engine {row['engine_cpu_cores']:.2f} cores", flush=True)
     return rows
 
 
@@ -402,6 +474,15 @@ def report(results: dict) -> str:
             f"| {r['concurrency']} | {r['decisions']} ({r['rollout_decisions']}) | {per:.2f} | {r['rollout_tokens_per_s']:.1f} | "
             f"{r['batch']:.1f} ({r['nominal_batch']:.1f}) | {r['capacity_tokens_per_s']:.1f} | **{r['rollout_efficiency']:.0%}** | "
             f"{r['rollout_duty']:.0%} | {r['efficiency_while_rolling_out']:.0%} |")
+    lines += ["", "| concurrency | rollouts in flight (sampled) | vLLM running requests (sampled) | front-end CPU (cores) | "
+              "engine CPU (cores) |", "|---|---|---|---|---|"]
+
+    def opt(value) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    for r in results["sweep"]:
+        lines.append(f"| {r['concurrency']} | {opt(r['sampled_in_flight_mean'])} | {opt(r['engine_running_mean'])} | "
+                     f"{r['front_end_cpu_cores']:.2f} | {r['engine_cpu_cores']:.2f} |")
     cap = results["capacity"]
     if cap:
         lines += ["", f"engine batched greedy decode (one rollouts call, {cfg.rollout_len} tokens each): " + ", ".join(
