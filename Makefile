@@ -43,7 +43,9 @@ prepare-model: install
 serve: prepare-model
 	$(BIN)/alignd serve
 
+# lint-imports first: the layering contracts of pyproject.toml ([tool.importlinter]); a broken one stops here.
 test: install-test
+	$(BIN)/python tests/lint_imports.py
 	$(BIN)/python -m pytest -v --durations=15
 
 clean:

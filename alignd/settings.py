@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded"
@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     decoding_top_k: int = Field(10, ge=1)
     decoding_num_rollouts: int = Field(1, ge=1)
     decoding_rollout_len: int = Field(20, ge=0)
+    decoding_num_blocks: int = Field(4, ge=1, description="Default decoding.num_blocks (cd block-wise: K blocks).")
+    decoding_block_len: int = Field(8, ge=1, description="Default decoding.block_len (cd block-wise: M tokens).")
+    decoding_num_samples: int = Field(4, ge=1, description="Default decoding.num_samples (best_of_n: N answers).")
+    decoding_sample_temperature: float = Field(
+        1.0, gt=0.0, le=2.0, description="Default decoding.sample_temperature (blocks and best_of_n answers)."
+    )
     max_top_k: int = Field(20, ge=1, description="Largest decoding.top_k (at most max_logprobs).")
     max_num_rollouts: int = Field(16, ge=1)
     max_rollout_len: int = Field(64, ge=1)
@@ -131,7 +137,9 @@ class Settings(BaseSettings):
     )
     max_n: int = Field(16, ge=1, description="Largest 'n' (choices per request) accepted.")
     max_prompts_per_request: int = Field(64, ge=1, description="Most prompts in one /v1/completions request.")
-    max_top_logprobs: int = Field(20, ge=0, le=20)
+    max_top_logprobs: int = Field(
+        20, ge=0, description="Most top log-probabilities per token a request may ask for (at most max_logprobs)."
+    )
     max_request_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body; beyond it the answer is 413."
     )
@@ -157,6 +165,18 @@ class Settings(BaseSettings):
         "", description="Comma-separated API keys (Authorization: Bearer <key>); empty = no authentication."
     )
     metrics_require_auth: bool = Field(False, description="Also require an API key on GET /metrics.")
+
+    @model_validator(mode="after")
+    def _limits_fit_the_engine(self) -> Settings:
+        # Both read the engine's top-k log-probabilities, which vLLM caps at max_logprobs: checked
+        # here once, so no request can reach the engine's own (less helpful) error.
+        for name in ("max_top_logprobs", "max_top_k"):
+            if getattr(self, name) > self.max_logprobs:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is above max_logprobs={self.max_logprobs}: raise "
+                    f"ALIGND_MAX_LOGPROBS or lower ALIGND_{name.upper()}"
+                )
+        return self
 
     @field_validator("cache_dir", mode="after")
     @classmethod

@@ -24,35 +24,35 @@ PROMPTS = [
 
 
 async def decode(aligned, engine, prompt_text, config, max_tokens):
-    from alignd.decoding.values import Prompt
+    from alignd.decoding.prompt import Prompt
     from alignd.models.engine import GenerationParams
 
     chat = ({"role": "user", "content": prompt_text},)
     prompt = Prompt(tuple(engine.render_chat(list(chat))), messages=chat)
     tokens, alignment = [], None
-    async for delta in aligned.stream(prompt, GenerationParams(max_tokens=max_tokens, temperature=0.0), config, "agree"):
+    params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
+    async for delta in aligned.stream(aligned.plan(prompt, params, config), "agree"):
         tokens += delta.token_ids
-        alignment = delta.alignment or alignment
+        alignment = delta.alignment.model_dump() if delta.alignment is not None else alignment
     return tokens, alignment
 
 
 async def main(args) -> None:
     from alignd.decoding.config import DecodingConfig
-    from alignd.decoding.service import AlignedDecoding
-    from alignd.models.factory import open_engine
-    from alignd.models.hf_engine import HFEngine
+    from alignd.decoding.generation import Generation
+    from alignd.models.factory import build_reference_engine, open_engine
     from alignd.rewards.registry import build_rewards
     from alignd.settings import Settings
 
     settings = Settings()
     config_args = dict(method="transfer_q", alpha=1.0, top_k=10, rollout_len=20, diagnostics=True)
     async with open_engine(settings) as vllm_engine:
-        hf_engine = HFEngine.from_pretrained(vllm_engine.info.model_path, max_model_len=settings.max_model_len)
+        hf_engine = build_reference_engine(vllm_engine.info.model_path, settings)
         paths = {}
         for name, engine in (("vllm", vllm_engine), ("hf", hf_engine)):
             registry = await build_rewards(settings, engine)
-            aligned = AlignedDecoding(engine, registry, settings)
-            paths[name] = (aligned, engine, aligned.resolve(DecodingConfig(**config_args)))
+            aligned = Generation(engine, registry, settings)
+            paths[name] = (aligned, engine, DecodingConfig(**config_args))
         same = total = identical = 0
         print("| prompt | identical | first divergence | top-2 gap there (HF, nats) |\n|---|---|---|---|")
         for p in tqdm(PROMPTS[: args.prompts], desc="prompts"):

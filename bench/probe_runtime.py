@@ -3,8 +3,9 @@
     .venv/bin/python bench/probe_runtime.py                    # 500 five-shot prompts, all 31 layers
     .venv/bin/python bench/probe_runtime.py --texts 500 --shots 0 --compare-shots 5   # two conditions
 
-The job goes through ProbeServing exactly as a POST /v1/probe/jobs would (job manager, lazy
-HFEngine load, hidden states in batches, per-layer analysis, PNG); only HTTP is left out. Texts are
+The job goes through ProbeServing exactly as a POST /v1/probe/jobs would (job manager, lazy load of
+the reference engine, hidden states in batches, per-layer analysis, PNG); only HTTP is left out. The
+probe settings are ordinary Settings fields (ALIGND_PROBE_*), set here from the flags. Texts are
 MMLU-style prompts over examples/data/fewshot_questions.jsonl (80 questions): text j asks question
 j mod 80 with shots drawn with seed j // 80, so 500 texts are 500 distinct prompts. Labels: subject
 and answer letter. Prints the phases (load, hidden states, analysis, plot) and a markdown row for
@@ -55,15 +56,10 @@ async def run(args) -> dict:
     from alignd.server.probes.serving import ProbeServing
     from alignd.settings import Settings
 
-    settings = Settings()
-    overrides = {"probe_batch_size": args.batch_size, "probe_max_batch_tokens": args.max_batch_tokens,
-                 "probe_device": args.device, "probe_max_texts": max(args.texts, 2000),
-                 "probe_job_timeout_s": 24 * 3600.0}
-
-    class BenchSettings:  # Settings plus the probe values above, whether or not Settings has them yet
-        def __getattr__(self, name):
-            return overrides[name] if name in overrides else getattr(settings, name)
-
+    settings = Settings(
+        probe_batch_size=args.batch_size, probe_max_batch_tokens=args.max_batch_tokens, probe_device=args.device,
+        probe_max_texts=max(args.texts, 2000), probe_job_timeout_s=24 * 3600.0,
+    )
     model_dir = prepare_embedded_model(settings.cache_dir)
     dataset = load_jsonl(REPO / "examples" / "data" / "fewshot_questions.jsonl")
     items = [dataset[j % len(dataset)] for j in range(args.texts)]
@@ -79,7 +75,7 @@ async def run(args) -> dict:
     if args.compare_shots is not None:
         other = texts_for(dataset, args.texts, args.compare_shots)
         body["compare"] = {"texts": other, "name": f"{args.compare_shots}-shot"}
-    serving = ProbeServing(str(model_dir), BenchSettings())
+    serving = ProbeServing(str(model_dir), settings)
     start = time.perf_counter()
     job = await serving.submit(ProbeJobRequest.model_validate(body))
     last = -1.0

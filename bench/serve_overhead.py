@@ -42,7 +42,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,8 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-VLLM_CLI = Path(__file__).resolve().parent / "vllm_cli.py"
+BENCH = Path(__file__).resolve().parent
+VLLM_CLI = BENCH / "vllm_cli.py"
 START_TIMEOUT_S = 600
 # what each run of `vllm bench serve` reports, and what the summary keeps of it
 METRICS = (
@@ -76,10 +76,14 @@ def _vllm_cli():
     return module
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# bench/ is a folder of scripts, not a package: its sibling modules are imported from it by name (the
+# tests put bench/ on the path the same way, so there is one copy of each).
+sys.path.insert(0, str(BENCH))
+from processes import ManagedProcess, free_port  # noqa: E402
+
+# A server started by this script in its own process group (its engine processes die with it): name,
+# base_url, log_path, wait_ready() -> seconds, stop(), pid (the group, for cpu_seconds).
+ServerProcess = ManagedProcess
 
 
 def log(message: str) -> None:
@@ -87,52 +91,6 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------- servers
-@dataclass
-class ServerProcess:
-    """A server started by this script in its own process group (its engine processes die with it)."""
-
-    name: str
-    base_url: str
-    proc: subprocess.Popen
-    log_path: Path
-    health_path: str = "/health"
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + self.health_path, timeout=2).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-            except ProcessLookupError:
-                pass
-        # engine processes that outlived their parent are still in the group
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 def cpu_seconds(pgid: int) -> dict[str, float]:
     """CPU time (user + system) used so far by the live processes of a process group: the group leader
     (the HTTP front end: API server and vLLM's output processing) and all of them (with the engine core)."""
@@ -155,11 +113,12 @@ def cpu_seconds(pgid: int) -> dict[str, float]:
     return {"front_end": leader, "all": total}
 
 
-def _popen(name: str, cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as out:
-        # own session = own process group: stop() kills the server and its engine-core children together
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+def _start_server(name: str, cmd: list[str], env: dict[str, str], log_path: Path, port: int) -> ServerProcess:
+    """``cmd`` in its own process group (stop() kills the server and its engine-core children together),
+    ready when GET /health answers 200; returns at once (call wait_ready)."""
+    return ServerProcess(cmd, name=name, log_path=log_path, base_url=f"http://127.0.0.1:{port}", ready_path="/health",
+                         env=env, cwd=REPO, start_timeout=START_TIMEOUT_S, poll_interval=1.0, term_timeout=30,
+                         kill_timeout=10).start()
 
 
 def engine_settings(settings) -> dict[str, str]:
@@ -200,9 +159,8 @@ def start_vllm_server(model_dir: str, settings, kv_cache_gib: int, log_dir: Path
     """``vllm serve`` of ``model_dir`` with alignd's engine settings (returns at once; call wait_ready)."""
     port = port or free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
-    log_path = log_dir / f"vllm-serve-{port}.log"
-    proc = _popen("vllm serve", vllm_serve_command(model_dir, settings, port), env, log_path)
-    return ServerProcess("vllm serve", f"http://127.0.0.1:{port}", proc, log_path)
+    return _start_server("vllm serve", vllm_serve_command(model_dir, settings, port), env,
+                         log_dir / f"vllm-serve-{port}.log", port)
 
 
 def start_alignd_server(kv_cache_gib: int, log_dir: Path, port: int | None = None) -> ServerProcess:
@@ -210,9 +168,8 @@ def start_alignd_server(kv_cache_gib: int, log_dir: Path, port: int | None = Non
     port = port or free_port()
     env = {**os.environ, "ALIGND_PORT": str(port), "ALIGND_HOST": "127.0.0.1",
            "ALIGND_CPU_KVCACHE_SPACE_GIB": str(kv_cache_gib), "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
-    log_path = log_dir / f"alignd-serve-{port}.log"
-    proc = _popen("alignd serve", [sys.executable, "-m", "alignd.cli", "serve"], env, log_path)
-    return ServerProcess("alignd serve", f"http://127.0.0.1:{port}", proc, log_path)
+    return _start_server("alignd serve", [sys.executable, "-m", "alignd.cli", "serve"], env,
+                         log_dir / f"alignd-serve-{port}.log", port)
 
 
 def accepts_ignore_eos(base_url: str, model_name: str) -> bool:
@@ -295,9 +252,9 @@ def run_load(side: str, base_url: str, model_name: str, tokenizer: str, spec: Lo
         try:
             for line in proc.stdout:
                 if server is not None and MAIN_RUN_STARTS in line and "before" not in cpu:
-                    cpu["before"] = cpu_seconds(server.proc.pid)
+                    cpu["before"] = cpu_seconds(server.pid)
                 elif server is not None and MAIN_RUN_ENDS in line and "after" not in cpu:
-                    cpu["after"] = cpu_seconds(server.proc.pid)
+                    cpu["after"] = cpu_seconds(server.pid)
                 out.write(line)
             rc = proc.wait()
         except BaseException:

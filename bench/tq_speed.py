@@ -163,7 +163,7 @@ async def measure_reference(engine, settings, registry, cfg: BenchConfig) -> dic
 async def run_alignd(aligned, engine, prompts, config, max_tokens) -> tuple[float, list[dict]]:
     """Decode ``prompts`` concurrently with a resolved decoding ``config``; (wall seconds, per-prompt
     results: output tokens and the alignment diagnostics)."""
-    from alignd.decoding.values import Prompt
+    from alignd.decoding.prompt import Prompt
     from alignd.models.engine import GenerationParams
 
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
@@ -172,9 +172,9 @@ async def run_alignd(aligned, engine, prompts, config, max_tokens) -> tuple[floa
         chat = ({"role": "user", "content": p},)
         prompt = Prompt(tuple(engine.render_chat(list(chat))), messages=chat)
         alignment, tokens = None, 0
-        async for delta in aligned.stream(prompt, params, config, "bench"):
+        async for delta in aligned.stream(aligned.plan(prompt, params, config), "bench"):
             tokens += len(delta.token_ids)
-            alignment = delta.alignment or alignment
+            alignment = delta.alignment.model_dump() if delta.alignment is not None else alignment
         return {"tokens": tokens, **(alignment or {})}
 
     start = time.perf_counter()
@@ -301,7 +301,7 @@ class RolloutTracker:
 async def capacity_prefixes(engine, aligned, prompts: list[str], batch: int) -> list[list[int]]:
     """``batch`` prefixes shaped like rollout prefixes: the prompts' prompted-baseline prefixes, each with
     one of its top next tokens appended (as a decision's candidates are)."""
-    from alignd.decoding.values import Prompt
+    from alignd.decoding.prompt import Prompt
 
     bases = []
     for p in prompts:
@@ -354,7 +354,7 @@ async def sweep(engine, aligned, cfg: BenchConfig, reference_tps: float | None =
     efficiency (see the module docstring). ``engine`` may be any open engine (tests pass theirs)."""
     from alignd.decoding.config import DecodingConfig
 
-    config = aligned.resolve(DecodingConfig(**cfg.tq()))
+    config = DecodingConfig(**cfg.tq())
     capacity_cache = {} if capacity_cache is None else capacity_cache
     if max(cfg.concurrency) > len(PROMPTS):
         raise ValueError(f"at most {len(PROMPTS)} concurrent prompts are defined")
@@ -423,7 +423,7 @@ async def cheaper_variants(engine, aligned, cfg: BenchConfig) -> list[dict]:
 
     rows = []
     for name, extra in tqdm(VARIANTS.items() if cfg.variant_prompts else [], desc="cheaper variants"):
-        config = aligned.resolve(DecodingConfig(**cfg.tq(**extra)))
+        config = DecodingConfig(**cfg.tq(**extra))
         seconds, results = await run_alignd(aligned, engine, PROMPTS[: cfg.variant_prompts], config, cfg.max_tokens)
         tokens = sum(r["tokens"] for r in results)
         rollout_tokens = sum(r["cost"]["rollout_tokens"] for r in results)
@@ -434,12 +434,12 @@ async def cheaper_variants(engine, aligned, cfg: BenchConfig) -> list[dict]:
 
 async def run_all(engine, settings, cfg: BenchConfig) -> dict:
     """Everything this script measures, over an open engine."""
-    from alignd.decoding.service import AlignedDecoding
+    from alignd.decoding.generation import Generation
     from alignd.rewards.registry import build_rewards
 
     registry = await build_rewards(settings, engine)
     try:
-        aligned = AlignedDecoding(engine, registry, settings)
+        aligned = Generation(engine, registry, settings)
         reference = await measure_reference(engine, settings, registry, cfg) if cfg.reference_prompts else None
         if reference:
             print(f"reference loop: {reference['tokens_per_s']:.3f} tokens/s "

@@ -1,4 +1,8 @@
-"""Typed client of alignd's native API (sync and async twins, typed errors)."""
+"""Typed client of alignd's native API (sync and async twins, typed request fields, typed errors).
+
+It depends on :mod:`alignd.protocol` (the response models it shares with the server) and on nothing
+else of alignd, so it can be used without the server's code or dependencies.
+"""
 
 from alignd.clients.client import Alignd, AsyncAlignd
 from alignd.clients.errors import (
@@ -14,10 +18,15 @@ from alignd.clients.errors import (
     RateLimitError,
     UnprocessableEntityError,
 )
+from alignd.clients.types import ChatMessageParam, DecodingParams, GenerateParams, TextContentPartParam
 
 __all__ = [
     "Alignd",
     "AsyncAlignd",
+    "ChatMessageParam",
+    "DecodingParams",
+    "GenerateParams",
+    "TextContentPartParam",
     "AligndClientError",
     "APIConnectionError",
     "APIStatusError",

@@ -1,7 +1,8 @@
 """Typed Python client for alignd's native endpoints: ``Alignd`` (sync) and ``AsyncAlignd`` (async).
 
 The OpenAI-compatible endpoints are meant for the official ``openai`` package; this client covers
-what it cannot: ``/generate`` with token ids, health and metrics.
+what it cannot: ``/generate`` with token ids, health and metrics. It depends on :mod:`alignd.protocol`
+(the wire models it shares with the server) and nothing else of alignd.
 
     from alignd.clients import Alignd
     client = Alignd("http://127.0.0.1:8000")
@@ -11,15 +12,18 @@ what it cannot: ``/generate`` with token ids, health and metrics.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
+from typing_extensions import Unpack
 
 from alignd.clients.errors import APIConnectionError, APITimeoutError, status_error
-from alignd.server.native.protocol import GenerateResponse, GenerateStreamEvent
+from alignd.clients.types import GenerateParams
+from alignd.protocol import ChatMessage, GenerateResponse, GenerateStreamEvent
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
@@ -28,10 +32,47 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _generate_body(kwargs: dict[str, Any]) -> dict[str, Any]:
-    # Sent as given, not validated here: the server is the one judge of a request, and its 400
-    # says exactly what to fix (raised here as BadRequestError).
-    return {key: value for key, value in kwargs.items() if value is not None}
+_GENERATE_FIELDS = tuple(GenerateParams.__annotations__)
+
+
+def _check_generate_fields(method: str, params: dict[str, Any]) -> None:
+    """A misspelt keyword raises here, before any I/O: the type annotation alone does not stop it
+    at run time, and the server would only answer with a 400 after a round trip."""
+    unknown = [key for key in params if key not in _GENERATE_FIELDS]
+    if not unknown:
+        return
+    raise TypeError(
+        f"{method}() got unexpected keyword argument(s) {', '.join(map(_unknown_field_hint, unknown))}; "
+        f"valid ones: {', '.join(_GENERATE_FIELDS)}, timeout"
+    )
+
+
+def _unknown_field_hint(key: str) -> str:
+    if key == "stream":  # a field of the wire request, chosen here by the method called
+        return "'stream' (to stream, call generate_stream)"
+    close = difflib.get_close_matches(key, _GENERATE_FIELDS, n=1)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+
+
+def _generate_body(method: str, params: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+    """The JSON body of ``POST /generate``: the fields given, without those that are None."""
+    _check_generate_fields(method, params)
+    body = {key: value for key, value in params.items() if value is not None}
+    if "messages" in body:
+        body["messages"] = [
+            message.model_dump(exclude_none=True) if isinstance(message, ChatMessage) else message
+            for message in body["messages"]
+        ]
+    if stream:
+        body["stream"] = True
+    # Values are sent as given, not validated here: the server is the one judge of a request, and
+    # its 400 says exactly what to fix (raised here as BadRequestError).
+    return body
+
+
+def _timeout_option(timeout: float | None) -> dict[str, Any]:
+    # httpx takes timeout=None as "no timeout at all"; here None means "the client's default".
+    return {"timeout": timeout} if timeout is not None else {}
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -100,19 +141,35 @@ class Alignd:
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
 
-    def generate(self, *, timeout: float | None = None, **kwargs: Any) -> GenerateResponse:
-        """``POST /generate``; keyword arguments are the request fields (prompt or messages,
-        max_tokens, temperature, top_p, n, stop, seed, logprobs)."""
-        kwargs.pop("stream", None)
-        extra = {"timeout": timeout} if timeout is not None else {}
-        response = self._request("POST", "/generate", json=_generate_body(kwargs), **extra)
+    def generate(self, *, timeout: float | None = None, **params: Unpack[GenerateParams]) -> GenerateResponse:
+        """``POST /generate``. The keyword arguments are the request fields (:class:`GenerateParams`:
+        prompt or messages, max_tokens, temperature, ..., decoding); ``timeout`` overrides the
+        client's, in seconds.
+
+        Each choice has the text, its token ids, optional logprobs and, with
+        ``decoding={"diagnostics": True, ...}``, ``alignment``: an :class:`alignd.protocol.AlignmentSummary`
+        (reward, KL, cost and the decisions taken), else None.
+        """
+        body = _generate_body("generate", dict(params), stream=False)
+        response = self._request("POST", "/generate", json=body, **_timeout_option(timeout))
         return GenerateResponse.model_validate(response.json())
 
-    def generate_stream(self, *, timeout: float | None = None, **kwargs: Any) -> Iterator[GenerateStreamEvent]:
-        """Streaming ``POST /generate``: yields one event per new piece of text, then the usage."""
-        body = _generate_body({**kwargs, "stream": True})
-        extra = {"timeout": timeout} if timeout is not None else {}
-        with _transport_errors(), self._http.stream("POST", "/generate", json=body, **extra) as response:
+    def generate_stream(
+        self, *, timeout: float | None = None, **params: Unpack[GenerateParams]
+    ) -> Iterator[GenerateStreamEvent]:
+        """Streaming ``POST /generate``, with the same keyword arguments as :meth:`generate`: yields one
+        event per new piece of text of a choice, then one with the usage. A choice's last event
+        carries its ``alignment`` (an :class:`alignd.protocol.AlignmentSummary`) when diagnostics
+        were asked for.
+
+        The arguments are checked when called, not when first iterated.
+        """
+        body = _generate_body("generate_stream", dict(params), stream=True)
+        return self._stream_events(body, timeout)
+
+    def _stream_events(self, body: dict[str, Any], timeout: float | None) -> Iterator[GenerateStreamEvent]:
+        options = _timeout_option(timeout)
+        with _transport_errors(), self._http.stream("POST", "/generate", json=body, **options) as response:
             if response.status_code >= 400:
                 response.read()
                 _raise_for_status(response)
@@ -154,17 +211,27 @@ class AsyncAlignd:
     async def metrics(self) -> str:
         return (await self._request("GET", "/metrics")).text
 
-    async def generate(self, *, timeout: float | None = None, **kwargs: Any) -> GenerateResponse:
-        kwargs.pop("stream", None)
-        extra = {"timeout": timeout} if timeout is not None else {}
-        response = await self._request("POST", "/generate", json=_generate_body(kwargs), **extra)
+    async def generate(self, *, timeout: float | None = None, **params: Unpack[GenerateParams]) -> GenerateResponse:
+        """``POST /generate``: see :meth:`Alignd.generate`."""
+        body = _generate_body("generate", dict(params), stream=False)
+        response = await self._request("POST", "/generate", json=body, **_timeout_option(timeout))
         return GenerateResponse.model_validate(response.json())
 
-    async def generate_stream(self, *, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[GenerateStreamEvent]:
-        body = _generate_body({**kwargs, "stream": True})
-        extra = {"timeout": timeout} if timeout is not None else {}
+    def generate_stream(
+        self, *, timeout: float | None = None, **params: Unpack[GenerateParams]
+    ) -> AsyncIterator[GenerateStreamEvent]:
+        """Streaming ``POST /generate`` (``async for event in client.generate_stream(...)``): see
+        :meth:`Alignd.generate_stream`.
+
+        A plain method returning an async iterator, so that the arguments are checked when called.
+        """
+        body = _generate_body("generate_stream", dict(params), stream=True)
+        return self._stream_events(body, timeout)
+
+    async def _stream_events(self, body: dict[str, Any], timeout: float | None) -> AsyncIterator[GenerateStreamEvent]:
+        options = _timeout_option(timeout)
         with _transport_errors():
-            async with self._http.stream("POST", "/generate", json=body, **extra) as response:
+            async with self._http.stream("POST", "/generate", json=body, **options) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for_status(response)

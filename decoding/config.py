@@ -53,10 +53,15 @@ class DecodingConfig(BaseModel):
             raise ValueError("num_rollouts > 1 needs rollout_temperature > 0: greedy rollouts would all be identical")
         return self
 
+    @property
+    def indirect(self) -> bool:
+        """TQ* with indirect transfer (the baseline aligned to another reward than the target)."""
+        return self.method == "transfer_q" and self.transfer == "indirect"
+
     def resolved(self, settings: Settings) -> DecodingConfig:
         """Defaults filled from the settings, then every cost-driving field checked against its limit."""
         values = self.model_dump()
-        indirect = self.method == "transfer_q" and self.transfer == "indirect"
+        indirect = self.indirect
         # Indirect transfer weights rollouts by self-normalised importance weights: with one rollout
         # the weight cancels (w r / w = r) and it would silently be direct transfer.
         default_rollouts = max(settings.decoding_num_rollouts, 2) if indirect else settings.decoding_num_rollouts
@@ -69,10 +74,10 @@ class DecodingConfig(BaseModel):
             "beta": settings.implicit_beta,
             "reward": settings.target_reward,
             "baseline_reward": settings.baseline_reward,
-            "num_blocks": 4,
-            "block_len": 8,
-            "num_samples": 4,
-            "sample_temperature": 1.0,
+            "num_blocks": settings.decoding_num_blocks,
+            "block_len": settings.decoding_block_len,
+            "num_samples": settings.decoding_num_samples,
+            "sample_temperature": settings.decoding_sample_temperature,
             "prune": not self.diagnostics,
         }
         for key, default in defaults.items():
@@ -97,13 +102,13 @@ class DecodingConfig(BaseModel):
                 raise InvalidRequestError(
                     f"decoding.{key}={getattr(out, key)} is above this server's limit of {limit}", param=f"decoding.{key}"
                 )
-        if indirect and out.num_rollouts < 2:
+        if out.indirect and out.num_rollouts < 2:
             raise InvalidRequestError(
                 "indirect transfer needs decoding.num_rollouts >= 2: its importance weights are normalised over "
                 "the rollouts, so with one rollout they cancel and the answer is direct transfer's",
                 param="decoding.num_rollouts",
             )
-        if out.transfer == "indirect" and out.method == "transfer_q" and not out.baseline_reward:
+        if out.indirect and not out.baseline_reward:
             raise InvalidRequestError(
                 "indirect transfer needs a baseline reward: set decoding.baseline_reward (GET /v1/rewards lists them)",
                 param="decoding.baseline_reward",

@@ -1,9 +1,16 @@
 """The decoding methods, as small classes over the engines' batched primitives.
 
-Each method is an async generator of :class:`DecodeChunk` (tokens appended, with the step's record);
-:mod:`alignd.decoding.service` turns chunks into text, stop strings and diagnostics.
+Each method is an async generator of :class:`DecodeChunk` (tokens appended, with the step's record, a
+typed diagnostics step of :mod:`alignd.protocol.diagnostics`); :mod:`alignd.decoding.generation` turns
+chunks into text, stop strings and diagnostics.
 
-    SFTDecoder              plain greedy / sampled decoding from the SFT model
+Every method gets the request's engine parameters (one choice's: ``n`` = 1 and its own seed) and
+honours them: ``temperature`` and ``seed`` everywhere; ``top_p`` limits the value-guided candidates
+and the sampled blocks and answers; presence and frequency penalties lower the value-guided
+candidates' scores (counted over the answer so far) and apply to Best-of-N's whole answers.
+``max_tokens`` bounds the answer; stop strings are applied to the assembled text.
+
+    SFTDecoder              plain greedy / sampled decoding from the SFT model (the engine's sampler)
     ValueGuidedDecoder      one token per decision from pi_sft * exp(Q / alpha) over the top-k:
                               TQ* (Q from baseline rollouts), CD (Q from SFT rollouts), ARGS (Q = partial reward)
     BlockwiseCDDecoder      K sampled blocks of M tokens from the SFT model, keep the best-valued block
@@ -13,28 +20,29 @@ Each method is an async generator of :class:`DecodeChunk` (tokens appended, with
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from alignd.decoding.rule import reweight
-from alignd.decoding.values import Policy, Prompt, StepCost, ValueEstimator
+from alignd.decoding.prompt import Policy, Prompt
+from alignd.decoding.rule import nucleus, repetition_penalties, reweight
+from alignd.decoding.values import ValueEstimator
 from alignd.models.engine import GenerationParams
+from alignd.protocol.diagnostics import (
+    BestOfNStep,
+    BlockCandidate,
+    BlockStep,
+    SampleCandidate,
+    StepCost,
+    TokenCandidate,
+    ValueGuidedStep,
+)
 from alignd.rewards.base import Reward
 
-
-@dataclass
-class StepRecord:
-    """One decision: the candidates the rule weighed and what it chose."""
-
-    position: int
-    chosen: list[int]
-    kl: float = 0.0
-    gated: bool = False
-    candidates: list[dict] | None = None
-    cost: StepCost = field(default_factory=StepCost)
+StepRecord = ValueGuidedStep | BlockStep | BestOfNStep
 
 
 @dataclass
@@ -59,11 +67,15 @@ def _sub_seed(seed: int | None, step: int) -> int | None:
 
 
 class Decoder(abc.ABC):
-    def __init__(self, sft: Policy, *, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> None:
+    """A method that decodes one choice. ``params`` are the request's engine parameters for this
+    choice (``n`` = 1, the choice's own seed)."""
+
+    def __init__(self, sft: Policy, params: GenerationParams) -> None:
         self.sft = sft
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.seed = seed
+        self.params = params
+        self.max_tokens = params.max_tokens
+        self.temperature = params.temperature
+        self.seed = params.seed
         self.eos = set(sft.engine.info.eos_token_ids)
 
     @abc.abstractmethod
@@ -71,10 +83,11 @@ class Decoder(abc.ABC):
 
 
 class SFTDecoder(Decoder):
-    """Plain decoding from the SFT model (the engine's own sampler), as one chunk per call."""
+    """Plain decoding from the SFT model (the engine's own sampler) with the request's full sampling
+    parameters; chunks as the engine streams them. Stop strings are the caller's (on the text)."""
 
     async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
-        params = GenerationParams(max_tokens=self.max_tokens, temperature=self.temperature, seed=self.seed)
+        params = self.params if not self.params.stop else dataclasses.replace(self.params, stop=())
         async for delta in self.sft.engine.stream(list(prompt.token_ids), params, f"sft-{id(self)}"):
             yield DecodeChunk(delta.token_ids, finish_reason=delta.finish_reason)
 
@@ -88,27 +101,32 @@ class ValueGuidedDecoder(Decoder):
       estimate for that step (the rule with constant Q keeps the SFT choice).
 
     And one that changes nothing in the answer: ``prune`` (greedy only, rewards with known bounds
-    [lo, hi]): a candidate whose SFT log-probability is more than (hi - lo) / alpha below the best one
-    cannot win whatever the values, so it gets no rollouts; with one candidate left the step needs no
-    value at all. Pruned candidates enter the step's distribution (and its KL) with Q = lo.
+    [lo, hi]): a candidate whose penalised SFT log-probability is more than (hi - lo) / alpha below the
+    best one cannot win whatever the values, so it gets no rollouts; with one candidate left the step
+    needs no value at all. Pruned candidates enter the step's distribution (and its KL) with Q = lo.
+
+    The request's sampling fields: ``top_p`` keeps the smallest prefix of the top-k candidates whose
+    SFT probability reaches it; presence and frequency penalties (counted over the answer so far) are
+    subtracted from the candidates' SFT log-probabilities before the rule, as vLLM subtracts them from
+    logits; the candidate set is still the SFT model's own top-k. The rollouts of the value estimate
+    are not penalised: they estimate the value of the rollout policy as it is.
     """
 
     def __init__(
         self,
         sft: Policy,
         estimator: ValueEstimator,
+        params: GenerationParams,
         *,
         alpha: float = 1.0,
         top_k: int = 10,
         block_size: int = 1,
         confidence_threshold: float | None = None,
         prune: bool = False,
-        max_tokens: int,
-        temperature: float = 0.0,
-        seed: int | None = None,
         record_candidates: bool = False,
     ) -> None:
-        super().__init__(sft, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        super().__init__(sft, params)
+        temperature = params.temperature
         self.estimator = estimator
         bounds = estimator.value_bounds()
         # Only exact in greedy mode: sampling gives every candidate a chance.
@@ -129,17 +147,20 @@ class ValueGuidedDecoder(Decoder):
         step = 0
         while len(generated) < self.max_tokens:
             top = (await self.sft.engine.top_k_next([sft_prefix + generated], self.top_k))[0]
+            top = top[: nucleus([t.logprob for t in top], self.params.top_p)]
             ids = [t.token_id for t in top]
             sft_lp = [t.logprob for t in top]
+            penalties = repetition_penalties(ids, generated, self.params.presence_penalty, self.params.frequency_penalty)
+            scores = sft_lp if penalties is None else [s - p for s, p in zip(sft_lp, penalties)]
             gated = self.confidence_threshold is not None and math.exp(sft_lp[0]) >= self.confidence_threshold
             live = list(range(len(ids)))
             if self.prune_bounds is not None:
                 lo, hi = self.prune_bounds
-                live = [i for i in live if sft_lp[i] >= sft_lp[0] - (hi - lo) / self.alpha]
+                live = [i for i in live if scores[i] >= max(scores) - (hi - lo) / self.alpha]
             if gated:
                 values, cost = [0.0] * len(ids), StepCost()
             elif len(live) == 1 and self.prune_bounds is not None:
-                values, cost = [self.prune_bounds[0]] * len(ids), StepCost(extra={"pruned": len(ids) - 1})
+                values, cost = [self.prune_bounds[0]] * len(ids), StepCost(pruned=len(ids) - 1)
             else:
                 live_values, cost = await self.estimator.estimate(
                     prompt, policy_prefix, generated, [ids[i] for i in live], _sub_seed(self.seed, step)
@@ -148,8 +169,8 @@ class ValueGuidedDecoder(Decoder):
                 for i, v in zip(live, live_values):
                     values[i] = v
                 if len(live) < len(ids):
-                    cost.extra["pruned"] = len(ids) - len(live)
-            rule = reweight(ids, sft_lp, values, self.alpha)
+                    cost.pruned = len(ids) - len(live)
+            rule = reweight(ids, sft_lp, values, self.alpha, penalties)
             index = rule.greedy_index() if self.temperature == 0.0 else rule.sample_index(rng, self.temperature)
             chosen = [ids[index]]
             if chosen[0] not in self.eos and self.block_size > 1 and len(generated) + 1 < self.max_tokens:
@@ -157,15 +178,15 @@ class ValueGuidedDecoder(Decoder):
                 room = min(self.block_size - 1, self.max_tokens - len(generated) - 1)
                 tail = await self.sft.engine.rollouts(
                     [sft_prefix + generated + chosen], n=1, max_tokens=room, temperature=self.temperature,
-                    seed=_sub_seed(self.seed, step + 1_000_000),
+                    seed=_sub_seed(self.seed, step + 1_000_000), top_p=self.params.top_p,
                 )
                 chosen += tail[0][0].token_ids
-            record = StepRecord(position=len(generated), chosen=chosen, kl=0.0 if gated else rule.kl_from_sft,
-                                gated=gated, cost=cost)
+            record = ValueGuidedStep(position=len(generated), chosen=chosen, chosen_text=decode(chosen),
+                                     kl=0.0 if gated else rule.kl_from_sft, gated=gated, cost=cost)
             if self.record_candidates:
                 record.candidates = [
-                    {"token_id": z, "token": decode([z]), "sft_logprob": s, "value": v, "logprob": lp}
-                    for z, s, v, lp in zip(ids, sft_lp, values, rule.logprobs)
+                    TokenCandidate(token_id=z, token=decode([z]), sft_logprob=s, value=v, penalty=p, logprob=lp)
+                    for z, s, v, p, lp in zip(ids, sft_lp, values, penalties or [0.0] * len(ids), rule.logprobs)
                 ]
             generated += chosen
             step += 1
@@ -182,11 +203,8 @@ class ValueGuidedDecoder(Decoder):
 class _RewardSelectionDecoder(Decoder):
     """Base of the methods that sample several continuations from the SFT model and select by reward."""
 
-    def __init__(
-        self, sft: Policy, reward: Reward, *, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
-        record_candidates: bool = False,
-    ) -> None:
-        super().__init__(sft, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    def __init__(self, sft: Policy, reward: Reward, params: GenerationParams, *, record_candidates: bool = False) -> None:
+        super().__init__(sft, params)
         self.reward = reward
         self.record_candidates = record_candidates
 
@@ -198,20 +216,25 @@ class _RewardSelectionDecoder(Decoder):
 
 class BlockwiseCDDecoder(_RewardSelectionDecoder):
     """CD block-wise: sample K blocks of M tokens from the SFT model, keep the block whose partial answer
-    has the highest reward (greedy) or sample one with probability ∝ exp(r / alpha); repeat."""
+    has the highest reward (greedy) or sample one with probability ∝ exp(r / alpha); repeat.
+
+    Blocks are sampled with the request's ``top_p``. Presence and frequency penalties are refused
+    before decoding starts (:meth:`alignd.decoding.generation.Generation.plan`): a block is a fresh
+    engine request, whose penalties would count the block's own tokens only, not the answer's."""
 
     def __init__(
         self,
         sft: Policy,
         reward: Reward,
+        params: GenerationParams,
         *,
         num_blocks: int = 4,
         block_len: int = 8,
         alpha: float = 1.0,
         block_temperature: float = 1.0,
-        **common,
+        record_candidates: bool = False,
     ) -> None:
-        super().__init__(sft, reward, **common)
+        super().__init__(sft, reward, params, record_candidates=record_candidates)
         self.num_blocks = num_blocks
         self.block_len = block_len
         self.alpha = alpha
@@ -227,7 +250,7 @@ class BlockwiseCDDecoder(_RewardSelectionDecoder):
             room = min(self.block_len, self.max_tokens - len(generated))
             blocks = (await self.sft.engine.rollouts(
                 [prefix + generated], n=self.num_blocks, max_tokens=room, temperature=self.block_temperature,
-                seed=_sub_seed(self.seed, step),
+                seed=_sub_seed(self.seed, step), top_p=self.params.top_p,
             ))[0]
             values = await self._rewards(prompt, generated, [b.token_ids for b in blocks])
             # Blocks are drawn from the SFT model, so each has (about) equal prior weight 1/K.
@@ -236,9 +259,10 @@ class BlockwiseCDDecoder(_RewardSelectionDecoder):
             chosen = blocks[index].token_ids
             cost = StepCost(rollouts=len(blocks), rollout_tokens=sum(len(b.token_ids) for b in blocks),
                             reward_calls=len(blocks))
-            record = StepRecord(position=len(generated), chosen=chosen, kl=kl_bound_best_of_n(len(blocks)), cost=cost)
+            record = BlockStep(position=len(generated), chosen=chosen, chosen_text=decode(chosen),
+                               kl=kl_bound_best_of_n(len(blocks)), cost=cost)
             if self.record_candidates:
-                record.candidates = [{"text": decode(b.token_ids), "token_ids": b.token_ids, "value": v}
+                record.candidates = [BlockCandidate(text=decode(b.token_ids), token_ids=b.token_ids, value=v)
                                      for b, v in zip(blocks, values)]
             generated += chosen
             step += 1
@@ -251,31 +275,37 @@ class BlockwiseCDDecoder(_RewardSelectionDecoder):
 
 
 class BestOfNDecoder(_RewardSelectionDecoder):
-    """N whole answers sampled from the SFT model; the one with the highest reward is returned."""
+    """N whole answers sampled from the SFT model; the one with the highest reward is returned. The
+    answers follow the request's ``top_p`` and penalties (each answer is one engine request, so vLLM
+    counts the penalties over the whole answer, exactly)."""
 
-    def __init__(self, sft: Policy, reward: Reward, *, num_samples: int = 4, sample_temperature: float = 1.0, **common):
-        super().__init__(sft, reward, **common)
+    def __init__(self, sft: Policy, reward: Reward, params: GenerationParams, *, num_samples: int = 4,
+                 sample_temperature: float = 1.0, record_candidates: bool = False):
+        super().__init__(sft, reward, params, record_candidates=record_candidates)
         self.num_samples = num_samples
         self.sample_temperature = sample_temperature
 
     async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
         samples = (await self.sft.engine.rollouts(
             [list(prompt.token_ids)], n=self.num_samples, max_tokens=self.max_tokens,
-            temperature=self.sample_temperature, seed=self.seed,
+            temperature=self.sample_temperature, seed=self.seed, top_p=self.params.top_p,
+            presence_penalty=self.params.presence_penalty, frequency_penalty=self.params.frequency_penalty,
         ))[0]
         decode = self.sft.engine.decode
         values = await self._rewards(prompt, [], [s.token_ids for s in samples])
         best = max(range(len(values)), key=lambda i: values[i])
         n = len(samples)
-        record = StepRecord(
-            position=0, chosen=samples[best].token_ids, kl=kl_bound_best_of_n(n),
+        record = BestOfNStep(
+            position=0, chosen=samples[best].token_ids, chosen_text=decode(samples[best].token_ids),
+            kl=kl_bound_best_of_n(n),
             cost=StepCost(rollouts=n, rollout_tokens=sum(len(s.token_ids) for s in samples), reward_calls=n),
         )
         if self.record_candidates:
-            record.candidates = [{"text": decode(s.token_ids), "value": v} for s, v in zip(samples, values)]
+            record.candidates = [SampleCandidate(text=decode(s.token_ids), value=v) for s, v in zip(samples, values)]
         yield DecodeChunk(samples[best].token_ids, record, samples[best].finish_reason or "length")
 
 
 __all__: Sequence[str] = [
     "BestOfNDecoder", "BlockwiseCDDecoder", "DecodeChunk", "Decoder", "SFTDecoder", "StepRecord", "ValueGuidedDecoder",
+    "kl_bound_best_of_n",
 ]

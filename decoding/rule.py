@@ -15,6 +15,7 @@ server's decoders (over vLLM or the HF engine) call :func:`reweight` directly.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,14 +27,15 @@ class Reweighted:
     """The decoding distribution over the candidates of one step."""
 
     token_ids: list[int]
-    sft_logprobs: list[float]
+    sft_logprobs: list[float]  # the SFT model's own, unpenalised
     values: list[float]
     logprobs: list[float]  # log pi(z | s), normalised over the candidates
+    penalties: list[float] | None = None  # subtracted from sft_logprobs before the rule (None = none)
 
     @property
     def kl_from_sft(self) -> float:
         """KL(pi || pi_sft), exact: pi is zero outside the candidate set, and pi_sft(z) is the SFT
-        model's own (full-vocabulary) probability of each candidate."""
+        model's own (full-vocabulary, unpenalised) probability of each candidate."""
         return sum(math.exp(lp) * (lp - s) for lp, s in zip(self.logprobs, self.sft_logprobs) if lp > -math.inf)
 
     def greedy_index(self) -> int:
@@ -47,16 +49,57 @@ class Reweighted:
         return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def reweight(token_ids: Sequence[int], sft_logprobs: Sequence[float], values: Sequence[float], alpha: float) -> Reweighted:
-    """``log pi(z) = log pi_sft(z) + Q(z)/alpha - logsumexp`` over the candidates."""
+def reweight(
+    token_ids: Sequence[int],
+    sft_logprobs: Sequence[float],
+    values: Sequence[float],
+    alpha: float,
+    penalties: Sequence[float] | None = None,
+) -> Reweighted:
+    """``log pi(z) = log pi_sft(z) - penalty(z) + Q(z)/alpha - logsumexp`` over the candidates.
+
+    ``penalties`` are OpenAI's presence and frequency penalties of each candidate (see
+    :func:`repetition_penalties`): like vLLM's, they lower a token's logit, so they shift the SFT model's
+    preference before the value is added; the KL is still measured from the unpenalised SFT model."""
     if math.isnan(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be > 0 (got {alpha}); use a large alpha to stay close to the SFT model")
     if not (len(token_ids) == len(sft_logprobs) == len(values)) or not token_ids:
         raise ValueError("token_ids, sft_logprobs and values must be non-empty and of equal length")
+    if penalties is not None and len(penalties) != len(token_ids):
+        raise ValueError("penalties must have one value per candidate")
     scale = 0.0 if alpha == math.inf else 1.0 / alpha
     scores = torch.tensor(sft_logprobs, dtype=torch.float64) + scale * torch.tensor(values, dtype=torch.float64)
+    if penalties is not None:
+        scores = scores - torch.tensor(penalties, dtype=torch.float64)
     logprobs = torch.log_softmax(scores, dim=-1)
-    return Reweighted(list(token_ids), list(sft_logprobs), list(values), logprobs.tolist())
+    return Reweighted(list(token_ids), list(sft_logprobs), list(values), logprobs.tolist(),
+                      None if penalties is None else list(penalties))
+
+
+def repetition_penalties(
+    candidates: Sequence[int], answer: Sequence[int], presence_penalty: float, frequency_penalty: float
+) -> list[float] | None:
+    """OpenAI's penalties of each candidate token given the answer so far: ``presence_penalty`` if it
+    already occurs in the answer, plus ``frequency_penalty`` times its count there (None when both are
+    0). The answer is counted here, not by the engine: each decision is a fresh engine request whose
+    prompt is the whole prefix, and vLLM counts only a request's own output tokens."""
+    if not presence_penalty and not frequency_penalty:
+        return None
+    counts = Counter(answer)
+    return [presence_penalty * (counts[z] > 0) + frequency_penalty * counts[z] for z in candidates]
+
+
+def nucleus(sft_logprobs: Sequence[float], top_p: float) -> int:
+    """How many of the candidates (most likely first) ``top_p`` keeps: the smallest prefix whose SFT
+    probability mass reaches ``top_p`` (at least one)."""
+    if top_p >= 1.0:
+        return len(sft_logprobs)
+    mass = 0.0
+    for i, lp in enumerate(sft_logprobs):
+        mass += math.exp(lp)
+        if mass >= top_p:
+            return i + 1
+    return len(sft_logprobs)
 
 
 class TransferQLogitsProcessor:

@@ -6,7 +6,7 @@
 
 Server defaults: SFT = the served model, target reward = ``positivity`` (VADER), baseline = the
 prompted baseline (the served model with the alignment system prompt), indirect baseline reward =
-``prompted_implicit``. Every method runs through :meth:`AlignedDecoding.stream` with diagnostics on,
+``prompted_implicit``. Every method runs through :meth:`Generation.stream` (the server's own door) with diagnostics on,
 which gives each response's target reward and KL.
 
 Metrics per method (means over prompts):
@@ -82,7 +82,9 @@ def win_rate(rewards: Sequence[float], reference: Sequence[float], tol: float = 
 
 
 def best_of_n_kl(n: int) -> float:
-    return math.log(n) - (n - 1) / n
+    from alignd.decoding.methods import kl_bound_best_of_n  # the one statement of the bound
+
+    return kl_bound_best_of_n(n)
 
 
 def truncation_kl(steps: Sequence[dict]) -> float:
@@ -237,18 +239,18 @@ class _Runner:
         self.timings: dict[str, dict] = {}
 
     async def start(self) -> None:
-        from alignd.decoding.service import AlignedDecoding
+        from alignd.decoding.generation import Generation
         from alignd.rewards.registry import build_rewards
 
         self.registry = await build_rewards(self.settings, self.engine)
-        self.aligned = AlignedDecoding(self.engine, self.registry, self.settings)
+        self.aligned = Generation(self.engine, self.registry, self.settings)
 
     async def close(self) -> None:
         if self.registry is not None:
             await self.registry.close()
 
     async def _one(self, run: MethodRun, config, prompt_row: dict, seed: int) -> dict:
-        from alignd.decoding.values import Prompt
+        from alignd.decoding.prompt import Prompt
         from alignd.models.engine import GenerationParams
 
         chat = ({"role": "user", "content": prompt_row["prompt"]},)
@@ -257,10 +259,10 @@ class _Runner:
         token_ids: list[int] = []
         text, alignment, finish = "", None, None
         started = time.perf_counter()
-        async for delta in self.aligned.stream(prompt, params, config, f"eval-{run.key}-{prompt_row['id']}"):
+        async for delta in self.aligned.stream(self.aligned.plan(prompt, params, config), f"eval-{run.key}-{prompt_row['id']}"):
             token_ids += delta.token_ids
             text += delta.text
-            alignment = delta.alignment or alignment
+            alignment = delta.alignment.model_dump() if delta.alignment is not None else alignment
             finish = delta.finish_reason or finish
         if alignment is None:
             raise RuntimeError(f"{run.key}: no diagnostics in the response to {prompt_row['id']}")
@@ -276,7 +278,7 @@ class _Runner:
         """Every prompt through one method, ``concurrency`` at a time; cached ones are not re-run."""
         from alignd.decoding.config import DecodingConfig
 
-        config = self.aligned.resolve(DecodingConfig(**run.decoding, diagnostics=True))
+        config = DecodingConfig(**run.decoding, diagnostics=True)
         signature = json.dumps([run.decoding, run.temperature, self.plan.max_tokens], sort_keys=True)
         todo = [(p, i) for i, p in enumerate(prompts) if (signature, p["id"]) not in self.cache]
         semaphore = asyncio.Semaphore(self.plan.concurrency)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 
@@ -48,16 +47,17 @@ def layers_arg(text: str):
 def run_in_process(args, items) -> dict:
     import torch
 
-    from alignd.models.hf_engine import HFEngine
+    from alignd.models.factory import build_reference_engine
     from alignd.models.loading import prepare_embedded_model
     from alignd.probes.analysis import analyse_conditions
     from alignd.probes.fewshot import build_prompts, dataset_labels
     from alignd.probes.hidden_states import layer_representations
+    from alignd.settings import Settings
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cache = Path(os.environ.get("ALIGND_CACHE_DIR", Path.home() / ".cache" / "alignd"))
-    engine = HFEngine.from_pretrained(prepare_embedded_model(cache), max_model_len=2048)
+    settings = Settings(max_model_len=2048)  # the cache folder from ALIGND_CACHE_DIR, as the server
+    engine = build_reference_engine(prepare_embedded_model(settings.cache_dir), settings)
     conditions = {f"{k}-shot": build_prompts(items, k, seed=args.seed) for k in args.shots}
     timing, reps = {}, {}
     for name, texts in conditions.items():

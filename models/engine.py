@@ -12,11 +12,12 @@ ids; text goes in and out through :attr:`Engine.tokenizer`.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 FinishReason = Literal["stop", "length", "abort"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,6 @@ class Choice:
     text: str
     finish_reason: FinishReason | None
     logprobs: list[GeneratedTokenLogprobs] | None = None
-    # Aligned decoding's diagnostics of this choice (method, reward, KL, steps), when asked for.
-    alignment: dict | None = None
 
 
 @dataclass
@@ -76,7 +75,10 @@ class GenerationResult:
 
 @dataclass
 class StreamDelta:
-    """New output of one choice since the previous delta. ``finish_reason`` is set on its last one."""
+    """New output of one choice since the previous delta. ``finish_reason`` is set on its last one.
+
+    ``text`` is the new text when the engine detokenizes (:attr:`Engine.applies_stop_strings`), else
+    empty: then :mod:`alignd.decoding` assembles the text and applies the stop strings."""
 
     index: int
     token_ids: list[int]
@@ -84,7 +86,6 @@ class StreamDelta:
     finish_reason: FinishReason | None = None
     logprobs: list[GeneratedTokenLogprobs] | None = None
     prompt_token_count: int = 0
-    alignment: dict | None = None
 
 
 @dataclass
@@ -101,30 +102,9 @@ class EngineInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     extra: dict[str, object] = field(default_factory=dict)
-
-
-class TextAssembler:
-    """The text of a growing answer, released piece by piece: never inside a UTF-8 character, and cut
-    before the first stop string (which ends the answer: :attr:`stopped`)."""
-
-    def __init__(self, decode, stop: Sequence[str] = ()) -> None:
-        self._decode = decode
-        self._stop = tuple(stop)
-        self.text = ""  # what has been released so far
-        self.stopped = False
-
-    def advance(self, token_ids: Sequence[int], final: bool = False) -> str | None:
-        """The new piece for the tokens so far, or None while an incomplete character is held back."""
-        text = self._decode(list(token_ids))
-        for stop in self._stop:
-            cut = text.find(stop)
-            if cut != -1:
-                text, self.stopped = text[:cut], True
-        if not (final or self.stopped) and text.endswith("\ufffd"):
-            return None
-        piece = text[len(self.text) :] if text.startswith(self.text) else ""
-        self.text = text
-        return piece
+    # Decoder blocks of the model (hidden-state representations are numbered 0..num_layers); None
+    # where the engine does not report it.
+    num_layers: int | None = None
 
 
 async def collect_stream(
@@ -140,8 +120,6 @@ async def collect_stream(
             choice.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
-        if delta.alignment is not None:
-            choice.alignment = delta.alignment
     return GenerationResult(prompt_token_count=prompt_token_count, choices=choices)
 
 
@@ -149,6 +127,9 @@ class Engine(abc.ABC):
     """Batched generation primitives over one causal language model."""
 
     info: EngineInfo
+    # True when :meth:`stream` detokenizes and honours ``params.stop`` itself (vLLM does, in its output
+    # processor); otherwise it yields token ids only and the caller assembles text and stop strings.
+    applies_stop_strings: bool = True
 
     @property
     @abc.abstractmethod
@@ -160,7 +141,8 @@ class Engine(abc.ABC):
     def stream(
         self, prompt_token_ids: Sequence[int], params: GenerationParams, request_id: str
     ) -> AsyncIterator[StreamDelta]:
-        """Yield deltas of all ``params.n`` choices as they are produced.
+        """Yield deltas of all ``params.n`` choices as they are produced (with their text and cut at
+        ``params.stop`` when :attr:`applies_stop_strings`, token ids only otherwise).
 
         Closing the iterator early (client gone) must cancel the engine work for this request.
         """
@@ -168,8 +150,13 @@ class Engine(abc.ABC):
     async def generate(
         self, prompt_token_ids: Sequence[int], params: GenerationParams, request_id: str
     ) -> GenerationResult:
-        """Whole-answer generation, assembled from :meth:`stream`."""
-        return await collect_stream(self.stream(prompt_token_ids, params, request_id), params, len(prompt_token_ids))
+        """Whole-answer generation, assembled from :meth:`stream` (stop strings are applied only by an
+        engine that :attr:`applies_stop_strings`; :mod:`alignd.decoding` applies them for every engine)."""
+        result = await collect_stream(self.stream(prompt_token_ids, params, request_id), params, len(prompt_token_ids))
+        if not self.applies_stop_strings:
+            for choice in result.choices:
+                choice.text = self.decode(choice.token_ids)
+        return result
 
     def check_params(self, params: GenerationParams) -> None:
         """Raise :class:`alignd.errors.InvalidRequestError` if this engine cannot run ``params``;
@@ -189,9 +176,14 @@ class Engine(abc.ABC):
         max_tokens: int,
         temperature: float = 1.0,
         seed: int | None = None,
+        *,
+        top_p: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> list[list[Rollout]]:
         """For each prefix, ``n`` continuations of at most ``max_tokens`` tokens, stopping at EOS
-        (the EOS token is kept as the last token of a rollout that stopped on it)."""
+        (the EOS token is kept as the last token of a rollout that stopped on it). Penalties count
+        the continuation's own tokens only, as vLLM's do."""
 
     @abc.abstractmethod
     async def continuation_logprobs(
@@ -207,6 +199,20 @@ class Engine(abc.ABC):
 
     async def shutdown(self) -> None:  # pragma: no cover - engines override when they hold resources
         return None
+
+    # --- optional capability: the model itself (hidden-state probes) ---
+    @property
+    def supports_hidden_states(self) -> bool:
+        """True when :meth:`run_on_model` can run the ``transformers`` model behind this engine, so that
+        probes can read its hidden states (the reference engine, HFEngine); False otherwise (vLLM does
+        not expose them)."""
+        return False
+
+    async def run_on_model(self, fn: Callable[[Any], T]) -> T:
+        """``fn(model)`` on the engine's ``transformers`` causal LM, in a worker thread and never at the
+        same time as the engine's own model calls (generation included); ``fn``'s result or exception
+        comes back. Only where :attr:`supports_hidden_states` is True."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its model (supports_hidden_states is False)")
 
     # --- helpers shared by engines ---
     def encode(self, text: str) -> list[int]:

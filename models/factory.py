@@ -1,4 +1,7 @@
-"""Builds the configured engine and owns its lifetime (an async context manager)."""
+"""Every engine is built here: the served engine (with its lifetime, an async context manager) and
+the ``transformers`` reference engines that run beside it (a separate baseline model, extra reward
+models, hidden-state probes). Nothing else constructs an engine class.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +10,40 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alignd.models.engine import Engine, GenerationParams
 from alignd.models.loading import resolve_model_path
 from alignd.settings import Settings
 
+if TYPE_CHECKING:
+    from alignd.models.hf_engine import HFEngine
+
 logger = logging.getLogger(__name__)
 
 
+def build_reference_engine(path: str | Path, settings: Settings, *, device: str | None = None) -> HFEngine:
+    """The ``transformers`` engine of the model folder ``path`` (float32, context capped at
+    ``settings.max_model_len``), on ``device`` (default: the CPU). It is the served engine under
+    ``ALIGND_ENGINE=hf`` and the engine of every model that runs beside the served one: a separate
+    baseline (``ALIGND_BASELINE_MODEL``), extra reward models, probe models. It can give hidden states
+    (:attr:`Engine.supports_hidden_states`). Synchronous (it loads the weights): async callers run it
+    in ``asyncio.to_thread``."""
+    from alignd.models.hf_engine import HFEngine
+
+    options = {} if device is None else {"device": device}
+    return HFEngine.from_pretrained(path, max_model_len=settings.max_model_len, **options)
+
+
 async def build_engine(settings: Settings, *, progress: bool = True) -> Engine:
+    """The served engine of ``settings`` (``ALIGND_ENGINE``: vLLM, or the reference engine)."""
     path = await asyncio.to_thread(resolve_model_path, settings, progress=progress)
     if settings.engine == "vllm":
         from alignd.models.vllm_engine import VLLMEngine
 
         return VLLMEngine.start(path, settings)
-    from alignd.models.hf_engine import HFEngine
-
-    return await asyncio.to_thread(HFEngine.from_pretrained, path, max_model_len=settings.max_model_len)
+    return await asyncio.to_thread(build_reference_engine, path, settings)
 
 
 async def warm_up(engine: Engine) -> None:

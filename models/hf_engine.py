@@ -4,7 +4,8 @@ It implements the same batched primitives as the vLLM engine with one padded, KV
 written here rather than ``model.generate``: the primitives need per-step raw log-probabilities,
 per-row stop handling and token-by-token streaming with cancellation, which ``generate`` only offers
 through a streamer thread and post-hoc score tensors. Model calls run in a worker thread, one at a
-time, so the event loop stays free.
+time, so the event loop stays free. It also runs caller code on the model under the same lock
+(:meth:`HFEngine.run_on_model`), which is how hidden-state probes read its layers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,12 +27,23 @@ from alignd.models.engine import (
     GenerationParams,
     Rollout,
     StreamDelta,
-    TextAssembler,
     TokenLogprob,
 )
 
 # Rows per forward pass for the scoring primitives (top-k, continuation log-probabilities).
 _SCORING_CHUNK = 32
+T = TypeVar("T")
+
+
+def text_config(config):
+    """The language-model part of a ``transformers`` config (``text_config`` of a multimodal one)."""
+    return getattr(config, "text_config", None) or config
+
+
+def num_hidden_layers(config) -> int | None:
+    """Decoder blocks of a ``transformers`` config (its text part), or None when it does not say."""
+    value = getattr(text_config(config), "num_hidden_layers", None)
+    return int(value) if value is not None else None
 
 
 @dataclass
@@ -45,6 +58,8 @@ class _Row:
 
 
 class HFEngine(Engine):
+    applies_stop_strings = False  # stream() yields token ids; alignd.decoding assembles text
+
     def __init__(self, model, tokenizer, *, model_path: str = "", max_model_len: int | None = None) -> None:
         self.model = model.eval()
         self._tokenizer = tokenizer
@@ -61,6 +76,7 @@ class HFEngine(Engine):
             max_model_len=min(max_model_len or limit, limit),
             vocab_size=int(config.vocab_size),
             eos_token_ids=eos_ids,
+            num_layers=num_hidden_layers(config),
         )
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
 
@@ -81,6 +97,22 @@ class HFEngine(Engine):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ the model itself (probes)
+    @property
+    def supports_hidden_states(self) -> bool:
+        return True
+
+    async def run_on_model(self, fn: Callable[[Any], T]) -> T:
+        """``fn(self.model)`` in a worker thread under the engine's lock, so it never runs at the same
+        time as generation or another model call. Not counted in :meth:`unfinished_requests` (it is
+        not an engine request); a cancelled caller does not stop ``fn`` once it has started."""
+
+        def locked() -> T:
+            with self._lock:
+                return fn(self.model)
+
+        return await asyncio.to_thread(locked)
 
     # ------------------------------------------------------------------ model calls (worker thread)
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,13 +272,15 @@ class HFEngine(Engine):
             return []
         return await self._run(self._continuation_sync, prefixes, continuations)
 
-    async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None):
+    async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None, *, top_p=1.0,
+                       presence_penalty=0.0, frequency_penalty=0.0):
         if not prefixes:
             return []
         rows = [
             _Row(list(p), self._make_generator(seed, i * n + j)) for i, p in enumerate(prefixes) for j in range(n)
         ]
-        params = GenerationParams(max_tokens=max_tokens, temperature=temperature)
+        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         rows = await self._run(self._decode_loop, rows, params)
         out: list[list[Rollout]] = []
         for i in range(len(prefixes)):
@@ -255,39 +289,30 @@ class HFEngine(Engine):
         return out
 
     async def stream(self, prompt_token_ids, params, request_id) -> AsyncIterator[StreamDelta]:
+        """Token ids only (``applies_stop_strings`` is False): text and stop strings are assembled by
+        the caller (:mod:`alignd.decoding`), which closes this stream when every choice has stopped."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
         rows = [_Row(list(prompt_token_ids), self._make_generator(params.seed, j)) for j in range(params.n)]
         emitted = [0] * len(rows)  # tokens already sent per row
-        texts = [TextAssembler(self.decode, params.stop) for _ in rows]
         done = [False] * len(rows)
         prompt_count = len(prompt_token_ids)
 
         def deltas_for(current: list[_Row]) -> list[StreamDelta]:
             out = []
             for j, row in enumerate(current):
-                if done[j]:
+                if done[j] or (len(row.tokens) == emitted[j] and row.finish_reason is None):
                     continue
-                piece = texts[j].advance(row.tokens, final=row.finish_reason is not None)
-                if texts[j].stopped:
-                    row.finish_reason = "stop"
-                if piece is None:
-                    continue  # an incomplete UTF-8 character: wait for its next byte
-                new_tokens = row.tokens[emitted[j] :]
                 new_lp = row.logprobs[emitted[j] :] if params.logprobs is not None else None
-                if not new_tokens and not piece and row.finish_reason is None:
-                    continue
+                out.append(StreamDelta(j, row.tokens[emitted[j] :], "", row.finish_reason, new_lp, prompt_count))
                 emitted[j] = len(row.tokens)
                 done[j] = row.finish_reason is not None
-                out.append(StreamDelta(j, new_tokens, piece, row.finish_reason, new_lp, prompt_count))
             return out
 
         def on_step(current: list[_Row]) -> None:
             for delta in deltas_for(current):
                 loop.call_soon_threadsafe(queue.put_nowait, delta)
-            if all(done):
-                cancelled.set()  # every row hit a stop string: end the loop early
 
         def work():
             try:

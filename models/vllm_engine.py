@@ -121,10 +121,6 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
 
-        if params.logprobs is not None and params.logprobs > self.info.extra["max_logprobs"]:
-            raise InvalidRequestError(
-                f"at most {self.info.extra['max_logprobs']} top log-probabilities are available", param="top_logprobs"
-            )
         try:
             return SamplingParams(
                 n=params.n,
@@ -188,7 +184,8 @@ class VLLMEngine(Engine):
         outs = await asyncio.gather(*(self._final(p, sampling) for p in prefixes))
         return [list(_top_entries(out.outputs[0].logprobs[0], k)) for out in outs]
 
-    async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None):
+    async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None, *, top_p=1.0,
+                       presence_penalty=0.0, frequency_penalty=0.0):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -197,6 +194,9 @@ class VLLMEngine(Engine):
                 n=n,
                 max_tokens=max_tokens,
                 temperature=temperature,
+                top_p=top_p,
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
                 seed=None if seed is None else seed + i * n,  # vLLM seeds choice j with seed + j
                 output_kind=RequestOutputKind.FINAL_ONLY,
             )

@@ -1,6 +1,11 @@
-"""Hidden representations of every layer for a batch of texts, from the Hugging Face engine.
+"""Hidden representations of every layer for a batch of texts, from an engine that gives hidden states.
 
-Layer numbering (``L`` = ``config.num_hidden_layers``; representations 0..L, so L + 1 of them):
+The engine is one whose :attr:`~alignd.models.engine.Engine.supports_hidden_states` is True (the
+``transformers`` reference engine, built by :func:`alignd.models.factory.build_reference_engine`); the
+model runs through its :meth:`~alignd.models.engine.Engine.run_on_model`, never reached directly.
+
+Layer numbering (``L`` = the model's decoder blocks, ``EngineInfo.num_layers`` /
+``config.num_hidden_layers``; representations 0..L, so L + 1 of them):
 
 * ``site="residual"`` (default): ``output_hidden_states=True`` of the base model. Representation
   ``i < L`` is the residual stream at the *input* of block ``i`` (``i = 0``: the token embeddings);
@@ -22,13 +27,13 @@ The LM head is never run (it would cost ``rows * width * vocab`` floats for noth
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
+
+from alignd.models.hf_engine import num_hidden_layers
 
 Pooling = Literal["last", "mean"]
 Site = Literal["residual", "normed"]
@@ -39,11 +44,13 @@ SITES = ("residual", "normed")
 
 
 def num_layers(model_or_engine) -> int:
-    """``L`` = the number of decoder blocks; representations are numbered 0..L."""
-    model = getattr(model_or_engine, "model", model_or_engine)
-    config = model.config
-    config = getattr(config, "text_config", None) or config
-    return int(config.num_hidden_layers)
+    """``L`` = the number of decoder blocks of an engine (``info.num_layers``) or of a ``transformers``
+    model (its config); representations are numbered 0..L."""
+    info = getattr(model_or_engine, "info", None)
+    n = info.num_layers if info is not None else num_hidden_layers(model_or_engine.config)
+    if n is None:
+        raise ValueError(f"{type(model_or_engine).__name__} does not report its number of layers")
+    return int(n)
 
 
 def resolve_layers(layers: Sequence[int] | Literal["all"] | None, n_layers: int) -> list[int]:
@@ -206,47 +213,45 @@ async def layer_representations(
 ) -> dict[int, np.ndarray]:
     """``{layer: float32 array [len(texts), hidden]}`` for the requested layers (default: all, 0..L).
 
-    ``engine`` is an :class:`alignd.models.hf_engine.HFEngine` (anything with ``.model``,
-    ``.tokenizer`` and ``encode``). The model runs in a worker thread, under the engine's lock when it
-    has one, so it never runs at the same time as the engine's own generation. ``max_tokens``
-    (default: the engine's context length) rejects over-long texts with a ``ValueError`` naming the
-    first one. See the module docstring for ``site``, ``pooling`` and layer numbering.
+    ``engine``: an :class:`alignd.models.engine.Engine` that :attr:`supports_hidden_states` (else a
+    ``ValueError``). The work runs through ``engine.run_on_model``: in a worker thread, never at the
+    same time as the engine's own model calls (generation included). ``max_tokens`` (default: the
+    engine's context length) rejects over-long texts with a ``ValueError`` naming the first one. See
+    the module docstring for ``site``, ``pooling`` and layer numbering.
     """
     if not texts:
         raise ValueError("texts is empty")
+    if not engine.supports_hidden_states:
+        raise ValueError(f"{type(engine).__name__} does not give hidden states; probes need the transformers engine")
     n_layers = num_layers(engine)
     layer_list = resolve_layers(layers, n_layers)
-    limit = max_tokens or getattr(getattr(engine, "info", None), "max_model_len", None)
-    pad_id = getattr(engine, "_pad_id", None)
-    if pad_id is None:
-        tok = engine.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    # HFEngine's own lock: one model call at a time, generation included
-    lock = getattr(engine, "_lock", None)
-    cm = lock if lock is not None else contextlib.nullcontext()
+    limit = max_tokens or engine.info.max_model_len
+    # Padding is masked out (attention and pooling), so any pad id gives the same numbers.
+    tok = engine.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
-    def work() -> dict[int, np.ndarray]:
-        with cm:  # tokenising inside too: a fast tokenizer must not be used by two threads at once
-            token_ids = [engine.encode(t) for t in texts]
-            if limit:
-                long = [i for i, s in enumerate(token_ids) if len(s) > limit]
-                if long:
-                    i = long[0]
-                    raise ValueError(
-                        f"text {i} has {len(token_ids[i])} tokens, above the model's context of {limit}; "
-                        f"{len(long)} text(s) are too long"
-                    )
-            return layer_representations_sync(
-                engine.model,
-                token_ids,
-                layer_list,
-                pad_id=pad_id,
-                pooling=pooling,
-                site=site,
-                batch_size=batch_size,
-                max_batch_tokens=max_batch_tokens,
-                padding_side=padding_side,
-                progress=progress,
-            )
+    def work(model) -> dict[int, np.ndarray]:
+        # tokenising here too, under the engine's lock: a fast tokenizer must not be used by two threads at once
+        token_ids = [engine.encode(t) for t in texts]
+        if limit:
+            long = [i for i, s in enumerate(token_ids) if len(s) > limit]
+            if long:
+                i = long[0]
+                raise ValueError(
+                    f"text {i} has {len(token_ids[i])} tokens, above the model's context of {limit}; "
+                    f"{len(long)} text(s) are too long"
+                )
+        return layer_representations_sync(
+            model,
+            token_ids,
+            layer_list,
+            pad_id=pad_id,
+            pooling=pooling,
+            site=site,
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+            padding_side=padding_side,
+            progress=progress,
+        )
 
-    return await asyncio.to_thread(work)
+    return await engine.run_on_model(work)

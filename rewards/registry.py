@@ -72,7 +72,7 @@ def _spec_value(name: str, spec: dict, key: str, kind: type, default: Any = None
 async def build_rewards(settings: Settings, served: Engine) -> RewardRegistry:
     """Build every configured reward. ``served`` is the serving engine, reused as the reference model
     (and as the prompted baseline) so no second copy of the weights is loaded."""
-    from alignd.models.hf_engine import HFEngine
+    from alignd.models.factory import build_reference_engine
 
     rewards: dict[str, Reward] = {
         "positivity": PositivityReward("positivity"),
@@ -94,7 +94,7 @@ async def build_rewards(settings: Settings, served: Engine) -> RewardRegistry:
         # Extra models for rewards run on the transformers engine in this process: they only score
         # (no generation), and a second vLLM engine would compete with the serving one for memory.
         if path not in engines_by_path:
-            engines_by_path[path] = HFEngine.from_pretrained(path, max_model_len=settings.max_model_len)
+            engines_by_path[path] = build_reference_engine(path, settings)
             extra_engines.append(engines_by_path[path])
         return engines_by_path[path]
 

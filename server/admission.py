@@ -13,12 +13,11 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import Iterable
 
+from alignd.decoding.generation import ALIGNED, PLAIN
 from alignd.errors import DeadlineExceededError, OverloadedError, QueueTimeoutError
 from alignd.settings import Settings
-
-ALIGNED = "aligned"
-PLAIN = "plain"
 
 
 class Slot:
@@ -116,6 +115,11 @@ class AdmissionController:
             ALIGNED: FamilyGate(ALIGNED, settings.max_running_aligned, settings.max_queued_aligned, on_reject),
             PLAIN: FamilyGate(PLAIN, settings.max_running_plain, settings.max_queued_plain, on_reject),
         }
+
+    @staticmethod
+    def family_of(families: Iterable[str]) -> str:
+        """The family a request of several plans is admitted under: the costliest one."""
+        return ALIGNED if ALIGNED in set(families) else PLAIN
 
     async def acquire(self, family: str, remaining_s: float | None = None) -> Slot:
         """A slot of ``family``; ``remaining_s`` is what is left of the request's deadline."""

@@ -9,10 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request, Response
 
 from alignd import __version__
-from alignd.decoding.service import AlignedDecoding
+from alignd.decoding.generation import Generation
 from alignd.models.engine import Engine
-from alignd.models.hf_engine import HFEngine
-from alignd.models.factory import open_engine
+from alignd.models.factory import build_reference_engine, open_engine
 from alignd.rewards.registry import build_rewards
 from alignd.server.admission import AdmissionController
 from alignd.server.auth import require_api_key
@@ -37,27 +36,25 @@ async def _serving(app: FastAPI, engine: Engine, settings: Settings, metrics: Se
     baseline_engine = None
     if settings.baseline_model:
         # A separate baseline runs on the transformers engine in this process (see rewards' extra engines).
-        baseline_engine = await asyncio.to_thread(
-            HFEngine.from_pretrained, settings.baseline_model, max_model_len=settings.max_model_len
-        )
-    aligned = AlignedDecoding(engine, registry, settings, baseline_engine)
-    aligned.step_observers.append(metrics.observe_step)
-    aligned.response_observers.append(metrics.observe_response)
+        baseline_engine = await asyncio.to_thread(build_reference_engine, settings.baseline_model, settings)
+    generation = Generation(engine, registry, settings, baseline_engine)
+    generation.step_observers.append(metrics.observe_step)
+    generation.response_observers.append(metrics.observe_response)
     # One controller for every generate endpoint: the limits are per server, not per API.
     admission = AdmissionController(settings, on_reject=lambda family, reason: metrics.admission_rejected.labels(family, reason).inc())
     metrics.bind_admission(admission)
     metrics.bind_engine(engine)
     app.state.engine = engine
     app.state.admission = admission
-    app.state.openai_serving = OpenAIServing(engine, settings, metrics, aligned, admission)
-    app.state.native_serving = NativeServing(engine, settings, metrics, aligned, admission)
+    app.state.openai_serving = OpenAIServing(generation, settings, metrics, admission)
+    app.state.native_serving = NativeServing(generation, settings, metrics, admission)
     app.state.reward_serving = RewardServing(registry, settings, metrics)
     app.state.probe_serving = ProbeServing.for_engine(engine, settings, metrics)
     try:
         yield
     finally:
         await app.state.probe_serving.close()
-        await aligned.close()
+        await generation.close()
         await registry.close()
 
 

@@ -28,8 +28,24 @@ _STATUS_TYPES = {
 }
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def _body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
+    """The one statement of the error shape."""
+    return ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=code)).model_dump()
+
+
 def error_body(exc: AligndError) -> dict:
-    return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
+    return _body(exc.message, exc.error_type, exc.param, exc.code)
 
 
 def error_response(exc: AligndError) -> JSONResponse:
@@ -43,8 +59,7 @@ def error_response(exc: AligndError) -> JSONResponse:
 
 
 def _response(status: int, message: str, error_type: str, param: str | None = None, code: str | None = None):
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(_body(message, error_type, param, code), status_code=status)
 
 
 def _param_path(loc: tuple) -> str | None:
@@ -121,17 +136,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return _response(500, f"internal error ({type(exc).__name__}); the server keeps serving", "internal_error")
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 # Documented on every route, so the OpenAPI document (and schema-based fuzzers) know the error shape.

@@ -1,5 +1,5 @@
 """What every generate endpoint shares: model check, prompt rendering, limits, metered streaming,
-server-sent events."""
+server-sent events. Generation itself goes through one door, :class:`alignd.decoding.generation.Generation`."""
 
 from __future__ import annotations
 
@@ -8,21 +8,19 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import TypeVar
 
 from pydantic import BaseModel
 
-from alignd.decoding.config import DecodingConfig
-from alignd.decoding.service import AlignedDecoding
-from alignd.decoding.values import Prompt
+from alignd.decoding.generation import Completion, DecodedDelta, Generation, GenerationPlan
+from alignd.decoding.prompt import Prompt
 from alignd.errors import AligndError, DeadlineExceededError, InvalidRequestError, ModelNotFoundError, ServerError
-from alignd.models.engine import Engine, GenerationParams, GenerationResult, StreamDelta, collect_stream
-from alignd.server.admission import ALIGNED, PLAIN, AdmissionController, Slot
+from alignd.protocol.common import ChatMessage
+from alignd.server.admission import AdmissionController, Slot
 from alignd.server.errors import error_body
-from alignd.server.request_scope import AdmittedStream, RequestContext
 from alignd.server.metrics import ServerMetrics
+from alignd.server.request_scope import AdmittedStream, RequestContext
 from alignd.server.sampling import SamplingFields
 from alignd.settings import Settings
 
@@ -47,41 +45,22 @@ def sse(payload: BaseModel | dict | str) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A validated generation: the prompt, engine parameters, and the aligned decoding to use (None =
-    the engine's own sampler)."""
-
-    prompt: Prompt
-    params: GenerationParams
-    decoding: DecodingConfig | None = None
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return list(self.prompt.token_ids)
-
-
 class GenerationService:
-    """Base of the serving classes: holds the engine and turns requests into engine calls."""
+    """Base of the serving classes: turns requests into plans of the one generation door."""
 
     def __init__(
         self,
-        engine: Engine,
+        generation: Generation,
         settings: Settings,
         metrics: ServerMetrics,
-        aligned: AlignedDecoding | None = None,
         admission: AdmissionController | None = None,
     ) -> None:
-        self.engine = engine
+        self.generation = generation
         self.settings = settings
         self.metrics = metrics
-        self.aligned = aligned
         self.admission = admission or AdmissionController(settings)
         self.model_name = settings.model_name
-        self.token_text = lru_cache(maxsize=65536)(self._token_text)
-
-    def _token_text(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id])
+        self.token_text = lru_cache(maxsize=65536)(generation.token_text)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -90,63 +69,38 @@ class GenerationService:
                 param="model",
             )
 
-    def render_messages(self, messages: Sequence) -> Prompt:
-        chat = tuple(m.as_template_message() for m in messages)
-        return Prompt(tuple(self.engine.render_chat(list(chat))), messages=chat)
+    def render_messages(self, messages: Sequence[ChatMessage]) -> Prompt:
+        return self.generation.render_chat([m.as_template_message() for m in messages])
 
     def render_prompt(self, prompt: str | list[int]) -> Prompt:
-        if isinstance(prompt, str):
-            return Prompt(tuple(self.engine.encode(prompt)), text=prompt)
-        vocab = self.engine.info.vocab_size
-        bad = [t for t in prompt if t < 0 or t >= vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token id {bad[0]} is outside this model's vocabulary [0, {vocab})", param="prompt"
-            )
-        return Prompt(tuple(prompt), text=self.engine.decode(prompt))
+        return self.generation.render_text(prompt)
 
     def check_prompt_count(self, count: int) -> None:
         limit = self.settings.max_prompts_per_request
         if count > limit:
             raise InvalidRequestError(
-                f"{count} prompts in one request is above this server's limit of {limit}: split the request",
+                f"{count} prompts in one request is above this server's limit of {limit} "
+                "(ALIGND_MAX_PROMPTS_PER_REQUEST): split the request",
                 param="prompt",
             )
 
-    def plan(self, request: SamplingFields, prompt: Prompt, logprobs: int | None = None) -> Plan:
+    def plan(self, request: SamplingFields, prompt: Prompt, logprobs: int | None = None) -> GenerationPlan:
         """Validate everything before any work (and before a stream's headers): sampling values
-        against the context, the engine's own checks, and the decoding method's parameters."""
+        against the context and the server's limits, then the generation door's own checks."""
         params = request.generation_params(
             prompt_tokens=len(prompt.token_ids),
-            max_model_len=self.engine.info.max_model_len,
+            max_model_len=self.generation.info.max_model_len,
             settings=self.settings,
             logprobs=logprobs,
         )
-        self.engine.check_params(params)
-        decoding = request.decoding
-        if decoding is None or (decoding.method == "sft" and not decoding.diagnostics):
-            return Plan(prompt, params)
-        if self.aligned is None:
-            raise InvalidRequestError("aligned decoding is not enabled on this server", param="decoding")
-        if logprobs is not None:
-            raise InvalidRequestError(
-                f"logprobs are not available with decoding.method={decoding.method}; the diagnostics "
-                "(decoding.diagnostics=true) report each step's candidates and log-probabilities",
-                param="logprobs",
-            )
-        return Plan(prompt, params, self.aligned.resolve(decoding))
+        return self.generation.plan(prompt, params, request.decoding)
 
     # ------------------------------------------------------------------ admission and deadlines
-    @staticmethod
-    def family(plans: Sequence[Plan]) -> str:
-        """The decoding family a request is admitted under: the costliest of its plans."""
-        aligned = any(p.decoding is not None and p.decoding.method != "sft" for p in plans)
-        return ALIGNED if aligned else PLAIN
+    async def admit(self, plans: Sequence[GenerationPlan], ctx: RequestContext) -> Slot:
+        """A slot of the request's decoding family: the costliest of its plans'."""
+        return await self.admission.acquire(self.admission.family_of(p.family for p in plans), ctx.remaining())
 
-    async def admit(self, plans: Sequence[Plan], ctx: RequestContext) -> Slot:
-        return await self.admission.acquire(self.family(plans), ctx.remaining())
-
-    async def run_admitted(self, endpoint: str, plans: Sequence[Plan], ctx: RequestContext, work: Callable[[], Awaitable[T]]) -> T:
+    async def run_admitted(self, endpoint: str, plans: Sequence[GenerationPlan], ctx: RequestContext, work: Callable[[], Awaitable[T]]) -> T:
         """A whole (non-streamed) answer: take a slot, run ``work`` under the request's deadline,
         free the slot however it ends."""
         slot = await self.admit(plans, ctx)
@@ -165,7 +119,7 @@ class GenerationService:
             slot.release()
 
     async def open_stream(
-        self, endpoint: str, plans: Sequence[Plan], ctx: RequestContext, events: AsyncIterator[BaseModel | dict]
+        self, endpoint: str, plans: Sequence[GenerationPlan], ctx: RequestContext, events: AsyncIterator[BaseModel | dict]
     ) -> AdmittedStream:
         """A streamed answer: the slot is taken now, before the response starts (so a refusal is
         still a 429/503 status); the stream frees it when it ends."""
@@ -176,20 +130,16 @@ class GenerationService:
             raise
         return AdmittedStream(self.sse_events(events, endpoint, ctx), slot.release)
 
-    def _source(self, plan: Plan, request_id: str) -> AsyncIterator[StreamDelta]:
-        if plan.decoding is None:
-            return self.engine.stream(plan.prompt_ids, plan.params, request_id)
-        return self.aligned.stream(plan.prompt, plan.params, plan.decoding, request_id)
-
-    async def metered_stream(self, endpoint: str, plan: Plan, request_id: str) -> AsyncIterator[StreamDelta]:
+    async def metered_stream(self, endpoint: str, plan: GenerationPlan, request_id: str) -> AsyncIterator[DecodedDelta]:
         """The plan's stream, counted into the metrics (running gauge, TTFT, tokens)."""
         start = time.perf_counter()
         first_token_at = None
         tokens = 0
         self.metrics.running_requests.labels(endpoint).inc()
         self.metrics.prompt_tokens.labels(endpoint).inc(len(plan.prompt.token_ids))
+        deltas = self.generation.stream(plan, request_id)
         try:
-            async for delta in self._source(plan, request_id):
+            async for delta in deltas:
                 if first_token_at is None and delta.token_ids:
                     first_token_at = time.perf_counter()
                     self.metrics.time_to_first_token.labels(endpoint).observe(first_token_at - start)
@@ -204,11 +154,12 @@ class GenerationService:
         except ValueError as exc:  # vLLM rejects some inputs with ValueError (e.g. prompt too long)
             raise InvalidRequestError(str(exc)) from exc
         finally:
+            await deltas.aclose()
             self.metrics.running_requests.labels(endpoint).dec()
 
-    async def collect(self, endpoint: str, plan: Plan, request_id: str) -> GenerationResult:
+    async def collect(self, endpoint: str, plan: GenerationPlan, request_id: str) -> Completion:
         """A whole answer, gathered from the metered stream (so the metrics see it too)."""
-        return await collect_stream(self.metered_stream(endpoint, plan, request_id), plan.params, len(plan.prompt.token_ids))
+        return await self.generation.collect(self.metered_stream(endpoint, plan, request_id), plan)
 
     async def sse_events(
         self, events: AsyncIterator[BaseModel | dict], endpoint: str, ctx: RequestContext

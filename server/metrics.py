@@ -7,6 +7,7 @@ Each app owns its registry, so several apps in one process (tests) never collide
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
@@ -17,6 +18,8 @@ disable_created_metrics()
 
 GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/generate")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+# States of a probe job (alignd.probes.jobs), the labels of alignd_probe_jobs.
+PROBE_JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
 class ServerMetrics:
@@ -104,6 +107,19 @@ class ServerMetrics:
             buckets=(0, 0.1, 0.5, 1, 2, 5, 10, 20, 50, 100), registry=r,
         )
 
+        # probe-analysis jobs (the gauge reads the job manager when scraped; see bind_probe_jobs)
+        self.probe_jobs = Gauge(
+            "alignd_probe_jobs", "Probe jobs held by the server now, by state (finished ones until evicted).",
+            ["state"], registry=r,
+        )
+        self.probe_jobs_finished = Counter(
+            "alignd_probe_jobs_finished", "Probe jobs finished, by final state.", ["state"], registry=r
+        )
+        self.probe_job_seconds = Histogram(
+            "alignd_probe_job_seconds", "Run time of finished probe jobs.", buckets=LATENCY_BUCKETS + (640, 1280, 2560),
+            registry=r,
+        )
+
         # Event counters exist (at 0) from the start, so dashboards show 0 rather than "no data".
         for family in ("aligned", "plain"):
             for reason in ("queue_full", "queue_timeout"):
@@ -119,6 +135,17 @@ class ServerMetrics:
         for family, gate in admission.gates.items():
             self.admission_running.labels(family).set_function(lambda gate=gate: gate.running)
             self.admission_queued.labels(family).set_function(lambda gate=gate: gate.queued)
+
+    def bind_probe_jobs(self, count: Callable[[str], int]) -> None:
+        """``count(state)``: the probe jobs held in that state now (JobManager.count)."""
+        for state in PROBE_JOB_STATES:
+            self.probe_jobs.labels(state).set_function(lambda state=state: count(state))
+
+    def observe_probe_job(self, state: str, seconds: float | None) -> None:
+        """A probe job finished in ``state``; ``seconds`` is its run time (None if it never started)."""
+        self.probe_jobs_finished.labels(state).inc()
+        if seconds is not None:
+            self.probe_job_seconds.observe(seconds)
 
     def observe_step(self, method: str, step, seconds: float) -> None:
         self.decoding_steps.labels(method).inc()

@@ -60,7 +60,8 @@ class SamplingFields(BaseModel):
             raise InvalidRequestError(f"n={self.n} is above this server's limit of {settings.max_n}", param="n")
         if logprobs is not None and logprobs > settings.max_top_logprobs:
             raise InvalidRequestError(
-                f"at most {settings.max_top_logprobs} top log-probabilities per token are available", param="logprobs"
+                f"at most {settings.max_top_logprobs} top log-probabilities per token are available here "
+                "(ALIGND_MAX_TOP_LOGPROBS): ask for fewer", param="logprobs"
             )
         if settings.max_prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
             raise ContextLengthError(

@@ -2,29 +2,29 @@
 
 Expensive things are session-scoped: the embedded model is converted once, the in-process vLLM
 engine and the HTTP server each start once per test session.
+
+Test modules do not import this file: plain helpers and constants are in tests/support.py
+(``from support import ...``), the rest are fixtures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from alignd.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
-# Tests share the user's model cache: the embedded model is converted once per machine.
-CACHE_DIR = Path(os.environ.get("ALIGND_CACHE_DIR", Path.home() / ".cache" / "alignd"))
-SERVER_START_TIMEOUT_S = 600
+from support import (
+    CACHE_DIR,
+    SESSION_ADMISSION_LIMITS,
+    AdmissionLimits,
+    ServerProcess,
+    read_eos_token_ids,
+)
 
 
 class LoopThread:
@@ -141,15 +141,28 @@ def tiny_hf_engine(tiny_llama_dir):
 
 # ---------------------------------------------------------------------------- embedded model
 @pytest.fixture(scope="session")
-def embedded_model_dir() -> Path:
-    from alignd.models.loading import prepare_embedded_model
-
-    return prepare_embedded_model(CACHE_DIR)
+def cache_dir() -> Path:
+    """The model cache the tests and their servers share (ALIGND_CACHE_DIR, else ~/.cache/alignd)."""
+    return CACHE_DIR
 
 
 @pytest.fixture(scope="session")
-def embedded_settings(embedded_model_dir) -> Settings:
-    return Settings(cache_dir=CACHE_DIR)
+def embedded_model_dir(cache_dir) -> Path:
+    from alignd.models.loading import prepare_embedded_model
+
+    return prepare_embedded_model(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def embedded_eos_token_ids(embedded_model_dir) -> frozenset[int]:
+    """SmolLM2's end-of-text token ids, read from the embedded model folder's tokenizer and configs
+    (what the engines stop on), rather than a bare number in a test."""
+    return frozenset(read_eos_token_ids(embedded_model_dir))
+
+
+@pytest.fixture(scope="session")
+def embedded_settings(embedded_model_dir, cache_dir) -> Settings:
+    return Settings(cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -176,58 +189,6 @@ def hf_embedded_engine(embedded_model_dir):
 
 
 # ---------------------------------------------------------------------------- the real server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, env_overrides: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "ALIGND_CACHE_DIR": str(CACHE_DIR), "ALIGND_PORT": str(self.port)}
-        env.update(env_overrides or {})
-        self.log_path = REPO / ".pytest_cache" / f"server-{self.port}.log"
-        self.log_path.parent.mkdir(exist_ok=True)
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "alignd.cli", "serve"],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: vLLM's engine processes die with it
-        )
-
-    def wait_ready(self, timeout: float = SERVER_START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-
-
 def rewards_env(classifier_dir: Path) -> dict[str, str]:
     """Rewards the test servers are configured with, beside the built-in ones."""
     import json
@@ -244,9 +205,11 @@ def rewards_env(classifier_dir: Path) -> dict[str, str]:
     return {"ALIGND_REWARDS": json.dumps(rewards), "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-# Admission limits of the session server: small, so that tests can fill them (tests/test_production.py).
-SESSION_MAX_RUNNING_ALIGNED = 4
-SESSION_MAX_QUEUED_ALIGNED = 8
+@pytest.fixture(scope="session")
+def session_admission_limits() -> AdmissionLimits:
+    """Aligned-decoding admission limits of the session server (running, queued): small, so that
+    tests can fill them. (A server from ALIGND_TEST_SERVER_URL must be started with the same.)"""
+    return SESSION_ADMISSION_LIMITS
 
 
 class RunningServer:
@@ -257,19 +220,26 @@ class RunningServer:
 
 
 @pytest.fixture(scope="session")
-def server(embedded_model_dir, tiny_classifier_dir):
+def session_server_env(tiny_classifier_dir, session_admission_limits) -> dict[str, str]:
+    """The settings the session server runs with, beside the defaults (a server from
+    ALIGND_TEST_SERVER_URL must be started with the same)."""
+    return {
+        **rewards_env(tiny_classifier_dir),
+        "ALIGND_MAX_RUNNING_ALIGNED": str(session_admission_limits.running),
+        "ALIGND_MAX_QUEUED_ALIGNED": str(session_admission_limits.queued),
+        # above the old schema bound of 64 prompts, which used to shadow the setting
+        "ALIGND_MAX_PROMPTS_PER_REQUEST": "100",
+    }
+
+
+@pytest.fixture(scope="session")
+def server(embedded_model_dir, session_server_env):
     if os.environ.get("ALIGND_TEST_SERVER_URL"):
         yield RunningServer(os.environ["ALIGND_TEST_SERVER_URL"])
         return
-    env = rewards_env(tiny_classifier_dir)
-    env["ALIGND_MAX_RUNNING_ALIGNED"] = str(SESSION_MAX_RUNNING_ALIGNED)
-    env["ALIGND_MAX_QUEUED_ALIGNED"] = str(SESSION_MAX_QUEUED_ALIGNED)
-    proc = ServerProcess(env)
-    try:
+    with ServerProcess(session_server_env) as proc:
         proc.wait_ready()
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="session")

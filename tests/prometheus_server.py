@@ -16,15 +16,14 @@ import math
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+
+from support import ManagedProcess, NotReadyError, ProcessExitedError, free_port
 
 PROMETHEUS_CANDIDATES = ("/usr/bin/prometheus", "/usr/local/bin/prometheus")
 START_TIMEOUT_S = 60.0
@@ -55,12 +54,6 @@ def find_prometheus(name: str = "prometheus") -> str | None:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape_config(target: str, *, job: str = "alignd", scrape_interval: str = "1s",
@@ -104,39 +97,29 @@ class PrometheusServer:
         self.config_path.write_text(json.dumps(scrape_config(
             target, job=job, scrape_interval=scrape_interval, metrics_path=metrics_path,
             credentials_file=credentials_file), indent=2))
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.workdir / "prometheus.log"
-        self.proc: subprocess.Popen | None = None
+        self.process = ManagedProcess(
+            [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            name="prometheus", log_path=self.log_path, base_url=self.base_url, ready_path="/-/ready",
+            start_timeout=START_TIMEOUT_S, poll_interval=0.2, term_timeout=20, kill_timeout=10, tail_lines=30,
+        )
         self._http = httpx.Client(base_url=self.base_url, timeout=10)
 
     # ------------------------------------------------------------------ life cycle
     def start(self, timeout: float = START_TIMEOUT_S, first_scrape_timeout: float = FIRST_SCRAPE_TIMEOUT_S) -> None:
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        self.process.start()
         try:
-            self._wait_ready(timeout)
+            try:
+                self.process.wait_ready(timeout)
+            except (ProcessExitedError, NotReadyError) as exc:
+                raise PrometheusError(str(exc)) from exc
             self.wait_up(first_scrape_timeout)
         except BaseException:
             self.stop()
             raise
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise PrometheusError(f"prometheus exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if self._http.get("/-/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise PrometheusError(f"prometheus not ready after {timeout} s:\n{self.log_tail()}")
 
     def wait_up(self, timeout: float = FIRST_SCRAPE_TIMEOUT_S) -> None:
         """Until the target's last scrape succeeded (``up == 1``); the target's own error otherwise."""
@@ -153,13 +136,7 @@ class PrometheusServer:
         return [t.get("lastError", "") for t in data["activeTargets"]]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        self.process.stop()
         self._http.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -171,10 +148,7 @@ class PrometheusServer:
         self.stop()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return self.process.log_tail(lines)
 
     # ------------------------------------------------------------------ queries
     def _api(self, path: str, **params) -> dict:

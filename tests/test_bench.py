@@ -8,30 +8,16 @@ other test runs).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from support import load_bench  # a bench/ script as a module (bench/ is not a package)
 
 from alignd.settings import Settings
-from conftest import CACHE_DIR
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 MIN_FREE_GIB_FOR_VLLM_SERVE = 5.0
-
-
-def load_bench(name: str):
-    """A bench/ script as a module (bench/ is not a package)."""
-    if f"bench_{name}" in sys.modules:
-        return sys.modules[f"bench_{name}"]
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def available_gib() -> float:
@@ -46,13 +32,13 @@ def finite_positive(value) -> bool:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def vllm_serve(embedded_model_dir, tmp_path_factory):
+def vllm_serve(embedded_model_dir, cache_dir, tmp_path_factory):
     """`vllm serve` with alignd's engine settings, started when this module begins (not waited for)."""
     if available_gib() < MIN_FREE_GIB_FOR_VLLM_SERVE:
         yield None
         return
     serve_overhead = load_bench("serve_overhead")
-    settings = Settings(cache_dir=CACHE_DIR)
+    settings = Settings(cache_dir=cache_dir)
     proc = serve_overhead.start_vllm_server(
         str(embedded_model_dir), settings, settings.cpu_kvcache_space_gib, tmp_path_factory.mktemp("vllm-serve")
     )

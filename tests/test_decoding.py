@@ -19,7 +19,8 @@ from scipy.stats import chi2
 
 from alignd.decoding.methods import BestOfNDecoder, BlockwiseCDDecoder, ValueGuidedDecoder
 from alignd.decoding.rule import TransferQLogitsProcessor, reweight
-from alignd.decoding.values import FunctionValue, PartialRewardValue, Policy, Prompt, RolloutValueEstimator
+from alignd.decoding.prompt import Policy, Prompt
+from alignd.decoding.values import FunctionValue, PartialRewardValue, RolloutValueEstimator
 from alignd.models.engine import GenerationParams
 from alignd.models.hf_engine import HFEngine
 from alignd.rewards.base import Reward, RewardScore
@@ -127,7 +128,7 @@ def test_reweight_on_hand_built_numbers():
 def test_greedy_tq_with_exact_q_takes_the_argmax_every_step(sft, baseline):
     alpha, k, horizon = 0.5, 4, 3
     q_fn = lambda generated, z: exact_q(baseline, PROMPT, generated, z, rollout_len=2)  # noqa: E731
-    decoder = ValueGuidedDecoder(Policy(sft, "sft"), FunctionValue(q_fn), alpha=alpha, top_k=k, max_tokens=horizon)
+    decoder = ValueGuidedDecoder(Policy(sft, 'sft'), FunctionValue(q_fn), GenerationParams(max_tokens=horizon, temperature=0.0), alpha=alpha, top_k=k)
     got = [t for c in run(decoder) for t in c.token_ids]
     # brute force: the same rule written out by hand from plain forward passes
     expected: list[int] = []
@@ -139,7 +140,7 @@ def test_greedy_tq_with_exact_q_takes_the_argmax_every_step(sft, baseline):
         if expected[-1] == EOS:
             break
     assert got == expected
-    plain = run(ValueGuidedDecoder(Policy(sft, "sft"), FunctionValue(lambda g, z: 0.0), alpha=alpha, top_k=k, max_tokens=horizon))
+    plain = run(ValueGuidedDecoder(Policy(sft, 'sft'), FunctionValue(lambda g, z: 0.0), GenerationParams(max_tokens=horizon, temperature=0.0), alpha=alpha, top_k=k))
     assert got != [t for c in plain for t in c.token_ids], "precondition: the values change the answer"
 
 
@@ -156,8 +157,7 @@ def test_sampling_frequencies_match_pi_sft_times_exp_q_over_alpha(sft, baseline)
     async def draw_all():
         counts = Counter()
         for seed in range(draws):
-            decoder = ValueGuidedDecoder(Policy(sft, "sft"), FunctionValue(lambda g, z: q[z]), alpha=alpha, top_k=k,
-                                         max_tokens=1, temperature=1.0, seed=seed)
+            decoder = ValueGuidedDecoder(Policy(sft, 'sft'), FunctionValue(lambda g, z: q[z]), GenerationParams(max_tokens=1, temperature=1.0, seed=seed), alpha=alpha, top_k=k)
             async for chunk in decoder.run(Prompt(tuple(PROMPT))):
                 counts[chunk.token_ids[0]] += 1
         return counts
@@ -224,8 +224,7 @@ def test_indirect_transfer_uses_self_normalised_importance_weights(sft, baseline
 
 def test_args_is_the_rule_with_the_partial_reward(sft):
     alpha, k = 0.25, 4
-    decoder = ValueGuidedDecoder(Policy(sft, "sft"), PartialRewardValue(LetterCount(), sft.decode), alpha=alpha, top_k=k,
-                                 max_tokens=3)
+    decoder = ValueGuidedDecoder(Policy(sft, 'sft'), PartialRewardValue(LetterCount(), sft.decode), GenerationParams(max_tokens=3, temperature=0.0), alpha=alpha, top_k=k)
     got = [t for c in run(decoder) for t in c.token_ids]
     expected: list[int] = []
     for _ in range(3):
@@ -240,14 +239,14 @@ def test_args_is_the_rule_with_the_partial_reward(sft):
 
 def test_very_large_alpha_reproduces_sft_greedy(sft, baseline):
     estimator = RolloutValueEstimator(Policy(baseline, "bl"), LetterCount(), num_rollouts=1, rollout_len=3)
-    decoder = ValueGuidedDecoder(Policy(sft, "sft"), estimator, alpha=1e12, top_k=6, max_tokens=8)
+    decoder = ValueGuidedDecoder(Policy(sft, 'sft'), estimator, GenerationParams(max_tokens=8, temperature=0.0), alpha=1000000000000.0, top_k=6)
     tq = [t for c in run(decoder) for t in c.token_ids]
     greedy = asyncio.run(sft.generate(PROMPT, GenerationParams(max_tokens=8, temperature=0.0), "g")).choices[0].token_ids
     assert tq == greedy
 
 
 def test_best_of_n_returns_the_best_of_its_samples(sft):
-    decoder = BestOfNDecoder(Policy(sft, "sft"), LetterCount(), num_samples=8, max_tokens=4, seed=21, record_candidates=True)
+    decoder = BestOfNDecoder(Policy(sft, 'sft'), LetterCount(), GenerationParams(max_tokens=4, seed=21, temperature=0.0), num_samples=8, record_candidates=True)
     [chunk] = run(decoder)
     samples = asyncio.run(sft.rollouts([PROMPT], n=8, max_tokens=4, temperature=1.0, seed=21))[0]
     rewards = [reward_of(s.token_ids) for s in samples]
@@ -257,10 +256,9 @@ def test_best_of_n_returns_the_best_of_its_samples(sft):
 
 
 def test_blockwise_cd_keeps_the_best_block(sft):
-    decoder = BlockwiseCDDecoder(Policy(sft, "sft"), LetterCount(), num_blocks=6, block_len=2, max_tokens=2, seed=4,
-                                 record_candidates=True)
+    decoder = BlockwiseCDDecoder(Policy(sft, 'sft'), LetterCount(), GenerationParams(max_tokens=2, seed=4, temperature=0.0), num_blocks=6, block_len=2, record_candidates=True)
     [chunk] = run(decoder)
-    values = [c["value"] for c in chunk.step.candidates]
+    values = [c.value for c in chunk.step.candidates]
     assert reward_of(chunk.token_ids) == max(values)
 
 
@@ -271,14 +269,14 @@ def test_block_size_and_confidence_gating_reduce_value_steps(sft, baseline):
         calls.append(len(generated))
         return exact_q(baseline, PROMPT, generated, z, rollout_len=1)
 
-    base = ValueGuidedDecoder(Policy(sft, "sft"), FunctionValue(q_fn), top_k=3, max_tokens=6)
+    base = ValueGuidedDecoder(Policy(sft, 'sft'), FunctionValue(q_fn), GenerationParams(max_tokens=6, temperature=0.0), top_k=3)
     steps_every_token = sum(1 for c in run(base) if not c.step.gated)
     calls.clear()
-    blocked = ValueGuidedDecoder(Policy(sft, "sft"), FunctionValue(q_fn), top_k=3, max_tokens=6, block_size=3)
+    blocked = ValueGuidedDecoder(Policy(sft, 'sft'), FunctionValue(q_fn), GenerationParams(max_tokens=6, temperature=0.0), top_k=3, block_size=3)
     chunks = run(blocked)
     assert sum(len(c.token_ids) for c in chunks) <= 6
     assert len(chunks) < steps_every_token
-    gated = ValueGuidedDecoder(Policy(sft, "sft"), FunctionValue(q_fn), top_k=3, max_tokens=6, confidence_threshold=1e-9)
+    gated = ValueGuidedDecoder(Policy(sft, 'sft'), FunctionValue(q_fn), GenerationParams(max_tokens=6, temperature=0.0), top_k=3, confidence_threshold=1e-09)
     assert all(c.step.gated and c.step.kl == 0.0 for c in run(gated))  # every step is "confident": no value work
 
 
@@ -289,7 +287,7 @@ def test_logits_processor_gives_the_same_greedy_answer_as_the_decoder(sft, basel
 
     alpha, k = 0.5, 4
     q_fn = lambda generated, z: exact_q(baseline, PROMPT, generated, z, rollout_len=1)  # noqa: E731
-    decoder = ValueGuidedDecoder(Policy(sft, "sft"), FunctionValue(q_fn), alpha=alpha, top_k=k, max_tokens=4)
+    decoder = ValueGuidedDecoder(Policy(sft, 'sft'), FunctionValue(q_fn), GenerationParams(max_tokens=4, temperature=0.0), alpha=alpha, top_k=k)
     ours = [t for c in run(decoder) for t in c.token_ids]
     processor = TransferQLogitsProcessor(lambda ids, cands: [q_fn(ids[len(PROMPT):], z) for z in cands], top_k=k, alpha=alpha)
     out = sft.model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
@@ -325,7 +323,7 @@ def test_pruning_keeps_the_greedy_answer_and_saves_rollouts(sft, baseline):
 
     def decode(prune):
         estimator = RolloutValueEstimator(Policy(baseline, "bl"), BoundedLetters(), num_rollouts=1, rollout_len=2)
-        decoder = ValueGuidedDecoder(Policy(sft, "sft"), estimator, alpha=12.0, top_k=6, max_tokens=3, prune=prune)
+        decoder = ValueGuidedDecoder(Policy(sft, 'sft'), estimator, GenerationParams(max_tokens=3, temperature=0.0), alpha=12.0, top_k=6, prune=prune)
         chunks = run(decoder)
         return [t for c in chunks for t in c.token_ids], sum(c.step.cost.rollouts for c in chunks)
 
@@ -348,3 +346,56 @@ def test_indirect_transfer_needs_two_rollouts():
         DecodingConfig(method="transfer_q", transfer="indirect", num_rollouts=1).resolved(settings)
     with pytest.raises(InvalidRequestError, match="rollout_temperature"):  # greedy rollouts would be identical
         DecodingConfig(method="transfer_q", transfer="indirect", rollout_temperature=0.0).resolved(settings)
+
+
+# ---------------------------------------------------------------------------- the request's sampling fields
+def test_repetition_penalties_follow_openai_definition():
+    from alignd.decoding.rule import repetition_penalties
+
+    answer = [1, 2, 2, 3, 2]
+    assert repetition_penalties([2, 1, 4], answer, presence_penalty=0.5, frequency_penalty=0.25) == [
+        pytest.approx(0.5 + 3 * 0.25), pytest.approx(0.5 + 0.25), 0.0,
+    ]
+    assert repetition_penalties([2], answer, 0.0, 0.0) is None  # nothing to apply
+
+
+def test_penalties_shift_the_rule_but_not_the_kl_reference():
+    ids, sft_lp, q, pen = [4, 7, 9], [math.log(0.5), math.log(0.3), math.log(0.1)], [0.0, 0.2, 0.4], [1.5, 0.0, 0.0]
+    rule = reweight(ids, sft_lp, q, alpha=0.5, penalties=pen)
+    scores = torch.tensor(sft_lp, dtype=torch.float64) - torch.tensor(pen, dtype=torch.float64) + torch.tensor(q) / 0.5
+    assert rule.logprobs == pytest.approx(torch.log_softmax(scores, -1).tolist())
+    # KL is measured from the SFT model's own (unpenalised) probabilities
+    kl = sum(math.exp(lp) * (lp - s) for lp, s in zip(rule.logprobs, sft_lp))
+    assert rule.kl_from_sft == pytest.approx(kl)
+    assert rule.greedy_index() != reweight(ids, sft_lp, q, alpha=0.5).greedy_index()  # the penalty moved the choice
+
+
+def test_top_p_limits_the_value_guided_candidates(sft):
+    top_p = 0.6
+    decoder = ValueGuidedDecoder(Policy(sft, "sft"), FunctionValue(lambda g, z: 0.0),
+                                 GenerationParams(max_tokens=4, temperature=0.0, top_p=top_p), top_k=6,
+                                 record_candidates=True)
+    generated: list[int] = []
+    for chunk in run(decoder):
+        probs = sorted(next_logprobs(sft, PROMPT + generated).exp().tolist(), reverse=True)
+        expected = next(i + 1 for i in range(6) if sum(probs[: i + 1]) >= top_p)
+        assert len(chunk.step.candidates) == expected
+        generated += chunk.token_ids
+
+
+def test_frequency_penalty_repeats_fewer_tokens_and_shows_in_the_diagnostics(sft):
+    no_end = FunctionValue(lambda g, z: -100.0 if z == EOS else 0.0)  # answers run to max_tokens
+
+    def decode(frequency_penalty):
+        params = GenerationParams(max_tokens=5, temperature=0.0, frequency_penalty=frequency_penalty)
+        chunks = run(ValueGuidedDecoder(Policy(sft, "sft"), no_end, params, top_k=6, record_candidates=True))
+        return [t for c in chunks for t in c.token_ids], chunks
+
+    plain, _ = decode(0.0)
+    penalised, chunks = decode(2.0)
+    repeats = lambda tokens: len(tokens) - len(set(tokens))  # noqa: E731
+    assert repeats(penalised) < repeats(plain), (plain, penalised)
+    for i, chunk in enumerate(chunks):
+        answer = penalised[:i]
+        for c in chunk.step.candidates:
+            assert c.penalty == pytest.approx(2.0 * answer.count(c.token_id))

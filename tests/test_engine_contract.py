@@ -82,8 +82,9 @@ def test_stream_deltas_concatenate_to_the_whole_answer(engine, prompts, loop_thr
     assert deltas[-1].finish_reason in ("stop", "length")
 
 
-def test_rollouts_shape_length_eos_and_seed(engine, prompts, loop_thread):
+def test_rollouts_shape_length_eos_and_seed(engine, prompts, loop_thread, embedded_eos_token_ids):
     eos = set(engine.info.eos_token_ids)
+    assert eos == embedded_eos_token_ids  # both engines stop on what the model folder names end-of-text
     first = loop_thread.run(engine.rollouts(prompts, n=3, max_tokens=8, temperature=1.0, seed=7))
     again = loop_thread.run(engine.rollouts(prompts, n=3, max_tokens=8, temperature=1.0, seed=7))
     assert [len(g) for g in first] == [3] * len(prompts)

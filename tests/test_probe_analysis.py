@@ -122,6 +122,20 @@ def test_runs_under_the_engine_lock(tiny_hf_engine):
     assert sorted(asyncio.run(scenario())) == [0, 1, 2]
 
 
+def test_an_engine_without_hidden_states_is_refused(tiny_hf_engine):
+    """The capability comes from the Engine contract (vLLM says no), not from the engine's class."""
+
+    class NoHiddenStates:
+        supports_hidden_states = False
+        info = tiny_hf_engine.info
+        tokenizer = tiny_hf_engine.tokenizer
+
+    with pytest.raises(ValueError, match="does not give hidden states"):
+        asyncio.run(layer_representations(NoHiddenStates(), TEXTS))
+    assert tiny_hf_engine.supports_hidden_states and tiny_hf_engine.info.num_layers == 2
+    assert num_layers(tiny_hf_engine.model) == num_layers(tiny_hf_engine) == 2
+
+
 def test_a_raising_progress_callback_stops_the_work(tiny_hf_engine):
     calls = []
 

@@ -26,8 +26,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-
-from conftest import SESSION_MAX_QUEUED_ALIGNED, SESSION_MAX_RUNNING_ALIGNED, ServerProcess
+from support import ServerProcess
 
 pytestmark = pytest.mark.server
 
@@ -86,7 +85,7 @@ def tq_chat(max_tokens: int, **extra) -> dict:
 
 
 # ============================================================================ session server (vLLM)
-async def test_fifty_concurrent_aligned_requests_get_only_200_or_429(server):
+async def test_fifty_concurrent_aligned_requests_get_only_200_or_429(server, session_admission_limits):
     before = metric(server.base_url, "alignd_admission_rejected_total", family="aligned", reason="queue_full")
     async with httpx.AsyncClient(base_url=server.base_url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
         responses = await asyncio.gather(*(client.post(CHAT, json=tq_chat(4)) for _ in range(50)))
@@ -94,7 +93,7 @@ async def test_fifty_concurrent_aligned_requests_get_only_200_or_429(server):
     assert set(statuses) <= {200, 429}, statuses
     accepted, refused = statuses.count(200), statuses.count(429)
     # Everything that fits (the running slots and the queue) is served; the rest is told to come back.
-    assert accepted >= SESSION_MAX_RUNNING_ALIGNED + SESSION_MAX_QUEUED_ALIGNED
+    assert accepted >= session_admission_limits.running + session_admission_limits.queued
     assert refused >= 1
     for r in responses:
         if r.status_code == 429:
@@ -226,12 +225,9 @@ def keyed_server(tiny_llama_dir):
         "ALIGND_METRICS_REQUIRE_AUTH": "true",
         **LIMITS,
     }
-    proc = ServerProcess(env)
-    try:
+    with ServerProcess(env) as proc:
         proc.wait_ready(timeout=180)
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_missing_or_wrong_key_is_a_401_in_the_openai_shape(keyed_server):

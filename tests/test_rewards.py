@@ -11,7 +11,8 @@ import torch
 
 from alignd.errors import ConfigurationError, ContextLengthError, RewardFailedError, RewardNotFoundError
 from alignd.rewards.base import RewardItem
-from alignd.rewards.implicit import ImplicitReward, with_system_prompt
+from alignd.models.chat import with_system_prompt
+from alignd.rewards.implicit import ImplicitReward
 from alignd.rewards.programmatic import CallableReward, LengthPenaltyReward, PositivityReward
 from alignd.rewards.registry import build_rewards
 from alignd.server.rewards.protocol import bradley_terry

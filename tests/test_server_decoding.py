@@ -12,7 +12,8 @@ import statistics
 import httpx
 import openai
 import pytest
-from conftest import SESSION_MAX_RUNNING_ALIGNED
+from prometheus_client.parser import text_string_to_metric_families
+from support import SESSION_MAX_RUNNING_ALIGNED
 
 from alignd.clients import Alignd, BadRequestError, NotFoundError
 
@@ -68,26 +69,27 @@ def test_transfer_q_raises_positivity_over_sft_greedy(server, model_name):
     assert sum(t >= s for s, t in zip(sft_scores, tq_scores)) >= len(PROMPTS) // 2
 
 
-def test_diagnostics_report_steps_reward_and_kl(server, model_name):
+def test_diagnostics_report_steps_reward_and_kl(server, model_name, embedded_eos_token_ids):
     with Alignd(server.base_url) as client:
         r = client.generate(messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=6, temperature=0,
                             decoding={**TQ, "diagnostics": True})
     choice = r.choices[0]
-    a = choice.alignment
-    assert a["method"] == "transfer_q" and a["reward_name"] == "positivity"
-    steps = a["steps"]
-    assert len(steps) == a["cost"]["decisions"] == len(choice.token_ids)
-    assert a["cost"]["rollouts"] == sum(1 for s in steps for c in s["candidates"] if c["token_id"] != 2)
+    a = choice.alignment  # typed: alignd.protocol.AlignmentSummary
+    assert a.method == "transfer_q" and a.reward_name == "positivity"
+    steps = a.steps
+    assert len(steps) == a.cost.decisions == len(choice.token_ids)
+    # a candidate that ends the answer needs no rollout
+    assert a.cost.rollouts == sum(1 for s in steps for c in s.candidates if c.token_id not in embedded_eos_token_ids)
     for step in steps:
-        cands = step["candidates"]
-        assert len(cands) == 4 and step["kl"] >= -1e-9
-        assert step["chosen"][0] == max(cands, key=lambda c: c["logprob"])["token_id"]  # greedy over the rule
+        cands = step.candidates
+        assert step.kind == "value_guided" and len(cands) == 4 and step.kl >= -1e-9
+        assert step.chosen[0] == max(cands, key=lambda c: c.logprob).token_id  # greedy over the rule
         for c in cands:  # the rule: log pi = log pi_sft + Q/alpha - logsumexp
-            assert c["logprob"] <= 0
-    assert a["kl"] == pytest.approx(sum(s["kl"] for s in steps))
+            assert c.logprob <= 0 and c.penalty == 0
+    assert a.kl == pytest.approx(sum(s.kl for s in steps))
     scored = httpx.post(server.base_url + "/v1/rewards", json={"reward": "positivity", "items": [
         {"messages": [{"role": "user", "content": PROMPTS[0]}], "response": choice.text}]}).json()["scores"][0]
-    assert a["reward"] == pytest.approx(scored)
+    assert a.reward == pytest.approx(scored)
 
 
 @pytest.mark.parametrize("decoding", [
@@ -156,14 +158,25 @@ def test_logprobs_with_aligned_decoding_is_a_clear_400(server, model_name):
     assert r.status_code == 400 and "diagnostics" in r.json()["error"]["message"]
 
 
-def test_decoding_metrics_are_exported(server):
-    text = httpx.get(server.base_url + "/metrics").text
-    def value(line_start: str) -> float:
-        lines = [ln for ln in text.splitlines() if ln.startswith(line_start) and 'method="transfer_q"' in ln]
-        assert lines, line_start
-        return float(lines[0].rsplit(" ", 1)[1])
+TQ_METRICS = ("alignd_decoding_steps_total", "alignd_rollout_tokens_total", "alignd_value_step_seconds_count",
+              "alignd_response_reward_count", "alignd_response_kl_count")
 
-    assert value("alignd_decoding_steps_total") > 0
-    assert value("alignd_rollout_tokens_total") > 0
-    for name in ("alignd_value_step_seconds_count", "alignd_response_reward_count", "alignd_response_kl_count"):
-        assert value(name) > 0, name
+
+def transfer_q_metrics(base_url: str) -> dict[str, float]:
+    """The transfer_q sample of each of TQ_METRICS on /metrics now (0 where the series does not exist yet)."""
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    found = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+             if s.name in TQ_METRICS and s.labels.get("method") == "transfer_q"}
+    return {name: found.get(name, 0.0) for name in TQ_METRICS}
+
+
+def test_decoding_metrics_are_exported(server, model_name):
+    """A transfer_q request of its own moves every transfer_q series (whatever ran before it)."""
+    before = transfer_q_metrics(server.base_url)
+    r = httpx.post(server.base_url + "/v1/chat/completions", timeout=300, json={
+        "model": model_name, "messages": [{"role": "user", "content": "Tell me about your weekend."}],
+        "max_tokens": 4, "temperature": 0, "decoding": TQ})
+    assert r.status_code == 200, r.text
+    after = transfer_q_metrics(server.base_url)
+    for name in TQ_METRICS:
+        assert after[name] > before[name], (name, before[name], after[name])

@@ -8,7 +8,6 @@ marked ``server``, submits a job to the real server on the embedded model.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -38,9 +37,8 @@ def topic_texts(n_per_topic: int = 10) -> tuple[list[str], list[str]]:
     return texts, labels
 
 
-def settings_with(**overrides):
-    base = dict(max_model_len=2048, model_name="tiny-llama")
-    return SimpleNamespace(**{**base, **overrides})
+def settings_with(**overrides) -> Settings:
+    return Settings(**{"max_model_len": 2048, "served_model_name": "tiny-llama", **overrides})
 
 
 def make_app(engine, settings, model_path="") -> FastAPI:
@@ -201,8 +199,14 @@ def test_queue_bound_cancel_and_plot_of_an_unfinished_job(tiny_hf_engine, tiny_l
             tiny_hf_engine._lock.release()
         job = wait_done(client.get, queued)  # the queued job runs once the slot and the lock are free
         assert job["status"] == "done", job
-        metrics = app.state.probe_serving._metrics["finished"]
-        assert metrics.labels("cancelled")._value.get() == 1 and metrics.labels("done")._value.get() == 1
+        metrics = app.state.probe_serving.metrics
+        finished = metrics.probe_jobs_finished
+        assert finished.labels("cancelled")._value.get() == 1 and finished.labels("done")._value.get() == 1
+        assert metrics.probe_job_seconds._sum.get() > 0  # the done job's run time (the cancelled one ran too)
+        scraped = metrics.render(include_default=False)[0].decode()
+        assert 'alignd_probe_jobs{state="done"} 1.0' in scraped and 'alignd_probe_jobs{state="queued"} 0.0' in scraped
+        assert 'alignd_probe_jobs_finished_total{state="cancelled"} 1.0' in scraped
+        assert "alignd_probe_job_seconds_count 2.0" in scraped
 
 
 def test_a_failed_job_keeps_its_error(tiny_hf_engine, tiny_llama_dir, monkeypatch):
@@ -220,8 +224,22 @@ def test_a_failed_job_keeps_its_error(tiny_hf_engine, tiny_llama_dir, monkeypatc
         assert job["result"] is None and job["plot_url"] is None
 
 
+def test_for_engine_reuses_the_served_engine_only_when_it_gives_hidden_states(tiny_hf_engine):
+    from alignd.server.probes.serving import SERVED
+
+    reused = ProbeServing.for_engine(tiny_hf_engine, settings_with())
+    assert reused._engines == {SERVED: tiny_hf_engine}
+
+    class NoHiddenStates:  # as the vLLM engine: probes load a reference engine of its folder instead
+        supports_hidden_states = False
+        info = tiny_hf_engine.info
+
+    assert ProbeServing.for_engine(NoHiddenStates(), settings_with())._engines == {}
+
+
 def test_lazy_engine_from_the_model_path_with_real_settings(tiny_llama_dir):
-    """Without an engine, the service loads one from the served model's folder on the first job."""
+    """Without an engine, the service loads one from the served model's folder on the first job
+    (models.factory.build_reference_engine)."""
     app = make_app(None, Settings(), str(tiny_llama_dir))
     texts, topics = topic_texts()
     with TestClient(app) as client:

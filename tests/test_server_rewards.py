@@ -6,7 +6,7 @@ import httpx
 import pytest
 import torch
 
-from alignd.rewards.implicit import with_system_prompt
+from alignd.models.chat import with_system_prompt
 from alignd.server.rewards.protocol import bradley_terry
 from alignd.settings import DEFAULT_BASELINE_SYSTEM_PROMPT
 

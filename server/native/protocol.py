@@ -1,13 +1,21 @@
-"""Models of the native ``POST /generate`` endpoint (pydantic only).
+"""The request model of the native ``POST /generate`` endpoint (pydantic only).
 
-The typed client in ``alignd.clients`` uses these same models, so server and client cannot drift.
+Its responses are wire models of :mod:`alignd.protocol.native`, which the typed client in
+``alignd.clients`` uses too, so server and client cannot drift.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
-from alignd.server.openai_api.protocol import ChatMessage, UsageInfo
+from alignd.protocol.common import ChatMessage
+from alignd.protocol.native import (  # noqa: F401 - the endpoint's responses, re-exported
+    GeneratedTokenOut,
+    GenerateChoice,
+    GenerateResponse,
+    GenerateStreamEvent,
+    TokenLogprobOut,
+)
 from alignd.server.sampling import SamplingFields
 
 
@@ -15,7 +23,9 @@ class GenerateRequest(SamplingFields):
     prompt: str | None = Field(None, description="Raw prompt text (no chat template).")
     messages: list[ChatMessage] | None = Field(None, description="A chat, rendered with the model's template.")
     model: str | None = Field(None, description="Optional; must name the served model if given.")
-    logprobs: int | None = Field(None, ge=0, le=20, description="Report log-probabilities with this many alternatives.")
+    logprobs: int | None = Field(
+        None, ge=0, description="Report log-probabilities with this many alternatives (at most ALIGND_MAX_TOP_LOGPROBS)."
+    )
     stream: bool = False
 
     @model_validator(mode="after")
@@ -30,42 +40,3 @@ class GenerateRequest(SamplingFields):
             if not any(m.text().strip() for m in self.messages):
                 raise ValueError("every message is empty: give at least one message with text")
         return self
-
-
-class TokenLogprobOut(BaseModel):
-    token_id: int
-    token: str
-    logprob: float
-
-
-class GeneratedTokenOut(TokenLogprobOut):
-    top: list[TokenLogprobOut] = []
-
-
-class GenerateChoice(BaseModel):
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[GeneratedTokenOut] | None = None
-    alignment: dict | None = None
-
-
-class GenerateResponse(BaseModel):
-    id: str
-    model: str
-    choices: list[GenerateChoice]
-    usage: UsageInfo
-
-
-class GenerateStreamEvent(BaseModel):
-    """One server-sent event of a streaming /generate: new text of one choice, or the final usage."""
-
-    id: str
-    index: int | None = None
-    text: str = ""
-    token_ids: list[int] = []
-    finish_reason: str | None = None
-    logprobs: list[GeneratedTokenOut] | None = None
-    alignment: dict | None = None
-    usage: UsageInfo | None = None

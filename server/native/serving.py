@@ -12,7 +12,7 @@ from alignd.server.native.protocol import (
     GenerateStreamEvent,
     TokenLogprobOut,
 )
-from alignd.server.openai_api.protocol import UsageInfo
+from alignd.protocol.common import UsageInfo
 from alignd.server.request_scope import AdmittedStream, RequestContext
 
 GENERATE_ENDPOINT = "/generate"
@@ -59,11 +59,7 @@ class NativeServing(GenerationService):
                 )
                 for c in result.choices
             ],
-            usage=UsageInfo(
-                prompt_tokens=len(prompt_ids),
-                completion_tokens=completion_tokens,
-                total_tokens=len(prompt_ids) + completion_tokens,
-            ),
+            usage=UsageInfo.of(len(prompt_ids), completion_tokens),
         )
 
     async def generate_stream(self, request: GenerateRequest, ctx: RequestContext) -> AdmittedStream:
@@ -86,11 +82,7 @@ class NativeServing(GenerationService):
                 )
             yield GenerateStreamEvent(
                 id=request_id,
-                usage=UsageInfo(
-                    prompt_tokens=len(prompt_ids),
-                    completion_tokens=completion_tokens,
-                    total_tokens=len(prompt_ids) + completion_tokens,
-                ),
+                usage=UsageInfo.of(len(prompt_ids), completion_tokens),
             )
 
         return await self.open_stream(GENERATE_ENDPOINT, [plan], ctx, events())

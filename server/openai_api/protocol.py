@@ -9,37 +9,12 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from alignd.protocol.common import ChatMessage, StrictModel, TextContentPart, UsageInfo  # noqa: F401 - re-exported
+from alignd.protocol.diagnostics import AlignmentSummary
 from alignd.server.sampling import SamplingFields
 
-
-MAX_PROMPTS_PER_REQUEST = 64
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextContentPart(StrictModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart]
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-    def as_template_message(self) -> dict:
-        # 'developer' is OpenAI's newer name for the system role; chat templates know 'system'.
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
 
 
 class StreamOptions(StrictModel):
@@ -53,7 +28,7 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, description="Bounded by ALIGND_MAX_TOP_LOGPROBS (checked at run time).")
     user: str | None = None
 
     @field_validator("messages")
@@ -87,7 +62,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, description="Bounded by ALIGND_MAX_TOP_LOGPROBS (checked at run time).")
     echo: bool = False
     user: str | None = None
 
@@ -97,8 +72,8 @@ class CompletionRequest(SamplingFields):
         items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
         if not items or any(len(p) == 0 for p in items):
             raise ValueError("prompt is empty: give a non-empty string, list of strings, or token ids")
-        if len(items) > MAX_PROMPTS_PER_REQUEST:
-            raise ValueError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request")
+        # The count is bounded by ALIGND_MAX_PROMPTS_PER_REQUEST, checked at run time by the serving
+        # class (a schema bound here would freeze the setting's default).
         return prompt
 
     @model_validator(mode="after")
@@ -118,12 +93,6 @@ class CompletionRequest(SamplingFields):
 
 
 # ---------------------------------------------------------------------------- responses
-class UsageInfo(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class TopLogprob(BaseModel):
     token: str
     logprob: float
@@ -148,7 +117,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None
-    alignment: dict | None = Field(None, description="Aligned decoding diagnostics (decoding.diagnostics=true).")
+    alignment: AlignmentSummary | None = Field(None, description="Aligned decoding diagnostics (decoding.diagnostics=true).")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -170,7 +139,7 @@ class ChatStreamChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
-    alignment: dict | None = None
+    alignment: AlignmentSummary | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -194,7 +163,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
-    alignment: dict | None = None
+    alignment: AlignmentSummary | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -30,15 +30,9 @@ CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-    )
-
-
 class OpenAIServing(GenerationService):
     def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.info.max_model_len)])
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.generation.info.max_model_len)])
 
     # ------------------------------------------------------------------ logprobs shapes
     def _chat_logprobs(self, items: list[GeneratedTokenLogprobs] | None) -> ChatChoiceLogprobs | None:
@@ -98,7 +92,7 @@ class OpenAIServing(GenerationService):
         ]
         completion_tokens = sum(len(c.token_ids) for c in result.choices)
         return ChatCompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=_usage(len(plan.prompt_ids), completion_tokens)
+            id=request_id, model=self.model_name, choices=choices, usage=UsageInfo.of(len(plan.prompt_ids), completion_tokens)
         )
 
     async def chat_stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AdmittedStream:
@@ -133,7 +127,7 @@ class OpenAIServing(GenerationService):
                 )
             if include_usage:
                 yield ChatCompletionChunk(
-                    id=request_id, model=self.model_name, choices=[], usage=_usage(len(prompt_ids), completion_tokens)
+                    id=request_id, model=self.model_name, choices=[], usage=UsageInfo.of(len(prompt_ids), completion_tokens)
                 )
 
         return await self.open_stream(CHAT_ENDPOINT, [plan], ctx, events())
@@ -163,7 +157,7 @@ class OpenAIServing(GenerationService):
         prompt_tokens = completion_tokens = 0
         for i, ((prompt, plan), result) in enumerate(zip(prepared, results)):
             prompt_tokens += len(plan.prompt_ids)
-            echo = (prompt if isinstance(prompt, str) else self.engine.decode(plan.prompt_ids)) if request.echo else ""
+            echo = (prompt if isinstance(prompt, str) else self.generation.decode(plan.prompt_ids)) if request.echo else ""
             for c in result.choices:
                 completion_tokens += len(c.token_ids)
                 choices.append(
@@ -176,7 +170,7 @@ class OpenAIServing(GenerationService):
                     )
                 )
         return CompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=_usage(prompt_tokens, completion_tokens)
+            id=request_id, model=self.model_name, choices=choices, usage=UsageInfo.of(prompt_tokens, completion_tokens)
         )
 
     async def complete_stream(self, request: CompletionRequest, ctx: RequestContext) -> AdmittedStream:
@@ -192,7 +186,7 @@ class OpenAIServing(GenerationService):
                 prompt_tokens += len(ids)
                 offsets: dict[int, int] = {}
                 if request.echo:
-                    echo = prompt if isinstance(prompt, str) else self.engine.decode(ids)
+                    echo = prompt if isinstance(prompt, str) else self.generation.decode(ids)
                     for j in range(params.n):
                         yield CompletionResponse(
                             id=request_id,
@@ -218,7 +212,7 @@ class OpenAIServing(GenerationService):
                     )
             if include_usage:
                 yield CompletionResponse(
-                    id=request_id, model=self.model_name, choices=[], usage=_usage(prompt_tokens, completion_tokens)
+                    id=request_id, model=self.model_name, choices=[], usage=UsageInfo.of(prompt_tokens, completion_tokens)
                 )
 
         return await self.open_stream(COMPLETIONS_ENDPOINT, [plan for _, plan in prepared], ctx, events())

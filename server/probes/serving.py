@@ -1,16 +1,16 @@
 """Serving logic of the probe-analysis jobs.
 
 The served engine is usually vLLM, which does not expose hidden states, so probes run on a
-Hugging Face engine of the same model folder, loaded on the first job and kept (or the served engine
-itself when the server runs ``ALIGND_ENGINE=hf``: then probes share its lock and never run at the same
-time as its generation). Other models to compare with are named in ``ALIGND_PROBE_MODELS``
-(``{"name": "/path/to/folder"}``); clients pick them by name, never by path.
+``transformers`` reference engine of the same model folder (:func:`alignd.models.factory.build_reference_engine`
+on ``probe_device``), loaded on the first job and kept. When the served engine itself gives hidden
+states (:attr:`Engine.supports_hidden_states`, as under ``ALIGND_ENGINE=hf``) probes use it, through
+its ``run_on_model``, and never run at the same time as its generation. Other models to compare with
+are named in ``ALIGND_PROBE_MODELS`` (``{"name": "/path/to/folder"}``); clients pick them by name,
+never by path.
 
-Settings read here (with these defaults until they exist on ``Settings``): ``probe_max_texts``
-(2000), ``probe_max_text_chars`` (20000), ``probe_max_job_tokens`` (1,000,000 over all conditions),
-``probe_max_queued_jobs`` (8), ``probe_max_running_jobs`` (1), ``probe_max_finished_jobs`` (32),
-``probe_job_timeout_s`` (3600), ``probe_batch_size`` (16), ``probe_max_batch_tokens`` (8192),
-``probe_device`` ("cpu"), ``probe_models`` ({}).
+Every limit and default is a ``probe_*`` field of :class:`alignd.settings.Settings`, read from there
+directly. The metrics (``alignd_probe_*``) are defined in :class:`alignd.server.metrics.ServerMetrics`;
+this service binds the job gauge and reports finished jobs.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alignd.errors import InvalidRequestError, NotFoundError
+from alignd.errors import ConfigurationError, InvalidRequestError, NotFoundError
+from alignd.models.factory import build_reference_engine
+from alignd.models.hf_engine import num_hidden_layers, text_config
 from alignd.probes.analysis import AnalysisParams, analyse_conditions, plot_layers
 from alignd.probes.fewshot import build_prompts, dataset_labels
 from alignd.probes.hidden_states import layer_representations, resolve_layers
@@ -37,25 +39,15 @@ from alignd.server.probes.protocol import (
     ProbeResult,
 )
 
+if TYPE_CHECKING:
+    from alignd.models.engine import Engine
+    from alignd.server.metrics import ServerMetrics
+    from alignd.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 SERVED = ""  # the key of the served model among the probe models
 PLOT = "plot.png"
-
-# Defaults of the settings this service reads (until alignd/settings.py has them).
-DEFAULTS: dict[str, Any] = {
-    "probe_max_texts": 2000,
-    "probe_max_text_chars": 20000,
-    "probe_max_job_tokens": 1_000_000,
-    "probe_max_queued_jobs": 8,
-    "probe_max_running_jobs": 1,
-    "probe_max_finished_jobs": 32,
-    "probe_job_timeout_s": 3600.0,
-    "probe_batch_size": 16,
-    "probe_max_batch_tokens": 8192,
-    "probe_device": "cpu",
-    "probe_models": {},
-}
 # Share of a job's progress bar per phase.
 _HIDDEN, _ANALYSIS = 0.85, 0.13
 
@@ -87,75 +79,52 @@ class _ModelMeta:
 
 
 class ProbeServing:
-    def __init__(self, model_path: str, settings, metrics=None, *, engine=None) -> None:
-        """``engine``: an already open HFEngine of ``model_path`` to reuse (tests, ``ALIGND_ENGINE=hf``)."""
+    def __init__(
+        self, model_path: str, settings: Settings, metrics: ServerMetrics | None = None, *, engine: Engine | None = None
+    ) -> None:
+        """``engine``: an already open engine of ``model_path`` that gives hidden states, to reuse
+        (tests, ``ALIGND_ENGINE=hf``); without one, a reference engine is loaded on the first job.
+        ``metrics``: the server's metrics, whose probe-job gauge this service binds."""
         self.model_path = model_path
         self.settings = settings
+        self.metrics = metrics
         self._engines: dict[str, Any] = {SERVED: engine} if engine is not None else {}
         self._meta: dict[str, _ModelMeta] = {}
         self._load_lock = asyncio.Lock()
         self._tokenize_lock = threading.Lock()  # one tokenizer call at a time (fast tokenizers are not re-entrant)
         self.jobs = JobManager(
-            max_queued=int(self._setting("probe_max_queued_jobs")),
-            max_running=int(self._setting("probe_max_running_jobs")),
-            max_finished=int(self._setting("probe_max_finished_jobs")),
-            timeout_s=float(self._setting("probe_job_timeout_s") or 0) or None,
+            max_queued=settings.probe_max_queued_jobs,
+            max_running=settings.probe_max_running_jobs,
+            max_finished=settings.probe_max_finished_jobs,
+            timeout_s=float(settings.probe_job_timeout_s) or None,  # 0 = no limit
             id_prefix="probe",
             on_finish=self._observe,
         )
-        self._metrics = self._register_metrics(metrics)
+        if metrics is not None:
+            metrics.bind_probe_jobs(self.jobs.count)
 
     @classmethod
-    def for_engine(cls, engine, settings, metrics=None) -> ProbeServing:
-        """Probes of the served engine's model; reuses the engine itself when it is an HFEngine."""
-        from alignd.models.hf_engine import HFEngine
-
-        return cls(engine.info.model_path, settings, metrics, engine=engine if isinstance(engine, HFEngine) else None)
+    def for_engine(cls, engine: Engine, settings: Settings, metrics: ServerMetrics | None = None) -> ProbeServing:
+        """Probes of the served engine's model; reuses the engine itself when it gives hidden states."""
+        return cls(
+            engine.info.model_path, settings, metrics, engine=engine if engine.supports_hidden_states else None
+        )
 
     async def close(self) -> None:
         await self.jobs.close()
 
-    # ------------------------------------------------------------------ settings, metrics
-    def _setting(self, name: str):
-        value = getattr(self.settings, name, None)
-        return DEFAULTS[name] if value is None else value
-
-    def _register_metrics(self, metrics) -> dict | None:
-        registry = getattr(metrics, "registry", None)
-        if registry is None:
-            return None
-        from prometheus_client import Counter, Gauge, Histogram
-
-        from alignd.server.metrics import LATENCY_BUCKETS
-
-        jobs_gauge = Gauge(
-            "alignd_probe_jobs", "Probe jobs held by the server now, by state (finished ones until evicted).",
-            ["state"], registry=registry,
-        )
-        for state in ("queued", "running", "done", "failed", "cancelled"):
-            jobs_gauge.labels(state).set_function(lambda state=state: self.jobs.count(state))
-        return {
-            "finished": Counter(
-                "alignd_probe_jobs_finished", "Probe jobs finished, by final state.", ["state"], registry=registry
-            ),
-            "seconds": Histogram(
-                "alignd_probe_job_seconds", "Run time of finished probe jobs.", buckets=LATENCY_BUCKETS + (640, 1280, 2560),
-                registry=registry,
-            ),
-        }
-
+    # ------------------------------------------------------------------ metrics
     def _observe(self, job: Job) -> None:
-        if self._metrics is None:
+        if self.metrics is None:
             return
-        self._metrics["finished"].labels(job.status).inc()
-        if job.started_at is not None and job.finished_at is not None:
-            self._metrics["seconds"].observe(job.finished_at - job.started_at)
+        ran = job.started_at is not None and job.finished_at is not None
+        self.metrics.observe_probe_job(job.status, job.finished_at - job.started_at if ran else None)
 
     # ------------------------------------------------------------------ models
     def _path(self, key: str) -> str:
         if key == SERVED:
             return self.model_path
-        models = dict(self._setting("probe_models"))
+        models = dict(self.settings.probe_models)
         if key not in models:
             known = ", ".join(sorted(models)) or "none are configured (ALIGND_PROBE_MODELS)"
             raise InvalidRequestError(f"unknown probe model '{key}'; known: {known}", param="compare.model")
@@ -172,11 +141,16 @@ class ProbeServing:
 
                 # a tokenizer of its own: the engine's may be busy in a running job's thread
                 tokenizer = AutoTokenizer.from_pretrained(path) if path else engine.tokenizer
-                config = engine.model.config if engine is not None else AutoConfig.from_pretrained(path)
-                config = getattr(config, "text_config", None) or config
-                limit = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+                if engine is not None:  # what the open engine reports
+                    layers, limit = engine.info.num_layers, engine.info.max_model_len
+                else:  # the folder's config, without loading the weights
+                    config = AutoConfig.from_pretrained(path)
+                    layers = num_hidden_layers(config)
+                    limit = int(getattr(text_config(config), "max_position_embeddings", 0) or 0) or None
+                if layers is None:
+                    raise ConfigurationError(f"probe model '{key or 'served'}' does not say how many layers it has")
                 max_len = min(x for x in (limit, int(self.settings.max_model_len)) if x)
-                return _ModelMeta(tokenizer, int(config.num_hidden_layers), max_len)
+                return _ModelMeta(tokenizer, layers, max_len)
 
             self._meta[key] = await asyncio.to_thread(load)
         return self._meta[key]
@@ -184,16 +158,10 @@ class ProbeServing:
     async def _engine(self, key: str):
         async with self._load_lock:
             if key not in self._engines:
-                from alignd.models.hf_engine import HFEngine
-
                 path = self._path(key)
-                logger.info("loading %s for probe analysis on %s", path, self._setting("probe_device"))
-                self._engines[key] = await asyncio.to_thread(
-                    HFEngine.from_pretrained,
-                    path,
-                    device=str(self._setting("probe_device")),
-                    max_model_len=int(self.settings.max_model_len),
-                )
+                device = self.settings.probe_device
+                logger.info("loading %s for probe analysis on %s", path, device)
+                self._engines[key] = await asyncio.to_thread(build_reference_engine, path, self.settings, device=device)
             return self._engines[key]
 
     # ------------------------------------------------------------------ request -> job spec
@@ -229,8 +197,8 @@ class ProbeServing:
         return conditions, labels
 
     def _check_sizes(self, conditions: list[_Condition]) -> None:
-        max_texts = int(self._setting("probe_max_texts"))
-        max_chars = int(self._setting("probe_max_text_chars"))
+        max_texts = self.settings.probe_max_texts
+        max_chars = self.settings.probe_max_text_chars
         n = len(conditions[0].texts)
         if n > max_texts:
             raise InvalidRequestError(
@@ -267,7 +235,7 @@ class ProbeServing:
                 )
             c.tokens = sum(counts)
         total = sum(c.tokens for c in conditions)
-        limit = int(self._setting("probe_max_job_tokens"))
+        limit = self.settings.probe_max_job_tokens
         if total > limit:
             raise InvalidRequestError(
                 f"this job has {total} tokens over all conditions, above this server's limit of {limit} "
@@ -345,10 +313,10 @@ class ProbeServing:
                 cond.texts,
                 spec.layers,
                 spec.pooling,
-                int(self._setting("probe_batch_size")),
+                self.settings.probe_batch_size,
                 lambda f, ci=ci: job.report(_HIDDEN * (ci + f) / n_cond),
                 site=spec.site,
-                max_batch_tokens=int(self._setting("probe_max_batch_tokens")),
+                max_batch_tokens=self.settings.probe_max_batch_tokens,
             )
             timing["hidden_states_s"] = timing.get("hidden_states_s", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
@@ -370,8 +338,7 @@ class ProbeServing:
 
     # ------------------------------------------------------------------ views
     def _served_name(self) -> str:
-        name = getattr(self.settings, "model_name", None)
-        return name or self.model_path.rstrip("/").split("/")[-1] or "served"
+        return self.settings.model_name or self.model_path.rstrip("/").split("/")[-1] or "served"
 
     def _describe(self, job: Job, *, with_result: bool) -> ProbeJob:
         error = ProbeJobError(message=job.error, code=job.error_code) if job.error else None

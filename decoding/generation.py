@@ -1,0 +1,405 @@
+"""The one door from the server to generation.
+
+A request becomes a :class:`GenerationPlan` (the prompt, the engine parameters, and the resolved
+decoding method or none), checked by :meth:`Generation.plan` before any work; :meth:`Generation.stream`
+then yields :class:`DecodedDelta` s for every method, plain sampling included. Nothing outside this
+module chooses between the engine's own sampler and a decoding method.
+
+What the methods share lives here: the SFT and baseline policies, the reward registry, text assembly
+(incremental detokenisation, stop strings), ``n`` concurrent choices, and the per-response
+diagnostics (steps, target reward, KL from the SFT model, cost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from alignd.decoding.config import DecodingConfig
+from alignd.decoding.methods import (
+    BestOfNDecoder,
+    BlockwiseCDDecoder,
+    Decoder,
+    SFTDecoder,
+    StepRecord,
+    ValueGuidedDecoder,
+)
+from alignd.decoding.prompt import Policy, Prompt
+from alignd.decoding.text import TextAssembler
+from alignd.decoding.values import PartialRewardValue, RolloutValueEstimator
+from alignd.errors import InvalidRequestError
+from alignd.models.engine import (
+    Choice,
+    Engine,
+    EngineInfo,
+    GenerationParams,
+    GenerationResult,
+    StreamDelta,
+    collect_stream,
+)
+from alignd.protocol.diagnostics import AlignmentSummary, DecodingCost
+from alignd.rewards.registry import RewardRegistry
+from alignd.settings import Settings
+
+# Decoding families, for admission control: a plain request is one engine request; an aligned one
+# costs many engine calls per answer (top-k, rollouts, rewards).
+PLAIN = "plain"
+ALIGNED = "aligned"
+
+# Observers (metrics): called with (method, step, seconds the step took) for every decision, and with
+# (method, target reward or None, KL from SFT) for every finished choice, diagnostics or not.
+StepObserver = Callable[[str, StepRecord, float], None]
+ResponseObserver = Callable[[str, "float | None", float], None]
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """A validated generation: the prompt, engine parameters, and the resolved decoding method (None =
+    the engine's own sampler, without diagnostics)."""
+
+    prompt: Prompt
+    params: GenerationParams
+    decoding: DecodingConfig | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return list(self.prompt.token_ids)
+
+    @property
+    def family(self) -> str:
+        return ALIGNED if self.decoding is not None and self.decoding.method != "sft" else PLAIN
+
+
+@dataclass
+class DecodedDelta(StreamDelta):
+    """An engine delta, plus the choice's diagnostics on its last delta when they were asked for."""
+
+    alignment: AlignmentSummary | None = None
+
+
+@dataclass
+class DecodedChoice(Choice):
+    alignment: AlignmentSummary | None = None
+
+
+@dataclass
+class Completion(GenerationResult):
+    choices: list[DecodedChoice]
+
+
+class Generation:
+    """Every generation goes through here: plans, then streams or whole answers."""
+
+    def __init__(
+        self, engine: Engine, rewards: RewardRegistry, settings: Settings, baseline_engine: Engine | None = None
+    ) -> None:
+        self.engine = engine
+        self.rewards = rewards
+        self.settings = settings
+        self.sft = Policy(engine, "sft")
+        if baseline_engine is not None:
+            self.baseline = Policy(baseline_engine, "baseline")
+        else:
+            # The prompted baseline shares the SFT engine (same weights, prefix cache, batches).
+            self.baseline = Policy(engine, "prompted_baseline", system_prompt=settings.baseline_system_prompt)
+        self._baseline_engine = baseline_engine
+        self.step_observers: list[StepObserver] = []
+        self.response_observers: list[ResponseObserver] = []
+
+    async def close(self) -> None:
+        if self._baseline_engine is not None:
+            await self._baseline_engine.shutdown()
+
+    # ------------------------------------------------------------------ the model's text
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.engine.decode(token_ids)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (special tokens included), as logprobs report it."""
+        return self.engine.tokenizer.decode([token_id])
+
+    def render_chat(self, messages: Sequence[dict]) -> Prompt:
+        chat = tuple(dict(m) for m in messages)
+        return Prompt(tuple(self.engine.render_chat(list(chat))), messages=chat)
+
+    def render_text(self, prompt: str | list[int]) -> Prompt:
+        """A raw prompt: text (no chat template) or token ids of this model's vocabulary."""
+        if isinstance(prompt, str):
+            return Prompt(tuple(self.engine.encode(prompt)), text=prompt)
+        vocab = self.engine.info.vocab_size
+        bad = [t for t in prompt if t < 0 or t >= vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token id {bad[0]} is outside this model's vocabulary [0, {vocab})", param="prompt"
+            )
+        return Prompt(tuple(prompt), text=self.engine.decode(prompt))
+
+    # ------------------------------------------------------------------ plans
+    def plan(self, prompt: Prompt, params: GenerationParams, decoding: DecodingConfig | None) -> GenerationPlan:
+        """Check everything before any work (and before a stream's headers): the engine's own checks,
+        the decoding method's parameters, and which of the request's fields the method can honour."""
+        self.engine.check_params(params)
+        if decoding is None or (decoding.method == "sft" and not decoding.diagnostics):
+            return GenerationPlan(prompt, params)
+        if params.logprobs is not None:
+            raise InvalidRequestError(
+                f"logprobs are not available with decoding.method={decoding.method}; the diagnostics "
+                "(decoding.diagnostics=true) report each step's candidates and log-probabilities",
+                param="logprobs",
+            )
+        resolved = decoding.resolved(self.settings)
+        if resolved.method != "sft":
+            self.rewards.get(resolved.reward)  # unknown names fail before any work
+            if resolved.indirect:
+                self.rewards.get(resolved.baseline_reward)
+        self._check_penalties(resolved, params)
+        return GenerationPlan(prompt, params, resolved)
+
+    @staticmethod
+    def _check_penalties(config: DecodingConfig, params: GenerationParams) -> None:
+        if not (params.presence_penalty or params.frequency_penalty):
+            return
+        # Tokens sampled as a fresh engine request (a block, or a value-guided block's tail) would be
+        # penalised by vLLM for that request's own tokens only, not for the answer's: refuse rather
+        # than apply a penalty that is not the one asked for.
+        if config.method == "cd" and config.cd_mode == "block":
+            raise InvalidRequestError(
+                "presence_penalty and frequency_penalty are not available with cd_mode=block: each block is "
+                "sampled as its own engine request, whose penalties would count the block's tokens only, not "
+                "the answer's; use cd_mode=token (penalties apply to every candidate) or drop the penalties",
+                param="presence_penalty" if params.presence_penalty else "frequency_penalty",
+            )
+        if config.block_size > 1 and config.method in ("transfer_q", "cd", "args"):
+            raise InvalidRequestError(
+                "presence_penalty and frequency_penalty need decoding.block_size=1: the SFT model writes a "
+                "block's other tokens as its own engine request, whose penalties would count that request's "
+                "tokens only, not the answer's",
+                param="decoding.block_size",
+            )
+
+    # ------------------------------------------------------------------ streams
+    def stream(self, plan: GenerationPlan, request_id: str) -> AsyncIterator[DecodedDelta]:
+        """Deltas of all ``params.n`` choices. Closing the iterator early (client gone, deadline)
+        cancels every engine request of the plan."""
+        if plan.decoding is None:
+            return self._plain(plan, request_id)
+        return self._decoded(plan, request_id)
+
+    async def collect(self, deltas: AsyncIterator[DecodedDelta], plan: GenerationPlan) -> Completion:
+        """Whole choices from a stream of the plan's deltas (pass :meth:`stream`'s, or a metered copy)."""
+        alignments: dict[int, AlignmentSummary] = {}
+
+        async def engine_view() -> AsyncIterator[StreamDelta]:
+            async for delta in deltas:
+                if delta.alignment is not None:
+                    alignments[delta.index] = delta.alignment
+                yield delta
+
+        result = await collect_stream(engine_view(), plan.params, len(plan.prompt.token_ids))
+        choices = [
+            DecodedChoice(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)}, alignment=alignments.get(c.index))
+            for c in result.choices
+        ]
+        return Completion(result.prompt_token_count, choices)
+
+    async def generate(self, plan: GenerationPlan, request_id: str) -> Completion:
+        return await self.collect(self.stream(plan, request_id), plan)
+
+    async def _plain(self, plan: GenerationPlan, request_id: str) -> AsyncIterator[DecodedDelta]:
+        """The engine's own sampler: its deltas as they come, with text and stop strings assembled
+        here when the engine leaves them to the caller."""
+        deltas = self.engine.stream(plan.prompt_ids, plan.params, request_id)
+        try:
+            if self.engine.applies_stop_strings:
+                async for delta in deltas:
+                    yield DecodedDelta(**{f.name: getattr(delta, f.name) for f in dataclasses.fields(delta)})
+                return
+            texts = [_ChoiceText(self.engine.decode, plan.params.stop) for _ in range(plan.params.n)]
+            async for delta in deltas:
+                out = texts[delta.index].add(delta)
+                if out is not None:
+                    yield out
+                if all(t.finished for t in texts):
+                    return  # every choice hit a stop string: closing the stream stops the engine's work
+        finally:
+            await deltas.aclose()
+
+    async def _decoded(self, plan: GenerationPlan, request_id: str) -> AsyncIterator[DecodedDelta]:
+        """Deltas of the plan's decoding method for all ``n`` choices, decoded concurrently (their
+        engine calls batch together)."""
+        n = plan.params.n
+        if n == 1:
+            async for delta in self._one_choice(0, plan):
+                yield delta
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int) -> None:
+            try:
+                async for delta in self._one_choice(i, plan):
+                    await queue.put(delta)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                await queue.put(exc)
+            finally:
+                await queue.put(done)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        remaining = n
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ one choice of a method
+    def build(self, config: DecodingConfig, params: GenerationParams) -> Decoder:
+        """The decoder of one choice. ``config`` must be resolved; ``params`` are the choice's own."""
+        record = config.diagnostics
+        if config.method == "sft":
+            return SFTDecoder(self.sft, params)
+        reward = self.rewards.get(config.reward)
+        if config.method == "best_of_n":
+            return BestOfNDecoder(self.sft, reward, params, num_samples=config.num_samples,
+                                  sample_temperature=config.sample_temperature, record_candidates=record)
+        if config.method == "cd" and config.cd_mode == "block":
+            return BlockwiseCDDecoder(self.sft, reward, params, num_blocks=config.num_blocks, block_len=config.block_len,
+                                      alpha=config.alpha, block_temperature=config.sample_temperature,
+                                      record_candidates=record)
+        if config.method == "args":
+            estimator = PartialRewardValue(reward, self.engine.decode)
+        else:
+            estimator = RolloutValueEstimator(
+                self.baseline if config.method == "transfer_q" else self.sft,
+                reward,
+                num_rollouts=config.num_rollouts,
+                rollout_len=config.rollout_len,
+                temperature=config.rollout_temperature,
+                baseline_reward=self.rewards.get(config.baseline_reward) if config.indirect else None,
+                beta=config.beta,
+            )
+        return ValueGuidedDecoder(self.sft, estimator, params, alpha=config.alpha, top_k=config.top_k,
+                                  block_size=config.block_size, confidence_threshold=config.confidence_threshold,
+                                  prune=bool(config.prune), record_candidates=record)
+
+    async def _one_choice(self, index: int, plan: GenerationPlan) -> AsyncIterator[DecodedDelta]:
+        prompt, params, config = plan.prompt, plan.params, plan.decoding
+        seed = None if params.seed is None else params.seed + index
+        decoder = self.build(config, dataclasses.replace(params, n=1, seed=seed))
+        text = _ChoiceText(self.engine.decode, params.stop, index=index)
+        steps: list[StepRecord] = []
+        chunks = decoder.run(prompt)
+        try:
+            while not text.finished:
+                started = time.perf_counter()
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                if chunk.step is not None:
+                    steps.append(chunk.step)
+                    for observer in self.step_observers:
+                        observer(config.method, chunk.step, time.perf_counter() - started)
+                delta = text.add(StreamDelta(index, chunk.token_ids, "", chunk.finish_reason,
+                                             prompt_token_count=len(prompt.token_ids)), hold_last=True)
+                if delta is not None:
+                    yield delta
+        finally:
+            await chunks.aclose()  # a stop string or a gone client ends the method's engine work now
+        kl = sum(s.kl for s in steps)
+        reward = None
+        if config.diagnostics or (self.response_observers and self.settings.score_responses):
+            reward = await self._target_reward(prompt, config, text.answer)
+        for observer in self.response_observers:
+            observer(config.method, reward, kl)
+        last = text.last(len(prompt.token_ids))
+        if config.diagnostics:
+            last.alignment = self._summary(config, reward, steps, kl)
+        yield last
+
+    async def _target_reward(self, prompt: Prompt, config: DecodingConfig, text: str) -> float:
+        return (await self.rewards.get(config.reward).score([prompt.reward_item(text)], truncate=True))[0].value
+
+    @staticmethod
+    def _summary(config: DecodingConfig, reward: float, steps: list[StepRecord], kl: float) -> AlignmentSummary:
+        return AlignmentSummary(
+            method=config.method,
+            reward_name=config.reward,
+            reward=reward,
+            kl=kl,
+            cost=DecodingCost(
+                decisions=len(steps),
+                gated=sum(1 for s in steps if s.gated),
+                rollouts=sum(s.cost.rollouts for s in steps),
+                rollout_tokens=sum(s.cost.rollout_tokens for s in steps),
+                reward_calls=sum(s.cost.reward_calls for s in steps),
+            ),
+            steps=steps,
+        )
+
+
+class _ChoiceText:
+    """One choice's text as its tokens arrive: released piece by piece (never inside a UTF-8
+    character), cut at the first stop string, which finishes the choice."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str], index: int = 0) -> None:
+        self.assembler = TextAssembler(decode, stop)
+        self.index = index
+        self.tokens: list[int] = []
+        self.pending: list[int] = []  # tokens not yet sent (held back by an incomplete character)
+        self.pending_logprobs: list | None = None
+        self.piece = ""
+        self.finish: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def answer(self) -> str:
+        """The choice's text so far (cut at the stop string)."""
+        return self.assembler.text
+
+    def add(self, delta: StreamDelta, *, hold_last: bool = False) -> DecodedDelta | None:
+        """The delta to send for ``delta``'s tokens, or None while text is held back. With
+        ``hold_last``, the finishing delta is kept for :meth:`last` (it carries the diagnostics)."""
+        if self.finished:
+            return None
+        self.index = delta.index
+        self.tokens += delta.token_ids
+        self.pending += delta.token_ids
+        if delta.logprobs is not None:
+            self.pending_logprobs = (self.pending_logprobs or []) + list(delta.logprobs)
+        new = self.assembler.advance(self.tokens, final=delta.finish_reason is not None)
+        self.finish = "stop" if self.assembler.stopped else delta.finish_reason
+        if new is None:
+            return None  # an incomplete UTF-8 character: wait for the next bytes
+        self.piece += new
+        if self.finished and hold_last:
+            return None
+        return self._release(delta.prompt_token_count)
+
+    def last(self, prompt_token_count: int) -> DecodedDelta:
+        """The choice's final delta (whatever is left, with its finish reason)."""
+        self.finish = self.finish or "length"
+        return self._release(prompt_token_count)
+
+    def _release(self, prompt_token_count: int) -> DecodedDelta:
+        out = DecodedDelta(self.index, self.pending, self.piece, self.finish, self.pending_logprobs, prompt_token_count)
+        self.pending, self.piece, self.pending_logprobs = [], "", None
+        return out

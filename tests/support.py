@@ -1,0 +1,100 @@
+"""Plain helpers and constants shared by conftest.py and the test modules (import them from here, not
+from conftest: ``from support import ...``; tests/ is on the path as the folder of the rootdir conftest,
+the way prometheus_server and reward_plugins are found).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+# Tests share the user's model cache: the embedded model is converted once per machine.
+CACHE_DIR = Path(os.environ.get("ALIGND_CACHE_DIR", Path.home() / ".cache" / "alignd"))
+SERVER_START_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    running: int
+    queued: int
+
+
+# Admission limits of the session server (aligned decoding): small, so that tests can fill them
+# (tests/test_production.py). Also the fixture `session_admission_limits`.
+SESSION_ADMISSION_LIMITS = AdmissionLimits(running=4, queued=8)
+SESSION_MAX_RUNNING_ALIGNED = SESSION_ADMISSION_LIMITS.running
+SESSION_MAX_QUEUED_ALIGNED = SESSION_ADMISSION_LIMITS.queued
+
+
+def load_bench(name: str):
+    """bench/<name>.py as module ``bench_<name>`` (bench/ is not a package; bench/serve_overhead.py
+    loads its siblings under the same names, so there is one copy of each)."""
+    module_name = f"bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    return sys.modules[module_name]
+
+
+# bench/processes.py, imported by name as bench/serve_overhead.py imports it (one copy of the module)
+sys.path.insert(0, str(BENCH))
+from processes import ManagedProcess, NotReadyError, ProcessExitedError, free_port  # noqa: E402, F401
+
+
+class ServerProcess(ManagedProcess):
+    """``alignd serve`` on a free port with the tests' model cache and ``env_overrides``, started at once
+    (call wait_ready); its log is .pytest_cache/server-<port>.log."""
+
+    def __init__(self, env_overrides: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        env = {**os.environ, "ALIGND_CACHE_DIR": str(CACHE_DIR), "ALIGND_PORT": str(self.port)}
+        env.update(env_overrides or {})
+        super().__init__(
+            [sys.executable, "-m", "alignd.cli", "serve"],
+            name="alignd serve",
+            log_path=REPO / ".pytest_cache" / f"server-{self.port}.log",
+            base_url=f"http://127.0.0.1:{self.port}",
+            ready_path="/health",
+            env=env,
+            start_timeout=SERVER_START_TIMEOUT_S,
+            poll_interval=1.0,
+            term_timeout=30,
+            kill_timeout=10,
+        )
+        self.start()
+
+
+def read_eos_token_ids(model_dir: str | Path) -> tuple[int, ...]:
+    """The end-of-text token ids of a Hugging Face model folder: the tokenizer's, the config's and the
+    generation config's, together (vLLM stops on the tokenizer's and the config's, the transformers
+    engine on the generation config's or else the config's)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value if v is not None)
+        elif value is not None:
+            ids.add(int(value))
+
+    add(AutoTokenizer.from_pretrained(str(model_dir)).eos_token_id)
+    add(AutoConfig.from_pretrained(str(model_dir)).eos_token_id)
+    try:
+        add(GenerationConfig.from_pretrained(str(model_dir)).eos_token_id)
+    except OSError:  # no generation_config.json
+        pass
+    if not ids:
+        raise ValueError(f"{model_dir}: no end-of-text token id in its tokenizer or configs")
+    return tuple(sorted(ids))
