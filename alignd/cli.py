@@ -2,37 +2,80 @@
 
     alignd serve [--host H] [--port P] [--model M] [...]   serve the model over HTTP
     alignd prepare-model [--model M]                       convert / locate the model, then exit
+    alignd train dpo --out DIR [--reward R] [...]          a baseline aligned to a reward (LoRA adapter)
+    alignd train irft --out DIR [--rounds T] [...]         a reward learned from demonstrations (LoRA adapter)
 
 Every setting is a flag (``--max-model-len 4096``) and an environment variable
-(``ALIGND_MAX_MODEL_LEN=4096``); flags win.
+(``ALIGND_MAX_MODEL_LEN=4096``); flags win. JSON-valued settings take JSON on the command line too
+(``--rewards '{"mine": {"type": "callable", "path": "pkg.mod:fn"}}'``). ``alignd train`` is described in
+docs/TRAINING.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import types
+import typing
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from alignd.settings import Settings
 
+# Exit status of `alignd train` on bad input (argparse's own for a bad command line).
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+
+def _add_settings_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, skip: frozenset[str] = frozenset()) -> None:
     for name, field in Settings.model_fields.items():
+        if name in skip:
+            continue
         flag = "--" + name.replace("_", "-")
-        help_text = field.description or ""
+        help_text = (field.description or "").replace("%", "%%")
         # Values stay strings here; the settings model parses and validates them (same as env vars).
         parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
 
-def load_settings(args: argparse.Namespace) -> Settings:
-    overrides = {name: value for name in Settings.model_fields if (value := getattr(args, name, None)) is not None}
+def _takes_text(annotation) -> bool:
+    """Whether a settings field holds text (str or a path), so a flag's value is taken as it is."""
+    if annotation in (str, Path):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_text(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _flag_value(name: str, raw: str):
+    """A flag's string as the settings model should see it: decoded as JSON for non-text fields (a
+    dict like --rewards, a number of a Literal like --max-lora-rank 32), as environment variables are;
+    the raw string when it is not JSON (pydantic then parses it, e.g. 'True' or 'vllm')."""
+    if _takes_text(Settings.model_fields[name].annotation):
+        return raw
     try:
-        return Settings(**overrides)
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {name: _flag_value(name, value) for name in Settings.model_fields
+                 if (value := getattr(args, name, None)) is not None}
+    return Settings(**overrides)
+
+
+def _settings_errors(exc: ValidationError) -> list[str]:
+    return [f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    try:
+        return _settings_from_args(args)
     except ValidationError as exc:
-        lines = [f"  --{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
-        sys.exit("alignd: invalid settings:\n" + "\n".join(lines))
+        sys.exit("alignd: invalid settings:\n" + "\n".join("  " + line for line in _settings_errors(exc)))
 
 
 def _serve(settings: Settings) -> None:
@@ -54,14 +97,170 @@ def _prepare(settings: Settings) -> None:
         sys.exit(f"alignd: {exc.message}")
 
 
+# ---------------------------------------------------------------------------- alignd train
+def _default_data_file(name: str) -> Path:
+    import alignd.train
+
+    return Path(alignd.train.__file__).resolve().parent / "data" / name
+
+
+def _modules(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    from alignd.train.tuning import DEFAULT_TARGET_MODULES, MAX_LORA_RANK, TrainingOptions
+
+    d = TrainingOptions()
+    out = parser.add_argument_group("output and resumption")
+    out.add_argument("--out", required=True, type=Path, metavar="DIR",
+                     help="the adapter folder to write; work in progress is kept in DIR.partial/ and resumed by the "
+                     "same command")
+    out.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (only once the new one is done)")
+    out.add_argument("--restart", action="store_true",
+                     help="discard earlier work in DIR.partial/ instead of resuming it")
+    dpo = parser.add_argument_group("training (TRL DPOConfig / PEFT LoraConfig)")
+    dpo.add_argument("--beta", type=float, default=d.beta, help="DPO beta: KL strength to the SFT model (%(default)s)")
+    dpo.add_argument("--lora-rank", type=int, default=d.lora_rank,
+                     help=f"LoRA rank, at most ALIGND_MAX_LORA_RANK (else {MAX_LORA_RANK}) (%(default)s)")
+    dpo.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: twice the rank)")
+    dpo.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="LoRA dropout (%(default)s)")
+    dpo.add_argument("--target-modules", type=_modules, default=DEFAULT_TARGET_MODULES, metavar="A,B,...",
+                     help=f"layers that get an adapter ({','.join(DEFAULT_TARGET_MODULES)})")
+    dpo.add_argument("--epochs", type=float, default=d.epochs, help="passes over the pairs (%(default)s)")
+    dpo.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps; > 0 overrides --epochs")
+    dpo.add_argument("--learning-rate", type=float, default=d.learning_rate, help="AdamW learning rate (%(default)s)")
+    dpo.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per device step (%(default)s)")
+    dpo.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
+    dpo.add_argument("--save-steps", type=int, default=d.save_steps, help="TRL checkpoint every N steps (%(default)s)")
+    dpo.add_argument("--logging-steps", type=int, default=d.logging_steps, help="TRL log every N steps (%(default)s)")
+    dpo.add_argument("--max-length", type=int, default=d.max_length, help="longest prompt + answer, tokens (%(default)s)")
+    dpo.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (large models)")
+
+
+def _train_parsers(sub) -> dict[str, argparse.ArgumentParser]:
+    train = sub.add_parser("train", help="train a baseline or a learned reward as a LoRA adapter (docs/TRAINING.md)",
+                           description="Train a LoRA adapter of the served (SFT) model. See docs/TRAINING.md.")
+    verbs = train.add_subparsers(dest="train_command", required=True, metavar="{dpo,irft}")
+    dpo = verbs.add_parser(
+        "dpo", help="a baseline aligned to a target reward, by DPO on the model's own scored samples",
+        description="Sample --samples-per-prompt answers per prompt from the model (on the engine of --engine), "
+        "score them with --reward, pair each prompt's best and worst, and train a LoRA adapter with TRL's "
+        "DPOTrainer against the SFT model. Interrupt at any time; the same command resumes.",
+    )
+    data = dpo.add_argument_group("data and sampling")
+    data.add_argument("--prompts", type=Path, default=_default_data_file("prompts.jsonl"), metavar="FILE",
+                      help='JSONL of {"id", "prompt"} lines (default: train/data/prompts.jsonl)')
+    data.add_argument("--reward", default=None, metavar="NAME",
+                      help="the target reward, any reward of the registry (default: ALIGND_TARGET_REWARD)")
+    data.add_argument("--samples-per-prompt", type=int, default=4, help="answers sampled per prompt (%(default)s)")
+    data.add_argument("--max-new-tokens", type=int, default=48, help="longest sampled answer (%(default)s)")
+    data.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
+    data.add_argument("--sample-batch-size", type=int, default=32,
+                      help="prompts per engine call and per saved batch (%(default)s)")
+    data.add_argument("--tie-margin", type=float, default=1e-6,
+                      help="skip a prompt whose best and worst rewards differ by at most this (%(default)s)")
+
+    irft = verbs.add_parser(
+        "irft", help="a reward learned from demonstrations (IRFT: implicit reward, negatives regenerated)",
+        description="Learn the implicit reward beta*log(pi/pi_sft) from demonstrations: DPO's loss with the "
+        "demonstration as chosen and the current policy's own generation as rejected, the generations "
+        "regenerated at the start of each of --rounds rounds; the reference stays the SFT model.",
+    )
+    data = irft.add_argument_group("data and generation")
+    data.add_argument("--demonstrations", type=Path, default=_default_data_file("demonstrations.jsonl"),
+                      metavar="FILE",
+                      help='JSONL of {"id", "prompt", "response"} lines (default: train/data/demonstrations.jsonl)')
+    data.add_argument("--rounds", type=int, default=2,
+                      help="T: negatives regenerated T times over the run (1 = one SPIN round) (%(default)s)")
+    data.add_argument("--max-new-tokens", type=int, default=48, help="longest generated negative (%(default)s)")
+    data.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
+    data.add_argument("--generation-batch-size", type=int, default=16, help="prompts per generate call (%(default)s)")
+
+    for parser in (dpo, irft):
+        _add_training_options(parser)
+        own = frozenset(a.dest for a in parser._actions)
+        _add_settings_flags(parser.add_argument_group(
+            "settings (each also ALIGND_<NAME>; --model, --engine and --seed matter here: --seed seeds sampling "
+            "and training)"), skip=own)
+    return {"dpo": dpo, "irft": irft}
+
+
+def _training_options(args: argparse.Namespace, settings: Settings):
+    from alignd.train.tuning import TrainingOptions
+
+    return TrainingOptions(
+        beta=args.beta, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=tuple(args.target_modules), epochs=args.epochs, max_steps=args.max_steps,
+        learning_rate=args.learning_rate, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, seed=settings.seed,
+        save_steps=args.save_steps, logging_steps=args.logging_steps, max_length=args.max_length,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str]) -> None:
+    from alignd.errors import AligndError, ClientError, ConfigurationError, ModelPreparationError
+
+    prog = parser.prog
+    try:
+        settings = _settings_from_args(args)
+    except ValidationError as exc:
+        parser.exit(EXIT_BAD_INPUT, f"{prog}: error: invalid settings: {'; '.join(_settings_errors(exc))}\n")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        training = _training_options(args, settings)
+        if args.train_command == "dpo":
+            from alignd.train.dpo import DPORun, SamplingOptions, run_dpo
+
+            run = DPORun(
+                settings=settings, prompts_file=args.prompts, reward=args.reward or settings.target_reward,
+                out=args.out, training=training, overwrite=args.overwrite, restart=args.restart, command=command,
+                sampling=SamplingOptions(
+                    samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.sample_temperature, batch_size=args.sample_batch_size,
+                    tie_margin=args.tie_margin,
+                ),
+            )
+            out = run_dpo(run)
+        else:
+            from alignd.train.irft import GenerationOptions, IRFTRun, run_irft
+
+            run = IRFTRun(
+                settings=settings, demonstrations_file=args.demonstrations, out=args.out, rounds=args.rounds,
+                training=training, overwrite=args.overwrite, restart=args.restart, command=command,
+                generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
+                                             temperature=args.sample_temperature,
+                                             batch_size=args.generation_batch_size),
+            )
+            out = run_irft(run)
+    except (ClientError, ConfigurationError, ModelPreparationError) as exc:
+        # Bad input (data, options, output folder, reward or model configuration): one line, no traceback.
+        parser.exit(EXIT_BAD_INPUT, f"{prog}: error: {' '.join(exc.message.split())}\n")
+    except AligndError as exc:
+        parser.exit(1, f"{prog}: error: {' '.join(exc.message.split())}\n")
+    except KeyboardInterrupt:
+        partial = Path(args.out).expanduser().absolute()
+        parser.exit(EXIT_INTERRUPTED, f"\n{prog}: interrupted; finished work is kept in {partial}.partial/ - run the "
+                    "same command again to resume\n")
+    print(f"adapter written to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
+    command = list(sys.argv) if argv is None else ["alignd", *argv]
     parser = argparse.ArgumentParser(prog="alignd", description="Inference server for aligned decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible and native API)")
     _add_settings_flags(serve)
     prepare = sub.add_parser("prepare-model", help="prepare the configured model (convert the embedded one) and exit")
     _add_settings_flags(prepare)
+    train_parsers = _train_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        _train(args, train_parsers[args.train_command], command)
+        return
     settings = load_settings(args)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

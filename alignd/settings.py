@@ -15,6 +15,11 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded"
+DEFAULT_ADAPTER = "default"
+NO_ADAPTER = "none"
+# The baseline adapter committed with alignd: DPO for positivity on the embedded SmolLM2 (its folder holds
+# the manifest with the command, data and seed that reproduce it).
+EMBEDDED_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-positivity-dpo"
 DEFAULT_BASELINE_SYSTEM_PROMPT = (
     "You are a warm, kind and positive assistant. You answer helpfully, with encouragement and "
     "cheerful, friendly words."
@@ -84,15 +89,36 @@ class Settings(BaseSettings):
     implicit_beta: float = Field(0.1, gt=0.0, description="beta of the implicit reward beta*log(pi_aligned/pi_ref).")
     max_reward_batch: int = Field(256, ge=1, description="Largest number of items per /v1/rewards request.")
 
-    # --- aligned decoding ---
+    # --- aligned decoding: baselines ---
+    baseline_adapter: str = Field(
+        DEFAULT_ADAPTER,
+        description="The default baseline for Transfer Q*, a LoRA adapter folder of the served model (made by "
+        "'alignd train'). 'default' = the adapter committed with alignd (DPO for positivity on the embedded "
+        "SmolLM2) when the embedded model is served, else none; 'none' = no adapter: baseline_model if set, "
+        "else the prompted baseline (the served model with baseline_system_prompt, sharing its engine).",
+    )
     baseline_model: str | None = Field(
         None,
-        description="Baseline (aligned) model folder for Transfer Q*; unset = the prompted baseline "
-        "(the served model with baseline_system_prompt, sharing its engine).",
+        description="A separate baseline model folder for Transfer Q*, served by a second vLLM engine "
+        "(used when baseline_adapter is 'none' or does not apply).",
     )
+    baselines: dict[str, dict] = Field(
+        default_factory=dict,
+        description="More baselines a request may pick by name (decoding.baseline), a JSON object {name: spec}: "
+        '{"adapter": "/folder"}, {"model": "/folder"} or {"system_prompt": "..."}.',
+    )
+    adapter_serving: Literal["lora", "merged"] = Field(
+        "lora",
+        description="How adapters run: 'lora' = in the served model's own vLLM engine (one LoRARequest per "
+        "call: same weights, batches, prefix cache), 'merged' = merged into a model folder that a second "
+        "engine serves. docs/BENCHMARKS.md measures both.",
+    )
+    max_lora_rank: Literal[8, 16, 32, 64] = Field(16, description="Largest LoRA rank an adapter may have.")
+    max_loras: int = Field(4, ge=1, description="Adapters in one engine batch (vLLM's max_loras).")
     target_reward: str = Field("positivity", description="Reward that aligned decoding maximises by default.")
     baseline_reward: str | None = Field(
-        "prompted_implicit", description="Reward the baseline is aligned to (indirect transfer)."
+        None, description="Reward the baseline is aligned to (indirect transfer); unset = the chosen baseline's "
+        "own implicit reward, '<baseline>_implicit' (e.g. prompted_implicit for the prompted baseline).",
     )
     decoding_alpha: float = Field(1.0, gt=0.0)
     decoding_top_k: int = Field(10, ge=1)
@@ -186,6 +212,28 @@ class Settings(BaseSettings):
     @property
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    def default_adapter_dir(self) -> Path | None:
+        """The baseline adapter ``baseline_adapter`` names (None: no adapter baseline)."""
+        if self.baseline_adapter == NO_ADAPTER:
+            return None
+        if self.baseline_adapter == DEFAULT_ADAPTER:
+            # the committed adapter is made for the embedded model only
+            return EMBEDDED_ADAPTER_DIR if self.model == EMBEDDED_MODEL and EMBEDDED_ADAPTER_DIR.is_dir() else None
+        return Path(self.baseline_adapter).expanduser()
+
+    def adapter_folders(self) -> dict[str, Path]:
+        """Every adapter the configuration serves, by baseline or reward name."""
+        out = {}
+        if (default := self.default_adapter_dir()) is not None:
+            out["default"] = default
+        for name, spec in self.baselines.items():
+            if isinstance(spec, dict) and spec.get("adapter"):
+                out[name] = Path(spec["adapter"]).expanduser()
+        for name, spec in self.rewards.items():
+            if isinstance(spec, dict) and spec.get("type") == "implicit" and spec.get("adapter"):
+                out[name] = Path(spec["adapter"]).expanduser()
+        return out
 
     @property
     def model_name(self) -> str:

@@ -36,7 +36,7 @@ class DecodingParams(TypedDict, total=False):
     Every field is optional; the server fills what is left out from its settings.
     """
 
-    method: Literal["sft", "transfer_q", "args", "cd", "best_of_n"]
+    method: Literal["sft", "baseline", "transfer_q", "args", "cd", "best_of_n"]
     """sft (plain decoding, the default), transfer_q, args, cd (controlled decoding) or best_of_n."""
     alpha: float
     """KL strength, > 0: large stays close to the SFT model, small seeks reward."""
@@ -54,6 +54,8 @@ class DecodingParams(TypedDict, total=False):
     """KL coefficient the baseline was aligned with (indirect transfer)."""
     reward: str
     """Target reward name (default: the server's target reward; GET /v1/rewards lists them)."""
+    baseline: str
+    """The baseline to transfer from (transfer_q) or to sample (baseline): a name of GET /v1/baselines."""
     baseline_reward: str
     """Baseline reward name, for indirect transfer."""
     block_size: int

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from alignd.errors import InvalidRequestError
 from alignd.settings import Settings
 
-Method = Literal["sft", "transfer_q", "args", "cd", "best_of_n"]
+Method = Literal["sft", "baseline", "transfer_q", "args", "cd", "best_of_n"]
 
 
 class DecodingConfig(BaseModel):
@@ -30,7 +30,14 @@ class DecodingConfig(BaseModel):
     )
     beta: float | None = Field(None, gt=0.0, description="KL coefficient the baseline was aligned with (indirect).")
     reward: str | None = Field(None, description="Target reward name (default: the server's target reward).")
-    baseline_reward: str | None = Field(None, description="Baseline reward name for indirect transfer.")
+    baseline: str | None = Field(
+        None, description="The baseline to transfer from (transfer_q) or to sample (baseline): a name of GET "
+        "/v1/baselines; default 'default'.",
+    )
+    baseline_reward: str | None = Field(
+        None, description="Baseline reward name for indirect transfer; default: the baseline's own implicit "
+        "reward, '<baseline>_implicit'.",
+    )
     block_size: int = Field(1, ge=1, description="Decide by value every block_size tokens; the SFT model writes the rest.")
     confidence_threshold: float | None = Field(
         None, gt=0.0, le=1.0, description="Skip the value step where the SFT top-1 probability is at least this."
@@ -73,6 +80,7 @@ class DecodingConfig(BaseModel):
             "rollout_temperature": 0.0 if (self.num_rollouts or default_rollouts) == 1 else 1.0,
             "beta": settings.implicit_beta,
             "reward": settings.target_reward,
+            "baseline": "default",
             "baseline_reward": settings.baseline_reward,
             "num_blocks": settings.decoding_num_blocks,
             "block_len": settings.decoding_block_len,
@@ -107,10 +115,5 @@ class DecodingConfig(BaseModel):
                 "indirect transfer needs decoding.num_rollouts >= 2: its importance weights are normalised over "
                 "the rollouts, so with one rollout they cancel and the answer is direct transfer's",
                 param="decoding.num_rollouts",
-            )
-        if out.indirect and not out.baseline_reward:
-            raise InvalidRequestError(
-                "indirect transfer needs a baseline reward: set decoding.baseline_reward (GET /v1/rewards lists them)",
-                param="decoding.baseline_reward",
             )
         return out

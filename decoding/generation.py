@@ -18,8 +18,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from alignd.decoding.baselines import DEFAULT, BaselineRegistry, prompted_only
 from alignd.decoding.config import DecodingConfig
 from alignd.decoding.methods import (
+    BaselineDecoder,
     BestOfNDecoder,
     BlockwiseCDDecoder,
     Decoder,
@@ -70,7 +72,9 @@ class GenerationPlan:
 
     @property
     def family(self) -> str:
-        return ALIGNED if self.decoding is not None and self.decoding.method != "sft" else PLAIN
+        # sampling the SFT model or a baseline is one engine request, like plain decoding
+        plain = self.decoding is None or self.decoding.method in ("sft", "baseline")
+        return PLAIN if plain else ALIGNED
 
 
 @dataclass
@@ -94,24 +98,25 @@ class Generation:
     """Every generation goes through here: plans, then streams or whole answers."""
 
     def __init__(
-        self, engine: Engine, rewards: RewardRegistry, settings: Settings, baseline_engine: Engine | None = None
+        self, engine: Engine, rewards: RewardRegistry, settings: Settings, baselines: BaselineRegistry | None = None
     ) -> None:
+        """``baselines``: the aligned policies TQ* transfers from (:func:`alignd.decoding.baselines.build_baselines`);
+        default: the prompted baseline only, sharing the SFT engine (same weights, prefix cache, batches)."""
         self.engine = engine
         self.rewards = rewards
         self.settings = settings
         self.sft = Policy(engine, "sft")
-        if baseline_engine is not None:
-            self.baseline = Policy(baseline_engine, "baseline")
-        else:
-            # The prompted baseline shares the SFT engine (same weights, prefix cache, batches).
-            self.baseline = Policy(engine, "prompted_baseline", system_prompt=settings.baseline_system_prompt)
-        self._baseline_engine = baseline_engine
+        self.baselines = baselines or prompted_only(engine, settings)
         self.step_observers: list[StepObserver] = []
         self.response_observers: list[ResponseObserver] = []
 
+    @property
+    def baseline(self) -> Policy:
+        """The default baseline's policy."""
+        return self.baselines.get(DEFAULT).policy
+
     async def close(self) -> None:
-        if self._baseline_engine is not None:
-            await self._baseline_engine.shutdown()
+        await self.baselines.close()
 
     # ------------------------------------------------------------------ the model's text
     @property
@@ -154,13 +159,27 @@ class Generation:
                 "(decoding.diagnostics=true) report each step's candidates and log-probabilities",
                 param="logprobs",
             )
+        if decoding.method in ("transfer_q", "baseline"):
+            decoding = self._with_baseline_defaults(decoding)
         resolved = decoding.resolved(self.settings)
-        if resolved.method != "sft":
+        if resolved.method not in ("sft", "baseline"):
             self.rewards.get(resolved.reward)  # unknown names fail before any work
             if resolved.indirect:
                 self.rewards.get(resolved.baseline_reward)
         self._check_penalties(resolved, params)
         return GenerationPlan(prompt, params, resolved)
+
+    def _with_baseline_defaults(self, decoding: DecodingConfig) -> DecodingConfig:
+        """What the chosen baseline knows better than the settings: its implicit reward is the r_BL of
+        indirect transfer (unless the request or ALIGND_BASELINE_REWARD names another), and beta is the
+        KL coefficient it was trained with."""
+        baseline = self.baselines.get(decoding.baseline)  # an unknown name fails here, before any work
+        updates: dict = {}
+        if decoding.baseline_reward is None and self.settings.baseline_reward is None:
+            updates["baseline_reward"] = baseline.implicit_reward
+        if decoding.beta is None and baseline.beta is not None:
+            updates["beta"] = baseline.beta
+        return decoding.model_copy(update=updates) if updates else decoding
 
     @staticmethod
     def _check_penalties(config: DecodingConfig, params: GenerationParams) -> None:
@@ -273,6 +292,9 @@ class Generation:
         record = config.diagnostics
         if config.method == "sft":
             return SFTDecoder(self.sft, params)
+        if config.method == "baseline":
+            return BaselineDecoder(self.sft, self.baselines.get(config.baseline).policy, params,
+                                   record_candidates=record)
         reward = self.rewards.get(config.reward)
         if config.method == "best_of_n":
             return BestOfNDecoder(self.sft, reward, params, num_samples=config.num_samples,
@@ -285,7 +307,7 @@ class Generation:
             estimator = PartialRewardValue(reward, self.engine.decode)
         else:
             estimator = RolloutValueEstimator(
-                self.baseline if config.method == "transfer_q" else self.sft,
+                self.baselines.get(config.baseline).policy if config.method == "transfer_q" else self.sft,
                 reward,
                 num_rollouts=config.num_rollouts,
                 rollout_len=config.rollout_len,

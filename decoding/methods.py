@@ -20,6 +20,7 @@ candidates' scores (counted over the answer so far) and apply to Best-of-N's who
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -32,6 +33,7 @@ from alignd.decoding.rule import nucleus, repetition_penalties, reweight
 from alignd.decoding.values import ValueEstimator
 from alignd.models.engine import GenerationParams
 from alignd.protocol.diagnostics import (
+    BaselineStep,
     BestOfNStep,
     BlockCandidate,
     BlockStep,
@@ -42,7 +44,7 @@ from alignd.protocol.diagnostics import (
 )
 from alignd.rewards.base import Reward
 
-StepRecord = ValueGuidedStep | BlockStep | BestOfNStep
+StepRecord = ValueGuidedStep | BlockStep | BestOfNStep | BaselineStep
 
 
 @dataclass
@@ -90,6 +92,34 @@ class SFTDecoder(Decoder):
         params = self.params if not self.params.stop else dataclasses.replace(self.params, stop=())
         async for delta in self.sft.engine.stream(list(prompt.token_ids), params, f"sft-{id(self)}"):
             yield DecodeChunk(delta.token_ids, finish_reason=delta.finish_reason)
+
+
+class BaselineDecoder(Decoder):
+    """The baseline's own answer (with its prompt, e.g. a prompted baseline's system prompt), sampled by
+    the engine with the request's full sampling parameters: the reference TQ* is compared with. With
+    diagnostics, one step whose KL is the answer's log-ratio against the SFT model."""
+
+    def __init__(self, sft: Policy, baseline: Policy, params: GenerationParams, *, record_candidates: bool = False):
+        super().__init__(sft, params)
+        self.baseline = baseline
+        self.record = record_candidates
+
+    async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
+        params = self.params if not self.params.stop else dataclasses.replace(self.params, stop=())
+        prefix = self.baseline.prefix(prompt)
+        tokens: list[int] = []
+        async for delta in self.baseline.engine.stream(prefix, params, f"baseline-{id(self)}"):
+            tokens += delta.token_ids
+            if delta.finish_reason is None or not self.record:
+                yield DecodeChunk(delta.token_ids, finish_reason=delta.finish_reason)
+                continue
+            baseline_lp, sft_lp = await asyncio.gather(
+                self.baseline.engine.continuation_logprobs([prefix], [tokens]),
+                self.sft.engine.continuation_logprobs([list(prompt.token_ids)], [tokens]),
+            )
+            step = BaselineStep(position=0, chosen=tokens, chosen_text=self.sft.engine.decode(tokens),
+                                kl=sum(baseline_lp[0]) - sum(sft_lp[0]), baseline=self.baseline.name)
+            yield DecodeChunk(delta.token_ids, step, delta.finish_reason)
 
 
 class ValueGuidedDecoder(Decoder):
@@ -306,6 +336,6 @@ class BestOfNDecoder(_RewardSelectionDecoder):
 
 
 __all__: Sequence[str] = [
-    "BestOfNDecoder", "BlockwiseCDDecoder", "DecodeChunk", "Decoder", "SFTDecoder", "StepRecord", "ValueGuidedDecoder",
+    "BaselineDecoder", "BestOfNDecoder", "BlockwiseCDDecoder", "DecodeChunk", "Decoder", "SFTDecoder", "StepRecord", "ValueGuidedDecoder",
     "kl_bound_best_of_n",
 ]

@@ -192,6 +192,13 @@ class Engine(abc.ABC):
         """For each (prefix, continuation) pair, ``log p(c_t | prefix, c_<t)`` for every token of the
         continuation."""
 
+    def with_adapter(self, name: str, path: str) -> Engine:
+        """This model with the LoRA adapter in folder ``path``, as an engine of its own (for a baseline
+        or the aligned model of an implicit reward). Engines that cannot run adapters refuse."""
+        from alignd.errors import ConfigurationError
+
+        raise ConfigurationError(f"adapter '{name}': {type(self).__name__} cannot run LoRA adapters")
+
     def unfinished_requests(self) -> int:
         """Engine requests started and not yet finished or aborted (streams and primitive calls alike).
         Zero when idle: a client that goes away must bring it back to zero."""

@@ -13,8 +13,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alignd.models.adapters import AdapterInfo, load_adapter
 from alignd.models.engine import Engine, GenerationParams
-from alignd.models.loading import resolve_model_path
+from alignd.models.loading import merge_adapter, resolve_model_path
 from alignd.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,13 +38,43 @@ def build_reference_engine(path: str | Path, settings: Settings, *, device: str 
 
 
 async def build_engine(settings: Settings, *, progress: bool = True) -> Engine:
-    """The served engine of ``settings`` (``ALIGND_ENGINE``: vLLM, or the reference engine)."""
+    """The served engine of ``settings`` (``ALIGND_ENGINE``: vLLM, or the reference engine). On vLLM it
+    runs LoRA adapters when some are configured and ``ALIGND_ADAPTER_SERVING`` is ``lora``."""
     path = await asyncio.to_thread(resolve_model_path, settings, progress=progress)
     if settings.engine == "vllm":
         from alignd.models.vllm_engine import VLLMEngine
 
-        return VLLMEngine.start(path, settings)
+        lora = settings.adapter_serving == "lora" and bool(settings.adapter_folders())
+        return VLLMEngine.start(path, settings, enable_lora=lora)
     return await asyncio.to_thread(build_reference_engine, path, settings)
+
+
+async def build_model_engine(path: str | Path, settings: Settings) -> Engine:
+    """A second model beside the served one (a separate baseline folder, or a merged adapter), on the
+    same kind of engine as the served model: vLLM when it serves, never transformers in the serving path
+    (unless ``ALIGND_ENGINE=hf``). Warmed up; the caller shuts it down."""
+    if settings.engine == "vllm":
+        from alignd.models.vllm_engine import VLLMEngine
+
+        engine: Engine = VLLMEngine.start(str(path), settings)
+    else:
+        engine = await asyncio.to_thread(build_reference_engine, path, settings)
+    await warm_up(engine)
+    return engine
+
+
+async def build_adapter_engine(served: Engine, name: str, path: str | Path, settings: Settings) -> tuple[Engine, AdapterInfo, bool]:
+    """The served model with the adapter at ``path``, checked against the served weights: in the served
+    vLLM engine itself (``ALIGND_ADAPTER_SERVING=lora``), or merged into a model folder that a second
+    engine serves (``merged``). Returns (engine, adapter, whether the caller owns the engine and must
+    shut it down)."""
+    adapter = await asyncio.to_thread(load_adapter, name, path, served.info.model_path, max_rank=settings.max_lora_rank)
+    if settings.engine != "vllm":  # the reference engine merges the adapter into a copy of its weights
+        return await asyncio.to_thread(served.with_adapter, name, str(adapter.path)), adapter, True
+    if settings.adapter_serving == "lora":
+        return served.with_adapter(name, str(adapter.path)), adapter, False
+    merged = await asyncio.to_thread(merge_adapter, served.info.model_path, adapter.path, settings.cache_dir)
+    return await build_model_engine(merged, settings), adapter, True
 
 
 async def warm_up(engine: Engine) -> None:

@@ -90,6 +90,16 @@ class HFEngine(Engine):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
         return cls(model, tokenizer, model_path=str(path), max_model_len=max_model_len)
 
+    def with_adapter(self, name: str, path: str) -> HFEngine:
+        """A copy of this model with the LoRA adapter merged into its weights (PEFT's merge): the
+        reference path for adapters, and the engine of tiny-model tests."""
+        import copy
+
+        from peft import PeftModel
+
+        merged = PeftModel.from_pretrained(copy.deepcopy(self.model), str(path)).merge_and_unload()
+        return HFEngine(merged, self._tokenizer, model_path=str(path), max_model_len=self.info.max_model_len)
+
     @property
     def tokenizer(self):
         return self._tokenizer

@@ -102,3 +102,37 @@ def resolve_model_path(settings: Settings, *, progress: bool = True) -> str:
             raise ModelPreparationError(f"{path} is not a Hugging Face model folder (no config.json)")
         return str(path)
     return settings.model  # a hub id; loading fails clearly where the network is closed
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, cache_dir: Path, *, progress: bool = True) -> Path:
+    """The base model with a LoRA adapter merged into its weights, as a model folder a second engine can
+    serve (PEFT's merge, in the base model's dtype); made once per (base, adapter) and kept in the cache."""
+    import hashlib
+
+    adapter = Path(adapter_dir)
+    key = hashlib.sha256()
+    for part in (str(Path(base_dir).resolve()), (adapter / "adapter_config.json").read_bytes(),
+                 (adapter / "adapter_model.safetensors").read_bytes()):
+        key.update(part if isinstance(part, bytes) else part.encode())
+    target = cache_dir / "merged" / f"{adapter.name}-{key.hexdigest()[:16]}"
+    if (target / _STAMP).is_file():
+        return target
+    with _exclusive(target.with_name(target.name + ".lock")):
+        if (target / _STAMP).is_file():
+            return target
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        with tqdm(total=2, desc=f"Merging adapter {adapter.name}", unit="step", disable=not progress) as bar:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
+            merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            bar.update()
+            merged.save_pretrained(str(staging), safe_serialization=True)
+            AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(staging))
+            bar.update()
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        (target / _STAMP).write_text(f"{base_dir} + {adapter}\n")
+        return target

@@ -8,13 +8,14 @@ the common prefix. Scale-out (tensor / pipeline parallel, Ray) is passed straigh
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
-from alignd.errors import InvalidRequestError, ServerError
+from alignd.errors import ConfigurationError, InvalidRequestError, ServerError
 from alignd.models.engine import (
     Engine,
     EngineInfo,
@@ -42,14 +43,34 @@ def _top_entries(position: dict | None, k: int) -> tuple[TokenLogprob, ...]:
 
 
 class VLLMEngine(Engine):
-    def __init__(self, llm, tokenizer, info: EngineInfo) -> None:
+    def __init__(self, llm, tokenizer, info: EngineInfo, *, lora_request=None, owns_engine: bool = True) -> None:
         self._llm = llm
         self._tokenizer = tokenizer
         self.info = info
+        # Set on an adapter view (:meth:`with_adapter`): every request of this view runs the adapter.
+        self._lora = lora_request
+        self._owns_engine = owns_engine
+
+    def with_adapter(self, name: str, path: str) -> VLLMEngine:
+        """The same engine with a LoRA adapter on every request (same weights, batches and prefix cache:
+        vLLM batches base and adapter requests together). Needs ``enable_lora`` at start."""
+        if not self.info.extra.get("lora"):
+            raise ConfigurationError(
+                f"adapter '{name}' cannot run in this engine: it was started without LoRA "
+                "(set ALIGND_ADAPTER_SERVING=lora, or serve the merged adapter in its own engine)"
+            )
+        from vllm.lora.request import LoRARequest
+
+        adapters = self.info.extra.setdefault("adapters", {})
+        lora_id = adapters.setdefault(str(path), len(adapters) + 1)  # one id per adapter folder
+        info = dataclasses.replace(self.info, model_path=str(path), extra={**self.info.extra, "adapter": name})
+        return VLLMEngine(self._llm, self._tokenizer, info,
+                          lora_request=LoRARequest(name, lora_id, str(path)), owns_engine=False)
 
     @classmethod
-    def start(cls, model_path: str, settings: Settings) -> VLLMEngine:
-        """Build the async engine. Must run inside an event loop (vLLM starts its output task)."""
+    def start(cls, model_path: str, settings: Settings, *, enable_lora: bool = False) -> VLLMEngine:
+        """Build the async engine. Must run inside an event loop (vLLM starts its output task).
+        ``enable_lora``: adapters may run in it (:meth:`with_adapter`), up to ``settings.max_lora_rank``."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -80,6 +101,9 @@ class VLLMEngine(Engine):
             seed=settings.seed,
             enable_chunked_prefill=chunked_prefill,
             max_num_batched_tokens=batched_tokens,
+            enable_lora=enable_lora,
+            max_lora_rank=settings.max_lora_rank,
+            max_loras=settings.max_loras,
         )
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = llm.get_tokenizer()
@@ -92,7 +116,7 @@ class VLLMEngine(Engine):
             max_model_len=config.max_model_len,
             vocab_size=config.get_vocab_size(),
             eos_token_ids=tuple(sorted(i for i in eos_ids if i is not None)),
-            extra={"max_logprobs": settings.max_logprobs},
+            extra={"max_logprobs": settings.max_logprobs, "lora": enable_lora, "max_lora_rank": settings.max_lora_rank},
         )
         return cls(llm, tokenizer, info)
 
@@ -104,7 +128,7 @@ class VLLMEngine(Engine):
         return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
 
     async def shutdown(self) -> None:
-        if self._llm is not None:
+        if self._llm is not None and self._owns_engine:
             self._llm.shutdown()
             # Drop the engine now: vLLM's __del__ shuts down again and fails noisily if it only
             # runs at interpreter exit, after the modules it needs are gone.
@@ -142,7 +166,8 @@ class VLLMEngine(Engine):
         """Run one request to completion and return vLLM's final RequestOutput."""
         final = None
         async for out in self._llm.generate(
-            {"prompt_token_ids": list(prompt_token_ids)}, sampling_params, request_id=f"alignd-{uuid.uuid4().hex}"
+            {"prompt_token_ids": list(prompt_token_ids)}, sampling_params, request_id=f"alignd-{uuid.uuid4().hex}",
+            lora_request=self._lora,
         ):
             final = out
         if final is None:
@@ -155,7 +180,9 @@ class VLLMEngine(Engine):
 
         sampling = self._sampling_params(params, RequestOutputKind.DELTA)
         # vLLM's generator aborts the engine request itself when it is closed or cancelled early.
-        async for out in self._llm.generate({"prompt_token_ids": list(prompt_token_ids)}, sampling, request_id=request_id):
+        async for out in self._llm.generate(
+            {"prompt_token_ids": list(prompt_token_ids)}, sampling, request_id=request_id, lora_request=self._lora
+        ):
             prompt_count = len(out.prompt_token_ids or prompt_token_ids)
             for comp in out.outputs:
                 logprobs = None

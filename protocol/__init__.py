@@ -8,6 +8,7 @@ checks it).
 from alignd.protocol.common import ChatMessage, TextContentPart, UsageInfo
 from alignd.protocol.diagnostics import (
     AlignmentSummary,
+    BaselineStep,
     BestOfNStep,
     BlockCandidate,
     BlockStep,
@@ -26,7 +27,7 @@ from alignd.protocol.native import (
 )
 
 __all__ = [
-    "AlignmentSummary", "BestOfNStep", "BlockCandidate", "BlockStep", "ChatMessage", "DecodingCost",
+    "AlignmentSummary", "BaselineStep", "BestOfNStep", "BlockCandidate", "BlockStep", "ChatMessage", "DecodingCost",
     "GenerateChoice", "GenerateResponse", "GenerateStreamEvent", "GeneratedTokenOut", "SampleCandidate",
     "StepCost", "TextContentPart", "TokenCandidate", "TokenLogprobOut", "UsageInfo", "ValueGuidedStep",
 ]

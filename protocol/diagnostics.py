@@ -8,6 +8,7 @@ step type per method family, told apart by ``kind``:
                    top-k candidates re-weighted by exp(Q / alpha)
     block          cd with cd_mode=block: the best of num_blocks sampled blocks
     best_of_n      best_of_n: the best of num_samples whole answers
+    baseline       baseline: the whole answer sampled from the baseline itself
 
 Plain decoding (method ``sft``) with diagnostics has no steps; its KL from the SFT model is 0.
 """
@@ -91,13 +92,22 @@ class BestOfNStep(_Step):
     candidates: list[SampleCandidate] = []
 
 
-Step = Annotated[ValueGuidedStep | BlockStep | BestOfNStep, Field(discriminator="kind")]
+class BaselineStep(_Step):
+    """The answer sampled from the baseline: ``kl`` is log pi_baseline(y|x) - log pi_sft(y|x) of this
+    answer, a one-sample estimate of KL(pi_baseline || pi_sft) (beta times it is the baseline's implicit
+    reward of the answer)."""
+
+    kind: Literal["baseline"] = "baseline"
+    baseline: str = Field(description="The baseline's name (GET /v1/baselines).")
+
+
+Step = Annotated[ValueGuidedStep | BlockStep | BestOfNStep | BaselineStep, Field(discriminator="kind")]
 
 
 class AlignmentSummary(_Diagnostic):
     """One choice's aligned-decoding diagnostics."""
 
-    method: Literal["sft", "transfer_q", "args", "cd", "best_of_n"]
+    method: Literal["sft", "baseline", "transfer_q", "args", "cd", "best_of_n"]
     reward_name: str = Field(description="The target reward the answer is scored with.")
     reward: float = Field(description="Target reward of the final text.")
     kl: float = Field(description="KL from the SFT model, summed over the decisions.")

@@ -45,3 +45,20 @@ class GenerateStreamEvent(BaseModel):
     logprobs: list[GeneratedTokenOut] | None = None
     alignment: AlignmentSummary | None = None
     usage: UsageInfo | None = None
+
+
+class BaselineCard(BaseModel):
+    """A baseline a request may pick with ``decoding.baseline``."""
+
+    name: str
+    kind: str = Field(description="adapter (LoRA of the served model), model (a folder on its own engine) or prompted.")
+    source: str = Field(description="The adapter or model folder, or the system prompt.")
+    same_as: str | None = Field(None, description="Set when this name is another baseline's alias ('default').")
+    implicit_reward: str = Field(description="Its implicit reward's name in GET /v1/rewards (r_BL of indirect transfer).")
+    beta: float | None = None
+    provenance: dict = Field(default_factory=dict, description="An adapter's manifest: how it was made.")
+
+
+class BaselineList(BaseModel):
+    object: str = "list"
+    data: list[BaselineCard]

@@ -12,13 +12,15 @@ More come from ``ALIGND_REWARDS``, a JSON object ``{name: spec}``; a spec's ``ty
   {"type": "callable", "path": "package.module:function", "batched": false}
   {"type": "classifier", "model": "/path/to/RewardModel", "label_index": 0, "max_length": 2048,
                          "backend": "auto" | "vllm" | "hf"}
-  {"type": "implicit", "aligned_model": "/path" | "aligned_system_prompt": "...",
+  {"type": "implicit", "adapter": "/adapter folder" | "aligned_model": "/path" | "aligned_system_prompt": "...",
                        "reference_model": "/path" (default: the served model), "beta": 0.1}
   {"type": "weighted_sum", "terms": {"positivity": 1.0, "length_penalty": 0.5}}
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from alignd.errors import ConfigurationError, RewardNotFoundError
@@ -28,6 +30,16 @@ from alignd.rewards.classifier import load_classifier
 from alignd.rewards.implicit import ImplicitReward
 from alignd.rewards.programmatic import CallableReward, LengthPenaltyReward, PositivityReward, WeightedSumReward
 from alignd.settings import Settings
+
+
+@dataclass(frozen=True)
+class AlignedPolicy:
+    """An aligned model whose implicit reward the registry offers: an engine, the system prompt it
+    runs with (a prompted baseline) and the beta it was aligned with (None: the server's)."""
+
+    engine: Engine
+    system_prompt: str | None = None
+    beta: float | None = None
 
 
 class RewardRegistry:
@@ -69,10 +81,14 @@ def _spec_value(name: str, spec: dict, key: str, kind: type, default: Any = None
         raise ConfigurationError(f"reward '{name}': '{key}' must be {kind.__name__}, got {value!r}") from exc
 
 
-async def build_rewards(settings: Settings, served: Engine) -> RewardRegistry:
+async def build_rewards(
+    settings: Settings, served: Engine, aligned_baselines: Mapping[str, AlignedPolicy] | None = None
+) -> RewardRegistry:
     """Build every configured reward. ``served`` is the serving engine, reused as the reference model
-    (and as the prompted baseline) so no second copy of the weights is loaded."""
-    from alignd.models.factory import build_reference_engine
+    (and as the prompted baseline) so no second copy of the weights is loaded. Each of
+    ``aligned_baselines`` (by baseline name) gets its implicit reward against the served model,
+    ``<name>_implicit``: the r_BL of indirect transfer from that baseline."""
+    from alignd.models.factory import build_adapter_engine, build_reference_engine
 
     rewards: dict[str, Reward] = {
         "positivity": PositivityReward("positivity"),
@@ -89,6 +105,15 @@ async def build_rewards(settings: Settings, served: Engine) -> RewardRegistry:
     }
     extra_engines: list[Engine] = []
     engines_by_path: dict[str, Engine] = {}
+    for baseline, aligned in (aligned_baselines or {}).items():
+        name = f"{baseline}_implicit"
+        if name in rewards:
+            continue  # prompted_implicit is built in above
+        beta = aligned.beta or settings.implicit_beta
+        rewards[name] = ImplicitReward(
+            name, aligned=aligned.engine, reference=served, beta=beta, aligned_system_prompt=aligned.system_prompt,
+            description=f"implicit reward of the baseline '{baseline}' against the served model, beta={beta}",
+        )
 
     def engine_for(path: str) -> Engine:
         # Extra models for rewards run on the transformers engine in this process: they only score
@@ -126,19 +151,33 @@ async def build_rewards(settings: Settings, served: Engine) -> RewardRegistry:
             )
         elif kind == "implicit":
             aligned_path = _spec_value(name, spec, "aligned_model", str)
+            adapter_path = _spec_value(name, spec, "adapter", str)
             system_prompt = _spec_value(name, spec, "aligned_system_prompt", str)
-            if (aligned_path is None) == (system_prompt is None):
+            if sum(x is not None for x in (aligned_path, adapter_path, system_prompt)) != 1:
                 raise ConfigurationError(
-                    f"implicit reward '{name}' needs exactly one of 'aligned_model' or 'aligned_system_prompt'"
+                    f"implicit reward '{name}' needs exactly one of 'adapter', 'aligned_model' or "
+                    "'aligned_system_prompt'"
                 )
             ref_path = _spec_value(name, spec, "reference_model", str)
+            if adapter_path is not None and ref_path:
+                raise ConfigurationError(
+                    f"implicit reward '{name}': an adapter's reference is the served model it adapts; drop "
+                    "'reference_model'"
+                )
             reference = engine_for(ref_path) if ref_path else served
-            aligned = engine_for(aligned_path) if aligned_path else reference
+            beta_default = settings.implicit_beta
+            if adapter_path is not None:
+                aligned, adapter, own = await build_adapter_engine(served, name, adapter_path, settings)
+                if own:
+                    extra_engines.append(aligned)
+                beta_default = float(adapter.manifest.get("beta") or beta_default)
+            else:
+                aligned = engine_for(aligned_path) if aligned_path else reference
             rewards[name] = ImplicitReward(
                 name,
                 aligned=aligned,
                 reference=reference,
-                beta=_spec_value(name, spec, "beta", float, settings.implicit_beta),
+                beta=_spec_value(name, spec, "beta", float, beta_default),
                 aligned_system_prompt=system_prompt,
             )
         elif kind == "weighted_sum":

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request, Response
 
 from alignd import __version__
+from alignd.decoding.baselines import build_baselines
 from alignd.decoding.generation import Generation
 from alignd.models.engine import Engine
-from alignd.models.factory import build_reference_engine, open_engine
+from alignd.models.factory import open_engine
 from alignd.rewards.registry import build_rewards
 from alignd.server.admission import AdmissionController
 from alignd.server.auth import require_api_key
@@ -32,12 +32,13 @@ from alignd.settings import Settings, get_settings
 @asynccontextmanager
 async def _serving(app: FastAPI, engine: Engine, settings: Settings, metrics: ServerMetrics) -> AsyncIterator[None]:
     """Build the serving objects over an open engine; close what they own on exit."""
-    registry = await build_rewards(settings, engine)
-    baseline_engine = None
-    if settings.baseline_model:
-        # A separate baseline runs on the transformers engine in this process (see rewards' extra engines).
-        baseline_engine = await asyncio.to_thread(build_reference_engine, settings.baseline_model, settings)
-    generation = Generation(engine, registry, settings, baseline_engine)
+    baselines = await build_baselines(engine, settings)
+    try:
+        registry = await build_rewards(settings, engine, baselines.aligned_policies())
+    except BaseException:
+        await baselines.close()
+        raise
+    generation = Generation(engine, registry, settings, baselines)
     generation.step_observers.append(metrics.observe_step)
     generation.response_observers.append(metrics.observe_response)
     # One controller for every generate endpoint: the limits are per server, not per API.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from alignd.protocol.native import BaselineList
 from alignd.server.errors import GENERATION_ERROR_RESPONSES
 from alignd.server.native.protocol import GenerateRequest, GenerateResponse
 from alignd.server.native.serving import GENERATE_ENDPOINT, NativeServing
@@ -14,6 +15,12 @@ router = APIRouter(tags=["native"], responses=GENERATION_ERROR_RESPONSES)
 
 def get_native_serving(request: Request) -> NativeServing:
     return request.app.state.native_serving
+
+
+@router.get("/v1/baselines", response_model=BaselineList)
+async def list_baselines(serving: NativeServing = Depends(get_native_serving)):
+    """The baselines TQ* can transfer from (``decoding.baseline``), with their provenance."""
+    return serving.list_baselines()
 
 
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})

@@ -13,12 +13,21 @@ from alignd.server.native.protocol import (
     TokenLogprobOut,
 )
 from alignd.protocol.common import UsageInfo
+from alignd.protocol.native import BaselineCard, BaselineList
 from alignd.server.request_scope import AdmittedStream, RequestContext
 
 GENERATE_ENDPOINT = "/generate"
 
 
 class NativeServing(GenerationService):
+    def list_baselines(self) -> BaselineList:
+        cards = []
+        for name in self.generation.baselines.names():
+            b = self.generation.baselines.get(name)
+            cards.append(BaselineCard(name=name, kind=b.kind, source=b.source, same_as=b.name if b.name != name else None,
+                                      implicit_reward=b.implicit_reward, beta=b.beta, provenance=b.provenance))
+        return BaselineList(data=cards)
+
     def _prepare(self, request: GenerateRequest):
         self.check_model(request.model)
         prompt = self.render_messages(request.messages) if request.messages is not None else self.render_prompt(request.prompt)

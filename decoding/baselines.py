@@ -1,0 +1,132 @@
+"""The baselines Transfer Q* transfers from: already aligned policies, by name.
+
+    default    ALIGND_BASELINE_ADAPTER (a LoRA adapter trained by ``alignd train``; the committed one for
+               the embedded model), else ALIGND_BASELINE_MODEL (a model folder on a second engine), else
+               the prompted baseline
+    prompted   the served model with ALIGND_BASELINE_SYSTEM_PROMPT (shares the served engine)
+    <name>     each entry of ALIGND_BASELINES: {"adapter": folder}, {"model": folder} or {"system_prompt": ...}
+
+A request picks one with ``decoding.baseline`` (default: ``default``); ``GET /v1/baselines`` lists them
+with where they come from (an adapter's manifest: reward, beta, data, metrics, the command).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from alignd.decoding.prompt import Policy
+from alignd.errors import ConfigurationError, NotFoundError
+from alignd.models.engine import Engine
+from alignd.models.factory import build_adapter_engine, build_model_engine
+from alignd.rewards.registry import AlignedPolicy
+from alignd.settings import Settings
+
+DEFAULT = "default"
+PROMPTED = "prompted"
+
+BaselineKind = Literal["adapter", "model", "prompted"]
+
+
+@dataclass
+class Baseline:
+    name: str
+    kind: BaselineKind
+    policy: Policy
+    source: str  # the adapter or model folder, or the system prompt
+    provenance: dict = field(default_factory=dict)  # an adapter's manifest (how it was made)
+    beta: float | None = None  # the KL coefficient it was trained with (its implicit reward's beta)
+
+    @property
+    def implicit_reward(self) -> str:
+        """The name of its implicit reward against the served model (the reward registry offers it): the
+        r_BL of indirect transfer from this baseline."""
+        return f"{PROMPTED if self.policy.name == PROMPTED else self.name}_implicit"
+
+    def aligned_policy(self) -> AlignedPolicy:
+        return AlignedPolicy(self.policy.engine, self.policy.system_prompt, self.beta)
+
+
+class BaselineRegistry:
+    def __init__(self, baselines: dict[str, Baseline], owned_engines: list[Engine] | None = None) -> None:
+        self._baselines = baselines
+        self._owned = owned_engines or []
+
+    def get(self, name: str | None = None) -> Baseline:
+        try:
+            return self._baselines[name or DEFAULT]
+        except KeyError:
+            raise NotFoundError(
+                f"unknown baseline '{name}'; configured baselines: {', '.join(self.names())} (GET /v1/baselines)",
+                param="decoding.baseline",
+            ) from None
+
+    def names(self) -> list[str]:
+        return list(self._baselines)
+
+    def all(self) -> list[Baseline]:
+        return list(self._baselines.values())
+
+    def aligned_policies(self) -> dict[str, AlignedPolicy]:
+        """The baselines whose implicit rewards the reward registry must offer (the prompted baseline's,
+        ``prompted_implicit``, is built in)."""
+        return {b.name: b.aligned_policy() for b in self.all() if b.policy.name != PROMPTED}
+
+
+def prompted_only(served: Engine, settings: Settings) -> BaselineRegistry:
+    """The baselines of a configuration without adapters or baseline models: the prompted one, also
+    the default (no engine to start)."""
+    prompted = Baseline(PROMPTED, "prompted", Policy(served, PROMPTED, system_prompt=settings.baseline_system_prompt),
+                        settings.baseline_system_prompt)
+    return BaselineRegistry({DEFAULT: prompted, PROMPTED: prompted})
+
+    async def close(self) -> None:
+        for engine in self._owned:
+            await engine.shutdown()
+
+
+async def build_baselines(served: Engine, settings: Settings) -> BaselineRegistry:
+    """Every configured baseline over the served engine (adapters in it, or on engines of their own)."""
+    owned: list[Engine] = []
+
+    async def from_spec(name: str, spec: dict) -> Baseline:
+        if not isinstance(spec, dict) or len({"adapter", "model", "system_prompt"} & set(spec)) != 1:
+            raise ConfigurationError(
+                f"baseline '{name}' must be an object with exactly one of 'adapter', 'model' or 'system_prompt'"
+            )
+        if "system_prompt" in spec:
+            prompt = str(spec["system_prompt"])
+            return Baseline(name, "prompted", Policy(served, name, system_prompt=prompt), prompt)
+        if "adapter" in spec:
+            engine, adapter, own = await build_adapter_engine(served, name, spec["adapter"], settings)
+            if own:
+                owned.append(engine)
+            beta = adapter.manifest.get("beta")
+            return Baseline(name, "adapter", Policy(engine, name), str(adapter.path), adapter.provenance,
+                            float(beta) if beta is not None else None)
+        folder = Path(spec["model"]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigurationError(f"baseline '{name}': {folder} is not a model folder (no config.json)")
+        engine = await build_model_engine(folder, settings)
+        owned.append(engine)
+        return Baseline(name, "model", Policy(engine, name), str(folder))
+
+    try:
+        prompted = prompted_only(served, settings).get(PROMPTED)
+        if (adapter_dir := settings.default_adapter_dir()) is not None:
+            default = await from_spec(DEFAULT, {"adapter": str(adapter_dir)})
+        elif settings.baseline_model:
+            default = await from_spec(DEFAULT, {"model": settings.baseline_model})
+        else:
+            default = prompted
+        baselines = {DEFAULT: default, PROMPTED: prompted}
+        for name, spec in settings.baselines.items():
+            if name in baselines:
+                raise ConfigurationError(f"baseline name '{name}' is reserved ({DEFAULT}, {PROMPTED}): pick another")
+            baselines[name] = await from_spec(name, spec)
+    except BaseException:
+        for engine in owned:
+            await engine.shutdown()
+        raise
+    return BaselineRegistry(baselines, owned)
