@@ -173,7 +173,8 @@ def _train_parsers(sub) -> dict[str, argparse.ArgumentParser]:
                       help='JSONL of {"id", "prompt", "response"} lines (default: train/data/demonstrations.jsonl)')
     data.add_argument("--rounds", type=int, default=2,
                       help="T: negatives regenerated T times over the run (1 = one SPIN round) (%(default)s)")
-    data.add_argument("--max-new-tokens", type=int, default=48, help="longest generated negative (%(default)s)")
+    data.add_argument("--max-new-tokens", type=int, default=96,
+                      help="longest generated negative; keep it above the demonstrations' length (%(default)s)")
     data.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
     data.add_argument("--generation-batch-size", type=int, default=16, help="prompts per generate call (%(default)s)")
 

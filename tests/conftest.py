@@ -167,12 +167,13 @@ def embedded_settings(embedded_model_dir, cache_dir) -> Settings:
 
 @pytest.fixture(scope="session")
 def vllm_engine(embedded_model_dir, embedded_settings, loop_thread):
-    """An in-process vLLM engine on the embedded model, with the server's default settings."""
+    """An in-process vLLM engine on the embedded model, with the server's default settings: LoRA on, as
+    the server runs it with the committed baseline adapter (ALIGND_ADAPTER_SERVING=lora)."""
     from alignd.models.factory import warm_up
     from alignd.models.vllm_engine import VLLMEngine
 
     async def start():
-        engine = VLLMEngine.start(str(embedded_model_dir), embedded_settings)
+        engine = VLLMEngine.start(str(embedded_model_dir), embedded_settings, enable_lora=True)
         await warm_up(engine)
         return engine
 

@@ -373,18 +373,21 @@ def test_dpo_end_to_end_and_resumed_after_an_interruption(tiny_llama_dir, prompt
 
 
 def test_dpo_with_changed_inputs_refuses_the_old_work_unless_restarted(tiny_llama_dir, prompts_file, tmp_path,
-                                                                       train_env, capsys):
+                                                                       train_env, capsys, monkeypatch):
     out = tmp_path / "adapter"
     partial = out.with_name("adapter.partial")
+    # the rewards as a JSON flag this time (flags are parsed like environment variables)
+    monkeypatch.delenv("ALIGND_REWARDS")
+    rewards = ["--rewards", json.dumps(CALLABLE_REWARDS)]
     # every prompt ties under a constant reward: the run stops after sampling, its samples kept
-    assert run_cli(dpo_argv(tiny_llama_dir, prompts_file, out, "--reward", "flat")) == 1
+    assert run_cli(dpo_argv(tiny_llama_dir, prompts_file, out, "--reward", "flat", *rewards)) == 1
     assert "no preference pairs" in capsys.readouterr().err
     assert (partial / "samples.jsonl").is_file()
     # another reward would mix its scores with these samples: refused, one line, exit 2
-    assert run_cli(dpo_argv(tiny_llama_dir, prompts_file, out)) == 2
+    assert run_cli(dpo_argv(tiny_llama_dir, prompts_file, out, *rewards)) == 2
     err = capsys.readouterr().err
     assert "other inputs" in err and "--restart" in err and len(err.strip().splitlines()) == 1
-    assert run_cli(dpo_argv(tiny_llama_dir, prompts_file, out, "--restart")) == 0
+    assert run_cli(dpo_argv(tiny_llama_dir, prompts_file, out, "--restart", *rewards)) == 0
     assert json.loads((out / "alignd_adapter.json").read_text())["reward"] == "chars"
 
 
@@ -445,12 +448,12 @@ BAD_PROMPTS = {
 }
 
 
-def assert_one_line_error(capsys, code: int, expected: str) -> None:
+def assert_one_line_error(capsys, code: int, *expected: str) -> None:
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("alignd train ") and expected in lines[0], lines[0]
+    assert lines[0].startswith("alignd train ") and all(e in lines[0] for e in expected), lines[0]
 
 
 @pytest.mark.parametrize("case", list(BAD_PROMPTS), ids=list(BAD_PROMPTS))
@@ -469,10 +472,9 @@ def test_a_bad_demonstrations_file_names_file_and_line(tiny_llama_dir, tmp_path,
 
 
 BAD_OPTIONS = {
-    "unknown reward": (["--reward", "nope"], "unknown reward 'nope'; known rewards: chars, flat, length_penalty, "
-                                             "positivity, prompted_implicit"),
-    "LoRA rank above the limit": (["--lora-rank", "1000"], "--lora-rank 1000 is out of range"),
-    "unknown target module": (["--target-modules", "q_proj,nope_proj"], "--target-modules nope_proj: no such layer"),
+    "unknown reward": (["--reward", "nope"], ["unknown reward 'nope'; known rewards: ", "chars", "flat", "positivity"]),
+    "LoRA rank above the limit": (["--lora-rank", "1000"], ["--lora-rank 1000 is out of range"]),
+    "unknown target module": (["--target-modules", "q_proj,nope_proj"], ["--target-modules nope_proj: no such layer"]),
 }
 
 
@@ -480,7 +482,7 @@ BAD_OPTIONS = {
 def test_a_bad_option_is_a_one_line_error(case, tiny_llama_dir, prompts_file, tmp_path, train_env, capsys):
     extra, expected = BAD_OPTIONS[case]
     code = run_cli(dpo_argv(tiny_llama_dir, prompts_file, tmp_path / "out", *extra))
-    assert_one_line_error(capsys, code, expected)
+    assert_one_line_error(capsys, code, *expected)
 
 
 def test_an_existing_output_folder_is_refused_without_overwrite(tiny_llama_dir, prompts_file, tmp_path, train_env,
@@ -516,3 +518,8 @@ def test_the_train_contracts_break_when_they_should(module, wrong, contract, tmp
     result = lint_imports.run_in_tree(tree, capture=True)
     assert result.returncode != 0
     assert f"{contract} BROKEN" in result.stdout, result.stdout
+
+
+def test_invalid_settings_are_a_one_line_error(tiny_llama_dir, prompts_file, tmp_path, train_env, capsys):
+    code = run_cli(dpo_argv(tiny_llama_dir, prompts_file, tmp_path / "out", "--max-model-len", "3"))
+    assert_one_line_error(capsys, code, "invalid settings", "--max-model-len")

@@ -58,7 +58,10 @@ _ROUND_SEED_STRIDE = 1_000_003  # round t samples with seed + t * stride + batch
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    max_new_tokens: int = 48
+    # Above the demonstrations' length: a cut-off generation is still rendered with the chat template's
+    # end-of-turn in training, and if most negatives were cut and no demonstration was, "ends early"
+    # would be the easiest thing for the learned reward to pick up.
+    max_new_tokens: int = 96
     temperature: float = 1.0
     batch_size: int = 16  # prompts per model.generate call, and per batch appended to negatives.jsonl
 

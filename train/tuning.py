@@ -18,6 +18,7 @@ loading the previous round's weights into TRL's fresh adapter: :func:`build_trai
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -347,4 +348,5 @@ def train_adapter(model_dir: str | Path, pairs: list[PreferencePair], opts: Trai
     write_json_atomic(done, {"metrics": result.metrics, "dpo_config": result.dpo_config,
                              "lora_config": result.lora_config, "resumed_from": resume})
     del trainer
+    gc.collect()  # the model and optimizer state, before the next round or the next model loads
     return result

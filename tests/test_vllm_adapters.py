@@ -1,0 +1,38 @@
+"""An adapter through the real serving path on vLLM (the session's in-process engine, LoRA on): a
+random LoRA of the embedded model runs as a LoRARequest in the served engine, and its log-probabilities
+agree with the transformers engine's (the adapter merged into the weights) within bfloat16's tolerance."""
+
+from __future__ import annotations
+
+import pytest
+from test_adapters import make_adapter
+
+pytestmark = pytest.mark.vllm
+
+# vLLM computes in bfloat16 (and applies LoRA as a separate low-rank product); transformers here in
+# float32 with the adapter merged: single tokens differ by up to ~0.2 nats, the mean by far less.
+TOKEN_TOL, MEAN_TOL = 0.25, 0.05
+
+
+@pytest.fixture(scope="module")
+def embedded_adapter(embedded_model_dir, tmp_path_factory):
+    return make_adapter(embedded_model_dir, tmp_path_factory.mktemp("embedded-adapter"), rank=8, seed=3)
+
+
+def test_adapter_log_probabilities_agree_between_vllm_and_transformers(
+    vllm_engine, hf_embedded_engine, embedded_adapter, embedded_settings, loop_thread
+):
+    from alignd.models.factory import build_adapter_engine
+
+    lora, info, owned = loop_thread.run(build_adapter_engine(vllm_engine, "random", embedded_adapter, embedded_settings))
+    assert not owned and info.rank == 8  # a view of the served engine: same weights, batches, cache
+    merged = hf_embedded_engine.with_adapter("random", str(embedded_adapter))
+    prefix = vllm_engine.render_chat([{"role": "user", "content": "Tell me about your weekend."}])
+    answer = vllm_engine.encode("It was lovely: I walked by the river and read a book in the sun.")
+    on_vllm = loop_thread.run(lora.continuation_logprobs([prefix], [answer]))[0]
+    on_hf = loop_thread.run(merged.continuation_logprobs([prefix], [answer]))[0]
+    base = loop_thread.run(vllm_engine.continuation_logprobs([prefix], [answer]))[0]
+    gaps = [abs(a - b) for a, b in zip(on_vllm, on_hf)]
+    assert max(gaps) < TOKEN_TOL and sum(gaps) / len(gaps) < MEAN_TOL, gaps
+    # and the adapter did something: the base model scores the answer differently
+    assert sum(abs(a - b) for a, b in zip(on_vllm, base)) / len(base) > 5 * MEAN_TOL
