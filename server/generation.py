@@ -84,7 +84,9 @@ class GenerationService:
                 param="prompt",
             )
 
-    def plan(self, request: SamplingFields, prompt: Prompt, logprobs: int | None = None) -> GenerationPlan:
+    def plan(
+        self, request: SamplingFields, prompt: Prompt, logprobs: int | None = None, logprobs_field: str = "logprobs"
+    ) -> GenerationPlan:
         """Validate everything before any work (and before a stream's headers): sampling values
         against the context and the server's limits, then the generation door's own checks."""
         params = request.generation_params(
@@ -92,6 +94,7 @@ class GenerationService:
             max_model_len=self.generation.info.max_model_len,
             settings=self.settings,
             logprobs=logprobs,
+            logprobs_field=logprobs_field,
         )
         return self.generation.plan(prompt, params, request.decoding)
 

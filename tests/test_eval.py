@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -67,9 +66,7 @@ def test_prompts_file_is_well_formed():
 def test_smoke_evaluation_in_process(vllm_engine, embedded_settings, loop_thread, tmp_path):
     plan = quality.Plan.smoke()
     prompts = quality.load_prompts(limit=4)
-    started = time.perf_counter()
     results = loop_thread.run(quality.evaluate(vllm_engine, embedded_settings, prompts, plan, progress=False))
-    seconds = time.perf_counter() - started
     paths = quality.write_outputs(results, tmp_path / "out", tmp_path / "frontier.png")
 
     keys = [r.key for r in plan.main_runs()]
@@ -108,4 +105,3 @@ def test_smoke_evaluation_in_process(vllm_engine, embedded_settings, loop_thread
     summary = json.loads(paths["summary"].read_text())
     assert summary["summary"].keys() == results["summary"].keys()
     assert len(paths["responses"].read_text().splitlines()) == len(results["responses"])
-    assert seconds < 120, f"smoke evaluation took {seconds:.0f} s"

@@ -72,7 +72,8 @@ class OpenAIServing(GenerationService):
     # ------------------------------------------------------------------ chat
     def _prepare_chat(self, request: ChatCompletionRequest):
         self.check_model(request.model)
-        return self.plan(request, self.render_messages(request.messages), logprobs=request.num_logprobs)
+        return self.plan(request, self.render_messages(request.messages), logprobs=request.num_logprobs,
+                         logprobs_field="top_logprobs")
 
     async def chat(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatCompletionResponse:
         plan = self._prepare_chat(request)
