@@ -45,7 +45,7 @@ serve: prepare-model
 
 # lint-imports first: the layering contracts of pyproject.toml ([tool.importlinter]); a broken one stops here.
 test: install-test
-	$(BIN)/python tests/lint_imports.py
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -v --durations=15
 
 clean:

@@ -1,19 +1,12 @@
-"""Run import-linter (``lint-imports``) on alignd's layering contracts ([tool.importlinter] in pyproject.toml).
+"""import-linter (``lint-imports``) on alignd's layering contracts ([tool.importlinter] in pyproject.toml),
+on the repository as it is or on a scratch copy with one module replaced.
 
-    .venv/bin/python tests/lint_imports.py                     # every contract; lint-imports' exit status
-    .venv/bin/python tests/lint_imports.py --contract layers   # any other lint-imports options pass through
-
-Why not plain ``lint-imports``: the folders server/, decoding/, models/, ... are installed as
-``alignd.server``, ``alignd.decoding``, ... by a package-dir mapping. import-linter's graph builder (grimp)
-finds the root package ``alignd`` through the import system and then walks *its folder* (alignd/), where
-only cli.py, settings.py and errors.py are: the mapped subpackages would be invisible, and a contract on
-them would check nothing. So this script first lays the mapping out as one ``alignd/`` package of
-symbolic links in a temporary folder (read from [tool.setuptools.package-dir], so a new mapping is
-picked up), puts that folder first on the path, and runs ``lint-imports`` there with the repository's
-pyproject.toml. Nothing in the working tree is written.
-
-``override`` replaces single modules in the link tree by other source (tests/test_layering.py uses it
-to show that a wrong import breaks a contract).
+The folders server/, decoding/, models/, ... are installed as ``alignd.server``, ``alignd.decoding``, ... by
+a package-dir mapping; ``alignd/`` holds a symbolic link to each of them, so that the source tree is the
+package tree import-linter (grimp) walks, and plain ``lint-imports`` in the repository checks every
+contract (``make test`` runs it). :func:`build_tree` lays a scratch copy out as links (nothing in the
+working tree is written), and :func:`override` replaces one module in it: tests/test_layering.py uses them
+to show that a wrong import breaks a contract.
 """
 
 from __future__ import annotations
@@ -24,8 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,37 +26,16 @@ SKIP = {"__pycache__"}
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # older 2.x releases colour their output even into a pipe
 
 
-def package_dirs(repo: Path = REPO) -> dict[str, Path]:
-    """[tool.setuptools.package-dir] of ``repo``'s pyproject.toml: package name -> folder."""
-    config = tomllib.loads((repo / "pyproject.toml").read_text())
-    mapping = config["tool"]["setuptools"]["package-dir"]
-    return {name: (repo / folder).resolve() for name, folder in mapping.items()}
-
-
 def build_tree(dest: Path, repo: Path = REPO) -> Path:
-    """Lays the mapped packages out under ``dest`` as one package tree of symbolic links (the root
-    package a real folder linking its files, every mapped subpackage a link to its folder), beside a
-    link to ``repo``'s pyproject.toml (the contracts); returns ``dest``, the folder to put on the path
-    and to run lint-imports in."""
-    mapping = package_dirs(repo)
-    if ROOT_PACKAGE not in mapping:
-        raise ValueError(f"pyproject.toml maps no folder to the root package {ROOT_PACKAGE!r}")
+    """A scratch copy of ``repo``'s package under ``dest``: a real ``alignd/`` folder whose entries link
+    to the repository's (the subpackages through alignd/'s own links), beside a link to its
+    pyproject.toml (the contracts); returns ``dest``, the folder to run lint-imports in."""
     (dest / "pyproject.toml").symlink_to(repo / "pyproject.toml")
     root = dest / ROOT_PACKAGE
     root.mkdir(parents=True)
-    for entry in sorted(mapping[ROOT_PACKAGE].iterdir()):
+    for entry in sorted((repo / ROOT_PACKAGE).iterdir()):
         if entry.name not in SKIP:
-            (root / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
-    for name in sorted(mapping, key=lambda n: n.count(".")):
-        if name == ROOT_PACKAGE:
-            continue
-        if not name.startswith(ROOT_PACKAGE + "."):
-            raise ValueError(f"{name!r} is not under the root package {ROOT_PACKAGE!r}")
-        link = dest.joinpath(*name.split("."))
-        _materialize(link.parent, dest)
-        if link.is_symlink():
-            link.unlink()
-        link.symlink_to(mapping[name], target_is_directory=True)
+            (root / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
     return dest
 
 
@@ -110,14 +80,14 @@ def lint_imports_command() -> list[str]:
 
 def run_in_tree(tree: Path, args: Sequence[str] = (), *, capture: bool = False,
                 env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``lint-imports`` on the package tree ``tree`` (see build_tree) with the contracts of the
-    pyproject.toml linked there. With ``capture``, stdout and stderr come back as plain text (no
+    """``lint-imports`` in ``tree`` (the repository, or a copy from build_tree) with the contracts of
+    its pyproject.toml. With ``capture``, stdout and stderr come back as plain text (no
     colour codes)."""
     environment = dict(os.environ if env is None else env)
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), environment.get("PYTHONPATH", "")) if p)
     environment.pop("PYTHONSAFEPATH", None)
-    # cwd: the tree, not the repository (whose own alignd/ folder would shadow the tree's); lint-imports
-    # reads the pyproject.toml of its working folder (a config argument's syntax changed within 2.x)
+    # cwd: the tree, whose alignd/ comes first on the path; lint-imports reads the pyproject.toml of its
+    # working folder (a config argument's syntax changed within 2.x)
     cmd = [*lint_imports_command(), "--no-cache", *args]
     result = subprocess.run(cmd, cwd=tree, env=environment, text=True, capture_output=capture)
     if capture:
@@ -126,10 +96,8 @@ def run_in_tree(tree: Path, args: Sequence[str] = (), *, capture: bool = False,
 
 
 def run(args: Sequence[str] = (), *, repo: Path = REPO, capture: bool = False) -> subprocess.CompletedProcess:
-    """``lint-imports`` on the repository's packages as they are now (a fresh link tree, removed after)."""
-    with tempfile.TemporaryDirectory(prefix="alignd-lint-imports-") as tmp:
-        tree = build_tree(Path(tmp), repo)
-        return run_in_tree(tree, args, capture=capture)
+    """``lint-imports`` on the repository's packages as they are now."""
+    return run_in_tree(repo, args, capture=capture)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
