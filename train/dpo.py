@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alignd.models.weights import weights_digest
 from alignd.settings import Settings
 from alignd.train.data import (
     PromptRecord,
@@ -39,14 +37,13 @@ from alignd.train.data import (
     read_prompts,
     read_work_file,
 )
-from alignd.train.manifest import created_now, versions, write_manifest
+from alignd.train.manifest import manifest_header
 from alignd.train.tuning import (
     ADAPTER_FILES,
     PreferencePair,
     TrainingOptions,
-    check_target_modules,
     max_lora_rank,
-    resolve_base_model,
+    prepare_base_model,
     train_adapter,
 )
 from alignd.train.workspace import Workspace
@@ -218,9 +215,8 @@ def run_dpo(run: DPORun) -> Path:
     prompts_file = Path(run.prompts_file).expanduser().absolute()
     prompts = read_prompts(prompts_file)
     precheck_reward(settings, run.reward)
-    model_dir, model_name = resolve_base_model(settings, progress=run.progress)
-    check_target_modules(model_dir, run.training.target_modules)
-    digest = weights_digest(model_dir)
+    base = prepare_base_model(settings, run.training, progress=run.progress)
+    model_dir, digest = base.folder, base.digest
     data_sha = file_sha256(prompts_file)
 
     sampling_identity = {k: v for k, v in asdict(run.sampling).items() if k != "tie_margin"}
@@ -265,18 +261,10 @@ def run_dpo(run: DPORun) -> Path:
     logger.info("%d pairs from %d prompts (%d ties skipped); training", len(pairs), len(prompts), ties)
     result = train_adapter(model_dir, pairs, run.training, workspace.partial / "training")
 
-    folder = workspace.fresh_result_dir()
-    for name in ADAPTER_FILES:
-        shutil.copy2(result.adapter_dir / name, folder / name)
     n = run.sampling.samples_per_prompt
     manifest = {
-        "format": 1,
-        "kind": "dpo",
-        "created": created_now(),
-        "base_model": {"name": model_name, "path": str(model_dir), "weights_digest": digest},
+        **manifest_header("dpo", base.manifest_entry(), run.training, run.command),
         "reward": run.reward,
-        "beta": run.training.beta,
-        "lora_rank": run.training.lora_rank,
         "data": {
             "file": str(prompts_file),
             "sha256": data_sha,
@@ -296,9 +284,6 @@ def run_dpo(run: DPORun) -> Path:
             "sampling_s": round(sum(r.get("seconds", 0.0) for r in ordered), 3),
             "total_wall_s_this_process": round(time.perf_counter() - started, 3),
         },
-        "command": run.command,
-        "seed": run.training.seed,
-        "versions": versions(),
         "dpo_config": result.dpo_config,
         "lora_config": result.lora_config,
         "resumed": {"notes": workspace.notes, "training_checkpoint": result.resumed_from},
@@ -308,6 +293,4 @@ def run_dpo(run: DPORun) -> Path:
             f"aligned to '{run.reward}'",
         ],
     }
-    write_manifest(folder, manifest)
-    out = workspace.publish()
-    return out
+    return workspace.publish_adapter(result.adapter_dir, manifest, ADAPTER_FILES)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alignd.models.weights import weights_digest
 from alignd.settings import Settings
 from alignd.train.data import (
     Demonstration,
@@ -40,14 +38,13 @@ from alignd.train.data import (
     read_work_file,
     write_json_atomic,
 )
-from alignd.train.manifest import created_now, peak_rss_mib, versions, write_manifest
+from alignd.train.manifest import manifest_header, peak_rss_mib
 from alignd.train.tuning import (
     ADAPTER_FILES,
     PreferencePair,
     TrainingOptions,
-    check_target_modules,
     max_lora_rank,
-    resolve_base_model,
+    prepare_base_model,
     train_adapter,
 )
 from alignd.train.workspace import Workspace
@@ -188,9 +185,8 @@ def run_irft(run: IRFTRun) -> Path:
     run.training.check(max_rank=max_lora_rank(settings))
     demos_file = Path(run.demonstrations_file).expanduser().absolute()
     demos = read_demonstrations(demos_file)
-    model_dir, model_name = resolve_base_model(settings, progress=run.progress)
-    check_target_modules(model_dir, run.training.target_modules)
-    digest = weights_digest(model_dir)
+    base = prepare_base_model(settings, run.training, progress=run.progress)
+    model_dir, digest = base.folder, base.digest
     data_sha = file_sha256(demos_file)
     # Every round depends on the rounds before it (its negatives come from their adapter), so the
     # training options are inputs here too; the number of rounds is not: finished rounds stay valid
@@ -239,16 +235,10 @@ def run_irft(run: IRFTRun) -> Path:
         rounds.append(record)
         prev_adapter = result.adapter_dir
 
-    folder = workspace.fresh_result_dir()
-    for name in ADAPTER_FILES:
-        shutil.copy2(prev_adapter / name, folder / name)
     beta = run.training.beta
     last = rounds[-1]
     manifest = {
-        "format": 1,
-        "kind": "irft",
-        "created": created_now(),
-        "base_model": {"name": model_name, "path": str(model_dir), "weights_digest": digest},
+        **manifest_header("irft", base.manifest_entry(), run.training, run.command),
         "reward": None,
         "learned_reward": {
             "kind": "implicit",
@@ -256,9 +246,7 @@ def run_irft(run: IRFTRun) -> Path:
             "beta": beta,
             "reference": "the base (SFT) model",
         },
-        "beta": beta,
         "rounds": run.rounds,
-        "lora_rank": run.training.lora_rank,
         "data": {
             "file": str(demos_file),
             "sha256": data_sha,
@@ -279,9 +267,6 @@ def run_irft(run: IRFTRun) -> Path:
             "peak_rss_mib": peak_rss_mib(),
             "total_wall_s_this_process": round(time.perf_counter() - started, 3),
         },
-        "command": run.command,
-        "seed": run.training.seed,
-        "versions": versions(),
         "dpo_config": last["dpo_config"],
         "lora_config": last["lora_config"],
         "resumed": {"notes": workspace.notes},
@@ -293,5 +278,4 @@ def run_irft(run: IRFTRun) -> Path:
             "base (SFT) model in every round.",
         ],
     }
-    write_manifest(folder, manifest)
-    return workspace.publish()
+    return workspace.publish_adapter(prev_adapter, manifest, ADAPTER_FILES)

@@ -75,3 +75,19 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     path = folder / MANIFEST
     write_json_atomic(path, jsonable(manifest))
     return path
+
+
+def manifest_header(kind: str, base_model: dict, training, command: list[str]) -> dict:
+    """The fields every adapter manifest starts with: what it is, from which base weights, with which
+    beta, rank and seed, made by which command and versions (``training``: the TrainingOptions)."""
+    return {
+        "format": 1,
+        "kind": kind,
+        "created": created_now(),
+        "base_model": base_model,
+        "beta": training.beta,
+        "lora_rank": training.lora_rank,
+        "command": command,
+        "seed": training.seed,
+        "versions": versions(),
+    }

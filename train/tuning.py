@@ -144,6 +144,28 @@ def resolve_base_model(settings, *, progress: bool = True) -> tuple[Path, str]:
     return path.resolve(), settings.model_name
 
 
+@dataclass(frozen=True)
+class BaseModel:
+    """The SFT model an adapter is trained on: its folder, name and weights digest (what the manifest
+    names, and what serving checks the adapter against)."""
+
+    folder: Path
+    name: str
+    digest: str
+
+    def manifest_entry(self) -> dict:
+        return {"name": self.name, "path": str(self.folder), "weights_digest": self.digest}
+
+
+def prepare_base_model(settings, opts: TrainingOptions, *, progress: bool = True) -> BaseModel:
+    """Resolve the base model, check that ``opts`` can adapt it, and take its weights digest."""
+    from alignd.models.weights import weights_digest
+
+    folder, name = resolve_base_model(settings, progress=progress)
+    check_target_modules(folder, opts.target_modules)
+    return BaseModel(folder, name, weights_digest(folder))
+
+
 # ---------------------------------------------------------------------------- configs
 def lora_config(opts: TrainingOptions):
     from peft import LoraConfig

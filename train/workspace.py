@@ -100,6 +100,16 @@ class Workspace:
         self.result_dir.mkdir(parents=True)
         return self.result_dir
 
+    def publish_adapter(self, adapter_dir: Path, manifest: dict, files: tuple[str, ...]) -> Path:
+        """Assemble the finished adapter (``files`` of ``adapter_dir`` and the manifest) and publish it."""
+        from alignd.train.manifest import write_manifest
+
+        folder = self.fresh_result_dir()
+        for name in files:
+            shutil.copy2(adapter_dir / name, folder / name)
+        write_manifest(folder, manifest)
+        return self.publish()
+
     def publish(self) -> Path:
         """Move the assembled adapter to ``out`` (replacing an old one only with ``overwrite``) and
         remove the partial folder. Returns ``out``."""
