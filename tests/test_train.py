@@ -14,7 +14,6 @@ no server, no vLLM: sampling runs on the transformers engine, ALIGND_ENGINE=hf).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

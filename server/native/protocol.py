@@ -6,7 +6,7 @@ Its responses are wire models of :mod:`alignd.protocol.native`, which the typed 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from alignd.protocol.common import ChatMessage
 from alignd.protocol.native import (  # noqa: F401 - the endpoint's responses, re-exported
