@@ -17,6 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 EMBEDDED_MODEL = "embedded"
 DEFAULT_ADAPTER = "default"
 NO_ADAPTER = "none"
+# The layers a served LoRA may change: the attention and MLP projections of Llama-style models (vLLM
+# packs q/k/v and gate/up, and maps these names onto its packed layers).
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_REFUSED_MODULES = frozenset({"lm_head", "embed_tokens", "wte", "word_embeddings", "embed_out"})
 # The baseline adapter committed with alignd: DPO for positivity on the embedded SmolLM2 (its folder holds
 # the manifest with the command, data and seed that reproduce it).
 EMBEDDED_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-positivity-dpo"
@@ -115,6 +119,13 @@ class Settings(BaseSettings):
     )
     max_lora_rank: Literal[8, 16, 32, 64] = Field(16, description="Largest LoRA rank an adapter may have.")
     max_loras: int = Field(4, ge=1, description="Adapters in one engine batch (vLLM's max_loras).")
+    lora_target_modules: tuple[str, ...] = Field(
+        LORA_TARGET_MODULES,
+        description="Layers an adapter may change when it runs as a LoRA in the served engine (vLLM's "
+        "lora_target_modules; a JSON list). Never lm_head or the embeddings: vLLM 0.32 computes prompt "
+        "log-probabilities, which implicit rewards read, through a LoRA'd lm_head with a per-request "
+        "mapping, and its engine dies (vllm-project/vllm#16668, #51594).",
+    )
     target_reward: str = Field("positivity", description="Reward that aligned decoding maximises by default.")
     baseline_reward: str | None = Field(
         None, description="Reward the baseline is aligned to (indirect transfer); unset = the chosen baseline's "
@@ -203,6 +214,20 @@ class Settings(BaseSettings):
                     f"ALIGND_MAX_LOGPROBS or lower ALIGND_{name.upper()}"
                 )
         return self
+
+    @field_validator("lora_target_modules", mode="after")
+    @classmethod
+    def _no_lora_on_the_output_layers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("lora_target_modules needs at least one layer name")
+        refused = [m for m in value if m in LORA_REFUSED_MODULES]
+        if refused:
+            raise ValueError(
+                f"lora_target_modules may not name {', '.join(refused)}: vLLM's LoRA on the output and "
+                "embedding layers breaks prompt log-probabilities (serve such an adapter with "
+                "ALIGND_ADAPTER_SERVING=merged)"
+            )
+        return value
 
     @field_validator("cache_dir", mode="after")
     @classmethod

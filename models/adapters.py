@@ -44,9 +44,32 @@ def _digest(folder: str) -> str:
     return weights_digest(folder)
 
 
-def load_adapter(name: str, path: str | Path, base_model_dir: str | Path, *, max_rank: int) -> AdapterInfo:
+WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_modules(folder: Path) -> set[str]:
+    """The layer names (last path part: ``q_proj``, ``lm_head``...) an adapter changes, read from its
+    tensor names (PEFT's ``target_modules`` may be a regular expression or ``all-linear``; the tensors
+    say what it really touches). ``modules_to_save`` copies count as changed layers."""
+    from safetensors import safe_open
+
+    modules = set()
+    with safe_open(str(folder / WEIGHTS), framework="pt") as tensors:
+        for key in tensors.keys():
+            parts = key.split(".")
+            for marker in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save"):
+                if marker in parts:
+                    modules.add(parts[parts.index(marker) - 1])
+                    break
+    return modules
+
+
+def load_adapter(name: str, path: str | Path, base_model_dir: str | Path, *, max_rank: int,
+                 lora_modules: tuple[str, ...] | None = None) -> AdapterInfo:
     """Read and check the adapter at ``path`` for the model in ``base_model_dir``: a PEFT LoRA folder,
-    of rank at most ``max_rank``, whose manifest (when it has one) names these base weights."""
+    of rank at most ``max_rank``, whose manifest (when it has one) names these base weights.
+    ``lora_modules``: the layers a LoRA may change in the engine that will run it (None: merged into
+    the weights, where any layer may change)."""
     folder = Path(path).expanduser()
     config_file = folder / PEFT_CONFIG
     if not config_file.is_file():
@@ -64,6 +87,16 @@ def load_adapter(name: str, path: str | Path, base_model_dir: str | Path, *, max
             f"adapter '{name}' has LoRA rank {rank}, above this server's limit of {max_rank} "
             "(ALIGND_MAX_LORA_RANK: 8, 16, 32 or 64)"
         )
+    if not (folder / WEIGHTS).is_file():
+        raise ConfigurationError(f"adapter '{name}': {folder} has no {WEIGHTS} (save it with PEFT's safetensors)")
+    if lora_modules is not None:
+        outside = sorted(adapter_modules(folder) - set(lora_modules))
+        if outside:
+            raise ConfigurationError(
+                f"adapter '{name}' changes {', '.join(outside)}, which a LoRA may not change in this server "
+                f"(ALIGND_LORA_TARGET_MODULES: {', '.join(lora_modules)}): serve it with "
+                "ALIGND_ADAPTER_SERVING=merged, or train it on those layers"
+            )
     base = manifest.get("base_model") or {}
     expected = base.get("weights_digest")
     if expected:

@@ -68,7 +68,9 @@ async def build_adapter_engine(served: Engine, name: str, path: str | Path, sett
     vLLM engine itself (``ALIGND_ADAPTER_SERVING=lora``), or merged into a model folder that a second
     engine serves (``merged``). Returns (engine, adapter, whether the caller owns the engine and must
     shut it down)."""
-    adapter = await asyncio.to_thread(load_adapter, name, path, served.info.model_path, max_rank=settings.max_lora_rank)
+    as_lora = settings.engine == "vllm" and settings.adapter_serving == "lora"
+    adapter = await asyncio.to_thread(load_adapter, name, path, served.info.model_path, max_rank=settings.max_lora_rank,
+                                      lora_modules=settings.lora_target_modules if as_lora else None)
     if settings.engine != "vllm":  # the reference engine merges the adapter into a copy of its weights
         return await asyncio.to_thread(served.with_adapter, name, str(adapter.path)), adapter, True
     if settings.adapter_serving == "lora":

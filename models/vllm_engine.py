@@ -104,6 +104,9 @@ class VLLMEngine(Engine):
             enable_lora=enable_lora,
             max_lora_rank=settings.max_lora_rank,
             max_loras=settings.max_loras,
+            # Only these layers carry a LoRA: never lm_head, whose LoRA wrapper breaks prompt
+            # log-probabilities in vLLM 0.32 (see Settings.lora_target_modules).
+            lora_target_modules=list(settings.lora_target_modules) if enable_lora else None,
         )
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = llm.get_tokenizer()

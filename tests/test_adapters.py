@@ -26,14 +26,16 @@ from alignd.settings import Settings
 BETA = 0.2
 
 
-def make_adapter(base_dir: Path, out: Path, *, rank: int = 4, digest: str | None = None, seed: int = 0) -> Path:
+def make_adapter(base_dir: Path, out: Path, *, rank: int = 4, digest: str | None = None, seed: int = 0,
+                 target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
     """A random (non-zero) LoRA adapter of the tiny model, with an alignd manifest naming its base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules),
+                        init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # large enough to change the tiny model's greedy answers
         for name, param in peft_model.named_parameters():
@@ -78,6 +80,19 @@ def test_adapter_checks_refuse_what_would_serve_nonsense(tiny_llama_dir, adapter
         load_adapter("wide", wide, tiny_llama_dir, max_rank=8)
     with pytest.raises(ConfigurationError, match="not an adapter folder"):
         load_adapter("none", tmp_path, tiny_llama_dir, max_rank=16)
+
+
+def test_an_adapter_on_the_output_layer_is_refused_as_a_lora_and_accepted_merged(tiny_llama_dir, tmp_path):
+    """vLLM's LoRA on lm_head breaks prompt log-probabilities (see test_vllm_adapters): such an adapter is
+    refused where it would run as a LoRA, with the way out named, and merging it stays possible."""
+    head = make_adapter(tiny_llama_dir, tmp_path / "head", target_modules=("q_proj", "lm_head"))
+    served_layers = Settings().lora_target_modules
+    with pytest.raises(ConfigurationError) as err:
+        load_adapter("head", head, tiny_llama_dir, max_rank=16, lora_modules=served_layers)
+    assert "changes lm_head" in err.value.message and "ALIGND_ADAPTER_SERVING=merged" in err.value.message
+    assert load_adapter("head", head, tiny_llama_dir, max_rank=16).rank == 4  # merged: any layer
+    with pytest.raises(ValueError, match="may not name lm_head"):
+        Settings(lora_target_modules=("q_proj", "lm_head"))
 
 
 def test_baseline_method_samples_the_adapter(generation, tiny_hf_engine, adapter_dir):

@@ -36,3 +36,36 @@ def test_adapter_log_probabilities_agree_between_vllm_and_transformers(
     assert max(gaps) < TOKEN_TOL and sum(gaps) / len(gaps) < MEAN_TOL, gaps
     # and the adapter did something: the base model scores the answer differently
     assert sum(abs(a - b) for a, b in zip(on_vllm, base)) / len(base) > 5 * MEAN_TOL
+
+
+def test_prompt_log_probabilities_batched_beside_generation_and_adapters_keep_the_engine_alive(
+    vllm_engine, embedded_adapter, embedded_settings, loop_thread
+):
+    """vLLM 0.32 wraps lm_head with a LoRA layer whose mapping has one row per request, while prompt
+    log-probabilities have one row per prompt token: batched with other requests, the worker died
+    (einsum size mismatch; vllm-project/vllm#16668). alignd restricts served LoRAs to the projections
+    (ALIGND_LORA_TARGET_MODULES), so implicit rewards can be scored in the same batches as rollouts."""
+    import asyncio
+
+    from alignd.models.factory import build_adapter_engine
+
+    lora, _, _ = loop_thread.run(build_adapter_engine(vllm_engine, "random", embedded_adapter, embedded_settings))
+    questions = ["The capital of France is", "Tell me about your weekend, please, in some detail.", "Why does it rain?"]
+    prefixes = [vllm_engine.render_chat([{"role": "user", "content": q}]) for q in questions]
+    answers = [vllm_engine.encode(a) for a in (" Paris.", " Rain is kind and gentle to us all.", " Clouds.")]
+
+    async def together():
+        return await asyncio.gather(
+            vllm_engine.continuation_logprobs(prefixes, answers),
+            lora.continuation_logprobs(prefixes, answers),
+            vllm_engine.rollouts(prefixes, 2, 12, 1.0, seed=1),
+            lora.rollouts(prefixes, 2, 12, 1.0, seed=2),
+            vllm_engine.top_k_next(prefixes, 5),
+        )
+
+    base, adapted, *_ = loop_thread.run(together())
+    alone = loop_thread.run(lora.continuation_logprobs(prefixes[:1], answers[:1]))[0]
+    assert [len(s) for s in base] == [len(s) for s in adapted] == [len(a) for a in answers]
+    # each request was scored with its own weights, batched or not
+    assert adapted[0] == pytest.approx(alone, abs=0.05)
+    assert any(abs(a - b) > 0.05 for a, b in zip(base[1], adapted[1]))
