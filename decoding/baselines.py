@@ -73,6 +73,17 @@ class BaselineRegistry:
         ``prompted_implicit``, is built in)."""
         return {b.name: b.aligned_policy() for b in self.all() if b.policy.name != PROMPTED}
 
+    @property
+    def owned_engines(self) -> list[Engine]:
+        """The engines started for baselines, which :meth:`close` shuts down."""
+        return list(self._owned)
+
+    async def close(self) -> None:
+        """Shut down the engines started for baselines (a merged adapter's, a model folder's)."""
+        for engine in self._owned:
+            await engine.shutdown()
+        self._owned.clear()
+
 
 def prompted_only(served: Engine, settings: Settings) -> BaselineRegistry:
     """The baselines of a configuration without adapters or baseline models: the prompted one, also
@@ -80,10 +91,6 @@ def prompted_only(served: Engine, settings: Settings) -> BaselineRegistry:
     prompted = Baseline(PROMPTED, "prompted", Policy(served, PROMPTED, system_prompt=settings.baseline_system_prompt),
                         settings.baseline_system_prompt)
     return BaselineRegistry({DEFAULT: prompted, PROMPTED: prompted})
-
-    async def close(self) -> None:
-        for engine in self._owned:
-            await engine.shutdown()
 
 
 async def build_baselines(served: Engine, settings: Settings) -> BaselineRegistry:

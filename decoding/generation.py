@@ -357,10 +357,13 @@ class Generation:
     async def _target_reward(self, prompt: Prompt, config: DecodingConfig, text: str) -> float:
         return (await self.rewards.get(config.reward).score([prompt.reward_item(text)], truncate=True))[0].value
 
-    @staticmethod
-    def _summary(config: DecodingConfig, reward: float, steps: list[StepRecord], kl: float) -> AlignmentSummary:
+    def _summary(self, config: DecodingConfig, reward: float, steps: list[StepRecord], kl: float) -> AlignmentSummary:
+        from_baseline = config.method in ("transfer_q", "baseline")
         return AlignmentSummary(
             method=config.method,
+            baseline=(config.baseline or DEFAULT) if from_baseline else None,
+            baseline_kind=self.baselines.get(config.baseline).kind if from_baseline else None,
+            baseline_reward=config.baseline_reward if config.method == "transfer_q" and config.indirect else None,
             reward_name=config.reward,
             reward=reward,
             kl=kl,

