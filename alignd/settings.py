@@ -57,7 +57,13 @@ class Settings(BaseSettings):
     )
 
     # --- vLLM engine pass-through (vLLM's own names) ---
-    dtype: str = "bfloat16"
+    dtype: str = Field(
+        "auto",
+        description="Weights and activations of the vLLM engines: 'auto' = bfloat16 on a GPU or on a CPU with "
+        "native bfloat16 kernels (AVX-512 BF16 or AMX), else float32 (on an AVX2-only CPU vLLM's bfloat16 "
+        "matrix products are emulated: 3x slower decoding and 6x slower prompt log-probabilities, measured "
+        "in docs/BENCHMARKS.md); or any vLLM dtype.",
+    )
     max_model_len: int = Field(2048, ge=16)
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)

@@ -123,6 +123,8 @@ def _start_server(name: str, cmd: list[str], env: dict[str, str], log_path: Path
 
 def engine_settings(settings) -> dict[str, str]:
     """The vLLM engine options alignd's ``VLLMEngine.start`` uses, as ``vllm serve`` flags."""
+    from alignd.models.platform import engine_dtype
+
     try:
         from vllm.config import SchedulerConfig
 
@@ -130,7 +132,7 @@ def engine_settings(settings) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - older/newer vLLM: fall back to its long-standing default
         batched_tokens = 2048
     return {
-        "--dtype": settings.dtype,
+        "--dtype": engine_dtype(settings.dtype),  # what alignd's own engine runs
         "--max-model-len": str(settings.max_model_len),
         "--max-num-seqs": str(settings.max_num_seqs),
         "--max-logprobs": str(settings.max_logprobs),

@@ -692,6 +692,8 @@ def default_baseline_text(settings, baselines=None) -> str:
 
 
 def server_settings(settings, baselines=None) -> dict:
+    from alignd.models.platform import engine_dtype
+
     listing = {}
     if baselines is not None:
         for name in baselines.names():
@@ -700,7 +702,7 @@ def server_settings(settings, baselines=None) -> dict:
     return {"target_reward": settings.target_reward, "baseline": default_baseline_text(settings, baselines),
             "baselines": listing, "baseline_system_prompt": settings.baseline_system_prompt,
             "baseline_reward": settings.baseline_reward, "implicit_beta": settings.implicit_beta,
-            "model": settings.model_name, "dtype": settings.dtype}
+            "model": settings.model_name, "dtype": engine_dtype(settings.dtype)}
 
 
 async def coherences(records: list[dict], embedder, progress: bool) -> dict[tuple[str, str], float]:

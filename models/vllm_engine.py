@@ -25,6 +25,7 @@ from alignd.models.engine import (
     StreamDelta,
     TokenLogprob,
 )
+from alignd.models.platform import engine_dtype
 from alignd.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class VLLMEngine(Engine):
         args = AsyncEngineArgs(
             model=model_path,
             served_model_name=[settings.model_name],
-            dtype=settings.dtype,
+            dtype=engine_dtype(settings.dtype),
             max_model_len=settings.max_model_len,
             enforce_eager=settings.enforce_eager,
             enable_prefix_caching=settings.enable_prefix_caching,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from alignd.errors import ConfigurationError, ContextLengthError
+from alignd.models.platform import engine_dtype
 from alignd.rewards.base import Reward, RewardItem, RewardScore
 
 _BATCH = 16
@@ -126,7 +127,7 @@ class VLLMClassifierReward(Reward):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
-            model=path, runner="pooling", dtype=settings.dtype, enforce_eager=settings.enforce_eager,
+            model=path, runner="pooling", dtype=engine_dtype(settings.dtype), enforce_eager=settings.enforce_eager,
             max_model_len=max_length or settings.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization,
             tensor_parallel_size=settings.tensor_parallel_size, seed=settings.seed,
         )
