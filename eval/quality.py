@@ -276,7 +276,7 @@ class Plan:
     @classmethod
     def smoke(cls) -> Plan:
         return cls(max_tokens=4, top_k=2, rollout_len=2, best_of_n=(4, 16), concurrency=8, indirect_prompts=None,
-                   sweep_prompts=2, sweep_alphas=(1.0, 3.0), sweep_indirect_alphas=(1.0, 3.0), sweep_ns=(1, 4))
+                   sweep_prompts=2, sweep_alphas=(1.0,), sweep_indirect_alphas=(1.0,), sweep_ns=(1, 4))
 
     def value_guided(self, method: str, alpha: float, transfer: str = "direct", baseline: str | None = None) -> dict:
         """``baseline``: the baseline TQ* transfers from (None: the server's default)."""

@@ -234,7 +234,7 @@ def test_prompts_file_is_well_formed():
 @pytest.mark.vllm
 def test_smoke_evaluation_in_process(vllm_engine, embedded_settings, loop_thread, tmp_path):
     plan = quality.Plan.smoke()
-    prompts = quality.load_prompts(limit=4)
+    prompts = quality.load_prompts(limit=3)
     results = loop_thread.run(quality.evaluate(vllm_engine, embedded_settings, prompts, plan, progress=False))
     paths = quality.write_outputs(results, tmp_path / "out", tmp_path / "frontier.png")
 
