@@ -1,0 +1,188 @@
+"""Serving a trained baseline adapter: as a LoRA in the served vLLM engine, or merged into a model folder
+on a second engine; and TQ* from the adapter against TQ* from the prompted baseline. Same prompts, same
+settings, one script, the configurations run one after the other (never two at once).
+
+    .venv/bin/python bench/baseline_serving.py                      # all three configurations
+    .venv/bin/python bench/baseline_serving.py --smoke              # a tiny run: checks the script
+    .venv/bin/python bench/baseline_serving.py --configs lora none  # some of them
+
+Configurations (each in its own process, so that engines never overlap):
+  none    the served engine without LoRA, the prompted baseline only (ALIGND_BASELINE_ADAPTER=none):
+          today's reference for plain requests
+  lora    the served engine with LoRA on, the adapter as a LoRARequest (ALIGND_ADAPTER_SERVING=lora)
+  merged  the served engine without LoRA, the adapter merged into a folder on a second engine
+          (ALIGND_ADAPTER_SERVING=merged)
+
+Measured in each, through the server's own door (``Generation.stream``), greedy, ``c`` prompts at once:
+  plain      SFT decoding (``method: sft``), output tokens/s: does enabling LoRA slow base requests?
+  baseline   the adapter sampled itself (``method: baseline``), output tokens/s
+  tq         TQ* direct (alpha 1, k 10, one greedy 20-token rollout per candidate, pruning on) from the
+             default baseline (the adapter) and from the prompted baseline: output tokens/s, mean
+             positivity
+
+Prints a markdown table for docs/BENCHMARKS.md; --out writes every number as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "none": {"ALIGND_BASELINE_ADAPTER": "none"},
+    "lora": {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "lora"},
+    "merged": {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "merged"},
+}
+PROMPTS = [
+    "Tell me about your weekend.", "What do you think of Mondays?", "Describe the weather today.",
+    "How was your commute?", "What is your opinion of homework?", "Tell me about traffic jams.",
+    "What do you think about rainy days?", "Describe a long queue at the bank.",
+]
+TQ = {"method": "transfer_q", "alpha": 1.0, "top_k": 10, "rollout_len": 20, "num_rollouts": 1, "prune": True}
+
+
+async def decode(generation, engine, prompts: list[str], decoding: dict | None, max_tokens: int) -> dict:
+    """``prompts`` decoded at once through the door; output tokens/s over the wall time, and the mean
+    target reward when the method reports one."""
+    from alignd.decoding.config import DecodingConfig
+    from alignd.decoding.prompt import Prompt
+    from alignd.models.engine import GenerationParams
+
+    params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
+    config = DecodingConfig(**decoding, diagnostics=True) if decoding else None
+
+    async def one(text: str) -> tuple[int, float | None]:
+        chat = ({"role": "user", "content": text},)
+        prompt = Prompt(tuple(engine.render_chat(list(chat))), messages=chat)
+        tokens, reward = 0, None
+        async for delta in generation.stream(generation.plan(prompt, params, config), "bench"):
+            tokens += len(delta.token_ids)
+            reward = delta.alignment.reward if delta.alignment is not None else reward
+        return tokens, reward
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in prompts))
+    seconds = time.perf_counter() - start
+    tokens = sum(t for t, _ in results)
+    rewards = [r for _, r in results if r is not None]
+    return {"concurrency": len(prompts), "seconds": seconds, "output_tokens": tokens,
+            "tokens_per_s": tokens / seconds, "mean_reward": statistics.fmean(rewards) if rewards else None}
+
+
+async def measure(config: str, args) -> dict:
+    """Every measurement of one configuration (its settings come from the environment)."""
+    from alignd.decoding.baselines import build_baselines
+    from alignd.decoding.generation import Generation
+    from alignd.models.factory import open_engine
+    from alignd.rewards.registry import build_rewards
+    from alignd.settings import Settings
+
+    settings = Settings()
+    started = time.perf_counter()
+    out: dict = {"config": config, "rows": []}
+    async with open_engine(settings, progress=False) as engine:
+        baselines = await build_baselines(engine, settings)
+        rewards = await build_rewards(settings, engine, baselines.aligned_policies())
+        generation = Generation(engine, rewards, settings, baselines)
+        out["start_seconds"] = time.perf_counter() - started
+        out["default_baseline"] = baselines.get("default").kind
+        try:
+            await decode(generation, engine, PROMPTS[:2], None, 8)  # warm-up of both paths
+            await decode(generation, engine, PROMPTS[:1], {**TQ, "baseline": "prompted"}, 2)
+            cases = [("plain", "SFT decoding", None)]
+            if out["default_baseline"] == "adapter":
+                cases.append(("baseline", "the adapter sampled (method: baseline)", {"method": "baseline"}))
+                cases.append(("tq_adapter", "TQ* from the adapter", {**TQ, "baseline": "default"}))
+            cases.append(("tq_prompted", "TQ* from the prompted baseline", {**TQ, "baseline": "prompted"}))
+            for key, label, decoding in cases:
+                max_tokens = args.tq_tokens if key.startswith("tq") else args.plain_tokens
+                for c in args.concurrency:
+                    row = await decode(generation, engine, PROMPTS[:c], decoding, max_tokens)
+                    row.update(case=key, label=label, max_tokens=max_tokens)
+                    out["rows"].append(row)
+                    print(f"[{config}] {label}, c={c}: {row['tokens_per_s']:.2f} tokens/s"
+                          + (f", reward {row['mean_reward']:.3f}" if row["mean_reward"] is not None else ""), flush=True)
+        finally:
+            await generation.close()  # the baselines' own engines (the merged adapter's)
+            await rewards.close()
+    return out
+
+
+def run_config(config: str, args, work: Path) -> dict:
+    """One configuration in a child process (its own engines, gone when it exits)."""
+    result = work / f"{config}.json"
+    cmd = [sys.executable, __file__, "--child", config, "--out", str(result),
+           "--concurrency", *map(str, args.concurrency), "--plain-tokens", str(args.plain_tokens),
+           "--tq-tokens", str(args.tq_tokens)]
+    env = {**os.environ, **CONFIGS[config]}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        if proc.wait() != 0:
+            raise SystemExit(f"configuration {config} failed (exit {proc.returncode})")
+    finally:
+        if proc.poll() is None:  # interrupted: stop the child's whole process group (its engines)
+            os.killpg(proc.pid, 15)
+            proc.wait()
+    return json.loads(result.read_text())
+
+
+def report(results: list[dict]) -> str:
+    by = {(r["config"], row["case"], row["concurrency"]): row for r in results for row in r["rows"]}
+    concurrencies = sorted({row["concurrency"] for r in results for row in r["rows"]})
+    cases = [("plain", "SFT decoding"), ("baseline", "the adapter sampled"), ("tq_adapter", "TQ* from the adapter"),
+             ("tq_prompted", "TQ* from the prompted baseline")]
+    head = "| measured | " + " | ".join(f"{cfg}, c={c}" for cfg in [r["config"] for r in results] for c in concurrencies) + " |"
+    lines = [head, "|---" * (1 + len(results) * len(concurrencies)) + "|"]
+    for key, label in cases:
+        cells = []
+        for r in results:
+            for c in concurrencies:
+                row = by.get((r["config"], key, c))
+                if row is None:
+                    cells.append("-")
+                else:
+                    reward = f" ({row['mean_reward']:.2f})" if row["mean_reward"] is not None else ""
+                    cells.append(f"{row['tokens_per_s']:.2f}{reward}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    starts = ", ".join(f"{r['config']}: {r['start_seconds']:.0f} s" for r in results)
+    return "\n".join(lines) + f"\n\noutput tokens/s (mean positivity); engine start and warm-up: {starts}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--plain-tokens", type=int, default=64, help="new tokens of plain and baseline requests")
+    parser.add_argument("--tq-tokens", type=int, default=32, help="new tokens of TQ* requests")
+    parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, not the speed")
+    parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.smoke:
+        args.concurrency, args.plain_tokens, args.tq_tokens = [1, 2], 4, 2
+    if max(args.concurrency) > len(PROMPTS):
+        parser.error(f"--concurrency: at most {len(PROMPTS)} (the prompts defined)")
+    if args.child:
+        result = asyncio.run(measure(args.child, args))
+        args.out.write_text(json.dumps(result, indent=2))
+        return
+    with tempfile.TemporaryDirectory() as work:
+        results = []
+        for config in args.configs:
+            print(f"== configuration {config}: {CONFIGS[config]}", flush=True)
+            results.append(run_config(config, args, Path(work)))
+    print("\n" + report(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
