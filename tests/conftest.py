@@ -256,5 +256,5 @@ def model_name(embedded_settings) -> str:
 def openai_client(server):
     import openai
 
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
         yield client

@@ -95,7 +95,9 @@ def test_diagnostics_report_steps_reward_and_kl(server, model_name, embedded_eos
 @pytest.mark.parametrize("decoding", [
     {"method": "sft", "diagnostics": True},
     TQ,
-    {**TQ, "transfer": "indirect"},
+    # from the prompted baseline: the adapter's implicit reward reads prompt log-probabilities through the
+    # LoRA (351 s here for the two requests); TQ* from the adapter has its own tests (test_server_baselines)
+    {**TQ, "transfer": "indirect", "baseline": "prompted"},
     {"method": "args", "alpha": 0.5, "top_k": 4},
     {"method": "cd", "alpha": 0.1, "top_k": 3, "rollout_len": 4},
     {"method": "cd", "cd_mode": "block", "num_blocks": 3, "block_len": 4},
