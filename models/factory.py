@@ -73,7 +73,7 @@ async def build_adapter_engine(served: Engine, name: str, path: str | Path, sett
                                       lora_modules=settings.lora_target_modules if as_lora else None)
     if settings.engine != "vllm":  # the reference engine merges the adapter into a copy of its weights
         return await asyncio.to_thread(served.with_adapter, name, str(adapter.path)), adapter, True
-    if settings.adapter_serving == "lora":
+    if as_lora:
         return served.with_adapter(name, str(adapter.path)), adapter, False
     merged = await asyncio.to_thread(merge_adapter, served.info.model_path, adapter.path, settings.cache_dir)
     return await build_model_engine(merged, settings), adapter, True
