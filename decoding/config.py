@@ -25,6 +25,13 @@ class DecodingConfig(BaseModel):
     num_rollouts: int | None = Field(None, ge=1, description="Rollouts per candidate (transfer_q, cd).")
     rollout_len: int | None = Field(None, ge=0, description="Tokens per rollout (transfer_q, cd).")
     rollout_temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy rollouts.")
+    value: Literal["rollouts", "head"] = Field(
+        "rollouts",
+        description="transfer_q: how Q(s, z) is estimated. 'rollouts': the baseline's rollouts per candidate "
+        "(ALGORITHMS.md); 'head': the server's learned value head, scored inside the engine's own decode step "
+        "(one engine request per answer, near the cost of plain decoding; GET /v1/value_head says which "
+        "reward and baseline it was trained for).",
+    )
     transfer: Literal["direct", "indirect"] = Field(
         "direct", description="direct: the baseline is aligned to the target reward; indirect: to baseline_reward."
     )
@@ -59,6 +66,28 @@ class DecodingConfig(BaseModel):
         if (self.num_rollouts or 1) > 1 and self.rollout_temperature == 0.0:
             raise ValueError("num_rollouts > 1 needs rollout_temperature > 0: greedy rollouts would all be identical")
         return self
+
+    @model_validator(mode="after")
+    def _head_is_transfer_q_direct(self) -> DecodingConfig:
+        if self.value == "head":
+            if self.method != "transfer_q":
+                raise ValueError(f"decoding.value='head' is a transfer_q estimator, not one of method={self.method}")
+            if self.transfer == "indirect":
+                raise ValueError("decoding.value='head' is direct transfer (the head was distilled from rollouts "
+                                 "scored by its target reward); use value='rollouts' for indirect transfer")
+            if self.block_size != 1 or self.confidence_threshold is not None:
+                raise ValueError("block_size and confidence_threshold save rollouts; with decoding.value='head' "
+                                 "every token is value-guided at no rollout cost: leave them unset")
+        return self
+
+    @property
+    def metric_label(self) -> str:
+        """The ``method`` label of this request's metrics: TQ* by the value head is its own series."""
+        return "transfer_q_head" if self.uses_value_head else self.method
+
+    @property
+    def uses_value_head(self) -> bool:
+        return self.method == "transfer_q" and self.value == "head"
 
     @property
     def indirect(self) -> bool:

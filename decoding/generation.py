@@ -25,6 +25,7 @@ from alignd.decoding.methods import (
     BestOfNDecoder,
     BlockwiseCDDecoder,
     Decoder,
+    HeadTransferQDecoder,
     SFTDecoder,
     StepRecord,
     ValueGuidedDecoder,
@@ -54,7 +55,7 @@ ALIGNED = "aligned"
 # Observers (metrics): called with (method, step, seconds the step took) for every decision, and with
 # (method, target reward or None, KL from SFT) for every finished choice, diagnostics or not.
 StepObserver = Callable[[str, StepRecord, float], None]
-ResponseObserver = Callable[[str, "float | None", float], None]
+ResponseObserver = Callable[[str, "float | None", "float | None"], None]
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ class GenerationPlan:
 
     @property
     def family(self) -> str:
-        # sampling the SFT model or a baseline is one engine request, like plain decoding
-        plain = self.decoding is None or self.decoding.method in ("sft", "baseline")
+        # sampling the SFT model or a baseline, or TQ* by the engine's value head, is one engine request,
+        # like plain decoding
+        plain = self.decoding is None or self.decoding.method in ("sft", "baseline") or self.decoding.uses_value_head
         return PLAIN if plain else ALIGNED
 
 
@@ -159,8 +161,10 @@ class Generation:
                 "(decoding.diagnostics=true) report each step's candidates and log-probabilities",
                 param="logprobs",
             )
-        if decoding.method in ("transfer_q", "baseline"):
+        if decoding.method in ("transfer_q", "baseline") and not decoding.uses_value_head:
             decoding = self._with_baseline_defaults(decoding)
+        if decoding.uses_value_head:
+            decoding = self._with_head_defaults(decoding)
         resolved = decoding.resolved(self.settings)
         if resolved.method not in ("sft", "baseline"):
             self.rewards.get(resolved.reward)  # unknown names fail before any work
@@ -180,6 +184,31 @@ class Generation:
         if decoding.beta is None and baseline.beta is not None:
             updates["beta"] = baseline.beta
         return decoding.model_copy(update=updates) if updates else decoding
+
+    @property
+    def value_head(self) -> dict | None:
+        """The manifest of the engine's value head (None: the engine has none)."""
+        return self.engine.info.extra.get("value_head")
+
+    def _with_head_defaults(self, decoding: DecodingConfig) -> DecodingConfig:
+        """The head was distilled for one target reward from one baseline's rollouts: a request for another
+        is refused (naming the head's), and the diagnostics name the head's."""
+        head = self.value_head
+        if not head:
+            raise InvalidRequestError(
+                "decoding.value='head' needs a value head, and this server has none (ALIGND_VALUE_HEAD: a folder made "
+                "by 'alignd train value-head'); use decoding.value='rollouts'", param="decoding.value")
+        reward = head.get("reward")
+        if decoding.reward is not None and decoding.reward != reward:
+            raise InvalidRequestError(
+                f"this server's value head was trained for reward '{reward}', not '{decoding.reward}': ask for "
+                f"reward '{reward}', or use decoding.value='rollouts' for any reward", param="decoding.reward")
+        trained_from = (head.get("baseline") or {}).get("name")
+        if decoding.baseline is not None and trained_from and decoding.baseline != trained_from:
+            raise InvalidRequestError(
+                f"this server's value head was distilled from baseline '{trained_from}', not '{decoding.baseline}': "
+                "use decoding.value='rollouts' to transfer from another baseline", param="decoding.baseline")
+        return decoding.model_copy(update={"reward": reward, "baseline": trained_from or decoding.baseline})
 
     @staticmethod
     def _check_penalties(config: DecodingConfig, params: GenerationParams) -> None:
@@ -295,6 +324,8 @@ class Generation:
         if config.method == "baseline":
             return BaselineDecoder(self.sft, self.baselines.get(config.baseline).policy, params,
                                    record_candidates=record)
+        if config.uses_value_head:
+            return HeadTransferQDecoder(self.sft, params, alpha=config.alpha, top_k=config.top_k, record_candidates=record)
         reward = self.rewards.get(config.reward)
         if config.method == "best_of_n":
             return BestOfNDecoder(self.sft, reward, params, num_samples=config.num_samples,
@@ -336,19 +367,19 @@ class Generation:
                 if chunk.step is not None:
                     steps.append(chunk.step)
                     for observer in self.step_observers:
-                        observer(config.method, chunk.step, time.perf_counter() - started)
+                        observer(config.metric_label, chunk.step, time.perf_counter() - started)
                 delta = text.add(StreamDelta(index, chunk.token_ids, "", chunk.finish_reason,
                                              prompt_token_count=len(prompt.token_ids)), hold_last=True)
                 if delta is not None:
                     yield delta
         finally:
             await chunks.aclose()  # a stop string or a gone client ends the method's engine work now
-        kl = sum(s.kl for s in steps)
+        kl = None if config.uses_value_head else sum(s.kl for s in steps)
         reward = None
         if config.diagnostics or (self.response_observers and self.settings.score_responses):
             reward = await self._target_reward(prompt, config, text.answer)
         for observer in self.response_observers:
-            observer(config.method, reward, kl)
+            observer(config.metric_label, reward, kl)
         last = text.last(len(prompt.token_ids))
         if config.diagnostics:
             last.alignment = self._summary(config, reward, steps, kl)
@@ -367,6 +398,7 @@ class Generation:
             reward_name=config.reward,
             reward=reward,
             kl=kl,
+            value=config.value if config.method == "transfer_q" else None,
             cost=DecodingCost(
                 decisions=len(steps),
                 gated=sum(1 for s in steps if s.gated),

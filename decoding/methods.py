@@ -11,6 +11,7 @@ candidates' scores (counted over the answer so far) and apply to Best-of-N's who
 ``max_tokens`` bounds the answer; stop strings are applied to the assembled text.
 
     SFTDecoder              plain greedy / sampled decoding from the SFT model (the engine's sampler)
+    HeadTransferQDecoder    TQ* with Q from the engine's learned value head, inside vLLM's decode step
     ValueGuidedDecoder      one token per decision from pi_sft * exp(Q / alpha) over the top-k:
                               TQ* (Q from baseline rollouts), CD (Q from SFT rollouts), ARGS (Q = partial reward)
     BlockwiseCDDecoder      K sampled blocks of M tokens from the SFT model, keep the best-valued block
@@ -31,7 +32,7 @@ import torch
 from alignd.decoding.prompt import Policy, Prompt
 from alignd.decoding.rule import nucleus, repetition_penalties, reweight
 from alignd.decoding.values import ValueEstimator
-from alignd.models.engine import GenerationParams
+from alignd.models.engine import GenerationParams, ValueGuidance
 from alignd.protocol.diagnostics import (
     BaselineStep,
     BestOfNStep,
@@ -230,6 +231,46 @@ class ValueGuidedDecoder(Decoder):
                 return
 
 
+class HeadTransferQDecoder(Decoder):
+    """TQ* with Q from the engine's learned value head (``decoding.value='head'``): one engine request
+    for the whole answer; inside vLLM's decode step, alignd's logits processor adds Q(s, z) / alpha to
+    the SFT model's top-k logits (the rule of :func:`alignd.decoding.rule.transfer_q_logits`) and vLLM's
+    sampler applies the request's penalties, temperature, top_p and seed after it.
+
+    With diagnostics each token is a step whose candidates are the SFT model's top-k with their own
+    log-probabilities (vLLM returns the logits as the model computed them, before any processor); the
+    head's values and the re-weighted distribution stay inside the engine, so ``value``, ``logprob`` and
+    ``kl`` are null."""
+
+    def __init__(self, sft: Policy, params: GenerationParams, *, alpha: float, top_k: int,
+                 record_candidates: bool = False) -> None:
+        super().__init__(sft, params)
+        self.record_candidates = record_candidates
+        self.engine_params = dataclasses.replace(
+            params, stop=(), value_guidance=ValueGuidance(alpha=alpha, top_k=top_k),
+            logprobs=top_k if record_candidates else None,
+        )
+
+    async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
+        decode = self.sft.engine.decode
+        position = 0
+        async for delta in self.sft.engine.stream(list(prompt.token_ids), self.engine_params, f"tq-head-{id(self)}"):
+            if not self.record_candidates:
+                yield DecodeChunk(delta.token_ids, finish_reason=delta.finish_reason)
+                continue
+            tokens = list(delta.token_ids)
+            for i, (token, logprobs) in enumerate(zip(tokens, delta.logprobs or [])):
+                record = ValueGuidedStep(position=position, chosen=[token], chosen_text=decode([token]), kl=None)
+                record.candidates = [
+                    TokenCandidate(token_id=t.token_id, token=decode([t.token_id]), sft_logprob=t.logprob, value=None,
+                                   logprob=None)
+                    for t in logprobs.top
+                ]
+                position += 1
+                last = i == len(tokens) - 1
+                yield DecodeChunk([token], record, delta.finish_reason if last else None)
+
+
 class _RewardSelectionDecoder(Decoder):
     """Base of the methods that sample several continuations from the SFT model and select by reward."""
 
@@ -336,6 +377,6 @@ class BestOfNDecoder(_RewardSelectionDecoder):
 
 
 __all__: Sequence[str] = [
-    "BaselineDecoder", "BestOfNDecoder", "BlockwiseCDDecoder", "DecodeChunk", "Decoder", "SFTDecoder", "StepRecord", "ValueGuidedDecoder",
+    "BaselineDecoder", "BestOfNDecoder", "BlockwiseCDDecoder", "DecodeChunk", "Decoder", "HeadTransferQDecoder", "SFTDecoder", "StepRecord", "ValueGuidedDecoder",
     "kl_bound_best_of_n",
 ]

@@ -135,3 +135,34 @@ class TransferQLogitsProcessor:
             rule = reweight(candidates, top_values[row].tolist(), list(values), self.alpha)
             out[row, top_ids[row]] = torch.tensor(rule.logprobs, dtype=out.dtype, device=out.device)
         return out
+
+
+def transfer_q_logits(
+    logits: torch.Tensor, candidate_ids: torch.Tensor, values: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """The same rule as :func:`reweight`, batched over rows and written as new logits, for engines that
+    sample from logits themselves (alignd's vLLM plugin applies it inside vLLM's decode step).
+
+    ``logits`` [B, V], ``candidate_ids`` [B, k] (distinct token ids per row), ``values`` [B, k] (Q of
+    each candidate), ``alpha`` [B] (> 0; checked where requests are admitted, not here: a check would
+    cost a device synchronisation every step). Returns new float32 logits [B, V]: each candidate gets
+    ``log_softmax(logits)[z] + Q(z) / alpha``, every other token ``-inf``. Their softmax is exactly
+    :func:`reweight`'s distribution over the candidates, so greedy decoding takes its argmax and
+    sampling at temperature 1 samples it. A candidate whose value is ``-inf`` is dropped: rows of one
+    batch with fewer candidates pad ``values`` with ``-inf``.
+
+    The input is not modified."""
+    if logits.dim() != 2 or candidate_ids.shape != values.shape or candidate_ids.dim() != 2:
+        raise ValueError(f"expected logits [B, V] and candidate_ids, values [B, k]; got {tuple(logits.shape)}, "
+                         f"{tuple(candidate_ids.shape)}, {tuple(values.shape)}")
+    if candidate_ids.shape[0] != logits.shape[0] or alpha.shape != (logits.shape[0],):
+        raise ValueError(f"expected {logits.shape[0]} rows of candidates and one alpha per row; got "
+                         f"{candidate_ids.shape[0]} and alpha of shape {tuple(alpha.shape)}")
+    logits = logits.float()
+    # log_softmax at the candidates only: the normaliser once per row, no [B, V] log-probability tensor
+    sft_logprobs = logits.gather(1, candidate_ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    values = values.float()
+    # -inf stays -inf whatever alpha is (a plain division by an infinite alpha would give NaN)
+    scaled = torch.where(torch.isneginf(values), values, values / alpha.float().unsqueeze(1))
+    out = torch.full_like(logits, -math.inf)
+    return out.scatter_(1, candidate_ids, sft_logprobs + scaled)

@@ -21,6 +21,15 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class ValueGuidance:
+    """Transfer Q* inside the engine's own decode step: over the SFT model's ``top_k`` tokens, sample from
+    ``pi_sft * exp(Q / alpha)`` with ``Q`` from the engine's learned value head (alignd.vllm_plugin)."""
+
+    alpha: float
+    top_k: int
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """Engine-neutral sampling parameters (the server maps API fields onto these)."""
 
@@ -35,6 +44,8 @@ class GenerationParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    # Value-guided decoding by the engine's value head (None: the SFT model's own distribution).
+    value_guidance: ValueGuidance | None = None
 
     @property
     def greedy(self) -> bool:

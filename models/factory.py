@@ -45,8 +45,30 @@ async def build_engine(settings: Settings, *, progress: bool = True) -> Engine:
         from alignd.models.vllm_engine import VLLMEngine
 
         lora = settings.adapter_serving == "lora" and bool(settings.adapter_folders())
-        return VLLMEngine.start(path, settings, enable_lora=lora)
+        head = settings.value_head_dir()
+        if head is None:
+            return VLLMEngine.start(path, settings, enable_lora=lora)
+        served, manifest = await asyncio.to_thread(value_guided_model, path, head, settings)
+        return VLLMEngine.start(str(served), settings, enable_lora=lora, value_head=manifest)
     return await asyncio.to_thread(build_reference_engine, path, settings)
+
+
+def value_guided_model(model_dir: str | Path, head_dir: Path, settings: Settings) -> tuple[Path, dict]:
+    """The served model folder with the value head attached (alignd's vLLM model class reads it), after
+    checking that the head was made for these weights; and the head's manifest with its path."""
+    import hashlib
+    import json
+
+    from alignd.models.value_head import load_value_head, prepare_value_guided_folder
+    from alignd.models.weights import weights_digest
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dir = head_dir.resolve()
+    loaded = load_value_head(head_dir, vocab_size=config.get("vocab_size"), hidden_size=config.get("hidden_size"),
+                             base_weights_digest=weights_digest(model_dir), base_name=settings.model_name)
+    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{head_dir}".encode()).hexdigest()[:16]
+    served = prepare_value_guided_folder(model_dir, head_dir, settings.cache_dir / "value-guided" / key)
+    return served, {**loaded.manifest, "path": str(head_dir)}
 
 
 async def build_model_engine(path: str | Path, settings: Settings) -> Engine:

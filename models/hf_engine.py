@@ -298,6 +298,16 @@ class HFEngine(Engine):
             out.append([Rollout(r.tokens, r.finish_reason, self.decode(r.tokens)) for r in group])
         return out
 
+    def check_params(self, params: GenerationParams) -> None:
+        if params.value_guidance is not None:
+            from alignd.errors import InvalidRequestError
+
+            raise InvalidRequestError(
+                "decoding.value='head' runs inside the vLLM engine's decode step (alignd.vllm_plugin); this server "
+                "runs the transformers reference engine (ALIGND_ENGINE=hf): use decoding.value='rollouts'",
+                param="decoding.value",
+            )
+
     async def stream(self, prompt_token_ids, params, request_id) -> AsyncIterator[StreamDelta]:
         """Token ids only (``applies_stop_strings`` is False): text and stop strings are assembled by
         the caller (:mod:`alignd.decoding`), which closes this stream when every choice has stopped."""

@@ -26,6 +26,7 @@ from alignd.models.engine import (
     TokenLogprob,
 )
 from alignd.models.platform import engine_dtype
+from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY
 from alignd.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,9 +70,13 @@ class VLLMEngine(Engine):
                           lora_request=LoRARequest(name, lora_id, str(path)), owns_engine=False)
 
     @classmethod
-    def start(cls, model_path: str, settings: Settings, *, enable_lora: bool = False) -> VLLMEngine:
+    def start(cls, model_path: str, settings: Settings, *, enable_lora: bool = False,
+              value_head: dict | None = None) -> VLLMEngine:
         """Build the async engine. Must run inside an event loop (vLLM starts its output task).
-        ``enable_lora``: adapters may run in it (:meth:`with_adapter`), up to ``settings.max_lora_rank``."""
+        ``enable_lora``: adapters may run in it (:meth:`with_adapter`), up to ``settings.max_lora_rank``.
+        ``value_head``: the manifest of the head that ``model_path`` (a folder made by
+        :func:`alignd.models.value_head.prepare_value_guided_folder`) carries; requests may then ask for
+        :class:`ValueGuidance`."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -120,7 +125,8 @@ class VLLMEngine(Engine):
             max_model_len=config.max_model_len,
             vocab_size=config.get_vocab_size(),
             eos_token_ids=tuple(sorted(i for i in eos_ids if i is not None)),
-            extra={"max_logprobs": settings.max_logprobs, "lora": enable_lora, "max_lora_rank": settings.max_lora_rank},
+            extra={"max_logprobs": settings.max_logprobs, "lora": enable_lora, "max_lora_rank": settings.max_lora_rank,
+                   "value_head": value_head},
         )
         return cls(llm, tokenizer, info)
 
@@ -149,6 +155,18 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
 
+        extra_args = None
+        if params.value_guidance is not None:
+            if not self.info.extra.get("value_head"):
+                raise InvalidRequestError(
+                    "this engine has no value head (start the server with ALIGND_VALUE_HEAD=<folder made by "
+                    "'alignd train value-head'>), so decoding.value='head' is not available",
+                    param="decoding.value",
+                )
+            if self._lora is not None:
+                raise InvalidRequestError("the value head reads the SFT model's hidden states: it cannot run on an "
+                                          "adapter's requests", param="decoding.value")
+            extra_args = {ALPHA_KEY: float(params.value_guidance.alpha), TOP_K_KEY: int(params.value_guidance.top_k)}
         try:
             return SamplingParams(
                 n=params.n,
@@ -162,6 +180,7 @@ class VLLMEngine(Engine):
                 frequency_penalty=params.frequency_penalty,
                 ignore_eos=params.ignore_eos,
                 output_kind=output_kind,
+                extra_args=extra_args,
             )
         except (VLLMClientError, ValueError) as exc:
             raise InvalidRequestError(f"vLLM rejected the sampling parameters: {exc}") from exc

@@ -49,12 +49,14 @@ class TokenCandidate(_Diagnostic):
     token_id: int
     token: str
     sft_logprob: float = Field(description="The SFT model's own log-probability (full vocabulary, no penalty).")
-    value: float = Field(description="Q(s, z): the candidate's estimated value under the target reward.")
+    value: float | None = Field(description="Q(s, z): the candidate's estimated value under the target reward "
+                                "(null with decoding.value='head': the head's values stay inside the engine).")
     penalty: float = Field(
         0.0, description="presence_penalty if the token already occurs in the answer, plus frequency_penalty "
         "times its count there; subtracted from sft_logprob before the rule.",
     )
-    logprob: float = Field(description="log pi(z | s) of the re-weighted distribution over the candidates.")
+    logprob: float | None = Field(description="log pi(z | s) of the re-weighted distribution over the candidates "
+                                  "(null with decoding.value='head').")
 
 
 class BlockCandidate(_Diagnostic):
@@ -72,7 +74,8 @@ class _Step(_Diagnostic):
     position: int = Field(description="Index of the decision's first token in the answer.")
     chosen: list[int] = Field(description="Token ids the decision appended.")
     chosen_text: str
-    kl: float = Field(description="KL from the SFT model of this decision (exact, or the best-of-n bound).")
+    kl: float | None = Field(description="KL from the SFT model of this decision (exact, or the best-of-n bound; "
+                             "null with decoding.value='head', whose distribution stays inside the engine).")
     gated: bool = False
     cost: StepCost = Field(default_factory=StepCost)
 
@@ -115,6 +118,9 @@ class AlignmentSummary(_Diagnostic):
     baseline_reward: str | None = Field(None, description="r_BL of indirect transfer (its reward's name).")
     reward_name: str = Field(description="The target reward the answer is scored with.")
     reward: float = Field(description="Target reward of the final text.")
-    kl: float = Field(description="KL from the SFT model, summed over the decisions.")
+    kl: float | None = Field(description="KL from the SFT model, summed over the decisions (null with "
+                             "decoding.value='head').")
+    value: Literal["rollouts", "head"] | None = Field(
+        None, description="transfer_q: where Q came from, baseline rollouts or the engine's value head.")
     cost: DecodingCost
     steps: list[Step] = []

@@ -62,3 +62,13 @@ class BaselineCard(BaseModel):
 class BaselineList(BaseModel):
     object: str = "list"
     data: list[BaselineCard]
+
+
+class ValueHeadCard(BaseModel):
+    """The learned value head of ``decoding.value='head'`` (TQ* inside the engine's decode step)."""
+
+    available: bool = Field(description="False when the server has no value head (ALIGND_VALUE_HEAD=none).")
+    path: str | None = None
+    reward: str | None = Field(None, description="The target reward it was trained for: the only one it serves.")
+    baseline: str | None = Field(None, description="The baseline whose rollout values it distils.")
+    provenance: dict = Field(default_factory=dict, description="Its manifest: data, metrics, the exact command.")

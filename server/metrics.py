@@ -155,11 +155,12 @@ class ServerMetrics:
         self.rollout_tokens.labels(method).inc(step.cost.rollout_tokens)
         self.value_step_seconds.labels(method).observe(seconds)
 
-    def observe_response(self, method: str, reward: float | None, kl: float) -> None:
+    def observe_response(self, method: str, reward: float | None, kl: float | None) -> None:
         self.decoding_requests.labels(method).inc()
         if reward is not None:
             self.response_reward.labels(method).observe(reward)
-        self.response_kl.labels(method).observe(kl)
+        if kl is not None:  # the value head's distribution stays inside the engine: no KL to observe
+            self.response_kl.labels(method).observe(kl)
 
     def render(self, include_default: bool = True) -> tuple[bytes, str]:
         body = generate_latest(self.registry)

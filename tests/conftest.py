@@ -162,13 +162,14 @@ def embedded_eos_token_ids(embedded_model_dir) -> frozenset[int]:
 
 @pytest.fixture(scope="session")
 def embedded_settings(embedded_model_dir, cache_dir) -> Settings:
-    return Settings(cache_dir=cache_dir)
+    # adapters as LoRAs in the engine, as the session server runs them (see session_server_env)
+    return Settings(cache_dir=cache_dir, adapter_serving="lora")
 
 
 @pytest.fixture(scope="session")
 def vllm_engine(embedded_model_dir, embedded_settings, loop_thread):
-    """An in-process vLLM engine on the embedded model, with the server's default settings: LoRA on, as
-    the server runs it with the committed baseline adapter (ALIGND_ADAPTER_SERVING=lora)."""
+    """An in-process vLLM engine on the embedded model, with the server's default settings and LoRA on, as
+    the session server runs it (ALIGND_ADAPTER_SERVING=lora)."""
     from alignd.models.factory import warm_up
     from alignd.models.vllm_engine import VLLMEngine
 
@@ -220,8 +221,35 @@ class RunningServer:
         self.base_url = base_url.rstrip("/")
 
 
+EMBEDDED_HEAD_RANK = 16
+
+
 @pytest.fixture(scope="session")
-def session_server_env(tiny_classifier_dir, session_admission_limits) -> dict[str, str]:
+def embedded_value_head_dir(embedded_model_dir, tmp_path_factory, model_name) -> Path:
+    """A value head for the embedded model with known values (random, seeded): the session server scores TQ*
+    with it inside its vLLM engine (decoding.value='head'), so every server test also runs on alignd's
+    value-guided model class, where requests that do not ask for the head must decode as plain vLLM."""
+    import json
+
+    import torch
+
+    from alignd.models.value_head import ValueHead, ValueHeadConfig, save_value_head
+    from alignd.models.weights import weights_digest
+
+    config = json.loads((embedded_model_dir / "config.json").read_text())
+    torch.manual_seed(7)
+    head = ValueHead(ValueHeadConfig(hidden_size=config["hidden_size"], vocab_size=config["vocab_size"],
+                                     rank=EMBEDDED_HEAD_RANK))
+    with torch.no_grad():
+        head.out.weight.mul_(4.0)  # values spread over a few units: at alpha 0.1 the head decides
+    manifest = {"base_model": {"name": model_name, "weights_digest": weights_digest(embedded_model_dir)},
+                "reward": "positivity", "baseline": {"name": "default", "kind": "adapter"},
+                "note": "a random head for tests (tests/conftest.py)"}
+    return save_value_head(head.eval(), tmp_path_factory.mktemp("embedded-value-head"), manifest)
+
+
+@pytest.fixture(scope="session")
+def session_server_env(tiny_classifier_dir, session_admission_limits, embedded_value_head_dir) -> dict[str, str]:
     """The settings the session server runs with, beside the defaults (a server from
     ALIGND_TEST_SERVER_URL must be started with the same)."""
     return {
@@ -234,6 +262,12 @@ def session_server_env(tiny_classifier_dir, session_admission_limits) -> dict[st
         # run, the 8 queued TQ* requests of the overload test waited longer than the default 60 s
         # and got 503 (the queue timeout has its own test, tests/test_admission.py).
         "ALIGND_MAX_QUEUE_WAIT_S": "600",
+        # The committed adapter as a LoRA in the served engine rather than the default merged copy on a
+        # second engine: one engine fewer in the test run (at most four at once on this machine), and the
+        # LoRA path, whose vLLM bug (#16668) alignd works around, stays under test with the real server.
+        # The merged path has its own test (tests/test_vllm_adapters.py).
+        "ALIGND_ADAPTER_SERVING": "lora",
+        "ALIGND_VALUE_HEAD": str(embedded_value_head_dir),
     }
 
 

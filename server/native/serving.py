@@ -13,7 +13,7 @@ from alignd.server.native.protocol import (
     TokenLogprobOut,
 )
 from alignd.protocol.common import UsageInfo
-from alignd.protocol.native import BaselineCard, BaselineList
+from alignd.protocol.native import BaselineCard, BaselineList, ValueHeadCard
 from alignd.server.request_scope import AdmittedStream, RequestContext
 
 GENERATE_ENDPOINT = "/generate"
@@ -27,6 +27,13 @@ class NativeServing(GenerationService):
             cards.append(BaselineCard(name=name, kind=b.kind, source=b.source, same_as=b.name if b.name != name else None,
                                       implicit_reward=b.implicit_reward, beta=b.beta, provenance=b.provenance))
         return BaselineList(data=cards)
+
+    def value_head(self) -> ValueHeadCard:
+        head = self.generation.value_head
+        if not head:
+            return ValueHeadCard(available=False)
+        return ValueHeadCard(available=True, path=head.get("path"), reward=head.get("reward"),
+                             baseline=(head.get("baseline") or {}).get("name"), provenance=head)
 
     def _prepare(self, request: GenerateRequest):
         self.check_model(request.model)

@@ -1,0 +1,217 @@
+"""The V1 logits processor that applies Transfer Q* with the value head, for the rows that ask for it.
+
+A request asks with two keys of ``SamplingParams.extra_args`` (``vllm_xargs`` in an OpenAI request
+body to ``vllm serve``): ``alignd_alpha`` (a finite number > 0) and ``alignd_top_k`` (an integer from 1
+to ``MAX_TOP_K``; default 10, the paper's). For those rows, over the row's top-k tokens ``z`` by logit:
+
+    new logit(z) = log_softmax(logits)(z) + Q(s, z) / alpha,   every other token -inf
+
+(``alignd.decoding.rule.transfer_q_logits``, the one TQ* rule of alignd), with Q from the value head on
+the row's hidden state and the candidates' input embeddings. Every other row is left as it is, bit for
+bit; with no row asking, ``apply`` returns at once.
+
+Where it runs in vLLM's V1 sampler (``vllm/v1/sample/sampler.py``): after the allowed-token mask, the
+bad-words mask and vLLM's own non-argmax-invariant processors (min_tokens, logit_bias; so the candidates
+are the top-k of the logits those leave), and **before** the penalties (presence, frequency, repetition),
+the temperature, min_p and the request's own top_k/top_p, which vLLM applies to the new logits. So
+greedy requests (temperature 0) take the argmax of the rule, and temperature 1 samples the rule's
+distribution exactly. vLLM's presence and frequency penalties then subtract from the candidates'
+scores, the same as alignd's own rule, which subtracts them from the SFT log-probabilities (a sum is
+a sum); the repetition penalty scales the scores, which has no such reading. Returned ``logprobs`` are
+computed by vLLM before any processor (default ``--logprobs-mode raw_logprobs``): they are the SFT
+model's, not the re-weighted ones.
+
+This class is loaded through the ``vllm.logits_processors`` entry point into every vLLM engine of the
+environment, including ones serving other models: there a request with these keys is refused at
+admission (a 400 under ``vllm serve``) rather than decoded plainly. Under vLLM's Model Runner V2 (which
+loads the same entry points, and refuses a V1-only class for *every* model), it is also a V2 processor:
+a no-op for other models, and a refusal at start, naming ``VLLM_USE_V2_MODEL_RUNNER=0``, for alignd's
+value-guided model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from alignd.decoding.rule import transfer_q_logits
+from alignd.errors import ConfigurationError
+from alignd.models.value_head import ALPHA_KEY, MAX_TOP_K, TOP_K_KEY, VALUE_GUIDED_ARCHITECTURE
+from alignd.vllm_plugin.scoring import NEEDS_V1_RUNNER, ValueGuidedScoring, find_scoring
+
+try:  # Model Runner V2's interface (vLLM >= 0.32); absent in older vLLM, which has no V2 loader either
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
+
+    _RUNNER_INTERFACES: tuple[type, ...] = (V1LogitsProcessor, V2LogitsProcessor)
+except ImportError:  # pragma: no cover - depends on the vLLM version
+    _RUNNER_INTERFACES = (V1LogitsProcessor,)
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 10  # the TQ* paper's
+
+
+@dataclass(frozen=True)
+class TransferQRequest:
+    """What one request asks for."""
+
+    alpha: float
+    top_k: int
+
+
+def transfer_q_request(extra_args: Mapping[str, Any] | None) -> TransferQRequest | None:
+    """The request's TQ* parameters from ``SamplingParams.extra_args``; None when it asks for nothing.
+    A ``ValueError`` names a bad value and what to send instead."""
+    if not extra_args or (ALPHA_KEY not in extra_args and TOP_K_KEY not in extra_args):
+        return None
+    if ALPHA_KEY not in extra_args:
+        raise ValueError(f"{TOP_K_KEY} is the candidate count of value-guided decoding, which {ALPHA_KEY} "
+                         f"turns on: send {ALPHA_KEY} (a number > 0) with it")
+    alpha = extra_args[ALPHA_KEY]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{ALPHA_KEY} must be a finite number > 0, got {alpha!r}: a large alpha stays close "
+                         "to the model's own distribution, a small one follows the value head")
+    top_k = extra_args.get(TOP_K_KEY, DEFAULT_TOP_K)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"{TOP_K_KEY} must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
+    return TransferQRequest(float(alpha), top_k)
+
+
+def _architectures_being_served() -> list[str] | None:
+    """The architectures of the model the request being admitted goes to, or None if unknown.
+
+    vLLM calls ``validate_params`` with the request's parameters only, and this class is loaded for
+    every model of the environment. vLLM 0.32 calls it from one place, ``InputProcessor._validate_params``
+    (two frames up: through ``validate_logits_processors_parameters`` under V1, through the V2
+    validator's closure under V2), which holds the model's config as ``self.model_config``: read it there. When it is
+    not found (another vLLM layout), the request is admitted and a worker that does not serve the
+    value-guided model logs that it decodes the request plainly."""
+    frame = sys._getframe(1)
+    for _ in range(6):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        architectures = getattr(getattr(frame.f_locals.get("self"), "model_config", None), "architectures", None)
+        if isinstance(architectures, (list, tuple)):
+            return list(architectures)
+    return None
+
+
+@dataclass(frozen=True)
+class _AskingRows:
+    """The batch rows that ask for the head, as tensors for :meth:`ValueGuidedLogitsProcessor.apply`
+    (rebuilt only when the batch changes)."""
+
+    rows: torch.Tensor  # [n] batch indices, ascending
+    alpha: torch.Tensor  # [n] float32
+    top_k: int  # the largest k asked
+    beyond_own_top_k: torch.Tensor | None  # [n, top_k] True past a row's own k (None: all rows ask the same k)
+
+    @classmethod
+    def of(cls, requests: Mapping[int, TransferQRequest], device: torch.device) -> _AskingRows:
+        ordered = sorted(requests.items())
+        ks = [request.top_k for _, request in ordered]
+        top_k = max(ks)
+        beyond = None
+        if min(ks) != top_k:
+            beyond = torch.arange(top_k).unsqueeze(0) >= torch.tensor(ks).unsqueeze(1)
+            beyond = beyond.to(device)
+        return cls(
+            rows=torch.tensor([row for row, _ in ordered], dtype=torch.long, device=device),
+            alpha=torch.tensor([request.alpha for _, request in ordered], dtype=torch.float32, device=device),
+            top_k=top_k,
+            beyond_own_top_k=beyond,
+        )
+
+
+class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
+    """TQ* with alignd's value head over the rows whose request asks for it (module docstring)."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """At admission, in the frontend: bad values, and any request for the head to a model without
+        one, are refused (vLLM answers 400 under ``vllm serve``, raises ``VLLMValidationError`` in-process)."""
+        if transfer_q_request(sampling_params.extra_args) is None:
+            return
+        architectures = _architectures_being_served()
+        if architectures is not None and VALUE_GUIDED_ARCHITECTURE not in architectures:
+            raise ValueError(
+                f"{ALPHA_KEY}/{TOP_K_KEY} ask for alignd's value-guided decoding, but this engine serves "
+                f"{', '.join(architectures)} without a value head: serve a folder made by "
+                "alignd.models.value_head.prepare_value_guided_folder")
+
+    def __init__(self, vllm_config: VllmConfig, *runner_args: Any) -> None:
+        # V1 builds processors with (vllm_config, device, is_pin_memory), Model Runner V2 with
+        # (vllm_config, request states): one class answers both, so that installing alignd does not
+        # stop V2 engines of other models from starting (V2 refuses V1-only entry-point classes).
+        self._vllm_config = vllm_config
+        self._value_guided = VALUE_GUIDED_ARCHITECTURE in (vllm_config.model_config.architectures or [])
+        under_v2 = len(runner_args) == 1
+        if under_v2 and self._value_guided:
+            raise ConfigurationError(NEEDS_V1_RUNNER)
+        self._requests: dict[int, TransferQRequest] = {}  # batch row -> what it asks
+        self._asking: _AskingRows | None = None
+        self._scoring: ValueGuidedScoring | None = None
+
+    def is_argmax_invariant(self) -> bool:
+        # It changes greedy choices: vLLM then applies it before the penalties and the argmax.
+        return False
+
+    def _request_of(self, params: SamplingParams, _prompt_ids: Any, _output_ids: Any) -> TransferQRequest | None:
+        request = transfer_q_request(params.extra_args)  # validated at admission: no error here
+        if request is not None and not self._value_guided:
+            logger.error("a request asks for alignd's value head (%s=%s), but this engine serves %s: decoding it "
+                         "plainly", ALPHA_KEY, request.alpha, self._vllm_config.model_config.architectures)
+            return None
+        return request
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if process_dict_updates(self._requests, batch_update, self._request_of):
+            self._asking = None
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        """Model Runner V2: only built for engines of other models (see ``__init__``), which it leaves alone."""
+        return False
+
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        if not self._requests:
+            return logits
+        asking = self._asking
+        if asking is None:
+            asking = self._asking = _AskingRows.of(self._requests, logits.device)
+        scoring = self._scoring or self._find_scoring()
+        hidden = scoring.hidden_states
+        if hidden is None or hidden.shape[0] != logits.shape[0]:
+            raise RuntimeError(
+                f"alignd value head: {logits.shape[0]} logits rows but "
+                f"{'no' if hidden is None else hidden.shape[0]} hidden-state rows kept by compute_logits: this vLLM "
+                "orders its step differently from the V1 runner the plugin was written for")
+        row_logits = logits.index_select(0, asking.rows)
+        top_k = min(asking.top_k, logits.shape[1])
+        candidate_ids = row_logits.topk(top_k, dim=-1).indices
+        values = scoring.values(asking.rows, candidate_ids)
+        if asking.beyond_own_top_k is not None:
+            values = values.masked_fill(asking.beyond_own_top_k[:, :top_k], -math.inf)
+        logits.index_copy_(0, asking.rows, transfer_q_logits(row_logits, candidate_ids, values, asking.alpha).to(logits.dtype))
+        return logits
+
+    def _find_scoring(self) -> ValueGuidedScoring:
+        scoring = find_scoring(self._vllm_config)
+        if scoring is None:
+            raise RuntimeError(f"alignd value head: the engine's model is not alignd's {VALUE_GUIDED_ARCHITECTURE} "
+                               "(it registered no value head in this worker)")
+        self._scoring = scoring
+        return scoring
