@@ -4,6 +4,7 @@
     alignd prepare-model [--model M]                       convert / locate the model, then exit
     alignd train dpo --out DIR [--reward R] [...]          a baseline aligned to a reward (LoRA adapter)
     alignd train irft --out DIR [--rounds T] [...]         a reward learned from demonstrations (LoRA adapter)
+    alignd train value-head --out DIR [--states N] [...]   a value head: Q of the baseline's rollouts, distilled
 
 Every setting is a flag (``--max-model-len 4096``) and an environment variable
 (``ALIGND_MAX_MODEL_LEN=4096``); flags win. JSON-valued settings take JSON on the command line too
@@ -108,17 +109,21 @@ def _modules(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
+def _add_output_options(parser: argparse.ArgumentParser, artefact: str) -> None:
+    out = parser.add_argument_group("output and resumption")
+    out.add_argument("--out", required=True, type=Path, metavar="DIR",
+                     help=f"the {artefact} folder to write; work in progress is kept in DIR.partial/ and resumed by "
+                     "the same command")
+    out.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (only once the new one is done)")
+    out.add_argument("--restart", action="store_true",
+                     help="discard earlier work in DIR.partial/ instead of resuming it")
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     from alignd.train.tuning import DEFAULT_TARGET_MODULES, MAX_LORA_RANK, TrainingOptions
 
     d = TrainingOptions()
-    out = parser.add_argument_group("output and resumption")
-    out.add_argument("--out", required=True, type=Path, metavar="DIR",
-                     help="the adapter folder to write; work in progress is kept in DIR.partial/ and resumed by the "
-                     "same command")
-    out.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (only once the new one is done)")
-    out.add_argument("--restart", action="store_true",
-                     help="discard earlier work in DIR.partial/ instead of resuming it")
+    _add_output_options(parser, "adapter")
     dpo = parser.add_argument_group("training (TRL DPOConfig / PEFT LoraConfig)")
     dpo.add_argument("--beta", type=float, default=d.beta, help="DPO beta: KL strength to the SFT model (%(default)s)")
     dpo.add_argument("--lora-rank", type=int, default=d.lora_rank,
@@ -138,10 +143,73 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     dpo.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (large models)")
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.25,0.5,1, got {text!r}") from None
+
+
+def _value_head_parser(verbs) -> argparse.ArgumentParser:
+    from alignd.train.value_head import DEFAULT_EVAL_PROMPTS, HeadTrainingOptions, TargetOptions
+
+    t, h = TargetOptions(), HeadTrainingOptions()
+    parser = verbs.add_parser(
+        "value-head", help="a value head: Q^BL(s, z) of the baseline's rollouts distilled into a small head on the "
+        "SFT model's hidden state",
+        description="Sample SFT answers to --prompts, cut them into states, compute the SFT model's top-k "
+        "candidates at each and their rollout values Q^BL(s, z) with transfer_q's own estimator (baseline "
+        "--baseline, reward --reward), then train a value head on the SFT model's final hidden state and the "
+        "candidates' embeddings. Interrupt at any time; the same command resumes.",
+    )
+    data = parser.add_argument_group("states and targets")
+    data.add_argument("--prompts", type=Path, default=_default_data_file("prompts.jsonl"), metavar="FILE",
+                      help='JSONL of {"id", "prompt"} lines (default: train/data/prompts.jsonl)')
+    data.add_argument("--eval-prompts", type=Path, default=DEFAULT_EVAL_PROMPTS, metavar="FILE",
+                      help="evaluation prompts the training pool must not share a prompt with (default: "
+                      "eval/prompts.jsonl)")
+    data.add_argument("--reward", default=None, metavar="NAME",
+                      help="the target reward, any reward of the registry (default: ALIGND_TARGET_REWARD)")
+    data.add_argument("--baseline", default="default", metavar="NAME",
+                      help="whose rollouts give Q: 'default' (the server's default baseline: the committed DPO "
+                      "adapter on the embedded model), 'prompted', a name of ALIGND_BASELINES, or an adapter or "
+                      "model folder (%(default)s)")
+    data.add_argument("--states", type=int, default=t.states, help="states s to make (%(default)s)")
+    data.add_argument("--top-k", type=int, default=t.top_k, help="candidates per state (%(default)s)")
+    data.add_argument("--rollout-len", type=int, default=t.rollout_len, help="tokens per rollout (%(default)s)")
+    data.add_argument("--num-rollouts", type=int, default=t.num_rollouts,
+                      help="rollouts per candidate; 1 = greedy, more = sampled at temperature 1 (%(default)s)")
+    data.add_argument("--answer-len", type=int, default=t.answer_len,
+                      help="longest sampled SFT answer that states are cut from (%(default)s)")
+    data.add_argument("--sample-temperature", type=float, default=t.sample_temperature,
+                      help="temperature of the sampled answers (%(default)s)")
+    data.add_argument("--concurrency", type=int, default=t.concurrency,
+                      help="states in flight at once; their engine calls batch together (%(default)s)")
+    fit = parser.add_argument_group("training the head (Adam)")
+    fit.add_argument("--alpha", type=float, default=None,
+                     help="the alpha of the top-1 agreement metric, recorded in the manifest (default: "
+                     "ALIGND_DECODING_ALPHA)")
+    fit.add_argument("--rank", type=int, default=h.rank, help="the head's width (%(default)s)")
+    fit.add_argument("--epochs", type=float, default=h.epochs, help="passes over the training states (%(default)s)")
+    fit.add_argument("--learning-rate", type=float, default=h.learning_rate, help="Adam's learning rate (%(default)s)")
+    fit.add_argument("--batch-size", type=int, default=h.batch_size, help="states per step (%(default)s)")
+    fit.add_argument("--ranking-weight", type=float, default=h.ranking_weight,
+                     help="weight of the pairwise ranking term of the loss (%(default)s)")
+    fit.add_argument("--holdout-fraction", type=float, default=h.holdout_fraction,
+                     help="fraction of the prompts whose states are held out (%(default)s)")
+    fit.add_argument("--curve-fractions", type=_fractions, default=h.curve_fractions, metavar="F,F,F",
+                     help="data sizes of the learning curve, fractions of the training states, 1 among them "
+                     "(0.25,0.5,1)")
+    _add_output_options(parser, "value head")
+    return parser
+
+
 def _train_parsers(sub) -> dict[str, argparse.ArgumentParser]:
-    train = sub.add_parser("train", help="train a baseline or a learned reward as a LoRA adapter (docs/TRAINING.md)",
-                           description="Train a LoRA adapter of the served (SFT) model. See docs/TRAINING.md.")
-    verbs = train.add_subparsers(dest="train_command", required=True, metavar="{dpo,irft}")
+    train = sub.add_parser("train", help="train a baseline or a learned reward as a LoRA adapter, or a value head "
+                           "(docs/TRAINING.md)",
+                           description="Train a LoRA adapter of the served (SFT) model, or a value head for it. See "
+                           "docs/TRAINING.md.")
+    verbs = train.add_subparsers(dest="train_command", required=True, metavar="{dpo,irft,value-head}")
     dpo = verbs.add_parser(
         "dpo", help="a baseline aligned to a target reward, by DPO on the model's own scored samples",
         description="Sample --samples-per-prompt answers per prompt from the model (on the engine of --engine), "
@@ -180,11 +248,13 @@ def _train_parsers(sub) -> dict[str, argparse.ArgumentParser]:
 
     for parser in (dpo, irft):
         _add_training_options(parser)
+    value_head = _value_head_parser(verbs)
+    for parser in (dpo, irft, value_head):
         own = frozenset(a.dest for a in parser._actions)
         _add_settings_flags(parser.add_argument_group(
             "settings (each also ALIGND_<NAME>; --model, --engine and --seed matter here: --seed seeds sampling "
             "and training)"), skip=own)
-    return {"dpo": dpo, "irft": irft}
+    return {"dpo": dpo, "irft": irft, "value-head": value_head}
 
 
 def _training_options(args: argparse.Namespace, settings: Settings):
@@ -211,11 +281,31 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    what = "adapter"
     try:
-        training = _training_options(args, settings)
-        if args.train_command == "dpo":
+        if args.train_command == "value-head":
+            from alignd.train.value_head import HeadTrainingOptions, TargetOptions, ValueHeadRun, run_value_head
+
+            what = "value head"
+            run = ValueHeadRun(
+                settings=settings, prompts_file=args.prompts, reward=args.reward or settings.target_reward,
+                out=args.out, baseline=args.baseline, eval_prompts_file=args.eval_prompts,
+                overwrite=args.overwrite, restart=args.restart, command=command,
+                targets=TargetOptions(states=args.states, top_k=args.top_k, rollout_len=args.rollout_len,
+                                      num_rollouts=args.num_rollouts, answer_len=args.answer_len,
+                                      sample_temperature=args.sample_temperature, concurrency=args.concurrency),
+                training=HeadTrainingOptions(
+                    rank=args.rank, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                    ranking_weight=args.ranking_weight, holdout_fraction=args.holdout_fraction,
+                    curve_fractions=tuple(args.curve_fractions),
+                    alpha=args.alpha if args.alpha is not None else settings.decoding_alpha, seed=settings.seed,
+                ),
+            )
+            out = run_value_head(run)
+        elif args.train_command == "dpo":
             from alignd.train.dpo import DPORun, SamplingOptions, run_dpo
 
+            training = _training_options(args, settings)
             run = DPORun(
                 settings=settings, prompts_file=args.prompts, reward=args.reward or settings.target_reward,
                 out=args.out, training=training, overwrite=args.overwrite, restart=args.restart, command=command,
@@ -231,7 +321,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
 
             run = IRFTRun(
                 settings=settings, demonstrations_file=args.demonstrations, out=args.out, rounds=args.rounds,
-                training=training, overwrite=args.overwrite, restart=args.restart, command=command,
+                training=_training_options(args, settings), overwrite=args.overwrite, restart=args.restart,
+                command=command,
                 generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
                                              temperature=args.sample_temperature,
                                              batch_size=args.generation_batch_size),
@@ -246,7 +337,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
         partial = Path(args.out).expanduser().absolute()
         parser.exit(EXIT_INTERRUPTED, f"\n{prog}: interrupted; finished work is kept in {partial}.partial/ - run the "
                     "same command again to resume\n")
-    print(f"adapter written to {out}")
+    print(f"{what} written to {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
