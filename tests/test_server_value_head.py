@@ -163,7 +163,7 @@ def stock_vllm_serve(embedded_model_dir, embedded_value_head_dir, tmp_path_facto
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = tmp_path_factory.mktemp("stock-log") / "vllm-serve.log"
     with ManagedProcess(cmd, name="vllm serve", log_path=log, base_url=f"http://127.0.0.1:{port}", env=env) as proc:
-        proc.wait_ready(timeout=900)
+        proc.wait_ready(timeout=1800)  # a third engine starting beside the session's: minutes on 2 busy cores
         yield proc
 
 
