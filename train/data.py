@@ -28,6 +28,13 @@ class TrainingInputError(ClientError):
     code = "invalid_training_input"
 
 
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise :class:`TrainingInputError` with the message of the first failed (ok, message) check."""
+    for ok, message in checks:
+        if not ok:
+            raise TrainingInputError(message)
+
+
 class TrainingError(AligndError):
     """The run cannot go on (e.g. every prompt's samples tied: no pair to train on); exit status 1."""
 

@@ -36,6 +36,7 @@ from alignd.train.data import (
     file_sha256,
     read_prompts,
     read_work_file,
+    require,
 )
 from alignd.train.manifest import manifest_header
 from alignd.train.tuning import (
@@ -67,9 +68,7 @@ class SamplingOptions:
             (self.batch_size >= 1, f"--sample-batch-size must be >= 1, got {self.batch_size}"),
             (self.tie_margin >= 0, f"--tie-margin must be >= 0, got {self.tie_margin}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainingInputError(message)
+        require(checks)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from alignd.train.data import (
     file_sha256,
     read_demonstrations,
     read_work_file,
+    require,
     write_json_atomic,
 )
 from alignd.train.manifest import manifest_header, peak_rss_mib
@@ -68,9 +69,7 @@ class GenerationOptions:
             (self.temperature > 0, f"--sample-temperature must be > 0, got {self.temperature}"),
             (self.batch_size >= 1, f"--generation-batch-size must be >= 1, got {self.batch_size}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainingInputError(message)
+        require(checks)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignd.train.data import TrainingInputError, write_json_atomic
+from alignd.train.data import TrainingInputError, require, write_json_atomic
 from alignd.train.manifest import jsonable, peak_rss_mib
 
 if TYPE_CHECKING:
@@ -97,9 +97,7 @@ class TrainingOptions:
             (self.logging_steps >= 1, f"--logging-steps must be >= 1, got {self.logging_steps}"),
             (self.max_length >= 16, f"--max-length must be >= 16, got {self.max_length}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainingInputError(message)
+        require(checks)
 
     def identity(self) -> dict:
         return jsonable(asdict(self))

@@ -72,6 +72,7 @@ from alignd.train.data import (
     file_sha256,
     read_prompts,
     read_work_file,
+    require,
 )
 from alignd.train.manifest import created_now, jsonable, peak_rss_mib, versions
 from alignd.train.workspace import Workspace
@@ -130,9 +131,7 @@ class TargetOptions:
             (self.sample_temperature > 0, f"--sample-temperature must be > 0, got {self.sample_temperature}"),
             (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainingInputError(message)
+        require(checks)
 
     def identity(self) -> dict:
         """What the states depend on (``states`` and ``concurrency`` do not change a finished state)."""
@@ -165,9 +164,7 @@ class HeadTrainingOptions:
              f"--curve-fractions needs at least three fractions in (0, 1], 1 among them, got "
              f"{','.join(f'{f:g}' for f in self.curve_fractions)}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainingInputError(message)
+        require(checks)
 
 
 @dataclass
