@@ -14,6 +14,19 @@ pytestmark = pytest.mark.vllm
 TOKEN_TOL, MEAN_TOL = 0.25, 0.05
 
 
+def assert_scores_like_transformers_merged(adapted, base, merged_hf, loop_thread) -> None:
+    """``adapted`` (the adapter on vLLM) scores an answer like transformers with the adapter merged, within
+    the tolerances above, and unlike the ``base`` engine (the adapter did something)."""
+    prefix = base.render_chat([{"role": "user", "content": "Tell me about your weekend."}])
+    answer = base.encode("It was lovely: I walked by the river and read a book in the sun.")
+    on_vllm = loop_thread.run(adapted.continuation_logprobs([prefix], [answer]))[0]
+    on_hf = loop_thread.run(merged_hf.continuation_logprobs([prefix], [answer]))[0]
+    on_base = loop_thread.run(base.continuation_logprobs([prefix], [answer]))[0]
+    gaps = [abs(a - b) for a, b in zip(on_vllm, on_hf)]
+    assert max(gaps) < TOKEN_TOL and sum(gaps) / len(gaps) < MEAN_TOL, gaps
+    assert sum(abs(a - b) for a, b in zip(on_vllm, on_base)) / len(on_base) > 5 * MEAN_TOL
+
+
 @pytest.fixture(scope="module")
 def embedded_adapter(embedded_model_dir, tmp_path_factory):
     return make_adapter(embedded_model_dir, tmp_path_factory.mktemp("embedded-adapter"), rank=8, seed=3)
@@ -26,16 +39,8 @@ def test_adapter_log_probabilities_agree_between_vllm_and_transformers(
 
     lora, info, owned = loop_thread.run(build_adapter_engine(vllm_engine, "random", embedded_adapter, embedded_settings))
     assert not owned and info.rank == 8  # a view of the served engine: same weights, batches, cache
-    merged = hf_embedded_engine.with_adapter("random", str(embedded_adapter))
-    prefix = vllm_engine.render_chat([{"role": "user", "content": "Tell me about your weekend."}])
-    answer = vllm_engine.encode("It was lovely: I walked by the river and read a book in the sun.")
-    on_vllm = loop_thread.run(lora.continuation_logprobs([prefix], [answer]))[0]
-    on_hf = loop_thread.run(merged.continuation_logprobs([prefix], [answer]))[0]
-    base = loop_thread.run(vllm_engine.continuation_logprobs([prefix], [answer]))[0]
-    gaps = [abs(a - b) for a, b in zip(on_vllm, on_hf)]
-    assert max(gaps) < TOKEN_TOL and sum(gaps) / len(gaps) < MEAN_TOL, gaps
-    # and the adapter did something: the base model scores the answer differently
-    assert sum(abs(a - b) for a, b in zip(on_vllm, base)) / len(base) > 5 * MEAN_TOL
+    assert_scores_like_transformers_merged(lora, vllm_engine, hf_embedded_engine.with_adapter("random", str(embedded_adapter)),
+                                           loop_thread)
 
 
 def test_prompt_log_probabilities_batched_beside_generation_and_adapters_keep_the_engine_alive(
@@ -85,14 +90,7 @@ def test_the_default_merged_adapter_runs_on_its_own_engine_and_agrees_with_trans
     try:
         assert owned and engine is not vllm_engine and info.rank == 8
         assert not engine.info.extra.get("lora")  # a plain engine on merged weights
-        merged_hf = hf_embedded_engine.with_adapter("random", str(embedded_adapter))
-        prefix = vllm_engine.render_chat([{"role": "user", "content": "Tell me about your weekend."}])
-        answer = vllm_engine.encode("It was lovely: I walked by the river and read a book in the sun.")
-        on_vllm = loop_thread.run(engine.continuation_logprobs([prefix], [answer]))[0]
-        on_hf = loop_thread.run(merged_hf.continuation_logprobs([prefix], [answer]))[0]
-        base = loop_thread.run(vllm_engine.continuation_logprobs([prefix], [answer]))[0]
-        gaps = [abs(a - b) for a, b in zip(on_vllm, on_hf)]
-        assert max(gaps) < TOKEN_TOL and sum(gaps) / len(gaps) < MEAN_TOL, gaps
-        assert sum(abs(a - b) for a, b in zip(on_vllm, base)) / len(base) > 5 * MEAN_TOL
+        assert_scores_like_transformers_merged(engine, vllm_engine,
+                                               hf_embedded_engine.with_adapter("random", str(embedded_adapter)), loop_thread)
     finally:
         loop_thread.run(engine.shutdown())
