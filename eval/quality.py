@@ -21,6 +21,10 @@ Main-table rows (keys for ``--methods``; ``a`` = alpha):
   tq_prompted@a                   TQ* direct transfer from the prompted baseline
   tq_indirect@a                   TQ* indirect transfer from the prompted baseline: it is aligned to its own
                                   implicit reward, not to positivity, so its rollouts are importance-weighted
+  tq_head@a                       TQ* with Q from the engine's learned value head (decoding.value='head'), at
+                                  the head's own k; run where the engine has a head (ALIGND_VALUE_HEAD), in the
+                                  main table and the sweep. Its KL is replayed in transformers (HeadReplay):
+                                  vLLM keeps the re-weighted distribution inside its decode step
 
 Metrics per method (means over prompts):
   reward      the target reward (positivity) of the response
@@ -184,6 +188,56 @@ def truncation_kl(steps: Sequence[dict]) -> float:
     return total
 
 
+class HeadReplay:
+    """TQ* with the value head, replayed in transformers over a finished answer.
+
+    vLLM applies the head inside its decode step and keeps the re-weighted distribution there, so the
+    server's diagnostics give the candidates' SFT log-probabilities but no KL. The replay runs the SFT
+    model (float32, the same weights) over prompt + answer once, takes at each answer position the final
+    normalised hidden state (what vLLM's ``compute_logits`` receives and the head reads), the SFT top-k,
+    the head's Q and the one rule (:func:`alignd.decoding.rule.transfer_q_logits`, the function the
+    plugin calls), and returns the answer's KL from the SFT model, the truncation part of it, and the
+    share of decisions where the replay's greedy choice is the engine's token: a check that the plugin
+    applied the head as trained (float32 here; vLLM's kernels differ in the last bits, so a near-tie
+    may go the other way)."""
+
+    def __init__(self, model_dir: str | Path, head_dir: str | Path) -> None:
+        import threading
+
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from alignd.models.value_head import load_value_head
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        config = self.model.config.get_text_config()
+        self.head = load_value_head(head_dir, vocab_size=config.vocab_size, hidden_size=config.hidden_size).head.eval()
+        self._lock = threading.Lock()  # one replay at a time: concurrent answers finish together
+
+    def __call__(self, prompt_ids: Sequence[int], answer_ids: Sequence[int], alpha: float, top_k: int) -> dict:
+        import torch
+
+        from alignd.decoding.rule import transfer_q_logits
+
+        n = len(answer_ids)
+        if n == 0:
+            return {"kl": 0.0, "kl_truncation": 0.0, "agreement": None}
+        with self._lock, torch.inference_mode():
+            ids = torch.tensor([[*prompt_ids, *answer_ids]])
+            # the state before answer token t is the sequence up to position len(prompt) + t - 1
+            hidden = self.model.base_model(input_ids=ids).last_hidden_state[0, len(prompt_ids) - 1 : -1].float()
+            logits = self.model.get_output_embeddings()(hidden).float()
+            sft = torch.log_softmax(logits, dim=-1)
+            top_logprobs, top_ids = sft.topk(top_k, dim=-1)
+            values = self.head(hidden, self.model.get_input_embeddings().weight[top_ids])
+            rule = torch.log_softmax(transfer_q_logits(logits, top_ids, values, torch.full((n,), float(alpha))), dim=-1)
+            kept = rule.gather(1, top_ids)
+            kl = (kept.exp() * (kept - top_logprobs)).sum(dim=-1)
+            truncation = -torch.logsumexp(top_logprobs, dim=-1)
+            agrees = rule.argmax(dim=-1) == torch.tensor(list(answer_ids))
+        return {"kl": float(kl.sum()), "kl_truncation": float(truncation.sum()), "agreement": float(agrees.float().mean())}
+
+
 # ---------------------------------------------------------------------------- what runs
 # How settings texts name a baseline, by its kind (GET /v1/baselines' "kind").
 BASELINE_READABLE = {"adapter": "trained-adapter", "model": "baseline-model", "prompted": "prompted-baseline"}
@@ -229,6 +283,8 @@ class MethodRun:
         if d["method"] == "best_of_n":
             return f"N={d['num_samples']}, samples at T={d.get('sample_temperature', 1.0):g}"
         parts = [f"alpha={d['alpha']:g}", f"k={d['top_k']}"]
+        if d.get("value") == "head":
+            return ", ".join([*parts, f"learned value head (distilled from {baseline} rollouts)"]) + f", {mode} decisions"
         if d["method"] in ("cd", "transfer_q"):
             rt = d.get("rollout_temperature", 0.0)
             parts.append(f"{d['num_rollouts']} {'greedy' if rt == 0 else f'T={rt:g}'} rollout(s) x {d['rollout_len']} tokens")
@@ -272,6 +328,9 @@ class Plan:
     sweep_indirect_alphas: tuple[float, ...] = (0.3, 1.0, 3.0)
     sweep_ns: tuple[int, ...] = (1, 2, 4, 8, 16)
     methods: tuple[str, ...] | None = None  # main-table method keys to run (None: all)
+    # TQ* from the engine's value head at this k: the harness sets the head's own top_k when the engine
+    # has a head and this is None; 0 = no head rows. The head rows cost about as much as SFT decoding.
+    head_top_k: int | None = None
 
     @classmethod
     def smoke(cls) -> Plan:
@@ -314,6 +373,10 @@ class Plan:
                                   indirect_limit))
         return runs
 
+    def head_run(self, alpha: float, limit: int | None = None) -> MethodRun:
+        decoding = {"method": "transfer_q", "value": "head", "alpha": alpha, "top_k": self.head_top_k}
+        return MethodRun(f"tq_head@{alpha:g}", "TQ* value head", decoding, 0.0, limit)
+
     def best_of_n_run(self, n: int, limit: int | None = None) -> MethodRun:
         decoding = {"method": "best_of_n", "num_samples": n, "sample_temperature": 1.0}
         return MethodRun(f"best_of_{n}", f"Best-of-{n}", decoding, 1.0, limit)
@@ -333,6 +396,7 @@ class Plan:
             *self.baseline_runs(),
             *(self.best_of_n_run(n) for n in self.best_of_n),
             *self.value_guided_runs(self.alpha, indirect_limit=self.indirect_prompts, prompted=self.tq_prompted),
+            *([self.head_run(self.alpha)] if self.head_top_k else []),
         ]
         if self.methods is not None:
             unknown = set(self.methods) - {r.key for r in runs}
@@ -348,6 +412,8 @@ class Plan:
             runs = self.value_guided_runs(alpha, self.sweep_prompts, indirect=alpha in self.sweep_indirect_alphas,
                                           indirect_limit=self.sweep_prompts, prompted=self.sweep_tq_prompted)
             points += [(r, "alpha", alpha) for r in runs if r.label == "TQ* indirect" or alpha in self.sweep_alphas]
+            if self.head_top_k and alpha in self.sweep_alphas:
+                points.append((self.head_run(alpha, self.sweep_prompts), "alpha", alpha))
         return points
 
 
@@ -445,6 +511,7 @@ class _Runner:
         self.timings: dict[str, dict] = {}
         self.partial_path = Path(partial_path) if partial_path is not None else None
         self._log_file = None
+        self._head_replay: HeadReplay | None = None
 
     async def start(self) -> None:
         from alignd.decoding.baselines import build_baselines
@@ -494,10 +561,31 @@ class _Runner:
         """``decoding`` with the baseline that actually runs in place of the name asked for: without a
         trained adapter "default" *is* the prompted baseline (the runs then share their responses), and
         another adapter folder is another run (resume must not reuse the old one's responses)."""
+        if decoding.get("value") == "head":  # another head (retrained, or another folder) is another run
+            return {**decoding, "value_head_digest": (self.value_head or {}).get("weights_digest")}
         if decoding["method"] not in ("baseline", "transfer_q") or self.baselines is None:
             return decoding
         baseline = self.baselines.get(decoding.get("baseline"))
         return {**decoding, "baseline": baseline.name, "baseline_source": baseline.source}
+
+    @property
+    def value_head(self) -> dict | None:
+        """The engine's value head (its manifest, path and weights digest); None: the engine has none."""
+        manifest = self.aligned.value_head if self.aligned is not None else None
+        if not manifest:
+            return None
+        from alignd.models.weights import weights_digest
+
+        return {**manifest, "weights_digest": weights_digest(manifest["path"])}
+
+    def head_replay(self) -> HeadReplay:
+        if self._head_replay is None:
+            from alignd.models.loading import resolve_model_path
+
+            # the SFT weights themselves: the engine serves a prepared folder whose config names alignd's class
+            self._head_replay = HeadReplay(resolve_model_path(self.settings, progress=False),
+                                           Path(self.aligned.value_head["path"]))
+        return self._head_replay
 
     def signature(self, run: MethodRun) -> str:
         return run_signature(self.resolved_decoding(run.decoding), run.temperature, self.plan.max_tokens)
@@ -557,6 +645,11 @@ class _Runner:
             finish = delta.finish_reason or finish
         if alignment is None:
             raise RuntimeError(f"{run.key}: no diagnostics in the response to {prompt_row['id']}")
+        seconds = time.perf_counter() - started
+        replay = {}
+        if config.uses_value_head:  # the KL the engine cannot report, replayed in transformers
+            replay = await asyncio.to_thread(self.head_replay(), prompt.token_ids, token_ids, config.alpha, config.top_k)
+            alignment["kl"] = replay["kl"]
         return {
             "method": run.key, "label": run.label, "prompt_id": prompt_row["id"],
             "category": prompt_row.get("category"), "prompt": prompt_row["prompt"], "response": text,
@@ -564,7 +657,8 @@ class _Runner:
             "kl": alignment["kl"], "kl_truncation": truncation_kl(alignment["steps"]), "cost": alignment["cost"],
             # what kind of baseline ran (adapter, model, prompted), where the diagnostics say: baseline rows, TQ*
             "baseline_kind": alignment.get("baseline_kind"),
-            "seconds": time.perf_counter() - started,
+            "seconds": seconds,
+            **({"replay_agreement": replay["agreement"], "replay_kl_truncation": replay["kl_truncation"]} if replay else {}),
         }
 
     async def run_method(self, run: MethodRun, prompts: list[dict], bar_position: int = 1) -> list[dict]:
@@ -638,6 +732,9 @@ def summarize(records: list[dict], reference: list[dict], cd: list[dict] | None 
         "afinn_win_rate": win_rate(afinn, [sft[r["prompt_id"]]["afinn"] for r in records]),
         "win_tie_vs_cd_afinn": None if cd is None else win_tie_rate(records, cd, "afinn"),
         "mean_output_tokens": statistics.fmean(r["output_tokens"] for r in records),
+        # value-head rows: the share of decisions the transformers replay makes as the engine did
+        "replay_agreement": (statistics.fmean(r["replay_agreement"] for r in records)
+                             if all(r.get("replay_agreement") is not None for r in records) else None),
     }
 
 
@@ -736,6 +833,9 @@ async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = No
     runner = _Runner(engine, settings, plan, progress, partial_path)
     await runner.start()
     try:
+        if plan.head_top_k is None:  # the head's rows at its own k, where the engine has one
+            head = runner.aligned.value_head
+            plan = runner.plan = dataclasses.replace(plan, head_top_k=int(head.get("top_k") or plan.top_k) if head else 0)
         main = plan.main_runs()
         sweep_runs = plan.sweep_runs() if sweep and plan.sweep_prompts > 0 else []
         runner.resume([*main, *(run for run, _, _ in sweep_runs)], fresh=not resume)
@@ -970,6 +1070,8 @@ async def _main(args) -> None:
         overrides["sweep_tq_prompted"] = True
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.head_top_k is not None:
+        overrides["head_top_k"] = args.head_top_k
     plan = dataclasses.replace(plan, **overrides)
     limit = args.limit if args.limit is not None else (4 if args.smoke else None)
     prompts = load_prompts(args.prompts, limit)
@@ -1014,6 +1116,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--indirect-prompts", type=int, help="TQ* indirect on the first N prompts only (0: all)")
     parser.add_argument("--methods", nargs="+", help="main-table method keys (e.g. baseline_greedy tq_direct@1 "
                         "tq_prompted@1 cd@1; win-tie vs CD needs the cd row); SFT greedy always runs")
+    parser.add_argument("--head-top-k", type=int, help="k of the value-head rows (default: the head's own; 0: no "
+                        "head rows even where the engine has a head)")
     parser.add_argument("--sweep-prompted", action="store_true", help="TQ* from the prompted baseline in the sweep too")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="resume", action="store_true", default=True,

