@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from alignd.models.engine import (
 from alignd.protocol.diagnostics import AlignmentSummary, DecodingCost
 from alignd.rewards.registry import RewardRegistry
 from alignd.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 # Decoding families, for admission control: a plain request is one engine request; an aligned one
 # costs many engine calls per answer (top-k, rollouts, rewards).
@@ -190,6 +193,38 @@ class Generation:
         """The manifest of the engine's value head (None: the engine has none)."""
         return self.engine.info.extra.get("value_head")
 
+    def head_baseline(self) -> tuple[str | None, str]:
+        """(the name of this server's baseline the value head was distilled from, or None where none of
+        them is; how to name that baseline in messages and diagnostics).
+
+        Matched by content, not by name or path: an adapter or model baseline by the weights digest the
+        head's manifest records (the same adapter in another clone or folder matches, another adapter
+        named "default" does not), a prompted baseline by its system prompt. Digests are computed once
+        per baseline, for the kind the head names only."""
+        made = (self.value_head or {}).get("baseline") or {}
+        kind, source, digest = made.get("kind"), made.get("source"), made.get("weights_digest")
+        described = made.get("name") or "unknown"
+        for baseline in self.baselines.all():
+            if baseline.kind != kind:
+                continue
+            if kind == "prompted" and source is not None and baseline.source == source:
+                return baseline.name, baseline.name
+            if kind in ("adapter", "model") and digest is not None and self._baseline_digest(baseline) == digest:
+                return baseline.name, baseline.name
+        return None, f"{described} ({kind}, not served here)" if kind else described
+
+    def _baseline_digest(self, baseline) -> str | None:
+        from alignd.models.weights import weights_digest
+
+        digests = self.__dict__.setdefault("_baseline_digests", {})
+        if baseline.name not in digests:
+            try:
+                digests[baseline.name] = weights_digest(baseline.source)
+            except Exception:  # noqa: BLE001 - a folder that cannot be read has no digest: no match
+                logger.warning("could not digest baseline '%s' (%s)", baseline.name, baseline.source, exc_info=True)
+                digests[baseline.name] = None
+        return digests[baseline.name]
+
     def _with_head_defaults(self, decoding: DecodingConfig) -> DecodingConfig:
         """The head was distilled for one target reward from one baseline's rollouts: a request for another
         is refused (naming the head's), and the diagnostics name the head's."""
@@ -203,12 +238,12 @@ class Generation:
             raise InvalidRequestError(
                 f"this server's value head was trained for reward '{reward}', not '{decoding.reward}': ask for "
                 f"reward '{reward}', or use decoding.value='rollouts' for any reward", param="decoding.reward")
-        trained_from = (head.get("baseline") or {}).get("name")
-        if decoding.baseline is not None and trained_from and decoding.baseline != trained_from:
+        served, described = self.head_baseline()
+        if decoding.baseline is not None and decoding.baseline != served:
             raise InvalidRequestError(
-                f"this server's value head was distilled from baseline '{trained_from}', not '{decoding.baseline}': "
+                f"this server's value head was distilled from baseline '{described}', not '{decoding.baseline}': "
                 "use decoding.value='rollouts' to transfer from another baseline", param="decoding.baseline")
-        return decoding.model_copy(update={"reward": reward, "baseline": trained_from or decoding.baseline})
+        return decoding.model_copy(update={"reward": reward, "baseline": served})
 
     @staticmethod
     def _check_penalties(config: DecodingConfig, params: GenerationParams) -> None:
@@ -390,10 +425,15 @@ class Generation:
 
     def _summary(self, config: DecodingConfig, reward: float, steps: list[StepRecord], kl: float) -> AlignmentSummary:
         from_baseline = config.method in ("transfer_q", "baseline")
+        baseline = (config.baseline or DEFAULT) if from_baseline else None
+        kind = self.baselines.get(config.baseline).kind if from_baseline else None
+        if config.uses_value_head:  # the baseline the head was distilled from, served here or not
+            made = (self.value_head or {}).get("baseline") or {}
+            baseline, kind = self.head_baseline()[0] or made.get("name"), made.get("kind")
         return AlignmentSummary(
             method=config.method,
-            baseline=(config.baseline or DEFAULT) if from_baseline else None,
-            baseline_kind=self.baselines.get(config.baseline).kind if from_baseline else None,
+            baseline=baseline,
+            baseline_kind=kind,
             baseline_reward=config.baseline_reward if config.method == "transfer_q" and config.indirect else None,
             reward_name=config.reward,
             reward=reward,

@@ -70,5 +70,7 @@ class ValueHeadCard(BaseModel):
     available: bool = Field(description="False when the server has no value head (ALIGND_VALUE_HEAD=none).")
     path: str | None = None
     reward: str | None = Field(None, description="The target reward it was trained for: the only one it serves.")
-    baseline: str | None = Field(None, description="The baseline whose rollout values it distils.")
+    baseline: str | None = Field(None, description="The baseline of this server whose rollout values it distils "
+                                 "(found by its weights digest or system prompt), or the head's own record of it "
+                                 "followed by '(<kind>, not served here)'.")
     provenance: dict = Field(default_factory=dict, description="Its manifest: data, metrics, the exact command.")

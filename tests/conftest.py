@@ -242,9 +242,14 @@ def embedded_value_head_dir(embedded_model_dir, tmp_path_factory, model_name) ->
                                      rank=EMBEDDED_HEAD_RANK))
     with torch.no_grad():
         head.out.weight.mul_(4.0)  # values spread over a few units: at alpha 0.1 the head decides
+    # as if distilled from the committed adapter, the session server's default baseline (a server finds the
+    # head's baseline among its own by this digest)
+    from alignd.settings import EMBEDDED_ADAPTER_DIR
+
+    adapter = {"name": "default", "kind": "adapter", "source": str(EMBEDDED_ADAPTER_DIR),
+               "weights_digest": weights_digest(EMBEDDED_ADAPTER_DIR)}
     manifest = {"base_model": {"name": model_name, "weights_digest": weights_digest(embedded_model_dir)},
-                "reward": "positivity", "baseline": {"name": "default", "kind": "adapter"},
-                "note": "a random head for tests (tests/conftest.py)"}
+                "reward": "positivity", "baseline": adapter, "note": "a random head for tests (tests/conftest.py)"}
     return save_value_head(head.eval(), tmp_path_factory.mktemp("embedded-value-head"), manifest)
 
 

@@ -48,3 +48,64 @@ def test_a_server_without_a_head_refuses_value_head_with_what_to_set(tiny_hf_eng
 def test_the_reference_engine_refuses_value_guidance(tiny_hf_engine):
     with pytest.raises(InvalidRequestError, match="ALIGND_ENGINE=hf"):
         tiny_hf_engine.check_params(GenerationParams(value_guidance=ValueGuidance(alpha=1.0, top_k=4)))
+
+
+class _HeadedGeneration(Generation):
+    """Generation whose engine has a value head with the given manifest (the reference engine cannot run
+    one; only the request checks run here)."""
+
+    manifest: dict | None = None
+
+    @property
+    def value_head(self) -> dict | None:
+        return self.manifest
+
+
+def _tensors(folder, value: float):
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({"lora_A": torch.full((2, 3), value)}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_the_head_s_baseline_is_found_by_its_weights_not_by_its_name(tiny_hf_engine, tmp_path):
+    """A head records the baseline it was distilled from (name, kind, source, weights digest); a server
+    may serve that adapter under another name or from another folder, or serve another adapter as
+    "default": only the digest says which of its baselines the head's values belong to."""
+    import shutil
+
+    from alignd.decoding.baselines import Baseline, BaselineRegistry
+    from alignd.decoding.prompt import Policy
+    from alignd.models.weights import weights_digest
+
+    trained = _tensors(tmp_path / "trained", 1.0)
+    copy = shutil.copytree(trained, tmp_path / "elsewhere")
+    other = _tensors(tmp_path / "other", 2.0)
+    registry = BaselineRegistry({
+        "default": Baseline("default", "adapter", Policy(tiny_hf_engine, "default"), str(other)),
+        "mine": Baseline("mine", "adapter", Policy(tiny_hf_engine, "mine"), str(copy)),
+        "prompted": Baseline("prompted", "prompted", Policy(tiny_hf_engine, "prompted", "Be kind."), "Be kind."),
+    })
+    generation = _HeadedGeneration(tiny_hf_engine, RewardRegistry({}), Settings(value_head="none"), registry)
+    head = {"name": "default", "kind": "adapter", "source": str(trained), "weights_digest": weights_digest(trained)}
+    generation.manifest = {"reward": "positivity", "baseline": head}
+    assert generation.head_baseline() == ("mine", "mine")
+
+    def refused(baseline: str) -> InvalidRequestError:
+        with pytest.raises(InvalidRequestError) as caught:
+            generation.plan(Prompt((1, 2, 3)), GenerationParams(max_tokens=4),
+                            DecodingConfig(method="transfer_q", value="head", baseline=baseline))
+        assert caught.value.param == "decoding.baseline"
+        return caught.value
+
+    assert "distilled from baseline 'mine', not 'default'" in str(refused("default"))  # same name, other weights
+
+    generation.manifest = {"reward": "positivity", "baseline": {**head, "weights_digest": "0" * 64}}
+    assert generation.head_baseline() == (None, "default (adapter, not served here)")
+    assert "not served here" in str(refused("mine"))
+
+    generation.manifest = {"reward": "positivity",
+                           "baseline": {"name": "kind", "kind": "prompted", "source": "Be kind."}}
+    assert generation.head_baseline() == ("prompted", "prompted")

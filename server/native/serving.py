@@ -33,7 +33,7 @@ class NativeServing(GenerationService):
         if not head:
             return ValueHeadCard(available=False)
         return ValueHeadCard(available=True, path=head.get("path"), reward=head.get("reward"),
-                             baseline=(head.get("baseline") or {}).get("name"), provenance=head)
+                             baseline=self.generation.head_baseline()[1], provenance=head)
 
     def _prepare(self, request: GenerateRequest):
         self.check_model(request.model)
