@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Sequence
 
 from alignd.errors import ConfigurationError, InvalidRequestError, ServerError
@@ -52,6 +53,7 @@ class VLLMEngine(Engine):
         # Set on an adapter view (:meth:`with_adapter`): every request of this view runs the adapter.
         self._lora = lora_request
         self._owns_engine = owns_engine
+        self._views: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()  # adapter views of this engine
 
     def with_adapter(self, name: str, path: str) -> VLLMEngine:
         """The same engine with a LoRA adapter on every request (same weights, batches and prefix cache:
@@ -66,8 +68,10 @@ class VLLMEngine(Engine):
         adapters = self.info.extra.setdefault("adapters", {})
         lora_id = adapters.setdefault(str(path), len(adapters) + 1)  # one id per adapter folder
         info = dataclasses.replace(self.info, model_path=str(path), extra={**self.info.extra, "adapter": name})
-        return VLLMEngine(self._llm, self._tokenizer, info,
+        view = VLLMEngine(self._llm, self._tokenizer, info,
                           lora_request=LoRARequest(name, lora_id, str(path)), owns_engine=False)
+        self._views.add(view)
+        return view
 
     @classmethod
     def start(cls, model_path: str, settings: Settings, *, enable_lora: bool = False,
@@ -140,9 +144,12 @@ class VLLMEngine(Engine):
     async def shutdown(self) -> None:
         if self._llm is not None and self._owns_engine:
             self._llm.shutdown()
-            # Drop the engine now: vLLM's __del__ shuts down again and fails noisily if it only
-            # runs at interpreter exit, after the modules it needs are gone.
+            # Drop the engine now, here and in the adapter views that share it: vLLM's __del__ shuts
+            # down again and fails noisily if it only runs at interpreter exit, after the modules it
+            # needs are gone.
             self._llm = None
+            for view in list(self._views):
+                view._llm = None
             gc.collect()
 
     # ------------------------------------------------------------------ helpers
