@@ -119,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts-per-stream", type=int, default=4,
                         help="requests per run = this x the concurrency")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-warmup", action="store_true", help="skip the discarded warm-up runs (--smoke does)")
     parser.add_argument("--seed", type=int, default=2000)
     parser.add_argument("--kv-cache-gib", type=int, default=None)
     parser.add_argument("--vllm-url", default=None, help="use this running `vllm serve` of the head's folder instead "
@@ -130,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.input_len, args.output_len, args.prompts_per_stream, args.rounds, args.concurrency = 16, 4, 1, 1, [2]
+        args.no_warmup = True  # each `vllm bench serve` is a process that imports vLLM: seconds apiece
     return args
 
 
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
             specs = {side: so.LoadSpec(args.input_len, args.output_len, n, concurrency, True,
                                        ["--save-detailed", *(guided if side == "head" else [])])
                      for side in ("plain", "head")}
-            for side, spec in specs.items():
+            for side, spec in specs.items() if not args.no_warmup else ():
                 t0 = time.perf_counter()
                 warm = so.LoadSpec(spec.input_len, spec.output_len, concurrency, concurrency, True, spec.extra)
                 so.run_load(side, url, model_name, model_dir, warm, args.seed - 1, work_dir,
