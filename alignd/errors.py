@@ -87,6 +87,15 @@ class EngineNotReadyError(ServerError):
     code = "engine_not_ready"
 
 
+class EngineUnavailableError(ServerError):
+    """An engine this request needs (a remote vLLM deployment) cannot be reached or dropped the
+    connection; other requests are unaffected, and the engine is tried again on the next request."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "engine_unavailable"
+
+
 class ModelPreparationError(ServerError):
     code = "model_preparation_failed"
 

