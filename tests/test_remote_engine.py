@@ -179,3 +179,15 @@ def test_closing_a_stream_early_stops_the_remote_request(engine, remote, prompts
     assert running() == 0, "the remote kept generating for a client that had gone"
     # and the engine still answers
     assert loop_thread.run(asyncio.wait_for(engine.top_k_next(prompts[:1], 2), 60))[0]
+
+
+def test_engine_unavailable_is_a_503_with_retry_after_in_the_openai_shape():
+    import json
+
+    from alignd.server.errors import error_response
+
+    response = error_response(EngineUnavailableError("engine 'baseline' at http://x is unavailable", retry_after=5))
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    error = json.loads(response.body)["error"]
+    assert error["code"] == "engine_unavailable" and error["type"] == "service_unavailable"
+    assert "engine 'baseline'" in error["message"]
