@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded"
@@ -117,10 +117,21 @@ class Settings(BaseSettings):
         description="A separate baseline model folder for Transfer Q*, served by a second vLLM engine "
         "(used when baseline_adapter is 'none' or does not apply).",
     )
+    baseline_url: str | None = Field(
+        None,
+        description="The default baseline on a remote vLLM server (its base URL, e.g. http://127.0.0.1:8100): "
+        "TQ*'s rollouts go there over HTTP. Takes precedence over baseline_adapter and baseline_model. The "
+        "remote must tokenize like the served model (checked at start).",
+    )
+    baseline_served_model: str | None = Field(
+        None, description="The model name on baseline_url's server, where it serves several (default: its only one).")
+    remote_api_key: SecretStr | None = Field(None, description="Bearer token for remote vLLM servers (--api-key).")
+    remote_timeout_s: float = Field(600.0, gt=0.0, description="Longest wait for one remote engine call (seconds).")
     baselines: dict[str, dict] = Field(
         default_factory=dict,
         description="More baselines a request may pick by name (decoding.baseline), a JSON object {name: spec}: "
-        '{"adapter": "/folder"}, {"model": "/folder"} or {"system_prompt": "..."}.',
+        '{"adapter": "/folder"}, {"model": "/folder"}, {"system_prompt": "..."} or {"url": "http://host:port"} '
+        '(a remote vllm serve; "served_model" names its model where it serves several).',
     )
     adapter_serving: Literal["lora", "merged"] = Field(
         "merged",

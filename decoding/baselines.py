@@ -4,7 +4,11 @@
                the embedded model), else ALIGND_BASELINE_MODEL (a model folder on a second engine), else
                the prompted baseline
     prompted   the served model with ALIGND_BASELINE_SYSTEM_PROMPT (shares the served engine)
-    <name>     each entry of ALIGND_BASELINES: {"adapter": folder}, {"model": folder} or {"system_prompt": ...}
+    <name>     each entry of ALIGND_BASELINES: {"adapter": folder}, {"model": folder}, {"system_prompt": ...}
+               or {"url": "http://host:port"} (a remote ``vllm serve``; "served_model" names its model where
+               it serves several)
+
+ALIGND_BASELINE_URL makes ``default`` a remote ``vllm serve`` (before any adapter or model folder).
 
 A request picks one with ``decoding.baseline`` (default: ``default``); ``GET /v1/baselines`` lists them
 with where they come from (an adapter's manifest: reward, beta, data, metrics, the command).
@@ -19,14 +23,15 @@ from typing import Literal
 from alignd.decoding.prompt import Policy
 from alignd.errors import ConfigurationError, NotFoundError
 from alignd.models.engine import Engine
-from alignd.models.factory import build_adapter_engine, build_model_engine
+from alignd.models.factory import build_adapter_engine, build_model_engine, build_remote_engine
 from alignd.rewards.registry import AlignedPolicy
 from alignd.settings import Settings
 
 DEFAULT = "default"
 PROMPTED = "prompted"
 
-BaselineKind = Literal["adapter", "model", "prompted"]
+BaselineKind = Literal["adapter", "model", "prompted", "remote"]
+SPEC_KEYS = ("adapter", "model", "system_prompt", "url")
 
 
 @dataclass
@@ -98,10 +103,14 @@ async def build_baselines(served: Engine, settings: Settings) -> BaselineRegistr
     owned: list[Engine] = []
 
     async def from_spec(name: str, spec: dict) -> Baseline:
-        if not isinstance(spec, dict) or len({"adapter", "model", "system_prompt"} & set(spec)) != 1:
+        if not isinstance(spec, dict) or len(set(SPEC_KEYS) & set(spec)) != 1:
             raise ConfigurationError(
-                f"baseline '{name}' must be an object with exactly one of 'adapter', 'model' or 'system_prompt'"
+                f"baseline '{name}' must be an object with exactly one of 'adapter', 'model', 'system_prompt' or 'url'"
             )
+        if "url" in spec:
+            engine = await build_remote_engine(name, str(spec["url"]), served, settings, model=spec.get("served_model"))
+            owned.append(engine)
+            return Baseline(name, "remote", Policy(engine, name), f"{engine.base_url} ({engine.model})")
         if "system_prompt" in spec:
             prompt = str(spec["system_prompt"])
             return Baseline(name, "prompted", Policy(served, name, system_prompt=prompt), prompt)
@@ -121,7 +130,10 @@ async def build_baselines(served: Engine, settings: Settings) -> BaselineRegistr
 
     try:
         prompted = prompted_only(served, settings).get(PROMPTED)
-        if (adapter_dir := settings.default_adapter_dir()) is not None:
+        if settings.baseline_url:
+            default = await from_spec(DEFAULT, {"url": settings.baseline_url,
+                                                "served_model": settings.baseline_served_model})
+        elif (adapter_dir := settings.default_adapter_dir()) is not None:
             default = await from_spec(DEFAULT, {"adapter": str(adapter_dir)})
         elif settings.baseline_model:
             default = await from_spec(DEFAULT, {"model": settings.baseline_model})

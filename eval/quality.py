@@ -240,7 +240,8 @@ class HeadReplay:
 
 # ---------------------------------------------------------------------------- what runs
 # How settings texts name a baseline, by its kind (GET /v1/baselines' "kind").
-BASELINE_READABLE = {"adapter": "trained-adapter", "model": "baseline-model", "prompted": "prompted-baseline"}
+BASELINE_READABLE = {"adapter": "trained-adapter", "model": "baseline-model", "prompted": "prompted-baseline",
+                     "remote": "remote-baseline"}
 # The kinds of the built-in baselines where no registry says (a plan's texts on their own): the server's
 # intended setup, with the trained adapter as the default. The harness passes the real ones.
 ASSUMED_KINDS = {"default": "adapter", "prompted": "prompted"}

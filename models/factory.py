@@ -101,6 +101,18 @@ async def build_adapter_engine(served: Engine, name: str, path: str | Path, sett
     return await build_model_engine(merged, settings), adapter, True
 
 
+async def build_remote_engine(name: str, url: str, served: Engine, settings: Settings, *,
+                              model: str | None = None) -> Engine:
+    """The model ``model`` (None: the only one) of the ``vllm serve`` deployment at ``url``, checked to
+    tokenize like ``served`` (prompts travel as token ids). Its HTTP client is the caller's to close
+    (``shutdown``)."""
+    from alignd.models.remote_engine import RemoteVLLMEngine
+
+    key = settings.remote_api_key.get_secret_value() if settings.remote_api_key is not None else None
+    return await RemoteVLLMEngine.connect(name, url, served.tokenizer, model=model, api_key=key,
+                                          timeout_s=settings.remote_timeout_s)
+
+
 async def warm_up(engine: Engine) -> None:
     """One short request with log-probabilities, so kernel warm-up (about 25 s on the CPU backend)
     happens at start-up and not in the first user's request."""

@@ -113,8 +113,9 @@ class AlignmentSummary(_Diagnostic):
     method: Literal["sft", "baseline", "transfer_q", "args", "cd", "best_of_n"]
     baseline: str | None = Field(None, description="The baseline TQ* transferred from, or sampled by the "
                                  "baseline method (GET /v1/baselines); null for the other methods.")
-    baseline_kind: Literal["adapter", "model", "prompted"] | None = Field(
-        None, description="What that baseline is: a trained adapter, a model folder, or the prompted baseline.")
+    baseline_kind: Literal["adapter", "model", "prompted", "remote"] | None = Field(
+        None, description="What that baseline is: a trained adapter, a model folder, the prompted baseline, or a "
+        "model on a remote vLLM server.")
     baseline_reward: str | None = Field(None, description="r_BL of indirect transfer (its reward's name).")
     reward_name: str = Field(description="The target reward the answer is scored with.")
     reward: float = Field(description="Target reward of the final text.")

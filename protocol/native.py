@@ -51,7 +51,8 @@ class BaselineCard(BaseModel):
     """A baseline a request may pick with ``decoding.baseline``."""
 
     name: str
-    kind: str = Field(description="adapter (LoRA of the served model), model (a folder on its own engine) or prompted.")
+    kind: str = Field(description="adapter (LoRA of the served model), model (a folder on its own engine), prompted, "
+                      "or remote (a model on a remote vLLM server; source is its URL and model name).")
     source: str = Field(description="The adapter or model folder, or the system prompt.")
     same_as: str | None = Field(None, description="Set when this name is another baseline's alias ('default').")
     implicit_reward: str = Field(description="Its implicit reward's name in GET /v1/rewards (r_BL of indirect transfer).")
