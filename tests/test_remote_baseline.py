@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 
 import httpx
 import pytest
 
-from support import BENCH, ManagedProcess, ServerProcess, free_port
+from support import ServerProcess, vllm_serve_process
 
 pytestmark = pytest.mark.server
 
@@ -29,15 +28,8 @@ RULE = {"alpha": 1.0, "top_k": 4, "rollout_len": 4, "num_rollouts": 1}
 
 @pytest.fixture(scope="module")
 def remote(embedded_model_dir, tmp_path_factory):
-    port = free_port()
-    cmd = [sys.executable, str(BENCH / "vllm_cli.py"), "serve", str(embedded_model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", REMOTE_NAME, "--dtype", "float32", "--enforce-eager",
-           "--max-model-len", "2048", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048",
-           "--max-logprobs", "20", "--generation-config", "vllm"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = tmp_path_factory.mktemp("remote-baseline") / "vllm-serve.log"
-    with ManagedProcess(cmd, name="vllm serve (remote baseline)", log_path=log, base_url=f"http://127.0.0.1:{port}",
-                        env=env) as server:
+    with vllm_serve_process(embedded_model_dir, REMOTE_NAME, log, max_model_len=2048) as server:
         server.wait_ready(timeout=1200)
         yield server
 

@@ -9,8 +9,6 @@ same folder, also float32. Greedy tokens must be equal, log-probabilities equal 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from alignd.errors import ConfigurationError, EngineUnavailableError
 from alignd.models.engine import GenerationParams
 from alignd.models.remote_engine import RemoteVLLMEngine
 
-from support import BENCH, ManagedProcess, build_vllm_tiny_llama, free_port
+from support import build_vllm_tiny_llama, free_port, vllm_serve_process
 
 pytestmark = pytest.mark.vllm
 
@@ -38,15 +36,8 @@ def tiny_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def remote(tiny_dir, tmp_path_factory):
-    port = free_port()
-    cmd = [sys.executable, str(BENCH / "vllm_cli.py"), "serve", str(tiny_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", SERVED_NAME, "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-           "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048", "--max-logprobs", "20",
-           "--generation-config", "vllm"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = tmp_path_factory.mktemp("remote-log") / "vllm-serve.log"
-    with ManagedProcess(cmd, name="vllm serve (remote)", log_path=log, base_url=f"http://127.0.0.1:{port}",
-                        env=env) as server:
+    with vllm_serve_process(tiny_dir, SERVED_NAME, log, max_model_len=256) as server:
         server.wait_ready(timeout=900)
         yield server
 
