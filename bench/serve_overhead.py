@@ -459,23 +459,25 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    return run_unwinding_on_sigterm(run, parse_args(argv))
 
-    def terminate(signum, frame):  # SIGTERM: unwind through the finally that stops the servers
+
+def run_unwinding_on_sigterm(body, args):
+    """``body(args)`` with SIGTERM turned into SystemExit, so that the finally blocks stopping the servers
+    run; the previous handler is restored (a caller such as pytest keeps its own), and off the main
+    thread, where Python cannot set handlers, nothing is changed."""
+    import threading
+
+    def terminate(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, terminate) if _main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
-        return run(args)
+        return body(args)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

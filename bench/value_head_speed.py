@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -196,13 +195,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-
-    def terminate(signum, frame):  # SIGTERM: unwind through the finally that stops the server
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
-    return run(args)
+    return so.run_unwinding_on_sigterm(run, parse_args(argv))
 
 
 if __name__ == "__main__":
