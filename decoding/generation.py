@@ -112,6 +112,7 @@ class Generation:
         self.settings = settings
         self.sft = Policy(engine, "sft")
         self.baselines = baselines or prompted_only(engine, settings)
+        self._baseline_digests: dict[str, str | None] = {}  # baseline name -> weights digest (head matching)
         self.step_observers: list[StepObserver] = []
         self.response_observers: list[ResponseObserver] = []
 
@@ -216,7 +217,7 @@ class Generation:
     def _baseline_digest(self, baseline) -> str | None:
         from alignd.models.weights import weights_digest
 
-        digests = self.__dict__.setdefault("_baseline_digests", {})
+        digests = self._baseline_digests
         if baseline.name not in digests:
             try:
                 digests[baseline.name] = weights_digest(baseline.source)
@@ -424,12 +425,12 @@ class Generation:
         return (await self.rewards.get(config.reward).score([prompt.reward_item(text)], truncate=True))[0].value
 
     def _summary(self, config: DecodingConfig, reward: float, steps: list[StepRecord], kl: float) -> AlignmentSummary:
-        from_baseline = config.method in ("transfer_q", "baseline")
-        baseline = (config.baseline or DEFAULT) if from_baseline else None
-        kind = self.baselines.get(config.baseline).kind if from_baseline else None
+        baseline = kind = None
         if config.uses_value_head:  # the baseline the head was distilled from, served here or not
             made = (self.value_head or {}).get("baseline") or {}
             baseline, kind = self.head_baseline()[0] or made.get("name"), made.get("kind")
+        elif config.method in ("transfer_q", "baseline"):
+            baseline, kind = config.baseline or DEFAULT, self.baselines.get(config.baseline).kind
         return AlignmentSummary(
             method=config.method,
             baseline=baseline,

@@ -513,6 +513,7 @@ class _Runner:
         self.partial_path = Path(partial_path) if partial_path is not None else None
         self._log_file = None
         self._head_replay: HeadReplay | None = None
+        self._head_digest: str | None = None
 
     async def start(self) -> None:
         from alignd.decoding.baselines import build_baselines
@@ -563,21 +564,21 @@ class _Runner:
         trained adapter "default" *is* the prompted baseline (the runs then share their responses), and
         another adapter folder is another run (resume must not reuse the old one's responses)."""
         if decoding.get("value") == "head":  # another head (retrained, or another folder) is another run
-            return {**decoding, "value_head_digest": (self.value_head or {}).get("weights_digest")}
+            return {**decoding, "value_head_digest": self.head_digest}
         if decoding["method"] not in ("baseline", "transfer_q") or self.baselines is None:
             return decoding
         baseline = self.baselines.get(decoding.get("baseline"))
         return {**decoding, "baseline": baseline.name, "baseline_source": baseline.source}
 
     @property
-    def value_head(self) -> dict | None:
-        """The engine's value head (its manifest, path and weights digest); None: the engine has none."""
-        manifest = self.aligned.value_head if self.aligned is not None else None
-        if not manifest:
-            return None
-        from alignd.models.weights import weights_digest
+    def head_digest(self) -> str | None:
+        """The weights digest of the engine's value head (None: it has none), read once: every run
+        signature of a head row carries it."""
+        if self._head_digest is None and self.aligned is not None and self.aligned.value_head:
+            from alignd.models.weights import weights_digest
 
-        return {**manifest, "weights_digest": weights_digest(manifest["path"])}
+            self._head_digest = weights_digest(self.aligned.value_head["path"])
+        return self._head_digest
 
     def head_replay(self) -> HeadReplay:
         if self._head_replay is None:
