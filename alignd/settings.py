@@ -57,6 +57,16 @@ class Settings(BaseSettings):
         None, description="Name clients use in the 'model' field; defaults to a name derived from the model."
     )
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    sft_url: str | None = Field(
+        None,
+        description="The served (SFT) model on a remote vLLM server (its base URL, e.g. http://127.0.0.1:8100): "
+        "alignd then holds no model weights (it reads only the tokenizer and chat template of 'model', which "
+        "the remote must tokenize like: checked at start) and several alignd replicas can share the remote. "
+        "Adapters run as the remote's LoRA modules, named as their baseline (vllm serve --enable-lora "
+        "--lora-modules <name>=<folder>); the committed default adapter and value head do not apply.",
+    )
+    sft_served_model: str | None = Field(
+        None, description="The model name on sft_url's server, where it serves several (default: its only one).")
     engine: Literal["vllm", "hf"] = Field(
         "vllm", description="'vllm' serves; 'hf' (transformers) is the reference path."
     )
@@ -235,6 +245,15 @@ class Settings(BaseSettings):
     metrics_require_auth: bool = Field(False, description="Also require an API key on GET /metrics.")
 
     @model_validator(mode="after")
+    def _remote_sft_is_plain_vllm(self) -> Settings:
+        if self.sft_url and self.engine != "vllm":
+            raise ValueError("sft_url serves the SFT model on a remote vLLM server: ALIGND_ENGINE must be 'vllm'")
+        if self.sft_url and self.value_head not in (NO_VALUE_HEAD, DEFAULT_VALUE_HEAD):
+            raise ValueError("a value head runs inside the SFT model's own vLLM engine, which sft_url moves out of "
+                             "this process: set ALIGND_VALUE_HEAD=none with ALIGND_SFT_URL")
+        return self
+
+    @model_validator(mode="after")
     def _limits_fit_the_engine(self) -> Settings:
         # Both read the engine's top-k log-probabilities, which vLLM caps at max_logprobs: checked
         # here once, so no request can reach the engine's own (less helpful) error.
@@ -274,8 +293,9 @@ class Settings(BaseSettings):
         if self.baseline_adapter == NO_ADAPTER:
             return None
         if self.baseline_adapter == DEFAULT_ADAPTER:
-            # the committed adapter is made for the embedded model only
-            return EMBEDDED_ADAPTER_DIR if self.model == EMBEDDED_MODEL and EMBEDDED_ADAPTER_DIR.is_dir() else None
+            # the committed adapter is made for the embedded model only, and alignd serves it in its own engine
+            usable = self.model == EMBEDDED_MODEL and EMBEDDED_ADAPTER_DIR.is_dir() and not self.sft_url
+            return EMBEDDED_ADAPTER_DIR if usable else None
         return Path(self.baseline_adapter).expanduser()
 
     def value_head_dir(self) -> Path | None:
@@ -284,7 +304,8 @@ class Settings(BaseSettings):
             return None
         if self.value_head == DEFAULT_VALUE_HEAD:
             # the committed head reads the embedded model's hidden states only
-            usable = self.model == EMBEDDED_MODEL and (EMBEDDED_VALUE_HEAD_DIR / "alignd_value_head.json").is_file()
+            usable = (self.model == EMBEDDED_MODEL and not self.sft_url
+                      and (EMBEDDED_VALUE_HEAD_DIR / "alignd_value_head.json").is_file())
             return EMBEDDED_VALUE_HEAD_DIR if usable else None
         return Path(self.value_head).expanduser()
 

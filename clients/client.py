@@ -23,7 +23,7 @@ from typing_extensions import Unpack
 
 from alignd.clients.errors import APIConnectionError, APITimeoutError, status_error
 from alignd.clients.types import GenerateParams
-from alignd.protocol import ChatMessage, GenerateResponse, GenerateStreamEvent
+from alignd.protocol import ChatMessage, GenerateResponse, GenerateStreamEvent, HealthResponse
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
@@ -132,8 +132,9 @@ class Alignd:
         _raise_for_status(response)
         return response
 
-    def health(self) -> dict:
-        return self._request("GET", "/health").json()
+    def health(self) -> HealthResponse:
+        """Each engine's state (a 503 while the SFT engine is down raises, like any error status)."""
+        return HealthResponse.model_validate(self._request("GET", "/health").json())
 
     def models(self) -> list[str]:
         return [m["id"] for m in self._request("GET", "/v1/models").json()["data"]]
@@ -202,8 +203,8 @@ class AsyncAlignd:
         _raise_for_status(response)
         return response
 
-    async def health(self) -> dict:
-        return (await self._request("GET", "/health")).json()
+    async def health(self) -> HealthResponse:
+        return HealthResponse.model_validate((await self._request("GET", "/health")).json())
 
     async def models(self) -> list[str]:
         return [m["id"] for m in (await self._request("GET", "/v1/models")).json()["data"]]

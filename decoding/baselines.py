@@ -110,7 +110,7 @@ async def build_baselines(served: Engine, settings: Settings) -> BaselineRegistr
         if "url" in spec:
             engine = await build_remote_engine(name, str(spec["url"]), served, settings, model=spec.get("served_model"))
             owned.append(engine)
-            return Baseline(name, "remote", Policy(engine, name), f"{engine.base_url} ({engine.model})")
+            return Baseline(name, "remote", Policy(engine, name), f"{engine.base_url} ({engine.model or 'its only model'})")
         if "system_prompt" in spec:
             prompt = str(spec["system_prompt"])
             return Baseline(name, "prompted", Policy(served, name, system_prompt=prompt), prompt)

@@ -124,6 +124,21 @@ class Generation:
     async def close(self) -> None:
         await self.baselines.close()
 
+    def engines(self) -> dict[str, Engine]:
+        """Every engine behind the door, once each, by role: ``sft`` (the served one), ``baseline/<name>``
+        and ``reward/<name>`` for the engines started for a baseline or a reward (a LoRA adapter or a
+        prompted baseline runs in the SFT engine and is not listed apart)."""
+        named: dict[str, Engine] = {"sft": self.engine}
+        owned = {id(e) for e in self.baselines.owned_engines}
+        for baseline in self.baselines.all():
+            engine = baseline.policy.engine
+            if id(engine) in owned and engine not in named.values():
+                named[f"baseline/{baseline.name}"] = engine
+        for reward, engine in self.rewards.engines().items():
+            if engine not in named.values():
+                named[f"reward/{reward}"] = engine
+        return named
+
     # ------------------------------------------------------------------ the model's text
     @property
     def info(self) -> EngineInfo:

@@ -118,6 +118,24 @@ class EngineInfo:
     num_layers: int | None = None
 
 
+EngineStatus = Literal["up", "down"]
+# (call, seconds, outcome) of one engine call, outcome one of CALL_OUTCOMES; see Engine.call_observers
+EngineCallObserver = Callable[[str, float, str], None]
+CALL_OUTCOMES = ("ok", "error", "unavailable", "cancelled")
+ENGINE_CALLS = ("stream", "top_k_next", "rollouts", "continuation_logprobs")
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """Whether an engine can serve now. ``detail`` says why not; ``location`` is a remote's URL."""
+
+    status: EngineStatus
+    kind: str
+    detail: str | None = None
+    location: str | None = None
+    since: float | None = None  # time.time() of the last change of status, where the engine tracks it
+
+
 async def collect_stream(
     deltas: AsyncIterator[StreamDelta], params: GenerationParams, prompt_token_count: int
 ) -> GenerationResult:
@@ -209,6 +227,22 @@ class Engine(abc.ABC):
         from alignd.errors import ConfigurationError
 
         raise ConfigurationError(f"adapter '{name}': {type(self).__name__} cannot run LoRA adapters")
+
+    kind: str = "engine"  # what /health and metrics call it: "vllm", "hf", "remote"
+
+    def observe_calls(self, observer: EngineCallObserver) -> bool:
+        """Tell ``observer`` of each of this engine's calls (the server's per-engine metrics); False when
+        the engine does not report calls (in-process engines, whose calls fail only with the process)."""
+        return False
+
+    def health(self) -> EngineHealth:
+        """Whether the engine could serve at its last call or check (no I/O: metrics read it)."""
+        return EngineHealth("up", self.kind)
+
+    async def check_health(self) -> EngineHealth:
+        """Whether the engine can serve now; a remote one that is down is asked again here, so that
+        ``/health`` sees it come back even with no traffic."""
+        return self.health()
 
     def unfinished_requests(self) -> int:
         """Engine requests started and not yet finished or aborted (streams and primitive calls alike).

@@ -41,6 +41,8 @@ async def build_engine(settings: Settings, *, progress: bool = True) -> Engine:
     """The served engine of ``settings`` (``ALIGND_ENGINE``: vLLM, or the reference engine). On vLLM it
     runs LoRA adapters when some are configured and ``ALIGND_ADAPTER_SERVING`` is ``lora``."""
     path = await asyncio.to_thread(resolve_model_path, settings, progress=progress)
+    if settings.sft_url:
+        return await build_remote_sft_engine(path, settings)
     if settings.engine == "vllm":
         from alignd.models.vllm_engine import VLLMEngine
 
@@ -51,6 +53,22 @@ async def build_engine(settings: Settings, *, progress: bool = True) -> Engine:
         served, manifest = await asyncio.to_thread(value_guided_model, path, head, settings)
         return VLLMEngine.start(str(served), settings, enable_lora=lora, value_head=manifest)
     return await asyncio.to_thread(build_reference_engine, path, settings)
+
+
+async def build_remote_sft_engine(model_dir: str | Path, settings: Settings) -> Engine:
+    """The SFT model on the remote ``vllm serve`` at ``settings.sft_url``: this process reads only the
+    tokenizer (and chat template) of ``model_dir``, which the remote must tokenize like. Down at start is
+    no refusal: the engine is down (generation requests are 503s, /health says so) until the remote
+    answers."""
+    from transformers import AutoTokenizer
+
+    from alignd.models.remote_engine import RemoteVLLMEngine
+
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
+    key = settings.remote_api_key.get_secret_value() if settings.remote_api_key is not None else None
+    return await RemoteVLLMEngine.connect("sft", settings.sft_url, tokenizer, model=settings.sft_served_model,
+                                          api_key=key, timeout_s=settings.remote_timeout_s, allow_down=True,
+                                          max_model_len=settings.max_model_len, local_model_dir=str(model_dir))
 
 
 def value_guided_model(model_dir: str | Path, head_dir: Path, settings: Settings) -> tuple[Path, dict]:
@@ -89,7 +107,13 @@ async def build_adapter_engine(served: Engine, name: str, path: str | Path, sett
     """The served model with the adapter at ``path``, checked against the served weights: in the served
     vLLM engine itself (``ALIGND_ADAPTER_SERVING=lora``), or merged into a model folder that a second
     engine serves (``merged``). Returns (engine, adapter, whether the caller owns the engine and must
-    shut it down)."""
+    shut it down). With a remote SFT model (``ALIGND_SFT_URL``) the adapter is the remote's LoRA module of
+    the same name; this process checks the folder against the weights it was made for."""
+    if served.kind == "remote":
+        local = served.info.extra.get("local_model_dir")
+        adapter = await asyncio.to_thread(load_adapter, name, path, local, max_rank=settings.max_lora_rank,
+                                          lora_modules=settings.lora_target_modules)
+        return served.with_adapter(name, str(adapter.path)), adapter, False
     as_lora = settings.engine == "vllm" and settings.adapter_serving == "lora"
     adapter = await asyncio.to_thread(load_adapter, name, path, served.info.model_path, max_rank=settings.max_lora_rank,
                                       lora_modules=settings.lora_target_modules if as_lora else None)
@@ -104,13 +128,15 @@ async def build_adapter_engine(served: Engine, name: str, path: str | Path, sett
 async def build_remote_engine(name: str, url: str, served: Engine, settings: Settings, *,
                               model: str | None = None) -> Engine:
     """The model ``model`` (None: the only one) of the ``vllm serve`` deployment at ``url``, checked to
-    tokenize like ``served`` (prompts travel as token ids). Its HTTP client is the caller's to close
-    (``shutdown``)."""
+    tokenize like ``served`` (prompts travel as token ids). A remote that is merely down does not stop
+    the start: its engine is down (its requests are 503s) until the remote answers. Its HTTP client is
+    the caller's to close (``shutdown``)."""
     from alignd.models.remote_engine import RemoteVLLMEngine
 
     key = settings.remote_api_key.get_secret_value() if settings.remote_api_key is not None else None
     return await RemoteVLLMEngine.connect(name, url, served.tokenizer, model=model, api_key=key,
-                                          timeout_s=settings.remote_timeout_s)
+                                          timeout_s=settings.remote_timeout_s, allow_down=True,
+                                          max_model_len=served.info.max_model_len)
 
 
 async def warm_up(engine: Engine) -> None:
@@ -125,7 +151,7 @@ async def warm_up(engine: Engine) -> None:
 async def open_engine(settings: Settings, *, progress: bool = True, warm: bool = True) -> AsyncIterator[Engine]:
     engine = await build_engine(settings, progress=progress)
     try:
-        if warm:
+        if warm and engine.kind != "remote":  # a remote warms itself up
             await warm_up(engine)
         yield engine
     finally:

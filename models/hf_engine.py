@@ -58,6 +58,7 @@ class _Row:
 
 
 class HFEngine(Engine):
+    kind = "hf"
     applies_stop_strings = False  # stream() yields token ids; alignd.decoding assembles text
 
     def __init__(self, model, tokenizer, *, model_path: str = "", max_model_len: int | None = None) -> None:

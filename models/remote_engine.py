@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -34,6 +36,8 @@ import httpx
 from alignd.errors import ConfigurationError, EngineUnavailableError, InvalidRequestError, ServerError
 from alignd.models.engine import (
     Engine,
+    EngineCallObserver,
+    EngineHealth,
     EngineInfo,
     GeneratedTokenLogprobs,
     GenerationParams,
@@ -43,7 +47,12 @@ from alignd.models.engine import (
 )
 from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY
 
+logger = logging.getLogger(__name__)
+
 RETRY_AFTER_S = 5  # what a 503 tells the client while the remote is down
+# A down remote is asked again at most this often: in between, calls fail at once with the last reason
+# (a blackholed host would otherwise hold each request for the connect timeout).
+RECHECK_INTERVAL_S = 1.0
 # Texts whose token ids must be the same on both sides (words, digits, whitespace, non-ASCII, and the
 # chat template's own markers are covered by rendering a conversation).
 PROBE_TEXTS = ("Hello, world! 123 4567", "  two  spaces\nand a newline\t tab", "naïve café – 東京 🙂")
@@ -55,42 +64,80 @@ def _token_id(key: str) -> int:
 
 
 class RemoteVLLMEngine(Engine):
-    """The engine contract over a ``vllm serve`` deployment at ``base_url``, for its model ``model``."""
+    """The engine contract over a ``vllm serve`` deployment at ``base_url``, for its model ``model``.
+
+    The engine is *up* once the remote passed the start-up checks, and *down* from the first call that
+    could not reach it (or from start, with ``allow_down``). A down engine checks the remote again (the
+    same checks as at start: a remote that came back with another model or tokenizer stays down) on the
+    next call or health check, at most once per :data:`RECHECK_INTERVAL_S`; calls in between fail at
+    once with the last reason, so a dead remote costs requests nothing but the 503."""
 
     applies_stop_strings = True  # vLLM applies stop strings server-side
+    kind = "remote"
 
-    def __init__(self, name: str, base_url: str, model: str, tokenizer, info: EngineInfo, *,
-                 client: httpx.AsyncClient, owns_client: bool = True) -> None:
+    def __init__(self, name: str, base_url: str, model: str | None, tokenizer, info: EngineInfo, *,
+                 client: httpx.AsyncClient, owns_client: bool = True, parent: RemoteVLLMEngine | None = None) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
-        self.model = model
+        self.model = model  # None until the first check, when the remote's only model is taken
         self._tokenizer = tokenizer
         self.info = info
         self._client = client
         self._owns_client = owns_client
+        self._parent = parent  # an adapter view is up and down with the engine it was made from
+        self._served_by_parent = False  # an adapter view: the remote was seen to serve its name
         self._unfinished = 0
+        self._up = False
+        self._detail: str | None = "not checked yet"
+        self._since = time.time()
+        self._next_check = 0.0  # time.monotonic() before which a down engine does not ask the remote again
+        self._check_lock = asyncio.Lock()
+        self._observers: list[EngineCallObserver] = []
 
     # ------------------------------------------------------------------ start-up
     @classmethod
     async def connect(cls, name: str, base_url: str, tokenizer, *, model: str | None = None,
-                      api_key: str | None = None, timeout_s: float = 600.0) -> RemoteVLLMEngine:
+                      api_key: str | None = None, timeout_s: float = 600.0, allow_down: bool = False,
+                      max_model_len: int = 2048, local_model_dir: str | None = None) -> RemoteVLLMEngine:
         """Check the remote and return its engine: it must answer ``/v1/models`` as a vLLM server, serve
         ``model`` (or exactly one model when ``model`` is None), and tokenize like ``tokenizer``.
-        Raises :class:`ConfigurationError` naming both sides when it is not what alignd needs, and
-        :class:`EngineUnavailableError` when it cannot be reached."""
+        Raises :class:`ConfigurationError` naming both sides when it is not what alignd needs. A remote
+        that cannot be reached raises :class:`EngineUnavailableError`, or with ``allow_down`` gives an
+        engine that is down (its calls are 503s) until the remote answers; ``max_model_len`` stands in for
+        the remote's until then. ``local_model_dir``: the local folder of the same model (its tokenizer's;
+        adapters are checked against its weights), kept in ``info.extra``."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers,
                                    timeout=httpx.Timeout(timeout_s, connect=10.0),
                                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        eos = tokenizer.eos_token_id
+        info = EngineInfo(model_path=f"{base_url.rstrip('/')}#{model or '?'}", max_model_len=max_model_len,
+                          vocab_size=len(tokenizer), eos_token_ids=(eos,) if eos is not None else (),
+                          extra={"remote": base_url, "model": model, "local_model_dir": local_model_dir})
+        engine = cls(name, base_url, model, tokenizer, info, client=client)
         try:
-            engine = await cls._checked(name, base_url, tokenizer, model, client)
+            await engine._check()
+        except EngineUnavailableError as exc:
+            if not allow_down:
+                await client.aclose()
+                raise
+            logger.warning("%s; alignd starts without it and tries again on each request", exc)
         except BaseException:
             await client.aclose()
             raise
         return engine
 
-    @classmethod
-    async def _checked(cls, name, base_url, tokenizer, model, client) -> RemoteVLLMEngine:
+    async def _check(self) -> None:
+        """The start-up checks; the engine is up after them, down (with the reason) when they fail."""
+        try:
+            self.model, self.info = await self._checked_remote()
+        except (EngineUnavailableError, ConfigurationError) as exc:
+            self._set_down(str(exc))
+            raise
+        self._set_up()
+
+    async def _checked_remote(self) -> tuple[str, EngineInfo]:
+        name, base_url, client, tokenizer, model = self.name, self.base_url, self._client, self._tokenizer, self.model
         async with _translated(name, base_url):
             response = await client.get("/v1/models")
         if response.status_code == 401:
@@ -125,11 +172,83 @@ class RemoteVLLMEngine(Engine):
                     f"engine '{name}': the tokenizer of '{model}' at {base_url} differs from the served model's "
                     f"({tokenizer.name_or_path}): {text!r} is {theirs[:12]} there and {ours[:12]} here; TQ* and "
                     "implicit rewards need token ids that mean the same thing on every engine")
-        eos = tokenizer.eos_token_id
-        info = EngineInfo(model_path=f"{base_url.rstrip('/')}#{model}", max_model_len=int(card["max_model_len"]),
-                          vocab_size=len(tokenizer), eos_token_ids=(eos,) if eos is not None else (),
-                          extra={"remote": base_url, "model": model})
-        return cls(name, base_url, model, tokenizer, info, client=client)
+        info = EngineInfo(model_path=f"{base_url}#{model}", max_model_len=int(card["max_model_len"]),
+                          vocab_size=self.info.vocab_size, eos_token_ids=self.info.eos_token_ids,
+                          extra={**self.info.extra, "model": model})
+        return model, info
+
+    # ------------------------------------------------------------------ up and down
+    def _set_up(self) -> None:
+        if not self._up:
+            logger.info("engine '%s' at %s is up (model '%s')", self.name, self.base_url, self.model)
+            self._since = time.time()
+        self._up, self._detail = True, None
+
+    def _set_down(self, detail: str) -> None:
+        if self._up:
+            logger.warning("engine '%s' is down: %s", self.name, detail)
+            self._since = time.time()
+        self._up, self._detail = False, detail
+        self._next_check = time.monotonic() + RECHECK_INTERVAL_S
+
+    async def _ready(self) -> None:
+        """Return when the remote is up (checking it again if it was down), else raise the 503."""
+        if self._parent is not None:
+            await self._parent._ready()
+            if not self._served_by_parent:
+                await self._check_served_name()
+            return
+        if self._up:
+            return
+        async with self._check_lock:
+            if self._up:
+                return
+            if time.monotonic() < self._next_check:
+                raise EngineUnavailableError(self._detail or f"engine '{self.name}' is down", retry_after=RETRY_AFTER_S)
+            try:
+                await self._check()
+            except ConfigurationError as exc:  # it came back as something else: down until it is right
+                raise EngineUnavailableError(str(exc), retry_after=RETRY_AFTER_S) from exc
+
+    async def _check_served_name(self) -> None:
+        """An adapter view: the remote must serve its LoRA module under the view's model name."""
+        async with _translated(self.name, self.base_url):
+            response = await self._client.get("/v1/models")
+        served = sorted(card["id"] for card in _checked_json(self.name, response)["data"])
+        if self.model not in served:
+            raise EngineUnavailableError(
+                f"engine '{self.name}' at {self.base_url} does not serve the adapter '{self.model}' (it serves "
+                f"{served}): start it with --enable-lora --lora-modules {self.model}=<adapter folder>",
+                retry_after=RETRY_AFTER_S)
+        self._served_by_parent = True
+
+    def _lost(self, exc: EngineUnavailableError) -> None:
+        """A call found the remote gone: down until a check passes again."""
+        (self._parent or self)._set_down(str(exc))
+
+    def health(self) -> EngineHealth:
+        if self._parent is not None:
+            return self._parent.health()
+        return EngineHealth("up" if self._up else "down", self.kind, self._detail, self.base_url, self._since)
+
+    async def check_health(self) -> EngineHealth:
+        if self._parent is not None:
+            return await self._parent.check_health()
+        if not self._up:
+            try:
+                await self._ready()
+            except EngineUnavailableError:
+                pass
+        return self.health()
+
+    def observe_calls(self, observer: EngineCallObserver) -> bool:
+        self._observers.append(observer)
+        return True
+
+    def _observe(self, call: str, started: float, outcome: str) -> None:
+        seconds = time.perf_counter() - started
+        for observer in self._observers:
+            observer(call, seconds, outcome)
 
     # ------------------------------------------------------------------ the contract
     @property
@@ -149,8 +268,10 @@ class RemoteVLLMEngine(Engine):
         info = EngineInfo(model_path=f"{self.base_url}#{name}", max_model_len=self.info.max_model_len,
                           vocab_size=self.info.vocab_size, eos_token_ids=self.info.eos_token_ids,
                           extra={**self.info.extra, "model": name, "adapter": name})
-        return RemoteVLLMEngine(self.name, self.base_url, name, self._tokenizer, info, client=self._client,
-                                owns_client=False)
+        view = RemoteVLLMEngine(self.name, self.base_url, name, self._tokenizer, info, client=self._client,
+                                owns_client=False, parent=self)
+        view._observers = self._observers
+        return view
 
     def check_params(self, params: GenerationParams) -> None:
         if params.n < 1 or params.max_tokens < 1:
@@ -175,39 +296,55 @@ class RemoteVLLMEngine(Engine):
                                   TOP_K_KEY: int(params.value_guidance.top_k)}
         return body
 
-    async def _complete(self, body: dict) -> dict:
+    @asynccontextmanager
+    async def _call(self, call: str):
+        """One engine call: waits for the remote to be up, counts it as unfinished, tells the observers
+        how it ended, and marks the engine down when the remote is gone."""
+        started, outcome = time.perf_counter(), "error"
         self._unfinished += 1
         try:
-            async with _translated(self.name, self.base_url):
-                response = await self._client.post("/v1/completions", json=body)
+            await self._ready()  # the 503 of an engine that is down (or an adapter the remote lacks)
+            try:
+                async with _translated(self.name, self.base_url):
+                    yield
+            except EngineUnavailableError as exc:  # the remote went away during the call
+                self._lost(exc)
+                raise
+            outcome = "ok"
+        except EngineUnavailableError:
+            outcome = "unavailable"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
         finally:
             self._unfinished -= 1
-        return _checked_json(self.name, response)
+            self._observe(call, started, outcome)
+
+    async def _complete(self, call: str, body: dict) -> dict:
+        async with self._call(call):
+            response = await self._client.post("/v1/completions", json=body)
+            return _checked_json(self.name, response)
 
     async def stream(self, prompt_token_ids, params, request_id) -> AsyncIterator[StreamDelta]:
         body = self._body(prompt_token_ids, params, stream=True)
-        self._unfinished += 1
-        try:
-            async with _translated(self.name, self.base_url), \
-                    self._client.stream("POST", "/v1/completions", json=body,
-                                        headers={"X-Request-Id": request_id}) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    _checked_json(self.name, response)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise ServerError(f"engine '{self.name}': {chunk['error'].get('message', chunk['error'])}")
-                    for choice in chunk.get("choices", []):
-                        yield self._delta(choice, params, len(prompt_token_ids))
-        finally:
-            # leaving the block closed the response: vLLM aborts a request whose connection is gone
-            self._unfinished -= 1
+        # leaving the block closes the response: vLLM aborts a request whose connection is gone
+        async with self._call("stream"), self._client.stream("POST", "/v1/completions", json=body,
+                                                             headers={"X-Request-Id": request_id}) as response:
+            if response.status_code != 200:
+                await response.aread()
+                _checked_json(self.name, response)
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise ServerError(f"engine '{self.name}': {chunk['error'].get('message', chunk['error'])}")
+                for choice in chunk.get("choices", []):
+                    yield self._delta(choice, params, len(prompt_token_ids))
 
     @staticmethod
     def _delta(choice: dict, params: GenerationParams, prompt_count: int) -> StreamDelta:
@@ -227,7 +364,7 @@ class RemoteVLLMEngine(Engine):
         params = GenerationParams(max_tokens=1, temperature=0.0, logprobs=k)
 
         async def one(prefix) -> list[TokenLogprob]:
-            reply = await self._complete(self._body(prefix, params))
+            reply = await self._complete("top_k_next", self._body(prefix, params))
             top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
             ranked = sorted(((_token_id(key), float(v)) for key, v in top.items()), key=lambda t: -t[1])
             return [TokenLogprob(t, v) for t, v in ranked[:k]]
@@ -240,7 +377,7 @@ class RemoteVLLMEngine(Engine):
             params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
                                       seed=None if seed is None else seed + i * n, presence_penalty=presence_penalty,
                                       frequency_penalty=frequency_penalty)
-            reply = await self._complete(self._body(prefix, params))
+            reply = await self._complete("rollouts", self._body(prefix, params))
             choices = sorted(reply["choices"], key=lambda c: c["index"])
             return [Rollout(list(c["token_ids"]), c.get("finish_reason"), c.get("text") or "") for c in choices]
 
@@ -255,7 +392,7 @@ class RemoteVLLMEngine(Engine):
             if not cont:
                 return []
             full = [*prefix, *cont]
-            reply = await self._complete(self._body(full, params, prompt_logprobs=0))
+            reply = await self._complete("continuation_logprobs", self._body(full, params, prompt_logprobs=0))
             # prompt_logprobs[j]: {token id: {"logprob", ...}} of full[j] given full[:j] (None at j = 0)
             scored = reply["choices"][0]["prompt_logprobs"]
             return [float(scored[j][str(full[j])]["logprob"]) for j in range(len(prefix), len(full))]

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from alignd.errors import ConfigurationError, InvalidRequestError, ServerError
 from alignd.models.engine import (
     Engine,
+    EngineHealth,
     EngineInfo,
     GeneratedTokenLogprobs,
     GenerationParams,
@@ -46,6 +47,8 @@ def _top_entries(position: dict | None, k: int) -> tuple[TokenLogprob, ...]:
 
 
 class VLLMEngine(Engine):
+    kind = "vllm"
+
     def __init__(self, llm, tokenizer, info: EngineInfo, *, lora_request=None, owns_engine: bool = True) -> None:
         self._llm = llm
         self._tokenizer = tokenizer
@@ -140,6 +143,13 @@ class VLLMEngine(Engine):
 
     def unfinished_requests(self) -> int:
         return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
+
+    def health(self) -> EngineHealth:
+        if self._llm is None:
+            return EngineHealth("down", self.kind, "shut down")
+        if self._llm.errored:  # the engine core process died: only a restart brings it back
+            return EngineHealth("down", self.kind, f"vLLM engine core failed: {self._llm.dead_error}")
+        return EngineHealth("up", self.kind)
 
     async def shutdown(self) -> None:
         if self._llm is not None and self._owns_engine:

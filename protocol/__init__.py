@@ -19,15 +19,18 @@ from alignd.protocol.diagnostics import (
     ValueGuidedStep,
 )
 from alignd.protocol.native import (
+    EngineHealthCard,
     GeneratedTokenOut,
     GenerateChoice,
     GenerateResponse,
     GenerateStreamEvent,
+    HealthResponse,
     TokenLogprobOut,
 )
 
 __all__ = [
-    "AlignmentSummary", "BaselineStep", "BestOfNStep", "BlockCandidate", "BlockStep", "ChatMessage", "DecodingCost",
-    "GenerateChoice", "GenerateResponse", "GenerateStreamEvent", "GeneratedTokenOut", "SampleCandidate",
-    "StepCost", "TextContentPart", "TokenCandidate", "TokenLogprobOut", "UsageInfo", "ValueGuidedStep",
+    "AlignmentSummary", "BaselineStep", "BestOfNStep", "BlockCandidate", "BlockStep", "ChatMessage",
+    "DecodingCost", "EngineHealthCard", "GenerateChoice", "GenerateResponse", "GenerateStreamEvent",
+    "GeneratedTokenOut", "HealthResponse", "SampleCandidate", "StepCost", "TextContentPart", "TokenCandidate",
+    "TokenLogprobOut", "UsageInfo", "ValueGuidedStep",
 ]

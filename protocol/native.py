@@ -1,6 +1,9 @@
-"""Responses of the native ``POST /generate`` endpoint (its request model lives with the server)."""
+"""Responses of the native endpoints: ``POST /generate`` (its request model lives with the server),
+the baselines and value-head listings, ``GET /health``."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -75,3 +78,25 @@ class ValueHeadCard(BaseModel):
                                  "(found by its weights digest or system prompt), or the head's own record of it "
                                  "followed by '(<kind>, not served here)'.")
     provenance: dict = Field(default_factory=dict, description="Its manifest: data, metrics, the exact command.")
+
+
+class EngineHealthCard(BaseModel):
+    """One engine behind the server: the served SFT model, a baseline's or a reward's."""
+
+    status: Literal["up", "down"]
+    kind: str = Field(description="vllm (in this process), hf (transformers, in this process) or remote (a vllm "
+                      "serve deployment).")
+    detail: str | None = Field(None, description="Why it is down.")
+    location: str | None = Field(None, description="A remote engine's base URL.")
+    since: float | None = Field(None, description="Unix time of its last change between up and down (remote engines).")
+
+
+class HealthResponse(BaseModel):
+    """``GET /health``: 200 while the SFT engine serves ('ok', or 'degraded' when an engine that only some
+    requests need is down: those requests get 503 engine_unavailable), 503 when the SFT engine is down."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    model: str
+    engine: str
+    engines: dict[str, EngineHealthCard] = Field(
+        description="By role: 'sft', 'baseline/<name>' and 'reward/<name>' for the engines of their own.")

@@ -12,7 +12,8 @@ More come from ``ALIGND_REWARDS``, a JSON object ``{name: spec}``; a spec's ``ty
   {"type": "callable", "path": "package.module:function", "batched": false}
   {"type": "classifier", "model": "/path/to/RewardModel", "label_index": 0, "max_length": 2048,
                          "backend": "auto" | "vllm" | "hf"}
-  {"type": "implicit", "adapter": "/adapter folder" | "aligned_model": "/path" | "aligned_system_prompt": "...",
+  {"type": "implicit", "adapter": "/adapter folder" | "aligned_model": "/path" | "aligned_system_prompt": "..."
+                       | "url": "http://host:port" (a remote vllm serve; "served_model": its model name there),
                        "reference_model": "/path" (default: the served model), "beta": 0.1}
   {"type": "weighted_sum", "terms": {"positivity": 1.0, "length_penalty": 0.5}}
 """
@@ -43,9 +44,9 @@ class AlignedPolicy:
 
 
 class RewardRegistry:
-    def __init__(self, rewards: dict[str, Reward], extra_engines: list[Engine] | None = None) -> None:
+    def __init__(self, rewards: dict[str, Reward], extra_engines: dict[str, Engine] | None = None) -> None:
         self._rewards = rewards
-        self._extra_engines = extra_engines or []
+        self._extra_engines = extra_engines or {}  # by the reward that needs it (the first, where shared)
 
     def get(self, name: str) -> Reward:
         try:
@@ -62,10 +63,14 @@ class RewardRegistry:
     def all(self) -> list[Reward]:
         return [self._rewards[n] for n in self.names()]
 
+    def engines(self) -> dict[str, Engine]:
+        """The engines started for rewards (extra models, remote aligned models), by reward name."""
+        return dict(self._extra_engines)
+
     async def close(self) -> None:
         for reward in self._rewards.values():
             await reward.close()
-        for engine in self._extra_engines:
+        for engine in self._extra_engines.values():
             await engine.shutdown()
 
 
@@ -88,7 +93,7 @@ async def build_rewards(
     (and as the prompted baseline) so no second copy of the weights is loaded. Each of
     ``aligned_baselines`` (by baseline name) gets its implicit reward against the served model,
     ``<name>_implicit``: the r_BL of indirect transfer from that baseline."""
-    from alignd.models.factory import build_adapter_engine, build_reference_engine
+    from alignd.models.factory import build_adapter_engine, build_reference_engine, build_remote_engine
 
     rewards: dict[str, Reward] = {
         "positivity": PositivityReward("positivity"),
@@ -103,7 +108,7 @@ async def build_rewards(
             f"against the served model, beta={settings.implicit_beta}",
         ),
     }
-    extra_engines: list[Engine] = []
+    extra_engines: dict[str, Engine] = {}
     engines_by_path: dict[str, Engine] = {}
     for baseline, aligned in (aligned_baselines or {}).items():
         name = f"{baseline}_implicit"
@@ -115,12 +120,12 @@ async def build_rewards(
             description=f"implicit reward of the baseline '{baseline}' against the served model, beta={beta}",
         )
 
-    def engine_for(path: str) -> Engine:
+    def engine_for(reward: str, path: str) -> Engine:
         # Extra models for rewards run on the transformers engine in this process: they only score
         # (no generation), and a second vLLM engine would compete with the serving one for memory.
         if path not in engines_by_path:
             engines_by_path[path] = build_reference_engine(path, settings)
-            extra_engines.append(engines_by_path[path])
+            extra_engines[reward] = engines_by_path[path]
         return engines_by_path[path]
 
     pending_sums: dict[str, dict] = {}
@@ -153,26 +158,31 @@ async def build_rewards(
             aligned_path = _spec_value(name, spec, "aligned_model", str)
             adapter_path = _spec_value(name, spec, "adapter", str)
             system_prompt = _spec_value(name, spec, "aligned_system_prompt", str)
-            if sum(x is not None for x in (aligned_path, adapter_path, system_prompt)) != 1:
+            url = _spec_value(name, spec, "url", str)
+            if sum(x is not None for x in (aligned_path, adapter_path, system_prompt, url)) != 1:
                 raise ConfigurationError(
-                    f"implicit reward '{name}' needs exactly one of 'adapter', 'aligned_model' or "
+                    f"implicit reward '{name}' needs exactly one of 'adapter', 'aligned_model', 'url' or "
                     "'aligned_system_prompt'"
                 )
             ref_path = _spec_value(name, spec, "reference_model", str)
-            if adapter_path is not None and ref_path:
+            if (adapter_path is not None or url is not None) and ref_path:
                 raise ConfigurationError(
-                    f"implicit reward '{name}': an adapter's reference is the served model it adapts; drop "
-                    "'reference_model'"
+                    f"implicit reward '{name}': the reference of an adapter or a remote aligned model is the "
+                    "served model (a remote must tokenize like it); drop 'reference_model'"
                 )
-            reference = engine_for(ref_path) if ref_path else served
+            reference = engine_for(name, ref_path) if ref_path else served
             beta_default = settings.implicit_beta
             if adapter_path is not None:
                 aligned, adapter, own = await build_adapter_engine(served, name, adapter_path, settings)
                 if own:
-                    extra_engines.append(aligned)
+                    extra_engines[name] = aligned
                 beta_default = float(adapter.manifest.get("beta") or beta_default)
+            elif url is not None:  # the aligned model on a remote vllm serve ("served_model": its name there)
+                aligned = await build_remote_engine(name, url, served, settings,
+                                                    model=_spec_value(name, spec, "served_model", str))
+                extra_engines[name] = aligned
             else:
-                aligned = engine_for(aligned_path) if aligned_path else reference
+                aligned = engine_for(name, aligned_path) if aligned_path else reference
             rewards[name] = ImplicitReward(
                 name,
                 aligned=aligned,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +14,7 @@ from alignd.decoding.baselines import build_baselines
 from alignd.decoding.generation import Generation
 from alignd.models.engine import Engine
 from alignd.models.factory import open_engine
+from alignd.protocol.native import EngineHealthCard, HealthResponse
 from alignd.rewards.registry import build_rewards
 from alignd.server.admission import AdmissionController
 from alignd.server.auth import require_api_key
@@ -45,6 +48,8 @@ async def _serving(app: FastAPI, engine: Engine, settings: Settings, metrics: Se
     admission = AdmissionController(settings, on_reject=lambda family, reason: metrics.admission_rejected.labels(family, reason).inc())
     metrics.bind_admission(admission)
     metrics.bind_engine(engine)
+    app.state.engines = generation.engines()
+    metrics.bind_engines(app.state.engines)
     app.state.engine = engine
     app.state.admission = admission
     app.state.openai_serving = OpenAIServing(generation, settings, metrics, admission)
@@ -89,11 +94,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(rewards_router, dependencies=authenticated)
     app.include_router(probes_router, dependencies=authenticated)
 
-    @app.get("/health", tags=["ops"])
-    async def health(request: Request) -> dict:
-        """200 once the engine is loaded and warmed up (the server accepts connections only then).
-        Never needs an API key (load balancers and container health checks call it)."""
-        return {"status": "ok", "model": settings.model_name, "engine": settings.engine}
+    @app.get("/health", tags=["ops"], response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def health(request: Request, response: Response) -> HealthResponse:
+        """Each engine's state. 200 once the SFT engine is loaded and warmed up (the server accepts
+        connections only then): ``ok``, or ``degraded`` while an engine that only some requests need (a
+        remote baseline, say) is down; 503 ``unavailable`` when the SFT engine itself is down. A down
+        remote is asked again here, so this also sees it come back. Never needs an API key (load
+        balancers and container health checks call it)."""
+        engines: dict = request.app.state.engines
+        states = await asyncio.gather(*(engine.check_health() for engine in engines.values()))
+        cards = {name: EngineHealthCard(**dataclasses.asdict(state)) for name, state in zip(engines, states)}
+        if cards["sft"].status == "down":
+            status, response.status_code = "unavailable", 503
+        else:
+            status = "ok" if all(card.status == "up" for card in cards.values()) else "degraded"
+        return HealthResponse(status=status, model=settings.model_name, engine=settings.engine, engines=cards)
 
     @app.get(
         "/metrics",

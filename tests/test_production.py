@@ -274,7 +274,8 @@ def test_metrics_are_open_by_default_when_keys_are_set(tiny_hf_engine):
     app = create_app(Settings(api_keys="k"), engine=tiny_hf_engine)
 
     async def check():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+        async with app.router.lifespan_context(app), \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
             assert (await client.get("/metrics")).status_code == 200
             assert (await client.get("/health")).status_code == 200
             assert (await client.get("/v1/models")).status_code == 401

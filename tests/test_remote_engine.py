@@ -9,6 +9,7 @@ same folder, also float32. Greedy tokens must be equal, log-probabilities equal 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -172,6 +173,50 @@ def test_closing_a_stream_early_stops_the_remote_request(engine, remote, prompts
     assert loop_thread.run(asyncio.wait_for(engine.top_k_next(prompts[:1], 2), 60))[0]
 
 
+def test_an_engine_whose_remote_is_down_at_start_comes_up_with_it_and_goes_down_with_it(
+        tiny_dir, reference, prompts, loop_thread, tmp_path):
+    """A remote that is merely down at start is no refusal: the engine starts down, its calls are 503s at
+    once, /health's check sees the remote come up, and calls then work; killed, it is down again."""
+    import signal
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    engine = loop_thread.run(RemoteVLLMEngine.connect("late", url, reference.tokenizer, allow_down=True,
+                                                      max_model_len=128))
+    calls: list[tuple[str, str]] = []
+    assert engine.observe_calls(lambda call, seconds, outcome: calls.append((call, outcome)))
+    try:
+        health = engine.health()
+        assert health.status == "down" and health.kind == "remote" and health.location == url
+        assert f"engine 'late' at {url} is unavailable" in health.detail
+        assert engine.model is None and engine.info.max_model_len == 128  # stand-ins until it is checked
+        started = time.perf_counter()
+        with pytest.raises(EngineUnavailableError, match="engine 'late'"):
+            loop_thread.run(engine.top_k_next(prompts[:1], 2))
+        assert time.perf_counter() - started < 5.0
+        assert calls == [("top_k_next", "unavailable")] and engine.unfinished_requests() == 0
+
+        with vllm_serve_process(tiny_dir, SERVED_NAME, tmp_path / "late.log", max_model_len=256, port=port) as late:
+            late.wait_ready(timeout=900)
+            time.sleep(1.1)  # past the recheck interval since the last failed call
+            health = loop_thread.run(engine.check_health())
+            assert health.status == "up" and health.detail is None
+            assert engine.model == SERVED_NAME and engine.info.max_model_len == 256  # now the remote's own
+            ours = loop_thread.run(engine.top_k_next(prompts[:2], 3))
+            theirs = loop_thread.run(reference.top_k_next(prompts[:2], 3))
+            assert [[t.token_id for t in a] for a in ours] == [[t.token_id for t in b] for b in theirs]
+            assert calls[-2:] == [("top_k_next", "ok"), ("top_k_next", "ok")]
+
+            os.killpg(late.pid, signal.SIGKILL)
+            late.proc.wait(timeout=30)
+            with pytest.raises(EngineUnavailableError):
+                loop_thread.run(engine.rollouts(prompts[:1], n=1, max_tokens=4, temperature=0.0))
+            assert engine.health().status == "down" and calls[-1] == ("rollouts", "unavailable")
+            assert engine.unfinished_requests() == 0
+    finally:
+        loop_thread.run(engine.shutdown())
+
+
 def test_engine_unavailable_is_a_503_with_retry_after_in_the_openai_shape():
     import json
 
@@ -182,3 +227,51 @@ def test_engine_unavailable_is_a_503_with_retry_after_in_the_openai_shape():
     error = json.loads(response.body)["error"]
     assert error["code"] == "engine_unavailable" and error["type"] == "service_unavailable"
     assert "engine 'baseline'" in error["message"]
+
+
+def test_a_server_whose_remote_baseline_is_down_is_degraded_and_says_which(tiny_hf_engine):
+    """Through the app (in process, the tiny transformers engine serving): /health, the 503 and the metrics
+    of a baseline whose remote is down at start; the other requests are served."""
+    import json
+
+    from alignd.server.app import create_app
+    from alignd.settings import Settings
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = Settings(engine="hf", baseline_adapter="none", value_head="none",
+                        baselines={"far": {"url": url, "served_model": SERVED_NAME}})
+    app = create_app(settings, engine=tiny_hf_engine)
+    question = {"model": settings.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                "temperature": 0}
+
+    async def check():
+        async with app.router.lifespan_context(app), \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            health = await client.get("/health")
+            assert health.status_code == 200, health.text
+            body = health.json()
+            assert body["status"] == "degraded" and body["engines"]["sft"] == {
+                "status": "up", "kind": "hf", "detail": None, "location": None, "since": None}
+            far = body["engines"]["baseline/far"]
+            assert far["status"] == "down" and far["kind"] == "remote" and far["location"] == url
+            assert f"engine 'far' at {url} is unavailable" in far["detail"]
+
+            tq = await client.post("/v1/chat/completions", json={
+                **question, "decoding": {"method": "transfer_q", "baseline": "far", "top_k": 2, "rollout_len": 2}})
+            assert tq.status_code == 503 and tq.headers["Retry-After"], tq.text
+            assert tq.json()["error"]["code"] == "engine_unavailable" and "engine 'far'" in tq.json()["error"]["message"]
+            assert (await client.post("/v1/chat/completions", json=question)).status_code == 200
+
+            cards = {c["name"]: c for c in (await client.get("/v1/baselines")).json()["data"]}
+            assert cards["far"]["kind"] == "remote" and url in cards["far"]["source"]
+            text = (await client.get("/metrics")).text
+            assert 'alignd_engine_up{engine="baseline/far",kind="remote"} 0.0' in text
+            assert 'alignd_engine_up{engine="sft",kind="hf"} 1.0' in text
+            assert 'alignd_engine_calls_running{engine="baseline/far"} 0.0' in text
+            # the refused call was counted (a TQ* step asks the baseline for rollouts first)
+            refused = [line for line in text.splitlines() if line.startswith("alignd_engine_calls_total{")
+                       and 'engine="baseline/far"' in line and 'outcome="unavailable"' in line]
+            assert sum(float(line.rsplit(" ", 1)[1]) for line in refused) >= 1, refused
+            assert json.loads((await client.get("/health")).text)["status"] == "degraded"
+
+    asyncio.run(check())

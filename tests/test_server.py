@@ -108,7 +108,8 @@ def test_greedy_through_the_server_equals_the_engine_called_directly(openai_clie
 # ---------------------------------------------------------------------------- alignd client
 def test_native_generate_with_the_sync_client(server, model_name):
     with Alignd(server.base_url) as client:
-        assert client.health()["status"] == "ok"
+        health = client.health()
+        assert health.status == "ok" and health.engines["sft"].status == "up" and health.engines["sft"].kind == "vllm"
         assert client.models() == [model_name]
         r = client.generate(messages=QUESTION, max_tokens=12, temperature=0, logprobs=2)
         c = r.choices[0]

@@ -105,10 +105,11 @@ class ProbeServing:
 
     @classmethod
     def for_engine(cls, engine: Engine, settings: Settings, metrics: ServerMetrics | None = None) -> ProbeServing:
-        """Probes of the served engine's model; reuses the engine itself when it gives hidden states."""
-        return cls(
-            engine.info.model_path, settings, metrics, engine=engine if engine.supports_hidden_states else None
-        )
+        """Probes of the served engine's model; reuses the engine itself when it gives hidden states. A
+        remote SFT engine's model is probed in a local copy (its folder, loaded on the first probe job):
+        hidden states never cross vLLM's HTTP API."""
+        path = engine.info.extra.get("local_model_dir") or engine.info.model_path
+        return cls(path, settings, metrics, engine=engine if engine.supports_hidden_states else None)
 
     async def close(self) -> None:
         await self.jobs.close()
