@@ -271,7 +271,7 @@ def test_metrics_are_open_by_default_when_keys_are_set(tiny_hf_engine):
     from alignd.server.app import create_app
     from alignd.settings import Settings
 
-    app = create_app(Settings(api_keys="k"), engine=tiny_hf_engine)
+    app = create_app(Settings(api_keys="k", baseline_adapter="none", value_head="none"), engine=tiny_hf_engine)
 
     async def check():
         async with app.router.lifespan_context(app), \
