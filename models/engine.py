@@ -12,7 +12,10 @@ ids; text goes in and out through :attr:`Engine.tokenizer`.
 from __future__ import annotations
 
 import abc
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -116,6 +119,36 @@ class EngineInfo:
     # Decoder blocks of the model (hidden-state representations are numbered 0..num_layers); None
     # where the engine does not report it.
     num_layers: int | None = None
+
+
+class CallMeter:
+    """Counts and times one engine's requests (each prefix of a batched primitive is a request) for the
+    observers of :meth:`Engine.observe_calls`, and knows how many are running."""
+
+    def __init__(self) -> None:
+        self.observers: list[EngineCallObserver] = []
+        self.running = 0
+
+    @asynccontextmanager
+    async def call(self, name: str) -> AsyncIterator[None]:
+        from alignd.errors import EngineUnavailableError
+
+        started, outcome = time.perf_counter(), "error"
+        self.running += 1
+        try:
+            yield
+            outcome = "ok"
+        except EngineUnavailableError:
+            outcome = "unavailable"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # a client that went away, a deadline
+            outcome = "cancelled"
+            raise
+        finally:
+            self.running -= 1
+            seconds = time.perf_counter() - started
+            for observer in self.observers:
+                observer(name, seconds, outcome)
 
 
 EngineStatus = Literal["up", "down"]

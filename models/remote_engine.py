@@ -35,6 +35,7 @@ import httpx
 
 from alignd.errors import ConfigurationError, EngineUnavailableError, InvalidRequestError, ServerError
 from alignd.models.engine import (
+    CallMeter,
     Engine,
     EngineCallObserver,
     EngineHealth,
@@ -86,13 +87,12 @@ class RemoteVLLMEngine(Engine):
         self._owns_client = owns_client
         self._parent = parent  # an adapter view is up and down with the engine it was made from
         self._served_by_parent = False  # an adapter view: the remote was seen to serve its name
-        self._unfinished = 0
+        self._meter = CallMeter()  # an adapter view's calls are its engine's: with_adapter shares it
         self._up = False
         self._detail: str | None = "not checked yet"
         self._since = time.time()
         self._next_check = 0.0  # time.monotonic() before which a down engine does not ask the remote again
         self._check_lock = asyncio.Lock()
-        self._observers: list[EngineCallObserver] = []
 
     # ------------------------------------------------------------------ start-up
     @classmethod
@@ -242,13 +242,8 @@ class RemoteVLLMEngine(Engine):
         return self.health()
 
     def observe_calls(self, observer: EngineCallObserver) -> bool:
-        self._observers.append(observer)
+        self._meter.observers.append(observer)
         return True
-
-    def _observe(self, call: str, started: float, outcome: str) -> None:
-        seconds = time.perf_counter() - started
-        for observer in self._observers:
-            observer(call, seconds, outcome)
 
     # ------------------------------------------------------------------ the contract
     @property
@@ -256,7 +251,7 @@ class RemoteVLLMEngine(Engine):
         return self._tokenizer
 
     def unfinished_requests(self) -> int:
-        return self._unfinished
+        return self._meter.running
 
     async def shutdown(self) -> None:
         if self._owns_client:
@@ -270,7 +265,7 @@ class RemoteVLLMEngine(Engine):
                           extra={**self.info.extra, "model": name, "adapter": name})
         view = RemoteVLLMEngine(self.name, self.base_url, name, self._tokenizer, info, client=self._client,
                                 owns_client=False, parent=self)
-        view._observers = self._observers
+        view._meter = self._meter
         return view
 
     def check_params(self, params: GenerationParams) -> None:
@@ -298,28 +293,16 @@ class RemoteVLLMEngine(Engine):
 
     @asynccontextmanager
     async def _call(self, call: str):
-        """One engine call: waits for the remote to be up, counts it as unfinished, tells the observers
-        how it ended, and marks the engine down when the remote is gone."""
-        started, outcome = time.perf_counter(), "error"
-        self._unfinished += 1
-        try:
-            await self._ready()  # the 503 of an engine that is down (or an adapter the remote lacks)
+        """One engine request: metered, only once the remote is up (a down engine's 503 is at once), and
+        the engine marked down when the remote goes away during it."""
+        async with self._meter.call(call):
+            await self._ready()
             try:
                 async with _translated(self.name, self.base_url):
                     yield
-            except EngineUnavailableError as exc:  # the remote went away during the call
+            except EngineUnavailableError as exc:
                 self._lost(exc)
                 raise
-            outcome = "ok"
-        except EngineUnavailableError:
-            outcome = "unavailable"
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
-            raise
-        finally:
-            self._unfinished -= 1
-            self._observe(call, started, outcome)
 
     async def _complete(self, call: str, body: dict) -> dict:
         async with self._call(call):

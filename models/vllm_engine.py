@@ -14,11 +14,14 @@ import logging
 import os
 import uuid
 import weakref
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
 
 from alignd.errors import ConfigurationError, InvalidRequestError, ServerError
 from alignd.models.engine import (
     Engine,
+    CallMeter,
+    EngineCallObserver,
     EngineHealth,
     EngineInfo,
     GeneratedTokenLogprobs,
@@ -57,6 +60,7 @@ class VLLMEngine(Engine):
         self._lora = lora_request
         self._owns_engine = owns_engine
         self._views: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()  # adapter views of this engine
+        self._meter = CallMeter()  # an adapter view's requests are its engine's: with_adapter shares it
 
     def with_adapter(self, name: str, path: str) -> VLLMEngine:
         """The same engine with a LoRA adapter on every request (same weights, batches and prefix cache:
@@ -73,6 +77,7 @@ class VLLMEngine(Engine):
         info = dataclasses.replace(self.info, model_path=str(path), extra={**self.info.extra, "adapter": name})
         view = VLLMEngine(self._llm, self._tokenizer, info,
                           lora_request=LoRARequest(name, lora_id, str(path)), owns_engine=False)
+        view._meter = self._meter
         self._views.add(view)
         return view
 
@@ -144,6 +149,10 @@ class VLLMEngine(Engine):
     def unfinished_requests(self) -> int:
         return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
 
+    def observe_calls(self, observer: EngineCallObserver) -> bool:
+        self._meter.observers.append(observer)
+        return True
+
     def health(self) -> EngineHealth:
         if self._llm is None:
             return EngineHealth("down", self.kind, "shut down")
@@ -202,14 +211,15 @@ class VLLMEngine(Engine):
         except (VLLMClientError, ValueError) as exc:
             raise InvalidRequestError(f"vLLM rejected the sampling parameters: {exc}") from exc
 
-    async def _final(self, prompt_token_ids: Sequence[int], sampling_params):
-        """Run one request to completion and return vLLM's final RequestOutput."""
+    async def _final(self, call: str, prompt_token_ids: Sequence[int], sampling_params):
+        """Run one request (of the primitive ``call``) to completion and return vLLM's final RequestOutput."""
         final = None
-        async for out in self._llm.generate(
-            {"prompt_token_ids": list(prompt_token_ids)}, sampling_params, request_id=f"alignd-{uuid.uuid4().hex}",
-            lora_request=self._lora,
-        ):
-            final = out
+        async with self._meter.call(call):
+            async for out in self._llm.generate(
+                {"prompt_token_ids": list(prompt_token_ids)}, sampling_params,
+                request_id=f"alignd-{uuid.uuid4().hex}", lora_request=self._lora,
+            ):
+                final = out
         if final is None:
             raise ServerError("the vLLM engine returned no output")
         return final
@@ -220,6 +230,12 @@ class VLLMEngine(Engine):
 
         sampling = self._sampling_params(params, RequestOutputKind.DELTA)
         # vLLM's generator aborts the engine request itself when it is closed or cancelled early.
+        async with self._meter.call("stream"), \
+                aclosing(self._deltas(prompt_token_ids, params, sampling, request_id)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def _deltas(self, prompt_token_ids, params: GenerationParams, sampling, request_id: str):
         async for out in self._llm.generate(
             {"prompt_token_ids": list(prompt_token_ids)}, sampling, request_id=request_id, lora_request=self._lora
         ):
@@ -248,7 +264,7 @@ class VLLMEngine(Engine):
         sampling = SamplingParams(
             max_tokens=1, temperature=0.0, logprobs=k, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
         )
-        outs = await asyncio.gather(*(self._final(p, sampling) for p in prefixes))
+        outs = await asyncio.gather(*(self._final("top_k_next", p, sampling) for p in prefixes))
         return [list(_top_entries(out.outputs[0].logprobs[0], k)) for out in outs]
 
     async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None, *, top_p=1.0,
@@ -267,7 +283,7 @@ class VLLMEngine(Engine):
                 seed=None if seed is None else seed + i * n,  # vLLM seeds choice j with seed + j
                 output_kind=RequestOutputKind.FINAL_ONLY,
             )
-            out = await self._final(prefix, sampling)
+            out = await self._final("rollouts", prefix, sampling)
             comps = sorted(out.outputs, key=lambda c: c.index)
             return [Rollout(list(c.token_ids), c.finish_reason, c.text) for c in comps]
 
@@ -287,7 +303,7 @@ class VLLMEngine(Engine):
             if not cont:
                 return []
             full = list(prefix) + list(cont)
-            out = await self._final(full, sampling)
+            out = await self._final("continuation_logprobs", full, sampling)
             # prompt_logprobs[j] holds log p(full[j] | full[:j]) (None at j = 0)
             return [float(out.prompt_logprobs[j][full[j]].logprob) for j in range(len(prefix), len(full))]
 

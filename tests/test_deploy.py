@@ -32,7 +32,7 @@ CACHE_DIR = "/var/cache/alignd"
 
 DASHBOARD_ROWS = [
     "Traffic", "Latency", "Admission & queue", "Aligned decoding cost", "Alignment quality", "Errors", "Probes",
-    "vLLM engine",
+    "vLLM engine", "Engines by role",
 ]
 
 # The metrics the server exposes, by type (prometheus_client appends _total to counters and
@@ -41,15 +41,16 @@ COUNTERS = [
     "alignd_requests", "alignd_prompt_tokens", "alignd_generation_tokens", "alignd_reward_items",
     "alignd_decoding_steps", "alignd_decoding_gated_steps", "alignd_rollouts", "alignd_rollout_tokens",
     "alignd_admission_rejected", "alignd_deadline_exceeded", "alignd_client_disconnects", "alignd_decoding_requests",
-    "vllm:generation_tokens", "vllm:prompt_tokens",
+    "alignd_engine_calls", "vllm:generation_tokens", "vllm:prompt_tokens",
 ]
 HISTOGRAMS = [
     "alignd_request_duration_seconds", "alignd_time_to_first_token_seconds", "alignd_time_per_output_token_seconds",
-    "alignd_value_step_seconds", "alignd_response_reward", "alignd_response_kl",
+    "alignd_value_step_seconds", "alignd_response_reward", "alignd_response_kl", "alignd_engine_call_seconds",
 ]
 GAUGES = [
     "alignd_running_requests", "alignd_admission_running", "alignd_admission_queued", "alignd_engine_requests_running",
-    "alignd_probe_jobs", "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "alignd_probe_jobs", "alignd_engine_up", "alignd_engine_calls_running", "vllm:num_requests_running",
+    "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
 ]
 # prometheus_client exposes no _sum for a histogram whose lowest bucket is negative (rewards can be).
 WITHOUT_SUM = {"alignd_response_reward"}
