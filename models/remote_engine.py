@@ -155,7 +155,9 @@ class RemoteVLLMEngine(Engine):
         elif model not in served:
             raise ConfigurationError(f"engine '{name}': {base_url} does not serve '{model}' (it serves {sorted(served)})")
         card = served[model]
-        if card.get("owned_by") != "vllm" or "max_model_len" not in card:
+        # a LoRA module's card (--lora-modules) has no length of its own: its base model's holds it
+        length = card.get("max_model_len") or served.get(card.get("parent") or "", {}).get("max_model_len")
+        if card.get("owned_by") != "vllm" or not length:
             raise ConfigurationError(f"engine '{name}': {base_url} is not a vLLM server (its model card for '{model}' "
                                      "has no max_model_len)")
         conversation = [{"role": "user", "content": "Hi there"}]
@@ -172,7 +174,7 @@ class RemoteVLLMEngine(Engine):
                     f"engine '{name}': the tokenizer of '{model}' at {base_url} differs from the served model's "
                     f"({tokenizer.name_or_path}): {text!r} is {theirs[:12]} there and {ours[:12]} here; TQ* and "
                     "implicit rewards need token ids that mean the same thing on every engine")
-        info = EngineInfo(model_path=f"{base_url}#{model}", max_model_len=int(card["max_model_len"]),
+        info = EngineInfo(model_path=f"{base_url}#{model}", max_model_len=int(length),
                           vocab_size=self.info.vocab_size, eos_token_ids=self.info.eos_token_ids,
                           extra={**self.info.extra, "model": model})
         return model, info

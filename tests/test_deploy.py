@@ -156,6 +156,23 @@ def test_dockerfile_keeps_the_deployment_contract(flavour):
         assert "pip uninstall --yes torchvision torchaudio torchcodec" in installs
 
 
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_dockerfile_copies_every_package_folder_and_the_committed_artefacts(flavour):
+    """pip builds the package from the folders pyproject.toml maps (a folder left out breaks the build), and
+    the image finds the committed adapter through ALIGND_ASSETS_DIR."""
+    import tomllib
+
+    folders = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    instructions = dockerfile_instructions(DOCKERFILES[flavour])
+    copied = {rest.split()[0].rstrip("/") for keyword, rest in instructions
+              if keyword == "COPY" and not rest.startswith("--from")}
+    assert folders <= copied, f"not copied into the build: {sorted(folders - copied)}"
+    stage = final_stage(instructions)
+    assets = env_of(stage)["ALIGND_ASSETS_DIR"]
+    assert ("COPY", f"adapters/ {assets}/adapters/") in stage
+    assert (REPO / "adapters" / "smollm2-positivity-dpo" / "adapter_config.json").is_file()
+
+
 class _Health(BaseHTTPRequestHandler):
     status = 200
 
