@@ -25,6 +25,7 @@ DOCKERFILES = {"cpu": REPO / "Dockerfile", "gpu": REPO / "Dockerfile.gpu"}
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
+COMPOSE_REMOTE = DEPLOY / "docker-compose.remote.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "alignd.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources"
 DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards"
@@ -282,6 +283,58 @@ def test_compose_stack_fits_together():
     assert grafana_mounts[dashboards_dir] == DASHBOARD.parent
     home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{dashboards_dir}/{DASHBOARD.name}"
+
+
+def test_remote_compose_stack_wires_replicas_to_their_vllm_deployments():
+    """deploy/docker-compose.remote.yml: two weightless alignd replicas over a vLLM SFT and a vLLM baseline
+    deployment; every URL, port, served name, model path and adapter path lines up."""
+    from alignd.models.loading import EMBEDDED_DIRNAME
+
+    compose = yaml.safe_load(COMPOSE_REMOTE.read_text())
+    services = compose["services"]
+    assert set(services) == {"model", "vllm-sft", "vllm-baseline", "alignd-a", "alignd-b", "prometheus", "grafana"}
+    assert services["model"]["entrypoint"] == ["alignd", "prepare-model"]
+
+    def flags(service: str) -> dict[str, str]:
+        entry = services[service]["entrypoint"]
+        assert entry[:4] == ["python", "-m", "alignd.models.vllm_cli", "serve"]
+        assert entry[4] == f"{CACHE_DIR}/models/{EMBEDDED_DIRNAME}"  # what the model service converted
+        out, rest = {}, entry[5:]
+        while rest:
+            key, _, value = rest.pop(0).partition("=")
+            out[key] = value or (rest.pop(0) if rest and not rest[0].startswith("--") else "")
+        assert services[service]["depends_on"]["model"]["condition"] == "service_completed_successfully"
+        return out
+
+    sft, baseline = flags("vllm-sft"), flags("vllm-baseline")
+    assert sft["--dtype"] == baseline["--dtype"] == "float32"
+    lora_name, _, lora_path = baseline["--lora-modules"].partition("=")
+    assets = env_of(final_stage(dockerfile_instructions(DOCKERFILES["cpu"])))["ALIGND_ASSETS_DIR"]
+    assert lora_path.startswith(f"{assets}/") and (REPO / lora_path.removeprefix(f"{assets}/")).is_dir()
+    ports = set()
+    for name in ("alignd-a", "alignd-b"):
+        env = services[name]["environment"]
+        assert env["ALIGND_SFT_URL"] == f"http://vllm-sft:{sft['--port']}"
+        assert env["ALIGND_SFT_SERVED_MODEL"] == sft["--served-model-name"]
+        assert env["ALIGND_BASELINE_URL"] == f"http://vllm-baseline:{baseline['--port']}"
+        assert env["ALIGND_BASELINE_SERVED_MODEL"] == lora_name
+        assert env["ALIGND_VALUE_HEAD"] == "none"  # a head runs inside an in-process engine only
+        assert (DEPLOY / services[name]["build"]["context"] / services[name]["build"]["dockerfile"]).resolve() \
+            == DOCKERFILES["cpu"]
+        ports.add(services[name]["ports"][0].split(":")[0])
+    assert len(ports) == 2
+    mounts = dict(reversed(_host_path(m)) for m in services["prometheus"]["volumes"])
+    scrape = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())["scrape_configs"]
+    targets = {t for job in scrape for config in job["static_configs"] for t in config["targets"]}
+    assert targets == {"alignd-a:8000", "alignd-b:8000", f"vllm-sft:{sft['--port']}",
+                       f"vllm-baseline:{baseline['--port']}"}
+    result = subprocess.run([tool("promtool"), "check", "config", str(mounts["/etc/prometheus/prometheus.yml"])],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for service in services.values():
+        for mount in service.get("volumes", []):
+            source, _ = _host_path(mount)
+            assert (source.exists() if source else mount.split(":")[0] in compose["volumes"]), mount
 
 
 def test_compose_gpu_override_uses_the_cuda_image():
