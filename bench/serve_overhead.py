@@ -165,10 +165,12 @@ def start_vllm_server(model_dir: str, settings, kv_cache_gib: int, log_dir: Path
                          log_dir / f"vllm-serve-{port}.log", port)
 
 
-def start_alignd_server(kv_cache_gib: int, log_dir: Path, port: int | None = None) -> ServerProcess:
-    """``alignd serve`` (plain settings from the environment, the KV cache pinned) in its own group."""
+def start_alignd_server(kv_cache_gib: int, log_dir: Path, port: int | None = None, *,
+                        extra_env: dict[str, str] | None = None) -> ServerProcess:
+    """``alignd serve`` (settings from the environment and ``extra_env``, the KV cache pinned) in its own
+    group."""
     port = port or free_port()
-    env = {**os.environ, "ALIGND_PORT": str(port), "ALIGND_HOST": "127.0.0.1",
+    env = {**os.environ, **(extra_env or {}), "ALIGND_PORT": str(port), "ALIGND_HOST": "127.0.0.1",
            "ALIGND_CPU_KVCACHE_SPACE_GIB": str(kv_cache_gib), "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
     return _start_server("alignd serve", [sys.executable, "-m", "alignd.cli", "serve"], env,
                          log_dir / f"alignd-serve-{port}.log", port)
