@@ -68,6 +68,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -1134,7 +1135,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.replot:
         replot(args.replot, None if args.no_plot else (args.plot or DEFAULT_PLOT))
         return
-    asyncio.run(_main(args))
+    def interrupted(signum, frame):
+        # SIGTERM as Ctrl-C: asyncio.run cancels the run, and open_engine's exit stops the vLLM engine
+        # processes (the default SIGTERM would leave them behind as orphans holding gigabytes)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        asyncio.run(_main(args))
+    except KeyboardInterrupt:
+        print(f"\nstopped; the finished responses are in {Path(args.out) / PARTIAL_LOG}: the same command resumes",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
