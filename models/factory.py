@@ -139,6 +139,17 @@ async def build_remote_engine(name: str, url: str, served: Engine, settings: Set
                                           max_model_len=served.info.max_model_len)
 
 
+async def build_remote_classifier(name: str, url: str, settings: Settings, *, model: str | None = None):
+    """The classifier (reward model) ``model`` (None: the only one) of the ``vllm serve --runner pooling``
+    deployment at ``url``; down at start is no refusal (scoring is a 503 until it answers). The caller
+    closes it (``shutdown``)."""
+    from alignd.models.remote_engine import RemoteVLLMClassifier
+
+    key = settings.remote_api_key.get_secret_value() if settings.remote_api_key is not None else None
+    return await RemoteVLLMClassifier.connect(name, url, model=model, api_key=key, timeout_s=settings.remote_timeout_s,
+                                              allow_down=True, max_model_len=settings.max_model_len)
+
+
 async def warm_up(engine: Engine) -> None:
     """One short request with log-probabilities, so kernel warm-up (about 25 s on the CPU backend)
     happens at start-up and not in the first user's request."""

@@ -35,6 +35,7 @@ import httpx
 
 from alignd.errors import ConfigurationError, EngineUnavailableError, InvalidRequestError, ServerError
 from alignd.models.engine import (
+    ENGINE_CALLS,
     CallMeter,
     Engine,
     EngineCallObserver,
@@ -64,25 +65,25 @@ def _token_id(key: str) -> int:
     return int(key.rsplit(":", 1)[1])
 
 
-class RemoteVLLMEngine(Engine):
-    """The engine contract over a ``vllm serve`` deployment at ``base_url``, for its model ``model``.
+class RemoteVLLMServer:
+    """A model on a ``vllm serve`` deployment at ``base_url``: one pooled HTTP client, the start-up checks,
+    being up or down, and the metering of every call. :class:`RemoteVLLMEngine` (generation) and
+    :class:`RemoteVLLMClassifier` (a reward model on the pooling runner) build on it.
 
-    The engine is *up* once the remote passed the start-up checks, and *down* from the first call that
-    could not reach it (or from start, with ``allow_down``). A down engine checks the remote again (the
-    same checks as at start: a remote that came back with another model or tokenizer stays down) on the
-    next call or health check, at most once per :data:`RECHECK_INTERVAL_S`; calls in between fail at
-    once with the last reason, so a dead remote costs requests nothing but the 503."""
+    It is *up* once the remote passed its checks (:meth:`_verify`), and *down* from the first call that
+    could not reach it (or from start, with ``allow_down``). A down remote is checked again (the same
+    checks as at start: a remote that came back as another model or tokenizer stays down) on the next
+    call or health check, at most once per :data:`RECHECK_INTERVAL_S`; calls in between fail at once
+    with the last reason, so a dead remote costs requests nothing but the 503."""
 
-    applies_stop_strings = True  # vLLM applies stop strings server-side
     kind = "remote"
+    calls: tuple[str, ...] = ()  # its primitives, by the names its metrics use
 
-    def __init__(self, name: str, base_url: str, model: str | None, tokenizer, info: EngineInfo, *,
-                 client: httpx.AsyncClient, owns_client: bool = True, parent: RemoteVLLMEngine | None = None) -> None:
+    def __init__(self, name: str, base_url: str, model: str | None, *, client: httpx.AsyncClient,
+                 owns_client: bool = True, parent: RemoteVLLMServer | None = None) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.model = model  # None until the first check, when the remote's only model is taken
-        self._tokenizer = tokenizer
-        self.info = info
         self._client = client
         self._owns_client = owns_client
         self._parent = parent  # an adapter view is up and down with the engine it was made from
@@ -91,55 +92,48 @@ class RemoteVLLMEngine(Engine):
         self._up = False
         self._detail: str | None = "not checked yet"
         self._since = time.time()
-        self._next_check = 0.0  # time.monotonic() before which a down engine does not ask the remote again
+        self._next_check = 0.0  # time.monotonic() before which a down remote is not asked again
         self._check_lock = asyncio.Lock()
 
-    # ------------------------------------------------------------------ start-up
-    @classmethod
-    async def connect(cls, name: str, base_url: str, tokenizer, *, model: str | None = None,
-                      api_key: str | None = None, timeout_s: float = 600.0, allow_down: bool = False,
-                      max_model_len: int = 2048, local_model_dir: str | None = None) -> RemoteVLLMEngine:
-        """Check the remote and return its engine: it must answer ``/v1/models`` as a vLLM server, serve
-        ``model`` (or exactly one model when ``model`` is None), and tokenize like ``tokenizer``.
-        Raises :class:`ConfigurationError` naming both sides when it is not what alignd needs. A remote
-        that cannot be reached raises :class:`EngineUnavailableError`, or with ``allow_down`` gives an
-        engine that is down (its calls are 503s) until the remote answers; ``max_model_len`` stands in for
-        the remote's until then. ``local_model_dir``: the local folder of the same model (its tokenizer's;
-        adapters are checked against its weights), kept in ``info.extra``."""
+    @staticmethod
+    def http_client(base_url: str, api_key: str | None, timeout_s: float) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers,
-                                   timeout=httpx.Timeout(timeout_s, connect=10.0),
-                                   limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
-        eos = tokenizer.eos_token_id
-        info = EngineInfo(model_path=f"{base_url.rstrip('/')}#{model or '?'}", max_model_len=max_model_len,
-                          vocab_size=len(tokenizer), eos_token_ids=(eos,) if eos is not None else (),
-                          extra={"remote": base_url, "model": model, "local_model_dir": local_model_dir})
-        engine = cls(name, base_url, model, tokenizer, info, client=client)
+        return httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers,
+                                 timeout=httpx.Timeout(timeout_s, connect=10.0),
+                                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+
+    async def _start(self, allow_down: bool) -> None:
+        """The first check: a remote that is not what alignd needs raises ConfigurationError; one that
+        cannot be reached raises EngineUnavailableError, or with ``allow_down`` leaves it down."""
         try:
-            await engine._check()
+            await self._check()
         except EngineUnavailableError as exc:
             if not allow_down:
-                await client.aclose()
+                await self._client.aclose()
                 raise
             logger.warning("%s; alignd starts without it and tries again on each request", exc)
         except BaseException:
-            await client.aclose()
+            await self._client.aclose()
             raise
-        return engine
+
+    async def _verify(self) -> None:
+        """Check the remote (raise ConfigurationError or EngineUnavailableError) and take what it tells."""
+        raise NotImplementedError
 
     async def _check(self) -> None:
-        """The start-up checks; the engine is up after them, down (with the reason) when they fail."""
+        """The start-up checks; up after them, down (with the reason) when they fail."""
         try:
-            self.model, self.info = await self._checked_remote()
+            await self._verify()
         except (EngineUnavailableError, ConfigurationError) as exc:
             self._set_down(str(exc))
             raise
         self._set_up()
 
-    async def _checked_remote(self) -> tuple[str, EngineInfo]:
-        name, base_url, client, tokenizer, model = self.name, self.base_url, self._client, self._tokenizer, self.model
+    async def _served_card(self) -> tuple[str, dict, int]:
+        """(model name, its model card, its context length) from ``/v1/models``, checked."""
+        name, base_url, model = self.name, self.base_url, self.model
         async with _translated(name, base_url):
-            response = await client.get("/v1/models")
+            response = await self._client.get("/v1/models")
         if response.status_code == 401:
             raise ConfigurationError(f"engine '{name}' at {base_url} refused alignd's API key (ALIGND_REMOTE_API_KEY)")
         try:
@@ -160,24 +154,7 @@ class RemoteVLLMEngine(Engine):
         if card.get("owned_by") != "vllm" or not length:
             raise ConfigurationError(f"engine '{name}': {base_url} is not a vLLM server (its model card for '{model}' "
                                      "has no max_model_len)")
-        conversation = [{"role": "user", "content": "Hi there"}]
-        probes = [*PROBE_TEXTS, tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)]
-        for text in probes:
-            async with _translated(name, base_url):
-                reply = await client.post("/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False})
-            if reply.status_code != 200:
-                raise ConfigurationError(f"engine '{name}': {base_url} did not tokenize a probe text "
-                                         f"({reply.status_code}: {reply.text[:200]})")
-            theirs, ours = reply.json()["tokens"], list(tokenizer.encode(text, add_special_tokens=False))
-            if theirs != ours:
-                raise ConfigurationError(
-                    f"engine '{name}': the tokenizer of '{model}' at {base_url} differs from the served model's "
-                    f"({tokenizer.name_or_path}): {text!r} is {theirs[:12]} there and {ours[:12]} here; TQ* and "
-                    "implicit rewards need token ids that mean the same thing on every engine")
-        info = EngineInfo(model_path=f"{base_url}#{model}", max_model_len=int(length),
-                          vocab_size=self.info.vocab_size, eos_token_ids=self.info.eos_token_ids,
-                          extra={**self.info.extra, "model": model})
-        return model, info
+        return model, card, int(length)
 
     # ------------------------------------------------------------------ up and down
     def _set_up(self) -> None:
@@ -247,17 +224,85 @@ class RemoteVLLMEngine(Engine):
         self._meter.observers.append(observer)
         return True
 
-    # ------------------------------------------------------------------ the contract
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
     def unfinished_requests(self) -> int:
         return self._meter.running
 
     async def shutdown(self) -> None:
         if self._owns_client:
             await self._client.aclose()
+
+    @asynccontextmanager
+    async def _call(self, call: str):
+        """One engine request: metered, only once the remote is up (a down engine's 503 is at once), and
+        the engine marked down when the remote goes away during it."""
+        async with self._meter.call(call):
+            await self._ready()
+            try:
+                async with _translated(self.name, self.base_url):
+                    yield
+            except EngineUnavailableError as exc:
+                self._lost(exc)
+                raise
+
+
+class RemoteVLLMEngine(RemoteVLLMServer, Engine):
+    """The engine contract over a ``vllm serve`` deployment at ``base_url``, for its model ``model``."""
+
+    applies_stop_strings = True  # vLLM applies stop strings server-side
+    calls = ENGINE_CALLS
+
+    def __init__(self, name: str, base_url: str, model: str | None, tokenizer, info: EngineInfo, *,
+                 client: httpx.AsyncClient, owns_client: bool = True, parent: RemoteVLLMEngine | None = None) -> None:
+        super().__init__(name, base_url, model, client=client, owns_client=owns_client, parent=parent)
+        self._tokenizer = tokenizer
+        self.info = info
+
+    # ------------------------------------------------------------------ start-up
+    @classmethod
+    async def connect(cls, name: str, base_url: str, tokenizer, *, model: str | None = None,
+                      api_key: str | None = None, timeout_s: float = 600.0, allow_down: bool = False,
+                      max_model_len: int = 2048, local_model_dir: str | None = None) -> RemoteVLLMEngine:
+        """Check the remote and return its engine: it must answer ``/v1/models`` as a vLLM server, serve
+        ``model`` (or exactly one model when ``model`` is None), and tokenize like ``tokenizer``.
+        Raises :class:`ConfigurationError` naming both sides when it is not what alignd needs. A remote
+        that cannot be reached raises :class:`EngineUnavailableError`, or with ``allow_down`` gives an
+        engine that is down (its calls are 503s) until the remote answers; ``max_model_len`` stands in for
+        the remote's until then. ``local_model_dir``: the local folder of the same model (its tokenizer's;
+        adapters are checked against its weights), kept in ``info.extra``."""
+        eos = tokenizer.eos_token_id
+        info = EngineInfo(model_path=f"{base_url.rstrip('/')}#{model or '?'}", max_model_len=max_model_len,
+                          vocab_size=len(tokenizer), eos_token_ids=(eos,) if eos is not None else (),
+                          extra={"remote": base_url, "model": model, "local_model_dir": local_model_dir})
+        engine = cls(name, base_url, model, tokenizer, info, client=cls.http_client(base_url, api_key, timeout_s))
+        await engine._start(allow_down)
+        return engine
+
+    async def _verify(self) -> None:
+        model, _, length = await self._served_card()
+        name, base_url, client, tokenizer = self.name, self.base_url, self._client, self._tokenizer
+        conversation = [{"role": "user", "content": "Hi there"}]
+        probes = [*PROBE_TEXTS, tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)]
+        for text in probes:
+            async with _translated(name, base_url):
+                reply = await client.post("/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False})
+            if reply.status_code != 200:
+                raise ConfigurationError(f"engine '{name}': {base_url} did not tokenize a probe text "
+                                         f"({reply.status_code}: {reply.text[:200]})")
+            theirs, ours = reply.json()["tokens"], list(tokenizer.encode(text, add_special_tokens=False))
+            if theirs != ours:
+                raise ConfigurationError(
+                    f"engine '{name}': the tokenizer of '{model}' at {base_url} differs from the served model's "
+                    f"({tokenizer.name_or_path}): {text!r} is {theirs[:12]} there and {ours[:12]} here; TQ* and "
+                    "implicit rewards need token ids that mean the same thing on every engine")
+        self.model = model
+        self.info = EngineInfo(model_path=f"{base_url}#{model}", max_model_len=length,
+                               vocab_size=self.info.vocab_size, eos_token_ids=self.info.eos_token_ids,
+                               extra={**self.info.extra, "model": model})
+
+    # ------------------------------------------------------------------ the contract
+    @property
+    def tokenizer(self):
+        return self._tokenizer
 
     def with_adapter(self, name: str, path: str) -> RemoteVLLMEngine:
         """The adapter ``name`` as the remote serves it (``vllm serve --lora-modules name=path``): the same
@@ -292,19 +337,6 @@ class RemoteVLLMEngine(Engine):
             body["vllm_xargs"] = {ALPHA_KEY: float(params.value_guidance.alpha),
                                   TOP_K_KEY: int(params.value_guidance.top_k)}
         return body
-
-    @asynccontextmanager
-    async def _call(self, call: str):
-        """One engine request: metered, only once the remote is up (a down engine's 503 is at once), and
-        the engine marked down when the remote goes away during it."""
-        async with self._meter.call(call):
-            await self._ready()
-            try:
-                async with _translated(self.name, self.base_url):
-                    yield
-            except EngineUnavailableError as exc:
-                self._lost(exc)
-                raise
 
     async def _complete(self, call: str, body: dict) -> dict:
         async with self._call(call):
@@ -383,6 +415,68 @@ class RemoteVLLMEngine(Engine):
             return [float(scored[j][str(full[j])]["logprob"]) for j in range(len(prefix), len(full))]
 
         return list(await asyncio.gather(*(one(p, c) for p, c in zip(prefixes, continuations))))
+
+
+class RemoteVLLMClassifier(RemoteVLLMServer):
+    """A sequence classifier (a reward model) on ``vllm serve --runner pooling``: texts are rendered and
+    tokenized by the remote itself (``/tokenize``, with its own chat template where it has one, the way
+    the reward model was trained) and scored by ``/classify`` on token ids, as raw logits
+    (``use_activation: false``), like the in-process backends."""
+
+    calls = ("tokenize", "classify")
+
+    def __init__(self, name: str, base_url: str, model: str | None, *, client: httpx.AsyncClient,
+                 max_model_len: int) -> None:
+        super().__init__(name, base_url, model, client=client)
+        self.max_model_len = max_model_len  # the remote's, once checked
+        self.num_labels: int | None = None
+        self.chat_template = False  # whether the remote renders conversations (its model has a chat template)
+
+    @classmethod
+    async def connect(cls, name: str, base_url: str, *, model: str | None = None, api_key: str | None = None,
+                      timeout_s: float = 600.0, allow_down: bool = False,
+                      max_model_len: int = 2048) -> RemoteVLLMClassifier:
+        """Check that the remote serves ``model`` (None: its only one) as a classifier; see
+        :meth:`RemoteVLLMEngine.connect` for ``allow_down`` and ``max_model_len``."""
+        remote = cls(name, base_url, model, client=cls.http_client(base_url, api_key, timeout_s),
+                     max_model_len=max_model_len)
+        await remote._start(allow_down)
+        return remote
+
+    async def _verify(self) -> None:
+        model, _, length = await self._served_card()
+        async with _translated(self.name, self.base_url):
+            probe = await self._client.post("/tokenize", json={"model": model, "prompt": "Hello", "add_special_tokens": True})
+            ids = _checked_json(self.name, probe)["tokens"]
+            reply = await self._client.post("/classify", json={"model": model, "input": [ids], "use_activation": False})
+        if reply.status_code != 200:
+            raise ConfigurationError(
+                f"reward '{self.name}': '{model}' at {self.base_url} does not classify ({reply.status_code}: "
+                f"{reply.text[:200]}); serve the reward model with `vllm serve <model> --runner pooling`")
+        num_labels = len(reply.json()["data"][0]["probs"])
+        conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        async with _translated(self.name, self.base_url):
+            chat = await self._client.post("/tokenize", json={"model": model, "messages": conversation,
+                                                              "add_generation_prompt": False})
+        self.model, self.max_model_len, self.num_labels = model, length, num_labels
+        self.chat_template = chat.status_code == 200
+
+    async def token_ids(self, conversation: list[dict] | None, text: str) -> list[int]:
+        """The remote's tokens of ``conversation`` rendered with its chat template, or of ``text`` where
+        it has none."""
+        if self.chat_template and conversation is not None:
+            body = {"model": self.model, "messages": conversation, "add_generation_prompt": False}
+        else:
+            body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+        async with self._call("tokenize"):
+            return _checked_json(self.name, await self._client.post("/tokenize", json=body))["tokens"]
+
+    async def classify(self, batch: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Raw logits of every label, for each token-id sequence (one request: one continuous batch)."""
+        body = {"model": self.model, "input": [list(ids) for ids in batch], "use_activation": False}
+        async with self._call("classify"):
+            data = _checked_json(self.name, await self._client.post("/classify", json=body))["data"]
+        return [row["probs"] for row in sorted(data, key=lambda row: row["index"])]
 
 
 # ---------------------------------------------------------------------------- transport errors

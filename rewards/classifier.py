@@ -161,6 +161,40 @@ class VLLMClassifierReward(Reward):
             self._llm = None
 
 
+class RemoteClassifierReward(Reward):
+    """The classifier on a remote ``vllm serve --runner pooling`` (the spec's ``url``): rendered and
+    tokenized by the remote, all items of a request scored in one ``/classify`` call. While the remote is
+    down, scoring is a 503 ``engine_unavailable``."""
+
+    kind = "classifier"
+
+    def __init__(self, name: str, remote, *, label_index: int = 0) -> None:
+        self.name = name
+        self.remote = remote  # alignd.models.remote_engine.RemoteVLLMClassifier (closed by the registry)
+        self.label_index = label_index
+        self.description = f"classifier '{remote.model or 'its only model'}' at {remote.base_url}, label {label_index}"
+        self._check_label()
+
+    def _check_label(self) -> None:
+        labels = self.remote.num_labels
+        if labels is not None and not 0 <= self.label_index < labels:
+            raise ConfigurationError(f"reward '{self.name}': label_index {self.label_index} outside the model's "
+                                     f"{labels} labels")
+
+    async def score(self, items: Sequence[RewardItem], *, token_values=False, truncate=False):
+        conversations = [[*item.chat(), {"role": "assistant", "content": item.response}] for item in items]
+        texts = [f"{item.prompt_text()}\n{item.response}" for item in items]
+        encoded = await asyncio.gather(*(self.remote.token_ids(c, t) for c, t in zip(conversations, texts)))
+        self._check_label()  # a remote that was down at start is known only now
+        limit = self.remote.max_model_len
+        too_long = [len(ids) for ids in encoded if len(ids) > limit]
+        if too_long and not truncate:
+            raise too_long_error(self.name, too_long[0], limit)
+        logits = await self.remote.classify([ids[:limit] for ids in encoded])
+        return [RewardScore(float(row[self.label_index]), truncated=len(ids) > limit)
+                for row, ids in zip(logits, encoded)]
+
+
 def load_classifier(name: str, path: str, settings, *, backend: str = "auto", label_index: int = 0,
                     max_length: int | None = None) -> Reward:
     """``backend``: "vllm" (pooling runner, fails if vLLM cannot run the architecture), "hf"

@@ -12,6 +12,8 @@ More come from ``ALIGND_REWARDS``, a JSON object ``{name: spec}``; a spec's ``ty
   {"type": "callable", "path": "package.module:function", "batched": false}
   {"type": "classifier", "model": "/path/to/RewardModel", "label_index": 0, "max_length": 2048,
                          "backend": "auto" | "vllm" | "hf"}
+  {"type": "classifier", "url": "http://host:port" (vllm serve <reward model> --runner pooling),
+                         "served_model": its name there, "label_index": 0}
   {"type": "implicit", "adapter": "/adapter folder" | "aligned_model": "/path" | "aligned_system_prompt": "..."
                        | "url": "http://host:port" (a remote vllm serve; "served_model": its model name there),
                        "reference_model": "/path" (default: the served model), "beta": 0.1}
@@ -27,7 +29,7 @@ from typing import Any
 from alignd.errors import ConfigurationError, RewardNotFoundError
 from alignd.models.engine import Engine
 from alignd.rewards.base import Reward
-from alignd.rewards.classifier import load_classifier
+from alignd.rewards.classifier import RemoteClassifierReward, load_classifier
 from alignd.rewards.implicit import ImplicitReward
 from alignd.rewards.programmatic import CallableReward, LengthPenaltyReward, PositivityReward, WeightedSumReward
 from alignd.settings import Settings
@@ -93,7 +95,12 @@ async def build_rewards(
     (and as the prompted baseline) so no second copy of the weights is loaded. Each of
     ``aligned_baselines`` (by baseline name) gets its implicit reward against the served model,
     ``<name>_implicit``: the r_BL of indirect transfer from that baseline."""
-    from alignd.models.factory import build_adapter_engine, build_reference_engine, build_remote_engine
+    from alignd.models.factory import (
+        build_adapter_engine,
+        build_reference_engine,
+        build_remote_classifier,
+        build_remote_engine,
+    )
 
     rewards: dict[str, Reward] = {
         "positivity": PositivityReward("positivity"),
@@ -145,6 +152,13 @@ async def build_rewards(
             rewards[name] = CallableReward(
                 name, _spec_value(name, spec, "path", str, required=True), bool(spec.get("batched", False))
             )
+        elif kind == "classifier" and "url" in spec:  # on a remote vllm serve --runner pooling
+            if "model" in spec:
+                raise ConfigurationError(f"reward '{name}': give either 'model' (a folder) or 'url', not both")
+            remote = await build_remote_classifier(name, _spec_value(name, spec, "url", str), settings,
+                                                   model=_spec_value(name, spec, "served_model", str))
+            extra_engines[name] = remote
+            rewards[name] = RemoteClassifierReward(name, remote, label_index=_spec_value(name, spec, "label_index", int, 0))
         elif kind == "classifier":
             rewards[name] = load_classifier(
                 name,

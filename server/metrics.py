@@ -165,7 +165,7 @@ class ServerMetrics:
                 self.engine_call_seconds.labels(name, call).observe(seconds)
 
             if engine.observe_calls(observe):
-                for call in ENGINE_CALLS:  # at 0 from the start: dashboards show 0, not "no data"
+                for call in getattr(engine, "calls", ENGINE_CALLS):  # at 0 from the start: 0, not "no data"
                     for outcome in CALL_OUTCOMES:
                         self.engine_calls.labels(name, call, outcome)
 

