@@ -12,8 +12,11 @@ Configurations (each in its own process, so that engines never overlap):
   lora    the served engine with LoRA on, the adapter as a LoRARequest (ALIGND_ADAPTER_SERVING=lora)
   merged  the served engine without LoRA, the adapter merged into a folder on a second engine
           (ALIGND_ADAPTER_SERVING=merged)
+  remote  the same merged folder on a ``vllm serve`` of its own (started by this script, alignd's engine
+          settings), the baseline reached over HTTP (ALIGND_BASELINE_URL): remote against in-process
 
-Measured in each, through the server's own door (``Generation.stream``), greedy, ``c`` prompts at once:
+Measured in each, through the server's own door (``Generation.stream``), greedy, ``c`` prompts at once
+(and, for TQ*, the mean latency of one rollout request to the baseline's engine, from its call meter):
   plain      SFT decoding (``method: sft``), output tokens/s: does enabling LoRA slow base requests?
   baseline   the adapter sampled itself (``method: baseline``), output tokens/s
   tq         TQ* direct (alpha 1, k 10, one greedy 20-token rollout per candidate, pruning on) from the
@@ -40,7 +43,9 @@ CONFIGS = {
     "none": {"ALIGND_BASELINE_ADAPTER": "none"},
     "lora": {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "lora"},
     "merged": {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "merged"},
+    "remote": {"ALIGND_BASELINE_ADAPTER": "none"},  # + ALIGND_BASELINE_URL of the vllm serve run_config starts
 }
+REMOTE_NAME = "baseline-merged"
 PROMPTS = [
     "Tell me about your weekend.", "What do you think of Mondays?", "Describe the weather today.",
     "How was your commute?", "What is your opinion of homework?", "Tell me about traffic jams.",
@@ -49,9 +54,11 @@ PROMPTS = [
 TQ = {"method": "transfer_q", "alpha": 1.0, "top_k": 10, "rollout_len": 20, "num_rollouts": 1, "prune": True}
 
 
-async def decode(generation, engine, prompts: list[str], decoding: dict | None, max_tokens: int) -> dict:
-    """``prompts`` decoded at once through the door; output tokens/s over the wall time, and the mean
-    target reward when the method reports one."""
+async def decode(generation, engine, prompts: list[str], decoding: dict | None, max_tokens: int,
+                 calls: list[tuple[str, float]] | None = None) -> dict:
+    """``prompts`` decoded at once through the door; output tokens/s over the wall time, the mean
+    target reward when the method reports one, and the mean seconds of the baseline engine's rollout
+    requests (``calls``: what its call meter reported, cleared here)."""
     from alignd.decoding.config import DecodingConfig
     from alignd.decoding.prompt import Prompt
     from alignd.models.engine import GenerationParams
@@ -68,13 +75,18 @@ async def decode(generation, engine, prompts: list[str], decoding: dict | None, 
             reward = delta.alignment.reward if delta.alignment is not None else reward
         return tokens, reward
 
+    if calls is not None:
+        calls.clear()
     start = time.perf_counter()
     results = await asyncio.gather(*(one(p) for p in prompts))
     seconds = time.perf_counter() - start
     tokens = sum(t for t, _ in results)
     rewards = [r for _, r in results if r is not None]
+    rollouts = [s for call, s in calls or () if call == "rollouts"]
     return {"concurrency": len(prompts), "seconds": seconds, "output_tokens": tokens,
-            "tokens_per_s": tokens / seconds, "mean_reward": statistics.fmean(rewards) if rewards else None}
+            "tokens_per_s": tokens / seconds, "mean_reward": statistics.fmean(rewards) if rewards else None,
+            "rollout_call_ms": 1000 * statistics.fmean(rollouts) if rollouts else None,
+            "rollout_calls": len(rollouts)}
 
 
 async def measure(config: str, args) -> dict:
@@ -94,21 +106,26 @@ async def measure(config: str, args) -> dict:
         generation = Generation(engine, rewards, settings, baselines)
         out["start_seconds"] = time.perf_counter() - started
         out["default_baseline"] = baselines.get("default").kind
+        calls: list[tuple[str, float]] = []
+        baseline_engine = baselines.get("default").policy.engine
+        if baseline_engine is not engine:  # its own engine (merged, remote): time its rollout requests
+            baseline_engine.observe_calls(lambda call, seconds, outcome: calls.append((call, seconds)))
         try:
             await decode(generation, engine, PROMPTS[:2], None, 8)  # warm-up of both paths
             await decode(generation, engine, PROMPTS[:1], {**TQ, "baseline": "prompted"}, 2)
             cases = [("plain", "SFT decoding", None)]
-            if out["default_baseline"] == "adapter":
+            if out["default_baseline"] in ("adapter", "remote"):
                 cases.append(("baseline", "the adapter sampled (method: baseline)", {"method": "baseline"}))
                 cases.append(("tq_adapter", "TQ* from the adapter", {**TQ, "baseline": "default"}))
-            if config != "merged":
+            if config not in ("merged", "remote"):
                 # Under "merged" the SFT engine runs without LoRA, exactly as under "none", so TQ* from the
                 # prompted baseline (which shares it) would measure the same thing again: not repeated.
                 cases.append(("tq_prompted", "TQ* from the prompted baseline", {**TQ, "baseline": "prompted"}))
             for key, label, decoding in cases:
                 max_tokens = args.tq_tokens if key.startswith("tq") else args.plain_tokens
                 for c in args.concurrency:
-                    row = await decode(generation, engine, PROMPTS[:c], decoding, max_tokens)
+                    row = await decode(generation, engine, PROMPTS[:c], decoding, max_tokens,
+                                       calls if key == "tq_adapter" else None)
                     row.update(case=key, label=label, max_tokens=max_tokens)
                     out["rows"].append(row)
                     print(f"[{config}] {label}, c={c}: {row['tokens_per_s']:.2f} tokens/s"
@@ -126,15 +143,41 @@ def run_config(config: str, args, work: Path) -> dict:
            "--concurrency", *map(str, args.concurrency), "--plain-tokens", str(args.plain_tokens),
            "--tq-tokens", str(args.tq_tokens)]
     env = {**os.environ, **CONFIGS[config]}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    remote = None
+    if config == "remote":
+        remote = start_remote_baseline(work)
+        env.update(ALIGND_BASELINE_URL=remote.base_url, ALIGND_BASELINE_SERVED_MODEL=REMOTE_NAME)
     try:
-        if proc.wait() != 0:
-            raise SystemExit(f"configuration {config} failed (exit {proc.returncode})")
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        try:
+            if proc.wait() != 0:
+                raise SystemExit(f"configuration {config} failed (exit {proc.returncode})")
+        finally:
+            if proc.poll() is None:  # interrupted: stop the child's whole process group (its engines)
+                os.killpg(proc.pid, 15)
+                proc.wait()
     finally:
-        if proc.poll() is None:  # interrupted: stop the child's whole process group (its engines)
-            os.killpg(proc.pid, 15)
-            proc.wait()
+        if remote is not None:
+            remote.stop()
     return json.loads(result.read_text())
+
+
+def start_remote_baseline(work: Path):
+    """``vllm serve`` of the merged adapter folder (the one the "merged" configuration serves in process),
+    with alignd's engine settings; ready when this returns."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serve_overhead import start_vllm_server
+
+    from alignd.models.loading import merge_adapter, resolve_model_path
+    from alignd.settings import EMBEDDED_ADAPTER_DIR, Settings
+
+    settings = Settings()
+    merged = merge_adapter(resolve_model_path(settings, progress=False), EMBEDDED_ADAPTER_DIR, settings.cache_dir)
+    remote_settings = settings.model_copy(update={"served_model_name": REMOTE_NAME})
+    server = start_vllm_server(str(merged), remote_settings, settings.cpu_kvcache_space_gib, work)
+    print(f"remote baseline: vllm serve {merged} at {server.base_url}", flush=True)
+    server.wait_ready()
+    return server
 
 
 def report(results: list[dict]) -> str:
@@ -155,6 +198,12 @@ def report(results: list[dict]) -> str:
                     reward = f" ({row['mean_reward']:.2f})" if row["mean_reward"] is not None else ""
                     cells.append(f"{row['tokens_per_s']:.2f}{reward}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = []
+    for r in results:
+        for c in concurrencies:
+            row = by.get((r["config"], "tq_adapter", c))
+            cells.append(f"{row['rollout_call_ms']:.0f} ms" if row and row.get("rollout_call_ms") else "-")
+    lines.append("| one rollout request to the baseline's engine (TQ* from the adapter) | " + " | ".join(cells) + " |")
     starts = ", ".join(f"{r['config']}: {r['start_seconds']:.0f} s" for r in results)
     return "\n".join(lines) + f"\n\noutput tokens/s (mean positivity); engine start and warm-up: {starts}"
 
