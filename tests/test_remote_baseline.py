@@ -261,3 +261,24 @@ def test_the_remote_restarted_tq_answers_again_without_restarting_alignd_and_not
     assert sample(values, "alignd_admission_running") == 0 and sample(values, "alignd_admission_queued") == 0
     assert sample(values, "alignd_engine_requests_running") == 0
     assert sample(values, "alignd_engine_calls_running", engine=BASELINE_ENGINE) == 0
+
+
+def test_a_remote_that_hangs_is_bounded_by_the_request_deadline(aligned, remote, model_name):
+    """The remote frozen (SIGSTOP: it accepts connections and never answers): a TQ* request ends at its own
+    deadline with a 504, plain requests are served meanwhile, and once it thaws TQ* answers again."""
+    os.killpg(remote.process.pid, signal.SIGSTOP)
+    try:
+        started = time.perf_counter()
+        late = httpx.post(aligned.base_url + "/v1/chat/completions", timeout=120, headers={"X-Request-Timeout": "5"},
+                          json=chat(model_name, QUESTIONS[1], {"method": "transfer_q", **RULE}))
+        waited = time.perf_counter() - started
+        assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded", late.text
+        assert 4.5 <= waited < 30, waited
+        assert httpx.post(aligned.base_url + "/v1/chat/completions", timeout=120,
+                          json=chat(model_name, QUESTIONS[1], None)).status_code == 200
+    finally:
+        os.killpg(remote.process.pid, signal.SIGCONT)
+    answer(aligned, chat(model_name, QUESTIONS[1], {"method": "transfer_q", **RULE}))
+    values = metrics(aligned)
+    assert sample(values, "alignd_engine_calls_running", engine=BASELINE_ENGINE) == 0
+    assert sample(values, "alignd_engine_calls_total", engine=BASELINE_ENGINE, outcome="cancelled") >= 1

@@ -182,7 +182,7 @@ def test_an_engine_whose_remote_is_down_at_start_comes_up_with_it_and_goes_down_
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     engine = loop_thread.run(RemoteVLLMEngine.connect("late", url, reference.tokenizer, allow_down=True,
-                                                      max_model_len=128))
+                                                      max_model_len=128, api_key="sekret"))
     calls: list[tuple[str, str]] = []
     assert engine.observe_calls(lambda call, seconds, outcome: calls.append((call, outcome)))
     try:
@@ -196,8 +196,12 @@ def test_an_engine_whose_remote_is_down_at_start_comes_up_with_it_and_goes_down_
         assert time.perf_counter() - started < 5.0
         assert calls == [("top_k_next", "unavailable")] and engine.unfinished_requests() == 0
 
-        with vllm_serve_process(tiny_dir, SERVED_NAME, tmp_path / "late.log", max_model_len=256, port=port) as late:
-            late.wait_ready(timeout=900)
+        with vllm_serve_process(tiny_dir, SERVED_NAME, tmp_path / "late.log", max_model_len=256, port=port,
+                                extra_args=("--api-key", "sekret")) as late:
+            late.wait_ready(timeout=900, url=url + "/health")
+            # the remote wants a key (vllm serve --api-key): without it, a refusal that says which setting
+            with pytest.raises(ConfigurationError, match="refused alignd's API key.*ALIGND_REMOTE_API_KEY"):
+                loop_thread.run(RemoteVLLMEngine.connect("keyless", url, reference.tokenizer))
             time.sleep(1.1)  # past the recheck interval since the last failed call
             health = loop_thread.run(engine.check_health())
             assert health.status == "up" and health.detail is None
@@ -215,6 +219,27 @@ def test_an_engine_whose_remote_is_down_at_start_comes_up_with_it_and_goes_down_
             assert engine.unfinished_requests() == 0
     finally:
         loop_thread.run(engine.shutdown())
+
+
+def test_a_server_that_is_not_vllm_is_refused(reference, loop_thread):
+    """A real HTTP server that is not vLLM (Python's file server: /v1/models is a 404) at the remote's URL."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(Path(__file__).parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ConfigurationError, match=f"{url} is not a vLLM server .*404"):
+            loop_thread.run(RemoteVLLMEngine.connect("baseline", url, reference.tokenizer))
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_engine_unavailable_is_a_503_with_retry_after_in_the_openai_shape():
