@@ -9,7 +9,8 @@ rollouts are the SFT model's own, in process): greedy rollouts of the same prefi
 reward. So greedy TQ* through the remote must give CD's answers, token for token.
 
 The tests run in file order and each leaves the remote as the next expects it: down at first (alignd
-starts degraded), then up, then killed in the middle of a streamed answer, then restarted.
+starts degraded), then up, then killed in the middle of a streamed answer, then restarted, then frozen
+(SIGSTOP) and thawed.
 """
 
 from __future__ import annotations
