@@ -6,7 +6,8 @@ Starts ``vllm serve`` of the embedded model (the remote baseline, on a fixed por
 with ``ALIGND_BASELINE_URL`` pointing at it, then sends ``--concurrency`` clients' worth of mixed traffic
 for ``--minutes``: plain chat, TQ* chat (its rollouts on the remote), reward scoring, streamed plain and
 streamed TQ* answers. Halfway through, the remote is killed (SIGKILL) and started again on the same
-port; alignd is never restarted.
+port; alignd is never restarted. Traffic goes on for at least ``--after-minutes`` once the remote is
+back (a vLLM start can take minutes on a busy CPU), so that recovery is exercised under load.
 
 Reports requests served and errors by kind (status, error code, stream error events), the TQ* requests
 refused while the remote was down, the alignd process tree's memory at start and end, and whether the
@@ -131,7 +132,7 @@ class Traffic:
     async def client_loop(self, worker: int) -> None:
         i = worker
         async with httpx.AsyncClient(base_url=self.base_url, timeout=600) as client:
-            while time.monotonic() < self.deadline:
+            while time.monotonic() < self.deadline:  # read each time: the restart may extend it
                 kind = KINDS[i % len(KINDS)]
                 started = time.perf_counter()
                 try:
@@ -167,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="traffic time (default 10)")
     parser.add_argument("--concurrency", type=int, default=4, help="clients sending at once (default 4)")
+    parser.add_argument("--after-minutes", type=float, default=2.0,
+                        help="traffic at least this long after the remote is back (default 2)")
     parser.add_argument("--kv-cache-gib", type=int, default=1)
     parser.add_argument("--out", type=Path, help="JSON summary here")
     parser.add_argument("--log-dir", type=Path, help="server logs here (default: a temporary folder)")
@@ -216,13 +219,19 @@ def run(args: argparse.Namespace) -> dict:
             servers.append(remote)
             await asyncio.to_thread(remote.wait_ready)
             restart_report["remote_down_s"] = round(time.monotonic() - down_at, 1)
+            traffic.deadline = max(traffic.deadline, time.monotonic() + args.after_minutes * 60)
+            served_before = {kind: counter["ok"] for kind, counter in traffic.outcomes.items()}
             # alignd checks a down remote again at most once a second: the first request after that is served
             await asyncio.sleep(1.5)
             traffic.remote_down = False
-            log(f"remote back after {restart_report['remote_down_s']} s")
+            log(f"remote back after {restart_report['remote_down_s']} s; traffic until "
+                f"{(traffic.deadline - started) / 60:.1f} min")
+            await asyncio.sleep(max(0.0, traffic.deadline - time.monotonic()))
+            restart_report["served_after_restart"] = {kind: counter["ok"] - served_before[kind]
+                                                      for kind, counter in traffic.outcomes.items()}
 
         async def progress() -> None:
-            while time.monotonic() < deadline:
+            while time.monotonic() < traffic.deadline:
                 await asyncio.sleep(30)
                 log(f"{(time.monotonic() - started) / 60:.1f} min: {traffic.served()} served, "
                     f"{sum(sum(c.values()) for c in traffic.outcomes.values()) - traffic.served()} not")
@@ -240,7 +249,8 @@ def run(args: argparse.Namespace) -> dict:
         memory_end = tree_rss_mib(alignd.pid)
         health = httpx.get(alignd.base_url + "/health", timeout=30).json()
         summary = {
-            "minutes": args.minutes, "concurrency": args.concurrency, "served": traffic.served(),
+            "minutes": args.minutes, "traffic_minutes": round((time.monotonic() - started) / 60, 1),
+            "concurrency": args.concurrency, "served": traffic.served(),
             "outcomes": {kind: dict(counter) for kind, counter in traffic.outcomes.items()},
             "median_latency_s": {kind: round(sorted(v)[len(v) // 2], 3) if v else None
                                  for kind, v in traffic.latency.items()},
@@ -248,8 +258,9 @@ def run(args: argparse.Namespace) -> dict:
             "memory_mib": {"start": round(memory_start), "end": round(memory_end)},
             "idle_gauges_at_end": idle, "health_at_end": health["status"],
         }
+        recovered = restart_report.get("served_after_restart", {})
         summary["passed"] = (not summary["unexpected"] and all(v == 0 for v in idle.values())
-                             and health["status"] == "ok")
+                             and health["status"] == "ok" and recovered.get("tq", 0) + recovered.get("stream_tq", 0) > 0)
     finally:
         for server in reversed(servers):
             server.stop()
