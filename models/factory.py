@@ -55,6 +55,11 @@ async def build_engine(settings: Settings, *, progress: bool = True) -> Engine:
     return await asyncio.to_thread(build_reference_engine, path, settings)
 
 
+def _remote_api_key(settings: Settings) -> str | None:
+    """The bearer token every remote vLLM server gets (ALIGND_REMOTE_API_KEY), or None."""
+    return settings.remote_api_key.get_secret_value() if settings.remote_api_key is not None else None
+
+
 async def build_remote_sft_engine(model_dir: str | Path, settings: Settings) -> Engine:
     """The SFT model on the remote ``vllm serve`` at ``settings.sft_url``: this process reads only the
     tokenizer (and chat template) of ``model_dir``, which the remote must tokenize like. Down at start is
@@ -65,10 +70,10 @@ async def build_remote_sft_engine(model_dir: str | Path, settings: Settings) -> 
     from alignd.models.remote_engine import RemoteVLLMEngine
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
-    key = settings.remote_api_key.get_secret_value() if settings.remote_api_key is not None else None
     return await RemoteVLLMEngine.connect("sft", settings.sft_url, tokenizer, model=settings.sft_served_model,
-                                          api_key=key, timeout_s=settings.remote_timeout_s, allow_down=True,
-                                          max_model_len=settings.max_model_len, local_model_dir=str(model_dir))
+                                          api_key=_remote_api_key(settings), timeout_s=settings.remote_timeout_s,
+                                          allow_down=True, max_model_len=settings.max_model_len,
+                                          local_model_dir=str(model_dir))
 
 
 def value_guided_model(model_dir: str | Path, head_dir: Path, settings: Settings) -> tuple[Path, dict]:
@@ -133,8 +138,7 @@ async def build_remote_engine(name: str, url: str, served: Engine, settings: Set
     the caller's to close (``shutdown``)."""
     from alignd.models.remote_engine import RemoteVLLMEngine
 
-    key = settings.remote_api_key.get_secret_value() if settings.remote_api_key is not None else None
-    return await RemoteVLLMEngine.connect(name, url, served.tokenizer, model=model, api_key=key,
+    return await RemoteVLLMEngine.connect(name, url, served.tokenizer, model=model, api_key=_remote_api_key(settings),
                                           timeout_s=settings.remote_timeout_s, allow_down=True,
                                           max_model_len=served.info.max_model_len)
 
@@ -145,9 +149,9 @@ async def build_remote_classifier(name: str, url: str, settings: Settings, *, mo
     closes it (``shutdown``)."""
     from alignd.models.remote_engine import RemoteVLLMClassifier
 
-    key = settings.remote_api_key.get_secret_value() if settings.remote_api_key is not None else None
-    return await RemoteVLLMClassifier.connect(name, url, model=model, api_key=key, timeout_s=settings.remote_timeout_s,
-                                              allow_down=True, max_model_len=settings.max_model_len)
+    return await RemoteVLLMClassifier.connect(name, url, model=model, api_key=_remote_api_key(settings),
+                                              timeout_s=settings.remote_timeout_s, allow_down=True,
+                                              max_model_len=settings.max_model_len)
 
 
 async def warm_up(engine: Engine) -> None:
