@@ -5,6 +5,8 @@
     alignd train dpo --out DIR [--reward R] [...]          a baseline aligned to a reward (LoRA adapter)
     alignd train irft --out DIR [--rounds T] [...]         a reward learned from demonstrations (LoRA adapter)
     alignd train value-head --out DIR [--states N] [...]   a value head: Q of the baseline's rollouts, distilled
+    alignd select s2l --data FILE --budget B --out DIR     S2L data selection (loss trajectories of a proxy)
+    alignd select random --data FILE --budget B --out DIR  a uniform random subset of the same size
 
 Every setting is a flag (``--max-model-len 4096``) and an environment variable
 (``ALIGND_MAX_MODEL_LEN=4096``); flags win. JSON-valued settings take JSON on the command line too
@@ -248,6 +250,12 @@ def _train_parsers(sub) -> dict[str, argparse.ArgumentParser]:
 
     for parser in (dpo, irft):
         _add_training_options(parser)
+        parser.add_argument(
+            "--select", type=_select_spec, default=None, metavar="s2l:B|random:B",
+            help="train on a subset: S2L data selection (docs/TRAINING.md) or a uniform random one, of budget B "
+            "(a count like 100 or a fraction like 0.3); DPO selects its pairs by their chosen answer, IRFT its "
+            "demonstrations; the proxy is --model. Recorded in the adapter's manifest",
+        )
     value_head = _value_head_parser(verbs)
     for parser in (dpo, irft, value_head):
         own = frozenset(a.dest for a in parser._actions)
@@ -255,6 +263,109 @@ def _train_parsers(sub) -> dict[str, argparse.ArgumentParser]:
             "settings (each also ALIGND_<NAME>; --model, --engine and --seed matter here: --seed seeds sampling "
             "and training)"), skip=own)
     return {"dpo": dpo, "irft": irft, "value-head": value_head}
+
+
+def _select_spec(text: str):
+    from alignd.train.data import TrainingInputError
+    from alignd.train.select import parse_select_option
+
+    try:
+        return parse_select_option(text)
+    except TrainingInputError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _budget(text: str):
+    from alignd.train.data import TrainingInputError
+    from alignd.train.select import Budget
+
+    try:
+        return Budget.parse(text)
+    except TrainingInputError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _select_parsers(sub) -> dict[str, argparse.ArgumentParser]:
+    from alignd.train.select import ProxyOptions
+
+    d = ProxyOptions()
+    select = sub.add_parser("select", help="select a subset of a training set (S2L, or random), docs/TRAINING.md",
+                            description="Select training data for `alignd train`. See docs/TRAINING.md.")
+    verbs = select.add_subparsers(dest="select_command", required=True, metavar="{s2l,random}")
+    s2l = verbs.add_parser(
+        "s2l", help="S2L: cluster the loss trajectories of a small proxy, spread the budget over the clusters",
+        description="Train a proxy (a LoRA adapter of --proxy) on the whole set, record every example's loss at "
+        "--checkpoints checkpoints, K-means the trajectories into --clusters clusters, and sample the budget "
+        "evenly across them, smallest first. Interrupt at any time; the same command resumes.",
+    )
+    rand = verbs.add_parser("random", help="a uniform random subset (the baseline S2L is compared with)",
+                            description="A uniform random subset of the set, seeded by --seed.")
+    for parser in (s2l, rand):
+        data = parser.add_argument_group("data")
+        data.add_argument("--data", required=True, type=Path, metavar="FILE",
+                          help='JSONL demonstrations {"id", "prompt", "response"} or preference pairs '
+                          '{"id", "prompt", "chosen", "rejected"} (pairs are selected by their chosen answer)')
+        data.add_argument("--budget", required=True, type=_budget, metavar="B",
+                          help="examples to select: a count (100), a fraction (0.3) or a percentage (30%%)")
+    proxy = s2l.add_argument_group("proxy and clustering")
+    proxy.add_argument("--proxy", default=None, metavar="MODEL",
+                       help="the proxy model: 'embedded' or a local model folder (default: --model, the embedded model)")
+    proxy.add_argument("--checkpoints", type=int, default=d.checkpoints,
+                       help="C: checkpoints of the proxy's training at which losses are taken (%(default)s)")
+    proxy.add_argument("--clusters", type=int, default=None,
+                       help="K of K-means (default: 100 as in the paper, at most a tenth of the set)")
+    proxy.add_argument("--proxy-epochs", type=float, default=d.epochs, help="passes of the proxy over the set "
+                       "(%(default)s)")
+    proxy.add_argument("--proxy-learning-rate", type=float, default=d.learning_rate, help="(%(default)s)")
+    proxy.add_argument("--proxy-batch-size", type=int, default=d.batch_size, help="examples per step (%(default)s)")
+    proxy.add_argument("--proxy-lora-rank", type=int, default=d.lora_rank, help="(%(default)s)")
+    proxy.add_argument("--max-length", type=int, default=d.max_length, help="longest prompt + answer, tokens "
+                       "(%(default)s)")
+    proxy.add_argument("--loss-batch-size", type=int, default=d.loss_batch_size,
+                       help="examples per forward pass when taking losses (%(default)s)")
+    for parser in (s2l, rand):
+        _add_output_options(parser, "selection")
+        own = frozenset(a.dest for a in parser._actions)
+        _add_settings_flags(parser.add_argument_group("settings (each also ALIGND_<NAME>; --seed seeds the selection)"),
+                            skip=own)
+    return {"s2l": s2l, "random": rand}
+
+
+def _select(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str]) -> None:
+    from alignd.errors import AligndError, ClientError, ConfigurationError, ModelPreparationError
+    from alignd.train.select import ProxyOptions, SelectionRun, run_selection
+
+    prog = parser.prog
+    if getattr(args, "proxy", None):
+        args.model = args.proxy
+    try:
+        settings = _settings_from_args(args)
+    except ValidationError as exc:
+        parser.exit(EXIT_BAD_INPUT, f"{prog}: error: invalid settings: {'; '.join(_settings_errors(exc))}\n")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    s2l = args.select_command == "s2l"
+    proxy = ProxyOptions(seed=settings.seed)
+    if s2l:
+        proxy = ProxyOptions(checkpoints=args.checkpoints, epochs=args.proxy_epochs,
+                             learning_rate=args.proxy_learning_rate, batch_size=args.proxy_batch_size,
+                             lora_rank=args.proxy_lora_rank, max_length=args.max_length,
+                             loss_batch_size=args.loss_batch_size, seed=settings.seed)
+    run = SelectionRun(settings=settings, data_file=args.data, out=args.out, budget=args.budget,
+                       method=args.select_command, clusters=args.clusters if s2l else None, proxy=proxy,
+                       overwrite=args.overwrite, restart=args.restart, command=command)
+    try:
+        out = run_selection(run)
+    except (ClientError, ConfigurationError, ModelPreparationError) as exc:
+        parser.exit(EXIT_BAD_INPUT, f"{prog}: error: {' '.join(exc.message.split())}\n")
+    except AligndError as exc:
+        parser.exit(1, f"{prog}: error: {' '.join(exc.message.split())}\n")
+    except KeyboardInterrupt:
+        partial = Path(args.out).expanduser().absolute()
+        parser.exit(EXIT_INTERRUPTED, f"\n{prog}: interrupted; finished work is kept in {partial}.partial/ - run the "
+                    "same command again to resume\n")
+    print(f"selection written to {out}")
 
 
 def _training_options(args: argparse.Namespace, settings: Settings):
@@ -309,6 +420,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
             run = DPORun(
                 settings=settings, prompts_file=args.prompts, reward=args.reward or settings.target_reward,
                 out=args.out, training=training, overwrite=args.overwrite, restart=args.restart, command=command,
+                select=args.select,
                 sampling=SamplingOptions(
                     samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                     temperature=args.sample_temperature, batch_size=args.sample_batch_size,
@@ -322,7 +434,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
             run = IRFTRun(
                 settings=settings, demonstrations_file=args.demonstrations, out=args.out, rounds=args.rounds,
                 training=_training_options(args, settings), overwrite=args.overwrite, restart=args.restart,
-                command=command,
+                command=command, select=args.select,
                 generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
                                              temperature=args.sample_temperature,
                                              batch_size=args.generation_batch_size),
@@ -349,9 +461,13 @@ def main(argv: list[str] | None = None) -> None:
     prepare = sub.add_parser("prepare-model", help="prepare the configured model (convert the embedded one) and exit")
     _add_settings_flags(prepare)
     train_parsers = _train_parsers(sub)
+    select_parsers = _select_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "train":
         _train(args, train_parsers[args.train_command], command)
+        return
+    if args.command == "select":
+        _select(args, select_parsers[args.select_command], command)
         return
     settings = load_settings(args)
     logging.basicConfig(

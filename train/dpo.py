@@ -83,6 +83,7 @@ class DPORun:
     restart: bool = False
     command: list[str] = field(default_factory=list)
     progress: bool = True
+    select: tuple | None = None  # ("s2l" | "random", Budget) of --select: train on that subset of the pairs
 
 
 # ---------------------------------------------------------------------------- rewards
@@ -229,8 +230,9 @@ def run_dpo(run: DPORun) -> Path:
         "sampling": sampling_identity,
         "seed": run.training.seed,
     }
-    training_identity = {**run.training.identity(), "tie_margin": run.sampling.tie_margin}
-    workspace.open(inputs, training_identity, training_artefacts=("training",))
+    select = None if run.select is None else f"{run.select[0]}:{run.select[1]}"
+    training_identity = {**run.training.identity(), "tie_margin": run.sampling.tie_margin, "select": select}
+    workspace.open(inputs, training_identity, training_artefacts=("training", "selection"))
     for note in workspace.notes:
         logger.warning("%s", note)
 
@@ -257,13 +259,30 @@ def run_dpo(run: DPORun) -> Path:
             f"(within --tie-margin {run.sampling.tie_margin}); use a reward that tells the samples apart, or more "
             "--samples-per-prompt"
         )
-    logger.info("%d pairs from %d prompts (%d ties skipped); training", len(pairs), len(prompts), ties)
+    logger.info("%d pairs from %d prompts (%d ties skipped)", len(pairs), len(prompts), ties)
+    all_pairs = len(pairs)
+    selection = None
+    if run.select is not None:
+        # S2L needs a target text per example: a pair is selected by its chosen answer. The pairs are
+        # written out as a preference-pair file, the input `alignd select` reads.
+        from alignd.train.data import append_work_records
+        from alignd.train.select import select_for_training
+
+        pairs_file = workspace.partial / "pairs.jsonl"
+        pairs_file.unlink(missing_ok=True)
+        append_work_records(pairs_file, [asdict(p) for p in pairs])
+        ids, selection = select_for_training(settings, pairs_file, run.select, workspace.partial,
+                                             seed=run.training.seed, progress=run.progress)
+        keep = set(ids)
+        pairs = [p for p in pairs if p.id in keep]
+        logger.info("training on %d of %d pairs (--select %s)", len(pairs), all_pairs, select)
     result = train_adapter(model_dir, pairs, run.training, workspace.partial / "training")
 
     n = run.sampling.samples_per_prompt
     manifest = {
         **manifest_header("dpo", base.manifest_entry(), run.training, run.command),
         "reward": run.reward,
+        "selection": selection,
         "data": {
             "file": str(prompts_file),
             "sha256": data_sha,
@@ -271,6 +290,7 @@ def run_dpo(run: DPORun) -> Path:
             "samples": sum(len(r["samples"]) for r in ordered),
             "samples_per_prompt": n,
             "pairs": len(pairs),
+            "pairs_before_selection": all_pairs,
             "ties_skipped": ties,
             "tie_margin": run.sampling.tie_margin,
             "sampling": {"engine": settings.engine, "max_new_tokens": run.sampling.max_new_tokens,

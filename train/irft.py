@@ -84,6 +84,7 @@ class IRFTRun:
     restart: bool = False
     command: list[str] = field(default_factory=list)
     progress: bool = True
+    select: tuple | None = None  # ("s2l" | "random", Budget) of --select: train on that subset
 
 
 def generate_negatives(model_dir: Path, adapter_dir: Path | None, demos: list[Demonstration], out_file: Path,
@@ -191,10 +192,21 @@ def run_irft(run: IRFTRun) -> Path:
     # training options are inputs here too; the number of rounds is not: finished rounds stay valid
     # when a later run asks for more.
     inputs = {"kind": "irft", "base_weights": digest, "demonstrations_sha256": data_sha,
-              "generation": asdict(run.generation), "training": run.training.identity()}
+              "generation": asdict(run.generation), "training": run.training.identity(),
+              "select": None if run.select is None else f"{run.select[0]}:{run.select[1]}"}
     workspace.open(inputs, {})
     for note in workspace.notes:
         logger.warning("%s", note)
+    in_file = len(demos)
+    selection = None
+    if run.select is not None:
+        from alignd.train.select import select_for_training
+
+        ids, selection = select_for_training(settings, demos_file, run.select, workspace.partial,
+                                             seed=run.training.seed, progress=run.progress)
+        keep = set(ids)
+        demos = [d for d in demos if d.id in keep]
+        logger.info("training on %d of %d demonstrations (--select %s:%s)", len(demos), in_file, *run.select)
 
     prev_adapter: Path | None = None
     rounds: list[dict] = []
@@ -246,10 +258,12 @@ def run_irft(run: IRFTRun) -> Path:
             "reference": "the base (SFT) model",
         },
         "rounds": run.rounds,
+        "selection": selection,
         "data": {
             "file": str(demos_file),
             "sha256": data_sha,
             "demonstrations": len(demos),
+            "demonstrations_in_file": in_file,
             "pairs_per_round": [r["pairs"] for r in rounds],
             "identical_skipped_per_round": [r["identical_skipped"] for r in rounds],
             "generation": {"backend": "transformers generate (PEFT model)", **asdict(run.generation),

@@ -1,0 +1,204 @@
+"""S2L against random subsets and the full set, for IRFT (docs/EVALUATION.md, "S2L data selection").
+
+    .venv/bin/python eval/s2l_experiment.py                      # the run in docs/EVALUATION.md
+    .venv/bin/python eval/s2l_experiment.py --smoke --model DIR  # a tiny model: checks the harness
+
+The demonstrations (``train/data/demonstrations.jsonl``) are split once into a training pool and a
+held-out set (the last ``--heldout`` lines: the file interleaves its 15 categories, so the tail is
+balanced). Each arm trains an IRFT adapter (``alignd train irft``'s own code, one round) on:
+
+- ``full``: the whole pool;
+- ``random/<seed>``: a uniform random subset of ``--budget`` of the pool (``alignd select random``);
+- ``s2l/<seed>``: the S2L subset of the same size (``alignd select s2l``, the proxy being the same
+  embedded model, seeded by <seed>: its training, K-means and sampler).
+
+**The objective IRFT serves is a learned reward**, so each adapter is judged by it: on every held-out
+prompt, does its implicit reward ``beta * log(pi_adapter(y|x) / pi_sft(y|x))`` rank the held-out
+demonstration above the SFT model's own answer (one sample at T=1 per prompt, the same for every arm)?
+Accuracy counts a tie as 1/2; the mean margin is also kept.
+
+**Why IRFT and not DPO**: S2L selects by a target text. IRFT's examples are the demonstrations
+themselves, while DPO's pairs exist only after sampling and scoring, so judging a DPO arm needs a fresh
+sampling run per arm on top of training; and the learned reward's accuracy is measured by forward
+passes alone, with no reward model that could be gamed.
+
+Each arm's result is written to ``<out>/arms/<arm>.json`` when it is done, and a rerun skips finished
+arms (their selections and adapters are resumed by the commands' own work folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from alignd.settings import Settings  # noqa: E402
+from alignd.train.data import Demonstration, read_demonstrations  # noqa: E402
+from alignd.train.irft import GenerationOptions, IRFTRun, generate_negatives, run_irft  # noqa: E402
+from alignd.train.select import (  # noqa: E402
+    Budget,
+    Example,
+    ProxyOptions,
+    SelectionRun,
+    example_losses,
+    run_selection,
+    tokenize_examples,
+)
+from alignd.train.tuning import TrainingOptions, resolve_base_model  # noqa: E402
+
+logger = logging.getLogger("s2l_experiment")
+DEFAULT_DATA = ROOT / "train" / "data" / "demonstrations.jsonl"
+HELDOUT_SEED = 12_345  # the SFT answers of the held-out prompts: one sample each, the same for every arm
+
+
+def write_jsonl(path: Path, demos: list[Demonstration]) -> Path:
+    path.write_text("".join(json.dumps({"id": d.id, "prompt": d.prompt, "response": d.response}) + "\n"
+                            for d in demos), encoding="utf-8")
+    return path
+
+
+def implicit_rewards(model_dir: Path, adapter_dir: Path, beta: float, prompts: list[str], answers: list[str],
+                     *, batch_size: int = 16, max_length: int = 512) -> np.ndarray:
+    """``beta * (log pi_adapter(y|x) - log pi_sft(y|x))`` of each (prompt, answer), summed over the
+    answer's tokens (the chat rendered as in training), from the same PEFT model with its adapter on
+    and off."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    examples = [Example(str(i), p, a, i + 1) for i, (p, a) in enumerate(zip(prompts, answers))]
+    ids, starts, _ = tokenize_examples(tokenizer, examples, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens = np.array([len(row) - start for row, start in zip(ids, starts)], dtype=np.float64)
+    nll_policy = example_losses(model, ids, starts, pad, batch_size)
+    with model.disable_adapter():
+        nll_sft = example_losses(model, ids, starts, pad, batch_size)
+    return beta * (nll_sft - nll_policy) * tokens
+
+
+def ranking_accuracy(demo_rewards: np.ndarray, sft_rewards: np.ndarray) -> float:
+    wins = (demo_rewards > sft_rewards).sum() + 0.5 * (demo_rewards == sft_rewards).sum()
+    return float(wins / len(demo_rewards))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--model", default="embedded", help="the SFT model and S2L proxy ('embedded' or a folder)")
+    parser.add_argument("--heldout", type=int, default=70, help="held-out demonstrations (the file's last lines)")
+    parser.add_argument("--budget", default="0.3", help="the subset's size: a count or a fraction of the pool")
+    parser.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--s2l-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--no-full", action="store_true", help="skip the full-pool arm")
+    parser.add_argument("--epochs", type=float, default=3.0, help="IRFT epochs over each arm's subset")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "s2l")
+    parser.add_argument("--smoke", action="store_true", help="a few examples and steps: checks the harness")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("alignd").setLevel(logging.WARNING)
+
+    out = args.out.expanduser().absolute()
+    (out / "arms").mkdir(parents=True, exist_ok=True)
+    settings = Settings(model=args.model, engine="hf", log_level="warning")
+    model_dir, _ = resolve_base_model(settings)
+    demos = read_demonstrations(args.data)
+    if args.smoke:
+        demos = demos[:16]
+        args.heldout, args.random_seeds, args.s2l_seeds = 6, args.random_seeds[:2], args.s2l_seeds[:1]
+    if not 0 < args.heldout < len(demos):
+        parser.error(f"--heldout {args.heldout} must leave a pool: 1 to {len(demos) - 1}")
+    pool, heldout = demos[: -args.heldout], demos[-args.heldout :]
+    pool_file = write_jsonl(out / "pool.jsonl", pool)
+    write_jsonl(out / "heldout.jsonl", heldout)
+    budget = Budget.parse(args.budget)
+    size = budget.resolve(len(pool))
+    generation = GenerationOptions(max_new_tokens=8 if args.smoke else args.max_new_tokens)
+    proxy = ProxyOptions(checkpoints=3, epochs=1, batch_size=2) if args.smoke else ProxyOptions()
+    training_kw = {"max_steps": 2, "batch_size": 2} if args.smoke else {"epochs": args.epochs}
+    logger.info("pool %d, held out %d, budget %s = %d examples", len(pool), len(heldout), budget, size)
+
+    sft_answers = generate_negatives(model_dir, None, heldout, out / "heldout_sft.jsonl", generation, HELDOUT_SEED,
+                                     desc="held-out SFT answers")
+    by_id = {r["id"]: r["text"] for r in sft_answers}
+
+    arms = ([] if args.no_full else [("full", None)]) + [("random", s) for s in args.random_seeds] + \
+           [("s2l", s) for s in args.s2l_seeds]
+    for method, seed in arms:
+        name = method if seed is None else f"{method}-{seed}"
+        result_file = out / "arms" / f"{name}.json"
+        if result_file.is_file():
+            logger.info("%s: done before", name)
+            continue
+        started = time.perf_counter()
+        arm_settings = settings.model_copy(update={"seed": seed or 0})
+        selection_s = 0.0
+        if method == "full":
+            subset = pool_file
+        else:
+            t0 = time.perf_counter()
+            folder = out / "selections" / name
+            if not (folder / "selection.json").is_file():
+                run_selection(SelectionRun(settings=arm_settings, data_file=pool_file, out=folder, budget=Budget(count=size),
+                                           method=method, proxy=dataclasses.replace(proxy, seed=seed)))
+            selection_s = time.perf_counter() - t0
+            subset = folder / "subset.jsonl"
+        adapter = out / "adapters" / name
+        t0 = time.perf_counter()
+        if not (adapter / "alignd_adapter.json").is_file():
+            run_irft(IRFTRun(settings=arm_settings, demonstrations_file=subset, out=adapter, rounds=1,
+                             generation=generation, training=TrainingOptions(beta=args.beta, seed=seed or 0, **training_kw)))
+        train_s = time.perf_counter() - t0
+        prompts = [d.prompt for d in heldout]
+        r_demo = implicit_rewards(model_dir, adapter, args.beta, prompts, [d.response for d in heldout])
+        r_sft = implicit_rewards(model_dir, adapter, args.beta, prompts, [by_id[d.id] for d in heldout])
+        result = {
+            "arm": name, "method": method, "seed": seed, "examples": len(read_demonstrations(subset)),
+            "heldout": len(heldout), "accuracy": ranking_accuracy(r_demo, r_sft),
+            "mean_margin": float(np.mean(r_demo - r_sft)), "selection_s": round(selection_s, 1),
+            "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - started, 1),
+        }
+        result_file.write_text(json.dumps(result, indent=2) + "\n")
+        logger.info("%s: accuracy %.3f, margin %.3f (%d examples, %.0f s)", name, result["accuracy"],
+                    result["mean_margin"], result["examples"], result["wall_s"])
+
+    results = [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
+    summary = {"pool": len(pool), "heldout": len(heldout), "budget": str(budget), "budget_examples": size,
+               "arms": results, "by_method": {}}
+    for method in ("full", "random", "s2l"):
+        acc = [r["accuracy"] for r in results if r["method"] == method]
+        if acc:
+            summary["by_method"][method] = {
+                "runs": len(acc), "accuracy_mean": round(statistics.fmean(acc), 4),
+                "accuracy_sd": round(statistics.stdev(acc), 4) if len(acc) > 1 else None,
+                "accuracy_min": min(acc), "accuracy_max": max(acc),
+            }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("| arm | examples | held-out accuracy | mean margin | selection s | training s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['arm']} | {r['examples']} | {r['accuracy']:.3f} | {r['mean_margin']:.3f} | {r['selection_s']:.0f} "
+              f"| {r['train_s']:.0f} |")
+    for method, s in summary["by_method"].items():
+        print(f"{method}: {s['runs']} runs, accuracy {s['accuracy_mean']:.3f} (sd {s['accuracy_sd']}, "
+              f"{s['accuracy_min']:.3f} to {s['accuracy_max']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
