@@ -410,3 +410,20 @@ def test_only_the_value_head_module_may_import_decoding(tmp_path):
     assert result.returncode != 0
     assert "alignd.train builds on models, rewards, settings, errors and protocol only BROKEN" in result.stdout
     assert "alignd.train.irft -> alignd.decoding.values" in result.stdout
+
+
+def test_a_remote_baseline_is_a_baseline_of_value_head_training(tiny_llama_dir):
+    from alignd.train.value_head import resolve_baseline
+
+    url = "http://127.0.0.1:8100"
+    settings = Settings(model=str(tiny_llama_dir), baseline_url=url, baseline_served_model="bl")
+    # ALIGND_BASELINE_URL is the server's default baseline, so it is the default one here too
+    choice = resolve_baseline(settings, "default", tiny_llama_dir)
+    assert (choice.kind, choice.source, choice.weights_digest) == ("url", f"{url} (bl)", None)
+    assert choice.engine_updates["baseline_url"] == url and choice.engine_updates["baseline_served_model"] == "bl"
+    # another choice unsets it: the engine's default baseline must be the chosen one, not the remote
+    prompted = resolve_baseline(settings, "prompted", tiny_llama_dir)
+    assert prompted.kind == "prompted" and prompted.engine_updates["baseline_url"] is None
+    named = Settings(model=str(tiny_llama_dir), baselines={"far": {"url": url}})
+    far = resolve_baseline(named, "far", tiny_llama_dir)
+    assert far.kind == "url" and far.source == url and far.engine_updates["baseline_served_model"] is None

@@ -215,8 +215,8 @@ class BaselineChoice:
     :func:`alignd.decoding.baselines.build_baselines` makes exactly it the ``default`` baseline."""
 
     name: str  # as given on the command line
-    kind: str  # adapter | model | prompted
-    source: str  # the folder, or the system prompt
+    kind: str  # adapter | model | prompted | url
+    source: str  # the folder, the system prompt, or the remote's URL (and served model name)
     weights_digest: str | None = None  # of the adapter's (or model's) tensors
     engine_updates: dict = field(default_factory=dict)
     adapter_manifest: dict = field(default_factory=dict)
@@ -231,9 +231,11 @@ class BaselineChoice:
 
 
 def resolve_baseline(settings: Settings, name: str, model_dir: Path) -> BaselineChoice:
-    """``name``: ``default`` (the server's default baseline: ALIGND_BASELINE_ADAPTER, the committed
-    adapter on the embedded model), ``prompted``, a baseline of ALIGND_BASELINES, or an adapter or model
-    folder. Adapters are checked against the base weights here, before any engine starts."""
+    """``name``: ``default`` (the server's default baseline: ALIGND_BASELINE_URL, else
+    ALIGND_BASELINE_ADAPTER or the committed adapter on the embedded model), ``prompted``, a baseline of
+    ALIGND_BASELINES (an adapter, a model folder, a system prompt or a remote ``{"url"}``), or an adapter
+    or model folder. Adapters are checked against the base weights here, before any engine starts; a
+    remote is checked when the engine starts (its model and tokenizer, as the server does)."""
     from alignd.models.adapters import load_adapter
     from alignd.models.weights import weights_digest
 
@@ -241,7 +243,9 @@ def resolve_baseline(settings: Settings, name: str, model_dir: Path) -> Baseline
     if name == "prompted":
         spec: Any = prompted
     elif name == "default":
-        if (adapter := settings.default_adapter_dir()) is not None:
+        if settings.baseline_url:
+            spec = {"url": settings.baseline_url, "served_model": settings.baseline_served_model}
+        elif (adapter := settings.default_adapter_dir()) is not None:
             spec = {"adapter": str(adapter)}
         elif settings.baseline_model:
             spec = {"model": settings.baseline_model}
@@ -256,10 +260,19 @@ def resolve_baseline(settings: Settings, name: str, model_dir: Path) -> Baseline
         known = ", ".join(["default", "prompted", *settings.baselines])
         raise TrainingInputError(f"unknown baseline '{name}': use one of {known} (ALIGND_BASELINES), or an adapter "
                                  "or model folder")
-    if not isinstance(spec, dict) or len({"adapter", "model", "system_prompt"} & set(spec)) != 1:
-        raise TrainingInputError(f"baseline '{name}' must be an object with exactly one of 'adapter', 'model' or "
-                                 "'system_prompt'")
-    unset = {"baseline_adapter": NO_ADAPTER, "baseline_model": None, "baselines": {}}
+    if not isinstance(spec, dict) or len({"adapter", "model", "system_prompt", "url"} & set(spec)) != 1:
+        raise TrainingInputError(f"baseline '{name}' must be an object with exactly one of 'adapter', 'model', "
+                                 "'system_prompt' or 'url'")
+    # Every other way of naming the default baseline is unset, so that build_baselines makes this one it
+    # (ALIGND_BASELINE_URL, where set, would otherwise win over the chosen adapter or prompt).
+    unset = {"baseline_adapter": NO_ADAPTER, "baseline_model": None, "baselines": {}, "baseline_url": None,
+             "baseline_served_model": None}
+    if "url" in spec:
+        url, served = str(spec["url"]), spec.get("served_model")
+        # A remote's weights cannot be hashed from here: its identity is its URL and served model name.
+        source = url if not served else f"{url} ({served})"
+        return BaselineChoice(name, "url", source, None,
+                              {**unset, "baseline_url": url, "baseline_served_model": served})
     if "system_prompt" in spec:
         prompt = str(spec["system_prompt"])
         return BaselineChoice(name, "prompted", prompt, None, {**unset, "baseline_system_prompt": prompt})
