@@ -121,6 +121,13 @@ class Generation:
         """The default baseline's policy."""
         return self.baselines.get(DEFAULT).policy
 
+    async def prepare(self) -> None:
+        """Work done once before serving: where the engine has a value head, the weights digests that match
+        it to a served baseline (reading an adapter's or a model's tensors), in a worker thread, so that
+        the first head request does not read them on the event loop."""
+        if self.value_head:
+            await asyncio.to_thread(self.head_baseline)
+
     async def close(self) -> None:
         await self.baselines.close()
 

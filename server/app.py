@@ -42,6 +42,7 @@ async def _serving(app: FastAPI, engine: Engine, settings: Settings, metrics: Se
         await baselines.close()
         raise
     generation = Generation(engine, registry, settings, baselines)
+    await generation.prepare()
     generation.step_observers.append(metrics.observe_step)
     generation.response_observers.append(metrics.observe_response)
     # One controller for every generate endpoint: the limits are per server, not per API.

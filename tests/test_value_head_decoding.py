@@ -3,6 +3,8 @@ The head inside vLLM is tests/test_vllm_plugin.py; through the real server, test
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from alignd.decoding.config import DecodingConfig
@@ -91,6 +93,9 @@ def test_the_head_s_baseline_is_found_by_its_weights_not_by_its_name(tiny_hf_eng
     generation = _HeadedGeneration(tiny_hf_engine, RewardRegistry({}), Settings(value_head="none"), registry)
     head = {"name": "default", "kind": "adapter", "source": str(trained), "weights_digest": weights_digest(trained)}
     generation.manifest = {"reward": "positivity", "baseline": head}
+    # the digests are read once, before serving, off the event loop (Generation.prepare at start-up)
+    asyncio.run(generation.prepare())
+    assert set(generation._baseline_digests) == {"default", "mine"}
     assert generation.head_baseline() == ("mine", "mine")
 
     def refused(baseline: str) -> InvalidRequestError:
