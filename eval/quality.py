@@ -189,6 +189,31 @@ def truncation_kl(steps: Sequence[dict]) -> float:
     return total
 
 
+def value_guidance(steps: Sequence[dict]) -> dict | None:
+    """How much the values steered a value-guided answer, from its diagnostics: over the decisions whose
+    candidates all have an estimated value (not gated, none pruned), ``value_spread`` is the mean of max - min of
+    Q over the top-k, and ``flip_share`` the share of decisions whose chosen token is not the SFT
+    model's own top candidate. A baseline whose rollouts end well whatever the candidate gives flat Q
+    (small spread): then the values cannot tell the candidates apart, and the answer stays SFT greedy's.
+    None for other methods."""
+    spreads, flips = [], []
+    for step in steps:
+        candidates = step.get("candidates") or []
+        if step.get("gated") or not candidates or "sft_logprob" not in candidates[0]:
+            continue
+        values = [c.get("value") for c in candidates]
+        # a pruned candidate carries the reward's lower bound, not an estimate (decoding.methods)
+        if any(v is None for v in values) or (step.get("cost") or {}).get("pruned"):
+            continue
+        spreads.append(max(values) - min(values))
+        top = max(candidates, key=lambda c: c["sft_logprob"])["token_id"]
+        flips.append(float(step["chosen"][0] != top))
+    if not spreads:
+        return None
+    return {"value_spread": sum(spreads) / len(spreads), "flip_share": sum(flips) / len(flips),
+            "valued_decisions": len(spreads)}
+
+
 class HeadReplay:
     """TQ* with the value head, replayed in transformers over a finished answer.
 
@@ -658,6 +683,7 @@ class _Runner:
             "category": prompt_row.get("category"), "prompt": prompt_row["prompt"], "response": text,
             "output_tokens": len(token_ids), "finish_reason": finish, "reward": alignment["reward"],
             "kl": alignment["kl"], "kl_truncation": truncation_kl(alignment["steps"]), "cost": alignment["cost"],
+            "guidance": value_guidance(alignment["steps"]),
             # what kind of baseline ran (adapter, model, prompted), where the diagnostics say: baseline rows, TQ*
             "baseline_kind": alignment.get("baseline_kind"),
             "seconds": seconds,

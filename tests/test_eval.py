@@ -44,6 +44,22 @@ def test_win_rate_by_hand():
         quality.win_rate([1.0], [1.0, 2.0])
 
 
+def test_value_guidance_by_hand():
+    def cand(token, logprob, value):
+        return {"token_id": token, "sft_logprob": logprob, "value": value}
+
+    steps = [
+        {"chosen": [1], "candidates": [cand(1, -0.1, 0.2), cand(2, -2.0, 0.5)]},   # SFT's top kept; spread 0.3
+        {"chosen": [4], "candidates": [cand(3, -0.5, 0.0), cand(4, -1.0, 0.9)]},   # flipped; spread 0.9
+        {"chosen": [5], "gated": True, "candidates": [cand(5, -0.01, None)]},      # gated: not counted
+        {"chosen": [6], "candidates": [cand(6, -0.3, 0.1), cand(7, -1.3, None)]},  # no value: not counted
+        {"chosen": [8], "cost": {"pruned": 1}, "candidates": [cand(8, -0.2, 0.4), cand(9, -1.2, -1.0)]},  # pruned
+    ]
+    g = quality.value_guidance(steps)
+    assert g == {"value_spread": pytest.approx(0.6), "flip_share": 0.5, "valued_decisions": 2}
+    assert quality.value_guidance([{"chosen": [1], "candidates": [{"text": "x", "value": 1.0}]}]) is None  # best-of-n
+
+
 def test_best_of_n_kl_and_truncation_kl_by_hand():
     assert quality.best_of_n_kl(1) == 0.0
     assert quality.best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
