@@ -164,6 +164,12 @@ async def drive(traffic: Traffic, concurrency: int, restart) -> None:
     await asyncio.gather(*clients)
 
 
+# The remote's engine computes on core 1, as a remote on its own machine would: with vLLM's default
+# binding every engine of every process computes on core 0, and a remote restarted there beside
+# alignd's busy engine failed its worker start-up (vLLM's 10-minute limit) in the third run.
+REMOTE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="traffic time (default 10)")
@@ -188,7 +194,8 @@ def run(args: argparse.Namespace) -> dict:
     servers = []
     try:
         remote_settings = settings.model_copy(update={"served_model_name": REMOTE_NAME})
-        remote = start_vllm_server(model_dir, remote_settings, args.kv_cache_gib, log_dir, port=port)
+        remote = start_vllm_server(model_dir, remote_settings, args.kv_cache_gib, log_dir, port=port,
+                                   extra_env=REMOTE_ENV)
         servers.append(remote)
         log(f"remote baseline starting on {remote_url} (logs in {log_dir})")
         remote.wait_ready()
@@ -218,7 +225,8 @@ def run(args: argparse.Namespace) -> dict:
             down_at = time.monotonic()
             os.killpg(remote.pid, signal.SIGKILL)
             await asyncio.to_thread(remote.proc.wait, 60)
-            remote = start_vllm_server(model_dir, remote_settings, args.kv_cache_gib, log_dir, port=port)
+            remote = start_vllm_server(model_dir, remote_settings, args.kv_cache_gib, log_dir, port=port,
+                                   extra_env=REMOTE_ENV)
             servers.append(remote)
             await asyncio.to_thread(remote.wait_ready)
             restart_report["remote_down_s"] = round(time.monotonic() - down_at, 1)

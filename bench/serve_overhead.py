@@ -157,10 +157,11 @@ def vllm_serve_command(model_dir: str, settings, port: int) -> list[str]:
     return cmd
 
 
-def start_vllm_server(model_dir: str, settings, kv_cache_gib: int, log_dir: Path, port: int | None = None) -> ServerProcess:
+def start_vllm_server(model_dir: str, settings, kv_cache_gib: int, log_dir: Path, port: int | None = None, *,
+                      extra_env: dict[str, str] | None = None) -> ServerProcess:
     """``vllm serve`` of ``model_dir`` with alignd's engine settings (returns at once; call wait_ready)."""
     port = port or free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+    env = {**os.environ, **(extra_env or {}), "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
     return _start_server("vllm serve", vllm_serve_command(model_dir, settings, port), env,
                          log_dir / f"vllm-serve-{port}.log", port)
 
