@@ -17,11 +17,13 @@ docs/TRAINING.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -285,6 +287,26 @@ def _budget(text: str):
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+@contextlib.contextmanager
+def _command_errors(parser: argparse.ArgumentParser, out) -> Iterator[None]:
+    """How `alignd train` and `alignd select` end on an error: bad input (data, options, output folder, reward
+    or model configuration) in one line with exit status 2, a failed run with 1, an interruption with
+    130 and where its finished work is kept. No traceback."""
+    from alignd.errors import AligndError, ClientError, ConfigurationError, ModelPreparationError
+
+    prog = parser.prog
+    try:
+        yield
+    except (ClientError, ConfigurationError, ModelPreparationError) as exc:
+        parser.exit(EXIT_BAD_INPUT, f"{prog}: error: {' '.join(exc.message.split())}\n")
+    except AligndError as exc:
+        parser.exit(1, f"{prog}: error: {' '.join(exc.message.split())}\n")
+    except KeyboardInterrupt:
+        partial = Path(out).expanduser().absolute()
+        parser.exit(EXIT_INTERRUPTED, f"\n{prog}: interrupted; finished work is kept in {partial}.partial/ - run the "
+                    "same command again to resume\n")
+
+
 def _select_parsers(sub) -> dict[str, argparse.ArgumentParser]:
     from alignd.train.select import ProxyOptions
 
@@ -332,7 +354,6 @@ def _select_parsers(sub) -> dict[str, argparse.ArgumentParser]:
 
 
 def _select(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str]) -> None:
-    from alignd.errors import AligndError, ClientError, ConfigurationError, ModelPreparationError
     from alignd.train.select import ProxyOptions, SelectionRun, run_selection
 
     prog = parser.prog
@@ -355,16 +376,8 @@ def _select(args: argparse.Namespace, parser: argparse.ArgumentParser, command: 
     run = SelectionRun(settings=settings, data_file=args.data, out=args.out, budget=args.budget,
                        method=args.select_command, clusters=args.clusters if s2l else None, proxy=proxy,
                        overwrite=args.overwrite, restart=args.restart, command=command)
-    try:
+    with _command_errors(parser, args.out):
         out = run_selection(run)
-    except (ClientError, ConfigurationError, ModelPreparationError) as exc:
-        parser.exit(EXIT_BAD_INPUT, f"{prog}: error: {' '.join(exc.message.split())}\n")
-    except AligndError as exc:
-        parser.exit(1, f"{prog}: error: {' '.join(exc.message.split())}\n")
-    except KeyboardInterrupt:
-        partial = Path(args.out).expanduser().absolute()
-        parser.exit(EXIT_INTERRUPTED, f"\n{prog}: interrupted; finished work is kept in {partial}.partial/ - run the "
-                    "same command again to resume\n")
     print(f"selection written to {out}")
 
 
@@ -382,8 +395,6 @@ def _training_options(args: argparse.Namespace, settings: Settings):
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str]) -> None:
-    from alignd.errors import AligndError, ClientError, ConfigurationError, ModelPreparationError
-
     prog = parser.prog
     try:
         settings = _settings_from_args(args)
@@ -393,7 +404,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     what = "adapter"
-    try:
+    with _command_errors(parser, args.out):
         if args.train_command == "value-head":
             from alignd.train.value_head import HeadTrainingOptions, TargetOptions, ValueHeadRun, run_value_head
 
@@ -440,15 +451,6 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
                                              batch_size=args.generation_batch_size),
             )
             out = run_irft(run)
-    except (ClientError, ConfigurationError, ModelPreparationError) as exc:
-        # Bad input (data, options, output folder, reward or model configuration): one line, no traceback.
-        parser.exit(EXIT_BAD_INPUT, f"{prog}: error: {' '.join(exc.message.split())}\n")
-    except AligndError as exc:
-        parser.exit(1, f"{prog}: error: {' '.join(exc.message.split())}\n")
-    except KeyboardInterrupt:
-        partial = Path(args.out).expanduser().absolute()
-        parser.exit(EXIT_INTERRUPTED, f"\n{prog}: interrupted; finished work is kept in {partial}.partial/ - run the "
-                    "same command again to resume\n")
     print(f"{what} written to {out}")
 
 
