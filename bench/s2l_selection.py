@@ -1,6 +1,7 @@
 """Time and memory of ``alignd select s2l`` against the set's size (docs/BENCHMARKS.md, "S2L selection").
 
     flock /tmp/alignd-heavy.lock .venv/bin/python bench/s2l_selection.py            # 135, 270, 540 examples
+    flock /tmp/alignd-heavy.lock .venv/bin/python bench/s2l_selection.py --proxy-epochs 1  # the run in BENCHMARKS
     .venv/bin/python bench/s2l_selection.py --sizes 8 16 --model DIR --fast         # a tiny model: checks it
 
 Each size is one ``alignd select s2l`` command in its own process (so its peak memory is its own), on a
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[135, 270, 540])
     parser.add_argument("--model", default="embedded")
+    parser.add_argument("--proxy-epochs", type=float, help="the proxy's epochs (default: the command's own, 3); "
+                        "its training time is linear in them")
     parser.add_argument("--fast", action="store_true", help="tiny proxy settings (harness check)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "s2l_selection.json")
     args = parser.parse_args(argv)
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--budget", "0.3", "--out", str(out)]
             if args.fast:
                 cmd += ["--checkpoints", "2", "--proxy-epochs", "1", "--proxy-batch-size", "4"]
+            elif args.proxy_epochs is not None:
+                cmd += ["--proxy-epochs", str(args.proxy_epochs)]
             env = {**os.environ, "TQDM_DISABLE": "1", "ALIGND_LOG_LEVEL": "warning"}
             print(f"[s2l bench] {size} examples ...", flush=True)
             started = time.perf_counter()
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "nproc": os.cpu_count(), "results": results}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"model": args.model, "nproc": os.cpu_count(), "proxy_epochs": args.proxy_epochs,
+                                    "results": results}, indent=2) + "\n")
     print("| examples | clusters | proxy steps | wall s | proxy training s | losses s | K-means + sampler s | peak RSS MiB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:

@@ -10,7 +10,11 @@ balanced). Each arm trains an IRFT adapter (``alignd train irft``'s own code, on
 - ``full``: the whole pool;
 - ``random/<seed>``: a uniform random subset of ``--budget`` of the pool (``alignd select random``);
 - ``s2l/<seed>``: the S2L subset of the same size (``alignd select s2l``, the proxy being the same
-  embedded model, seeded by <seed>: its training, K-means and sampler).
+  embedded model). With ``--s2l-proxy shared`` (the default) the proxy is trained once, by the first
+  S2L seed's ``alignd select s2l``, and every other S2L seed re-clusters and re-samples its loss
+  trajectories (K-means and the sampler seeded by <seed>): the proxy's training is most of S2L's cost
+  here (about half an hour a run on one core), so the seeds vary what is cheap to vary. ``per-seed``
+  trains one proxy per seed.
 
 **The objective IRFT serves is a learned reward**, so each adapter is judged by it: on every held-out
 prompt, does its implicit reward ``beta * log(pi_adapter(y|x) / pi_sft(y|x))`` rank the held-out
@@ -47,12 +51,17 @@ from alignd.settings import Settings  # noqa: E402
 from alignd.train.data import Demonstration, read_demonstrations  # noqa: E402
 from alignd.train.irft import GenerationOptions, IRFTRun, generate_negatives, run_irft  # noqa: E402
 from alignd.train.select import (  # noqa: E402
+    SELECTION_FILE,
+    SUBSET_FILE,
+    TRAJECTORIES_FILE,
     Budget,
     Example,
     ProxyOptions,
     SelectionRun,
+    cluster_trajectories,
     example_losses,
     run_selection,
+    s2l_sample,
     tokenize_examples,
 )
 from alignd.train.tuning import TrainingOptions, resolve_base_model  # noqa: E402
@@ -90,6 +99,26 @@ def implicit_rewards(model_dir: Path, adapter_dir: Path, beta: float, prompts: l
     return beta * (nll_sft - nll_policy) * tokens
 
 
+def resample_s2l(source: Path, pool_file: Path, folder: Path, size: int, seed: int) -> Path:
+    """An S2L subset from the loss trajectories of an earlier ``alignd select s2l`` run (``source``, its
+    published folder), with K-means and the sampler seeded by ``seed``: the same K, the same budget.
+    Writes ``subset.jsonl`` (the pool's lines, in order) and ``selection.json`` (last: it marks the
+    folder complete); returns ``folder``."""
+    rows = [json.loads(line) for line in (source / TRAJECTORIES_FILE).read_text().splitlines() if line.strip()]
+    clusters = json.loads((source / SELECTION_FILE).read_text())["clusters"]["k"]
+    labels = cluster_trajectories(np.array([r["losses"] for r in rows], dtype=np.float64), clusters, seed)
+    chosen, spread = s2l_sample(labels, size, seed)
+    ids = {rows[i]["id"] for i in chosen}
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [line for line in pool_file.read_text(encoding="utf-8").splitlines(keepends=True)
+             if line.strip() and json.loads(line)["id"] in ids]
+    (folder / SUBSET_FILE).write_text("".join(lines), encoding="utf-8")
+    selection = {"method": "s2l", "seed": seed, "trajectories_from": str(source), "clusters": {"k": clusters,
+                 "spread": spread}, "selected": len(lines), "ids": sorted(ids)}
+    (folder / SELECTION_FILE).write_text(json.dumps(selection, indent=2, default=int) + "\n")
+    return folder
+
+
 def ranking_accuracy(demo_rewards: np.ndarray, sft_rewards: np.ndarray) -> float:
     wins = (demo_rewards > sft_rewards).sum() + 0.5 * (demo_rewards == sft_rewards).sum()
     return float(wins / len(demo_rewards))
@@ -101,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded", help="the SFT model and S2L proxy ('embedded' or a folder)")
     parser.add_argument("--heldout", type=int, default=70, help="held-out demonstrations (the file's last lines)")
     parser.add_argument("--budget", default="0.3", help="the subset's size: a count or a fraction of the pool")
-    parser.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--s2l-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--s2l-seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--s2l-proxy", choices=["shared", "per-seed"], default="shared",
+                        help="one proxy run for every S2L seed (re-clustered and re-sampled per seed), or one per seed")
     parser.add_argument("--no-full", action="store_true", help="skip the full-pool arm")
     parser.add_argument("--epochs", type=float, default=3.0, help="IRFT epochs over each arm's subset")
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -120,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     demos = read_demonstrations(args.data)
     if args.smoke:
         demos = demos[:16]
-        args.heldout, args.random_seeds, args.s2l_seeds = 6, args.random_seeds[:2], args.s2l_seeds[:1]
+        args.heldout, args.random_seeds, args.s2l_seeds = 6, args.random_seeds[:2], args.s2l_seeds[:2]
     if not 0 < args.heldout < len(demos):
         parser.error(f"--heldout {args.heldout} must leave a pool: 1 to {len(demos) - 1}")
     pool, heldout = demos[: -args.heldout], demos[-args.heldout :]
@@ -153,7 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             t0 = time.perf_counter()
             folder = out / "selections" / name
-            if not (folder / "selection.json").is_file():
+            shared_from = out / "selections" / f"s2l-{args.s2l_seeds[0]}" if args.s2l_seeds else None
+            if (method == "s2l" and args.s2l_proxy == "shared" and seed != args.s2l_seeds[0]
+                    and not (folder / SELECTION_FILE).is_file()):
+                if not (shared_from / SELECTION_FILE).is_file():
+                    run_selection(SelectionRun(settings=settings.model_copy(update={"seed": args.s2l_seeds[0]}),
+                                               data_file=pool_file, out=shared_from, budget=Budget(count=size),
+                                               method="s2l", proxy=dataclasses.replace(proxy, seed=args.s2l_seeds[0])))
+                resample_s2l(shared_from, pool_file, folder, size, seed)
+            if not (folder / SELECTION_FILE).is_file():
                 run_selection(SelectionRun(settings=arm_settings, data_file=pool_file, out=folder, budget=Budget(count=size),
                                            method=method, proxy=dataclasses.replace(proxy, seed=seed)))
             selection_s = time.perf_counter() - t0

@@ -296,3 +296,51 @@ def test_train_dpo_on_a_random_subset_of_its_pairs(tiny_llama_dir, tmp_path, env
     assert manifest["selection"]["method"] == "random" and manifest["selection"]["selected"] == 4
     assert manifest["data"]["pairs"] == 4 and manifest["data"]["pairs_before_selection"] >= 4
     assert manifest["selection"]["selected_from"]["target"] == "chosen"
+
+
+# ---------------------------------------------------------------------------- the experiment and the benchmark
+def test_s2l_experiment_harness_on_the_tiny_model(tiny_llama_dir, tmp_path, env):
+    """eval/s2l_experiment.py --smoke (docs/EVALUATION.md): every arm trained and judged, the second S2L
+    seed re-sampling the first one's proxy trajectories (--s2l-proxy shared), a resumed run doing nothing
+    again."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    import s2l_experiment
+
+    out = tmp_path / "s2l"
+    argv = ["--smoke", "--model", str(tiny_llama_dir), "--out", str(out), "--random-seeds", "0", "1",
+            "--s2l-seeds", "0", "1"]
+    assert s2l_experiment.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [a["arm"] for a in summary["arms"]] == ["full", "random-0", "random-1", "s2l-0", "s2l-1"]
+    budget = Budget.parse("0.3").resolve(summary["pool"])
+    for arm in summary["arms"]:
+        assert 0.0 <= arm["accuracy"] <= 1.0 and arm["heldout"] == 6
+        assert arm["examples"] == (summary["pool"] if arm["arm"] == "full" else budget)
+    shared = json.loads((out / "selections" / "s2l-1" / "selection.json").read_text())
+    assert shared["trajectories_from"] == str(out / "selections" / "s2l-0")  # no second proxy was trained
+    assert not (out / "selections" / "s2l-1" / "trajectories.jsonl").exists()
+    first = json.loads((out / "selections" / "s2l-0" / "selection.json").read_text())
+    assert shared["clusters"]["k"] == first["clusters"]["k"] and shared["selected"] == first["selected"] == budget
+    subset = [json.loads(line)["id"] for line in (out / "selections" / "s2l-1" / "subset.jsonl").read_text().splitlines()]
+    assert sorted(subset) == shared["ids"]
+    # every arm's result is kept: a second run trains nothing
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "arms").iterdir()}
+    assert s2l_experiment.main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "arms").iterdir()} == before
+
+
+def test_s2l_selection_benchmark_reports_each_size(tiny_llama_dir, tmp_path, env):
+    """bench/s2l_selection.py --fast on the tiny model: one row per size, from each command's own
+    selection.json (the benchmark's numbers are in docs/BENCHMARKS.md)."""
+    from support import load_bench
+
+    bench = load_bench("s2l_selection")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--sizes", "10", "20", "--model", str(tiny_llama_dir), "--fast", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["examples"] for r in rows] == [10, 20]
+    assert [r["selected"] for r in rows] == [Budget.parse("0.3").resolve(n) for n in (10, 20)]
+    assert rows[0]["checkpoint_steps"][-1] < rows[1]["checkpoint_steps"][-1]  # one epoch of more examples
+    assert all(r["peak_rss_mib"] > 0 and r["wall_s"] >= r["proxy_train_s"] > 0 for r in rows)
