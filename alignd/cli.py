@@ -189,6 +189,10 @@ def _value_head_parser(verbs) -> argparse.ArgumentParser:
                       help="temperature of the sampled answers (%(default)s)")
     data.add_argument("--concurrency", type=int, default=t.concurrency,
                       help="states in flight at once; their engine calls batch together (%(default)s)")
+    data.add_argument("--shard", default=None, metavar="K/N",
+                      help="make only the states of slots K modulo N, then stop: N such processes make the states "
+                      "together (one per core, VLLM_CPU_OMP_THREADS_BIND=K on the CPU backend); the same command "
+                      "without --shard then merges them and trains")
     fit = parser.add_argument_group("training the head (Adam)")
     fit.add_argument("--alpha", type=float, default=None,
                      help="the alpha of the top-1 agreement metric, recorded in the manifest (default: "
@@ -406,10 +410,11 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
     what = "adapter"
     with _command_errors(parser, args.out):
         if args.train_command == "value-head":
-            from alignd.train.value_head import HeadTrainingOptions, TargetOptions, ValueHeadRun, run_value_head
+            from alignd.train.value_head import HeadTrainingOptions, Shard, TargetOptions, ValueHeadRun, run_value_head
 
             what = "value head"
             run = ValueHeadRun(
+                shard=Shard.parse(args.shard) if args.shard else None,
                 settings=settings, prompts_file=args.prompts, reward=args.reward or settings.target_reward,
                 out=args.out, baseline=args.baseline, eval_prompts_file=args.eval_prompts,
                 overwrite=args.overwrite, restart=args.restart, command=command,
@@ -424,6 +429,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
                 ),
             )
             out = run_value_head(run)
+            if run.shard is not None:
+                what = f"the states of shard {run.shard} (the same command without --shard trains)"
         elif args.train_command == "dpo":
             from alignd.train.dpo import DPORun, SamplingOptions, run_dpo
 

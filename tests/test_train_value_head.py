@@ -342,6 +342,66 @@ def test_end_to_end_with_an_adapter_baseline_and_resumed_after_an_interruption(
     assert any("reused 12 finished states" in note for note in retrained["resumed"]["notes"])
 
 
+def test_shards_make_the_states_together_and_the_plain_command_merges_and_trains(
+        tiny_llama_dir, tiny_adapter, prompts_file, tmp_path, head_env, monkeypatch, capsys):
+    """--shard K/N: each process makes the slots K mod N in a file of its own and stops; a shard already
+    running, or still running when the plain command starts, is refused; the plain command merges the
+    shards, makes no state again, and trains on exactly the states an unsharded run makes."""
+    import fcntl
+
+    import alignd.train.value_head as value_head
+
+    made: list[int] = []
+    real_state = value_head.TargetMaker.state
+
+    async def counted_state(self, slot):
+        made.append(slot.index)
+        return await real_state(self, slot)
+
+    monkeypatch.setattr(value_head.TargetMaker, "state", counted_state)
+    out = tmp_path / "head"
+    partial = tmp_path / "head.partial"
+    argv = head_argv(tiny_llama_dir, prompts_file, out, "--baseline", tiny_adapter)
+
+    assert run_cli([*argv, "--shard", "0/2"]) == 0
+    assert "the states of shard 0/2 (the same command without --shard trains)" in capsys.readouterr().out
+    assert sorted(made) == [0, 2, 4, 6, 8, 10] and not out.exists()
+    shard0 = partial / "states.shard-0-of-2.jsonl"
+    assert sorted(json.loads(line)["slot"] for line in shard0.read_text().splitlines()) == [0, 2, 4, 6, 8, 10]
+
+    # a shard whose process is running (it holds the lock on its file) is neither run twice nor merged
+    shard1 = partial / "states.shard-1-of-2.jsonl"
+    with open(shard1, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        made.clear()
+        assert_one_line_error(capsys, run_cli([*argv, "--shard", "1/2"]), "--shard 1/2 is already running")
+        assert_one_line_error(capsys, run_cli(argv), "states.shard-1-of-2.jsonl is still being made")
+        assert made == []
+    assert run_cli([*argv, "--shard", "1/2"]) == 0
+    assert sorted(made) == [1, 3, 5, 7, 9, 11]
+    capsys.readouterr()
+
+    made.clear()
+    assert run_cli(argv) == 0
+    assert made == []  # every state came from the shards
+    assert f"value head written to {out}" in capsys.readouterr().out
+    assert not partial.exists() and not tmp_path.joinpath("head.partial.lock").exists()
+    sharded = json.loads((out / HEAD_MANIFEST).read_text())
+    assert sharded["data"]["states"] == 12
+    assert any("merged 12 states made by --shard runs" in note for note in sharded["resumed"]["notes"])
+
+    # per-slot seeds: the same states and targets as one process makes
+    monkeypatch.setenv("ALIGND_CACHE_DIR", str(tmp_path / "cache-2"))
+    assert run_cli(head_argv(tiny_llama_dir, prompts_file, tmp_path / "one", "--baseline", tiny_adapter)) == 0
+    one = json.loads((tmp_path / "one" / HEAD_MANIFEST).read_text())
+    assert one["data"]["targets"] == sharded["data"]["targets"] and one["data"]["split"] == sharded["data"]["split"]
+    capsys.readouterr()
+
+    assert_one_line_error(capsys, run_cli([*argv, "--overwrite", "--shard", "2/2"]),
+                          "--shard 2/2: N must be >= 2 and K in 0..N-1")
+    assert_one_line_error(capsys, run_cli([*argv, "--overwrite", "--shard", "half"]), "--shard 'half' is not K/N")
+
+
 def assert_one_line_error(capsys, code: int, *expected: str) -> None:
     err = capsys.readouterr().err
     assert code == 2, err
