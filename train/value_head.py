@@ -46,6 +46,7 @@ records the agreement in the manifest: a state whose tokens were mangled would s
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import hashlib
 import json
@@ -56,7 +57,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -181,6 +182,77 @@ class ValueHeadRun:
     restart: bool = False
     command: list[str] = field(default_factory=list)
     progress: bool = True
+    shard: Shard | None = None  # make only this shard's states, then stop (no training)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """``--shard K/N``: the states of the slots whose index is K modulo N, written to a file of their own,
+    so that N processes (one per core: every vLLM engine of a process computes on one core here) make a
+    run's states together; the command without ``--shard`` then merges the shards and trains."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise TrainingInputError(f"--shard {text!r} is not K/N (for example 0/2)") from None
+        require([(count >= 2 and 0 <= index < count, f"--shard {text}: N must be >= 2 and K in 0..N-1")])
+        return cls(index, count)
+
+    @property
+    def file(self) -> str:
+        return f"states.shard-{self.index}-of-{self.count}.jsonl"
+
+    def owns(self, slot: StateSlot) -> bool:
+        return slot.index % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+SHARD_GLOB = "states.shard-*-of-*.jsonl"
+
+
+@contextmanager
+def _locked(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the block; yields whether it was taken
+    (always, when ``wait``). A lock dies with its process, so a killed shard never blocks the merge."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def merge_shards(partial: Path) -> int:
+    """Append the states of finished ``--shard`` runs to the run's states file and remove their files;
+    returns the number of states added. A shard still being made (its process holds the lock on its
+    file) is an error that names it, and nothing is merged: merging it now would lose what it adds later."""
+    shard_files = sorted(partial.glob(SHARD_GLOB))
+    with ExitStack() as locks:
+        for shard_file in shard_files:
+            if not locks.enter_context(_locked(shard_file, wait=False)):
+                raise TrainingInputError(f"{shard_file.name} is still being made by a running --shard process: wait "
+                                         "for it to finish (or stop it) before training")
+        added = 0
+        for shard_file in shard_files:
+            have = {r["slot"] for r in read_work_file(partial / STATES_FILE)}
+            new = [r for r in read_work_file(shard_file) if r["slot"] not in have]
+            if new:
+                append_work_records(partial / STATES_FILE, new)
+            added += len(new)
+            shard_file.unlink()
+    return added
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -924,9 +996,21 @@ def _mean(values: Sequence[float]) -> float | None:
     return round(sum(values) / len(values), 6) if values else None
 
 
+def _generate_states(run: ValueHeadRun, settings: Settings, model_dir: Path, baseline: BaselineChoice,
+                     prompts: list[PromptRecord], todo: list[StateSlot], total: int, states_file: Path) -> None:
+    updates = {"model": str(model_dir), **baseline.engine_updates}
+    if "value_head" in type(settings).model_fields:
+        updates["value_head"] = "none"  # the targets come from rollouts: a plain SFT engine, no head in it
+    engine_settings = settings.model_copy(update=updates)
+    asyncio.run(_make_states(run, engine_settings, prompts, todo, total, states_file))
+    # Free the engine now, while the modules its finalizers need are alive (see train/dpo.py).
+    gc.collect()
+
+
 def run_value_head(run: ValueHeadRun) -> Path:
     """Make the states and targets (resumably), compute the features, train with a learning curve and
-    publish the head folder at ``run.out``; returns it."""
+    publish the head folder at ``run.out``; returns it. With ``run.shard``: make that shard's states only
+    and return the partial folder."""
     from alignd.models.value_head import save_value_head
     from alignd.models.weights import weights_digest
     from alignd.train.dpo import precheck_reward
@@ -962,30 +1046,43 @@ def run_value_head(run: ValueHeadRun) -> Path:
         "seed": seed,
     }
     training_identity = {**jsonable(asdict(run.training)), "states": run.targets.states}
-    workspace.open(inputs, training_identity)
     cache = data_cache(settings, inputs)
-    if run.restart:
-        shutil.rmtree(cache, ignore_errors=True)
-    elif restored := restore_data(cache, workspace.partial):
-        workspace.notes.append(f"reused {restored} finished states of an earlier run with the same inputs ({cache})")
+    # Shards of one run open its partial folder at about the same time: one at a time.
+    open_lock = workspace.partial.with_name(workspace.partial.name + ".lock")
+    with _locked(open_lock):
+        workspace.open(inputs, training_identity)
+        if run.restart and run.shard is None:
+            shutil.rmtree(cache, ignore_errors=True)
+        elif restored := restore_data(cache, workspace.partial):
+            workspace.notes.append(f"reused {restored} finished states of an earlier run with the same inputs "
+                                   f"({cache})")
+        if run.shard is None and (merged := merge_shards(workspace.partial)):
+            workspace.notes.append(f"merged {merged} states made by --shard runs")
+    if run.shard is None:
+        open_lock.unlink(missing_ok=True)  # only shards running side by side need it
     for note in workspace.notes:
         logger.warning("%s", note)
 
-    states_file = workspace.partial / STATES_FILE
+    states_file = workspace.partial / (STATES_FILE if run.shard is None else run.shard.file)
     slots = state_slots(prompts, run.targets.states, seed)
-    finished = {r["slot"] for r in read_work_file(states_file)}
-    todo = [s for s in slots if s.index not in finished]
+    # A shard reads the merged states and its own file only: another shard's file is being written.
+    finished = {r["slot"] for r in read_work_file(workspace.partial / STATES_FILE)}
+    finished |= {r["slot"] for r in read_work_file(states_file)}
+    todo = [s for s in slots if s.index not in finished and (run.shard is None or run.shard.owns(s))]
+    if run.shard is not None:
+        with _locked(states_file, wait=False) as free:
+            if not free:
+                raise TrainingInputError(f"--shard {run.shard} is already running for {run.out}")
+            if todo:
+                _generate_states(run, settings, model_dir, baseline, prompts, todo, len(slots), states_file)
+        logger.warning("shard %s: its states are made (%d this process); when every shard is done, the command "
+                       "without --shard trains on all of them", run.shard, len(todo))
+        return workspace.partial
     generation_s = 0.0
     if todo:
-        updates = {"model": str(model_dir), **baseline.engine_updates}
-        if "value_head" in type(settings).model_fields:
-            updates["value_head"] = "none"  # the targets come from rollouts: a plain SFT engine, no head in it
-        engine_settings = settings.model_copy(update=updates)
         began = time.perf_counter()
-        asyncio.run(_make_states(run, engine_settings, prompts, todo, len(slots), states_file))
+        _generate_states(run, settings, model_dir, baseline, prompts, todo, len(slots), states_file)
         generation_s = time.perf_counter() - began
-        # Free the engine now, while the modules its finalizers need are alive (see train/dpo.py).
-        gc.collect()
     by_slot = {r["slot"]: r for r in read_work_file(states_file)}
     records = [by_slot[s.index] for s in slots]  # the first --states slots (a larger earlier run kept more)
 
@@ -1096,8 +1193,8 @@ def run_value_head(run: ValueHeadRun) -> Path:
 
 
 __all__ = [
-    "BaselineChoice", "Features", "FittedHead", "HeadData", "HeadTrainingOptions", "StateSlot", "TargetMaker",
+    "BaselineChoice", "Features", "FittedHead", "HeadData", "HeadTrainingOptions", "Shard", "StateSlot", "TargetMaker",
     "TargetOptions", "ValueHeadRun", "check_disjoint", "compute_features", "evaluate", "final_hidden_states",
-    "fit_head", "head_data", "head_loss", "per_state_spearman", "plot_learning_curve", "resolve_baseline",
+    "fit_head", "head_data", "head_loss", "merge_shards", "per_state_spearman", "plot_learning_curve", "resolve_baseline",
     "run_value_head", "split_by_prompt", "state_slots", "train_with_learning_curve",
 ]
