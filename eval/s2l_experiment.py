@@ -124,6 +124,20 @@ def ranking_accuracy(demo_rewards: np.ndarray, sft_rewards: np.ndarray) -> float
     return float(wins / len(demo_rewards))
 
 
+def judge(model_dir: Path, adapter: Path, beta: float, heldout: list[Demonstration], sft_by_id: dict[str, str]) -> dict:
+    """The learned reward of ``adapter`` on the held-out prompts: the accuracy of ranking each held-out
+    demonstration above the SFT answer, the mean margin, and the held-out loss of the objective IRFT
+    trains, ``-log sigmoid(r(demo) - r(sft))`` (continuous where the accuracy saturates); the per-prompt
+    margins are kept for paired comparisons between arms."""
+    prompts = [d.prompt for d in heldout]
+    r_demo = implicit_rewards(model_dir, adapter, beta, prompts, [d.response for d in heldout])
+    r_sft = implicit_rewards(model_dir, adapter, beta, prompts, [sft_by_id[d.id] for d in heldout])
+    margins = r_demo - r_sft
+    return {"accuracy": ranking_accuracy(r_demo, r_sft), "mean_margin": float(np.mean(margins)),
+            "heldout_loss": float(np.mean(np.logaddexp(0.0, -margins))),
+            "margins": [round(float(m), 6) for m in margins]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -174,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         name = method if seed is None else f"{method}-{seed}"
         result_file = out / "arms" / f"{name}.json"
         if result_file.is_file():
-            logger.info("%s: done before", name)
+            result = json.loads(result_file.read_text())
+            if "margins" not in result:  # judged before the held-out loss was kept: judge its adapter again
+                result.update(judge(model_dir, out / "adapters" / name, args.beta, heldout, by_id))
+                result_file.write_text(json.dumps(result, indent=2) + "\n")
+                logger.info("%s: judged again (held-out loss %.4f)", name, result["heldout_loss"])
+            else:
+                logger.info("%s: done before", name)
             continue
         started = time.perf_counter()
         arm_settings = settings.model_copy(update={"seed": seed or 0})
@@ -203,14 +223,11 @@ def main(argv: list[str] | None = None) -> int:
             run_irft(IRFTRun(settings=arm_settings, demonstrations_file=subset, out=adapter, rounds=1,
                              generation=generation, training=TrainingOptions(beta=args.beta, seed=seed or 0, **training_kw)))
         train_s = time.perf_counter() - t0
-        prompts = [d.prompt for d in heldout]
-        r_demo = implicit_rewards(model_dir, adapter, args.beta, prompts, [d.response for d in heldout])
-        r_sft = implicit_rewards(model_dir, adapter, args.beta, prompts, [by_id[d.id] for d in heldout])
         result = {
             "arm": name, "method": method, "seed": seed, "examples": len(read_demonstrations(subset)),
-            "heldout": len(heldout), "accuracy": ranking_accuracy(r_demo, r_sft),
-            "mean_margin": float(np.mean(r_demo - r_sft)), "selection_s": round(selection_s, 1),
-            "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - started, 1),
+            "heldout": len(heldout), **judge(model_dir, adapter, args.beta, heldout, by_id),
+            "selection_s": round(selection_s, 1), "train_s": round(train_s, 1),
+            "wall_s": round(time.perf_counter() - started, 1),
         }
         result_file.write_text(json.dumps(result, indent=2) + "\n")
         logger.info("%s: accuracy %.3f, margin %.3f (%d examples, %.0f s)", name, result["accuracy"],
@@ -220,23 +237,56 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"pool": len(pool), "heldout": len(heldout), "budget": str(budget), "budget_examples": size,
                "arms": results, "by_method": {}}
     for method in ("full", "random", "s2l"):
-        acc = [r["accuracy"] for r in results if r["method"] == method]
-        if acc:
-            summary["by_method"][method] = {
-                "runs": len(acc), "accuracy_mean": round(statistics.fmean(acc), 4),
-                "accuracy_sd": round(statistics.stdev(acc), 4) if len(acc) > 1 else None,
-                "accuracy_min": min(acc), "accuracy_max": max(acc),
-            }
+        runs = [r for r in results if r["method"] == method]
+        if runs:
+            summary["by_method"][method] = {"runs": len(runs), **{
+                f"{key}_{stat}": value for key in ("accuracy", "mean_margin", "heldout_loss")
+                for stat, value in spread([r[key] for r in runs if key in r]).items()}}
+    summary["s2l_vs_random"] = compare(results)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("| arm | examples | held-out accuracy | mean margin | selection s | training s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| arm | examples | held-out accuracy | mean margin | held-out loss | selection s | training s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['arm']} | {r['examples']} | {r['accuracy']:.3f} | {r['mean_margin']:.3f} | {r['selection_s']:.0f} "
-              f"| {r['train_s']:.0f} |")
+        print(f"| {r['arm']} | {r['examples']} | {r['accuracy']:.3f} | {r['mean_margin']:.4f} | "
+              f"{r.get('heldout_loss', float('nan')):.4f} | {r['selection_s']:.0f} | {r['train_s']:.0f} |")
     for method, s in summary["by_method"].items():
-        print(f"{method}: {s['runs']} runs, accuracy {s['accuracy_mean']:.3f} (sd {s['accuracy_sd']}, "
-              f"{s['accuracy_min']:.3f} to {s['accuracy_max']:.3f})")
+        print(f"{method}: {s['runs']} runs, accuracy {s['accuracy_mean']} (sd {s['accuracy_sd']}), held-out loss "
+              f"{s['heldout_loss_mean']} (sd {s['heldout_loss_sd']}), margin {s['mean_margin_mean']} "
+              f"(sd {s['mean_margin_sd']})")
+    if summary["s2l_vs_random"]:
+        print(f"S2L vs random: {json.dumps(summary['s2l_vs_random'])}")
     return 0
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, standard deviation across runs (seeds), min and max of one metric."""
+    if not values:
+        return {"mean": None, "sd": None, "min": None, "max": None}
+    return {"mean": round(statistics.fmean(values), 5),
+            "sd": round(statistics.stdev(values), 5) if len(values) > 1 else None,
+            "min": round(min(values), 5), "max": round(max(values), 5)}
+
+
+def compare(results: list[dict]) -> dict:
+    """S2L against random at the same budget: the difference of the arms' mean held-out loss and margin,
+    against the seed-to-seed spread (sd of a random arm; the standard error of the difference of the
+    two means from both arms' sds); and, per held-out prompt, in how many of them S2L's mean margin over
+    its seeds beats random's."""
+    s2l = [r for r in results if r["method"] == "s2l" and "margins" in r]
+    rand = [r for r in results if r["method"] == "random" and "margins" in r]
+    if len(s2l) < 2 or len(rand) < 2:
+        return {}
+    out = {}
+    for key in ("heldout_loss", "mean_margin"):
+        a, b = [r[key] for r in s2l], [r[key] for r in rand]
+        se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        out[key] = {"s2l_minus_random": round(statistics.fmean(a) - statistics.fmean(b), 5),
+                    "standard_error": round(se, 5), "random_seed_sd": round(statistics.stdev(b), 5)}
+    per_prompt_s2l = np.mean([r["margins"] for r in s2l], axis=0)
+    per_prompt_random = np.mean([r["margins"] for r in rand], axis=0)
+    out["prompts_where_s2l_margin_is_larger"] = int((per_prompt_s2l > per_prompt_random).sum())
+    out["prompts"] = int(len(per_prompt_s2l))
+    return out
 
 
 if __name__ == "__main__":

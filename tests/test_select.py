@@ -318,6 +318,14 @@ def test_s2l_experiment_harness_on_the_tiny_model(tiny_llama_dir, tmp_path, env)
     for arm in summary["arms"]:
         assert 0.0 <= arm["accuracy"] <= 1.0 and arm["heldout"] == 6
         assert arm["examples"] == (summary["pool"] if arm["arm"] == "full" else budget)
+        margins = np.array(arm["margins"])
+        assert len(margins) == 6 and arm["mean_margin"] == pytest.approx(margins.mean(), abs=1e-5)
+        assert arm["heldout_loss"] == pytest.approx(np.mean(np.log1p(np.exp(-margins))), abs=1e-5)
+    comparison = summary["s2l_vs_random"]
+    assert comparison["prompts"] == 6 and 0 <= comparison["prompts_where_s2l_margin_is_larger"] <= 6
+    losses = {m: [a["heldout_loss"] for a in summary["arms"] if a["method"] == m] for m in ("s2l", "random")}
+    assert comparison["heldout_loss"]["s2l_minus_random"] == pytest.approx(
+        np.mean(losses["s2l"]) - np.mean(losses["random"]), abs=1e-4)
     shared = json.loads((out / "selections" / "s2l-1" / "selection.json").read_text())
     assert shared["trajectories_from"] == str(out / "selections" / "s2l-0")  # no second proxy was trained
     assert not (out / "selections" / "s2l-1" / "trajectories.jsonl").exists()
@@ -325,10 +333,17 @@ def test_s2l_experiment_harness_on_the_tiny_model(tiny_llama_dir, tmp_path, env)
     assert shared["clusters"]["k"] == first["clusters"]["k"] and shared["selected"] == first["selected"] == budget
     subset = [json.loads(line)["id"] for line in (out / "selections" / "s2l-1" / "subset.jsonl").read_text().splitlines()]
     assert sorted(subset) == shared["ids"]
-    # every arm's result is kept: a second run trains nothing
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "arms").iterdir()}
+    # every arm's result is kept: a second run trains nothing; an arm judged before the held-out loss was
+    # kept is judged again from its adapter, to the same numbers
+    judged = out / "arms" / "random-0.json"
+    first_judgement = json.loads(judged.read_text())
+    judged.write_text(json.dumps({k: v for k, v in first_judgement.items() if k not in ("margins", "heldout_loss")}))
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "arms").iterdir() if p != judged}
     assert s2l_experiment.main(argv) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "arms").iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "arms").iterdir() if p != judged} == before
+    again = json.loads(judged.read_text())
+    assert again["margins"] == pytest.approx(first_judgement["margins"], abs=1e-5)
+    assert again["heldout_loss"] == pytest.approx(first_judgement["heldout_loss"], abs=1e-6)
 
 
 def test_s2l_selection_benchmark_reports_each_size(tiny_llama_dir, tmp_path, env):
