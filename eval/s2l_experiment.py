@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from alignd.settings import Settings  # noqa: E402
-from alignd.train.data import Demonstration, read_demonstrations  # noqa: E402
+from alignd.train.data import Demonstration, read_demonstrations, write_json_atomic  # noqa: E402
 from alignd.train.irft import GenerationOptions, IRFTRun, generate_negatives, run_irft  # noqa: E402
 from alignd.train.select import (  # noqa: E402
     SELECTION_FILE,
@@ -115,7 +115,7 @@ def resample_s2l(source: Path, pool_file: Path, folder: Path, size: int, seed: i
     (folder / SUBSET_FILE).write_text("".join(lines), encoding="utf-8")
     selection = {"method": "s2l", "seed": seed, "trajectories_from": str(source), "clusters": {"k": clusters,
                  "spread": spread}, "selected": len(lines), "ids": sorted(ids)}
-    (folder / SELECTION_FILE).write_text(json.dumps(selection, indent=2, default=int) + "\n")
+    write_json_atomic(folder / SELECTION_FILE, selection)
     return folder
 
 
@@ -182,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
                                      desc="held-out SFT answers")
     by_id = {r["id"]: r["text"] for r in sft_answers}
 
+    def selected(method: str, seed: int) -> Path:
+        """The folder of ``alignd select <method>`` on the pool with this seed (selected now if missing)."""
+        folder = out / "selections" / f"{method}-{seed}"
+        if not (folder / SELECTION_FILE).is_file():
+            run_selection(SelectionRun(settings=settings.model_copy(update={"seed": seed}), data_file=pool_file,
+                                       out=folder, budget=Budget(count=size), method=method,
+                                       proxy=dataclasses.replace(proxy, seed=seed)))
+        return folder
+
     arms = ([] if args.no_full else [("full", None)]) + [("random", s) for s in args.random_seeds] + \
            [("s2l", s) for s in args.s2l_seeds]
     for method, seed in arms:
@@ -203,18 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             subset = pool_file
         else:
             t0 = time.perf_counter()
-            folder = out / "selections" / name
-            shared_from = out / "selections" / f"s2l-{args.s2l_seeds[0]}" if args.s2l_seeds else None
-            if (method == "s2l" and args.s2l_proxy == "shared" and seed != args.s2l_seeds[0]
-                    and not (folder / SELECTION_FILE).is_file()):
-                if not (shared_from / SELECTION_FILE).is_file():
-                    run_selection(SelectionRun(settings=settings.model_copy(update={"seed": args.s2l_seeds[0]}),
-                                               data_file=pool_file, out=shared_from, budget=Budget(count=size),
-                                               method="s2l", proxy=dataclasses.replace(proxy, seed=args.s2l_seeds[0])))
-                resample_s2l(shared_from, pool_file, folder, size, seed)
-            if not (folder / SELECTION_FILE).is_file():
-                run_selection(SelectionRun(settings=arm_settings, data_file=pool_file, out=folder, budget=Budget(count=size),
-                                           method=method, proxy=dataclasses.replace(proxy, seed=seed)))
+            if method == "s2l" and args.s2l_proxy == "shared" and seed != args.s2l_seeds[0]:
+                folder = out / "selections" / name
+                if not (folder / SELECTION_FILE).is_file():
+                    resample_s2l(selected("s2l", args.s2l_seeds[0]), pool_file, folder, size, seed)
+            else:
+                folder = selected(method, seed)
             selection_s = time.perf_counter() - t0
             subset = folder / "subset.jsonl"
         adapter = out / "adapters" / name

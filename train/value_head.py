@@ -244,12 +244,13 @@ def merge_shards(partial: Path) -> int:
             if not locks.enter_context(_locked(shard_file, wait=False)):
                 raise TrainingInputError(f"{shard_file.name} is still being made by a running --shard process: wait "
                                          "for it to finish (or stop it) before training")
+        have = {r["slot"] for r in read_work_file(partial / STATES_FILE)}
         added = 0
         for shard_file in shard_files:
-            have = {r["slot"] for r in read_work_file(partial / STATES_FILE)}
             new = [r for r in read_work_file(shard_file) if r["slot"] not in have]
             if new:
                 append_work_records(partial / STATES_FILE, new)
+            have.update(r["slot"] for r in new)
             added += len(new)
             shard_file.unlink()
     return added
@@ -1067,7 +1068,8 @@ def run_value_head(run: ValueHeadRun) -> Path:
     slots = state_slots(prompts, run.targets.states, seed)
     # A shard reads the merged states and its own file only: another shard's file is being written.
     finished = {r["slot"] for r in read_work_file(workspace.partial / STATES_FILE)}
-    finished |= {r["slot"] for r in read_work_file(states_file)}
+    if run.shard is not None:
+        finished |= {r["slot"] for r in read_work_file(states_file)}
     todo = [s for s in slots if s.index not in finished and (run.shard is None or run.shard.owns(s))]
     if run.shard is not None:
         with _locked(states_file, wait=False) as free:
