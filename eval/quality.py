@@ -358,6 +358,10 @@ class Plan:
     # TQ* from the engine's value head at this k: the harness sets the head's own top_k when the engine
     # has a head and this is None; 0 = no head rows. The head rows cost about as much as SFT decoding.
     head_top_k: int | None = None
+    # The sweep's method families to run (None: all): ``best_of_n``, ``args``, ``cd``, ``tq_direct``,
+    # ``tq_prompted``, ``tq_indirect``, ``tq_head``. A run that adds one method to an earlier evaluation
+    # (``--combine``) sweeps that method only.
+    sweep_methods: tuple[str, ...] | None = None
 
     @classmethod
     def smoke(cls) -> Plan:
@@ -441,7 +445,20 @@ class Plan:
             points += [(r, "alpha", alpha) for r in runs if r.label == "TQ* indirect" or alpha in self.sweep_alphas]
             if self.head_top_k and alpha in self.sweep_alphas:
                 points.append((self.head_run(alpha, self.sweep_prompts), "alpha", alpha))
+        if self.sweep_methods is not None:
+            unknown = set(self.sweep_methods) - SWEEP_FAMILIES
+            if unknown:
+                raise ValueError(f"unknown sweep methods {sorted(unknown)}; known: {sorted(SWEEP_FAMILIES)}")
+            points = [point for point in points if method_family(point[0].key) in self.sweep_methods]
         return points
+
+
+SWEEP_FAMILIES = {"best_of_n", "args", "cd", "tq_direct", "tq_prompted", "tq_indirect", "tq_head"}
+
+
+def method_family(key: str) -> str:
+    """``tq_head@0.3`` -> ``tq_head``; ``best_of_16`` -> ``best_of_n``."""
+    return "best_of_n" if key.startswith("best_of_") else key.split("@", 1)[0]
 
 
 def cd_partner(run: MethodRun, runs: Sequence[MethodRun]) -> str | None:
@@ -1063,6 +1080,52 @@ def write_outputs(results: dict, out_dir: str | Path = DEFAULT_OUT, plot_path: s
     return paths
 
 
+def combine_results(results: dict, earlier: dict) -> dict:
+    """This run's results with the rows of an ``earlier`` summary.json that this run did not make: a run
+    that adds one method (the value head) to an evaluation of hours reports it beside the earlier rows,
+    in one table and one frontier. The runs must share the prompts and the answer length; SFT greedy,
+    the reference of every win rate, is in both, and the difference of its mean reward between the runs
+    is recorded (it is 0 where vLLM reproduces the earlier greedy answers). ``responses`` stay this run's.
+    """
+    mine, theirs = results["plan"], earlier["plan"]
+    problems = [f"{name}: this run {mine.get(name)!r}, earlier {theirs.get(name)!r}"
+                for name in ("max_tokens",) if mine.get(name) != theirs.get(name)]
+    if results["prompts"] != earlier["prompts"]:
+        problems.append(f"prompts: this run {results['prompts']}, earlier {earlier['prompts']}")
+    if results["sweep"] and earlier["sweep"] and results["sweep_prompt_ids"] != earlier["sweep_prompt_ids"]:
+        problems.append("the sweep's prompts differ (--sweep-prompts)")
+    if problems:
+        raise ValueError("cannot combine with the earlier run: " + "; ".join(problems))
+
+    def merged(new: dict, old: dict) -> dict:
+        return {**{k: v for k, v in old.items() if k not in new}, **new}
+
+    new_sweep_keys = {p["key"] for p in results["sweep"]}
+    kept_rows = [k for k in earlier["summary"] if k not in results["summary"]]
+    kept_points = [p for p in earlier["sweep"] if p.get("key") not in new_sweep_keys]
+    reference = {"this_run": results["summary"]["sft_greedy"]["mean_reward"],
+                 "earlier": earlier["summary"]["sft_greedy"]["mean_reward"]}
+    combined = dict(results)
+    combined.update(
+        summary=merged(results["summary"], earlier["summary"]),
+        subset_summary=merged(results.get("subset_summary") or {}, earlier.get("subset_summary") or {}),
+        subset_prompts=results.get("subset_prompts") or earlier.get("subset_prompts"),
+        sweep_prompt_ids=results["sweep_prompt_ids"] or earlier["sweep_prompt_ids"],
+        sweep=[*kept_points, *results["sweep"]],
+        methods=[*(m for m in earlier["methods"] if m["key"] in kept_rows), *results["methods"]],
+    )
+    combined["combined_with"] = [
+        *earlier.get("combined_with", []),
+        {"command": earlier.get("command"), "date": earlier.get("environment", {}).get("date"),
+         "plan": theirs, "rows": kept_rows, "sweep_points": [p.get("key") for p in kept_points],
+         "sft_greedy_mean_reward": reference},
+    ]
+    if abs(reference["this_run"] - reference["earlier"]) > 1e-9:
+        print(f"warning: SFT greedy's mean reward differs between the runs ({reference}): the earlier rows' "
+              "win rates are against the earlier reference", file=sys.stderr)
+    return combined
+
+
 # ---------------------------------------------------------------------------- command line
 def replot(summary_path: str | Path, plot_path: str | Path | None) -> None:
     """Tables and the frontier again from a saved summary.json (no engine)."""
@@ -1101,7 +1164,12 @@ async def _main(args) -> None:
         overrides["seed"] = args.seed
     if args.head_top_k is not None:
         overrides["head_top_k"] = args.head_top_k
+    if args.sweep_methods:
+        overrides["sweep_methods"] = tuple(args.sweep_methods)
     plan = dataclasses.replace(plan, **overrides)
+    plan.sweep_runs()  # an unknown --sweep-methods name stops here, before the engine starts
+    # read now: --combine may name the summary.json that this run's --out overwrites
+    earlier = json.loads(Path(args.combine).read_text()) if args.combine else None
     limit = args.limit if args.limit is not None else (4 if args.smoke else None)
     prompts = load_prompts(args.prompts, limit)
     settings = Settings()
@@ -1113,6 +1181,8 @@ async def _main(args) -> None:
                                  partial_path=Path(args.out) / PARTIAL_LOG, resume=args.resume)
     results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     results["wall_seconds_with_engine_start"] = time.perf_counter() - wall
+    if earlier is not None:
+        results = combine_results(results, earlier)
     plot = None if args.no_plot else (args.plot or (Path(args.out) / "eval_frontier.png" if args.smoke else DEFAULT_PLOT))
     paths = write_outputs(results, args.out, plot)
     print("\n" + markdown_table(results))
@@ -1147,6 +1217,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "tq_prompted@1 cd@1; win-tie vs CD needs the cd row); SFT greedy always runs")
     parser.add_argument("--head-top-k", type=int, help="k of the value-head rows (default: the head's own; 0: no "
                         "head rows even where the engine has a head)")
+    parser.add_argument("--sweep-methods", nargs="+", metavar="FAMILY",
+                        help=f"run these sweep lines only ({', '.join(sorted(SWEEP_FAMILIES))})")
+    parser.add_argument("--combine", metavar="SUMMARY_JSON", help="report this run's rows together with the rows "
+                        "and sweep points of an earlier run's summary.json that this run did not make (same "
+                        "prompts and --max-tokens)")
     parser.add_argument("--sweep-prompted", action="store_true", help="TQ* from the prompted baseline in the sweep too")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="resume", action="store_true", default=True,

@@ -185,6 +185,49 @@ def test_head_rows_run_where_the_engine_has_a_head_in_the_table_and_the_sweep():
     assert swept == [(a, plan.sweep_prompts) for a in sorted(plan.sweep_alphas)]
 
 
+def test_sweep_methods_keep_only_the_named_lines():
+    plan = quality.Plan(head_top_k=4, sweep_methods=("tq_head", "best_of_n"))
+    families = {quality.method_family(r.key) for r, _, _ in plan.sweep_runs()}
+    assert families == {"tq_head", "best_of_n"}
+    assert len(plan.sweep_runs()) == len(plan.sweep_alphas) + len(plan.sweep_ns)
+    assert {quality.method_family(r.key) for r, _, _ in quality.Plan(head_top_k=4).sweep_runs()} > families
+    with pytest.raises(ValueError, match="unknown sweep methods.*tq_hed"):
+        quality.Plan(sweep_methods=("tq_hed",)).sweep_runs()
+
+
+def _results(rows: dict[str, float], sweep: list[tuple[str, float]], prompts: int = 112, max_tokens: int = 48) -> dict:
+    return {"plan": {"max_tokens": max_tokens}, "prompts": prompts, "sweep_prompt_ids": ["a", "b"] if sweep else [],
+            "summary": {k: {"label": k, "mean_reward": r} for k, r in rows.items()},
+            "methods": [{"key": k} for k in rows], "subset_summary": {}, "subset_prompts": None,
+            "sweep": [{"key": k, "mean_reward": r} for k, r in sweep], "command": "earlier",
+            "environment": {"date": "then"}}
+
+
+def test_combine_keeps_the_earlier_rows_this_run_did_not_make():
+    earlier = _results({"sft_greedy": 0.4, "tq_direct@1": 0.7, "best_of_4": 0.8},
+                       [("sft_greedy", 0.4), ("best_of_1", 0.45), ("tq_direct@1", 0.6)])
+    now = _results({"sft_greedy": 0.4, "tq_head@1": 0.65}, [("tq_head@1", 0.55)])
+    combined = quality.combine_results(now, earlier)
+    assert list(combined["summary"]) == ["tq_direct@1", "best_of_4", "sft_greedy", "tq_head@1"]
+    assert combined["summary"]["tq_head@1"]["mean_reward"] == 0.65
+    assert [p["key"] for p in combined["sweep"]] == ["sft_greedy", "best_of_1", "tq_direct@1", "tq_head@1"]
+    assert [m["key"] for m in combined["methods"]] == ["tq_direct@1", "best_of_4", "sft_greedy", "tq_head@1"]
+    (record,) = combined["combined_with"]
+    assert record["rows"] == ["tq_direct@1", "best_of_4"] and record["command"] == "earlier"
+    assert record["sft_greedy_mean_reward"] == {"this_run": 0.4, "earlier": 0.4}
+    # a row this run made again replaces the earlier one
+    again = quality.combine_results(_results({"sft_greedy": 0.4, "tq_direct@1": 0.9}, []), earlier)
+    assert again["summary"]["tq_direct@1"]["mean_reward"] == 0.9 and again["combined_with"][0]["rows"] == ["best_of_4"]
+
+
+def test_combine_refuses_runs_of_other_prompts_or_lengths():
+    earlier = _results({"sft_greedy": 0.4}, [])
+    with pytest.raises(ValueError, match="max_tokens: this run 16, earlier 48"):
+        quality.combine_results(_results({"sft_greedy": 0.4}, [], max_tokens=16), earlier)
+    with pytest.raises(ValueError, match="prompts: this run 10, earlier 112"):
+        quality.combine_results(_results({"sft_greedy": 0.4}, [], prompts=10), earlier)
+
+
 def test_head_replay_reproduces_a_greedy_decode_by_the_head_step_by_step(tiny_llama_dir, tmp_path):
     """The replay reads every answer position from one forward pass; here the same decode is made one
     token at a time, with the scalar rule (reweight): the replay must pick every token and give the sum
