@@ -110,3 +110,56 @@ def test_serve_overhead_smoke_against_the_session_server(vllm_serve, server, tmp
         assert finite_positive(cmp[key])
     assert math.isfinite(cmp["median_ttft_ms_diff"]) and math.isfinite(cmp["median_itl_ms_diff"])
     assert isinstance(cmp["throughput_target_met"], bool) and isinstance(cmp["ttft_target_met"], bool)
+
+
+ENTRY_POINTS_SCRIPT = """
+import json
+from importlib.metadata import entry_points
+print(json.dumps({g: [e.value for e in entry_points(group=g)] for g in ("vllm.general_plugins", "vllm.logits_processors")}))
+"""
+
+
+def test_plugin_overhead_without_side_hides_alignds_entry_points_only():
+    """bench/plugin_overhead.py's "without" side: the same interpreter and packages, alignd's two vLLM
+    entry points hidden (vLLM's own plugins stay); the "with" side sees them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bench = load_bench("plugin_overhead")
+
+    def groups(extra_env: dict[str, str]) -> dict[str, list[str]]:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | extra_env
+        out = subprocess.run([sys.executable, "-c", ENTRY_POINTS_SCRIPT], env=env, capture_output=True, text=True,
+                             check=True)
+        return json.loads(out.stdout)
+
+    with_plugin, without_plugin = groups({}), groups(bench.without_plugin_env())
+    assert "alignd.vllm_plugin:register" in with_plugin["vllm.general_plugins"]
+    assert with_plugin["vllm.logits_processors"] == ["alignd.vllm_plugin.logits_processor:ValueGuidedLogitsProcessor"]
+    assert without_plugin["vllm.logits_processors"] == []
+    assert without_plugin["vllm.general_plugins"] == [
+        v for v in with_plugin["vllm.general_plugins"] if not v.startswith("alignd.")]
+    assert without_plugin["vllm.general_plugins"]  # vLLM's own (LoRA resolvers) are still there
+
+
+def test_plugin_overhead_summary_pairs_each_round():
+    bench = load_bench("plugin_overhead")
+
+    def result(tps: float, itl: float, texts: list[str]) -> dict:
+        return {"output_throughput": tps, "median_ttft_ms": 50.0, "median_itl_ms": itl, "mean_output_tokens": 64.0,
+                "generated_texts": texts}
+
+    runs = {8: {"without": [result(100, 10, ["a", "b"]), result(80, 12, ["c", "d"]), result(90, 11, ["e", "f"])],
+                "with": [result(99, 10.5, ["a", "b"]), result(84, 12, ["c", "x"]), result(90, 11.5, ["e", "f"])]}}
+    row = bench.summarize(runs)["8"]
+    assert row["ratio_per_round"] == pytest.approx([0.99, 1.05, 1.0])
+    assert row["ratio"] == pytest.approx(1.0)  # the median of the paired ratios, not the ratio of medians
+    assert row["itl_diff_ms"] == pytest.approx(0.5)
+    assert row["same_answers"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert row["within_noise"]
+    runs[8]["with"] = [result(85, 12, ["a", "b"]), result(70, 14, ["c", "d"]), result(80, 13, ["e", "f"])]
+    slower = bench.summarize(runs)["8"]
+    assert slower["ratio"] == pytest.approx(70 / 80) and not slower["within_noise"]
+    assert "with / without within 1 +- 0.03 at every concurrency: NO" in bench.markdown({"8": slower})
