@@ -1075,8 +1075,9 @@ def run_value_head(run: ValueHeadRun) -> Path:
         with _locked(states_file, wait=False) as free:
             if not free:
                 raise TrainingInputError(f"--shard {run.shard} is already running for {run.out}")
-            if todo:
-                _generate_states(run, settings, model_dir, baseline, prompts, todo, len(slots), states_file)
+            if todo:  # the bar counts this shard's slots only (the others are another process's)
+                owned = sum(1 for s in slots if run.shard.owns(s))
+                _generate_states(run, settings, model_dir, baseline, prompts, todo, owned, states_file)
         logger.warning("shard %s: its states are made (%d this process); when every shard is done, the command "
                        "without --shard trains on all of them", run.shard, len(todo))
         return workspace.partial
