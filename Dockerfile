@@ -54,8 +54,10 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/ali
     && chown alignd:alignd /var/cache/alignd
 
 COPY --from=build /opt/venv /opt/venv
-# The artefacts committed with alignd (the embedded model's baseline adapter; ALIGND_ASSETS_DIR below).
+# The artefacts committed with alignd (the embedded model's baseline adapter and value head;
+# ALIGND_ASSETS_DIR below).
 COPY adapters/ /opt/alignd/adapters/
+COPY value_heads/ /opt/alignd/value_heads/
 
 # HF_HOME inside the cache volume: a hub model id (where the network allows) is downloaded once.
 ENV PATH=/opt/venv/bin:$PATH \

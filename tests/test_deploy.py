@@ -160,7 +160,7 @@ def test_dockerfile_keeps_the_deployment_contract(flavour):
 @pytest.mark.parametrize("flavour", DOCKERFILES)
 def test_dockerfile_copies_every_package_folder_and_the_committed_artefacts(flavour):
     """pip builds the package from the folders pyproject.toml maps (a folder left out breaks the build), and
-    the image finds the committed adapter through ALIGND_ASSETS_DIR."""
+    the image finds the committed adapter and value head through ALIGND_ASSETS_DIR."""
     import tomllib
 
     folders = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
@@ -172,6 +172,8 @@ def test_dockerfile_copies_every_package_folder_and_the_committed_artefacts(flav
     assets = env_of(stage)["ALIGND_ASSETS_DIR"]
     assert ("COPY", f"adapters/ {assets}/adapters/") in stage
     assert (REPO / "adapters" / "smollm2-positivity-dpo" / "adapter_config.json").is_file()
+    assert ("COPY", f"value_heads/ {assets}/value_heads/") in stage
+    assert (REPO / "value_heads" / "smollm2-positivity" / "alignd_value_head.json").is_file()
 
 
 class _Health(BaseHTTPRequestHandler):

@@ -458,6 +458,31 @@ def test_the_committed_pools_are_disjoint():
     assert checked["checked"] and checked["shared"] == 0 and checked["prompts"] == 112
 
 
+def test_the_committed_default_head_is_made_for_the_embedded_model_with_its_record(embedded_model_dir):
+    """value_heads/smollm2-positivity (what ALIGND_VALUE_HEAD=default serves): it loads for the embedded
+    model's weights, is within the size limit, and its manifest holds what reproduces and judges it."""
+    from alignd.settings import EMBEDDED_VALUE_HEAD_DIR
+    from alignd.train.data import file_sha256
+
+    folder = EMBEDDED_VALUE_HEAD_DIR
+    config = json.loads((embedded_model_dir / "config.json").read_text())
+    loaded = load_value_head(folder, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+                             base_weights_digest=weights_digest(embedded_model_dir))
+    manifest = loaded.manifest
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 10 * 2**20
+    assert manifest["reward"] == "positivity" and manifest["top_k"] == 10
+    assert manifest["baseline"]["kind"] == "adapter"
+    pool = Path(__file__).resolve().parents[1] / "train" / "data" / "prompts.jsonl"
+    assert manifest["data"]["sha256"] == file_sha256(pool)  # the committed pool, unchanged since
+    assert manifest["data"]["eval_prompts"]["shared"] == 0
+    assert "train value-head" in manifest["command"] and "--seed 0" in manifest["command"]
+    curve = manifest["learning_curve"]
+    assert len(curve) >= 3 and [c["train_states"] for c in curve] == sorted({c["train_states"] for c in curve})
+    heldout = manifest["metrics"]["heldout"]
+    assert heldout["spearman_mean"] == curve[-1]["heldout_spearman"]
+    assert (folder / "learning_curve.png").is_file()
+
+
 # ---------------------------------------------------------------------------- the layering allowance
 def test_only_the_value_head_module_may_import_decoding(tmp_path):
     import lint_imports
