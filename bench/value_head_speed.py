@@ -13,8 +13,10 @@ What runs:
     engine flags are alignd's own (``bench/serve_overhead.py``'s ``engine_settings``).
   * Load: ``vllm bench serve --backend openai-chat``, vLLM's random dataset (``--input-len`` /
     ``--output-len`` tokens, ignore_eos: every answer runs to full length, so both sides do the same
-    number of decode steps), temperature 0. For each concurrency, ``--rounds`` rounds of *plain* then
-    *head* on the same prompts (a fresh dataset seed per round); *head* sends
+    number of decode steps), temperature 0. For each concurrency, ``--rounds`` rounds of *plain* and
+    *head* on the same prompts (a fresh dataset seed per round; plain goes first in odd rounds, head in even
+    ones; vLLM's prefix caching off, ``--prefix-caching`` to keep it, so the second side does not find the
+    first side's prompts cached); *head* sends
     ``{"vllm_xargs": {"alignd_alpha": A, "alignd_top_k": K}}`` with every request, so every row of every
     decode step is value-guided. One discarded warm-up run per concurrency and side first.
 
@@ -121,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-warmup", action="store_true", help="skip the discarded warm-up runs (--smoke does)")
     parser.add_argument("--seed", type=int, default=2000)
     parser.add_argument("--kv-cache-gib", type=int, default=None)
+    parser.add_argument("--prefix-caching", action="store_true", help="keep vLLM's prefix caching on (alignd's "
+                        "default): the side that runs second in a round then finds the round's prompts cached")
     parser.add_argument("--vllm-url", default=None, help="use this running `vllm serve` of the head's folder instead "
                         "of starting one")
     parser.add_argument("--served-model-name", default=None, help="its model name (default: alignd's model name)")
@@ -148,7 +152,11 @@ def run(args: argparse.Namespace) -> dict:
         f"serving {served}; work dir {work_dir}")
     guided = ["--extra-body", json.dumps({"vllm_xargs": {"alignd_alpha": args.alpha, "alignd_top_k": top_k}})]
 
-    server = None if args.vllm_url else so.start_vllm_server(served, settings, kv_gib, work_dir)
+    # Both sides send the same prompts in a round: with prefix caching on, the second side would find the
+    # first side's prompts cached (a third of plain decoding's TTFT here). Off by default; the sides also
+    # take turns going first.
+    serve_settings = settings.model_copy(update={"enable_prefix_caching": args.prefix_caching})
+    server = None if args.vllm_url else so.start_vllm_server(served, serve_settings, kv_gib, work_dir)
     runs: dict[int, dict[str, list[dict]]] = {}
     try:
         if server is not None:
@@ -167,7 +175,8 @@ def run(args: argparse.Namespace) -> dict:
                 log(f"c={concurrency} warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
             runs[concurrency] = {"plain": [], "head": []}
             for r in range(1, args.rounds + 1):
-                for side, spec in specs.items():
+                for side in ("plain", "head") if r % 2 else ("head", "plain"):
+                    spec = specs[side]
                     res = so.run_load(side, url, model_name, model_dir, spec, args.seed + r, work_dir,
                                       f"c{concurrency}-round{r}-{side}", server)
                     runs[concurrency][side].append(res)
@@ -183,7 +192,8 @@ def run(args: argparse.Namespace) -> dict:
         "served_folder": served, "vllm_url_given": args.vllm_url is not None, "head": {k: manifest.get(k) for k in ("path", "reward", "top_k", "rollout_len")},
         "alpha": args.alpha, "top_k": top_k, "input_len": args.input_len, "output_len": args.output_len,
         "prompts_per_stream": args.prompts_per_stream, "rounds": args.rounds, "kv_cache_gib": kv_gib,
-        "vllm_serve_flags": so.engine_settings(settings)},
+        "prefix_caching": args.prefix_caching, "order": "plain first in odd rounds, head first in even rounds",
+        "vllm_serve_flags": so.engine_settings(serve_settings)},
         "concurrency": summarize(runs)}
     print(f"\n{summary['setup']['machine']}; {summary['setup']['versions']}")
     print(f"random dataset, {args.input_len} input / {args.output_len} output tokens (ignore_eos), temperature 0, "

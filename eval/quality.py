@@ -1080,6 +1080,14 @@ def write_outputs(results: dict, out_dir: str | Path = DEFAULT_OUT, plot_path: s
     return paths
 
 
+def _merged_by_key(new: list[dict], old: list[dict]) -> list[dict]:
+    """``old`` with each entry of the same ``key`` in ``new`` put in its place, the rest of ``new`` after."""
+    by_key = {entry.get("key"): entry for entry in new}
+    kept = [by_key.get(entry.get("key"), entry) for entry in old]
+    placed = {entry.get("key") for entry in old}
+    return [*kept, *(entry for entry in new if entry.get("key") not in placed)]
+
+
 def combine_results(results: dict, earlier: dict) -> dict:
     """This run's results with the rows of an ``earlier`` summary.json that this run did not make: a run
     that adds one method (the value head) to an evaluation of hours reports it beside the earlier rows,
@@ -1098,7 +1106,8 @@ def combine_results(results: dict, earlier: dict) -> dict:
         raise ValueError("cannot combine with the earlier run: " + "; ".join(problems))
 
     def merged(new: dict, old: dict) -> dict:
-        return {**{k: v for k, v in old.items() if k not in new}, **new}
+        """The earlier order, a row this run made again in its earlier place; this run's new rows after."""
+        return {**{k: new.get(k, v) for k, v in old.items()}, **new}
 
     new_sweep_keys = {p["key"] for p in results["sweep"]}
     kept_rows = [k for k in earlier["summary"] if k not in results["summary"]]
@@ -1111,8 +1120,8 @@ def combine_results(results: dict, earlier: dict) -> dict:
         subset_summary=merged(results.get("subset_summary") or {}, earlier.get("subset_summary") or {}),
         subset_prompts=results.get("subset_prompts") or earlier.get("subset_prompts"),
         sweep_prompt_ids=results["sweep_prompt_ids"] or earlier["sweep_prompt_ids"],
-        sweep=[*kept_points, *results["sweep"]],
-        methods=[*(m for m in earlier["methods"] if m["key"] in kept_rows), *results["methods"]],
+        sweep=_merged_by_key(results["sweep"], earlier["sweep"]),
+        methods=_merged_by_key(results["methods"], earlier["methods"]),
     )
     combined["combined_with"] = [
         *earlier.get("combined_with", []),

@@ -208,10 +208,10 @@ def test_combine_keeps_the_earlier_rows_this_run_did_not_make():
                        [("sft_greedy", 0.4), ("best_of_1", 0.45), ("tq_direct@1", 0.6)])
     now = _results({"sft_greedy": 0.4, "tq_head@1": 0.65}, [("tq_head@1", 0.55)])
     combined = quality.combine_results(now, earlier)
-    assert list(combined["summary"]) == ["tq_direct@1", "best_of_4", "sft_greedy", "tq_head@1"]
+    assert list(combined["summary"]) == ["sft_greedy", "tq_direct@1", "best_of_4", "tq_head@1"]
     assert combined["summary"]["tq_head@1"]["mean_reward"] == 0.65
     assert [p["key"] for p in combined["sweep"]] == ["sft_greedy", "best_of_1", "tq_direct@1", "tq_head@1"]
-    assert [m["key"] for m in combined["methods"]] == ["tq_direct@1", "best_of_4", "sft_greedy", "tq_head@1"]
+    assert [m["key"] for m in combined["methods"]] == ["sft_greedy", "tq_direct@1", "best_of_4", "tq_head@1"]
     (record,) = combined["combined_with"]
     assert record["rows"] == ["tq_direct@1", "best_of_4"] and record["command"] == "earlier"
     assert record["sft_greedy_mean_reward"] == {"this_run": 0.4, "earlier": 0.4}
