@@ -475,7 +475,8 @@ def test_the_committed_default_head_is_made_for_the_embedded_model_with_its_reco
     pool = Path(__file__).resolve().parents[1] / "train" / "data" / "prompts.jsonl"
     assert manifest["data"]["sha256"] == file_sha256(pool)  # the committed pool, unchanged since
     assert manifest["data"]["eval_prompts"]["shared"] == 0
-    assert "train value-head" in manifest["command"] and "--seed 0" in manifest["command"]
+    command = " ".join(manifest["command"])  # the argv of the run, as docs/TRAINING.md gives it
+    assert "train value-head" in command and "--seed 0" in command and "--reward positivity" in command
     curve = manifest["learning_curve"]
     assert len(curve) >= 3 and [c["train_states"] for c in curve] == sorted({c["train_states"] for c in curve})
     heldout = manifest["metrics"]["heldout"]
