@@ -63,26 +63,13 @@ def plugin_answer_status(base_url: str, model_name: str) -> int:
     return httpx.post(base_url + "/v1/completions", json=body, timeout=120).status_code
 
 
-def same_answers(a: dict, b: dict) -> float | None:
-    """Share of requests (same prompts, same order) with the same greedy answer on both sides."""
-    x, y = a.get("generated_texts"), b.get("generated_texts")
-    if not x or not y or len(x) != len(y):
-        return None
-    return sum(p == q for p, q in zip(x, y)) / len(x)
-
-
 def summarize(runs: dict[int, dict[str, list[dict]]]) -> dict:
     out = {}
     for concurrency, sides in runs.items():
-        row = {side: {k: statistics.median(r[k] for r in results)
-                      for k in ("output_throughput", "median_ttft_ms", "median_itl_ms", "mean_output_tokens")}
-               for side, results in sides.items()}
-        pairs = list(zip(sides["without"], sides["with"]))
-        row["ratio_per_round"] = [w["output_throughput"] / o["output_throughput"] for o, w in pairs]
-        row["ratio"] = statistics.median(row["ratio_per_round"])
+        row, pairs = so.paired_rounds(sides, "without", "with")
         row["itl_diff_ms"] = statistics.median(w["median_itl_ms"] - o["median_itl_ms"] for o, w in pairs)
-        shares = [s for s in (same_answers(o, w) for o, w in pairs) if s is not None]
-        row["same_answers"] = statistics.fmean(shares) if shares else None
+        changed = [s for s in (so.changed_answers(o, w) for o, w in pairs) if s is not None]
+        row["same_answers"] = 1.0 - statistics.fmean(changed) if changed else None
         row["within_noise"] = abs(row["ratio"] - 1.0) <= NOISE_BAND
         out[str(concurrency)] = row
     return out

@@ -305,6 +305,30 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
+PAIRED_SIDE_METRICS = ("output_throughput", "median_ttft_ms", "median_itl_ms", "mean_output_tokens")
+
+
+def paired_rounds(sides: dict[str, list[dict]], base: str, other: str) -> tuple[dict, list[tuple[dict, dict]]]:
+    """For two sides measured in the same rounds (bench/value_head_speed.py, bench/plugin_overhead.py): each
+    side's medians over rounds, the output tokens/s ratio other / base per round and its median (paired:
+    load that drifts between rounds cancels); and the (base, other) result pairs for further comparisons."""
+    row: dict = {side: {k: statistics.median(r[k] for r in results) for k in PAIRED_SIDE_METRICS}
+                 for side, results in sides.items()}
+    pairs = list(zip(sides[base], sides[other]))
+    row["ratio_per_round"] = [o["output_throughput"] / b["output_throughput"] for b, o in pairs]
+    row["ratio"] = statistics.median(row["ratio_per_round"])
+    return row, pairs
+
+
+def changed_answers(a: dict, b: dict) -> float | None:
+    """Share of requests (same prompts, same order, ``--save-detailed`` results) whose answer differs between
+    two runs; None where the runs did not save comparable answers."""
+    x, y = a.get("generated_texts"), b.get("generated_texts")
+    if not x or not y or len(x) != len(y):
+        return None
+    return sum(p != q for p, q in zip(x, y)) / len(x)
+
+
 def markdown(summary: dict, runs: dict[str, list[dict]]) -> str:
     a, b, c = summary["sides"]["alignd"], summary["sides"]["vllm"], summary["comparison"]
     lines = [

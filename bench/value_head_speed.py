@@ -69,24 +69,11 @@ def prepared_folder(head: Path | None, settings, *, prepare: bool = True) -> tup
     return str(model_dir), str(served), manifest
 
 
-def changed_share(plain: dict, head: dict) -> float | None:
-    """Share of requests (same prompts, same order) whose greedy answer the head changed."""
-    a, b = plain.get("generated_texts"), head.get("generated_texts")
-    if not a or not b or len(a) != len(b):
-        return None
-    return sum(x != y for x, y in zip(a, b)) / len(a)
-
-
 def summarize(runs: dict[int, dict[str, list[dict]]]) -> dict:
     out = {}
     for concurrency, sides in runs.items():
-        row = {side: {k: statistics.median(r[k] for r in results)
-                      for k in ("output_throughput", "median_ttft_ms", "median_itl_ms", "mean_output_tokens")}
-               for side, results in sides.items()}
-        pairs = list(zip(sides["plain"], sides["head"]))
-        row["ratio"] = statistics.median(h["output_throughput"] / p["output_throughput"] for p, h in pairs)
-        row["ratio_per_round"] = [h["output_throughput"] / p["output_throughput"] for p, h in pairs]
-        shares = [s for s in (changed_share(p, h) for p, h in pairs) if s is not None]
+        row, pairs = so.paired_rounds(sides, "plain", "head")
+        shares = [s for s in (so.changed_answers(p, h) for p, h in pairs) if s is not None]
         row["answers_changed"] = statistics.fmean(shares) if shares else None
         row["goal_met"] = row["ratio"] >= GOAL
         out[str(concurrency)] = row

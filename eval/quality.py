@@ -363,6 +363,10 @@ class Plan:
     # (``--combine``) sweeps that method only.
     sweep_methods: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if self.sweep_methods is not None and (unknown := set(self.sweep_methods) - SWEEP_FAMILIES):
+            raise ValueError(f"unknown sweep methods {sorted(unknown)}; known: {sorted(SWEEP_FAMILIES)}")
+
     @classmethod
     def smoke(cls) -> Plan:
         return cls(max_tokens=4, top_k=2, rollout_len=2, best_of_n=(4, 16), concurrency=8, indirect_prompts=None,
@@ -446,9 +450,6 @@ class Plan:
             if self.head_top_k and alpha in self.sweep_alphas:
                 points.append((self.head_run(alpha, self.sweep_prompts), "alpha", alpha))
         if self.sweep_methods is not None:
-            unknown = set(self.sweep_methods) - SWEEP_FAMILIES
-            if unknown:
-                raise ValueError(f"unknown sweep methods {sorted(unknown)}; known: {sorted(SWEEP_FAMILIES)}")
             points = [point for point in points if method_family(point[0].key) in self.sweep_methods]
         return points
 
@@ -1175,8 +1176,7 @@ async def _main(args) -> None:
         overrides["head_top_k"] = args.head_top_k
     if args.sweep_methods:
         overrides["sweep_methods"] = tuple(args.sweep_methods)
-    plan = dataclasses.replace(plan, **overrides)
-    plan.sweep_runs()  # an unknown --sweep-methods name stops here, before the engine starts
+    plan = dataclasses.replace(plan, **overrides)  # an unknown --sweep-methods name stops here (Plan checks it)
     # read now: --combine may name the summary.json that this run's --out overwrites
     earlier = json.loads(Path(args.combine).read_text()) if args.combine else None
     limit = args.limit if args.limit is not None else (4 if args.smoke else None)
