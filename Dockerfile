@@ -41,12 +41,12 @@ RUN pip install --no-cache-dir './[cpu]' \
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE}
 
-# libnuma1: vLLM's CPU kernels link against it. Versions come from the pinned Debian release
+# libnuma1: vLLM's CPU kernels link against it. tini: PID 1 (below). Versions come from the pinned Debian release
 # (bookworm) of the base image tag; pinning each package's exact version would break the build at
 # every Debian security update.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libnuma1 \
+    && apt-get install -y --no-install-recommends libnuma1 tini \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/alignd alignd \
@@ -82,4 +82,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('ALIGND_PORT', '8000'), timeout=4)"]
 
-ENTRYPOINT ["alignd", "serve"]
+# tini as PID 1: `docker stop` signals PID 1 only, and a process that is PID 1 gets no default signal
+# handling and must reap orphans; tini forwards SIGTERM to alignd (which stops its engines and exits) and
+# reaps whatever it leaves. Arguments after the image name still go to `alignd serve`.
+ENTRYPOINT ["tini", "--", "alignd", "serve"]

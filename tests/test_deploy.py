@@ -50,7 +50,8 @@ HISTOGRAMS = [
 ]
 GAUGES = [
     "alignd_running_requests", "alignd_admission_running", "alignd_admission_queued", "alignd_engine_requests_running",
-    "alignd_probe_jobs", "alignd_engine_up", "alignd_engine_calls_running", "vllm:num_requests_running",
+    "alignd_probe_jobs", "alignd_engine_up", "alignd_engine_restarts", "alignd_engine_calls_running",
+    "vllm:num_requests_running",
     "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
 ]
 # prometheus_client exposes no _sum for a histogram whose lowest bucket is negative (rewards can be).
@@ -148,7 +149,7 @@ def test_dockerfile_keeps_the_deployment_contract(flavour):
     volumes = [json.loads(rest) for keyword, rest in stage if keyword == "VOLUME"]
     assert [CACHE_DIR] in volumes
     assert ("EXPOSE", "8000") in stage
-    assert ("ENTRYPOINT", '["alignd", "serve"]') in stage
+    assert ("ENTRYPOINT", '["tini", "--", "alignd", "serve"]') in stage  # an init as PID 1 (the Dockerfile says why)
     assert "HEALTHCHECK" in keywords and any("/health" in part for part in dockerfile_healthcheck(DOCKERFILES[flavour]))
     installs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
     assert f"./[{flavour}]" in installs

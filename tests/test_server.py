@@ -12,6 +12,8 @@ import pytest
 from alignd.clients import Alignd, AsyncAlignd, BadRequestError, NotFoundError
 from alignd.models.engine import GenerationParams
 
+from precision import assert_same_greedy_answer
+
 pytestmark = pytest.mark.server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -122,19 +124,33 @@ def test_native_generate_with_the_sync_client(server, model_name):
         assert events[-1].usage.completion_tokens == len(c.token_ids)
 
 
-def test_native_generate_with_the_async_client(server):
+def test_native_generate_with_the_async_client(server, served_precision, embedded_model_dir):
     async def scenario():
         async with AsyncAlignd(server.base_url) as client:
             # concurrent requests are batched by the engine and each gets its own answer
             answers = await asyncio.gather(
-                *(client.generate(prompt=f"Count to {i}:", max_tokens=6, temperature=0) for i in (3, 5, 7))
+                *(client.generate(prompt=f"Count to {i}:", max_tokens=6, temperature=0, logprobs=2) for i in (3, 5, 7))
             )
             events = [e async for e in client.generate_stream(prompt="Count to 3:", max_tokens=6, temperature=0)]
             return answers, events
 
     answers, events = asyncio.run(scenario())
     assert all(len(a.choices[0].token_ids) > 0 for a in answers)
-    assert "".join(e.text for e in events if e.index is not None) == answers[0].choices[0].text
+    streamed = [e for e in events if e.index is not None]
+    streamed_ids = [t for e in streamed for t in e.token_ids]
+    first = answers[0].choices[0]
+    # The stream alone and the same prompt batched with two others: the same greedy answer where the
+    # engine computes in float32; in bfloat16 the batch changes the rounding, so they may part at a near-tie
+    # (tests/precision.py), and the streamed text is then compared with its own tokens.
+    assert_same_greedy_answer(first.token_ids, [{t.token_id: t.logprob for t in step.top} for step in first.logprobs],
+                              streamed_ids, served_precision.near_tie_between_runs(0.0))
+    text = "".join(e.text for e in streamed)
+    if streamed_ids == first.token_ids:
+        assert text == first.text
+    else:
+        from transformers import AutoTokenizer
+
+        assert text == AutoTokenizer.from_pretrained(embedded_model_dir).decode(streamed_ids)
 
 
 def test_client_raises_typed_errors(server):

@@ -122,17 +122,19 @@ def test_completions_and_n_with_aligned_decoding(openai_client, model_name):
     assert all(alignment_of(c)["method"] == "transfer_q" for c in r.choices)
 
 
-# Two candidates whose log-probabilities differ by less than this are a tie at bfloat16 precision: which
-# one a step picks can change with the batch the step ran in (a different matmul shape on the CPU).
+# Two candidates whose log-probabilities differ by less than this are a tie in float32 here: TQ* reads
+# the top-k from a separate request, whose matmul shapes differ from the decode step's. In bfloat16 the
+# bound is measured (tests/precision.py).
 NEAR_TIE_NATS = 0.1
 
 
-def test_very_large_alpha_gives_sft_greedy_through_the_server(openai_client, model_name):
+def test_very_large_alpha_gives_sft_greedy_through_the_server(openai_client, model_name, served_precision):
     """With alpha -> infinity TQ* picks the SFT model's most likely token at every step: the same answer
     as greedy SFT decoding, except where greedy decoding itself stood at a near-tie."""
+    near_tie = served_precision.near_tie_between_runs(NEAR_TIE_NATS)
     for prompt in PROMPTS[:3]:
         kwargs = dict(model=model_name, messages=[{"role": "user", "content": prompt}], max_tokens=10, temperature=0)
-        sft = openai_client.chat.completions.create(**kwargs, logprobs=True, top_logprobs=2).choices[0]
+        sft = openai_client.chat.completions.create(**kwargs, logprobs=True, top_logprobs=5).choices[0]
         tq = openai_client.chat.completions.create(**kwargs, extra_body={"decoding": {**TQ, "alpha": 1e9}})
         tq_text, sft_text = tq.choices[0].message.content, sft.message.content
         if tq_text == sft_text:
@@ -142,9 +144,11 @@ def test_very_large_alpha_gives_sft_greedy_through_the_server(openai_client, mod
         offset = 0
         for step in sft.logprobs.content:
             if not tq_text.startswith(sft_text[: offset + len(step.token)]):
-                first, second = step.top_logprobs[:2]
-                assert first.logprob - second.logprob < NEAR_TIE_NATS, (prompt, sft_text, tq_text, step)
-                assert tq_text[offset:].startswith(second.token), (prompt, sft_text, tq_text, step)
+                # TQ* took another of greedy's top candidates there (an exact tie may list either first),
+                # one within the near-tie of greedy's own choice
+                taken = [c for c in step.top_logprobs if c.token != step.token and tq_text[offset:].startswith(c.token)]
+                assert taken, (prompt, sft_text, tq_text, step)
+                assert step.logprob - max(c.logprob for c in taken) < near_tie, (prompt, sft_text, tq_text, step, near_tie)
                 break
             offset += len(step.token)
         else:

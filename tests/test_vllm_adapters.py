@@ -1,6 +1,6 @@
 """An adapter through the real serving path on vLLM (the session's in-process engine, LoRA on): a
 random LoRA of the embedded model runs as a LoRARequest in the served engine, and its log-probabilities
-agree with the transformers engine's (the adapter merged into the weights) within bfloat16's tolerance."""
+agree with the transformers engine's (the adapter merged into the weights) within the engine's precision."""
 
 from __future__ import annotations
 
@@ -9,22 +9,37 @@ from test_adapters import make_adapter
 
 pytestmark = pytest.mark.vllm
 
-# vLLM computes in bfloat16 (and applies LoRA as a separate low-rank product); transformers here in
-# float32 with the adapter merged: single tokens differ by up to ~0.2 nats, the mean by far less.
+# In float32, vLLM (which applies LoRA as a separate low-rank product) and transformers (the adapter merged)
+# score the same tokens within these. In bfloat16 the bounds are measured on the adapted model itself:
+# transformers' bfloat16 copy of it against float32, on the same text, is its rounding error (the random x4
+# adapter makes it far more sensitive than the base model: 0.81 nats at most, 0.35 on average here, against
+# 0.27 / 0.05 for the base); vLLM's kernels round differently, so a token may be off by as much again in the
+# other direction: twice the measured error. The adapter's own effect (9 nats a token on average) stays far
+# above that, which the test checks, so an adapter applied wrongly is still caught.
 TOKEN_TOL, MEAN_TOL = 0.25, 0.05
 
 
 def assert_scores_like_transformers_merged(adapted, base, merged_hf, loop_thread) -> None:
     """``adapted`` (the adapter on vLLM) scores an answer like transformers with the adapter merged, within
     the tolerances above, and unlike the ``base`` engine (the adapter did something)."""
+    from precision import bfloat16_token_errors, is_exact
+
     prefix = base.render_chat([{"role": "user", "content": "Tell me about your weekend."}])
     answer = base.encode("It was lovely: I walked by the river and read a book in the sun.")
     on_vllm = loop_thread.run(adapted.continuation_logprobs([prefix], [answer]))[0]
     on_hf = loop_thread.run(merged_hf.continuation_logprobs([prefix], [answer]))[0]
     on_base = loop_thread.run(base.continuation_logprobs([prefix], [answer]))[0]
+    effect = sum(abs(a - b) for a, b in zip(on_vllm, on_base)) / len(on_base)
+    token_tol, mean_tol = TOKEN_TOL, MEAN_TOL
+    if not is_exact():
+        rounding = bfloat16_token_errors(merged_hf.model, prefix, answer)
+        token_tol, mean_tol = 2 * max(rounding), 2 * sum(rounding) / len(rounding)
+        print(f"\nadapted model in bfloat16 vs float32 (transformers): max {max(rounding):.3f}, mean "
+              f"{sum(rounding) / len(rounding):.3f} nats a token; tolerances {token_tol:.3f} / {mean_tol:.3f}; "
+              f"the adapter's effect {effect:.2f}")
     gaps = [abs(a - b) for a, b in zip(on_vllm, on_hf)]
-    assert max(gaps) < TOKEN_TOL and sum(gaps) / len(gaps) < MEAN_TOL, gaps
-    assert sum(abs(a - b) for a, b in zip(on_vllm, on_base)) / len(on_base) > 5 * MEAN_TOL
+    assert max(gaps) < token_tol and sum(gaps) / len(gaps) < mean_tol, gaps
+    assert effect > 5 * max(MEAN_TOL, mean_tol)  # the adapter did something, far beyond the tolerance
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +106,7 @@ def test_the_default_merged_adapter_runs_on_its_own_engine_and_agrees_with_trans
         assert owned and engine is not vllm_engine and info.rank == 8
         assert not engine.info.extra.get("lora")  # a plain engine on merged weights
         assert_scores_like_transformers_merged(engine, vllm_engine,
-                                               hf_embedded_engine.with_adapter("random", str(embedded_adapter)), loop_thread)
+                                               hf_embedded_engine.with_adapter("random", str(embedded_adapter)),
+                                               loop_thread)
     finally:
         loop_thread.run(engine.shutdown())

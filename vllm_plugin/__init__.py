@@ -38,8 +38,13 @@ from __future__ import annotations
 from alignd.models.value_head import VALUE_GUIDED_ARCHITECTURE
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: runs in every vLLM process, before any model is built."""
+    """The ``vllm.general_plugins`` entry point: runs in every vLLM process, before any model is built.
+    In an EngineCore process it also starts the watch that ends it with its parent (``parent_watch``)."""
     from vllm import ModelRegistry
+
+    from alignd.vllm_plugin.parent_watch import watch_parent
+
+    watch_parent()
 
     if VALUE_GUIDED_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(VALUE_GUIDED_ARCHITECTURE, f"{__name__}.model:{VALUE_GUIDED_ARCHITECTURE}")

@@ -1,4 +1,6 @@
-"""The V1 logits processor that applies Transfer Q* with the value head, for the rows that ask for it.
+"""The V1 logits processor that applies Transfer Q* with the value head, for the rows that ask for it, and
+seeded sampling that survives chunked prefill (``alignd.models.seeded_sampling``: the keys ``alignd_seed``,
+``alignd_temperature``, ... on a greedy request; any model), for the rows that ask for that.
 
 A request asks with two keys of ``SamplingParams.extra_args`` (``vllm_xargs`` in an OpenAI request
 body to ``vllm serve``): ``alignd_alpha`` (a finite number > 0) and ``alignd_top_k`` (an integer from 1
@@ -45,6 +47,7 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from alignd.decoding.rule import transfer_q_logits
 from alignd.errors import ConfigurationError
+from alignd.models.seeded_sampling import SeededSampling, sampling_scores, seeded_sampling_request
 from alignd.models.value_head import ALPHA_KEY, MAX_TOP_K, TOP_K_KEY, VALUE_GUIDED_ARCHITECTURE
 from alignd.vllm_plugin.scoring import NEEDS_V1_RUNNER, ValueGuidedScoring, find_scoring
 
@@ -88,6 +91,16 @@ def transfer_q_request(extra_args: Mapping[str, Any] | None) -> TransferQRequest
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
         raise ValueError(f"{TOP_K_KEY} must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
     return TransferQRequest(float(alpha), top_k)
+
+
+@dataclass(frozen=True)
+class _RowRequest:
+    """What one batch row asks of this processor: TQ* with the head, seeded sampling, or both (then the
+    sample is drawn from the rule's distribution). ``output_ids`` is vLLM's live list of the row's tokens."""
+
+    transfer_q: TransferQRequest | None
+    sampling: SeededSampling | None
+    output_ids: list[int]
 
 
 def _architectures_being_served() -> list[str] | None:
@@ -144,6 +157,7 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         """At admission, in the frontend: bad values, and any request for the head to a model without
         one, are refused (vLLM answers 400 under ``vllm serve``, raises ``VLLMValidationError`` in-process)."""
+        seeded_sampling_request(sampling_params.extra_args)  # any model: a ValueError names a bad value
         if transfer_q_request(sampling_params.extra_args) is None:
             return
         architectures = _architectures_being_served()
@@ -162,25 +176,30 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
         under_v2 = len(runner_args) == 1
         if under_v2 and self._value_guided:
             raise ConfigurationError(NEEDS_V1_RUNNER)
-        self._requests: dict[int, TransferQRequest] = {}  # batch row -> what it asks
-        self._asking: _AskingRows | None = None
+        self._requests: dict[int, _RowRequest] = {}  # batch row -> what it asks
+        self._asking: _AskingRows | None = None  # the rows asking for TQ*, as tensors
+        self._sampled: list[tuple[int, _RowRequest]] | None = None  # the rows asking for seeded sampling
         self._scoring: ValueGuidedScoring | None = None
 
     def is_argmax_invariant(self) -> bool:
         # It changes greedy choices: vLLM then applies it before the penalties and the argmax.
         return False
 
-    def _request_of(self, params: SamplingParams, _prompt_ids: Any, _output_ids: Any) -> TransferQRequest | None:
+    def _request_of(self, params: SamplingParams, _prompt_ids: Any, output_ids: list[int]) -> _RowRequest | None:
         request = transfer_q_request(params.extra_args)  # validated at admission: no error here
         if request is not None and not self._value_guided:
             logger.error("a request asks for alignd's value head (%s=%s), but this engine serves %s: decoding it "
                          "plainly", ALPHA_KEY, request.alpha, self._vllm_config.model_config.architectures)
+            request = None
+        sampling = seeded_sampling_request(params.extra_args)
+        if request is None and sampling is None:
             return None
-        return request
+        return _RowRequest(request, sampling, output_ids)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if process_dict_updates(self._requests, batch_update, self._request_of):
             self._asking = None
+            self._sampled = None
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         """Model Runner V2: only built for engines of other models (see ``__init__``), which it leaves alone."""
@@ -189,9 +208,18 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
     def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         if not self._requests:
             return logits
-        asking = self._asking
-        if asking is None:
-            asking = self._asking = _AskingRows.of(self._requests, logits.device)
+        if self._asking is None and self._sampled is None:
+            asked = {row: r.transfer_q for row, r in self._requests.items() if r.transfer_q is not None}
+            self._asking = _AskingRows.of(asked, logits.device) if asked else None
+            self._sampled = sorted((row, r) for row, r in self._requests.items() if r.sampling is not None)
+        if self._asking is not None:
+            self._apply_transfer_q(logits, self._asking)
+        for row, request in self._sampled or ():
+            # after TQ*: a seeded request that also asks for the head samples the rule's distribution
+            logits[row] = sampling_scores(logits[row], request.output_ids, request.sampling).to(logits.dtype)
+        return logits
+
+    def _apply_transfer_q(self, logits: torch.Tensor, asking: _AskingRows) -> None:
         scoring = self._scoring or self._find_scoring()
         hidden = scoring.hidden_states
         if hidden is None or hidden.shape[0] != logits.shape[0]:
@@ -206,7 +234,6 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
         if asking.beyond_own_top_k is not None:
             values = values.masked_fill(asking.beyond_own_top_k[:, :top_k], -math.inf)
         logits.index_copy_(0, asking.rows, transfer_q_logits(row_logits, candidate_ids, values, asking.alpha).to(logits.dtype))
-        return logits
 
     def _find_scoring(self) -> ValueGuidedScoring:
         scoring = find_scoring(self._vllm_config)
