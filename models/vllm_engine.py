@@ -406,7 +406,6 @@ class VLLMEngine(Engine):
 
     async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None, *, top_p=1.0,
                        presence_penalty=0.0, frequency_penalty=0.0):
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,

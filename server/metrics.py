@@ -163,7 +163,8 @@ class ServerMetrics:
             self.engine_up.labels(name, engine.kind).set_function(
                 lambda engine=engine: 1.0 if engine.health().status == "up" else 0.0)
             self.engine_calls_running.labels(name).set_function(engine.unfinished_requests)
-            self.engine_restarts.labels(name).set_function(engine.restart_count)
+            # (reward classifiers on a remote are engines by role too, without a lifecycle of their own)
+            self.engine_restarts.labels(name).set_function(getattr(engine, "restart_count", lambda: 0))
 
             def observe(call: str, seconds: float, outcome: str, name: str = name) -> None:
                 self.engine_calls.labels(name, call, outcome).inc()

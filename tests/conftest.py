@@ -20,6 +20,8 @@ from alignd.settings import Settings
 
 from support import (
     CACHE_DIR,
+    ENGINE_CORES_SET_OUTSIDE,
+    SESSION_ENGINE_CORES,
     SESSION_ADMISSION_LIMITS,
     AdmissionLimits,
     ServerProcess,
@@ -294,7 +296,8 @@ def server(embedded_model_dir, session_server_env):
     if os.environ.get("ALIGND_TEST_SERVER_URL"):
         yield RunningServer(os.environ["ALIGND_TEST_SERVER_URL"])
         return
-    with ServerProcess(session_server_env) as proc:
+    env = {"VLLM_CPU_OMP_THREADS_BIND": ENGINE_CORES_SET_OUTSIDE or SESSION_ENGINE_CORES, **session_server_env}
+    with ServerProcess(env) as proc:
         proc.wait_ready()
         yield proc
 
@@ -336,3 +339,26 @@ def served_precision(server, hf_embedded_engine):
     error = measure_logprob_error(served, reference, served_dtype())
     print(f"\nsession server: {error}")
     return error
+
+
+# ---------------------------------------------------------------------------- stock `vllm serve`
+@pytest.fixture(scope="session")
+def stock_vllm_serve(embedded_model_dir, embedded_value_head_dir, cache_dir, tmp_path_factory):
+    """The session's one stock ``vllm serve``: of the folder alignd prepares for the session server's value head
+    (the same weights; alignd's model class and the head named in its config.json, so no flag beyond vLLM's
+    own: the plugin comes from the installed entry points), with alignd's engine settings (the session's
+    dtype) and under the session server's model name. The value-head tests compare it with alignd; the
+    serving benchmarks run their load against it (plain requests on it decode as plain Llama)."""
+    from alignd.models.value_head import prepare_value_guided_folder
+    from support import load_bench
+
+    served = prepare_value_guided_folder(embedded_model_dir, embedded_value_head_dir.resolve(),
+                                         tmp_path_factory.mktemp("stock") / "smollm2-tq")
+    settings = Settings(cache_dir=cache_dir)
+    proc = load_bench("serve_overhead").start_vllm_server(str(served), settings, settings.cpu_kvcache_space_gib,
+                                                          tmp_path_factory.mktemp("stock-log"))
+    try:
+        proc.wait_ready(timeout=1800)  # a second SmolLM2 engine starting beside the session's: minutes on 2 cores
+        yield proc
+    finally:
+        proc.stop()

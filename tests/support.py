@@ -18,6 +18,16 @@ CACHE_DIR = Path(os.environ.get("ALIGND_CACHE_DIR", Path.home() / ".cache" / "al
 SERVER_START_TIMEOUT_S = 600
 
 
+# vLLM's CPU backend binds an engine's OpenMP threads to one core (VLLM_CPU_OMP_THREADS_BIND=auto keeps the
+# last core for the frontend, so on 2 cores every engine took core 0, the test engines all queued there, and
+# core 1 served only HTTP). The session server's engine, which most tests use, gets core 0; every other test
+# engine (in-process, tiny servers, stock vllm serve) core 1. A value set outside the tests is kept.
+SESSION_ENGINE_CORES = "0"
+OTHER_ENGINE_CORES = "1"
+ENGINE_CORES_SET_OUTSIDE = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", OTHER_ENGINE_CORES)
+
+
 @dataclass(frozen=True)
 class AdmissionLimits:
     running: int

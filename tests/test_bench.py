@@ -2,50 +2,21 @@
 sane numbers. Nothing here judges the speed (the full runs in docs/BENCHMARKS.md do).
 
 The TQ* benchmark runs in process on the session's vLLM engine; the serving benchmark points its load
-generator at the session's alignd server and starts only `vllm serve` (early, so that it boots while the
-other test runs).
+generator at the session's alignd server and the session's stock `vllm serve` (conftest's `stock_vllm_serve`:
+the value-guided folder, where plain requests decode as plain Llama).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 from support import load_bench  # a bench/ script as a module (bench/ is not a package)
 
-from alignd.settings import Settings
-
-MIN_FREE_GIB_FOR_VLLM_SERVE = 5.0
-
-
-def available_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return math.inf
-
 
 def finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def vllm_serve(embedded_model_dir, cache_dir, tmp_path_factory):
-    """`vllm serve` with alignd's engine settings, started when this module begins (not waited for)."""
-    if available_gib() < MIN_FREE_GIB_FOR_VLLM_SERVE:
-        yield None
-        return
-    serve_overhead = load_bench("serve_overhead")
-    settings = Settings(cache_dir=cache_dir)
-    proc = serve_overhead.start_vllm_server(
-        str(embedded_model_dir), settings, settings.cpu_kvcache_space_gib, tmp_path_factory.mktemp("vllm-serve")
-    )
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.mark.vllm
@@ -83,14 +54,11 @@ def test_tq_speed_smoke_on_the_session_engine(vllm_engine, embedded_settings, lo
 
 
 @pytest.mark.server
-def test_serve_overhead_smoke_against_the_session_server(vllm_serve, server, tmp_path):
-    if vllm_serve is None:
-        pytest.skip(f"less than {MIN_FREE_GIB_FOR_VLLM_SERVE} GiB of memory available for `vllm serve`")
+def test_serve_overhead_smoke_against_the_session_server(stock_vllm_serve, server, tmp_path):
     serve_overhead = load_bench("serve_overhead")
-    vllm_serve.wait_ready()
     out = tmp_path / "summary.json"
     summary = serve_overhead.main([
-        "--smoke", "--warmup-prompts", "0", "--alignd-url", server.base_url, "--vllm-url", vllm_serve.base_url,
+        "--smoke", "--warmup-prompts", "0", "--alignd-url", server.base_url, "--vllm-url", stock_vllm_serve.base_url,
         "--work-dir", str(tmp_path), "--out", str(out),
     ])
 
@@ -163,3 +131,20 @@ def test_plugin_overhead_summary_pairs_each_round():
     slower = bench.summarize(runs)["8"]
     assert slower["ratio"] == pytest.approx(70 / 80) and not slower["within_noise"]
     assert "with / without within 1 +- 0.03 at every concurrency: NO" in bench.markdown({"8": slower})
+
+
+def test_chunked_prefill_summary_takes_medians_and_on_over_off_ratios():
+    """bench/chunked_prefill.py's report (its runs need two full alignd servers: not in the suite)."""
+    bench = load_bench("chunked_prefill")
+
+    def run(scale: float) -> dict:
+        return {metric: scale * (i + 1) for i, metric in enumerate(bench.METRICS)}
+
+    summary = bench.summarize({"off": [run(1.0), run(3.0)], "on": [run(1.0), run(2.0), run(6.0)]})
+    assert summary["sides"]["off"]["median_ttft_ms"] == 2.0 and summary["sides"]["on"]["median_ttft_ms"] == 2.0
+    assert summary["on_over_off"]["p99_itl_ms"] == pytest.approx(1.0)
+    assert summary["sides"]["on"]["output_throughput"] == 2.0 * len(bench.METRICS)
+    assert "| median_ttft_ms | 2.0 | 2.0 | 1.00 |" in bench.markdown(summary)
+    env = bench.side_env("on", bench.parse_args(["--batched-tokens", "256"]))
+    assert env["ALIGND_ENABLE_CHUNKED_PREFILL"] == "true" and env["ALIGND_MAX_NUM_BATCHED_TOKENS"] == "256"
+    assert bench.side_env("off", bench.parse_args([]))["ALIGND_ENABLE_CHUNKED_PREFILL"] == "false"

@@ -3,7 +3,9 @@ and alignd replicas whose SFT model is remote too (ALIGND_SFT_URL). The module's
 loopback, so the rest of the suite keeps its session server; one remote for the whole module, started,
 killed and restarted on the same port as the tests go.
 
-The remote serves the embedded SFT model itself (float32, like alignd's engine). TQ* direct transfer from
+Everything runs on the tiny vLLM model (tests/support.py's ``build_vllm_tiny_llama``): these are fault
+tests of the plumbing (a remote down, killed, restarted, frozen), which need no real language model. The
+remote serves the SFT model itself (float32, like alignd's engine). TQ* direct transfer from
 a baseline that *is* the SFT model computes, at every decision, the same values as token-wise CD (whose
 rollouts are the SFT model's own, in process): greedy rollouts of the same prefixes, scored by the same
 reward. So greedy TQ* through the remote must give CD's answers, token for token.
@@ -25,7 +27,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import ServerProcess, free_port, vllm_serve_process
+from support import ServerProcess, build_vllm_tiny_llama, free_port, vllm_serve_process
 
 pytestmark = pytest.mark.server
 
@@ -34,8 +36,22 @@ QUESTIONS = ["Tell me about Mondays.", "How was your weekend?", "Describe a rain
              "What do you think of homework?"]
 RULE = {"alpha": 1.0, "top_k": 4, "rollout_len": 4, "num_rollouts": 1}
 BASELINE_ENGINE = "baseline/default"
+MODEL_NAME = "tiny"
+MAX_MODEL_LEN = 256
 LIGHT_ENV = {"ALIGND_VALUE_HEAD": "none", "ALIGND_DTYPE": "float32", "ALIGND_CPU_KVCACHE_SPACE_GIB": "1",
-             "VLLM_CPU_KVCACHE_SPACE": "1"}
+             "VLLM_CPU_KVCACHE_SPACE": "1", "ALIGND_SERVED_MODEL_NAME": MODEL_NAME,
+             "ALIGND_MAX_MODEL_LEN": str(MAX_MODEL_LEN)}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    return build_vllm_tiny_llama(tmp_path_factory.mktemp("remote-baseline-tiny"), tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def model_name() -> str:
+    """The name the module's servers serve the tiny model under (conftest's is the session server's)."""
+    return MODEL_NAME
 
 
 class Remote:
@@ -52,7 +68,7 @@ class Remote:
     def start(self) -> None:
         self.starts += 1
         self.process = vllm_serve_process(self.model_dir, REMOTE_NAME, self.log_dir / f"vllm-serve-{self.starts}.log",
-                                          max_model_len=2048, port=self.port)
+                                          max_model_len=MAX_MODEL_LEN, port=self.port)
         self.process.start()
         self.process.wait_ready(timeout=1200)
 
@@ -66,16 +82,17 @@ class Remote:
 
 
 @pytest.fixture(scope="module")
-def remote_holder(embedded_model_dir, tmp_path_factory):
-    holder = Remote(embedded_model_dir, tmp_path_factory.mktemp("remote-baseline"))
+def remote_holder(tiny_dir, tmp_path_factory):
+    holder = Remote(tiny_dir, tmp_path_factory.mktemp("remote-baseline"))
     yield holder
     holder.stop()
 
 
 @pytest.fixture(scope="module")
-def aligned(remote_holder):
+def aligned(remote_holder, tiny_dir):
     """alignd with the remote as its default baseline, started while the remote is down."""
-    env = {"ALIGND_BASELINE_URL": remote_holder.base_url, "ALIGND_BASELINE_SERVED_MODEL": REMOTE_NAME, **LIGHT_ENV}
+    env = {"ALIGND_MODEL": str(tiny_dir), "ALIGND_BASELINE_URL": remote_holder.base_url,
+           "ALIGND_BASELINE_SERVED_MODEL": REMOTE_NAME, **LIGHT_ENV}
     with ServerProcess(env) as proc:
         proc.wait_ready(timeout=1200)
         yield proc
@@ -164,9 +181,11 @@ def test_tq_through_a_remote_copy_of_the_sft_model_is_cd(aligned, remote, model_
 
 
 @pytest.fixture(scope="module")
-def replicas(remote):
-    """Two alignd processes whose SFT model is the remote: stateless controllers over one deployment."""
-    env = {"ALIGND_SFT_URL": remote.base_url, "ALIGND_SFT_SERVED_MODEL": REMOTE_NAME, **LIGHT_ENV}
+def replicas(remote, tiny_dir):
+    """Two alignd processes whose SFT model is the remote: stateless controllers over one deployment (they
+    read the tokenizer of the local folder only)."""
+    env = {"ALIGND_MODEL": str(tiny_dir), "ALIGND_SFT_URL": remote.base_url, "ALIGND_SFT_SERVED_MODEL": REMOTE_NAME,
+           **LIGHT_ENV}
     with ServerProcess(env) as first, ServerProcess(env) as second:
         first.wait_ready(timeout=600)
         second.wait_ready(timeout=600)

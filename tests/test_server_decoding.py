@@ -39,9 +39,12 @@ def alignment_of(choice) -> dict | None:
     return getattr(choice, "alignment", None) or (choice.model_extra or {}).get("alignment")
 
 
+ANSWER_TOKENS = 8
+
+
 def test_transfer_q_raises_positivity_over_sft_greedy(server, model_name):
     """20 prompts, sent concurrently (their decoding steps batch together in vLLM), scored by the
-    server's own positivity reward."""
+    server's own positivity reward. 8 tokens each (16 took 145 s of the suite on 2 cores)."""
 
     async def answers(decoding):
         # No more at once than the session server runs, so none waits in its queue (or gets a 429).
@@ -52,7 +55,8 @@ def test_transfer_q_raises_positivity_over_sft_greedy(server, model_name):
             async def one(p):
                 async with admitted:
                     return await c.chat.completions.create(
-                        model=model_name, messages=[{"role": "user", "content": p}], max_tokens=16, temperature=0,
+                        model=model_name, messages=[{"role": "user", "content": p}], max_tokens=ANSWER_TOKENS,
+                        temperature=0,
                         extra_body=extra,
                     )
 
@@ -67,7 +71,8 @@ def test_transfer_q_raises_positivity_over_sft_greedy(server, model_name):
 
     sft_scores, tq_scores = positivity(sft), positivity(tq)
     print(f"\nmean positivity over {len(PROMPTS)} prompts: SFT greedy {statistics.mean(sft_scores):.3f}, "
-          f"TQ* {statistics.mean(tq_scores):.3f}; TQ* higher on {sum(t > s for s, t in zip(sft_scores, tq_scores))}")
+          f"TQ* {statistics.mean(tq_scores):.3f}; TQ* higher on {sum(t > s for s, t in zip(sft_scores, tq_scores))}, "
+          f"as high on {sum(t >= s for s, t in zip(sft_scores, tq_scores))}")
     assert statistics.mean(tq_scores) > statistics.mean(sft_scores) + 0.1
     assert sum(t >= s for s, t in zip(sft_scores, tq_scores)) >= len(PROMPTS) // 2
 

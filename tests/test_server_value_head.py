@@ -2,14 +2,13 @@
 embedded model on alignd's value-guided model class with a seeded random head (conftest's
 ``embedded_value_head_dir``), so the expected tokens are computed by hand here: transformers' forward
 pass of the same weights in float32, the same head, ``argmax over the top-k of log pi_sft + Q / alpha``.
-Then the same folder under stock ``vllm serve`` gives the same answer as alignd for the same request."""
+Then the same folder under stock ``vllm serve`` (conftest's ``stock_vllm_serve``, the session's dtype) gives
+the same answer as alignd for the same request."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -18,8 +17,7 @@ import torch
 
 from alignd.models.value_head import load_value_head
 
-from precision import served_dtype
-from support import BENCH, ManagedProcess, free_port, load_bench
+from support import load_bench
 
 pytestmark = pytest.mark.server
 
@@ -228,24 +226,8 @@ def test_plain_requests_beside_head_requests_keep_their_own_answers(server, mode
 
 
 # ---------------------------------------------------------------------------- the same folder, stock `vllm serve`
-@pytest.fixture(scope="module")
-def stock_vllm_serve(embedded_model_dir, embedded_value_head_dir, tmp_path_factory) -> Iterator[ManagedProcess]:
-    """``vllm serve`` of the folder alignd prepares (same weights, the class and the head named in its
-    config.json): no flag beyond vLLM's own, the plugin comes from the installed entry points. It computes
-    in the session server's dtype, so that the two engines' answers can be compared exactly."""
-    from alignd.models.value_head import prepare_value_guided_folder
-
-    served = prepare_value_guided_folder(embedded_model_dir, embedded_value_head_dir.resolve(),
-                                         tmp_path_factory.mktemp("stock") / "smollm2-tq")
-    port = free_port()
-    cmd = [sys.executable, str(BENCH / "vllm_cli.py"), "serve", str(served), "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "smollm2-tq", "--dtype", served_dtype(), "--enforce-eager", "--max-model-len", "2048",
-           "--no-enable-chunked-prefill", "--generation-config", "vllm"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = tmp_path_factory.mktemp("stock-log") / "vllm-serve.log"
-    with ManagedProcess(cmd, name="vllm serve", log_path=log, base_url=f"http://127.0.0.1:{port}", env=env) as proc:
-        proc.wait_ready(timeout=1800)  # a third engine starting beside the session's: minutes on 2 busy cores
-        yield proc
+# (conftest's session-scoped `stock_vllm_serve`: the folder alignd prepares, in the session's dtype, under the
+# session server's model name)
 
 
 def test_stock_vllm_serve_gives_alignd_s_answer_for_the_same_request(stock_vllm_serve, server, model_name,
@@ -255,11 +237,11 @@ def test_stock_vllm_serve_gives_alignd_s_answer_for_the_same_request(stock_vllm_
     prompt = hf_embedded_engine.render_chat([{"role": "user", "content": QUESTION}])
     with openai.OpenAI(base_url=stock_vllm_serve.base_url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
         reply = client.completions.create(
-            model="smollm2-tq", prompt=prompt, max_tokens=STEPS, temperature=0,
+            model=model_name, prompt=prompt, max_tokens=STEPS, temperature=0,
             extra_body={"vllm_xargs": {"alignd_alpha": ALPHA, "alignd_top_k": TOP_K}, "return_token_ids": True})
         stock_tokens = list(reply.choices[0].token_ids)
         with pytest.raises(openai.BadRequestError, match="alignd_alpha"):
-            client.completions.create(model="smollm2-tq", prompt=prompt, max_tokens=2,
+            client.completions.create(model=model_name, prompt=prompt, max_tokens=2,
                                       extra_body={"vllm_xargs": {"alignd_alpha": -1}})
     ours = httpx.post(server.base_url + "/v1/completions", timeout=300, json={
         "model": model_name, "prompt": prompt, "max_tokens": STEPS, "temperature": 0, "decoding": HEAD,
@@ -268,13 +250,13 @@ def test_stock_vllm_serve_gives_alignd_s_answer_for_the_same_request(stock_vllm_
 
 
 def test_the_speed_benchmark_runs_plain_and_head_requests_on_the_stock_server(stock_vllm_serve, embedded_value_head_dir,
-                                                                          tmp_path):
+                                                                          model_name, tmp_path):
     """bench/value_head_speed.py --smoke against this module's stock server (its numbers are not judged
     here: speed is the benchmark's business)."""
     bench = load_bench("value_head_speed")
     out = tmp_path / "summary.json"
     summary = bench.main(["--smoke", "--head", str(embedded_value_head_dir), "--vllm-url", stock_vllm_serve.base_url,
-                          "--served-model-name", "smollm2-tq", "--alpha", str(ALPHA), "--top-k", str(TOP_K),
+                          "--served-model-name", model_name, "--alpha", str(ALPHA), "--top-k", str(TOP_K),
                           "--work-dir", str(tmp_path), "--out", str(out)])
     assert out.is_file() and summary["setup"]["vllm_url_given"]
     [row] = summary["concurrency"].values()
