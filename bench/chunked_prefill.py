@@ -11,7 +11,8 @@ What runs: ``alignd serve`` of the configured model (no adapter engine, no head:
 ``ALIGND_ENABLE_CHUNKED_PREFILL`` false, then true (each round alternates which goes first), one server at
 a time; against each, ``vllm bench serve`` with vLLM's random dataset whose input lengths are spread
 uniformly over [``--input-len`` x (1 - 0.95), x (1 + 0.95)] (so from a few dozen tokens to nearly twice
-the mean), ``ignore_eos``, temperature 0, at ``--concurrency``. Reported per side: TTFT and ITL at the
+the mean), temperature 0 (answers may end before ``--output-len``: alignd's API takes no ignore_eos), at
+``--concurrency``. Reported per side: TTFT and ITL at the
 50th, 90th and 99th percentiles and output tokens/s, medians over rounds, and the on/off ratios.
 """
 
@@ -34,7 +35,7 @@ SIDES = ("off", "on")
 RANGE_RATIO = 0.95
 PERCENTILES = (50, 90, 99)
 METRICS = [f"{kind}_ttft_ms" for kind in ("median", "p90", "p99")] + \
-          [f"{kind}_itl_ms" for kind in ("median", "p90", "p99")] + ["output_throughput"]
+          [f"{kind}_itl_ms" for kind in ("median", "p90", "p99")] + ["output_throughput", "mean_output_tokens"]
 
 
 def log(message: str) -> None:
@@ -68,11 +69,31 @@ def side_env(side: str, args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def mixed_prompts_file(tokenizer_dir: str, args: argparse.Namespace, path: Path) -> Path:
+    """vLLM's random-dataset prompts with lengths spread by RANGE_RATIO, as a ShareGPT-shaped file (alignd's
+    API takes no ignore_eos, so the random dataset itself cannot be sent: serve_overhead.random_prompts_file
+    does the same with one length)."""
+    from transformers import AutoTokenizer
+
+    so._vllm_cli().install_version_shim()
+    from vllm.benchmarks.datasets.datasets import RandomDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    requests = RandomDataset(random_seed=args.seed).sample(
+        tokenizer, args.num_prompts, input_len=args.input_len, output_len=args.output_len, range_ratio=RANGE_RATIO)
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": r.prompt}, {"from": "gpt", "value": ""}]}
+                                for r in requests]))
+    return path
+
+
 def one_side(side: str, args: argparse.Namespace, settings, model_dir: str, work_dir: Path, label: str) -> dict:
+    prompts = work_dir / f"mixed-prompts-{args.seed}.json"
+    if not prompts.exists():
+        mixed_prompts_file(model_dir, args, prompts)
     spec = so.LoadSpec(input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
-                       max_concurrency=args.concurrency, ignore_eos=True,
-                       extra=["--random-range-ratio", str(RANGE_RATIO),  # after the helper's 0: this one wins
-                              "--metric-percentiles", ",".join(map(str, PERCENTILES))])
+                       max_concurrency=args.concurrency, ignore_eos=False,
+                       # after the helper's own (one-length) file and percentiles: these win
+                       extra=["--dataset-path", str(prompts), "--metric-percentiles", ",".join(map(str, PERCENTILES))])
     server = so.start_alignd_server(settings.cpu_kvcache_space_gib, work_dir, extra_env=side_env(side, args))
     try:
         server.wait_ready()

