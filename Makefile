@@ -46,7 +46,7 @@ serve: prepare-model
 # lint-imports first: the layering contracts of pyproject.toml ([tool.importlinter]); a broken one stops here.
 test: install-test
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -v --durations=15
+	$(BIN)/python -m pytest -v --durations=25
 
 # The developers' fast tier: no vLLM engine and no server (tests that need one are marked `vllm` or
 # `server`, by their module or by the fixtures they use: tests/conftest.py), the layering contracts.
