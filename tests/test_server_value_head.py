@@ -61,12 +61,6 @@ class HandRule:
         embeddings = self.model.model.embed_tokens.weight[candidates].unsqueeze(0)
         return self.head(hidden.float().unsqueeze(0), embeddings)[0]
 
-    def scores(self, prefix: Sequence[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """Candidates, their scores ``log pi_sft + Q / alpha``, and the SFT log-probabilities of the candidates."""
-        hidden, logprobs = self.step(self.model, prefix)
-        top = logprobs.topk(TOP_K)
-        return top.indices.tolist(), top.values + self.values(hidden, top.indices) / ALPHA, top.values
-
     def candidate_sets(self, logprobs: torch.Tensor, tol: Tolerance) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens the engine's top-k may hold (within the log-probability error of the k-th) and tokens it
         must hold (above the (k+1)-th by more than that error)."""
