@@ -35,7 +35,6 @@ class EngineSupervisor:
         self._replace = replace
         self._task: asyncio.Task | None = None
         self.restarts = 0  # successful restarts since start
-        self.failed_attempts = 0
         self.gave_up = False
         self.detail: str | None = None
         self.since: float | None = None  # time.time() of the death being handled
@@ -71,7 +70,6 @@ class EngineSupervisor:
             try:
                 await self._replace()
             except Exception as exc:  # noqa: BLE001 - any failure to start is another attempt
-                self.failed_attempts += 1
                 self.detail = f"{reason}; restart attempt {attempt} failed: {exc}"
                 logger.exception("engine '%s': restart attempt %d failed", self.name, attempt)
                 continue

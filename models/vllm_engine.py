@@ -8,6 +8,7 @@ the common prefix. Scale-out (tensor / pipeline parallel, Ray) is passed straigh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -15,7 +16,7 @@ import os
 import uuid
 import weakref
 from contextlib import aclosing
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 from alignd.errors import ConfigurationError, EngineUnavailableError, InvalidRequestError, ServerError
 from alignd.models.engine import (
@@ -173,34 +174,41 @@ class VLLMEngine(Engine):
     def health(self) -> EngineHealth:
         if self._llm is None:
             return EngineHealth("down", self.kind, "shut down")
-        supervisor = self._supervisor
-        if supervisor is not None:
-            if self._llm.errored:
-                supervisor.notice_death(ENGINE_DIED)
-            if supervisor.restarting or supervisor.gave_up:
-                return EngineHealth("down", self.kind, supervisor.detail, since=supervisor.since)
+        if self._held_down(self._llm):
+            return EngineHealth("down", self.kind, self._supervisor.detail, since=self._supervisor.since)
         if self._llm.errored:  # an engine without a supervisor: only a restart of alignd brings it back
             return EngineHealth("down", self.kind, f"vLLM engine core failed: {self._llm.dead_error}")
         return EngineHealth("up", self.kind)
+
+    def _held_down(self, llm) -> bool:
+        """Whether the supervisor keeps the engine out of service (restarting it, or given up); a death not
+        noticed yet starts its restart here."""
+        supervisor = self._supervisor
+        if supervisor is None:
+            return False
+        if llm.errored:
+            supervisor.notice_death(ENGINE_DIED)
+        return supervisor.restarting or supervisor.gave_up
 
     def _live_llm(self):
         """The AsyncLLM to send a request to; EngineUnavailableError (503) while it is dead or restarting."""
         llm = self._llm
         if llm is None:
             raise EngineUnavailableError("the vLLM engine is shut down")
-        if self._supervisor is not None:
-            if llm.errored:
-                self._supervisor.notice_death(ENGINE_DIED)
-            if self._supervisor.restarting or self._supervisor.gave_up:
-                raise self._supervisor.unavailable()
+        if self._held_down(llm):
+            raise self._supervisor.unavailable()
         return llm
 
-    def _died_under(self, llm, exc: BaseException) -> EngineUnavailableError | None:
-        """The 503 for a request that failed because its engine died under it (None: another failure)."""
-        if self._supervisor is None or not llm.errored:
-            return None
-        self._supervisor.notice_death(ENGINE_DIED)
-        return self._supervisor.unavailable()
+    @contextlib.contextmanager
+    def _death_is_unavailable(self, llm) -> Iterator[None]:
+        """A request that fails because its engine died under it is a 503 (and starts the restart); any
+        other failure passes through."""
+        try:
+            yield
+        except Exception as exc:
+            if not self._held_down(llm):
+                raise
+            raise self._supervisor.unavailable() from exc
 
     async def _replace_llm(self) -> None:
         """A new AsyncLLM of the same arguments in place of the dead one, warmed up before it serves; the
@@ -222,6 +230,8 @@ class VLLMEngine(Engine):
             view._llm = fresh
 
     async def _warm(self, llm) -> None:
+        """factory.warm_up's request, sent to ``llm`` itself: through this engine it would be refused, the
+        restart being still under way."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -293,16 +303,12 @@ class VLLMEngine(Engine):
         final = None
         async with self._meter.call(call):
             llm = self._live_llm()
-            try:
+            with self._death_is_unavailable(llm):
                 async for out in llm.generate(
                     {"prompt_token_ids": list(prompt_token_ids)}, sampling_params,
                     request_id=f"alignd-{uuid.uuid4().hex}", lora_request=self._lora,
                 ):
                     final = out
-            except Exception as exc:
-                if (unavailable := self._died_under(llm, exc)) is not None:
-                    raise unavailable from exc
-                raise
         if final is None:
             raise ServerError("the vLLM engine returned no output")
         return final
@@ -328,37 +334,26 @@ class VLLMEngine(Engine):
                       index: int | None = None):
         """The deltas of one engine request; ``index``: the choice index they get (default vLLM's)."""
         llm = self._live_llm()
-        try:
-            async with aclosing(self._request_deltas(llm, prompt_token_ids, params, sampling, request_id,
-                                                     index)) as deltas:
-                async for delta in deltas:
-                    yield delta
-        except Exception as exc:
-            if (unavailable := self._died_under(llm, exc)) is not None:
-                raise unavailable from exc
-            raise
-
-    async def _request_deltas(self, llm, prompt_token_ids, params: GenerationParams, sampling, request_id: str,
-                              index: int | None):
-        async for out in llm.generate(
-            {"prompt_token_ids": list(prompt_token_ids)}, sampling, request_id=request_id, lora_request=self._lora
-        ):
-            prompt_count = len(out.prompt_token_ids or prompt_token_ids)
-            for comp in out.outputs:
-                logprobs = None
-                if params.logprobs is not None:
-                    logprobs = [
-                        GeneratedTokenLogprobs(tok, float(pos[tok].logprob), _top_entries(pos, params.logprobs))
-                        for tok, pos in zip(comp.token_ids, comp.logprobs or [])
-                    ]
-                yield StreamDelta(
-                    index=comp.index if index is None else index,
-                    token_ids=list(comp.token_ids),
-                    text=comp.text,
-                    finish_reason=comp.finish_reason,
-                    logprobs=logprobs,
-                    prompt_token_count=prompt_count,
-                )
+        with self._death_is_unavailable(llm):
+            async for out in llm.generate(
+                {"prompt_token_ids": list(prompt_token_ids)}, sampling, request_id=request_id, lora_request=self._lora
+            ):
+                prompt_count = len(out.prompt_token_ids or prompt_token_ids)
+                for comp in out.outputs:
+                    logprobs = None
+                    if params.logprobs is not None:
+                        logprobs = [
+                            GeneratedTokenLogprobs(tok, float(pos[tok].logprob), _top_entries(pos, params.logprobs))
+                            for tok, pos in zip(comp.token_ids, comp.logprobs or [])
+                        ]
+                    yield StreamDelta(
+                        index=comp.index if index is None else index,
+                        token_ids=list(comp.token_ids),
+                        text=comp.text,
+                        finish_reason=comp.finish_reason,
+                        logprobs=logprobs,
+                        prompt_token_count=prompt_count,
+                    )
 
     # ------------------------------------------------------------------ primitives
     async def top_k_next(self, prefixes, k):
