@@ -148,6 +148,15 @@ def tiny_classifier_dir(tmp_path_factory, tiny_llama_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vllm_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny model with heads vLLM's CPU attention runs (support.build_vllm_tiny_llama), for the modules
+    that serve a tiny model from alignd or a stock ``vllm serve``."""
+    from support import build_vllm_tiny_llama
+
+    return build_vllm_tiny_llama(tmp_path_factory.mktemp("tiny-vllm-llama"), tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_engine(tiny_llama_dir):
     from alignd.models.hf_engine import HFEngine
 

@@ -54,10 +54,6 @@ class MeasuredError:
         test's own, for float32) or 4 x the measured error (module docstring)."""
         return float32_bound if self.dtype == "float32" else max(float32_bound, 4 * self.max)
 
-    def near_tie_against_float32(self, float32_bound: float) -> float:
-        """Largest float32-reference gap at which this engine may pick differently: 2 x the measured error."""
-        return float32_bound if self.dtype == "float32" else max(float32_bound, 2 * self.max)
-
     def __str__(self) -> str:
         return (f"{self.dtype} engine vs float32 transformers: log-probability error max {self.max:.4f}, "
                 f"median {self.median:.4f} nats over {self.samples} top-5 entries")

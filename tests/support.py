@@ -85,6 +85,16 @@ class ServerProcess(ManagedProcess):
         self.start()
 
 
+TINY_SERVED_NAME = "tiny"
+
+
+def tiny_server_env(model_dir: str | Path) -> dict[str, str]:
+    """The settings of an ``alignd serve`` of a tiny vLLM model folder (conftest's ``tiny_vllm_dir``), served as
+    ``tiny``: no adapter engine, no head (neither exists for a model other than the embedded one)."""
+    return {"ALIGND_MODEL": str(model_dir), "ALIGND_SERVED_MODEL_NAME": TINY_SERVED_NAME, "ALIGND_MAX_MODEL_LEN": "256",
+            "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
 def read_eos_token_ids(model_dir: str | Path) -> tuple[int, ...]:
     """The end-of-text token ids of a Hugging Face model folder: the tokenizer's, the config's and the
     generation config's, together (vLLM stops on the tokenizer's and the config's, the transformers

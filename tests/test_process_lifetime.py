@@ -12,26 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from support import ManagedProcess, ServerProcess, build_vllm_tiny_llama
+from support import ManagedProcess, ServerProcess, tiny_server_env
 
 pytestmark = pytest.mark.vllm
 
 GONE_WITHIN_S = 30
-
-
-@pytest.fixture(scope="module")
-def tiny_vllm_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    return build_vllm_tiny_llama(tmp_path_factory.mktemp("lifetime-tiny"), tiny_llama_dir)
-
-
-def tiny_server_env(model_dir: Path) -> dict[str, str]:
-    return {"ALIGND_MODEL": str(model_dir), "ALIGND_SERVED_MODEL_NAME": "tiny", "ALIGND_MAX_MODEL_LEN": "256",
-            "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def engine_children(pid: int) -> list[psutil.Process]:

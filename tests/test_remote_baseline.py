@@ -27,7 +27,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import ServerProcess, build_vllm_tiny_llama, free_port, vllm_serve_process
+from support import TINY_SERVED_NAME, ServerProcess, free_port, tiny_server_env, vllm_serve_process
 
 pytestmark = pytest.mark.server
 
@@ -36,22 +36,18 @@ QUESTIONS = ["Tell me about Mondays.", "How was your weekend?", "Describe a rain
              "What do you think of homework?"]
 RULE = {"alpha": 1.0, "top_k": 4, "rollout_len": 4, "num_rollouts": 1}
 BASELINE_ENGINE = "baseline/default"
-MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 256
-LIGHT_ENV = {"ALIGND_VALUE_HEAD": "none", "ALIGND_DTYPE": "float32", "ALIGND_CPU_KVCACHE_SPACE_GIB": "1",
-             "VLLM_CPU_KVCACHE_SPACE": "1", "ALIGND_SERVED_MODEL_NAME": MODEL_NAME,
-             "ALIGND_MAX_MODEL_LEN": str(MAX_MODEL_LEN)}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    return build_vllm_tiny_llama(tmp_path_factory.mktemp("remote-baseline-tiny"), tiny_llama_dir)
+def light_env(model_dir: Path) -> dict[str, str]:
+    return {**tiny_server_env(model_dir), "ALIGND_VALUE_HEAD": "none", "ALIGND_DTYPE": "float32",
+            "ALIGND_CPU_KVCACHE_SPACE_GIB": "1"}
 
 
 @pytest.fixture(scope="module")
 def model_name() -> str:
     """The name the module's servers serve the tiny model under (conftest's is the session server's)."""
-    return MODEL_NAME
+    return TINY_SERVED_NAME
 
 
 class Remote:
@@ -82,17 +78,17 @@ class Remote:
 
 
 @pytest.fixture(scope="module")
-def remote_holder(tiny_dir, tmp_path_factory):
-    holder = Remote(tiny_dir, tmp_path_factory.mktemp("remote-baseline"))
+def remote_holder(tiny_vllm_dir, tmp_path_factory):
+    holder = Remote(tiny_vllm_dir, tmp_path_factory.mktemp("remote-baseline"))
     yield holder
     holder.stop()
 
 
 @pytest.fixture(scope="module")
-def aligned(remote_holder, tiny_dir):
+def aligned(remote_holder, tiny_vllm_dir):
     """alignd with the remote as its default baseline, started while the remote is down."""
-    env = {"ALIGND_MODEL": str(tiny_dir), "ALIGND_BASELINE_URL": remote_holder.base_url,
-           "ALIGND_BASELINE_SERVED_MODEL": REMOTE_NAME, **LIGHT_ENV}
+    env = {"ALIGND_BASELINE_URL": remote_holder.base_url, "ALIGND_BASELINE_SERVED_MODEL": REMOTE_NAME,
+           **light_env(tiny_vllm_dir)}
     with ServerProcess(env) as proc:
         proc.wait_ready(timeout=1200)
         yield proc
@@ -181,11 +177,10 @@ def test_tq_through_a_remote_copy_of_the_sft_model_is_cd(aligned, remote, model_
 
 
 @pytest.fixture(scope="module")
-def replicas(remote, tiny_dir):
+def replicas(remote, tiny_vllm_dir):
     """Two alignd processes whose SFT model is the remote: stateless controllers over one deployment (they
     read the tokenizer of the local folder only)."""
-    env = {"ALIGND_MODEL": str(tiny_dir), "ALIGND_SFT_URL": remote.base_url, "ALIGND_SFT_SERVED_MODEL": REMOTE_NAME,
-           **LIGHT_ENV}
+    env = {"ALIGND_SFT_URL": remote.base_url, "ALIGND_SFT_SERVED_MODEL": REMOTE_NAME, **light_env(tiny_vllm_dir)}
     with ServerProcess(env) as first, ServerProcess(env) as second:
         first.wait_ready(timeout=600)
         second.wait_ready(timeout=600)

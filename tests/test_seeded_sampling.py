@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
@@ -36,7 +35,7 @@ from alignd.models.seeded_sampling import (
     seeded_sampling_request,
 )
 
-from support import ServerProcess, build_vllm_tiny_llama, vllm_serve_process
+from support import ServerProcess, tiny_server_env, vllm_serve_process
 
 BURST_SEEDED = 32
 BATCHED_TOKENS = 64  # a step's token budget: a ~150-token prompt takes three prefill steps
@@ -99,11 +98,6 @@ def test_bad_values_are_refused_naming_the_key(extra, says):
 
 
 # ---------------------------------------------------------------------------- through servers
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    return build_vllm_tiny_llama(tmp_path_factory.mktemp("seeded-tiny"), tiny_llama_dir)
-
-
 def burst_bodies(model: str, seeded_extra) -> list[dict]:
     """32 seeded sampled requests with long prompts, 4 unseeded sampled and 4 greedy ones beside them."""
     seeded = [{"model": model, "prompt": LONG_PROMPT + f" {i}", "max_tokens": MAX_TOKENS, **seeded_extra(1000 + i)}
@@ -135,18 +129,17 @@ CHUNKED = {"ALIGND_ENABLE_CHUNKED_PREFILL": "true", "ALIGND_MAX_NUM_BATCHED_TOKE
 
 
 @pytest.mark.vllm
-def test_a_burst_of_seeded_requests_with_partial_prefills_through_alignd(tiny_dir):
-    env = {"ALIGND_MODEL": str(tiny_dir), "ALIGND_SERVED_MODEL_NAME": "tiny", "ALIGND_MAX_MODEL_LEN": "256",
-           "ALIGND_DTYPE": "float32", "VLLM_CPU_KVCACHE_SPACE": "1", **CHUNKED}
+def test_a_burst_of_seeded_requests_with_partial_prefills_through_alignd(tiny_vllm_dir):
+    env = {**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32", **CHUNKED}
     with ServerProcess(env) as server:
         server.wait_ready(timeout=600)
         check_burst(server.base_url, "tiny", lambda seed: {"temperature": 1.0, "seed": seed})
 
 
 @pytest.mark.vllm
-def test_the_same_burst_on_stock_vllm_serve_with_alignd_s_seeded_sampling(tiny_dir, tmp_path):
+def test_the_same_burst_on_stock_vllm_serve_with_alignd_s_seeded_sampling(tiny_vllm_dir, tmp_path):
     chunked = ("--enable-chunked-prefill", "--max-num-batched-tokens", str(BATCHED_TOKENS))
-    with vllm_serve_process(tiny_dir, "tiny", tmp_path / "vllm-serve.log", max_model_len=256,
+    with vllm_serve_process(tiny_vllm_dir, "tiny", tmp_path / "vllm-serve.log", max_model_len=256,
                             extra_args=chunked) as server:
         server.wait_ready(timeout=600)
         check_burst(server.base_url, "tiny", lambda seed: {
