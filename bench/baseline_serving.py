@@ -91,48 +91,40 @@ async def decode(generation, engine, prompts: list[str], decoding: dict | None, 
 
 async def measure(config: str, args) -> dict:
     """Every measurement of one configuration (its settings come from the environment)."""
-    from alignd.decoding.baselines import build_baselines
-    from alignd.decoding.generation import Generation
+    from alignd.decoding.generation import open_generation
     from alignd.models.factory import open_engine
-    from alignd.rewards.registry import build_rewards
     from alignd.settings import Settings
 
     settings = Settings()
     started = time.perf_counter()
     out: dict = {"config": config, "rows": []}
-    async with open_engine(settings, progress=False) as engine:
-        baselines = await build_baselines(engine, settings)
-        rewards = await build_rewards(settings, engine, baselines.aligned_policies())
-        generation = Generation(engine, rewards, settings, baselines)
+    async with open_engine(settings, progress=False) as engine, open_generation(engine, settings) as generation:
+        baselines = generation.baselines
         out["start_seconds"] = time.perf_counter() - started
         out["default_baseline"] = baselines.get("default").kind
         calls: list[tuple[str, float]] = []
         baseline_engine = baselines.get("default").policy.engine
         if baseline_engine is not engine:  # its own engine (merged, remote): time its rollout requests
             baseline_engine.observe_calls(lambda call, seconds, outcome: calls.append((call, seconds)))
-        try:
-            await decode(generation, engine, PROMPTS[:2], None, 8)  # warm-up of both paths
-            await decode(generation, engine, PROMPTS[:1], {**TQ, "baseline": "prompted"}, 2)
-            cases = [("plain", "SFT decoding", None)]
-            if out["default_baseline"] in ("adapter", "remote"):
-                cases.append(("baseline", "the adapter sampled (method: baseline)", {"method": "baseline"}))
-                cases.append(("tq_adapter", "TQ* from the adapter", {**TQ, "baseline": "default"}))
-            if config not in ("merged", "remote"):
-                # Under "merged" the SFT engine runs without LoRA, exactly as under "none", so TQ* from the
-                # prompted baseline (which shares it) would measure the same thing again: not repeated.
-                cases.append(("tq_prompted", "TQ* from the prompted baseline", {**TQ, "baseline": "prompted"}))
-            for key, label, decoding in cases:
-                max_tokens = args.tq_tokens if key.startswith("tq") else args.plain_tokens
-                for c in args.concurrency:
-                    row = await decode(generation, engine, PROMPTS[:c], decoding, max_tokens,
-                                       calls if key == "tq_adapter" else None)
-                    row.update(case=key, label=label, max_tokens=max_tokens)
-                    out["rows"].append(row)
-                    print(f"[{config}] {label}, c={c}: {row['tokens_per_s']:.2f} tokens/s"
-                          + (f", reward {row['mean_reward']:.3f}" if row["mean_reward"] is not None else ""), flush=True)
-        finally:
-            await generation.close()  # the baselines' own engines (the merged adapter's)
-            await rewards.close()
+        await decode(generation, engine, PROMPTS[:2], None, 8)  # warm-up of both paths
+        await decode(generation, engine, PROMPTS[:1], {**TQ, "baseline": "prompted"}, 2)
+        cases = [("plain", "SFT decoding", None)]
+        if out["default_baseline"] in ("adapter", "remote"):
+            cases.append(("baseline", "the adapter sampled (method: baseline)", {"method": "baseline"}))
+            cases.append(("tq_adapter", "TQ* from the adapter", {**TQ, "baseline": "default"}))
+        if config not in ("merged", "remote"):
+            # Under "merged" the SFT engine runs without LoRA, exactly as under "none", so TQ* from the
+            # prompted baseline (which shares it) would measure the same thing again: not repeated.
+            cases.append(("tq_prompted", "TQ* from the prompted baseline", {**TQ, "baseline": "prompted"}))
+        for key, label, decoding in cases:
+            max_tokens = args.tq_tokens if key.startswith("tq") else args.plain_tokens
+            for c in args.concurrency:
+                row = await decode(generation, engine, PROMPTS[:c], decoding, max_tokens,
+                                   calls if key == "tq_adapter" else None)
+                row.update(case=key, label=label, max_tokens=max_tokens)
+                out["rows"].append(row)
+                print(f"[{config}] {label}, c={c}: {row['tokens_per_s']:.2f} tokens/s"
+                      + (f", reward {row['mean_reward']:.3f}" if row["mean_reward"] is not None else ""), flush=True)
     return out
 
 

@@ -38,20 +38,20 @@ async def decode(aligned, engine, prompt_text, config, max_tokens):
 
 
 async def main(args) -> None:
+    from contextlib import AsyncExitStack
+
     from alignd.decoding.config import DecodingConfig
-    from alignd.decoding.generation import Generation
+    from alignd.decoding.generation import open_generation
     from alignd.models.factory import build_reference_engine, open_engine
-    from alignd.rewards.registry import build_rewards
     from alignd.settings import Settings
 
     settings = Settings()
     config_args = dict(method="transfer_q", alpha=1.0, top_k=10, rollout_len=20, diagnostics=True)
-    async with open_engine(settings) as vllm_engine:
+    async with open_engine(settings) as vllm_engine, AsyncExitStack() as stack:
         hf_engine = build_reference_engine(vllm_engine.info.model_path, settings)
         paths = {}
         for name, engine in (("vllm", vllm_engine), ("hf", hf_engine)):
-            registry = await build_rewards(settings, engine)
-            aligned = Generation(engine, registry, settings)
+            aligned = await stack.enter_async_context(open_generation(engine, settings, configured_baselines=False))
             paths[name] = (aligned, engine, DecodingConfig(**config_args))
         same = total = identical = 0
         print("| prompt | identical | first divergence | top-2 gap there (HF, nats) |\n|---|---|---|---|")

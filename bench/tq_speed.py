@@ -434,21 +434,17 @@ async def cheaper_variants(engine, aligned, cfg: BenchConfig) -> list[dict]:
 
 async def run_all(engine, settings, cfg: BenchConfig) -> dict:
     """Everything this script measures, over an open engine."""
-    from alignd.decoding.generation import Generation
-    from alignd.rewards.registry import build_rewards
+    from alignd.decoding.generation import open_generation
 
-    registry = await build_rewards(settings, engine)
-    try:
-        aligned = Generation(engine, registry, settings)
-        reference = await measure_reference(engine, settings, registry, cfg) if cfg.reference_prompts else None
+    # the prompted baseline only (TQ* here transfers from it; no adapter engine to start)
+    async with open_generation(engine, settings, configured_baselines=False) as aligned:
+        reference = await measure_reference(engine, settings, aligned.rewards, cfg) if cfg.reference_prompts else None
         if reference:
             print(f"reference loop: {reference['tokens_per_s']:.3f} tokens/s "
                   f"({1 / reference['tokens_per_s']:.2f} s/token)", flush=True)
         capacity_cache: dict = {}
         rows = await sweep(engine, aligned, cfg, reference["tokens_per_s"] if reference else None, capacity_cache)
         variants = await cheaper_variants(engine, aligned, cfg)
-    finally:
-        await registry.close()
     return {"config": asdict(cfg), "reference": reference, "sweep": rows, "capacity": capacity_cache,
             "variants": variants}
 

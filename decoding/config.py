@@ -6,31 +6,45 @@ a value beyond them is a 400 that names the field and the limit.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alignd.decoding import registry
 from alignd.errors import InvalidRequestError
 from alignd.settings import Settings
 
-Method = Literal["sft", "baseline", "transfer_q", "args", "cd", "best_of_n"]
+
+def _method_enum(schema: dict[str, Any]) -> None:
+    """The schema's enum of ``method``, read from the registry when the schema is made (so /openapi.json
+    lists every registered method, the built-in ones and those added later)."""
+    schema["enum"] = list(registry.methods())
+
+
+def _value_enum(schema: dict[str, Any]) -> None:
+    schema["enum"] = list(registry.value_sources())
+
+
+DEFAULT_VALUE_SOURCE = "rollouts"
 
 
 class DecodingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Method = "sft"
+    method: str = Field("sft", description="The decoding method: GET /v1/methods lists them with their parameters.",
+                        json_schema_extra=_method_enum)
     alpha: float | None = Field(None, gt=0.0, description="KL strength: large = close to SFT, small = reward-seeking.")
     top_k: int | None = Field(None, ge=1, description="Candidate tokens per step.")
     num_rollouts: int | None = Field(None, ge=1, description="Rollouts per candidate (transfer_q, cd).")
     rollout_len: int | None = Field(None, ge=0, description="Tokens per rollout (transfer_q, cd).")
     rollout_temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy rollouts.")
-    value: Literal["rollouts", "head"] = Field(
-        "rollouts",
-        description="transfer_q: how Q(s, z) is estimated. 'rollouts': the baseline's rollouts per candidate "
-        "(ALGORITHMS.md); 'head': the server's learned value head, scored inside the engine's own decode step "
-        "(one engine request per answer, near the cost of plain decoding; GET /v1/value_head says which "
-        "reward and baseline it was trained for).",
+    value: str = Field(
+        DEFAULT_VALUE_SOURCE,
+        description="transfer_q: how Q(s, z) is estimated (GET /v1/methods lists the value sources). 'rollouts': "
+        "the baseline's rollouts per candidate (ALGORITHMS.md); 'head': the server's learned value head, scored "
+        "inside the engine's own decode step (one engine request per answer, near the cost of plain decoding; "
+        "GET /v1/value_head says which reward and baseline it was trained for).",
+        json_schema_extra=_value_enum,
     )
     transfer: Literal["direct", "indirect"] = Field(
         "direct", description="direct: the baseline is aligned to the target reward; indirect: to baseline_reward."
@@ -67,32 +81,63 @@ class DecodingConfig(BaseModel):
             raise ValueError("num_rollouts > 1 needs rollout_temperature > 0: greedy rollouts would all be identical")
         return self
 
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, method: str) -> str:
+        known = registry.methods()
+        if method not in known:
+            raise ValueError(f"unknown decoding method '{method}'; this server has: {', '.join(known)} (GET /v1/methods)")
+        return method
+
+    @field_validator("value")
+    @classmethod
+    def _registered_value_source(cls, value: str) -> str:
+        known = registry.value_sources()
+        if value not in known:
+            raise ValueError(f"unknown value source '{value}'; this server has: {', '.join(known)} (GET /v1/methods)")
+        return value
+
     @model_validator(mode="after")
-    def _head_is_transfer_q_direct(self) -> DecodingConfig:
-        if self.value == "head":
-            if self.method != "transfer_q":
-                raise ValueError(f"decoding.value='head' is a transfer_q estimator, not one of method={self.method}")
-            if self.transfer == "indirect":
-                raise ValueError("decoding.value='head' is direct transfer (the head was distilled from rollouts "
-                                 "scored by its target reward); use value='rollouts' for indirect transfer")
-            if self.block_size != 1 or self.confidence_threshold is not None:
-                raise ValueError("block_size and confidence_threshold save rollouts; with decoding.value='head' "
-                                 "every token is value-guided at no rollout cost: leave them unset")
+    def _value_source_applies(self) -> DecodingConfig:
+        if self.value != DEFAULT_VALUE_SOURCE and not self.spec.takes_value_source:
+            raise ValueError(f"decoding.value='{self.value}' is a transfer_q estimator, not one of method={self.method}")
+        if self.value_source is not None:
+            self.value_source.check_config(self)
         return self
 
     @property
-    def metric_label(self) -> str:
-        """The ``method`` label of this request's metrics: TQ* by the value head is its own series."""
-        return "transfer_q_head" if self.uses_value_head else self.method
+    def spec(self) -> registry.MethodSpec:
+        """The method's registered spec."""
+        return registry.methods()[self.method]
 
     @property
-    def uses_value_head(self) -> bool:
-        return self.method == "transfer_q" and self.value == "head"
+    def value_source(self) -> registry.ValueSourceSpec | None:
+        """The value source's spec, for a method that takes one (None otherwise)."""
+        return registry.value_sources()[self.value] if self.spec.takes_value_source else None
+
+    @property
+    def family(self) -> registry.Family:
+        """The admission family this request is costed as."""
+        source = self.value_source
+        return source.family if source is not None else self.spec.family
+
+    @property
+    def metric_label(self) -> str:
+        """The ``method`` label of this request's metrics: a value source may be its own series
+        (TQ* by the value head is ``transfer_q_head``)."""
+        source = self.value_source
+        return (source.metric_label if source is not None else None) or self.method
+
+    @property
+    def values_in_engine(self) -> bool:
+        """The values are computed inside the engine's decode step: no per-step values nor KL to report."""
+        source = self.value_source
+        return source is not None and source.in_engine
 
     @property
     def indirect(self) -> bool:
         """TQ* with indirect transfer (the baseline aligned to another reward than the target)."""
-        return self.method == "transfer_q" and self.transfer == "indirect"
+        return self.value_source is not None and self.transfer == "indirect"
 
     def resolved(self, settings: Settings) -> DecodingConfig:
         """Defaults filled from the settings, then every cost-driving field checked against its limit."""
@@ -125,15 +170,7 @@ class DecodingConfig(BaseModel):
         except ValidationError as exc:  # a default combined with the request's values (e.g. greedy rollouts)
             message = exc.errors()[0]["msg"].removeprefix("Value error, ")
             raise InvalidRequestError(f"decoding: {message}", param="decoding") from None
-        limits = {
-            "top_k": settings.max_top_k,
-            "num_rollouts": settings.max_num_rollouts,
-            "rollout_len": settings.max_rollout_len,
-            "num_blocks": settings.max_num_rollouts,
-            "block_len": settings.max_rollout_len,
-            "num_samples": settings.max_best_of_n,
-            "block_size": settings.max_rollout_len,
-        }
+        limits = parameter_limits(settings)
         for key, limit in limits.items():
             if getattr(out, key) > limit:
                 raise InvalidRequestError(
@@ -146,3 +183,16 @@ class DecodingConfig(BaseModel):
                 param="decoding.num_rollouts",
             )
         return out
+
+
+def parameter_limits(settings: Settings) -> dict[str, int]:
+    """The server's upper bound on each cost-driving field of ``decoding`` (a request above it is a 400)."""
+    return {
+        "top_k": settings.max_top_k,
+        "num_rollouts": settings.max_num_rollouts,
+        "rollout_len": settings.max_rollout_len,
+        "num_blocks": settings.max_num_rollouts,
+        "block_len": settings.max_rollout_len,
+        "num_samples": settings.max_best_of_n,
+        "block_size": settings.max_rollout_len,
+    }

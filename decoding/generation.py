@@ -17,24 +17,16 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 
-from alignd.decoding.baselines import DEFAULT, BaselineRegistry, prompted_only
+from alignd.decoding.baselines import DEFAULT, BaselineRegistry, build_baselines, prompted_only
 from alignd.decoding.config import DecodingConfig
-from alignd.decoding.methods import (
-    BaselineDecoder,
-    BestOfNDecoder,
-    BlockwiseCDDecoder,
-    Decoder,
-    HeadTransferQDecoder,
-    SFTDecoder,
-    StepRecord,
-    ValueGuidedDecoder,
-)
+from alignd.decoding.methods import Decoder, StepRecord
 from alignd.decoding.prompt import Policy, Prompt
+from alignd.decoding.registry import ALIGNED, PLAIN, Family
 from alignd.decoding.text import TextAssembler
-from alignd.decoding.values import PartialRewardValue, RolloutValueEstimator
+from alignd.decoding.values import ValueEstimator
 from alignd.errors import InvalidRequestError
 from alignd.models.engine import (
     Choice,
@@ -47,15 +39,12 @@ from alignd.models.engine import (
 )
 from alignd.models.streams import merge_streams
 from alignd.protocol.diagnostics import AlignmentSummary, DecodingCost
-from alignd.rewards.registry import RewardRegistry
+from alignd.rewards.registry import RewardRegistry, build_rewards
 from alignd.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Decoding families, for admission control: a plain request is one engine request; an aligned one
-# costs many engine calls per answer (top-k, rollouts, rewards).
-PLAIN = "plain"
-ALIGNED = "aligned"
+__all__ = ["ALIGNED", "PLAIN", "Completion", "DecodedDelta", "Generation", "GenerationPlan", "open_generation"]
 
 # Observers (metrics): called with (method, step, seconds the step took) for every decision, and with
 # (method, target reward or None, KL from SFT) for every finished choice, diagnostics or not.
@@ -77,11 +66,9 @@ class GenerationPlan:
         return list(self.prompt.token_ids)
 
     @property
-    def family(self) -> str:
-        # sampling the SFT model or a baseline, or TQ* by the engine's value head, is one engine request,
-        # like plain decoding
-        plain = self.decoding is None or self.decoding.method in ("sft", "baseline") or self.decoding.uses_value_head
-        return PLAIN if plain else ALIGNED
+    def family(self) -> Family:
+        """The admission family (the method's, registry.MethodSpec.family): the engine's own sampler is plain."""
+        return PLAIN if self.decoding is None else self.decoding.family
 
 
 @dataclass
@@ -181,7 +168,7 @@ class Generation:
         """Check everything before any work (and before a stream's headers): the engine's own checks,
         the decoding method's parameters, and which of the request's fields the method can honour."""
         self.engine.check_params(params)
-        if decoding is None or (decoding.method == "sft" and not decoding.diagnostics):
+        if decoding is None or (decoding.spec.is_engine_sampler and not decoding.diagnostics):
             return GenerationPlan(prompt, params)
         if params.logprobs is not None:
             raise InvalidRequestError(
@@ -189,29 +176,39 @@ class Generation:
                 "(decoding.diagnostics=true) report each step's candidates and log-probabilities",
                 param="logprobs",
             )
-        if decoding.method in ("transfer_q", "baseline") and not decoding.uses_value_head:
-            decoding = self._with_baseline_defaults(decoding)
-        if decoding.uses_value_head:
-            decoding = self._with_head_defaults(decoding)
+        resolved = self.plan_decoding(decoding)
+        resolved.spec.check_params(resolved, params)
+        if resolved.value_source is not None:
+            resolved.value_source.check_params(resolved, params)
+        return GenerationPlan(prompt, params, resolved)
+
+    def plan_decoding(self, decoding: DecodingConfig) -> DecodingConfig:
+        """The part of :meth:`plan` that depends on the decoding request alone: the method's and its value
+        source's defaults from the served stack, the settings' defaults and limits, and the rewards named."""
+        decoding = decoding.spec.prepare(self, decoding)
+        source = decoding.value_source
+        if source is not None:
+            reason = source.unavailable(self)
+            if reason is not None:
+                raise InvalidRequestError(reason, param="decoding.value")
+            decoding = source.prepare(self, decoding)
         resolved = decoding.resolved(self.settings)
-        if resolved.method not in ("sft", "baseline"):
+        if resolved.spec.needs_reward:
             self.rewards.get(resolved.reward)  # unknown names fail before any work
             if resolved.indirect:
                 self.rewards.get(resolved.baseline_reward)
-        self._check_penalties(resolved, params)
-        return GenerationPlan(prompt, params, resolved)
+        return resolved
 
-    def _with_baseline_defaults(self, decoding: DecodingConfig) -> DecodingConfig:
-        """What the chosen baseline knows better than the settings: its implicit reward is the r_BL of
-        indirect transfer (unless the request or ALIGND_BASELINE_REWARD names another), and beta is the
-        KL coefficient it was trained with."""
-        baseline = self.baselines.get(decoding.baseline)  # an unknown name fails here, before any work
-        updates: dict = {}
-        if decoding.baseline_reward is None and self.settings.baseline_reward is None:
-            updates["baseline_reward"] = baseline.implicit_reward
-        if decoding.beta is None and baseline.beta is not None:
-            updates["beta"] = baseline.beta
-        return decoding.model_copy(update=updates) if updates else decoding
+    def value_estimator(self, decoding: DecodingConfig) -> tuple[DecodingConfig, ValueEstimator]:
+        """The value estimator a request for ``decoding`` decodes with, and the resolved request (for
+        training targets: the same values the method uses). A 400 where the values never leave the engine."""
+        resolved = self.plan_decoding(decoding)
+        source = resolved.value_source
+        if source is None or source.estimator is None:
+            raise InvalidRequestError(
+                f"decoding.method={resolved.method} with value={resolved.value} has no value estimator outside the "
+                "engine", param="decoding")
+        return resolved, source.estimator(self, resolved)
 
     @property
     def value_head(self) -> dict | None:
@@ -249,48 +246,6 @@ class Generation:
                 logger.warning("could not digest baseline '%s' (%s)", baseline.name, baseline.source, exc_info=True)
                 digests[baseline.name] = None
         return digests[baseline.name]
-
-    def _with_head_defaults(self, decoding: DecodingConfig) -> DecodingConfig:
-        """The head was distilled for one target reward from one baseline's rollouts: a request for another
-        is refused (naming the head's), and the diagnostics name the head's."""
-        head = self.value_head
-        if not head:
-            raise InvalidRequestError(
-                "decoding.value='head' needs a value head, and this server has none (ALIGND_VALUE_HEAD: a folder made "
-                "by 'alignd train value-head'); use decoding.value='rollouts'", param="decoding.value")
-        reward = head.get("reward")
-        if decoding.reward is not None and decoding.reward != reward:
-            raise InvalidRequestError(
-                f"this server's value head was trained for reward '{reward}', not '{decoding.reward}': ask for "
-                f"reward '{reward}', or use decoding.value='rollouts' for any reward", param="decoding.reward")
-        served, described = self.head_baseline()
-        if decoding.baseline is not None and decoding.baseline != served:
-            raise InvalidRequestError(
-                f"this server's value head was distilled from baseline '{described}', not '{decoding.baseline}': "
-                "use decoding.value='rollouts' to transfer from another baseline", param="decoding.baseline")
-        return decoding.model_copy(update={"reward": reward, "baseline": served})
-
-    @staticmethod
-    def _check_penalties(config: DecodingConfig, params: GenerationParams) -> None:
-        if not (params.presence_penalty or params.frequency_penalty):
-            return
-        # Tokens sampled as a fresh engine request (a block, or a value-guided block's tail) would be
-        # penalised by vLLM for that request's own tokens only, not for the answer's: refuse rather
-        # than apply a penalty that is not the one asked for.
-        if config.method == "cd" and config.cd_mode == "block":
-            raise InvalidRequestError(
-                "presence_penalty and frequency_penalty are not available with cd_mode=block: each block is "
-                "sampled as its own engine request, whose penalties would count the block's tokens only, not "
-                "the answer's; use cd_mode=token (penalties apply to every candidate) or drop the penalties",
-                param="presence_penalty" if params.presence_penalty else "frequency_penalty",
-            )
-        if config.block_size > 1 and config.method in ("transfer_q", "cd", "args"):
-            raise InvalidRequestError(
-                "presence_penalty and frequency_penalty need decoding.block_size=1: the SFT model writes a "
-                "block's other tokens as its own engine request, whose penalties would count that request's "
-                "tokens only, not the answer's",
-                param="decoding.block_size",
-            )
 
     # ------------------------------------------------------------------ streams
     def stream(self, plan: GenerationPlan, request_id: str) -> AsyncIterator[DecodedDelta]:
@@ -354,37 +309,7 @@ class Generation:
     # ------------------------------------------------------------------ one choice of a method
     def build(self, config: DecodingConfig, params: GenerationParams) -> Decoder:
         """The decoder of one choice. ``config`` must be resolved; ``params`` are the choice's own."""
-        record = config.diagnostics
-        if config.method == "sft":
-            return SFTDecoder(self.sft, params)
-        if config.method == "baseline":
-            return BaselineDecoder(self.sft, self.baselines.get(config.baseline).policy, params,
-                                   record_candidates=record)
-        if config.uses_value_head:
-            return HeadTransferQDecoder(self.sft, params, alpha=config.alpha, top_k=config.top_k, record_candidates=record)
-        reward = self.rewards.get(config.reward)
-        if config.method == "best_of_n":
-            return BestOfNDecoder(self.sft, reward, params, num_samples=config.num_samples,
-                                  sample_temperature=config.sample_temperature, record_candidates=record)
-        if config.method == "cd" and config.cd_mode == "block":
-            return BlockwiseCDDecoder(self.sft, reward, params, num_blocks=config.num_blocks, block_len=config.block_len,
-                                      alpha=config.alpha, block_temperature=config.sample_temperature,
-                                      record_candidates=record)
-        if config.method == "args":
-            estimator = PartialRewardValue(reward, self.engine.decode)
-        else:
-            estimator = RolloutValueEstimator(
-                self.baselines.get(config.baseline).policy if config.method == "transfer_q" else self.sft,
-                reward,
-                num_rollouts=config.num_rollouts,
-                rollout_len=config.rollout_len,
-                temperature=config.rollout_temperature,
-                baseline_reward=self.rewards.get(config.baseline_reward) if config.indirect else None,
-                beta=config.beta,
-            )
-        return ValueGuidedDecoder(self.sft, estimator, params, alpha=config.alpha, top_k=config.top_k,
-                                  block_size=config.block_size, confidence_threshold=config.confidence_threshold,
-                                  prune=bool(config.prune), record_candidates=record)
+        return config.spec.build(self, config, params)
 
     async def _one_choice(self, index: int, plan: GenerationPlan) -> AsyncIterator[DecodedDelta]:
         prompt, params, config = plan.prompt, plan.params, plan.decoding
@@ -410,7 +335,7 @@ class Generation:
                     yield delta
         finally:
             await chunks.aclose()  # a stop string or a gone client ends the method's engine work now
-        kl = None if config.uses_value_head else sum(s.kl for s in steps)
+        kl = None if config.values_in_engine else sum(s.kl for s in steps)
         reward = None
         if config.diagnostics or (self.response_observers and self.settings.score_responses):
             reward = await self._target_reward(prompt, config, text.answer)
@@ -425,21 +350,17 @@ class Generation:
         return (await self.rewards.get(config.reward).score([prompt.reward_item(text)], truncate=True))[0].value
 
     def _summary(self, config: DecodingConfig, reward: float, steps: list[StepRecord], kl: float) -> AlignmentSummary:
-        baseline = kind = None
-        if config.uses_value_head:  # the baseline the head was distilled from, served here or not
-            made = (self.value_head or {}).get("baseline") or {}
-            baseline, kind = self.head_baseline()[0] or made.get("name"), made.get("kind")
-        elif config.method in ("transfer_q", "baseline"):
-            baseline, kind = config.baseline or DEFAULT, self.baselines.get(config.baseline).kind
+        named_by = config.value_source.named_baseline if config.value_source is not None else config.spec.named_baseline
+        baseline, kind = named_by(self, config)
         return AlignmentSummary(
             method=config.method,
             baseline=baseline,
             baseline_kind=kind,
-            baseline_reward=config.baseline_reward if config.method == "transfer_q" and config.indirect else None,
+            baseline_reward=config.baseline_reward if config.indirect else None,
             reward_name=config.reward,
             reward=reward,
             kl=kl,
-            value=config.value if config.method == "transfer_q" else None,
+            value=config.value if config.value_source is not None else None,
             cost=DecodingCost(
                 decisions=len(steps),
                 gated=sum(1 for s in steps if s.gated),
@@ -501,3 +422,28 @@ class _ChoiceText:
         out = DecodedDelta(self.index, self.pending, self.piece, self.finish, self.pending_logprobs, prompt_token_count)
         self.pending, self.piece, self.pending_logprobs = [], "", None
         return out
+
+
+@asynccontextmanager
+async def open_generation(engine: Engine, settings: Settings, *, configured_baselines: bool = True,
+                          ) -> AsyncIterator[Generation]:
+    """The one wiring of the stack over an open engine, as the server, the evaluation, the benchmarks and
+    training use it: the configured baselines (adapters in the engine, or engines of their own; with
+    ``configured_baselines=False`` the prompted one only, sharing the engine), the rewards that come with
+    them, and :class:`Generation` prepared for serving. On exit, what it started is shut down (the
+    baselines' own engines, then the rewards'); ``engine`` stays the caller's."""
+    baselines = await build_baselines(engine, settings) if configured_baselines else prompted_only(engine, settings)
+    try:
+        rewards = await build_rewards(settings, engine, baselines.aligned_policies())
+    except BaseException:
+        await baselines.close()
+        raise
+    generation = Generation(engine, rewards, settings, baselines)
+    try:
+        await generation.prepare()
+        yield generation
+    finally:
+        try:
+            await generation.close()
+        finally:
+            await rewards.close()

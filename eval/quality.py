@@ -73,6 +73,7 @@ import statistics
 import sys
 import time
 from collections.abc import Collection, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -559,43 +560,27 @@ class _Runner:
         self._log_file = None
         self._head_replay: HeadReplay | None = None
         self._head_digest: str | None = None
+        self._stack = AsyncExitStack()
 
     async def start(self) -> None:
-        from alignd.decoding.baselines import build_baselines
-        from alignd.decoding.generation import Generation
-        from alignd.rewards.registry import build_rewards
+        from alignd.decoding.generation import open_generation
 
-        # The server's own baselines ("default": the trained adapter where there is one; "prompted"), and
-        # the rewards that come with them (an adapter's implicit reward, for indirect transfer from it).
-        self.baselines = await build_baselines(self.engine, self.settings)
-        try:
-            self.registry = await build_rewards(self.settings, self.engine, self.baselines.aligned_policies())
-        except BaseException:
-            await self._close_baselines()
-            raise
-        self.aligned = Generation(self.engine, self.registry, self.settings, self.baselines)
+        # The server's own stack: its baselines ("default": the trained adapter where there is one;
+        # "prompted"), and the rewards that come with them (an adapter's implicit reward, for indirect
+        # transfer from it), wired as the server wires them.
+        self._stack = AsyncExitStack()
+        self.aligned = await self._stack.enter_async_context(open_generation(self.engine, self.settings))
+        self.baselines, self.registry = self.aligned.baselines, self.aligned.rewards
 
     async def close(self) -> None:
-        """What start opened, as the server closes it: the baselines' own engines (a baseline model, a
-        merged adapter), then the rewards'; and the partial log."""
+        """What start opened, as the server closes it (the baselines' own engines, then the rewards');
+        and the partial log."""
         try:
-            await self._close_baselines()
+            await self._stack.aclose()
         finally:
-            try:
-                if self.registry is not None:
-                    await self.registry.close()
-            finally:
-                if self._log_file is not None:
-                    self._log_file.close()
-                    self._log_file = None
-
-    async def _close_baselines(self) -> None:
-        close = getattr(self.baselines, "close", None)
-        if close is not None:
-            await close()
-        elif self.baselines is not None:  # a BaselineRegistry without close(): say so rather than fail the run
-            print("warning: the BaselineRegistry has no close(); engines of its own (if any) were not shut down",
-                  file=sys.stderr)
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
 
     # ------------------------------------------------------------------ baselines
     def baseline_kinds(self) -> dict[str, str] | None:
@@ -694,7 +679,7 @@ class _Runner:
             raise RuntimeError(f"{run.key}: no diagnostics in the response to {prompt_row['id']}")
         seconds = time.perf_counter() - started
         replay = {}
-        if config.uses_value_head:  # the KL the engine cannot report, replayed in transformers
+        if config.values_in_engine:  # the KL the engine cannot report, replayed in transformers
             replay = await asyncio.to_thread(self.head_replay(), prompt.token_ids, token_ids, config.alpha, config.top_k)
             alignment["kl"] = replay["kl"]
         return {

@@ -3,7 +3,7 @@ the baselines and value-head listings, ``GET /health``."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -66,6 +66,47 @@ class BaselineCard(BaseModel):
 class BaselineList(BaseModel):
     object: str = "list"
     data: list[BaselineCard]
+
+
+class MethodParameter(BaseModel):
+    """A field of the request's ``decoding`` object that a method (or a value source) reads."""
+
+    name: str
+    description: str | None = None
+    default: Any = Field(None, description="This server's default (null: unset, or from the request's other fields).")
+    limit: int | None = Field(None, description="This server's upper bound (a request above it is a 400).")
+    json_schema: dict[str, Any] = Field(default_factory=dict, description="The field's JSON schema (type, range).")
+
+
+class ValueSourceCard(BaseModel):
+    """A way ``transfer_q`` estimates Q(s, z): ``decoding.value``."""
+
+    name: str
+    summary: str
+    family: Literal["plain", "aligned"] = Field(description="Admission family: plain = one engine request an answer.")
+    in_engine: bool = Field(description="Values computed inside the engine's decode step (the diagnostics list the "
+                            "candidates, not their values, and no KL).")
+    available: bool
+    unavailable_reason: str | None = Field(None, description="Why this server cannot serve it, and what to set.")
+    parameters: list[MethodParameter]
+
+
+class MethodCard(BaseModel):
+    """A decoding method: ``decoding.method``."""
+
+    name: str
+    summary: str
+    family: Literal["plain", "aligned"] = Field(description="Admission family (with a value source: the source's).")
+    needs_reward: bool
+    needs_baseline: bool
+    value_sources: list[str] | None = Field(None, description="The values of decoding.value it takes (null: none).")
+    parameters: list[MethodParameter]
+
+
+class MethodList(BaseModel):
+    object: str = "list"
+    data: list[MethodCard]
+    value_sources: list[ValueSourceCard]
 
 
 class ValueHeadCard(BaseModel):

@@ -15,7 +15,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
-from alignd.decoding.generation import ALIGNED, PLAIN
+from alignd.decoding.registry import ALIGNED, PLAIN
 from alignd.errors import DeadlineExceededError, OverloadedError, QueueTimeoutError
 from alignd.settings import Settings
 

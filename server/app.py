@@ -10,12 +10,10 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request, Response
 
 from alignd import __version__
-from alignd.decoding.baselines import build_baselines
-from alignd.decoding.generation import Generation
+from alignd.decoding.generation import open_generation
 from alignd.models.engine import Engine
 from alignd.models.factory import open_engine
 from alignd.protocol.native import EngineHealthCard, HealthResponse
-from alignd.rewards.registry import build_rewards
 from alignd.server.admission import AdmissionController
 from alignd.server.auth import require_api_key
 from alignd.server.errors import ERROR_RESPONSES, install_error_handlers
@@ -35,34 +33,26 @@ from alignd.settings import Settings, get_settings
 @asynccontextmanager
 async def _serving(app: FastAPI, engine: Engine, settings: Settings, metrics: ServerMetrics) -> AsyncIterator[None]:
     """Build the serving objects over an open engine; close what they own on exit."""
-    baselines = await build_baselines(engine, settings)
-    try:
-        registry = await build_rewards(settings, engine, baselines.aligned_policies())
-    except BaseException:
-        await baselines.close()
-        raise
-    generation = Generation(engine, registry, settings, baselines)
-    await generation.prepare()
-    generation.step_observers.append(metrics.observe_step)
-    generation.response_observers.append(metrics.observe_response)
-    # One controller for every generate endpoint: the limits are per server, not per API.
-    admission = AdmissionController(settings, on_reject=lambda family, reason: metrics.admission_rejected.labels(family, reason).inc())
-    metrics.bind_admission(admission)
-    metrics.bind_engine(engine)
-    app.state.engines = generation.engines()
-    metrics.bind_engines(app.state.engines)
-    app.state.engine = engine
-    app.state.admission = admission
-    app.state.openai_serving = OpenAIServing(generation, settings, metrics, admission)
-    app.state.native_serving = NativeServing(generation, settings, metrics, admission)
-    app.state.reward_serving = RewardServing(registry, settings, metrics)
-    app.state.probe_serving = ProbeServing.for_engine(engine, settings, metrics)
-    try:
-        yield
-    finally:
-        await app.state.probe_serving.close()
-        await generation.close()
-        await registry.close()
+    async with open_generation(engine, settings) as generation:
+        generation.step_observers.append(metrics.observe_step)
+        generation.response_observers.append(metrics.observe_response)
+        # One controller for every generate endpoint: the limits are per server, not per API.
+        admission = AdmissionController(
+            settings, on_reject=lambda family, reason: metrics.admission_rejected.labels(family, reason).inc())
+        metrics.bind_admission(admission)
+        metrics.bind_engine(engine)
+        app.state.engines = generation.engines()
+        metrics.bind_engines(app.state.engines)
+        app.state.engine = engine
+        app.state.admission = admission
+        app.state.openai_serving = OpenAIServing(generation, settings, metrics, admission)
+        app.state.native_serving = NativeServing(generation, settings, metrics, admission)
+        app.state.reward_serving = RewardServing(generation.rewards, settings, metrics)
+        app.state.probe_serving = ProbeServing.for_engine(engine, settings, metrics)
+        try:
+            yield
+        finally:
+            await app.state.probe_serving.close()
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:

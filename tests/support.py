@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,3 +158,29 @@ def vllm_serve_process(model_dir: str | Path, served_name: str, log_path: Path, 
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     return ManagedProcess(cmd, name=f"vllm serve ({served_name})", log_path=log_path,
                           base_url=f"http://127.0.0.1:{port}", env=env)
+
+
+class InProcessServer:
+    """An app (``alignd.server.app.create_app``) served by uvicorn on a free port, in a thread of the test
+    process: real HTTP to an app built around an engine the test holds."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    def __enter__(self) -> InProcessServer:
+        self._thread.start()
+        deadline = time.monotonic() + 120
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the in-process server on port {self.port} did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=60)

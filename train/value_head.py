@@ -3,7 +3,7 @@
     training prompts --(SFT engine, temperature 1)--> one answer per state slot, cut at a random length
         --> state s = (prompt, partial answer)
         --> the SFT model's top-k candidates z (Engine.top_k_next) and Q^BL(s, z) for each, from the
-            rollout estimator transfer_q decoding builds (Generation.build): the same code, so the
+            rollout estimator transfer_q decoding builds (Generation.value_estimator): the same code, so the
             targets are exactly the values rollout TQ* would use at s
         --> <out>.partial/states.jsonl, one line per finished state (resumable)
     then, in transformers (float32, the same weights):
@@ -406,7 +406,7 @@ class StateTargets:
 
 class TargetMaker:
     """The targets of states: the SFT model's top-k candidates and ``Q^BL(s, z)`` from the estimator that
-    transfer_q decoding itself builds (:meth:`Generation.build`), called as ``ValueGuidedDecoder`` calls it
+    transfer_q decoding itself builds (:meth:`Generation.value_estimator`), called as ``ValueGuidedDecoder`` calls it
     (its ``top_k_next`` on the SFT prefix, then ``estimate`` with the baseline's own prefix)."""
 
     def __init__(self, generation: Generation, estimator: ValueEstimator, config: DecodingConfig,
@@ -425,18 +425,11 @@ class TargetMaker:
         "num_rollouts": ..., "rollout_len": ...}``, planned and resolved as a request would be (the
         server's defaults and limits apply: rollouts are greedy for one rollout, temperature 1 else)."""
         from alignd.decoding.config import DecodingConfig
-        from alignd.decoding.methods import ValueGuidedDecoder
-        from alignd.models.engine import GenerationParams
 
-        params = GenerationParams(max_tokens=1, temperature=0.0)
         request = DecodingConfig(method="transfer_q", baseline=baseline, reward=reward, top_k=options.top_k,
                                  num_rollouts=options.num_rollouts, rollout_len=options.rollout_len)
-        # plan() checks a prompt too; the config does not depend on which
-        plan = generation.plan(generation.render_chat([{"role": "user", "content": "plan"}]), params, request)
-        decoder = generation.build(plan.decoding, params)
-        if not isinstance(decoder, ValueGuidedDecoder):  # pragma: no cover - transfer_q is value-guided
-            raise TrainingError(f"transfer_q built a {type(decoder).__name__}, not a value-guided decoder")
-        return cls(generation, decoder.estimator, plan.decoding, options)
+        config, estimator = generation.value_estimator(request)
+        return cls(generation, estimator, config, options)
 
     def policy_prefix(self, prompt: Prompt) -> list[int]:
         policy = self.estimator.policy_for_prefix()
@@ -506,45 +499,35 @@ async def _make_states(run: ValueHeadRun, engine_settings: Settings, prompts: li
                        todo: list[StateSlot], total: int, states_file: Path) -> None:
     """Targets for the slots in ``todo`` on the served engine, with the server's baselines and rewards,
     ``concurrency`` states in flight; each state is appended to ``states_file`` as soon as it is done."""
-    from alignd.decoding.baselines import build_baselines
-    from alignd.decoding.generation import Generation
+    from alignd.decoding.generation import open_generation
     from alignd.errors import RewardNotFoundError
     from alignd.models.factory import open_engine
-    from alignd.rewards.registry import build_rewards
 
-    async with open_engine(engine_settings, progress=run.progress) as engine:
-        baselines = await build_baselines(engine, engine_settings)
+    async with open_engine(engine_settings, progress=run.progress) as engine, \
+            open_generation(engine, engine_settings) as generation:
         try:
-            registry = await build_rewards(engine_settings, engine, baselines.aligned_policies())
+            generation.rewards.get(run.reward)
+        except RewardNotFoundError:
+            raise _unknown_reward(run.reward, generation.rewards.names()) from None
+        maker = TargetMaker.for_transfer_q(generation, reward=run.reward, options=run.targets)
+        maker.check_context(prompts, run.prompts_file)
+        pending = iter(todo)
+        bar = tqdm(total=total, initial=total - len(todo), unit="state", disable=not run.progress,
+                   desc=f"states: Q^BL of top-{run.targets.top_k} ({run.reward})")
+
+        async def worker() -> None:
+            for slot in pending:  # one shared iterator: each slot goes to one worker
+                record = await maker.state(slot)
+                append_work_records(states_file, [record])
+                bar.update(1)
+
+        with bar:
             try:
-                try:
-                    registry.get(run.reward)
-                except RewardNotFoundError:
-                    raise _unknown_reward(run.reward, registry.names()) from None
-                generation = Generation(engine, registry, engine_settings, baselines)
-                maker = TargetMaker.for_transfer_q(generation, reward=run.reward, options=run.targets)
-                maker.check_context(prompts, run.prompts_file)
-                pending = iter(todo)
-                bar = tqdm(total=total, initial=total - len(todo), unit="state", disable=not run.progress,
-                           desc=f"states: Q^BL of top-{run.targets.top_k} ({run.reward})")
-
-                async def worker() -> None:
-                    for slot in pending:  # one shared iterator: each slot goes to one worker
-                        record = await maker.state(slot)
-                        append_work_records(states_file, [record])
-                        bar.update(1)
-
-                with bar:
-                    try:
-                        async with asyncio.TaskGroup() as group:
-                            for _ in range(min(run.targets.concurrency, len(todo))):
-                                group.create_task(worker())
-                    except BaseExceptionGroup as failed:
-                        raise failed.exceptions[0] from None
-            finally:
-                await registry.close()
-        finally:
-            await baselines.close()
+                async with asyncio.TaskGroup() as group:
+                    for _ in range(min(run.targets.concurrency, len(todo))):
+                        group.create_task(worker())
+            except BaseExceptionGroup as failed:
+                raise failed.exceptions[0] from None
 
 
 # ---------------------------------------------------------------------------- features

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from alignd.protocol.native import BaselineList, ValueHeadCard
+from alignd.protocol.native import BaselineList, MethodList, ValueHeadCard
 from alignd.server.errors import GENERATION_ERROR_RESPONSES
 from alignd.server.native.protocol import GenerateRequest, GenerateResponse
 from alignd.server.native.serving import GENERATE_ENDPOINT, NativeServing
@@ -21,6 +21,13 @@ def get_native_serving(request: Request) -> NativeServing:
 async def list_baselines(serving: NativeServing = Depends(get_native_serving)):
     """The baselines TQ* can transfer from (``decoding.baseline``), with their provenance."""
     return serving.list_baselines()
+
+
+@router.get("/v1/methods", response_model=MethodList)
+async def list_methods(serving: NativeServing = Depends(get_native_serving)):
+    """The decoding methods (``decoding.method``) and TQ*'s value sources (``decoding.value``) this server
+    offers, with the parameters each reads, this server's defaults and limits, and which are available."""
+    return serving.list_methods()
 
 
 @router.get("/v1/value_head", response_model=ValueHeadCard)

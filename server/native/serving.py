@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from alignd.decoding.listing import describe_methods
 from alignd.models.engine import GeneratedTokenLogprobs
 from alignd.server.generation import GenerationService, new_id
 from alignd.server.native.protocol import (
@@ -13,7 +14,7 @@ from alignd.server.native.protocol import (
     TokenLogprobOut,
 )
 from alignd.protocol.common import UsageInfo
-from alignd.protocol.native import BaselineCard, BaselineList, ValueHeadCard
+from alignd.protocol.native import BaselineCard, BaselineList, MethodList, ValueHeadCard
 from alignd.server.request_scope import AdmittedStream, RequestContext
 
 GENERATE_ENDPOINT = "/generate"
@@ -27,6 +28,9 @@ class NativeServing(GenerationService):
             cards.append(BaselineCard(name=name, kind=b.kind, source=b.source, same_as=b.name if b.name != name else None,
                                       implicit_reward=b.implicit_reward, beta=b.beta, provenance=b.provenance))
         return BaselineList(data=cards)
+
+    def list_methods(self) -> MethodList:
+        return describe_methods(self.generation)
 
     def value_head(self) -> ValueHeadCard:
         head = self.generation.value_head

@@ -1,0 +1,227 @@
+"""alignd's built-in decoding methods and value sources, registered in :mod:`alignd.decoding.registry`.
+
+Each entry says what the method needs, what it refuses and how its decoder is built (the decoders are in
+:mod:`alignd.decoding.methods`, the value estimators in :mod:`alignd.decoding.values`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from alignd.decoding.baselines import DEFAULT
+from alignd.decoding.methods import (
+    BaselineDecoder,
+    BestOfNDecoder,
+    BlockwiseCDDecoder,
+    Decoder,
+    HeadTransferQDecoder,
+    SFTDecoder,
+    ValueGuidedDecoder,
+)
+from alignd.decoding.registry import (
+    ALIGNED,
+    PLAIN,
+    MethodSpec,
+    ValueSourceSpec,
+    register_method,
+    register_value_source,
+)
+from alignd.decoding.values import PartialRewardValue, RolloutValueEstimator, ValueEstimator
+from alignd.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from alignd.decoding.config import DecodingConfig
+    from alignd.decoding.generation import Generation
+    from alignd.models.engine import GenerationParams
+
+# request fields, by what they drive
+VALUE_GUIDED = ("alpha", "top_k", "reward")
+GATING = ("block_size", "confidence_threshold")
+ROLLOUTS = ("num_rollouts", "rollout_len", "rollout_temperature", "prune")
+
+
+# ---------------------------------------------------------------------------- planning
+def baseline_defaults(generation: Generation, config: DecodingConfig) -> DecodingConfig:
+    """What the chosen baseline knows better than the settings: its implicit reward is the r_BL of
+    indirect transfer (unless the request or ALIGND_BASELINE_REWARD names another), and beta is the
+    KL coefficient it was trained with."""
+    baseline = generation.baselines.get(config.baseline)  # an unknown name fails here, before any work
+    updates: dict[str, object] = {}
+    if config.baseline_reward is None and generation.settings.baseline_reward is None:
+        updates["baseline_reward"] = baseline.implicit_reward
+    if config.beta is None and baseline.beta is not None:
+        updates["beta"] = baseline.beta
+    return config.model_copy(update=updates) if updates else config
+
+
+def head_defaults(generation: Generation, config: DecodingConfig) -> DecodingConfig:
+    """The head was distilled for one target reward from one baseline's rollouts: a request for another
+    is refused (naming the head's), and the diagnostics name the head's."""
+    head = generation.value_head or {}  # there is one (head_unavailable)
+    reward = head.get("reward")
+    if config.reward is not None and config.reward != reward:
+        raise InvalidRequestError(
+            f"this server's value head was trained for reward '{reward}', not '{config.reward}': ask for "
+            f"reward '{reward}', or use decoding.value='rollouts' for any reward", param="decoding.reward")
+    served, described = generation.head_baseline()
+    if config.baseline is not None and config.baseline != served:
+        raise InvalidRequestError(
+            f"this server's value head was distilled from baseline '{described}', not '{config.baseline}': "
+            "use decoding.value='rollouts' to transfer from another baseline", param="decoding.baseline")
+    return config.model_copy(update={"reward": reward, "baseline": served})
+
+
+def head_unavailable(generation: Generation) -> str | None:
+    if generation.value_head:
+        return None
+    return ("decoding.value='head' needs a value head, and this server has none (ALIGND_VALUE_HEAD: a folder made "
+            "by 'alignd train value-head'); use decoding.value='rollouts'")
+
+
+def check_head_config(config: DecodingConfig) -> None:
+    if config.transfer == "indirect":
+        raise ValueError("decoding.value='head' is direct transfer (the head was distilled from rollouts "
+                         "scored by its target reward); use value='rollouts' for indirect transfer")
+    if config.block_size != 1 or config.confidence_threshold is not None:
+        raise ValueError("block_size and confidence_threshold save rollouts; with decoding.value='head' "
+                         "every token is value-guided at no rollout cost: leave them unset")
+
+
+def _penalty_param(params: GenerationParams) -> str:
+    return "presence_penalty" if params.presence_penalty else "frequency_penalty"
+
+
+def penalties_need_single_token_blocks(config: DecodingConfig, params: GenerationParams) -> None:
+    # The SFT model writes a block's other tokens as a fresh engine request, which vLLM would penalise
+    # for that request's own tokens only, not the answer's: refuse rather than apply another penalty.
+    if (params.presence_penalty or params.frequency_penalty) and config.block_size > 1:
+        raise InvalidRequestError(
+            "presence_penalty and frequency_penalty need decoding.block_size=1: the SFT model writes a "
+            "block's other tokens as its own engine request, whose penalties would count that request's "
+            "tokens only, not the answer's",
+            param="decoding.block_size",
+        )
+
+
+def cd_penalties(config: DecodingConfig, params: GenerationParams) -> None:
+    if (params.presence_penalty or params.frequency_penalty) and config.cd_mode == "block":
+        raise InvalidRequestError(
+            "presence_penalty and frequency_penalty are not available with cd_mode=block: each block is "
+            "sampled as its own engine request, whose penalties would count the block's tokens only, not "
+            "the answer's; use cd_mode=token (penalties apply to every candidate) or drop the penalties",
+            param=_penalty_param(params),
+        )
+    penalties_need_single_token_blocks(config, params)
+
+
+def configured_baseline(generation: Generation, config: DecodingConfig) -> tuple[str | None, str | None]:
+    return config.baseline or DEFAULT, generation.baselines.get(config.baseline).kind
+
+
+def head_baseline(generation: Generation, config: DecodingConfig) -> tuple[str | None, str | None]:
+    """The baseline the head was distilled from, served here or not."""
+    made = (generation.value_head or {}).get("baseline") or {}
+    return generation.head_baseline()[0] or made.get("name"), made.get("kind")
+
+
+# ---------------------------------------------------------------------------- decoders
+def value_guided(generation: Generation, config: DecodingConfig, params: GenerationParams,
+                 estimator: ValueEstimator) -> Decoder:
+    return ValueGuidedDecoder(generation.sft, estimator, params, alpha=config.alpha, top_k=config.top_k,
+                              block_size=config.block_size, confidence_threshold=config.confidence_threshold,
+                              prune=bool(config.prune), record_candidates=config.diagnostics)
+
+
+def rollout_values(generation: Generation, config: DecodingConfig, *, from_baseline: bool) -> ValueEstimator:
+    """Q from rollouts of the baseline (TQ*) or of the SFT model (CD), scored by the target reward."""
+    rewards = generation.rewards
+    return RolloutValueEstimator(
+        generation.baselines.get(config.baseline).policy if from_baseline else generation.sft,
+        rewards.get(config.reward),
+        num_rollouts=config.num_rollouts,
+        rollout_len=config.rollout_len,
+        temperature=config.rollout_temperature,
+        baseline_reward=rewards.get(config.baseline_reward) if config.indirect else None,
+        beta=config.beta,
+    )
+
+
+def build_sft(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
+    return SFTDecoder(generation.sft, params)
+
+
+def build_baseline(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
+    return BaselineDecoder(generation.sft, generation.baselines.get(config.baseline).policy, params,
+                           record_candidates=config.diagnostics)
+
+
+def build_args(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
+    return value_guided(generation, config, params,
+                        PartialRewardValue(generation.rewards.get(config.reward), generation.engine.decode))
+
+
+def build_cd(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
+    if config.cd_mode == "block":
+        return BlockwiseCDDecoder(generation.sft, generation.rewards.get(config.reward), params,
+                                  num_blocks=config.num_blocks, block_len=config.block_len, alpha=config.alpha,
+                                  block_temperature=config.sample_temperature, record_candidates=config.diagnostics)
+    return value_guided(generation, config, params, rollout_values(generation, config, from_baseline=False))
+
+
+def build_best_of_n(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
+    return BestOfNDecoder(generation.sft, generation.rewards.get(config.reward), params,
+                          num_samples=config.num_samples, sample_temperature=config.sample_temperature,
+                          record_candidates=config.diagnostics)
+
+
+def build_tq_rollouts(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
+    return value_guided(generation, config, params, rollout_values(generation, config, from_baseline=True))
+
+
+def build_tq_head(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
+    return HeadTransferQDecoder(generation.sft, params, alpha=config.alpha, top_k=config.top_k,
+                                record_candidates=config.diagnostics)
+
+
+def build_by_value_source(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
+    source = config.value_source
+    assert source is not None  # transfer_q takes one (registry.MethodSpec.takes_value_source)
+    return source.build(generation, config, params)
+
+
+# ---------------------------------------------------------------------------- the registry's entries
+register_method(MethodSpec(
+    "sft", "The SFT model's own decoding (greedy or sampled): the engine's sampler, one request per answer.",
+    PLAIN, (), build_sft, is_engine_sampler=True))
+register_method(MethodSpec(
+    "baseline", "The baseline (aligned) policy sampled directly, one request per answer.",
+    PLAIN, ("baseline",), build_baseline, needs_baseline=True, prepare=baseline_defaults,
+    named_baseline=configured_baseline))
+register_method(MethodSpec(
+    "transfer_q", "Transfer Q*: pi_SFT(z|s) exp(Q(s, z) / alpha) over the SFT model's top-k, with Q of the "
+    "baseline estimated by the value source (decoding.value).",
+    ALIGNED, (*VALUE_GUIDED, "baseline", "value"), build_by_value_source, needs_reward=True, needs_baseline=True,
+    takes_value_source=True))
+register_method(MethodSpec(
+    "args", "ARGS: pi_SFT(z|s) exp(r(s + z) / alpha), the reward of the partial answer as the value.",
+    ALIGNED, (*VALUE_GUIDED, *GATING), build_args, needs_reward=True,
+    check_params=penalties_need_single_token_blocks))
+register_method(MethodSpec(
+    "cd", "Controlled decoding: Q from the SFT model's own rollouts, token-wise or block-wise.",
+    ALIGNED, (*VALUE_GUIDED, *GATING, *ROLLOUTS, "cd_mode", "num_blocks", "block_len", "sample_temperature"),
+    build_cd, needs_reward=True, check_params=cd_penalties))
+register_method(MethodSpec(
+    "best_of_n", "N whole answers from the SFT model; the best by the target reward.",
+    ALIGNED, ("reward", "num_samples", "sample_temperature"), build_best_of_n, needs_reward=True))
+
+register_value_source(ValueSourceSpec(
+    "rollouts", "Q from the baseline's rollouts of each candidate, scored by the target reward (any reward; "
+    "direct or indirect transfer).",
+    ALIGNED, (*GATING, *ROLLOUTS, "transfer", "beta", "baseline_reward"), build_tq_rollouts,
+    estimator=lambda generation, config: rollout_values(generation, config, from_baseline=True),
+    prepare=baseline_defaults, check_params=penalties_need_single_token_blocks, named_baseline=configured_baseline))
+register_value_source(ValueSourceSpec(
+    "head", "Q from the server's learned value head, inside the engine's decode step (near plain decoding's "
+    "cost; its own reward and baseline only: GET /v1/value_head).",
+    PLAIN, (), build_tq_head, in_engine=True, check_config=check_head_config, prepare=head_defaults,
+    named_baseline=head_baseline, metric_label="transfer_q_head", unavailable=head_unavailable))
