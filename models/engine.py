@@ -254,6 +254,18 @@ class Engine(abc.ABC):
         """For each (prefix, continuation) pair, ``log p(c_t | prefix, c_<t)`` for every token of the
         continuation."""
 
+    async def next_token_logprobs(
+        self, prefixes: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """For each prefix, ``log p(z | prefix)`` of each token ``z`` of its list (the unmodified model
+        distribution). This default asks :meth:`continuation_logprobs` for one-token continuations (one
+        scored prompt per token); engines that can score listed tokens in one request override it."""
+        if len(prefixes) != len(token_ids):
+            raise ValueError("prefixes and token_ids must have the same length")
+        pairs = [(list(prefix), [z]) for prefix, ids in zip(prefixes, token_ids) for z in ids]
+        flat = iter(await self.continuation_logprobs([p for p, _ in pairs], [c for _, c in pairs]))
+        return [[next(flat)[0] for _ in ids] for ids in token_ids]
+
     def with_adapter(self, name: str, path: str) -> Engine:
         """This model with the LoRA adapter in folder ``path``, as an engine of its own (for a baseline
         or the aligned model of an implicit reward). Engines that cannot run adapters refuse."""

@@ -158,6 +158,16 @@ class HFEngine(Engine):
         return out
 
     @torch.inference_mode()
+    def _next_token_sync(self, prefixes: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        out: list[list[float]] = []
+        for start in range(0, len(prefixes), _SCORING_CHUNK):
+            ids, mask = self._left_pad(prefixes[start : start + _SCORING_CHUNK])
+            logprobs = torch.log_softmax(self._forward(ids, mask).logits[:, -1, :].float(), dim=-1)
+            for row, wanted in zip(logprobs, token_ids[start : start + _SCORING_CHUNK]):
+                out.append([float(row[z]) for z in wanted])
+        return out
+
+    @torch.inference_mode()
     def _continuation_sync(
         self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
     ) -> list[list[float]]:
@@ -275,6 +285,13 @@ class HFEngine(Engine):
         if not prefixes:
             return []
         return await self._run(self._top_k_sync, prefixes, k)
+
+    async def next_token_logprobs(self, prefixes, token_ids):
+        if len(prefixes) != len(token_ids):
+            raise ValueError("prefixes and token_ids must have the same length")
+        if not prefixes:
+            return []
+        return await self._run(self._next_token_sync, prefixes, token_ids)
 
     async def continuation_logprobs(self, prefixes, continuations):
         if len(prefixes) != len(continuations):

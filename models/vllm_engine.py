@@ -389,6 +389,25 @@ class VLLMEngine(Engine):
 
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prefixes))))
 
+    async def next_token_logprobs(self, prefixes, token_ids):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if len(prefixes) != len(token_ids):
+            raise ValueError("prefixes and token_ids must have the same length")
+
+        async def one(prefix, wanted):
+            if not wanted:
+                return []
+            # vLLM scores listed tokens in the sampler (logprob_token_ids, raw log-probabilities: the model's
+            # own distribution), one request a prefix, rather than a scored prompt per token
+            sampling = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(dict.fromkeys(wanted)),
+                                      detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+            table = (await self._final("next_token_logprobs", prefix, sampling)).outputs[0].logprobs[0]
+            return [float(table[z].logprob) for z in wanted]
+
+        return list(await asyncio.gather(*(one(p, w) for p, w in zip(prefixes, token_ids))))
+
     async def continuation_logprobs(self, prefixes, continuations):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind

@@ -1,7 +1,10 @@
 """Shared fixtures: tiny random models, the embedded model, in-process engines, one real server.
 
-Expensive things are session-scoped: the embedded model is converted once, the in-process vLLM
-engine and the HTTP server each start once per test session.
+Expensive things are session-scoped and start once per test session: the embedded model is converted
+once; one SmolLM2 vLLM engine (``session_engine``) serves the session's alignd server (the real app on
+real HTTP, in this process) and the engine tests; one stock ``vllm serve`` of SmolLM2
+(``stock_vllm_serve``) and one of the tiny model (``tiny_stock_vllm_serve``) serve every module that
+needs a stock server.
 
 Test modules do not import this file: plain helpers and constants are in tests/support.py
 (``from support import ...``), the rest are fixtures.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,7 +28,7 @@ from support import (
     SESSION_ENGINE_CORES,
     SESSION_ADMISSION_LIMITS,
     AdmissionLimits,
-    ServerProcess,
+    InProcessServer,
     read_eos_token_ids,
 )
 
@@ -32,7 +36,8 @@ from support import (
 # Fixtures that start a vLLM engine or the session server: a test that uses one (directly or through another
 # fixture) is marked so, whatever its module says, so that `make test-fast` (-m "not server and not vllm")
 # never starts an engine.
-ENGINE_FIXTURES = {"server": "server", "vllm_engine": "vllm"}
+ENGINE_FIXTURES = {"server": "server", "vllm_engine": "vllm", "session_engine": "vllm", "stock_vllm_serve": "vllm",
+                   "tiny_stock_vllm_serve": "vllm"}
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -157,6 +162,38 @@ def tiny_vllm_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_head_dir(tiny_vllm_dir, tmp_path_factory) -> Path:
+    """A random value head (seeded) for the tiny vLLM model."""
+    import json
+
+    from support import random_value_head, save_tiny_head
+
+    config = json.loads((tiny_vllm_dir / "config.json").read_text())
+    return save_tiny_head(random_value_head(config["hidden_size"], config["vocab_size"]), tmp_path_factory.mktemp("head"))
+
+
+@pytest.fixture(scope="session")
+def tiny_value_guided_dir(tiny_vllm_dir, tiny_head_dir, tmp_path_factory) -> Path:
+    """The tiny model's value-guided folder (alignd's model class, ``tiny_head_dir`` named in its config)."""
+    from alignd.models.value_head import prepare_value_guided_folder
+
+    return prepare_value_guided_folder(tiny_vllm_dir, tiny_head_dir, tmp_path_factory.mktemp("served") / "tiny-tq")
+
+
+@pytest.fixture(scope="session")
+def tiny_stock_vllm_serve(tiny_value_guided_dir, tmp_path_factory):
+    """The session's one stock ``vllm serve`` of a tiny model: the value-guided folder (the plugin's tests ask
+    it for the head; the remote-engine tests send it plain requests, which decode as plain Llama), served
+    as ``tiny``, float32, chunked prefill off (support.vllm_serve_process)."""
+    from support import TINY_SERVED_NAME, vllm_serve_process
+
+    log = tmp_path_factory.mktemp("tiny-vllm-serve") / "vllm-serve.log"
+    with vllm_serve_process(tiny_value_guided_dir, TINY_SERVED_NAME, log, max_model_len=256) as server:
+        server.wait_ready(timeout=900)
+        yield server
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_engine(tiny_llama_dir):
     from alignd.models.hf_engine import HFEngine
 
@@ -191,20 +228,11 @@ def embedded_settings(embedded_model_dir, cache_dir) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(embedded_model_dir, embedded_settings, loop_thread):
-    """An in-process vLLM engine on the embedded model, with the server's default settings and LoRA on, as
-    the session server runs it (ALIGND_ADAPTER_SERVING=lora)."""
-    from alignd.models.factory import warm_up
-    from alignd.models.vllm_engine import VLLMEngine
-
-    async def start():
-        engine = VLLMEngine.start(str(embedded_model_dir), embedded_settings, enable_lora=True)
-        await warm_up(engine)
-        return engine
-
-    engine = loop_thread.run(start())
-    yield engine
-    loop_thread.run(engine.shutdown())
+def vllm_engine(session_engine):
+    """The session's in-process vLLM engine on the embedded model (``session_engine``: the one the session
+    server serves, LoRA on, with the test value head in its model class; requests that do not ask for
+    the head decode as plain Llama)."""
+    return session_engine
 
 
 @pytest.fixture(scope="session")
@@ -300,15 +328,56 @@ def session_server_env(tiny_classifier_dir, session_admission_limits, embedded_v
     }
 
 
+@contextmanager
+def environ(values: dict[str, str]):
+    """``os.environ`` with ``values`` set, restored after (settings are read from it; an engine's processes
+    inherit it when they start)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
-def server(embedded_model_dir, session_server_env):
+def session_settings(session_server_env, cache_dir) -> Settings:
+    """The settings of the session server (its environment, ``session_server_env``, read as `alignd serve`
+    reads its own)."""
+    with environ({k: v for k, v in session_server_env.items() if k.startswith("ALIGND_")}):
+        return Settings(cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def session_engine(session_settings, loop_thread):
+    """The session's one SmolLM2 vLLM engine, opened as `alignd serve` opens it (the value-guided folder of
+    the test head, the committed adapter as a LoRA, warmed up), on its own core: the session server serves
+    it, and the tests of engine primitives use it directly (``vllm_engine``)."""
+    from alignd.models.factory import open_engine
+
+    stack = AsyncExitStack()
+    with environ({"VLLM_CPU_OMP_THREADS_BIND": ENGINE_CORES_SET_OUTSIDE or SESSION_ENGINE_CORES}):
+        engine = loop_thread.run(stack.enter_async_context(open_engine(session_settings, progress=False)), timeout=1800)
+    yield engine
+    loop_thread.run(stack.aclose())
+
+
+@pytest.fixture(scope="session")
+def server(request, loop_thread):
+    """The session's alignd server: the app `alignd serve` runs, over ``session_engine``, served by uvicorn on
+    a free port in this process (on the engine's loop). ALIGND_TEST_SERVER_URL: a server started outside."""
     if os.environ.get("ALIGND_TEST_SERVER_URL"):
         yield RunningServer(os.environ["ALIGND_TEST_SERVER_URL"])
         return
-    env = {"VLLM_CPU_OMP_THREADS_BIND": ENGINE_CORES_SET_OUTSIDE or SESSION_ENGINE_CORES, **session_server_env}
-    with ServerProcess(env) as proc:
-        proc.wait_ready()
-        yield proc
+    from alignd.server.app import create_app
+
+    engine, settings = request.getfixturevalue("session_engine"), request.getfixturevalue("session_settings")
+    with InProcessServer(create_app(settings, engine=engine), loop_thread.loop) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ the way prometheus_server and reward_plugins are found).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import importlib.util
 import os
 import sys
@@ -144,6 +146,32 @@ def build_vllm_tiny_llama(path: Path, tokenizer_dir: Path) -> Path:
     return path
 
 
+TINY_HEAD_BASE_NAME = "tiny-vllm-llama"
+TINY_HEAD_REWARD = "positivity"
+TINY_HEAD_RANK = 16
+
+
+def random_value_head(hidden_size: int, vocab_size: int, seed: int = 1):
+    """A random value head (seeded) whose values spread over a few units."""
+    import torch
+
+    from alignd.models.value_head import ValueHead, ValueHeadConfig
+
+    torch.manual_seed(seed)
+    head = ValueHead(ValueHeadConfig(hidden_size=hidden_size, vocab_size=vocab_size, rank=TINY_HEAD_RANK))
+    with torch.no_grad():
+        head.out.weight.mul_(4.0)  # values spread over a few units
+    return head.eval()
+
+
+def save_tiny_head(head, folder: Path) -> Path:
+    """``head`` saved as a head of the tiny vLLM model (its manifest names it, no weights digest)."""
+    from alignd.models.value_head import save_value_head
+
+    return save_value_head(head, folder, {"base_model": {"name": TINY_HEAD_BASE_NAME}, "reward": TINY_HEAD_REWARD,
+                                          "baseline": "none (a random head for tests)"})
+
+
 def vllm_serve_process(model_dir: str | Path, served_name: str, log_path: Path, *, max_model_len: int,
                        port: int | None = None, extra_args: tuple[str, ...] = ()) -> ManagedProcess:
     """Stock ``vllm serve`` of ``model_dir`` on loopback ``port`` (default: a free one; through
@@ -164,23 +192,40 @@ class InProcessServer:
     """An app (``alignd.server.app.create_app``) served by uvicorn on a free port, in a thread of the test
     process: real HTTP to an app built around an engine the test holds."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, loop: asyncio.AbstractEventLoop | None = None, *, start_timeout: float = 600) -> None:
+        """``loop``: a running loop (in another thread) to serve on, where the app's engine lives (vLLM's
+        output task stays on the loop that started it); default: a loop of the server's own thread."""
         import uvicorn
 
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.start_timeout = start_timeout
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
+        self._loop = loop
+        self._done: concurrent.futures.Future | None = None
 
     def __enter__(self) -> InProcessServer:
-        self._thread.start()
-        deadline = time.monotonic() + 120
+        if self._loop is not None:
+            self._done = asyncio.run_coroutine_threadsafe(self._server.serve(), self._loop)
+        else:
+            self._done = concurrent.futures.Future()
+            threading.Thread(target=self._run_own_loop, name=f"uvicorn-{self.port}", daemon=True).start()
+        deadline = time.monotonic() + self.start_timeout
         while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the in-process server on port {self.port} did not start")
+            if self._done.done():  # the app failed to start: its error
+                self._done.result()
+                raise RuntimeError(f"the in-process server on port {self.port} exited before it started")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the in-process server on port {self.port} did not start in {self.start_timeout} s")
             time.sleep(0.05)
         return self
 
+    def _run_own_loop(self) -> None:
+        try:
+            self._server.run()
+        finally:
+            self._done.set_result(None)
+
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout=60)
+        self._done.result(timeout=120)

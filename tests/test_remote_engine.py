@@ -20,27 +20,26 @@ from alignd.errors import ConfigurationError, EngineUnavailableError
 from alignd.models.engine import GenerationParams
 from alignd.models.remote_engine import RemoteVLLMEngine
 
-from support import build_vllm_tiny_llama, free_port, vllm_serve_process
+from support import TINY_SERVED_NAME, free_port, vllm_serve_process
 
 pytestmark = pytest.mark.vllm
 
-SERVED_NAME = "tiny-remote"
+SERVED_NAME = TINY_SERVED_NAME
 # float32 on both sides; vLLM's CPU kernels and transformers' sum in different orders
 LOGPROB_TOL = 1e-3
 PROMPT_TEXTS = ["the cat sat on", "hello world how are", "numbers one two", "a happy answer is"]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    return build_vllm_tiny_llama(tmp_path_factory.mktemp("remote-tiny"), tiny_llama_dir)
+def tiny_dir(tiny_vllm_dir) -> Path:
+    return tiny_vllm_dir
 
 
 @pytest.fixture(scope="module")
-def remote(tiny_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("remote-log") / "vllm-serve.log"
-    with vllm_serve_process(tiny_dir, SERVED_NAME, log, max_model_len=256) as server:
-        server.wait_ready(timeout=900)
-        yield server
+def remote(tiny_stock_vllm_serve):
+    """The session's tiny stock server (it serves the tiny model's value-guided folder: plain requests, as
+    alignd's remote engine sends, decode as plain Llama)."""
+    return tiny_stock_vllm_serve
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +71,7 @@ def test_connect_reads_the_remote_model_and_checks_it(engine, remote, reference,
         loop_thread.run(RemoteVLLMEngine.connect("baseline", remote.base_url, reference.tokenizer, model="other"))
     # the embedded model's tokenizer is not the tiny model's: refused, naming both sides
     other = AutoTokenizer.from_pretrained(embedded_model_dir)
-    with pytest.raises(ConfigurationError, match="tokenizer of 'tiny-remote' .* differs"):
+    with pytest.raises(ConfigurationError, match=f"tokenizer of '{SERVED_NAME}' .* differs"):
         loop_thread.run(RemoteVLLMEngine.connect("baseline", remote.base_url, other))
 
 

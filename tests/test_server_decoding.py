@@ -42,8 +42,14 @@ def alignment_of(choice) -> dict | None:
 ANSWER_TOKENS = 8
 
 
+# Measured on all 20 (8 tokens, bfloat16 and float32): TQ* at least as positive as SFT greedy on 20 of 20, means
+# 0.501 against 0.038. Twelve keep that power (12 of 12 at least as high by chance alone: p = 0.5^12 = 0.0002)
+# at 60% of the cost (20 took 120 s of the float32 suite on 2 cores).
+POSITIVITY_PROMPTS = PROMPTS[:12]
+
+
 def test_transfer_q_raises_positivity_over_sft_greedy(server, model_name):
-    """20 prompts, sent concurrently (their decoding steps batch together in vLLM), scored by the
+    """Twelve prompts, sent concurrently (their decoding steps batch together in vLLM), scored by the
     server's own positivity reward. 8 tokens each (16 took 145 s of the suite on 2 cores)."""
 
     async def answers(decoding):
@@ -60,21 +66,21 @@ def test_transfer_q_raises_positivity_over_sft_greedy(server, model_name):
                         extra_body=extra,
                     )
 
-            rs = await asyncio.gather(*(one(p) for p in PROMPTS))
+            rs = await asyncio.gather(*(one(p) for p in POSITIVITY_PROMPTS))
         return [r.choices[0].message.content for r in rs]
 
     sft, tq = asyncio.run(answers(None)), asyncio.run(answers(TQ))
 
     def positivity(texts):
-        body = {"reward": "positivity", "items": [{"prompt": p, "response": t} for p, t in zip(PROMPTS, texts)]}
+        body = {"reward": "positivity", "items": [{"prompt": p, "response": t} for p, t in zip(POSITIVITY_PROMPTS, texts)]}
         return httpx.post(server.base_url + "/v1/rewards", json=body, timeout=60).json()["scores"]
 
     sft_scores, tq_scores = positivity(sft), positivity(tq)
-    print(f"\nmean positivity over {len(PROMPTS)} prompts: SFT greedy {statistics.mean(sft_scores):.3f}, "
+    print(f"\nmean positivity over {len(POSITIVITY_PROMPTS)} prompts: SFT greedy {statistics.mean(sft_scores):.3f}, "
           f"TQ* {statistics.mean(tq_scores):.3f}; TQ* higher on {sum(t > s for s, t in zip(sft_scores, tq_scores))}, "
           f"as high on {sum(t >= s for s, t in zip(sft_scores, tq_scores))}")
     assert statistics.mean(tq_scores) > statistics.mean(sft_scores) + 0.1
-    assert sum(t >= s for s, t in zip(sft_scores, tq_scores)) >= len(PROMPTS) // 2
+    assert sum(t >= s for s, t in zip(sft_scores, tq_scores)) >= 3 * len(POSITIVITY_PROMPTS) // 4
 
 
 def test_diagnostics_report_steps_reward_and_kl(server, model_name, embedded_eos_token_ids):
@@ -103,8 +109,9 @@ def test_diagnostics_report_steps_reward_and_kl(server, model_name, embedded_eos
 @pytest.mark.parametrize("decoding", [
     {"method": "sft", "diagnostics": True},
     TQ,
-    # (the adapter's implicit reward would read prompt log-probabilities through the LoRA: 351 s here)
-    {**TQ, "transfer": "indirect"},
+    # (the adapter's implicit reward would read prompt log-probabilities through the LoRA: 351 s here; the
+    # fewest rollouts indirect transfer takes, 2, and short ones: this checks the stream, not the values)
+    {**TQ, "transfer": "indirect", "top_k": 3, "rollout_len": 3, "num_rollouts": 2},
     {"method": "args", "alpha": 0.5, "top_k": 4},
     {"method": "cd", "alpha": 0.1, "top_k": 3, "rollout_len": 4},
     {"method": "cd", "cd_mode": "block", "num_blocks": 3, "block_len": 4},

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,19 +37,16 @@ from alignd.models.value_head import (
     VALUE_GUIDED_ARCHITECTURE,
     VALUE_GUIDED_MARKER,
     ValueHead,
-    ValueHeadConfig,
     load_value_head,
     prepare_value_guided_folder,
     save_value_head,
 )
 
-from support import BENCH, ManagedProcess, build_vllm_tiny_llama, free_port
+from support import TINY_HEAD_BASE_NAME, TINY_HEAD_REWARD, TINY_SERVED_NAME, ManagedProcess, random_value_head, save_tiny_head
 
 pytestmark = pytest.mark.vllm
 
-BASE_NAME = "tiny-vllm-llama"
-HEAD_REWARD = "positivity"
-HEAD_RANK = 16
+BASE_NAME = TINY_HEAD_BASE_NAME
 PROMPT_TEXTS = ["the cat sat on", "hello world how are", "numbers one two", "a happy answer is"]
 STEPS = 8  # greedy tokens checked per request
 SMALL_ALPHA = 0.05  # the head decides (the test checks that it changes the answer)
@@ -58,33 +54,23 @@ LARGE_ALPHA = 1e4  # the model decides (the answer is plain greedy)
 
 
 # ---------------------------------------------------------------------------- models and the head
-def random_head(hidden_size: int, vocab_size: int, seed: int = 1) -> ValueHead:
-    torch.manual_seed(seed)
-    head = ValueHead(ValueHeadConfig(hidden_size=hidden_size, vocab_size=vocab_size, rank=HEAD_RANK))
-    with torch.no_grad():
-        head.out.weight.mul_(4.0)  # values spread over a few units
-    return head.eval()
-
-
-def save_head(head: ValueHead, folder: Path) -> Path:
-    return save_value_head(head, folder, {"base_model": {"name": BASE_NAME}, "reward": HEAD_REWARD,
-                                          "baseline": "none (a random head for tests)"})
+random_head = random_value_head
+save_head = save_tiny_head
 
 
 @pytest.fixture(scope="module")
-def base_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    return build_vllm_tiny_llama(tmp_path_factory.mktemp("tiny-vllm-llama"), tiny_llama_dir)
+def base_dir(tiny_vllm_dir) -> Path:
+    return tiny_vllm_dir
 
 
 @pytest.fixture(scope="module")
-def head_dir(base_dir, tmp_path_factory) -> Path:
-    config = json.loads((base_dir / "config.json").read_text())
-    return save_head(random_head(config["hidden_size"], config["vocab_size"]), tmp_path_factory.mktemp("head"))
+def head_dir(tiny_head_dir) -> Path:
+    return tiny_head_dir
 
 
 @pytest.fixture(scope="module")
-def served_dir(base_dir, head_dir, tmp_path_factory) -> Path:
-    return prepare_value_guided_folder(base_dir, head_dir, tmp_path_factory.mktemp("served") / "tiny-tq")
+def served_dir(tiny_value_guided_dir) -> Path:
+    return tiny_value_guided_dir
 
 
 @dataclass
@@ -313,7 +299,7 @@ def test_the_model_class_refuses_a_foreign_head_and_model_runner_v2_at_start(bas
         else:
             assert "no value head" in refused.value.message
     config = engine_config(served_dir)
-    assert load_head_for(config).reward == HEAD_REWARD
+    assert load_head_for(config).reward == TINY_HEAD_REWARD
     refuse_unsupported_engines(config)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ConfigurationError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
@@ -465,17 +451,8 @@ class TestInEngine:
 
 # ---------------------------------------------------------------------------- stock `vllm serve`
 @pytest.fixture(scope="module")
-def vllm_serve(served_dir, tmp_path_factory) -> Iterator[ManagedProcess]:
-    port = free_port()
-    cmd = [sys.executable, str(BENCH / "vllm_cli.py"), "serve", str(served_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", "tiny-tq", "--dtype", "float32", "--enforce-eager",
-           "--max-model-len", "256", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048",
-           "--generation-config", "vllm"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = tmp_path_factory.mktemp("vllm-serve") / "vllm-serve.log"
-    with ManagedProcess(cmd, name="vllm serve", log_path=log, base_url=f"http://127.0.0.1:{port}", env=env) as server:
-        server.wait_ready(timeout=600)
-        yield server
+def vllm_serve(tiny_stock_vllm_serve) -> ManagedProcess:
+    return tiny_stock_vllm_serve
 
 
 def test_stock_vllm_serve_answers_the_openai_client_value_guided(vllm_serve, hand_rule, prompts):
@@ -484,7 +461,7 @@ def test_stock_vllm_serve_answers_the_openai_client_value_guided(vllm_serve, han
     with openai.OpenAI(base_url=vllm_serve.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
         def complete(prompt: Sequence[int], xargs: dict | None) -> list[int]:
             extra = {"ignore_eos": True, "return_token_ids": True} | ({"vllm_xargs": xargs} if xargs else {})
-            reply = client.completions.create(model="tiny-tq", prompt=list(prompt), max_tokens=STEPS, temperature=0,
+            reply = client.completions.create(model=TINY_SERVED_NAME, prompt=list(prompt), max_tokens=STEPS, temperature=0,
                                               extra_body=extra)
             return list(reply.choices[0].token_ids)
 
