@@ -22,6 +22,8 @@ Measured in each, through the server's own door (``Generation.stream``), greedy,
   tq         TQ* direct (alpha 1, k 10, one greedy 20-token rollout per candidate, pruning on) from the
              default baseline (the adapter) and from the prompted baseline: output tokens/s, mean
              positivity
+  tq_implicit  TQ* with the adapter's exact implicit Q (decoding.value='implicit', k 10, alpha = its beta):
+             two scoring requests a token (the SFT model's top-k, the baseline's log-probabilities of them)
 
 Prints a markdown table for docs/BENCHMARKS.md; --out writes every number as JSON.
 """
@@ -52,6 +54,9 @@ PROMPTS = [
     "What do you think about rainy days?", "Describe a long queue at the bank.",
 ]
 TQ = {"method": "transfer_q", "alpha": 1.0, "top_k": 10, "rollout_len": 20, "num_rollouts": 1, "prune": True}
+# the adapter's exact Q (its manifest: DPO, beta 0.1), alpha = beta, the server's default k
+TQ_IMPLICIT = {"method": "transfer_q", "value": "implicit", "top_k": 10}
+CASES = ("plain", "baseline", "tq_adapter", "tq_implicit", "tq_prompted")
 
 
 async def decode(generation, engine, prompts: list[str], decoding: dict | None, max_tokens: int,
@@ -112,10 +117,13 @@ async def measure(config: str, args) -> dict:
         if out["default_baseline"] in ("adapter", "remote"):
             cases.append(("baseline", "the adapter sampled (method: baseline)", {"method": "baseline"}))
             cases.append(("tq_adapter", "TQ* from the adapter", {**TQ, "baseline": "default"}))
+        if out["default_baseline"] == "adapter":
+            cases.append(("tq_implicit", "TQ* implicit Q of the adapter", TQ_IMPLICIT))
         if config not in ("merged", "remote"):
             # Under "merged" the SFT engine runs without LoRA, exactly as under "none", so TQ* from the
             # prompted baseline (which shares it) would measure the same thing again: not repeated.
             cases.append(("tq_prompted", "TQ* from the prompted baseline", {**TQ, "baseline": "prompted"}))
+        cases = [case for case in cases if args.cases is None or case[0] in args.cases]
         for key, label, decoding in cases:
             max_tokens = args.tq_tokens if key.startswith("tq") else args.plain_tokens
             for c in args.concurrency:
@@ -133,7 +141,7 @@ def run_config(config: str, args, work: Path) -> dict:
     result = work / f"{config}.json"
     cmd = [sys.executable, __file__, "--child", config, "--out", str(result),
            "--concurrency", *map(str, args.concurrency), "--plain-tokens", str(args.plain_tokens),
-           "--tq-tokens", str(args.tq_tokens)]
+           "--tq-tokens", str(args.tq_tokens), *(["--cases", *args.cases] if args.cases else [])]
     env = {**os.environ, **CONFIGS[config]}
     remote = None
     if config == "remote":
@@ -176,7 +184,7 @@ def report(results: list[dict]) -> str:
     by = {(r["config"], row["case"], row["concurrency"]): row for r in results for row in r["rows"]}
     concurrencies = sorted({row["concurrency"] for r in results for row in r["rows"]})
     cases = [("plain", "SFT decoding"), ("baseline", "the adapter sampled"), ("tq_adapter", "TQ* from the adapter"),
-             ("tq_prompted", "TQ* from the prompted baseline")]
+             ("tq_implicit", "TQ* implicit Q of the adapter"), ("tq_prompted", "TQ* from the prompted baseline")]
     head = "| measured | " + " | ".join(f"{cfg}, c={c}" for cfg in [r["config"] for r in results] for c in concurrencies) + " |"
     lines = [head, "|---" * (1 + len(results) * len(concurrencies)) + "|"]
     for key, label in cases:
@@ -206,6 +214,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--plain-tokens", type=int, default=64, help="new tokens of plain and baseline requests")
     parser.add_argument("--tq-tokens", type=int, default=32, help="new tokens of TQ* requests")
+    parser.add_argument("--cases", nargs="+", choices=CASES, help="measure these only (default: all that apply)")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, not the speed")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)

@@ -41,16 +41,17 @@ class DecodingParams(TypedDict, total=False):
     alpha: float
     """KL strength, > 0: large stays close to the SFT model, small seeks reward."""
     top_k: int
-    """Candidate tokens per step."""
+    """Candidate tokens per step; 0 = the whole vocabulary (value='implicit' only)."""
     num_rollouts: int
     """Rollouts per candidate (transfer_q, cd)."""
     rollout_len: int
     """Tokens per rollout (transfer_q, cd)."""
     rollout_temperature: float
     """Temperature of the rollouts, in [0, 2]; 0 = greedy rollouts."""
-    value: Literal["rollouts", "head"]
-    """transfer_q: Q from the baseline's rollouts (default) or from the server's learned value head, scored inside
-    the engine's decode step at about the cost of plain decoding (GET /v1/value_head)."""
+    value: Literal["rollouts", "head", "implicit"]
+    """transfer_q: Q from the baseline's rollouts (default), from the server's learned value head, scored inside
+    the engine's decode step at about the cost of plain decoding (GET /v1/value_head), or the exact Q of a DPO or
+    IRFT baseline, beta * (log pi_BL - log pi_SFT) (GET /v1/baselines says which baselines have it)."""
     transfer: Literal["direct", "indirect"]
     """transfer_q: direct (the baseline is aligned to the target reward) or indirect (to baseline_reward)."""
     beta: float

@@ -34,6 +34,19 @@ BaselineKind = Literal["adapter", "model", "prompted", "remote"]
 SPEC_KEYS = ("adapter", "model", "system_prompt", "url")
 
 
+# the training methods whose policy's log-ratio to the SFT model is beta times its token-level Q
+IMPLICIT_KINDS = ("dpo", "irft")
+
+
+@dataclass(frozen=True)
+class ImplicitForm:
+    """A baseline's exact token-level Q: ``beta * (log pi_BL - log pi_SFT)``, the Q of ``reward``."""
+
+    beta: float
+    reward: str  # the reward it was trained for (its manifest's), or its own implicit reward
+    trained_by: str  # dpo | irft
+
+
 @dataclass
 class Baseline:
     name: str
@@ -51,6 +64,30 @@ class Baseline:
 
     def aligned_policy(self) -> AlignedPolicy:
         return AlignedPolicy(self.policy.engine, self.policy.system_prompt, self.beta)
+
+    def implicit_form(self) -> ImplicitForm | str:
+        """Its exact token-level Q (decoding.value='implicit'), or why it has none: only a policy trained by
+        DPO or IRFT from the served SFT model, with its beta, has one (``alignd_adapter.json``: ``kind``,
+        ``beta``, and the base model's weights digest, which the adapter's load checked against the
+        served weights)."""
+        use = "use decoding.value='rollouts'"
+        if self.kind == "prompted":
+            return (f"baseline '{self.name}' is the SFT model with a system prompt, not a policy trained by DPO or "
+                    f"IRFT: it has no implicit Q; {use}")
+        if self.kind != "adapter":
+            return (f"baseline '{self.name}' is a {self.kind} without alignd's adapter manifest: nothing says it is "
+                    f"a DPO or IRFT policy of the served model, or with which beta; {use}")
+        trained_by = self.provenance.get("kind")
+        if trained_by not in IMPLICIT_KINDS:
+            return (f"adapter '{self.name}' was not trained by DPO or IRFT (its manifest's kind: "
+                    f"{trained_by or 'none'}), so its log-ratio to the SFT model is not its Q; {use}")
+        if self.beta is None:
+            return f"adapter '{self.name}': its manifest has no beta, the scale of its implicit Q; {use}"
+        if not (self.provenance.get("base_model") or {}).get("weights_digest"):
+            return (f"adapter '{self.name}': its manifest records no base-model weights digest, so it cannot be "
+                    f"checked to be a policy of the served SFT model; {use}")
+        reward = self.provenance.get("reward") or self.implicit_reward
+        return ImplicitForm(beta=self.beta, reward=reward, trained_by=trained_by)
 
 
 class BaselineRegistry:

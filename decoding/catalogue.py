@@ -26,7 +26,7 @@ from alignd.decoding.registry import (
     register_method,
     register_value_source,
 )
-from alignd.decoding.values import PartialRewardValue, RolloutValueEstimator, ValueEstimator
+from alignd.decoding.values import ImplicitValue, PartialRewardValue, RolloutValueEstimator, ValueEstimator
 from alignd.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -114,6 +114,45 @@ def cd_penalties(config: DecodingConfig, params: GenerationParams) -> None:
     penalties_need_single_token_blocks(config, params)
 
 
+def implicit_defaults(generation: Generation, config: DecodingConfig) -> DecodingConfig:
+    """The baseline's implicit form fixes beta and the reward the values belong to; alpha defaults to beta
+    (the rule is then the baseline itself over the candidates)."""
+    rollout_fields = [f for f in ("num_rollouts", "rollout_len", "rollout_temperature", "baseline_reward")
+                      if getattr(config, f) is not None]
+    if rollout_fields:  # the request's own fields (the settings' defaults fill them later)
+        raise InvalidRequestError(f"decoding.value='implicit' runs no rollouts: leave {', '.join(rollout_fields)} "
+                                  "unset", param=f"decoding.{rollout_fields[0]}")
+    form = generation.baselines.get(config.baseline).implicit_form()
+    if isinstance(form, str):
+        raise InvalidRequestError(form, param="decoding.baseline")
+    if config.beta is not None and config.beta != form.beta:
+        raise InvalidRequestError(
+            f"decoding.beta={config.beta:g}, but baseline '{config.baseline or DEFAULT}' was trained with beta "
+            f"{form.beta:g}, which its implicit Q is scaled by: leave beta unset", param="decoding.beta")
+    if config.reward is not None and config.reward != form.reward:
+        raise InvalidRequestError(
+            f"decoding.value='implicit' gives the Q of the baseline's own reward, '{form.reward}', not of "
+            f"'{config.reward}': ask for reward '{form.reward}', or use decoding.value='rollouts' (direct, or "
+            "indirect transfer) for another reward", param="decoding.reward")
+    alpha = form.beta if config.alpha is None else config.alpha
+    return config.model_copy(update={"beta": form.beta, "reward": form.reward, "alpha": alpha})
+
+
+def implicit_unavailable(generation: Generation) -> str | None:
+    forms = [baseline.implicit_form() for baseline in generation.baselines.all()]
+    if any(not isinstance(form, str) for form in forms):
+        return None
+    return ("decoding.value='implicit' needs a baseline trained by DPO or IRFT from the served model (an adapter "
+            "made by 'alignd train dpo|irft', named by ALIGND_BASELINE_ADAPTER or ALIGND_BASELINES), and this "
+            "server has none (GET /v1/baselines); use decoding.value='rollouts'")
+
+
+def check_implicit_config(config: DecodingConfig) -> None:
+    if config.transfer == "indirect":
+        raise ValueError("decoding.value='implicit' is the baseline's own Q (direct transfer); use value='rollouts' "
+                         "for indirect transfer")
+
+
 def configured_baseline(generation: Generation, config: DecodingConfig) -> tuple[str | None, str | None]:
     return config.baseline or DEFAULT, generation.baselines.get(config.baseline).kind
 
@@ -183,6 +222,14 @@ def build_tq_head(generation: Generation, config: DecodingConfig, params: Genera
                                 record_candidates=config.diagnostics)
 
 
+def implicit_values(generation: Generation, config: DecodingConfig) -> ValueEstimator:
+    return ImplicitValue(generation.baselines.get(config.baseline).policy, generation.sft, float(config.beta))
+
+
+def build_tq_implicit(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
+    return value_guided(generation, config, params, implicit_values(generation, config))
+
+
 def build_by_value_source(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
     source = config.value_source
     assert source is not None  # transfer_q takes one (registry.MethodSpec.takes_value_source)
@@ -225,3 +272,13 @@ register_value_source(ValueSourceSpec(
     "cost; its own reward and baseline only: GET /v1/value_head).",
     PLAIN, (), build_tq_head, in_engine=True, check_config=check_head_config, prepare=head_defaults,
     named_baseline=head_baseline, metric_label="transfer_q_head", unavailable=head_unavailable))
+register_value_source(ValueSourceSpec(
+    "implicit", "The exact Q of a baseline trained by DPO or IRFT from the served model: beta * (log pi_BL - "
+    "log pi_SFT), one scoring request to each model a token, no rollouts (the baseline's own reward only; "
+    "alpha = beta reproduces the baseline, smaller alpha extrapolates past it, larger stays closer to SFT; "
+    "top_k 0: the whole vocabulary).",
+    # aligned: each token is its own engine requests through alignd (two a step), not one engine request an
+    # answer, so it is admitted and costed with the other per-step methods
+    ALIGNED, (*GATING, "beta"), build_tq_implicit, estimator=implicit_values, check_config=check_implicit_config,
+    prepare=implicit_defaults, check_params=penalties_need_single_token_blocks, named_baseline=configured_baseline,
+    metric_label="transfer_q_implicit", unavailable=implicit_unavailable, whole_vocabulary=True))

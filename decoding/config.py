@@ -34,7 +34,8 @@ class DecodingConfig(BaseModel):
     method: str = Field("sft", description="The decoding method: GET /v1/methods lists them with their parameters.",
                         json_schema_extra=_method_enum)
     alpha: float | None = Field(None, gt=0.0, description="KL strength: large = close to SFT, small = reward-seeking.")
-    top_k: int | None = Field(None, ge=1, description="Candidate tokens per step.")
+    top_k: int | None = Field(None, ge=0, description="Candidate tokens per step (the SFT model's most likely); 0: "
+                              "every token of the vocabulary (decoding.value='implicit' only).")
     num_rollouts: int | None = Field(None, ge=1, description="Rollouts per candidate (transfer_q, cd).")
     rollout_len: int | None = Field(None, ge=0, description="Tokens per rollout (transfer_q, cd).")
     rollout_temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy rollouts.")
@@ -171,6 +172,13 @@ class DecodingConfig(BaseModel):
             message = exc.errors()[0]["msg"].removeprefix("Value error, ")
             raise InvalidRequestError(f"decoding: {message}", param="decoding") from None
         limits = parameter_limits(settings)
+        if out.top_k == 0:
+            if out.value_source is None or not out.value_source.whole_vocabulary:
+                sources = [s.name for s in registry.value_sources().values() if s.whole_vocabulary]
+                raise InvalidRequestError(
+                    f"decoding.top_k=0 (every token of the vocabulary) is only valid with decoding.value in "
+                    f"{sources}; this method and value source take 1 to {limits['top_k']}", param="decoding.top_k")
+            del limits["top_k"]  # the whole vocabulary: exempt from ALIGND_MAX_TOP_K
         for key, limit in limits.items():
             if getattr(out, key) > limit:
                 raise InvalidRequestError(

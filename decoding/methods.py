@@ -46,6 +46,8 @@ from alignd.protocol.diagnostics import (
 from alignd.rewards.base import Reward
 
 StepRecord = ValueGuidedStep | BlockStep | BestOfNStep | BaselineStep
+# candidates a step's diagnostics list when every token of the vocabulary is one (top_k 0)
+RECORDED_WHOLE_VOCABULARY = 20
 
 
 @dataclass
@@ -176,8 +178,10 @@ class ValueGuidedDecoder(Decoder):
         decode = self.sft.engine.decode
         generated: list[int] = []
         step = 0
+        # top_k 0: every token of the vocabulary is a candidate (the implicit source's exact rule)
+        top_k = self.top_k or self.sft.engine.info.vocab_size
         while len(generated) < self.max_tokens:
-            top = (await self.sft.engine.top_k_next([sft_prefix + generated], self.top_k))[0]
+            top = (await self.sft.engine.top_k_next([sft_prefix + generated], top_k))[0]
             top = top[: nucleus([t.logprob for t in top], self.params.top_p)]
             ids = [t.token_id for t in top]
             sft_lp = [t.logprob for t in top]
@@ -194,7 +198,8 @@ class ValueGuidedDecoder(Decoder):
                 values, cost = [self.prune_bounds[0]] * len(ids), StepCost(pruned=len(ids) - 1)
             else:
                 live_values, cost = await self.estimator.estimate(
-                    prompt, policy_prefix, generated, [ids[i] for i in live], _sub_seed(self.seed, step)
+                    prompt, policy_prefix, generated, [ids[i] for i in live], _sub_seed(self.seed, step),
+                    sft_logprobs=[sft_lp[i] for i in live],
                 )
                 values = [self.prune_bounds[0]] * len(ids) if self.prune_bounds is not None else [0.0] * len(ids)
                 for i, v in zip(live, live_values):
@@ -215,10 +220,7 @@ class ValueGuidedDecoder(Decoder):
             record = ValueGuidedStep(position=len(generated), chosen=chosen, chosen_text=decode(chosen),
                                      kl=0.0 if gated else rule.kl_from_sft, gated=gated, cost=cost)
             if self.record_candidates:
-                record.candidates = [
-                    TokenCandidate(token_id=z, token=decode([z]), sft_logprob=s, value=v, penalty=p, logprob=lp)
-                    for z, s, v, p, lp in zip(ids, sft_lp, values, penalties or [0.0] * len(ids), rule.logprobs)
-                ]
+                record.candidates = self._recorded(ids, sft_lp, values, penalties, rule.logprobs)
             generated += chosen
             step += 1
             finish = None
@@ -229,6 +231,21 @@ class ValueGuidedDecoder(Decoder):
             yield DecodeChunk(chosen, record, finish)
             if finish:
                 return
+
+
+    def _recorded(self, ids: list[int], sft_lp: list[float], values: list[float], penalties: list[float] | None,
+                  logprobs: list[float]) -> list[TokenCandidate]:
+        """The step's candidates for the diagnostics: all of them, or over the whole vocabulary (top_k 0) the
+        most probable ones of the re-weighted distribution."""
+        baseline_lp = self.estimator.baseline_logprobs(sft_lp, values) or [None] * len(ids)
+        penalties = penalties or [0.0] * len(ids)
+        order = range(len(ids))
+        if self.top_k == 0:
+            order = sorted(order, key=lambda i: -logprobs[i])[:RECORDED_WHOLE_VOCABULARY]
+        decode = self.sft.engine.decode
+        return [TokenCandidate(token_id=ids[i], token=decode([ids[i]]), sft_logprob=sft_lp[i], value=values[i],
+                               penalty=penalties[i], logprob=logprobs[i], baseline_logprob=baseline_lp[i])
+                for i in order]
 
 
 class HeadTransferQDecoder(Decoder):

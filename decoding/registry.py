@@ -75,6 +75,8 @@ class ValueSourceSpec:
     metric_label: str | None = None
     # why this server cannot serve it (None: it can), for GET /v1/methods and the request's 400
     unavailable: Callable[[Generation], str | None] = lambda generation: None
+    # top_k 0 (every token of the vocabulary a candidate) is valid, and exempt from ALIGND_MAX_TOP_K
+    whole_vocabulary: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Every estimator hands the whole step to the engine at once: all candidates' roll
 from __future__ import annotations
 
 import abc
+import asyncio
 import math
 from collections.abc import Callable, Sequence
 
@@ -18,11 +19,17 @@ from alignd.rewards.base import Reward
 class ValueEstimator(abc.ABC):
     @abc.abstractmethod
     async def estimate(
-        self, prompt: Prompt, policy_prefix: list[int], generated: list[int], candidates: Sequence[int], seed: int | None
+        self, prompt: Prompt, policy_prefix: list[int], generated: list[int], candidates: Sequence[int],
+        seed: int | None, *, sft_logprobs: Sequence[float] | None = None,
     ) -> tuple[list[float], StepCost]:
-        """Q for each candidate token appended to ``generated``."""
+        """Q for each candidate token appended to ``generated``. ``sft_logprobs``: the SFT model's own
+        log-probabilities of the candidates, where the caller has them (estimators that need them)."""
 
     def policy_for_prefix(self) -> Policy | None:
+        return None
+
+    def baseline_logprobs(self, sft_logprobs: Sequence[float], values: Sequence[float]) -> list[float] | None:
+        """The baseline's log-probabilities of the candidates, where the values come from them (diagnostics)."""
         return None
 
     def value_bounds(self) -> tuple[float, float] | None:
@@ -69,7 +76,7 @@ class RolloutValueEstimator(ValueEstimator):
         # a plain or importance-weighted average of rewards stays within the reward's range
         return self.reward.bounds
 
-    async def estimate(self, prompt, policy_prefix, generated, candidates, seed):
+    async def estimate(self, prompt, policy_prefix, generated, candidates, seed, *, sft_logprobs=None):
         eos = set(self.policy.engine.info.eos_token_ids)
         # A candidate that ends the answer has nothing to roll out: its value is the finished answer's reward.
         open_idx = [i for i, z in enumerate(candidates) if z not in eos and self.rollout_len > 0]
@@ -122,7 +129,7 @@ class PartialRewardValue(ValueEstimator):
     def value_bounds(self):
         return self.reward.bounds
 
-    async def estimate(self, prompt, policy_prefix, generated, candidates, seed):
+    async def estimate(self, prompt, policy_prefix, generated, candidates, seed, *, sft_logprobs=None):
         items = [prompt.reward_item(self.decode(generated + [z])) for z in candidates]
         scores = await self.reward.score(items, truncate=True)
         return [s.value for s in scores], StepCost(reward_calls=len(items))
@@ -135,5 +142,38 @@ class FunctionValue(ValueEstimator):
     def __init__(self, fn: Callable[[list[int], int], float]) -> None:
         self.fn = fn
 
-    async def estimate(self, prompt, policy_prefix, generated, candidates, seed):
+    async def estimate(self, prompt, policy_prefix, generated, candidates, seed, *, sft_logprobs=None):
         return [float(self.fn(list(generated), z)) for z in candidates], StepCost()
+
+
+class ImplicitValue(ValueEstimator):
+    """The exact token-level Q of a policy trained by DPO (or IRFT) from the SFT model with coefficient beta:
+    ``Q(s, z) - V(s) = beta * (log pi_BL(z|s) - log pi_SFT(z|s))`` (Rafailov et al. 2024, "From r to Q*");
+    V(s) is the same for every candidate, so it cancels in the TQ* rule, which becomes
+    ``pi_SFT^(1 - beta/alpha) pi_BL^(beta/alpha)`` over the candidates (alpha = beta: the baseline itself).
+    One scoring request to each model a step (none to the SFT model where the caller has its log-probabilities);
+    no rollout, no reward call."""
+
+    def __init__(self, baseline: Policy, sft: Policy, beta: float) -> None:
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.baseline = baseline
+        self.sft = sft
+        self.beta = beta
+
+    def policy_for_prefix(self) -> Policy:
+        return self.baseline
+
+    async def estimate(self, prompt, policy_prefix, generated, candidates, seed, *, sft_logprobs=None):
+        wanted = [list(candidates)]
+        baseline = self.baseline.engine.next_token_logprobs([policy_prefix + generated], wanted)
+        if sft_logprobs is None:
+            sft_rows = await asyncio.gather(
+                baseline, self.sft.engine.next_token_logprobs([list(prompt.token_ids) + generated], wanted))
+            (baseline_lp,), (sft_lp,) = sft_rows
+        else:
+            (baseline_lp,), sft_lp = await baseline, list(sft_logprobs)
+        return [self.beta * (b - s) for b, s in zip(baseline_lp, sft_lp)], StepCost()
+
+    def baseline_logprobs(self, sft_logprobs, values):
+        return [s + v / self.beta for s, v in zip(sft_logprobs, values)]

@@ -21,6 +21,9 @@ Main-table rows (keys for ``--methods``; ``a`` = alpha):
   tq_prompted@a                   TQ* direct transfer from the prompted baseline
   tq_indirect@a                   TQ* indirect transfer from the prompted baseline: it is aligned to its own
                                   implicit reward, not to positivity, so its rollouts are importance-weighted
+  tq_implicit@a                   TQ* with the default baseline's exact implicit Q, beta * log(pi_BL / pi_SFT)
+                                  (decoding.value='implicit'), at --implicit-alphas, over the top
+                                  --implicit-top-k (default 10; 0 = the whole vocabulary)
   tq_head@a                       TQ* with Q from the engine's learned value head (decoding.value='head'), at
                                   the head's own k; run where the engine has a head (ALIGND_VALUE_HEAD), in the
                                   main table and the sweep. Its KL is replayed in transformers (HeadReplay):
@@ -311,6 +314,10 @@ class MethodRun:
         if d["method"] == "best_of_n":
             return f"N={d['num_samples']}, samples at T={d.get('sample_temperature', 1.0):g}"
         parts = [f"alpha={d['alpha']:g}", f"k={d['top_k']}"]
+        if d.get("value") == "implicit":
+            k = "k=whole vocabulary" if d.get("top_k") == 0 else f"k={d.get('top_k')}"
+            alpha = f"alpha={d['alpha']:g}" if d.get("alpha") is not None else "alpha=beta"
+            return f"{alpha}, {k}, implicit Q of {baseline} (beta from its manifest), {mode} decisions"
         if d.get("value") == "head":
             return ", ".join([*parts, f"learned value head (distilled from {baseline} rollouts)"]) + f", {mode} decisions"
         if d["method"] in ("cd", "transfer_q"):
@@ -364,6 +371,10 @@ class Plan:
     # ``tq_prompted``, ``tq_indirect``, ``tq_head``. A run that adds one method to an earlier evaluation
     # (``--combine``) sweeps that method only.
     sweep_methods: tuple[str, ...] | None = None
+    # TQ* with the default baseline's implicit Q (decoding.value='implicit', a DPO/IRFT adapter) at these
+    # alphas, in the main table (all prompts; () = none), over the SFT model's top ``implicit_top_k``
+    implicit_alphas: tuple[float, ...] = ()
+    implicit_top_k: int = 10
 
     def __post_init__(self) -> None:
         if self.sweep_methods is not None and (unknown := set(self.sweep_methods) - SWEEP_FAMILIES):
@@ -414,6 +425,10 @@ class Plan:
         decoding = {"method": "transfer_q", "value": "head", "alpha": alpha, "top_k": self.head_top_k}
         return MethodRun(f"tq_head@{alpha:g}", "TQ* value head", decoding, 0.0, limit)
 
+    def implicit_run(self, alpha: float, limit: int | None = None) -> MethodRun:
+        decoding = {"method": "transfer_q", "value": "implicit", "alpha": alpha, "top_k": self.implicit_top_k}
+        return MethodRun(f"tq_implicit@{alpha:g}", "TQ* implicit Q", decoding, 0.0, limit)
+
     def best_of_n_run(self, n: int, limit: int | None = None) -> MethodRun:
         decoding = {"method": "best_of_n", "num_samples": n, "sample_temperature": 1.0}
         return MethodRun(f"best_of_{n}", f"Best-of-{n}", decoding, 1.0, limit)
@@ -434,6 +449,7 @@ class Plan:
             *(self.best_of_n_run(n) for n in self.best_of_n),
             *self.value_guided_runs(self.alpha, indirect_limit=self.indirect_prompts, prompted=self.tq_prompted),
             *([self.head_run(self.alpha)] if self.head_top_k else []),
+            *(self.implicit_run(alpha) for alpha in self.implicit_alphas),
         ]
         if self.methods is not None:
             unknown = set(self.methods) - {r.key for r in runs}
@@ -456,7 +472,7 @@ class Plan:
         return points
 
 
-SWEEP_FAMILIES = {"best_of_n", "args", "cd", "tq_direct", "tq_prompted", "tq_indirect", "tq_head"}
+SWEEP_FAMILIES = {"best_of_n", "args", "cd", "tq_direct", "tq_prompted", "tq_indirect", "tq_head", "tq_implicit"}
 
 
 def method_family(key: str) -> str:
@@ -1162,6 +1178,10 @@ async def _main(args) -> None:
         overrides["head_top_k"] = args.head_top_k
     if args.sweep_methods:
         overrides["sweep_methods"] = tuple(args.sweep_methods)
+    if args.implicit_alphas:
+        overrides["implicit_alphas"] = tuple(args.implicit_alphas)
+    if args.implicit_top_k is not None:
+        overrides["implicit_top_k"] = args.implicit_top_k
     plan = dataclasses.replace(plan, **overrides)  # an unknown --sweep-methods name stops here (Plan checks it)
     # read now: --combine may name the summary.json that this run's --out overwrites
     earlier = json.loads(Path(args.combine).read_text()) if args.combine else None
@@ -1217,6 +1237,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--combine", metavar="SUMMARY_JSON", help="report this run's rows together with the rows "
                         "and sweep points of an earlier run's summary.json that this run did not make (same "
                         "prompts and --max-tokens)")
+    parser.add_argument("--implicit-alphas", type=float, nargs="+", default=(),
+                        help="main-table rows of TQ* with the default baseline's implicit Q at these alphas")
+    parser.add_argument("--implicit-top-k", type=int, help="k of the implicit rows (0: the whole vocabulary)")
     parser.add_argument("--sweep-prompted", action="store_true", help="TQ* from the prompted baseline in the sweep too")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="resume", action="store_true", default=True,

@@ -360,6 +360,12 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        if k > self.info.extra["max_logprobs"]:
+            # beyond the engine's max_logprobs (the whole vocabulary of the implicit source's top_k 0): every
+            # token scored in the sampler (logprob_token_ids), ranked here
+            vocabulary = list(range(self.info.vocab_size))
+            rows = await self.next_token_logprobs(prefixes, [vocabulary] * len(prefixes))
+            return [[TokenLogprob(t, v) for t, v in sorted(enumerate(row), key=lambda e: -e[1])[:k]] for row in rows]
         sampling = SamplingParams(
             max_tokens=1, temperature=0.0, logprobs=k, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
         )

@@ -57,6 +57,9 @@ class TokenCandidate(_Diagnostic):
     )
     logprob: float | None = Field(description="log pi(z | s) of the re-weighted distribution over the candidates "
                                   "(null with decoding.value='head').")
+    baseline_logprob: float | None = Field(
+        None, description="The baseline's own log-probability, where the values come from it (decoding.value="
+        "'implicit': value = beta * (baseline_logprob - sft_logprob)); null otherwise.")
 
 
 class BlockCandidate(_Diagnostic):
@@ -121,7 +124,8 @@ class AlignmentSummary(_Diagnostic):
     reward: float = Field(description="Target reward of the final text.")
     kl: float | None = Field(description="KL from the SFT model, summed over the decisions (null with "
                              "decoding.value='head').")
-    value: Literal["rollouts", "head"] | None = Field(
-        None, description="transfer_q: where Q came from, baseline rollouts or the engine's value head.")
+    value: str | None = Field(
+        None, description="transfer_q: where Q came from (GET /v1/methods lists the value sources): baseline "
+        "rollouts, the engine's value head, or the baseline's implicit Q.")
     cost: DecodingCost
     steps: list[Step] = []

@@ -50,6 +50,14 @@ class GenerateStreamEvent(BaseModel):
     usage: UsageInfo | None = None
 
 
+class ImplicitQCard(BaseModel):
+    """A baseline's implicit Q: ``beta * (log pi_BL(z|s) - log pi_SFT(z|s))``."""
+
+    beta: float
+    reward: str = Field(description="The reward the values belong to (the one it was trained for).")
+    trained_by: str = Field(description="dpo or irft.")
+
+
 class BaselineCard(BaseModel):
     """A baseline a request may pick with ``decoding.baseline``."""
 
@@ -61,6 +69,10 @@ class BaselineCard(BaseModel):
     implicit_reward: str = Field(description="Its implicit reward's name in GET /v1/rewards (r_BL of indirect transfer).")
     beta: float | None = None
     provenance: dict = Field(default_factory=dict, description="An adapter's manifest: how it was made.")
+    implicit_q: ImplicitQCard | None = Field(
+        None, description="Its exact token-level Q (decoding.value='implicit'), where it is a DPO or IRFT policy of "
+        "the served model; null otherwise (implicit_q_unavailable says why).")
+    implicit_q_unavailable: str | None = None
 
 
 class BaselineList(BaseModel):

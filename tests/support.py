@@ -229,3 +229,36 @@ class InProcessServer:
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
         self._done.result(timeout=120)
+
+
+TINY_ADAPTER_BETA = 0.2
+
+
+def make_adapter(base_dir: Path, out: Path, *, rank: int = 4, digest: str | None = None, seed: int = 0,
+                 target_modules: tuple[str, ...] = ("q_proj", "v_proj"), manifest: dict | None = None) -> Path:
+    """A random (non-zero) LoRA adapter of the tiny model, with an alignd manifest naming its base (as if
+    trained by DPO with beta TINY_ADAPTER_BETA for positivity; ``manifest`` replaces fields of it)."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignd.models.adapters import MANIFEST
+    from alignd.models.weights import weights_digest
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules),
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # large enough to change the tiny model's greedy answers
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.mul_(4.0)
+    peft_model.save_pretrained(str(out))
+    fields = {"kind": "dpo", "beta": TINY_ADAPTER_BETA, "reward": "positivity",
+              "base_model": {"name": "tiny", "path": str(base_dir),
+                             "weights_digest": digest or weights_digest(base_dir)}}
+    (out / MANIFEST).write_text(json.dumps({**fields, **(manifest or {})}))
+    return out

@@ -6,47 +6,21 @@ and the defaults a baseline gives indirect transfer."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from alignd.decoding.baselines import build_baselines
 from alignd.decoding.config import DecodingConfig
 from alignd.decoding.generation import PLAIN, Generation
 from alignd.errors import ConfigurationError, NotFoundError
-from alignd.models.adapters import MANIFEST, load_adapter
+from alignd.models.adapters import load_adapter
 from alignd.models.engine import GenerationParams
-from alignd.models.weights import weights_digest
 from alignd.rewards.base import RewardItem
 from alignd.rewards.registry import build_rewards
 from alignd.settings import Settings
-
-BETA = 0.2
-
-
-def make_adapter(base_dir: Path, out: Path, *, rank: int = 4, digest: str | None = None, seed: int = 0,
-                 target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
-    """A random (non-zero) LoRA adapter of the tiny model, with an alignd manifest naming its base."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules),
-                        init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():  # large enough to change the tiny model's greedy answers
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.mul_(4.0)
-    peft_model.save_pretrained(str(out))
-    manifest = {"kind": "dpo", "beta": BETA, "reward": "positivity",
-                "base_model": {"name": "tiny", "path": str(base_dir), "weights_digest": digest or weights_digest(base_dir)}}
-    (out / MANIFEST).write_text(json.dumps(manifest))
-    return out
-
+from support import TINY_ADAPTER_BETA as BETA
+from support import make_adapter
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_llama_dir, tmp_path_factory) -> Path:

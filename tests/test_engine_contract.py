@@ -122,3 +122,33 @@ def test_hf_and_vllm_agree_on_the_next_token_distribution(hf_embedded_engine, vl
         assert len(shared) >= 4  # the same candidates, up to one near-tie swapped at the edge
         for t in shared:
             assert t.logprob == pytest.approx(hf_map[t.token_id], abs=0.15)
+
+
+def test_next_token_logprobs_score_listed_tokens_as_the_other_primitives_do(engine, prompts, loop_thread):
+    """Listed tokens (any, not only the top ones) scored at the prefix: the top-k's own log-probabilities for
+    its members, and continuation_logprobs' for one-token continuations (each engine against itself, so the
+    tolerance is the engine's run-to-run noise: exact in float32; vLLM's sampler and its prompt
+    log-probabilities are separate kernels in bfloat16)."""
+    top = loop_thread.run(engine.top_k_next(prompts, 5))
+    far = [7, 1234, engine.info.vocab_size - 1]  # tokens nowhere near the top
+    wanted = [[t.token_id for t in row] + far for row in top]
+    scored = loop_thread.run(engine.next_token_logprobs(prompts, wanted))
+    tolerance = 1e-4 if engine.kind == "hf" else LOGPROB_TOL
+    for row, listed, values in zip(top, wanted, scored):
+        assert len(values) == len(listed)
+        assert values[:5] == pytest.approx([t.logprob for t in row], abs=tolerance)
+        assert max(values[5:]) < values[0]
+    single = loop_thread.run(engine.continuation_logprobs([prompts[0]] * len(far), [[z] for z in far]))
+    assert scored[0][5:] == pytest.approx([s[0] for s in single], abs=tolerance)
+
+
+def test_top_k_over_the_whole_vocabulary_ranks_every_token(engine, prompts, loop_thread):
+    """k beyond the engine's max_logprobs (the implicit source's top_k 0 asks for the whole vocabulary)."""
+    vocabulary = engine.info.vocab_size
+    whole = loop_thread.run(engine.top_k_next(prompts[:1], vocabulary))[0]
+    assert len(whole) == vocabulary and len({t.token_id for t in whole}) == vocabulary
+    assert sum(math.exp(t.logprob) for t in whole) == pytest.approx(1.0, abs=1e-2)
+    top = loop_thread.run(engine.top_k_next(prompts[:1], 5))[0]
+    # the same top five (compared by value: bfloat16 logits tie exactly, and the two rankings may order a tie
+    # differently)
+    assert [t.logprob for t in whole[:5]] == pytest.approx([t.logprob for t in top], abs=1e-5)

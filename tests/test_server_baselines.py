@@ -76,3 +76,57 @@ def test_the_baseline_method_samples_the_adapter_not_the_sft_model(server, model
         if top2.values[0] - top2.values[1] < 0.1:  # a near-tie: bfloat16 may pick either; stop checking
             break
         assert int(top2.indices[0]) == token, (j, merged.decode(served))
+
+
+IMPLICIT = {"method": "transfer_q", "value": "implicit", "diagnostics": True}
+
+
+def test_the_committed_adapter_has_an_implicit_q_and_the_prompted_baseline_says_why_not(server):
+    cards = {c["name"]: c for c in httpx.get(server.base_url + "/v1/baselines", timeout=30).json()["data"]}
+    made = manifest()
+    assert cards["default"]["implicit_q"] == {"beta": made["beta"], "reward": made["reward"], "trained_by": "dpo"}
+    assert cards["default"]["implicit_q_unavailable"] is None
+    assert cards["prompted"]["implicit_q"] is None and "system prompt" in cards["prompted"]["implicit_q_unavailable"]
+    sources = {s["name"]: s for s in httpx.get(server.base_url + "/v1/methods").json()["value_sources"]}
+    assert sources["implicit"]["available"]
+    refused = httpx.post(server.base_url + "/generate", json={
+        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2,
+        "decoding": {**IMPLICIT, "baseline": "prompted"}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "decoding.baseline"
+
+
+def test_implicit_tq_at_alpha_beta_over_the_vocabulary_is_the_adapter_s_greedy_answer(server, served_precision):
+    """alpha defaults to the adapter's beta, top_k 0: the rule is the adapter itself, so the answer is the
+    baseline method's greedy answer (both on the session engine, the adapter as a LoRA); in bfloat16 they may
+    part where the adapter's choice and the implicit one were within the engine's measured run-to-run bound
+    (tests/precision.py)."""
+    from precision import first_divergence
+
+    def answer(decoding: dict) -> dict:
+        body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6, "temperature": 0,
+                "decoding": decoding}
+        r = httpx.post(server.base_url + "/generate", json=body, timeout=600)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    tq, baseline = answer({**IMPLICIT, "top_k": 0}), answer({"method": "baseline"})
+    alignment = tq["alignment"]
+    assert alignment["value"] == "implicit" and alignment["reward_name"] == "positivity" and alignment["kl"] > 0
+    beta = manifest()["beta"]
+    steps = alignment["steps"]
+    for step in steps:
+        listed = step["candidates"]
+        assert len(listed) == 20  # the whole vocabulary's 20 most probable under the rule
+        for c in listed:  # at alpha = beta the re-weighted distribution is the adapter's own
+            assert c["value"] == pytest.approx(beta * (c["baseline_logprob"] - c["sft_logprob"]), abs=1e-5)
+            assert c["logprob"] == pytest.approx(c["baseline_logprob"], abs=1e-3)
+        assert step["chosen"] == [max(listed, key=lambda c: c["logprob"])["token_id"]]
+    step = first_divergence(baseline["token_ids"], tq["token_ids"])
+    if step is not None:  # where they part, the adapter's own choice was a near-tie of the implicit one
+        listed = {c["token_id"]: c["logprob"] for c in steps[step]["candidates"]}
+        ours, theirs = tq["token_ids"][step], baseline["token_ids"][step]
+        assert theirs in listed, (step, tq["text"], baseline["text"])
+        assert listed[ours] - listed[theirs] <= served_precision.near_tie_between_runs(0.0), (step, tq["text"],
+                                                                                              baseline["text"])
+    else:
+        assert tq["token_ids"] == baseline["token_ids"]

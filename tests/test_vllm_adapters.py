@@ -5,7 +5,7 @@ agree with the transformers engine's (the adapter merged into the weights) withi
 from __future__ import annotations
 
 import pytest
-from test_adapters import make_adapter
+from support import make_adapter
 
 pytestmark = pytest.mark.vllm
 

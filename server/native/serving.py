@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from alignd.decoding.listing import describe_methods
 from alignd.models.engine import GeneratedTokenLogprobs
 from alignd.server.generation import GenerationService, new_id
@@ -14,7 +16,7 @@ from alignd.server.native.protocol import (
     TokenLogprobOut,
 )
 from alignd.protocol.common import UsageInfo
-from alignd.protocol.native import BaselineCard, BaselineList, MethodList, ValueHeadCard
+from alignd.protocol.native import BaselineCard, BaselineList, ImplicitQCard, MethodList, ValueHeadCard
 from alignd.server.request_scope import AdmittedStream, RequestContext
 
 GENERATE_ENDPOINT = "/generate"
@@ -25,8 +27,11 @@ class NativeServing(GenerationService):
         cards = []
         for name in self.generation.baselines.names():
             b = self.generation.baselines.get(name)
+            form = b.implicit_form()
+            implicit = None if isinstance(form, str) else ImplicitQCard(**dataclasses.asdict(form))
             cards.append(BaselineCard(name=name, kind=b.kind, source=b.source, same_as=b.name if b.name != name else None,
-                                      implicit_reward=b.implicit_reward, beta=b.beta, provenance=b.provenance))
+                                      implicit_reward=b.implicit_reward, beta=b.beta, provenance=b.provenance,
+                                      implicit_q=implicit, implicit_q_unavailable=form if isinstance(form, str) else None))
         return BaselineList(data=cards)
 
     def list_methods(self) -> MethodList:

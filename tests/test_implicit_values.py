@@ -1,0 +1,151 @@
+"""TQ* with the implicit value source (``decoding.value='implicit'``): the exact token-level Q of a DPO
+baseline, ``beta * (log pi_BL - log pi_SFT)``, on the tiny model in float32 (the transformers engine; the
+baseline is a random LoRA adapter whose manifest says DPO with beta 0.2), checked against the merged
+baseline's own greedy decoding and against the rule computed by hand in transformers; and the 400s that
+say what is missing."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+
+import pytest
+import torch
+
+from alignd.decoding.config import DecodingConfig
+from alignd.decoding.generation import Generation, open_generation
+from alignd.decoding.values import ImplicitValue
+from alignd.errors import InvalidRequestError
+from alignd.models.engine import GenerationParams
+from alignd.settings import Settings
+from support import TINY_ADAPTER_BETA as BETA
+from support import make_adapter
+
+PROMPTS = ["hello world how are", "the cat sat on", "numbers one two", "a happy answer is"]
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("implicit-adapters")
+    return {
+        "dpo": str(make_adapter(tiny_llama_dir, root / "dpo", seed=5)),
+        "sft_lora": str(make_adapter(tiny_llama_dir, root / "sft", seed=6, manifest={"kind": "sft"})),
+        "no_digest": str(make_adapter(tiny_llama_dir, root / "nodigest", seed=7,
+                                      manifest={"base_model": {"name": "tiny"}})),
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_hf_engine, adapters):
+    """The door over the tiny transformers engine, with the DPO adapter as the default baseline."""
+    settings = Settings(engine="hf", baseline_adapter=adapters["dpo"], value_head="none",
+                        baselines={"sft_lora": {"adapter": adapters["sft_lora"]},
+                                   "no_digest": {"adapter": adapters["no_digest"]}})
+    loop = asyncio.new_event_loop()
+    exits = AsyncExitStack()
+    generation = loop.run_until_complete(exits.enter_async_context(open_generation(tiny_hf_engine, settings)))
+    yield generation, loop
+    loop.run_until_complete(exits.aclose())
+    loop.close()
+
+
+def decode(stack, prompt: str, decoding: dict | None, max_tokens: int = STEPS):
+    generation, loop = stack
+    plan = generation.plan(generation.render_text(prompt), GenerationParams(max_tokens=max_tokens, temperature=0.0),
+                           DecodingConfig(**decoding) if decoding is not None else None)
+    return loop.run_until_complete(generation.generate(plan, "t")).choices[0]
+
+
+def test_at_alpha_beta_over_the_whole_vocabulary_it_is_the_baseline_token_for_token(stack):
+    implicit = {"method": "transfer_q", "value": "implicit", "top_k": 0, "diagnostics": True}
+    changed = 0
+    for prompt in PROMPTS:
+        tq = decode(stack, prompt, implicit)  # alpha defaults to the baseline's beta
+        baseline = decode(stack, prompt, {"method": "baseline"})
+        assert tq.token_ids == baseline.token_ids, prompt
+        changed += tq.token_ids != decode(stack, prompt, None).token_ids
+        steps = tq.alignment.steps
+        assert len(steps[0].candidates) == 20  # the whole vocabulary: its 20 most probable listed
+        assert tq.alignment.value == "implicit" and tq.alignment.kl > 0 and tq.alignment.reward_name == "positivity"
+    assert changed >= 2, "the adapter should change most greedy answers, or this test shows nothing"
+
+
+def hand_rule(generation: Generation, prefix: list[int], alpha: float, top_k: int) -> tuple[int, dict[int, float]]:
+    """argmax over the SFT model's top-k of log pi_SFT + Q / alpha, Q = beta (log pi_BL - log pi_SFT), both
+    models' forward passes in transformers (the baseline: the adapter merged into a copy of the weights)."""
+    sft_model = generation.engine.model
+    baseline_model = generation.baselines.get("default").policy.engine.model
+    with torch.no_grad():
+        ids = torch.tensor([prefix])
+        sft = torch.log_softmax(sft_model(ids).logits[0, -1].float(), -1)
+        baseline = torch.log_softmax(baseline_model(ids).logits[0, -1].float(), -1)
+    top = sft.topk(top_k).indices.tolist()
+    q = {z: BETA * float(baseline[z] - sft[z]) for z in top}
+    return max(top, key=lambda z: float(sft[z]) + q[z] / alpha), q
+
+
+@pytest.mark.parametrize("alpha", [0.05, BETA, 1.0])
+def test_every_step_is_the_rule_computed_by_hand(stack, alpha):
+    generation, _ = stack
+    for prompt in PROMPTS[:2]:
+        choice = decode(stack, prompt, {"method": "transfer_q", "value": "implicit", "alpha": alpha, "top_k": 5,
+                                        "diagnostics": True})
+        prefix = generation.render_text(prompt).token_ids
+        for step, token in zip(choice.alignment.steps, choice.token_ids):
+            expected, q = hand_rule(generation, [*prefix, *choice.token_ids[: step.position]], alpha, 5)
+            assert token == expected, f"{prompt!r} step {step.position}"
+            for c in step.candidates:  # every diagnostic field filled, and consistent
+                assert c.value == pytest.approx(q[c.token_id], abs=1e-5)
+                assert c.value == pytest.approx(BETA * (c.baseline_logprob - c.sft_logprob), abs=1e-5)
+                assert c.logprob is not None
+            assert step.kl >= 0
+
+
+def test_concurrent_requests_with_different_alphas_each_get_their_own(stack):
+    generation, loop = stack
+    configs = [{"method": "transfer_q", "value": "implicit", "alpha": a, "top_k": 5} for a in (0.05, 1.0)]
+    alone = [decode(stack, PROMPTS[0], c).token_ids for c in configs]
+    assert alone[0] != alone[1], "the two alphas should decode differently, or this test shows nothing"
+
+    async def together():
+        plans = [generation.plan(generation.render_text(PROMPTS[0]), GenerationParams(max_tokens=STEPS, temperature=0),
+                                 DecodingConfig(**c)) for c in configs]
+        return await asyncio.gather(*(generation.generate(p, f"r{i}") for i, p in enumerate(plans)))
+
+    assert [c.choices[0].token_ids for c in loop.run_until_complete(together())] == alone
+
+
+def test_training_gets_the_implicit_estimator_from_the_door(stack):
+    generation, _ = stack
+    config, estimator = generation.value_estimator(DecodingConfig(method="transfer_q", value="implicit"))
+    assert isinstance(estimator, ImplicitValue) and estimator.beta == BETA and config.alpha == BETA
+
+
+@pytest.mark.parametrize(("decoding", "says", "param"), [
+    ({"baseline": "prompted"}, "system prompt, not a policy trained by DPO or IRFT", "decoding.baseline"),
+    ({"baseline": "sft_lora"}, "was not trained by DPO or IRFT (its manifest's kind: sft)", "decoding.baseline"),
+    ({"baseline": "no_digest"}, "no base-model weights digest", "decoding.baseline"),
+    ({"beta": 0.5}, "trained with beta 0.2", "decoding.beta"),
+    ({"reward": "length_penalty"}, "Q of the baseline's own reward, 'positivity'", "decoding.reward"),
+    ({"rollout_len": 4}, "runs no rollouts: leave rollout_len unset", "decoding.rollout_len"),
+    ({"transfer": "indirect"}, "direct transfer", "decoding"),
+])
+def test_what_it_cannot_serve_is_a_400_naming_the_cause(stack, decoding, says, param):
+    generation, _ = stack
+    with pytest.raises(InvalidRequestError) as refused:
+        try:
+            config = DecodingConfig(method="transfer_q", value="implicit", **decoding)
+        except ValueError as invalid:  # a request the schema refuses (the server's 400 says the same)
+            raise InvalidRequestError(str(invalid), param="decoding") from None
+        generation.plan(generation.render_text("hi"), GenerationParams(max_tokens=2), config)
+    assert says in refused.value.message and refused.value.param == param
+
+
+def test_top_k_zero_is_the_implicit_source_s_only(stack):
+    generation, _ = stack
+    with pytest.raises(InvalidRequestError, match="only valid with decoding.value in"):
+        generation.plan(generation.render_text("hi"), GenerationParams(max_tokens=2),
+                        DecodingConfig(method="transfer_q", top_k=0))
+    with pytest.raises(ValueError):
+        DecodingConfig(method="transfer_q", value="implicit", alpha=0.0)
