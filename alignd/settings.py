@@ -173,6 +173,13 @@ class Settings(BaseSettings):
         "(for positivity, from the committed baseline adapter) when the embedded model is served, else none; "
         "'none' = no head (the served engine is plain vLLM).",
     )
+    implicit_in_engine: bool = Field(
+        False,
+        description="Compute decoding.value='implicit' (the default baseline's exact Q, a DPO or IRFT adapter) "
+        "inside the vLLM engine's step: the adapter merged into a second decoder stack of the served model, run "
+        "only in steps with such requests (one engine request an answer; the KV cache holds half the tokens). "
+        "Off: alignd scores the candidates with both models at every step.",
+    )
     target_reward: str = Field("positivity", description="Reward that aligned decoding maximises by default.")
     baseline_reward: str | None = Field(
         None, description="Reward the baseline is aligned to (indirect transfer); unset = the chosen baseline's "

@@ -12,6 +12,8 @@ Configurations (each in its own process, so that engines never overlap):
   lora    the served engine with LoRA on, the adapter as a LoRARequest (ALIGND_ADAPTER_SERVING=lora)
   merged  the served engine without LoRA, the adapter merged into a folder on a second engine
           (ALIGND_ADAPTER_SERVING=merged)
+  implicit_in_engine  as merged, and the merged adapter also a second decoder stack of the served engine
+          (ALIGND_IMPLICIT_IN_ENGINE): TQ* implicit in vLLM's step; plain requests skip the stack
   remote  the same merged folder on a ``vllm serve`` of its own (started by this script, alignd's engine
           settings), the baseline reached over HTTP (ALIGND_BASELINE_URL): remote against in-process
 
@@ -45,6 +47,9 @@ CONFIGS = {
     "none": {"ALIGND_BASELINE_ADAPTER": "none"},
     "lora": {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "lora"},
     "merged": {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "merged"},
+    # as merged, plus the adapter's stack in the served engine: implicit values computed in its step
+    "implicit_in_engine": {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "merged",
+                           "ALIGND_IMPLICIT_IN_ENGINE": "true"},
     "remote": {"ALIGND_BASELINE_ADAPTER": "none"},  # + ALIGND_BASELINE_URL of the vllm serve run_config starts
 }
 REMOTE_NAME = "baseline-merged"
@@ -119,7 +124,7 @@ async def measure(config: str, args) -> dict:
             cases.append(("tq_adapter", "TQ* from the adapter", {**TQ, "baseline": "default"}))
         if out["default_baseline"] == "adapter":
             cases.append(("tq_implicit", "TQ* implicit Q of the adapter", TQ_IMPLICIT))
-        if config not in ("merged", "remote"):
+        if config not in ("merged", "implicit_in_engine", "remote"):
             # Under "merged" the SFT engine runs without LoRA, exactly as under "none", so TQ* from the
             # prompted baseline (which shares it) would measure the same thing again: not repeated.
             cases.append(("tq_prompted", "TQ* from the prompted baseline", {**TQ, "baseline": "prompted"}))

@@ -22,6 +22,7 @@ from typing import Literal
 
 from alignd.decoding.prompt import Policy
 from alignd.errors import ConfigurationError, NotFoundError
+from alignd.models.baseline_stack import IMPLICIT_KINDS
 from alignd.models.engine import Engine
 from alignd.models.factory import build_adapter_engine, build_model_engine, build_remote_engine
 from alignd.rewards.registry import AlignedPolicy
@@ -32,10 +33,6 @@ PROMPTED = "prompted"
 
 BaselineKind = Literal["adapter", "model", "prompted", "remote"]
 SPEC_KEYS = ("adapter", "model", "system_prompt", "url")
-
-
-# the training methods whose policy's log-ratio to the SFT model is beta times its token-level Q
-IMPLICIT_KINDS = ("dpo", "irft")
 
 
 @dataclass(frozen=True)

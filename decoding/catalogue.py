@@ -6,6 +6,7 @@ Each entry says what the method needs, what it refuses and how its decoder is bu
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alignd.decoding.baselines import DEFAULT
@@ -21,6 +22,7 @@ from alignd.decoding.methods import (
 from alignd.decoding.registry import (
     ALIGNED,
     PLAIN,
+    Family,
     MethodSpec,
     ValueSourceSpec,
     register_method,
@@ -226,7 +228,25 @@ def implicit_values(generation: Generation, config: DecodingConfig) -> ValueEsti
     return ImplicitValue(generation.baselines.get(config.baseline).policy, generation.sft, float(config.beta))
 
 
+def implicit_in_engine(generation: Generation, config: DecodingConfig) -> bool:
+    """The served engine computes this baseline's implicit values in its own step (ALIGND_IMPLICIT_IN_ENGINE:
+    it carries the baseline's stack); with diagnostics alignd scores the steps itself (the same rule, with
+    every candidate's values and the KL, which stay inside the engine otherwise)."""
+    stack = generation.engine.info.extra.get("baseline_stack")
+    if not stack or config.diagnostics or config.block_size != 1 or config.confidence_threshold is not None:
+        return False  # (block_size and confidence_threshold are alignd's own step loop's)
+    baseline = generation.baselines.get(config.baseline)
+    return baseline.kind == "adapter" and str(Path(baseline.source).resolve()) == stack["adapter"]
+
+
+def implicit_family(generation: Generation, config: DecodingConfig) -> Family:
+    # in the engine: one engine request an answer, as plain decoding; else two scoring requests a token
+    return PLAIN if implicit_in_engine(generation, config) else ALIGNED
+
+
 def build_tq_implicit(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
+    if implicit_in_engine(generation, config):
+        return HeadTransferQDecoder(generation.sft, params, alpha=config.alpha, top_k=config.top_k, value="implicit")
     return value_guided(generation, config, params, implicit_values(generation, config))
 
 
@@ -277,8 +297,8 @@ register_value_source(ValueSourceSpec(
     "log pi_SFT), one scoring request to each model a token, no rollouts (the baseline's own reward only; "
     "alpha = beta reproduces the baseline, smaller alpha extrapolates past it, larger stays closer to SFT; "
     "top_k 0: the whole vocabulary).",
-    # aligned: each token is its own engine requests through alignd (two a step), not one engine request an
-    # answer, so it is admitted and costed with the other per-step methods
-    ALIGNED, (*GATING, "beta"), build_tq_implicit, estimator=implicit_values, check_config=check_implicit_config,
+    # aligned where each token is its own scoring requests through alignd; plain where the engine computes the
+    # values in its step (ALIGND_IMPLICIT_IN_ENGINE: one engine request an answer): implicit_family
+    ALIGNED, (*GATING, "beta"), build_tq_implicit, family_of=implicit_family, estimator=implicit_values, check_config=check_implicit_config,
     prepare=implicit_defaults, check_params=penalties_need_single_token_blocks, named_baseline=configured_baseline,
     metric_label="transfer_q_implicit", unavailable=implicit_unavailable, whole_vocabulary=True))

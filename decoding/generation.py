@@ -60,6 +60,7 @@ class GenerationPlan:
     prompt: Prompt
     params: GenerationParams
     decoding: DecodingConfig | None = None
+    admission: Family | None = None  # where the served stack decided it (registry.ValueSourceSpec.family_of)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -68,6 +69,8 @@ class GenerationPlan:
     @property
     def family(self) -> Family:
         """The admission family (the method's, registry.MethodSpec.family): the engine's own sampler is plain."""
+        if self.admission is not None:
+            return self.admission
         return PLAIN if self.decoding is None else self.decoding.family
 
 
@@ -178,9 +181,11 @@ class Generation:
             )
         resolved = self.plan_decoding(decoding)
         resolved.spec.check_params(resolved, params)
-        if resolved.value_source is not None:
-            resolved.value_source.check_params(resolved, params)
-        return GenerationPlan(prompt, params, resolved)
+        source = resolved.value_source
+        if source is not None:
+            source.check_params(resolved, params)
+        admission = source.family_of(self, resolved) if source is not None and source.family_of else None
+        return GenerationPlan(prompt, params, resolved, admission)
 
     def plan_decoding(self, decoding: DecodingConfig) -> DecodingConfig:
         """The part of :meth:`plan` that depends on the decoding request alone: the method's and its value

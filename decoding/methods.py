@@ -260,11 +260,12 @@ class HeadTransferQDecoder(Decoder):
     ``kl`` are null."""
 
     def __init__(self, sft: Policy, params: GenerationParams, *, alpha: float, top_k: int,
-                 record_candidates: bool = False) -> None:
+                 record_candidates: bool = False, value: str = "head") -> None:
+        """``value``: "head", or "implicit" (Q from the engine's baseline stack, alignd.models.baseline_stack)."""
         super().__init__(sft, params)
         self.record_candidates = record_candidates
         self.engine_params = dataclasses.replace(
-            params, stop=(), value_guidance=ValueGuidance(alpha=alpha, top_k=top_k),
+            params, stop=(), value_guidance=ValueGuidance(alpha=alpha, top_k=top_k, value=value),
             logprobs=top_k if record_candidates else None,
         )
 

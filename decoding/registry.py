@@ -77,6 +77,8 @@ class ValueSourceSpec:
     unavailable: Callable[[Generation], str | None] = lambda generation: None
     # top_k 0 (every token of the vocabulary a candidate) is valid, and exempt from ALIGND_MAX_TOP_K
     whole_vocabulary: bool = False
+    # the admission family of a planned request where the served stack decides it (None: ``family``)
+    family_of: Callable[[Generation, DecodingConfig], Family] | None = None
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,12 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ValueGuidance:
     """Transfer Q* inside the engine's own decode step: over the SFT model's ``top_k`` tokens, sample from
-    ``pi_sft * exp(Q / alpha)`` with ``Q`` from the engine's learned value head (alignd.vllm_plugin)."""
+    ``pi_sft * exp(Q / alpha)`` with ``Q`` from the engine's learned value head (``value`` "head") or from its
+    baseline stack's implicit Q (``value`` "implicit"; top_k 0: the whole vocabulary) (alignd.vllm_plugin)."""
 
     alpha: float
     top_k: int
+    value: str = "head"
 
 
 @dataclass(frozen=True)

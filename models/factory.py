@@ -13,13 +13,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alignd.errors import ConfigurationError
 from alignd.models.adapters import AdapterInfo, load_adapter
+from alignd.models.baseline_stack import BaselineStack
 from alignd.models.engine import Engine, GenerationParams
 from alignd.models.loading import merge_adapter, resolve_model_path
 from alignd.settings import Settings
 
 if TYPE_CHECKING:
     from alignd.models.hf_engine import HFEngine
+
+# the name the default adapter baseline goes by (alignd.decoding.baselines.DEFAULT)
+DEFAULT_BASELINE = "default"
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +53,12 @@ async def build_engine(settings: Settings, *, progress: bool = True) -> Engine:
 
         lora = settings.adapter_serving == "lora" and bool(settings.adapter_folders())
         head = settings.value_head_dir()
-        if head is None:
+        stack, card = (await asyncio.to_thread(implicit_baseline_stack, path, settings)
+                       if settings.implicit_in_engine else (None, None))
+        if head is None and stack is None:
             return VLLMEngine.start(path, settings, enable_lora=lora)
-        served, manifest = await asyncio.to_thread(value_guided_model, path, head, settings)
-        return VLLMEngine.start(str(served), settings, enable_lora=lora, value_head=manifest)
+        served, manifest = await asyncio.to_thread(value_guided_model, path, head, settings, baseline=stack)
+        return VLLMEngine.start(str(served), settings, enable_lora=lora, value_head=manifest, baseline_stack=card)
     return await asyncio.to_thread(build_reference_engine, path, settings)
 
 
@@ -76,22 +83,50 @@ async def build_remote_sft_engine(model_dir: str | Path, settings: Settings) -> 
                                           local_model_dir=str(model_dir))
 
 
-def value_guided_model(model_dir: str | Path, head_dir: Path, settings: Settings) -> tuple[Path, dict]:
-    """The served model folder with the value head attached (alignd's vLLM model class reads it), after
-    checking that the head was made for these weights; and the head's manifest with its path."""
+def value_guided_model(model_dir: str | Path, head_dir: Path | None, settings: Settings, *,
+                       baseline: BaselineStack | None = None) -> tuple[Path, dict | None]:
+    """The served model folder with the value head and/or a baseline stack attached (alignd's vLLM model class
+    reads it), after checking that the head was made for these weights; and the head's manifest with its
+    path (None without a head)."""
     import hashlib
     import json
 
     from alignd.models.value_head import load_value_head, prepare_value_guided_folder
     from alignd.models.weights import weights_digest
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    head_dir = head_dir.resolve()
-    loaded = load_value_head(head_dir, vocab_size=config.get("vocab_size"), hidden_size=config.get("hidden_size"),
-                             base_weights_digest=weights_digest(model_dir), base_name=settings.model_name)
-    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{head_dir}".encode()).hexdigest()[:16]
-    served = prepare_value_guided_folder(model_dir, head_dir, settings.cache_dir / "value-guided" / key)
-    return served, {**loaded.manifest, "path": str(head_dir)}
+    manifest = None
+    if head_dir is not None:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        head_dir = head_dir.resolve()
+        loaded = load_value_head(head_dir, vocab_size=config.get("vocab_size"), hidden_size=config.get("hidden_size"),
+                                 base_weights_digest=weights_digest(model_dir), base_name=settings.model_name)
+        manifest = {**loaded.manifest, "path": str(head_dir)}
+    key = hashlib.sha256(f"{Path(model_dir).resolve()}|{head_dir}|{baseline}".encode()).hexdigest()[:16]
+    served = prepare_value_guided_folder(model_dir, head_dir, settings.cache_dir / "value-guided" / key,
+                                         baseline=baseline)
+    return served, manifest
+
+
+def implicit_baseline_stack(model_dir: str | Path, settings: Settings) -> tuple[BaselineStack, dict]:
+    """The default baseline adapter merged into a second decoder stack of the served model
+    (ALIGND_IMPLICIT_IN_ENGINE), and what the engine says of it; refused unless the adapter is a DPO or IRFT
+    policy of these very weights (its manifest: kind, beta, base weights digest)."""
+    from alignd.models.baseline_stack import IMPLICIT_KINDS, BaselineStack
+
+    adapter_dir = settings.default_adapter_dir()
+    if adapter_dir is None:
+        raise ConfigurationError("ALIGND_IMPLICIT_IN_ENGINE needs an adapter baseline (ALIGND_BASELINE_ADAPTER) "
+                                 "trained by DPO or IRFT from the served model")
+    adapter = load_adapter(DEFAULT_BASELINE, adapter_dir, model_dir, max_rank=settings.max_lora_rank)
+    kind, beta = adapter.manifest.get("kind"), adapter.manifest.get("beta")
+    if kind not in IMPLICIT_KINDS or beta is None or not (adapter.manifest.get("base_model") or {}).get("weights_digest"):
+        raise ConfigurationError(
+            f"ALIGND_IMPLICIT_IN_ENGINE: adapter {adapter_dir} is not a DPO or IRFT policy of the served model with "
+            "its beta and base weights digest in its manifest (alignd_adapter.json); unset the setting, or train "
+            "the adapter with 'alignd train dpo|irft'")
+    merged = merge_adapter(model_dir, adapter.path, settings.cache_dir, progress=False)
+    stack = BaselineStack(path=str(Path(merged).resolve()), beta=float(beta), name=str(adapter.path), skip_unasked=True)
+    return stack, {"adapter": str(Path(adapter.path).resolve()), "beta": float(beta)}
 
 
 async def build_model_engine(path: str | Path, settings: Settings) -> Engine:

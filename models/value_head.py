@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from alignd.errors import ConfigurationError
+from alignd.models.baseline_stack import CONFIG_BASELINE_KEY, BaselineStack, check_stacks_match
 
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_MANIFEST = "alignd_value_head.json"
@@ -192,10 +193,11 @@ def _folder_is(folder: Path, marker: dict) -> bool:
 
 def prepare_value_guided_folder(
     base_model_dir: str | Path,
-    head_dir: str | Path,
+    head_dir: str | Path | None,
     out_dir: str | Path,
     *,
     base_weights_digest: str | None = None,
+    baseline: BaselineStack | None = None,
 ) -> Path:
     """A model folder that vLLM (alignd's engine, or a stock ``vllm serve`` with alignd installed)
     serves with the value head in its decode step; returns ``out_dir``.
@@ -210,13 +212,17 @@ def prepare_value_guided_folder(
     Idempotent: a folder already made from the same base files and head is returned as it is. The
     folder is built under a temporary name beside ``out_dir`` and renamed into place, so a folder under
     ``out_dir``'s name is always complete. An existing ``out_dir`` that alignd did not prepare is never
-    replaced."""
+    replaced.
+
+    ``baseline`` adds a baseline's decoder stack (:mod:`alignd.models.baseline_stack`: TQ* with its implicit
+    Q in the same step), checked to match the base model; ``head_dir`` may then be None (a folder with a
+    baseline stack and no head)."""
     import os
     import shutil
     import uuid
 
     base = Path(base_model_dir).expanduser().resolve()
-    head_path = Path(head_dir).expanduser().resolve()
+    head_path = Path(head_dir).expanduser().resolve() if head_dir is not None else None
     out = Path(out_dir).expanduser().absolute()
     config_path = base / "config.json"
     if not config_path.is_file():
@@ -232,8 +238,13 @@ def prepare_value_guided_folder(
     if not architectures or not set(architectures) <= set(VALUE_GUIDED_BASE_ARCHITECTURES):
         raise ConfigurationError(f"{base} is a {architectures or 'model of unknown architecture'}; alignd's value head "
                                  f"runs inside vLLM for {', '.join(VALUE_GUIDED_BASE_ARCHITECTURES)} models only")
-    load_value_head(head_path, vocab_size=config.get("vocab_size"), hidden_size=config.get("hidden_size"),
-                    base_weights_digest=base_weights_digest, base_name=str(base))
+    if head_path is None and baseline is None:
+        raise ConfigurationError("a value-guided folder needs a value head, a baseline stack, or both")
+    if head_path is not None:
+        load_value_head(head_path, vocab_size=config.get("vocab_size"), hidden_size=config.get("hidden_size"),
+                        base_weights_digest=base_weights_digest, base_name=str(base))
+    if baseline is not None:
+        check_stacks_match(config, baseline.path, sft_name=str(base))
 
     linked = sorted(entry.name for entry in base.iterdir()
                     if entry.name not in ("config.json", VALUE_GUIDED_MARKER) and not entry.name.startswith("."))
@@ -242,8 +253,10 @@ def prepare_value_guided_folder(
         "base_model": str(base),
         "base_config_sha256": _sha256(config_path),
         "linked": linked,
-        "value_head": str(head_path),
-        "value_head_manifest_sha256": _sha256(head_path / HEAD_MANIFEST),
+        "value_head": str(head_path) if head_path is not None else None,
+        "value_head_manifest_sha256": _sha256(head_path / HEAD_MANIFEST) if head_path is not None else None,
+        **({"baseline": baseline.to_config(),
+            "baseline_config_sha256": _sha256(Path(baseline.path) / "config.json")} if baseline is not None else {}),
     }
     if _folder_is(out, marker):
         return out
@@ -256,8 +269,11 @@ def prepare_value_guided_folder(
     try:
         for name in linked:
             (staging / name).symlink_to(base / name, target_is_directory=(base / name).is_dir())
-        served = {**config, "architectures": [VALUE_GUIDED_ARCHITECTURE], CONFIG_HEAD_KEY: str(head_path),
-                  "alignd_base_model": str(base)}
+        served = {**config, "architectures": [VALUE_GUIDED_ARCHITECTURE], "alignd_base_model": str(base)}
+        if head_path is not None:
+            served[CONFIG_HEAD_KEY] = str(head_path)
+        if baseline is not None:
+            served[CONFIG_BASELINE_KEY] = baseline.to_config()
         (staging / "config.json").write_text(json.dumps(served, indent=2) + "\n")
         (staging / VALUE_GUIDED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:

@@ -35,6 +35,7 @@ from alignd.models.platform import engine_dtype
 from alignd.models.seeded_sampling import SeededSampling
 from alignd.models.streams import merge_streams
 from alignd.models.supervision import EngineSupervisor
+from alignd.models.baseline_stack import IMPLICIT, IMPLICIT_CACHE_SALT, VALUE_KEY
 from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY
 from alignd.settings import Settings
 
@@ -53,6 +54,15 @@ def _top_entries(position: dict | None, k: int) -> tuple[TokenLogprob, ...]:
     return tuple(TokenLogprob(int(t), float(lp.logprob)) for t, lp in ranked if lp.rank is not None and lp.rank <= k)[
         :k
     ]
+
+
+def _prompt(prompt_token_ids: Sequence[int], sampling) -> dict:
+    """vLLM's prompt for a request: implicit-value requests carry a cache salt of their own, so that the
+    prefix cache never hands them blocks whose baseline-stack KV was skipped (alignd.models.baseline_stack)."""
+    prompt: dict = {"prompt_token_ids": list(prompt_token_ids)}
+    if (sampling.extra_args or {}).get(VALUE_KEY) == IMPLICIT:
+        prompt["cache_salt"] = IMPLICIT_CACHE_SALT
+    return prompt
 
 
 def _seeded_sampling(params: GenerationParams) -> bool:
@@ -100,12 +110,13 @@ class VLLMEngine(Engine):
 
     @classmethod
     def start(cls, model_path: str, settings: Settings, *, enable_lora: bool = False,
-              value_head: dict | None = None) -> VLLMEngine:
+              value_head: dict | None = None, baseline_stack: dict | None = None) -> VLLMEngine:
         """Build the async engine. Must run inside an event loop (vLLM starts its output task).
         ``enable_lora``: adapters may run in it (:meth:`with_adapter`), up to ``settings.max_lora_rank``.
         ``value_head``: the manifest of the head that ``model_path`` (a folder made by
         :func:`alignd.models.value_head.prepare_value_guided_folder`) carries; requests may then ask for
-        :class:`ValueGuidance`."""
+        :class:`ValueGuidance`. ``baseline_stack``: the baseline whose decoder stack the folder carries
+        (``adapter``: its folder, ``beta``): requests may then ask for its implicit values in the step."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -130,7 +141,9 @@ class VLLMEngine(Engine):
             distributed_executor_backend=settings.distributed_executor_backend,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             max_num_seqs=settings.max_num_seqs,
-            max_logprobs=settings.max_logprobs,
+            # no cap in the engine (-1: the vocabulary): alignd's primitives rank the whole vocabulary for the
+            # implicit source's top_k 0; what a request may ask for is bounded by alignd (max_logprobs)
+            max_logprobs=-1,
             seed=settings.seed,
             enable_chunked_prefill=chunked_prefill,
             max_num_batched_tokens=batched_tokens,
@@ -153,7 +166,7 @@ class VLLMEngine(Engine):
             vocab_size=config.get_vocab_size(),
             eos_token_ids=tuple(sorted(i for i in eos_ids if i is not None)),
             extra={"max_logprobs": settings.max_logprobs, "lora": enable_lora, "max_lora_rank": settings.max_lora_rank,
-                   "value_head": value_head},
+                   "value_head": value_head, "baseline_stack": baseline_stack},
         )
         return cls(llm, tokenizer, info, engine_args=args)
 
@@ -267,7 +280,13 @@ class VLLMEngine(Engine):
         from vllm.exceptions import VLLMClientError
 
         extra_args: dict | None = None
-        if params.value_guidance is not None:
+        if params.value_guidance is not None and params.value_guidance.value == IMPLICIT:
+            if not self.info.extra.get("baseline_stack"):
+                raise InvalidRequestError("this engine has no baseline stack (ALIGND_IMPLICIT_IN_ENGINE), so implicit "
+                                          "values are not computed in its step", param="decoding.value")
+            guidance = params.value_guidance
+            extra_args = {VALUE_KEY: IMPLICIT, ALPHA_KEY: float(guidance.alpha), TOP_K_KEY: int(guidance.top_k)}
+        elif params.value_guidance is not None:
             if not self.info.extra.get("value_head"):
                 raise InvalidRequestError(
                     "this engine has no value head (start the server with ALIGND_VALUE_HEAD=<folder made by "
@@ -305,7 +324,7 @@ class VLLMEngine(Engine):
             llm = self._live_llm()
             with self._death_is_unavailable(llm):
                 async for out in llm.generate(
-                    {"prompt_token_ids": list(prompt_token_ids)}, sampling_params,
+                    _prompt(prompt_token_ids, sampling_params), sampling_params,
                     request_id=f"alignd-{uuid.uuid4().hex}", lora_request=self._lora,
                 ):
                     final = out
@@ -336,7 +355,7 @@ class VLLMEngine(Engine):
         llm = self._live_llm()
         with self._death_is_unavailable(llm):
             async for out in llm.generate(
-                {"prompt_token_ids": list(prompt_token_ids)}, sampling, request_id=request_id, lora_request=self._lora
+                _prompt(prompt_token_ids, sampling), sampling, request_id=request_id, lora_request=self._lora
             ):
                 prompt_count = len(out.prompt_token_ids or prompt_token_ids)
                 for comp in out.outputs:
@@ -360,17 +379,19 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        if k > self.info.extra["max_logprobs"]:
-            # beyond the engine's max_logprobs (the whole vocabulary of the implicit source's top_k 0): every
-            # token scored in the sampler (logprob_token_ids), ranked here
-            vocabulary = list(range(self.info.vocab_size))
-            rows = await self.next_token_logprobs(prefixes, [vocabulary] * len(prefixes))
-            return [[TokenLogprob(t, v) for t, v in sorted(enumerate(row), key=lambda e: -e[1])[:k]] for row in rows]
+        # beyond alignd's max_logprobs (the implicit source's top_k 0 ranks the whole vocabulary): every
+        # token's log-probability (-1), ranked here
+        whole = k > self.info.extra["max_logprobs"]
         sampling = SamplingParams(
-            max_tokens=1, temperature=0.0, logprobs=k, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
+            max_tokens=1, temperature=0.0, logprobs=-1 if whole else k, detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
         outs = await asyncio.gather(*(self._final("top_k_next", p, sampling) for p in prefixes))
-        return [list(_top_entries(out.outputs[0].logprobs[0], k)) for out in outs]
+        tables = [out.outputs[0].logprobs[0] for out in outs]
+        if whole:
+            return [sorted((TokenLogprob(int(t), float(lp.logprob)) for t, lp in table.items()),
+                           key=lambda e: -e.logprob)[:k] for table in tables]
+        return [list(_top_entries(table, k)) for table in tables]
 
     async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None, *, top_p=1.0,
                        presence_penalty=0.0, frequency_penalty=0.0):
@@ -401,18 +422,20 @@ class VLLMEngine(Engine):
 
         if len(prefixes) != len(token_ids):
             raise ValueError("prefixes and token_ids must have the same length")
+        # Each listed token as a one-token continuation whose prompt log-probability is read, the prefix read
+        # from the prefix cache (vLLM skips the cache for prompt log-probabilities unless told otherwise; only
+        # the last prompt position, never cached, is scored). Not vLLM's logprob_token_ids: in 0.32 a row that
+        # sets them replaces the log-probabilities of every row of its batch (sampler.py, "prefer
+        # logprob_token_ids"), which would corrupt concurrent top-k requests.
+        sampling = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, skip_reading_prefix_cache=False,
+                                  detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
 
-        async def one(prefix, wanted):
-            if not wanted:
-                return []
-            # vLLM scores listed tokens in the sampler (logprob_token_ids, raw log-probabilities: the model's
-            # own distribution), one request a prefix, rather than a scored prompt per token
-            sampling = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(dict.fromkeys(wanted)),
-                                      detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
-            table = (await self._final("next_token_logprobs", prefix, sampling)).outputs[0].logprobs[0]
-            return [float(table[z].logprob) for z in wanted]
+        async def one(prefix, token: int) -> float:
+            out = await self._final("next_token_logprobs", [*prefix, token], sampling)
+            return float(out.prompt_logprobs[-1][token].logprob)
 
-        return list(await asyncio.gather(*(one(p, w) for p, w in zip(prefixes, token_ids))))
+        rows = [asyncio.gather(*(one(p, z) for z in wanted)) for p, wanted in zip(prefixes, token_ids)]
+        return [list(row) for row in await asyncio.gather(*rows)]
 
     async def continuation_logprobs(self, prefixes, continuations):
         from vllm import SamplingParams

@@ -48,7 +48,8 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from alignd.decoding.rule import transfer_q_logits
 from alignd.errors import ConfigurationError
 from alignd.models.seeded_sampling import SeededSampling, sampling_scores, seeded_sampling_request
-from alignd.models.value_head import ALPHA_KEY, MAX_TOP_K, TOP_K_KEY, VALUE_GUIDED_ARCHITECTURE
+from alignd.models.baseline_stack import CONFIG_BASELINE_KEY, HEAD, IMPLICIT, VALUE_KEY
+from alignd.models.value_head import ALPHA_KEY, CONFIG_HEAD_KEY, MAX_TOP_K, TOP_K_KEY, VALUE_GUIDED_ARCHITECTURE
 from alignd.vllm_plugin.scoring import NEEDS_V1_RUNNER, ValueGuidedScoring, find_scoring
 
 try:  # Model Runner V2's interface (vLLM >= 0.32); absent in older vLLM, which has no V2 loader either
@@ -69,28 +70,37 @@ DEFAULT_TOP_K = 10  # the TQ* paper's
 
 @dataclass(frozen=True)
 class TransferQRequest:
-    """What one request asks for."""
+    """What one request asks for: Q from the value head or from the baseline stack (implicit); top_k 0 =
+    every token of the vocabulary (implicit only)."""
 
     alpha: float
     top_k: int
+    value: str = HEAD
 
 
 def transfer_q_request(extra_args: Mapping[str, Any] | None) -> TransferQRequest | None:
     """The request's TQ* parameters from ``SamplingParams.extra_args``; None when it asks for nothing.
     A ``ValueError`` names a bad value and what to send instead."""
-    if not extra_args or (ALPHA_KEY not in extra_args and TOP_K_KEY not in extra_args):
+    keys = (ALPHA_KEY, TOP_K_KEY, VALUE_KEY)
+    if not extra_args or not any(key in extra_args for key in keys):
         return None
     if ALPHA_KEY not in extra_args:
-        raise ValueError(f"{TOP_K_KEY} is the candidate count of value-guided decoding, which {ALPHA_KEY} "
-                         f"turns on: send {ALPHA_KEY} (a number > 0) with it")
+        raise ValueError(f"{TOP_K_KEY} and {VALUE_KEY} are parameters of value-guided decoding, which {ALPHA_KEY} "
+                         f"turns on: send {ALPHA_KEY} (a number > 0) with them")
+    value = extra_args.get(VALUE_KEY, HEAD)
+    if value not in (HEAD, IMPLICIT):
+        raise ValueError(f"{VALUE_KEY} must be '{HEAD}' (the value head) or '{IMPLICIT}' (the baseline stack's "
+                         f"implicit Q), got {value!r}")
     alpha = extra_args[ALPHA_KEY]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"{ALPHA_KEY} must be a finite number > 0, got {alpha!r}: a large alpha stays close "
-                         "to the model's own distribution, a small one follows the value head")
+                         "to the model's own distribution, a small one follows the values")
     top_k = extra_args.get(TOP_K_KEY, DEFAULT_TOP_K)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"{TOP_K_KEY} must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
-    return TransferQRequest(float(alpha), top_k)
+    lowest = 0 if value == IMPLICIT else 1
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not lowest <= top_k <= MAX_TOP_K:
+        whole = f" (0: the whole vocabulary, with {VALUE_KEY}='{IMPLICIT}' only)" if value == HEAD and top_k == 0 else ""
+        raise ValueError(f"{TOP_K_KEY} must be an integer from {lowest} to {MAX_TOP_K}, got {top_k!r}{whole}")
+    return TransferQRequest(float(alpha), top_k, value)
 
 
 @dataclass(frozen=True)
@@ -103,8 +113,8 @@ class _RowRequest:
     output_ids: list[int]
 
 
-def _architectures_being_served() -> list[str] | None:
-    """The architectures of the model the request being admitted goes to, or None if unknown.
+def _model_config_being_served() -> Any | None:
+    """The model config of the model the request being admitted goes to, or None if unknown.
 
     vLLM calls ``validate_params`` with the request's parameters only, and this class is loaded for
     every model of the environment. vLLM 0.32 calls it from one place, ``InputProcessor._validate_params``
@@ -117,9 +127,9 @@ def _architectures_being_served() -> list[str] | None:
         frame = frame.f_back
         if frame is None:
             return None
-        architectures = getattr(getattr(frame.f_locals.get("self"), "model_config", None), "architectures", None)
-        if isinstance(architectures, (list, tuple)):
-            return list(architectures)
+        model_config = getattr(frame.f_locals.get("self"), "model_config", None)
+        if isinstance(getattr(model_config, "architectures", None), (list, tuple)):
+            return model_config
     return None
 
 
@@ -158,14 +168,21 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
         """At admission, in the frontend: bad values, and any request for the head to a model without
         one, are refused (vLLM answers 400 under ``vllm serve``, raises ``VLLMValidationError`` in-process)."""
         seeded_sampling_request(sampling_params.extra_args)  # any model: a ValueError names a bad value
-        if transfer_q_request(sampling_params.extra_args) is None:
+        request = transfer_q_request(sampling_params.extra_args)
+        if request is None:
             return
-        architectures = _architectures_being_served()
-        if architectures is not None and VALUE_GUIDED_ARCHITECTURE not in architectures:
+        served = _model_config_being_served()
+        if served is None:
+            return
+        architectures = list(getattr(served, "architectures", None) or [])
+        config = getattr(served, "hf_config", None)
+        needs, what = ((CONFIG_BASELINE_KEY, "a baseline stack") if request.value == IMPLICIT
+                       else (CONFIG_HEAD_KEY, "a value head"))
+        if VALUE_GUIDED_ARCHITECTURE not in architectures or (config is not None and not getattr(config, needs, None)):
             raise ValueError(
-                f"{ALPHA_KEY}/{TOP_K_KEY} ask for alignd's value-guided decoding, but this engine serves "
-                f"{', '.join(architectures)} without a value head: serve a folder made by "
-                "alignd.models.value_head.prepare_value_guided_folder")
+                f"{ALPHA_KEY}/{TOP_K_KEY} ask for alignd's value-guided decoding ({VALUE_KEY}={request.value}), but "
+                f"this engine serves {', '.join(architectures) or 'a model'} without {what}: serve a folder made by "
+                "alignd.models.value_head.prepare_value_guided_folder (with a head, or a baseline stack)")
 
     def __init__(self, vllm_config: VllmConfig, *runner_args: Any) -> None:
         # V1 builds processors with (vllm_config, device, is_pin_memory), Model Runner V2 with
@@ -177,7 +194,8 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
         if under_v2 and self._value_guided:
             raise ConfigurationError(NEEDS_V1_RUNNER)
         self._requests: dict[int, _RowRequest] = {}  # batch row -> what it asks
-        self._asking: _AskingRows | None = None  # the rows asking for TQ*, as tensors
+        # the rows asking for TQ*, as tensors, by (value source, whole vocabulary); None: to be rebuilt
+        self._asking: dict[tuple[str, bool], _AskingRows] | None = None
         self._sampled: list[tuple[int, _RowRequest]] | None = None  # the rows asking for seeded sampling
         self._scoring: ValueGuidedScoring | None = None
 
@@ -200,6 +218,13 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
         if process_dict_updates(self._requests, batch_update, self._request_of):
             self._asking = None
             self._sampled = None
+            if self._value_guided:
+                # before this step's forward (gpu_model_runner.py: _update_states -> refresh_metadata, then
+                # the forward): the baseline stack runs where a row of the batch asks for it
+                baseline = (self._scoring or self._find_scoring()).baseline
+                if baseline is not None:
+                    baseline.asked = any(r.transfer_q is not None and r.transfer_q.value == IMPLICIT
+                                         for r in self._requests.values())
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         """Model Runner V2: only built for engines of other models (see ``__init__``), which it leaves alone."""
@@ -209,11 +234,17 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
         if not self._requests:
             return logits
         if self._asking is None and self._sampled is None:
-            asked = {row: r.transfer_q for row, r in self._requests.items() if r.transfer_q is not None}
-            self._asking = _AskingRows.of(asked, logits.device) if asked else None
+            groups: dict[tuple[str, bool], dict[int, TransferQRequest]] = {}
+            for row, r in self._requests.items():
+                if r.transfer_q is not None:
+                    groups.setdefault((r.transfer_q.value, r.transfer_q.top_k == 0), {})[row] = r.transfer_q
+            self._asking = {key: _AskingRows.of(rows, logits.device) for key, rows in groups.items()}
             self._sampled = sorted((row, r) for row, r in self._requests.items() if r.sampling is not None)
-        if self._asking is not None:
-            self._apply_transfer_q(logits, self._asking)
+        for (value, whole), asking in (self._asking or {}).items():
+            if value == IMPLICIT:
+                self._apply_implicit(logits, asking, whole)
+            else:
+                self._apply_transfer_q(logits, asking)
         for row, request in self._sampled or ():
             # after TQ*: a seeded request that also asks for the head samples the rule's distribution
             logits[row] = sampling_scores(logits[row], request.output_ids, request.sampling).to(logits.dtype)
@@ -234,6 +265,28 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
         if asking.beyond_own_top_k is not None:
             values = values.masked_fill(asking.beyond_own_top_k[:, :top_k], -math.inf)
         logits.index_copy_(0, asking.rows, transfer_q_logits(row_logits, candidate_ids, values, asking.alpha).to(logits.dtype))
+
+    def _apply_implicit(self, logits: torch.Tensor, asking: _AskingRows, whole: bool) -> None:
+        """Q(s, z) = beta * (log pi_BL(z|s) - log pi_SFT(z|s)) from the baseline stack's log-probabilities at the
+        same rows (alignd.models.baseline_stack); over the whole vocabulary the rule is directly
+        (1 - beta/alpha) log pi_SFT + (beta/alpha) log pi_BL."""
+        baseline = (self._scoring or self._find_scoring()).baseline
+        if baseline is None:
+            raise RuntimeError("alignd implicit values: the engine's model has no baseline stack")
+        row_logits = logits.index_select(0, asking.rows).float()
+        sft = torch.log_softmax(row_logits, dim=-1)
+        base = baseline.logprobs(asking.rows)[:, : sft.shape[1]]
+        if whole:
+            weight = (baseline.beta / asking.alpha).unsqueeze(1)
+            new = sft + weight * (base - sft)
+        else:
+            top_k = min(asking.top_k, logits.shape[1])
+            candidate_ids = row_logits.topk(top_k, dim=-1).indices
+            values = baseline.beta * (base.gather(1, candidate_ids) - sft.gather(1, candidate_ids))
+            if asking.beyond_own_top_k is not None:
+                values = values.masked_fill(asking.beyond_own_top_k[:, :top_k], -math.inf)
+            new = transfer_q_logits(row_logits, candidate_ids, values, asking.alpha)
+        logits.index_copy_(0, asking.rows, new.to(logits.dtype))
 
     def _find_scoring(self) -> ValueGuidedScoring:
         scoring = find_scoring(self._vllm_config)

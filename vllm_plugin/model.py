@@ -24,14 +24,20 @@ sampling over draft rows) and Model Runner V2 are refused at start.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from vllm.config import VllmConfig
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from alignd.errors import ConfigurationError
+from alignd.models.baseline_stack import BASELINE_PREFIX, CONFIG_BASELINE_KEY, BaselineStack, check_stacks_match
 from alignd.models.value_head import CONFIG_HEAD_KEY, VALUE_GUIDED_ARCHITECTURE, LoadedValueHead, load_value_head
-from alignd.vllm_plugin.scoring import NEEDS_V1_RUNNER, ValueGuidedScoring, register_scoring
+from alignd.vllm_plugin.scoring import NEEDS_V1_RUNNER, BaselineScoring, ValueGuidedScoring, register_scoring
 
 
 def refuse_unsupported_engines(vllm_config: VllmConfig) -> None:
@@ -66,22 +72,71 @@ def load_head_for(vllm_config: VllmConfig) -> LoadedValueHead:
                                base_name=str(model_config.model))
 
 
+def baseline_stack_for(vllm_config: VllmConfig) -> BaselineStack | None:
+    """The baseline stack the served folder's config.json names (None: none), checked against the model."""
+    model_config = vllm_config.model_config
+    entry = getattr(model_config.hf_config, CONFIG_BASELINE_KEY, None)
+    if entry is None:
+        return None
+    stack = BaselineStack.from_config(entry, model=str(model_config.model))
+    # the base model's own config (the served one names alignd's class): the folder it was prepared from
+    config = model_config.hf_config.to_dict()
+    base = Path(str(config.get("alignd_base_model") or "")) / "config.json"
+    sft_config = json.loads(base.read_text()) if base.is_file() else {k: v for k, v in config.items()
+                                                                         if k != "architectures"}
+    check_stacks_match(sft_config, stack.path, sft_name=str(model_config.model))
+    return stack
+
+
 class AligndValueGuidedLlamaForCausalLM(LlamaForCausalLM):
-    """vLLM's Llama plus alignd's value head (named by ``alignd_value_head`` in the model's config.json;
-    see ``prepare_value_guided_folder``). Requests that do not ask for the head decode as plain Llama."""
+    """vLLM's Llama plus alignd's value head (named by ``alignd_value_head`` in the model's config.json) and/or
+    a baseline's decoder stack (``alignd_baseline``: :mod:`alignd.models.baseline_stack`); see
+    ``prepare_value_guided_folder``. Requests that ask for neither decode as plain Llama."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         refuse_unsupported_engines(vllm_config)
-        loaded = load_head_for(vllm_config)  # before the weights: a wrong head fails the start at once
+        config = vllm_config.model_config.hf_config
+        # before the weights: a wrong head or baseline fails the start at once
+        loaded = load_head_for(vllm_config) if getattr(config, CONFIG_HEAD_KEY, None) else None
+        stack = baseline_stack_for(vllm_config)
+        if loaded is None and stack is None:
+            load_head_for(vllm_config)  # says what the folder lacks
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         embed_tokens = self.model.embed_tokens
-        head = loaded.head.to(device=embed_tokens.weight.device, dtype=torch.float32).eval()
+        head = None if loaded is None else loaded.head.to(device=embed_tokens.weight.device, dtype=torch.float32).eval()
         # A plain attribute, not a submodule: vLLM's weight loader checks every parameter of the module
         # tree against the checkpoint, and the head's weights are not in it.
-        self.alignd_scoring = ValueGuidedScoring(head=head, embed_tokens=embed_tokens, reward=loaded.reward)
+        self.alignd_scoring = ValueGuidedScoring(head=head, embed_tokens=embed_tokens,
+                                                 reward=None if loaded is None else loaded.reward)
+        self.alignd_baseline: LlamaForCausalLM | None = None
+        if stack is not None:
+            # A submodule: its attention layers get KV caches of their own (vLLM caches every layer a model
+            # registers), and its tensors come from the merged baseline's folder under its prefix (vLLM's
+            # loader reads ``secondary_weights`` after the served folder's, and checks every parameter).
+            self.alignd_baseline = LlamaForCausalLM(vllm_config=vllm_config,
+                                                    prefix=maybe_prefix(prefix, BASELINE_PREFIX))
+            self.secondary_weights = [DefaultModelLoader.Source(stack.path, None, prefix=f"{BASELINE_PREFIX}.")]
+            self.alignd_scoring.baseline = BaselineScoring(stack.beta, self.alignd_baseline, stack.skip_unasked)
         register_scoring(vllm_config, self.alignd_scoring)
 
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        baseline = self.alignd_scoring.baseline
+        if baseline is None or not baseline.runs_this_step():
+            return hidden
+        # Both stacks' final hidden states side by side: the runner only selects rows of what forward returns
+        # before compute_logits (gpu_model_runner.py: hidden_states[logits_indices], the prompt-logprob
+        # rows, the warm-up's rows), which splits them again.
+        baseline_hidden = baseline.module.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        return torch.cat([hidden, baseline_hidden], dim=-1)
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        size = self.config.hidden_size
+        baseline = self.alignd_scoring.baseline
+        if baseline is not None:
+            # [rows, 2 x hidden] where the baseline stack ran this step; its half kept for the processor
+            baseline.hidden_states = hidden_states[:, size:] if hidden_states.shape[-1] == 2 * size else None
+            hidden_states = hidden_states[:, :size]
         # Kept by reference (no copy): read by the logits processor within this step (module docstring).
         self.alignd_scoring.hidden_states = hidden_states
         return super().compute_logits(hidden_states)

@@ -32,18 +32,45 @@ NEEDS_V1_RUNNER = (
 
 
 @dataclass(eq=False)
-class ValueGuidedScoring:
-    """The head, the model's input embedding and the hidden states of the rows last scored."""
+class BaselineScoring:
+    """The baseline's decoder stack (``alignd.models.baseline_stack``) and its hidden states of the rows last
+    scored; whether a row of the current batch asks for it (set by the processor before the forward)."""
 
-    head: ValueHead
+    beta: float
+    module: nn.Module  # vLLM's LlamaForCausalLM of the baseline (a submodule of the served model)
+    skip_unasked: bool = False
+    asked: bool = False
+    hidden_states: torch.Tensor | None = None
+
+    def runs_this_step(self) -> bool:
+        return self.asked or not self.skip_unasked
+
+    def logprobs(self, rows: torch.Tensor) -> torch.Tensor:
+        """The baseline's log-probabilities at the batch rows ``rows`` [n] -> [n, vocab] float32."""
+        hidden = self.hidden_states
+        if hidden is None:
+            raise RuntimeError("alignd baseline stack: it did not run in this step, though a row asks for it")
+        logits = self.module.compute_logits(hidden.index_select(0, rows))
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+@dataclass(eq=False)
+class ValueGuidedScoring:
+    """The head, the model's input embedding and the hidden states of the rows last scored; the baseline
+    stack where the folder has one."""
+
+    head: ValueHead | None
     embed_tokens: nn.Module  # the model's own (its ``weight`` is read: [vocab (padded), hidden])
     reward: str | None = None  # the reward the head was trained for (its manifest)
     # The rows of the latest compute_logits: set by the model, read by the processor in the same step.
     hidden_states: torch.Tensor | None = None
+    baseline: BaselineScoring | None = None
 
     def values(self, rows: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
         """Q of ``candidate_ids`` [n, k] at the batch rows ``rows`` [n] -> [n, k] float32."""
         hidden = self.hidden_states
+        if self.head is None:
+            raise RuntimeError("alignd value head: this model has no value head (its folder has a baseline stack only)")
         if hidden is None:
             raise RuntimeError("alignd value head: no hidden states were kept before sampling "
                                "(the model's compute_logits did not run in this step)")

