@@ -56,6 +56,11 @@ def _top_entries(position: dict | None, k: int) -> tuple[TokenLogprob, ...]:
     ]
 
 
+# Above this many listed tokens, next_token_logprobs asks for every token's log-probability in one request
+# rather than one one-token prompt per token.
+WHOLE_TABLE_ABOVE = 64
+
+
 def _prompt(prompt_token_ids: Sequence[int], sampling) -> dict:
     """vLLM's prompt for a request: implicit-value requests carry a cache salt of their own, so that the
     prefix cache never hands them blocks whose baseline-stack KV was skipped (alignd.models.baseline_stack)."""
@@ -430,12 +435,21 @@ class VLLMEngine(Engine):
         sampling = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, skip_reading_prefix_cache=False,
                                   detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
 
+        whole = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False,
+                               output_kind=RequestOutputKind.FINAL_ONLY)
+
         async def one(prefix, token: int) -> float:
             out = await self._final("next_token_logprobs", [*prefix, token], sampling)
             return float(out.prompt_logprobs[-1][token].logprob)
 
-        rows = [asyncio.gather(*(one(p, z) for z in wanted)) for p, wanted in zip(prefixes, token_ids)]
-        return [list(row) for row in await asyncio.gather(*rows)]
+        async def row(prefix, wanted: Sequence[int]) -> list[float]:
+            if len(wanted) <= WHOLE_TABLE_ABOVE:
+                return list(await asyncio.gather(*(one(prefix, z) for z in wanted)))
+            # many tokens (the whole vocabulary, top_k 0): one request for every token's log-probability
+            table = (await self._final("next_token_logprobs", prefix, whole)).outputs[0].logprobs[0]
+            return [float(table[z].logprob) for z in wanted]
+
+        return list(await asyncio.gather(*(row(p, w) for p, w in zip(prefixes, token_ids))))
 
     async def continuation_logprobs(self, prefixes, continuations):
         from vllm import SamplingParams
