@@ -121,11 +121,11 @@ def test_methods_lists_the_built_in_methods_and_value_sources_with_this_server_s
     methods = {m["name"]: m for m in listing["data"]}
     assert {"sft", "baseline", "transfer_q", "args", "cd", "best_of_n"} <= set(methods)
     tq = methods["transfer_q"]
-    assert tq["value_sources"] == ["rollouts", "head"] and tq["needs_reward"] and tq["needs_baseline"]
+    assert tq["value_sources"] == ["rollouts", "head", "implicit"] and tq["needs_reward"] and tq["needs_baseline"]
     settings = Settings()
     top_k = {p["name"]: p for p in tq["parameters"]}["top_k"]
     assert (top_k["default"], top_k["limit"]) == (settings.decoding_top_k, settings.max_top_k)
-    assert top_k["json_schema"]["minimum"] == 1 and "Candidate" in top_k["description"]
+    assert top_k["json_schema"]["minimum"] == 0 and "Candidate" in top_k["description"]  # 0: the vocabulary
     assert methods["sft"]["family"] == "plain" and methods["cd"]["family"] == "aligned"
 
     sources = {s["name"]: s for s in listing["value_sources"]}
@@ -133,6 +133,8 @@ def test_methods_lists_the_built_in_methods_and_value_sources_with_this_server_s
     head = sources["head"]
     assert head["in_engine"] and head["family"] == "plain" and not head["available"]
     assert "ALIGND_VALUE_HEAD" in head["unavailable_reason"]
+    # no baseline of this server (the prompted one only) has an implicit Q
+    assert not sources["implicit"]["available"] and "DPO or IRFT" in sources["implicit"]["unavailable_reason"]
     refused = httpx.post(url + "/generate", json={"messages": MESSAGES, "max_tokens": 2,
                                                   "decoding": {"method": "transfer_q", "value": "head"}})
     assert refused.status_code == 400 and refused.json()["error"]["message"] == head["unavailable_reason"]
