@@ -56,11 +56,6 @@ def _top_entries(position: dict | None, k: int) -> tuple[TokenLogprob, ...]:
     ]
 
 
-# Above this many listed tokens, next_token_logprobs asks for every token's log-probability in one request
-# rather than one one-token prompt per token.
-WHOLE_TABLE_ABOVE = 64
-
-
 def _prompt(prompt_token_ids: Sequence[int], sampling) -> dict:
     """vLLM's prompt for a request: implicit-value requests carry a cache salt of their own, so that the
     prefix cache never hands them blocks whose baseline-stack KV was skipped (alignd.models.baseline_stack)."""
@@ -384,19 +379,16 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        # beyond alignd's max_logprobs (the implicit source's top_k 0 ranks the whole vocabulary): every
-        # token's log-probability (-1), ranked here
-        whole = k > self.info.extra["max_logprobs"]
+        if k > self.info.extra["max_logprobs"]:
+            # beyond alignd's max_logprobs (the implicit source's top_k 0 ranks the whole vocabulary)
+            tables = await self._vocabulary_logprobs("top_k_next", prefixes)
+            return [[TokenLogprob(int(t), v) for t, v in sorted(table.items(), key=lambda e: -e[1])[:k]]
+                    for table in tables]
         sampling = SamplingParams(
-            max_tokens=1, temperature=0.0, logprobs=-1 if whole else k, detokenize=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            max_tokens=1, temperature=0.0, logprobs=k, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
         )
         outs = await asyncio.gather(*(self._final("top_k_next", p, sampling) for p in prefixes))
-        tables = [out.outputs[0].logprobs[0] for out in outs]
-        if whole:
-            return [sorted((TokenLogprob(int(t), float(lp.logprob)) for t, lp in table.items()),
-                           key=lambda e: -e.logprob)[:k] for table in tables]
-        return [list(_top_entries(table, k)) for table in tables]
+        return [list(_top_entries(out.outputs[0].logprobs[0], k)) for out in outs]
 
     async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None, *, top_p=1.0,
                        presence_penalty=0.0, frequency_penalty=0.0):
@@ -422,34 +414,28 @@ class VLLMEngine(Engine):
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prefixes))))
 
     async def next_token_logprobs(self, prefixes, token_ids):
+        if len(prefixes) != len(token_ids):
+            raise ValueError("prefixes and token_ids must have the same length")
+        tables = await self._vocabulary_logprobs("next_token_logprobs", prefixes)
+        return [[table[z] for z in wanted] for table, wanted in zip(tables, token_ids)]
+
+    async def _vocabulary_logprobs(self, call: str, prefixes) -> list[dict[int, float]]:
+        """Every token's next-token log-probability at each prefix, one request each (vLLM's ``logprobs=-1``,
+        flat and not detokenized: a 49k-token table costs a few milliseconds). Not vLLM's logprob_token_ids,
+        which in 0.32 replace the log-probabilities of every row of the batch once one row sets them
+        (sampler.py, "prefer logprob_token_ids"), corrupting concurrent top-k requests; nor one scored
+        one-token prompt per token (measured: slower than rollout TQ*)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        if len(prefixes) != len(token_ids):
-            raise ValueError("prefixes and token_ids must have the same length")
-        # Each listed token as a one-token continuation whose prompt log-probability is read, the prefix read
-        # from the prefix cache (vLLM skips the cache for prompt log-probabilities unless told otherwise; only
-        # the last prompt position, never cached, is scored). Not vLLM's logprob_token_ids: in 0.32 a row that
-        # sets them replaces the log-probabilities of every row of its batch (sampler.py, "prefer
-        # logprob_token_ids"), which would corrupt concurrent top-k requests.
-        sampling = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, skip_reading_prefix_cache=False,
-                                  detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
-
-        whole = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False,
-                               output_kind=RequestOutputKind.FINAL_ONLY)
-
-        async def one(prefix, token: int) -> float:
-            out = await self._final("next_token_logprobs", [*prefix, token], sampling)
-            return float(out.prompt_logprobs[-1][token].logprob)
-
-        async def row(prefix, wanted: Sequence[int]) -> list[float]:
-            if len(wanted) <= WHOLE_TABLE_ABOVE:
-                return list(await asyncio.gather(*(one(prefix, z) for z in wanted)))
-            # many tokens (the whole vocabulary, top_k 0): one request for every token's log-probability
-            table = (await self._final("next_token_logprobs", prefix, whole)).outputs[0].logprobs[0]
-            return [float(table[z].logprob) for z in wanted]
-
-        return list(await asyncio.gather(*(row(p, w) for p, w in zip(prefixes, token_ids))))
+        sampling = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True, detokenize=False,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)
+        outs = await asyncio.gather(*(self._final(call, p, sampling) for p in prefixes))
+        tables = []
+        for out in outs:
+            flat = out.outputs[0].logprobs  # one position (max_tokens 1)
+            tables.append(dict(zip(flat.token_ids, map(float, flat.logprobs))))
+        return tables
 
     async def continuation_logprobs(self, prefixes, continuations):
         from vllm import SamplingParams
