@@ -24,8 +24,10 @@ Measured in each, through the server's own door (``Generation.stream``), greedy,
   tq         TQ* direct (alpha 1, k 10, one greedy 20-token rollout per candidate, pruning on) from the
              default baseline (the adapter) and from the prompted baseline: output tokens/s, mean
              positivity
-  tq_implicit  TQ* with the adapter's exact implicit Q (decoding.value='implicit', k 10, alpha = its beta):
-             two scoring requests a token (the SFT model's top-k, the baseline's log-probabilities of them)
+  tq_implicit  TQ* with the adapter's exact implicit Q (decoding.value='implicit', k 10, alpha = its beta),
+             with diagnostics: alignd's step loop, two scoring requests a token (the SFT model's top-k, the
+             baseline's log-probabilities); tq_implicit_engine (implicit_in_engine only): the same without
+             diagnostics, computed in the engine's step (one engine request an answer)
 
 Prints a markdown table for docs/BENCHMARKS.md; --out writes every number as JSON.
 """
@@ -61,7 +63,7 @@ PROMPTS = [
 TQ = {"method": "transfer_q", "alpha": 1.0, "top_k": 10, "rollout_len": 20, "num_rollouts": 1, "prune": True}
 # the adapter's exact Q (its manifest: DPO, beta 0.1), alpha = beta, the server's default k
 TQ_IMPLICIT = {"method": "transfer_q", "value": "implicit", "top_k": 10}
-CASES = ("plain", "baseline", "tq_adapter", "tq_implicit", "tq_prompted")
+CASES = ("plain", "baseline", "tq_adapter", "tq_implicit", "tq_implicit_engine", "tq_prompted")
 
 
 async def decode(generation, engine, prompts: list[str], decoding: dict | None, max_tokens: int,
@@ -74,7 +76,9 @@ async def decode(generation, engine, prompts: list[str], decoding: dict | None, 
     from alignd.models.engine import GenerationParams
 
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
-    config = DecodingConfig(**decoding, diagnostics=True) if decoding else None
+    # diagnostics for the mean reward, unless the case turns them off (the implicit source computes its
+    # values in the engine's step only without them)
+    config = DecodingConfig(**{"diagnostics": True, **decoding}) if decoding else None
 
     async def one(text: str) -> tuple[int, float | None]:
         chat = ({"role": "user", "content": text},)
@@ -124,6 +128,9 @@ async def measure(config: str, args) -> dict:
             cases.append(("tq_adapter", "TQ* from the adapter", {**TQ, "baseline": "default"}))
         if out["default_baseline"] == "adapter":
             cases.append(("tq_implicit", "TQ* implicit Q of the adapter", TQ_IMPLICIT))
+        if config == "implicit_in_engine":
+            cases.append(("tq_implicit_engine", "TQ* implicit Q in the engine's step (no diagnostics)",
+                          {**TQ_IMPLICIT, "diagnostics": False}))
         if config not in ("merged", "implicit_in_engine", "remote"):
             # Under "merged" the SFT engine runs without LoRA, exactly as under "none", so TQ* from the
             # prompted baseline (which shares it) would measure the same thing again: not repeated.
@@ -189,7 +196,8 @@ def report(results: list[dict]) -> str:
     by = {(r["config"], row["case"], row["concurrency"]): row for r in results for row in r["rows"]}
     concurrencies = sorted({row["concurrency"] for r in results for row in r["rows"]})
     cases = [("plain", "SFT decoding"), ("baseline", "the adapter sampled"), ("tq_adapter", "TQ* from the adapter"),
-             ("tq_implicit", "TQ* implicit Q of the adapter"), ("tq_prompted", "TQ* from the prompted baseline")]
+             ("tq_implicit", "TQ* implicit Q of the adapter"),
+             ("tq_implicit_engine", "TQ* implicit Q in the engine's step"), ("tq_prompted", "TQ* from the prompted baseline")]
     head = "| measured | " + " | ".join(f"{cfg}, c={c}" for cfg in [r["config"] for r in results] for c in concurrencies) + " |"
     lines = [head, "|---" * (1 + len(results) * len(concurrencies)) + "|"]
     for key, label in cases:
