@@ -204,3 +204,28 @@ def test_alignd_computes_implicit_values_in_its_engine_step_as_it_does_outside(i
         assert plain == hand.greedy(hand.sft, prompt, STEPS)[: len(plain)] and plain
     metrics = httpx.get(url + "/metrics").text
     assert 'alignd_decoding_requests_total{method="transfer_q_implicit"}' in metrics
+
+
+def test_stock_vllm_serve_answers_the_openai_client_with_implicit_values(served_dir, hand, prompts, tmp_path):
+    """The folder with the baseline stack on stock `vllm serve` (alignd's plugin from its entry points): a
+    request asks with vllm_xargs; the answers are the rule's, plain requests the SFT model's."""
+    import openai
+
+    from support import vllm_serve_process
+
+    with vllm_serve_process(served_dir, "tiny-bl", tmp_path / "vllm-serve.log", max_model_len=256) as server:
+        server.wait_ready(timeout=600)
+        with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            def complete(prompt: Sequence[int], xargs: dict | None) -> list[int]:
+                extra = {"ignore_eos": True, "return_token_ids": True} | ({"vllm_xargs": xargs} if xargs else {})
+                reply = client.completions.create(model="tiny-bl", prompt=list(prompt), max_tokens=STEPS,
+                                                  temperature=0, extra_body=extra)
+                return list(reply.choices[0].token_ids)
+
+            for prompt in prompts[:2]:
+                assert complete(prompt, implicit(BETA, 0)) == hand.greedy(hand.baseline, prompt, STEPS)
+                tokens = complete(prompt, implicit(0.05, 5))
+                assert all(token == hand.choice([*prompt, *tokens[:t]], 0.05, 5) for t, token in enumerate(tokens))
+                assert complete(prompt, None) == hand.greedy(hand.sft, prompt, STEPS)
+            with pytest.raises(openai.BadRequestError, match=ALPHA_KEY):
+                complete(prompts[0], implicit(-1.0, 5))
