@@ -6,6 +6,7 @@ a value beyond them is a 400 that names the field and the limit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +27,12 @@ def _value_enum(schema: dict[str, Any]) -> None:
 
 
 DEFAULT_VALUE_SOURCE = "rollouts"
+
+
+def _registered(name: str, known: Mapping[str, object], what: str) -> str:
+    if name not in known:
+        raise ValueError(f"unknown {what} '{name}'; this server has: {', '.join(known)} (GET /v1/methods)")
+    return name
 
 
 class DecodingConfig(BaseModel):
@@ -85,18 +92,12 @@ class DecodingConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _registered_method(cls, method: str) -> str:
-        known = registry.methods()
-        if method not in known:
-            raise ValueError(f"unknown decoding method '{method}'; this server has: {', '.join(known)} (GET /v1/methods)")
-        return method
+        return _registered(method, registry.methods(), "decoding method")
 
     @field_validator("value")
     @classmethod
     def _registered_value_source(cls, value: str) -> str:
-        known = registry.value_sources()
-        if value not in known:
-            raise ValueError(f"unknown value source '{value}'; this server has: {', '.join(known)} (GET /v1/methods)")
-        return value
+        return _registered(value, registry.value_sources(), "value source")
 
     @model_validator(mode="after")
     def _value_source_applies(self) -> DecodingConfig:

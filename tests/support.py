@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,3 +263,27 @@ def make_adapter(base_dir: Path, out: Path, *, rank: int = 4, digest: str | None
                              "weights_digest": digest or weights_digest(base_dir)}}
     (out / MANIFEST).write_text(json.dumps({**fields, **(manifest or {})}))
     return out
+
+
+@contextmanager
+def in_process_llm(model_dir: str | Path, *, max_num_seqs: int = 256):
+    """vLLM's offline ``LLM`` on ``model_dir`` in this process, float32 and eager like alignd's engine, a
+    1 GiB KV cache, chunked prefill off (seeded requests: alignd.models.seeded_sampling); shut down on exit."""
+    import gc
+
+    from vllm import LLM
+
+    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    engine = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
+                 enable_chunked_prefill=False, max_num_batched_tokens=4096, max_num_seqs=max_num_seqs)
+    try:
+        yield engine
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        gc.collect()
+        if saved is None:
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        else:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved

@@ -5,8 +5,6 @@ with beta 0.2. Checked against transformers' forward passes of both models, by h
 
 from __future__ import annotations
 
-import gc
-import os
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -16,7 +14,7 @@ from alignd.errors import ConfigurationError
 from alignd.models.baseline_stack import IMPLICIT, VALUE_KEY, BaselineStack
 from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY, prepare_value_guided_folder
 from support import TINY_ADAPTER_BETA as BETA
-from support import make_adapter
+from support import in_process_llm, make_adapter
 
 pytestmark = pytest.mark.vllm
 
@@ -85,22 +83,8 @@ def prompts(tiny_vllm_dir) -> list[list[int]]:
 def llm(served_dir) -> Iterator[object]:
     """One in-process engine on the folder with the baseline stack (class-scoped: gone before the server
     tests below start theirs)."""
-    from vllm import LLM
-
-    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    engine = LLM(model=str(served_dir), dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
-                 enable_chunked_prefill=False, max_num_batched_tokens=4096, max_num_seqs=64)
-    try:
+    with in_process_llm(served_dir, max_num_seqs=64) as engine:
         yield engine
-    finally:
-        engine.llm_engine.engine_core.shutdown()
-        del engine
-        gc.collect()
-        if saved is None:
-            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-        else:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
 
 
 def implicit(alpha: float, top_k: int) -> dict:

