@@ -155,7 +155,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 def _value_head_parser(verbs) -> argparse.ArgumentParser:
-    from alignd.train.value_head import DEFAULT_EVAL_PROMPTS, HeadTrainingOptions, TargetOptions
+    from alignd.train.value_head import DEFAULT_EVAL_PROMPTS, TARGET_KINDS, HeadTrainingOptions, TargetOptions
 
     t, h = TargetOptions(), HeadTrainingOptions()
     parser = verbs.add_parser(
@@ -178,7 +178,16 @@ def _value_head_parser(verbs) -> argparse.ArgumentParser:
                       help="whose rollouts give Q: 'default' (the server's default baseline: the committed DPO "
                       "adapter on the embedded model), 'prompted', a name of ALIGND_BASELINES, or an adapter or "
                       "model folder (%(default)s)")
-    data.add_argument("--states", type=int, default=t.states, help="states s to make (%(default)s)")
+    data.add_argument("--targets", choices=TARGET_KINDS, default=t.kind,
+                      help="what the head learns: 'rollouts', Q^BL from the baseline's rollouts scored by --reward "
+                      "(any baseline, any reward), or 'implicit', the exact token-level Q of a baseline trained by "
+                      "'alignd train dpo|irft' from this model, beta * (log pi_BL - log pi_SFT), at every position of "
+                      "sampled answers from one teacher-forced pass of each model (its own reward only) (%(default)s)")
+    data.add_argument("--states", type=int, default=None,
+                      help=f"states s to make (rollouts: {t.states}; implicit: every state of the --answers)")
+    data.add_argument("--answers", type=int, default=None,
+                      help="implicit targets: SFT answers to sample, each giving a state at every position "
+                      "(default: one per training prompt)")
     data.add_argument("--top-k", type=int, default=t.top_k, help="candidates per state (%(default)s)")
     data.add_argument("--rollout-len", type=int, default=t.rollout_len, help="tokens per rollout (%(default)s)")
     data.add_argument("--num-rollouts", type=int, default=t.num_rollouts,
@@ -210,6 +219,14 @@ def _value_head_parser(verbs) -> argparse.ArgumentParser:
                      "(0.25,0.5,1)")
     _add_output_options(parser, "value head")
     return parser
+
+
+def _value_head_states(args: argparse.Namespace) -> int | None:
+    from alignd.train.value_head import TargetOptions
+
+    if args.states is not None or args.targets == "implicit":
+        return args.states
+    return TargetOptions().states
 
 
 def _train_parsers(sub) -> dict[str, argparse.ArgumentParser]:
@@ -415,10 +432,11 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: l
             what = "value head"
             run = ValueHeadRun(
                 shard=Shard.parse(args.shard) if args.shard else None,
-                settings=settings, prompts_file=args.prompts, reward=args.reward or settings.target_reward,
+                settings=settings, prompts_file=args.prompts, reward=args.reward,
                 out=args.out, baseline=args.baseline, eval_prompts_file=args.eval_prompts,
                 overwrite=args.overwrite, restart=args.restart, command=command,
-                targets=TargetOptions(states=args.states, top_k=args.top_k, rollout_len=args.rollout_len,
+                targets=TargetOptions(states=_value_head_states(args), top_k=args.top_k, kind=args.targets,
+                                      answers=args.answers, rollout_len=args.rollout_len,
                                       num_rollouts=args.num_rollouts, answer_len=args.answer_len,
                                       sample_temperature=args.sample_temperature, concurrency=args.concurrency),
                 training=HeadTrainingOptions(

@@ -58,7 +58,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,11 +91,14 @@ logger = logging.getLogger(__name__)
 
 STATES_FILE = "states.jsonl"  # one finished state per line, appended as states finish
 FEATURES_FILE = "features.pt"  # h(s) and candidate embeddings, computed once after the states
+ANSWERS_FILE = "answers.jsonl"  # implicit targets: one sampled answer per line (train/implicit_targets.py)
+DENSE_STAMP = "dense.json"  # implicit targets: which answers the states and features were computed from
 PLOT_FILE = "learning_curve.png"
 MAX_HEAD_BYTES = 10 * 1024 * 1024
 # The evaluation prompts the training pool must not overlap (eval/quality.py reads the same file).
 DEFAULT_EVAL_PROMPTS = Path(__file__).resolve().parents[1] / "eval" / "prompts.jsonl"
 KIND = "value_head"
+TARGET_KINDS = ("rollouts", "implicit")
 # Alphas at which the greedy-choice agreement is also reported: at large alpha the rule keeps the SFT
 # choice whatever Q says, so agreement there says little about the head (the eval sweeps these).
 AGREEMENT_ALPHAS = (0.1, 0.3, 1.0)
@@ -107,8 +110,10 @@ class TargetOptions:
     """How the training states and their targets are made (all of it is an input of the run's data,
     except ``states``, which may grow on a resumed run, and ``concurrency``)."""
 
-    states: int = 2000
+    states: int | None = 2000  # implicit: None = every state of the answers
     top_k: int = 10
+    kind: str = "rollouts"  # rollouts | implicit (train/implicit_targets.py)
+    answers: int | None = None  # implicit: SFT answers to sample (None: one per training prompt)
     rollout_len: int = 20
     num_rollouts: int = 1
     answer_len: int = 48  # longest sampled SFT answer; states are cut from it
@@ -117,7 +122,8 @@ class TargetOptions:
 
     def check(self, settings: Settings) -> None:
         checks = [
-            (self.states >= 4, f"--states must be >= 4 (some to train on, some held out), got {self.states}"),
+            ((self.states is None and self.kind == "implicit") or (self.states is not None and self.states >= 4),
+             f"--states must be >= 4 (some to train on, some held out), got {self.states}"),
             (1 <= self.top_k <= settings.max_top_k,
              f"--top-k {self.top_k} is out of range: 1 to {settings.max_top_k} (ALIGND_MAX_TOP_K, at most "
              "ALIGND_MAX_LOGPROBS, the most log-probabilities the engine reports)"),
@@ -131,12 +137,20 @@ class TargetOptions:
             (self.answer_len >= 1, f"--answer-len must be >= 1, got {self.answer_len}"),
             (self.sample_temperature > 0, f"--sample-temperature must be > 0, got {self.sample_temperature}"),
             (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
+            (self.kind in TARGET_KINDS, f"--targets must be one of {', '.join(TARGET_KINDS)}, got {self.kind!r}"),
+            (self.answers is None or self.answers >= 2, f"--answers must be >= 2, got {self.answers}"),
+            (self.answers is None or self.kind == "implicit", "--answers is for --targets implicit (rollout targets "
+             "cut one state from each answer: --states)"),
         ]
         require(checks)
 
     def identity(self) -> dict:
-        """What the states depend on (``states`` and ``concurrency`` do not change a finished state)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("states", "concurrency")}
+        """What the states depend on (``states``, ``answers`` and ``concurrency`` do not change a finished
+        state); the rollout fields mean nothing to implicit targets."""
+        unused = {"states", "answers", "concurrency"}
+        # ("kind" is left out for rollouts, so that runs made before implicit targets existed keep their identity)
+        unused |= {"rollout_len", "num_rollouts"} if self.kind == "implicit" else {"kind"}
+        return {k: v for k, v in asdict(self).items() if k not in unused}
 
 
 @dataclass(frozen=True)
@@ -172,7 +186,7 @@ class HeadTrainingOptions:
 class ValueHeadRun:
     settings: Settings
     prompts_file: Path
-    reward: str
+    reward: str | None  # None: ALIGND_TARGET_REWARD (rollouts), the baseline's own (implicit)
     out: Path
     baseline: str = "default"
     targets: TargetOptions = field(default_factory=TargetOptions)
@@ -924,19 +938,23 @@ def data_cache(settings: Settings, inputs: dict) -> Path:
 def restore_data(cache: Path, partial: Path) -> int:
     """Copy into the partial folder the cached states it lacks (and the cached features if it has none);
     returns the number of states restored."""
-    have = {r["slot"] for r in read_work_file(partial / STATES_FILE)}
-    cached = [r for r in read_work_file(cache / STATES_FILE) if r["slot"] not in have]
-    if cached:
-        append_work_records(partial / STATES_FILE, cached)
-    if (cache / FEATURES_FILE).is_file() and not (partial / FEATURES_FILE).exists():
-        shutil.copy2(cache / FEATURES_FILE, partial / FEATURES_FILE)
-    return len(cached)
+    restored = 0
+    for name in (STATES_FILE, ANSWERS_FILE):  # (answers: implicit targets' sampled answers)
+        have = {r["slot"] for r in read_work_file(partial / name)}
+        cached = [r for r in read_work_file(cache / name) if r["slot"] not in have]
+        if cached:
+            append_work_records(partial / name, cached)
+        restored += len(cached) if name == STATES_FILE else 0
+    for name in (FEATURES_FILE, DENSE_STAMP):
+        if (cache / name).is_file() and not (partial / name).exists():
+            shutil.copy2(cache / name, partial / name)
+    return restored
 
 
 def keep_data(partial: Path, cache: Path) -> None:
     """Copy the run's states and features to the cache (each file replaced whole)."""
     cache.mkdir(parents=True, exist_ok=True)
-    for name in (STATES_FILE, FEATURES_FILE):
+    for name in (STATES_FILE, FEATURES_FILE, ANSWERS_FILE, DENSE_STAMP):
         if (partial / name).is_file():
             shutil.copy2(partial / name, cache / f"{name}.tmp")
             os.replace(cache / f"{name}.tmp", cache / name)
@@ -991,11 +1009,41 @@ def _generate_states(run: ValueHeadRun, settings: Settings, model_dir: Path, bas
     gc.collect()
 
 
-def run_value_head(run: ValueHeadRun) -> Path:
-    """Make the states and targets (resumably), compute the features, train with a learning curve and
-    publish the head folder at ``run.out``; returns it. With ``run.shard``: make that shard's states only
-    and return the partial folder."""
-    from alignd.models.value_head import save_value_head
+@dataclass
+class _RunContext:
+    """What every kind of target shares: the checked inputs, the open workspace and the data cache."""
+
+    run: ValueHeadRun
+    settings: Settings
+    workspace: Workspace
+    prompts_file: Path
+    prompts: list[PromptRecord]
+    eval_check: dict
+    model_dir: Path
+    model_name: str
+    vocab_size: int
+    baseline: BaselineChoice
+    digest: str
+    inputs: dict
+    cache: Path
+    started: float
+
+
+@dataclass
+class _MadeData:
+    """The states, their features, and what the manifest says of how they were made."""
+
+    records: list[dict]
+    features: Features
+    manifest: dict  # top-level entries of the targets' kind (top_k, rollout_len, ... or beta)
+    features_check: dict
+    data: dict  # entries of the manifest's "data"
+    notes: list[str]
+    wall_s: dict
+
+
+def _open_run(run: ValueHeadRun) -> _RunContext:
+    """Check the inputs (before any engine starts), open the workspace, restore cached or sharded states."""
     from alignd.models.weights import weights_digest
     from alignd.train.dpo import precheck_reward
     from alignd.train.tuning import resolve_base_model
@@ -1006,31 +1054,47 @@ def run_value_head(run: ValueHeadRun) -> Path:
     workspace.check_output()
     run.targets.check(settings)
     run.training.check()
+    require([(run.shard is None or run.targets.kind == "rollouts",
+              "--shard is for rollout targets: implicit targets cost one teacher-forced pass a sampled answer")])
     prompts_file = Path(run.prompts_file).expanduser().absolute()
     prompts = read_prompts(prompts_file)
     eval_check = check_disjoint(prompts, prompts_file, run.eval_prompts_file)
-    precheck_reward(settings, run.reward)
     model_dir, model_name = resolve_base_model(settings, progress=run.progress)
     hidden_size, vocab_size = _model_shape(model_dir)
     _check_head_size(hidden_size, run.training.rank)
     baseline = resolve_baseline(settings, run.baseline, model_dir)
+    reward = _target_reward(run, baseline)
+    if run.targets.kind == "rollouts":  # (an implicit target's reward is the baseline's, not one to compute)
+        precheck_reward(settings, reward)
     digest = weights_digest(model_dir)
-    data_sha = file_sha256(prompts_file)
-    seed = run.training.seed
     inputs = {
-        "kind": KIND,
-        "base_weights": digest,
-        "prompts_sha256": data_sha,
-        "reward": run.reward,
-        "reward_spec": settings.rewards.get(run.reward),
-        "baseline": baseline.identity(),
-        "engine": settings.engine,
-        "dtype": _engine_dtype(settings),
-        "targets": run.targets.identity(),
-        "seed": seed,
+        "kind": KIND, "base_weights": digest, "prompts_sha256": file_sha256(prompts_file), "reward": reward,
+        "reward_spec": settings.rewards.get(reward), "baseline": baseline.identity(), "engine": settings.engine,
+        "dtype": _engine_dtype(settings), "targets": run.targets.identity(), "seed": run.training.seed,
     }
-    training_identity = {**jsonable(asdict(run.training)), "states": run.targets.states}
     cache = data_cache(settings, inputs)
+    _open_workspace(run, workspace, inputs, cache)
+    run = replace(run, reward=reward)
+    return _RunContext(run, settings, workspace, prompts_file, prompts, eval_check, model_dir, model_name, vocab_size,
+                       baseline, digest, inputs, cache, started)
+
+
+def _target_reward(run: ValueHeadRun, baseline: BaselineChoice) -> str:
+    """The reward the head's values are the Q of: ``--reward`` (default ALIGND_TARGET_REWARD) for rollout
+    targets; for implicit targets the baseline's own, and another ``--reward`` is an error."""
+    if run.targets.kind == "rollouts":
+        return run.reward or run.settings.target_reward
+    from alignd.train.implicit_targets import implicit_baseline
+
+    form = implicit_baseline(baseline.name, baseline.kind, baseline.source, baseline.adapter_manifest)
+    if run.reward is not None and run.reward != form.reward:
+        raise TrainingInputError(f"--targets implicit gives the Q of the baseline's own reward, '{form.reward}', not of "
+                                 f"'{run.reward}': leave --reward unset, or use --targets rollouts for another reward")
+    return form.reward
+
+
+def _open_workspace(run: ValueHeadRun, workspace: Workspace, inputs: dict, cache: Path) -> None:
+    training_identity = {**jsonable(asdict(run.training)), "states": run.targets.states}
     # Shards of one run open its partial folder at about the same time: one at a time.
     open_lock = workspace.partial.with_name(workspace.partial.name + ".lock")
     with _locked(open_lock):
@@ -1047,8 +1111,29 @@ def run_value_head(run: ValueHeadRun) -> Path:
     for note in workspace.notes:
         logger.warning("%s", note)
 
+
+def run_value_head(run: ValueHeadRun) -> Path:
+    """Make the states and targets (resumably), compute the features, train with a learning curve and
+    publish the head folder at ``run.out``; returns it. With ``run.shard``: make that shard's states only
+    and return the partial folder."""
+    ctx = _open_run(run)
+    if run.targets.kind == "implicit":
+        from alignd.train.implicit_targets import make_implicit_data
+
+        made = make_implicit_data(ctx)
+    else:
+        made = _rollout_data(ctx)
+        if made is None:
+            return ctx.workspace.partial
+    return _train_and_publish(ctx, made)
+
+
+def _rollout_data(ctx: _RunContext) -> _MadeData | None:
+    """States cut from sampled answers and their rollout targets (resumable; a shard makes its own and
+    returns None), then their features in transformers."""
+    run, settings, workspace = ctx.run, ctx.settings, ctx.workspace
     states_file = workspace.partial / (STATES_FILE if run.shard is None else run.shard.file)
-    slots = state_slots(prompts, run.targets.states, seed)
+    slots = state_slots(ctx.prompts, run.targets.states, ctx.inputs["seed"])
     # A shard reads the merged states and its own file only: another shard's file is being written.
     finished = {r["slot"] for r in read_work_file(workspace.partial / STATES_FILE)}
     if run.shard is not None:
@@ -1060,122 +1145,134 @@ def run_value_head(run: ValueHeadRun) -> Path:
                 raise TrainingInputError(f"--shard {run.shard} is already running for {run.out}")
             if todo:  # the bar counts this shard's slots only (the others are another process's)
                 owned = sum(1 for s in slots if run.shard.owns(s))
-                _generate_states(run, settings, model_dir, baseline, prompts, todo, owned, states_file)
+                _generate_states(run, settings, ctx.model_dir, ctx.baseline, ctx.prompts, todo, owned, states_file)
         logger.warning("shard %s: its states are made (%d this process); when every shard is done, the command "
                        "without --shard trains on all of them", run.shard, len(todo))
-        return workspace.partial
+        return None
     generation_s = 0.0
     if todo:
         began = time.perf_counter()
-        _generate_states(run, settings, model_dir, baseline, prompts, todo, len(slots), states_file)
+        _generate_states(run, settings, ctx.model_dir, ctx.baseline, ctx.prompts, todo, len(slots), states_file)
         generation_s = time.perf_counter() - began
     by_slot = {r["slot"]: r for r in read_work_file(states_file)}
     records = [by_slot[s.index] for s in slots]  # the first --states slots (a larger earlier run kept more)
-
     began = time.perf_counter()
-    features = compute_features(model_dir, records, workspace.partial / FEATURES_FILE, progress=run.progress)
-    features_s = time.perf_counter() - began
-    data = head_data(records, features)
-    train_rows, heldout_rows = split_by_prompt(data.prompt_ids, run.training.holdout_fraction, seed)
-    began = time.perf_counter()
-    fitted, curve, fit = train_with_learning_curve(data, train_rows, heldout_rows, run.training, vocab_size)
-    training_s = time.perf_counter() - began
-    opts = run.training
-    heldout_metrics = curve[-1]["heldout"]
-    train_metrics = evaluate(fitted.head, data.subset(train_rows), alpha=opts.alpha, scale=fit["scale"],
-                             ranking_weight=opts.ranking_weight)
-
+    features = compute_features(ctx.model_dir, records, workspace.partial / FEATURES_FILE, progress=run.progress)
     row_of = {slot: i for i, slot in enumerate(features.slots)}
     check_rows = [row_of[r["slot"]] for r in records]
     costs = [r["cost"] for r in records]
+    return _MadeData(
+        records, features,
+        manifest={"transfer": "direct", "targets": "rollouts", "top_k": run.targets.top_k,
+                  "rollout_len": run.targets.rollout_len, "num_rollouts": run.targets.num_rollouts,
+                  "rollout_temperature": _rollout_temperature(settings, run.targets)},
+        features_check={
+            "hf_top1_agreement": _mean([float(features.hf_top1_agrees[i]) for i in check_rows]),
+            "max_logprob_gap": max((features.logprob_gap[i] for i in check_rows), default=None),
+            "mean_logprob_gap": _mean([features.logprob_gap[i] for i in check_rows]),
+            "meaning": "the engine's top-1 candidate vs the argmax of lm_head(h), and the largest gap between "
+                       "the engine's candidate log-probabilities and log-softmax(lm_head(h)) (engine dtype vs "
+                       "float32)",
+        },
+        data={"cost_per_state": {key: _mean([c[key] for c in costs])
+                                 for key in ("rollouts", "rollout_tokens", "reward_calls")},
+              "cut": "uniform over the answer's positions", "cut_mean": _mean([r["cut"] for r in records])},
+        notes=[f"targets: Q^BL(s, z) from the rollout estimator of decoding method transfer_q (direct transfer), "
+               f"baseline '{ctx.baseline.name}' ({ctx.baseline.kind}), for the SFT model's top-{run.targets.top_k} "
+               "at states cut from its own sampled answers"],
+        wall_s={"states_this_process": round(generation_s, 3),
+                "states_sum_of_per_state": round(sum(r.get("seconds", 0.0) for r in records), 3),
+                "features": round(time.perf_counter() - began, 3)},
+    )
+
+
+def _train_and_publish(ctx: _RunContext, made: _MadeData) -> Path:
+    from alignd.models.value_head import save_value_head
+
+    run, opts, records = ctx.run, ctx.run.training, made.records
+    data = head_data(records, made.features)
+    train_rows, heldout_rows = split_by_prompt(data.prompt_ids, opts.holdout_fraction, ctx.inputs["seed"])
+    began = time.perf_counter()
+    fitted, curve, fit = train_with_learning_curve(data, train_rows, heldout_rows, opts, ctx.vocab_size)
+    training_s = time.perf_counter() - began
+    train_metrics = evaluate(fitted.head, data.subset(train_rows), alpha=opts.alpha, scale=fit["scale"],
+                             ranking_weight=opts.ranking_weight)
+    split = {"by": "prompt", "holdout_fraction": opts.holdout_fraction, "train_states": len(train_rows),
+             "heldout_states": len(heldout_rows), "train_prompts": len({data.prompt_ids[i] for i in train_rows}),
+             "heldout_prompts": len({data.prompt_ids[i] for i in heldout_rows})}
     manifest = {
         "kind": KIND,
         "created": created_now(),
-        "base_model": {"name": model_name, "path": str(model_dir), "weights_digest": digest},
-        "baseline": baseline.manifest_entry(),
-        "reward": run.reward,
-        "reward_spec": settings.rewards.get(run.reward),
-        "transfer": "direct",
-        "top_k": run.targets.top_k,
-        "rollout_len": run.targets.rollout_len,
-        "num_rollouts": run.targets.num_rollouts,
-        "rollout_temperature": _rollout_temperature(settings, run.targets),
+        "base_model": {"name": ctx.model_name, "path": str(ctx.model_dir), "weights_digest": ctx.digest},
+        "baseline": ctx.baseline.manifest_entry(),
+        "reward": ctx.inputs["reward"],
+        "reward_spec": ctx.inputs["reward_spec"],
+        **made.manifest,
         "alpha": opts.alpha,
         "features": {
             "state": "final normalised hidden state at the last token of s (the LM head's input; vLLM's "
                      "compute_logits row)",
             "candidate": "input embedding of the candidate token",
             "computed_with": "transformers, float32, the base model's weights",
-            "check": {
-                "hf_top1_agreement": _mean([float(features.hf_top1_agrees[i]) for i in check_rows]),
-                "max_logprob_gap": max((features.logprob_gap[i] for i in check_rows), default=None),
-                "mean_logprob_gap": _mean([features.logprob_gap[i] for i in check_rows]),
-                "meaning": "the engine's top-1 candidate vs the argmax of lm_head(h), and the largest gap between "
-                           "the engine's candidate log-probabilities and log-softmax(lm_head(h)) (engine dtype vs "
-                           "float32)",
-            },
+            "check": made.features_check,
         },
-        "data": {
-            "file": str(prompts_file),
-            "sha256": data_sha,
-            "prompts": len(prompts),
-            "prompts_used": len(set(data.prompt_ids)),
-            "eval_prompts": eval_check,
-            "states": len(records),
-            "sampling": {"engine": settings.engine, "dtype": inputs["dtype"], "answer_len": run.targets.answer_len,
-                         "temperature": run.targets.sample_temperature, "seed": seed,
-                         "cut": "uniform over the answer's positions"},
-            "split": {"by": "prompt", "holdout_fraction": opts.holdout_fraction,
-                      "train_states": len(train_rows), "heldout_states": len(heldout_rows),
-                      "train_prompts": len({data.prompt_ids[i] for i in train_rows}),
-                      "heldout_prompts": len({data.prompt_ids[i] for i in heldout_rows})},
-            "cost_per_state": {key: _mean([c[key] for c in costs])
-                               for key in ("rollouts", "rollout_tokens", "reward_calls")},
-            "targets": {"mean": float(data.targets.mean()), "std_within_state": target_scale(data.targets),
-                        "states_all_equal": int(sum(1 for r in records if len(set(r["values"])) == 1))},
-            "cut_mean": _mean([r["cut"] for r in records]),
-            "kept_in": str(cache),
-        },
+        "data": _data_entry(ctx, made, data, split),
         "training": {"rank": opts.rank, "epochs": opts.epochs, "steps": fit["steps"],
                      "steps_per_epoch": fit["steps_per_epoch"], "learning_rate": opts.learning_rate,
                      "batch_size": opts.batch_size, "optimizer": "Adam", "ranking_weight": opts.ranking_weight,
                      "target_scale": fit["scale"],
                      "loss": "mean((q_c - t_c)^2)/scale^2 + ranking_weight * mean_{i<j} KL(sigmoid(dt/scale) || "
                              "sigmoid(dq/scale)); c = centred within the state"},
-        "metrics": {"heldout": heldout_metrics, "train": train_metrics, "final_train_loss": fitted.final_train_loss,
-                    "history": fitted.history},
-        "learning_curve": [{"fraction": c["fraction"], "train_states": c["train_states"],
-                            "train_prompts": c["train_prompts"], "heldout_spearman": c["heldout"]["spearman_mean"],
-                            "heldout_top1_agreement": c["heldout"]["top1_agreement"],
-                            "heldout_pairwise_accuracy": c["heldout"]["pairwise_accuracy"],
-                            "heldout_mse_centred": c["heldout"]["mse_centred"]} for c in curve],
+        "metrics": {"heldout": curve[-1]["heldout"], "train": train_metrics,
+                    "final_train_loss": fitted.final_train_loss, "history": fitted.history},
+        "learning_curve": [_curve_point(c) for c in curve],
         "command": run.command,
-        "seed": seed,
+        "seed": ctx.inputs["seed"],
         "versions": versions(),
-        "wall_s": {"states_this_process": round(generation_s, 3),
-                   "states_sum_of_per_state": round(sum(r.get("seconds", 0.0) for r in records), 3),
-                   "features": round(features_s, 3), "training": round(training_s, 3),
-                   "total_this_process": round(time.perf_counter() - started, 3)},
+        "wall_s": {**made.wall_s, "training": round(training_s, 3),
+                   "total_this_process": round(time.perf_counter() - ctx.started, 3)},
         "peak_rss_mib": peak_rss_mib(),
-        "resumed": {"notes": workspace.notes},
-        "notes": [
-            "targets: Q^BL(s, z) from the rollout estimator of decoding method transfer_q (direct transfer), "
-            f"baseline '{baseline.name}' ({baseline.kind}), for the SFT model's top-{run.targets.top_k} at states "
-            "cut from its own sampled answers",
-            "the head's Q is fitted up to a constant per state (the rule only uses differences within a state)",
-        ],
+        "resumed": {"notes": ctx.workspace.notes},
+        "notes": [*made.notes,
+                  "the head's Q is fitted up to a constant per state (the rule only uses differences within a state)"],
     }
-    folder = workspace.fresh_result_dir()
-    plot_learning_curve(curve, folder / PLOT_FILE,
-                        f"{model_name}: value head for '{run.reward}' from baseline '{baseline.name}'",
-                        alpha=opts.alpha)
+    folder = ctx.workspace.fresh_result_dir()
+    plot_learning_curve(curve, folder / PLOT_FILE, f"{ctx.model_name}: value head for '{ctx.inputs['reward']}' from "
+                        f"baseline '{ctx.baseline.name}' ({made.manifest['targets']} targets)", alpha=opts.alpha)
     save_value_head(fitted.head, folder, jsonable(manifest))
-    keep_data(workspace.partial, cache)
+    keep_data(ctx.workspace.partial, ctx.cache)
     size = sum(p.stat().st_size for p in folder.iterdir())
     if size > MAX_HEAD_BYTES:
         raise TrainingError(f"the head folder is {size / 2**20:.1f} MiB, above the 10 MiB a head may have: "
                             "lower --rank")
-    return workspace.publish()
+    return ctx.workspace.publish()
+
+
+def _data_entry(ctx: _RunContext, made: _MadeData, data: HeadData, split: dict) -> dict:
+    run, records = ctx.run, made.records
+    return {
+        "file": str(ctx.prompts_file),
+        "sha256": ctx.inputs["prompts_sha256"],
+        "prompts": len(ctx.prompts),
+        "prompts_used": len(set(data.prompt_ids)),
+        "eval_prompts": ctx.eval_check,
+        "states": len(records),
+        "sampling": {"engine": ctx.settings.engine, "dtype": ctx.inputs["dtype"], "answer_len": run.targets.answer_len,
+                     "temperature": run.targets.sample_temperature, "seed": ctx.inputs["seed"],
+                     "cut": made.data.get("cut")},
+        "split": split,
+        **{k: v for k, v in made.data.items() if k not in ("cut",)},
+        "targets": {"mean": float(data.targets.mean()), "std_within_state": target_scale(data.targets),
+                    "states_all_equal": int(sum(1 for r in records if len(set(r["values"])) == 1))},
+        "kept_in": str(ctx.cache),
+    }
+
+
+def _curve_point(c: dict) -> dict:
+    return {"fraction": c["fraction"], "train_states": c["train_states"], "train_prompts": c["train_prompts"],
+            "heldout_spearman": c["heldout"]["spearman_mean"], "heldout_top1_agreement": c["heldout"]["top1_agreement"],
+            "heldout_pairwise_accuracy": c["heldout"]["pairwise_accuracy"],
+            "heldout_mse_centred": c["heldout"]["mse_centred"]}
 
 
 __all__ = [
