@@ -218,6 +218,12 @@ def value_guidance(steps: Sequence[dict]) -> dict | None:
             "valued_decisions": len(spreads)}
 
 
+def _decoding_config(decoding: dict):
+    from alignd.decoding.config import DecodingConfig
+
+    return DecodingConfig(**decoding)
+
+
 class HeadReplay:
     """TQ* with the value head, replayed in transformers over a finished answer.
 
@@ -266,6 +272,61 @@ class HeadReplay:
             truncation = -torch.logsumexp(top_logprobs, dim=-1)
             agrees = rule.argmax(dim=-1) == torch.tensor(list(answer_ids))
         return {"kl": float(kl.sum()), "kl_truncation": float(truncation.sum()), "agreement": float(agrees.float().mean())}
+
+
+class ImplicitReplay:
+    """TQ* with a DPO baseline's implicit Q computed inside vLLM's step (ALIGND_IMPLICIT_IN_ENGINE), replayed
+    in transformers over a finished answer, as :class:`HeadReplay` does for the head.
+
+    In the engine's step the values and the re-weighted distribution stay inside vLLM, and the server's
+    diagnostics go through alignd's own step loop instead (5 tokens/s here, against 15-73 in the step:
+    docs/BENCHMARKS.md). So the harness decodes in the step and replays each answer once with both models
+    (float32, the SFT weights and the merged adapter the engine's baseline stack holds): at each position the
+    SFT top-k (0: the whole vocabulary), Q = beta * (log pi_BL - log pi_SFT), the one rule
+    (:func:`alignd.decoding.rule.transfer_q_logits`), and from them the KL from the SFT model, its truncation
+    part, how much the values steered (the spread of Q over the candidates, the share of decisions whose
+    token is not SFT's top-1), and the share of decisions where the replay's greedy choice is the engine's
+    token (a bfloat16 engine may take the other side of a near-tie)."""
+
+    def __init__(self, model_dir: str | Path, baseline_dir: str | Path, beta: float) -> None:
+        import threading
+
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.sft = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.baseline = AutoModelForCausalLM.from_pretrained(str(baseline_dir), dtype=torch.float32).eval()
+        self.beta = beta
+        self._lock = threading.Lock()
+
+    def __call__(self, prompt_ids: Sequence[int], answer_ids: Sequence[int], alpha: float, top_k: int) -> dict:
+        import torch
+
+        from alignd.decoding.rule import transfer_q_logits
+
+        n = len(answer_ids)
+        if n == 0:
+            return {"kl": 0.0, "kl_truncation": 0.0, "agreement": None, "guidance": None}
+        with self._lock, torch.inference_mode():
+            ids = torch.tensor([[*prompt_ids, *answer_ids]])
+            rows = slice(len(prompt_ids) - 1, -1)  # the state before answer token t
+            logits = self.sft(input_ids=ids).logits[0, rows].float()
+            sft = torch.log_softmax(logits, dim=-1)
+            base = torch.log_softmax(self.baseline(input_ids=ids).logits[0, rows].float(), dim=-1)
+            top_logprobs, top_ids = sft.topk(top_k if top_k > 0 else sft.shape[-1], dim=-1)
+            values = self.beta * (base.gather(1, top_ids) - top_logprobs)
+            rule = torch.log_softmax(transfer_q_logits(logits, top_ids, values, torch.full((n,), float(alpha))), dim=-1)
+            kept = rule.gather(1, top_ids)
+            kl = (kept.exp() * (kept - top_logprobs)).sum(dim=-1)
+            truncation = -torch.logsumexp(top_logprobs, dim=-1)
+            chosen = torch.tensor(list(answer_ids))
+            agrees = rule.argmax(dim=-1) == chosen
+            spread = (values.max(dim=-1).values - values.min(dim=-1).values) if top_k > 0 else None
+            flips = chosen != top_ids[:, 0]
+        guidance = {"value_spread": float(spread.mean()) if spread is not None else None,
+                    "flip_share": float(flips.float().mean()), "valued_decisions": n}
+        return {"kl": float(kl.sum()), "kl_truncation": float(truncation.sum()),
+                "agreement": float(agrees.float().mean()), "guidance": guidance}
 
 
 # ---------------------------------------------------------------------------- what runs
@@ -375,6 +436,8 @@ class Plan:
     # alphas, in the main table (all prompts; () = none), over the SFT model's top ``implicit_top_k``
     implicit_alphas: tuple[float, ...] = ()
     implicit_top_k: int = 10
+    # the main table's head rows at these alphas (() = at ``alpha``)
+    head_alphas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sweep_methods is not None and (unknown := set(self.sweep_methods) - SWEEP_FAMILIES):
@@ -448,7 +511,7 @@ class Plan:
             *self.baseline_runs(),
             *(self.best_of_n_run(n) for n in self.best_of_n),
             *self.value_guided_runs(self.alpha, indirect_limit=self.indirect_prompts, prompted=self.tq_prompted),
-            *([self.head_run(self.alpha)] if self.head_top_k else []),
+            *((self.head_run(a) for a in self.head_alphas or (self.alpha,)) if self.head_top_k else ()),
             *(self.implicit_run(alpha) for alpha in self.implicit_alphas),
         ]
         if self.methods is not None:
@@ -575,6 +638,7 @@ class _Runner:
         self.partial_path = Path(partial_path) if partial_path is not None else None
         self._log_file = None
         self._head_replay: HeadReplay | None = None
+        self._implicit_replay: ImplicitReplay | None = None
         self._head_digest: str | None = None
         self._stack = AsyncExitStack()
 
@@ -614,7 +678,10 @@ class _Runner:
         if decoding["method"] not in ("baseline", "transfer_q") or self.baselines is None:
             return decoding
         baseline = self.baselines.get(decoding.get("baseline"))
-        return {**decoding, "baseline": baseline.name, "baseline_source": baseline.source}
+        resolved = {**decoding, "baseline": baseline.name, "baseline_source": baseline.source}
+        if decoding.get("value") == "implicit" and self.implicit_in_engine(_decoding_config(decoding)):
+            resolved["in_engine"] = True  # another engine's arithmetic (bfloat16 may take a near-tie otherwise)
+        return resolved
 
     @property
     def head_digest(self) -> str | None:
@@ -634,6 +701,26 @@ class _Runner:
             self._head_replay = HeadReplay(resolve_model_path(self.settings, progress=False),
                                            Path(self.aligned.value_head["path"]))
         return self._head_replay
+
+    def implicit_in_engine(self, config) -> bool:
+        """This implicit row can decode in the engine's step (its baseline stack holds the row's baseline) and
+        be replayed for its KL, instead of alignd's step loop, which the diagnostics would otherwise need."""
+        from alignd.decoding.catalogue import implicit_in_engine
+
+        if config.value != "implicit" or self.aligned is None:
+            return False
+        return implicit_in_engine(self.aligned, config.model_copy(update={"diagnostics": False}))
+
+    def implicit_replay(self) -> ImplicitReplay:
+        if self._implicit_replay is None:
+            from alignd.models.loading import merge_adapter, resolve_model_path
+
+            stack = self.engine.info.extra["baseline_stack"]
+            model_dir = resolve_model_path(self.settings, progress=False)
+            merged = merge_adapter(model_dir, stack["adapter"], Path(self.settings.cache_dir).expanduser(),
+                                   progress=False)  # the folder the engine's stack was loaded from (cached)
+            self._implicit_replay = ImplicitReplay(model_dir, merged, float(stack["beta"]))
+        return self._implicit_replay
 
     def signature(self, run: MethodRun) -> str:
         return run_signature(self.resolved_decoding(run.decoding), run.temperature, self.plan.max_tokens)
@@ -676,6 +763,33 @@ class _Runner:
         return record if record is not None and record.get("prompt") == prompt_row["prompt"] else None
 
     # ------------------------------------------------------------------ decoding
+    async def _one_implicit_in_engine(self, run: MethodRun, config, prompt, prompt_row: dict, params) -> dict:
+        """An implicit row decoded in the engine's step (no diagnostics: one engine request), its reward scored
+        here and its KL, steering and agreement replayed in transformers (:class:`ImplicitReplay`)."""
+        plain = config.model_copy(update={"diagnostics": False})
+        token_ids: list[int] = []
+        text, finish = "", None
+        started = time.perf_counter()
+        plan = self.aligned.plan(prompt, params, plain)
+        async for delta in self.aligned.stream(plan, f"eval-{run.key}-{prompt_row['id']}"):
+            token_ids += delta.token_ids
+            text += delta.text
+            finish = delta.finish_reason or finish
+        seconds = time.perf_counter() - started
+        resolved = plan.decoding
+        reward = (await self.registry.get(resolved.reward).score([prompt.reward_item(text)], truncate=True))[0].value
+        replay = await asyncio.to_thread(self.implicit_replay(), prompt.token_ids, token_ids, resolved.alpha,
+                                         resolved.top_k)
+        return {
+            "method": run.key, "label": run.label, "prompt_id": prompt_row["id"],
+            "category": prompt_row.get("category"), "prompt": prompt_row["prompt"], "response": text,
+            "output_tokens": len(token_ids), "finish_reason": finish, "reward": reward, "kl": replay["kl"],
+            "kl_truncation": replay["kl_truncation"], "guidance": replay["guidance"], "baseline_kind": "adapter",
+            "cost": {"decisions": len(token_ids), "gated": 0, "rollouts": 0, "rollout_tokens": 0, "reward_calls": 0},
+            "seconds": seconds, "replay_agreement": replay["agreement"], "replay_kl_truncation": replay["kl_truncation"],
+            "in_engine": True,
+        }
+
     async def _one(self, run: MethodRun, config, prompt_row: dict, seed: int) -> dict:
         from alignd.decoding.prompt import Prompt
         from alignd.models.engine import GenerationParams
@@ -683,6 +797,8 @@ class _Runner:
         chat = ({"role": "user", "content": prompt_row["prompt"]},)
         prompt = Prompt(tuple(self.engine.render_chat(list(chat))), messages=chat)
         params = GenerationParams(max_tokens=self.plan.max_tokens, temperature=run.temperature, seed=seed)
+        if self.implicit_in_engine(config):
+            return await self._one_implicit_in_engine(run, config, prompt, prompt_row, params)
         token_ids: list[int] = []
         text, alignment, finish = "", None, None
         started = time.perf_counter()
@@ -1182,6 +1298,8 @@ async def _main(args) -> None:
         overrides["implicit_alphas"] = tuple(args.implicit_alphas)
     if args.implicit_top_k is not None:
         overrides["implicit_top_k"] = args.implicit_top_k
+    if args.head_alphas:
+        overrides["head_alphas"] = tuple(args.head_alphas)
     plan = dataclasses.replace(plan, **overrides)  # an unknown --sweep-methods name stops here (Plan checks it)
     # read now: --combine may name the summary.json that this run's --out overwrites
     earlier = json.loads(Path(args.combine).read_text()) if args.combine else None
@@ -1240,6 +1358,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--implicit-alphas", type=float, nargs="+", default=(),
                         help="main-table rows of TQ* with the default baseline's implicit Q at these alphas")
     parser.add_argument("--implicit-top-k", type=int, help="k of the implicit rows (0: the whole vocabulary)")
+    parser.add_argument("--head-alphas", type=float, nargs="+", default=(),
+                        help="main-table rows of TQ* with the engine's value head at these alphas (default: --alpha)")
     parser.add_argument("--sweep-prompted", action="store_true", help="TQ* from the prompted baseline in the sweep too")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="resume", action="store_true", default=True,

@@ -149,3 +149,40 @@ def test_top_k_zero_is_the_implicit_source_s_only(stack):
                         DecodingConfig(method="transfer_q", top_k=0))
     with pytest.raises(ValueError):
         DecodingConfig(method="transfer_q", value="implicit", alpha=0.0)
+
+
+@pytest.mark.parametrize("top_k", [5, 0])
+def test_the_harness_replay_of_an_in_engine_answer_is_the_step_loop_s_own(stack, adapters, tiny_llama_dir, top_k):
+    """eval/quality.py decodes implicit rows in vLLM's step and replays their KL in transformers (one pass of
+    each model): replayed over answers alignd's own step loop decoded with diagnostics, it picks every token
+    as the loop did and gives the loop's KL (an off-by-one position would fail both)."""
+    import sys
+    from pathlib import Path
+
+    from alignd.models.loading import merge_adapter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    import quality
+
+    generation, _ = stack
+    merged = merge_adapter(tiny_llama_dir, adapters["dpo"], Path(generation.settings.cache_dir).expanduser(),
+                           progress=False)
+    replay = quality.ImplicitReplay(tiny_llama_dir, merged, BETA)
+    overturned = 0
+    for prompt in PROMPTS[:2]:
+        choice = decode(stack, prompt, {"method": "transfer_q", "value": "implicit", "alpha": 0.05, "top_k": top_k,
+                                        "diagnostics": True})
+        prefix = generation.render_text(prompt).token_ids
+        replayed = replay(prefix, choice.token_ids, 0.05, top_k)
+        assert replayed["agreement"] == 1.0
+        assert replayed["kl"] == pytest.approx(choice.alignment.kl, rel=1e-4, abs=1e-5)
+        # (over the whole vocabulary the diagnostics list the 20 most probable re-weighted candidates, which need
+        # not hold SFT's top-1: the k 5 case checks the replay's steering against theirs)
+        flips = [s.chosen[0] != max(s.candidates, key=lambda c: c.sft_logprob).token_id for s in choice.alignment.steps]
+        if top_k:
+            assert replayed["guidance"]["flip_share"] == pytest.approx(sum(flips) / len(flips))
+        overturned += round(replayed["guidance"]["flip_share"] * len(flips))
+        sft = decode(stack, prompt, None).token_ids
+        if sft != choice.token_ids:
+            assert replay(prefix, sft, 0.05, top_k)["agreement"] < 1.0
+    assert overturned > 0, "the values never overturned SFT's choice: the test would not see a wrong position"
