@@ -70,7 +70,10 @@ def head_defaults(generation: Generation, config: DecodingConfig) -> DecodingCon
         raise InvalidRequestError(
             f"this server's value head was distilled from baseline '{described}', not '{config.baseline}': "
             "use decoding.value='rollouts' to transfer from another baseline", param="decoding.baseline")
-    return config.model_copy(update={"reward": reward, "baseline": served})
+    # alpha defaults to the head's own (its manifest's: the alpha its values were fitted for; a head distilled from
+    # implicit targets is in units of beta * log-ratio, where alpha = beta reproduces the baseline)
+    alpha = config.alpha if config.alpha is not None else head.get("alpha")
+    return config.model_copy(update={"reward": reward, "baseline": served, "alpha": alpha})
 
 
 def head_unavailable(generation: Generation) -> str | None:

@@ -186,3 +186,21 @@ def test_the_harness_replay_of_an_in_engine_answer_is_the_step_loop_s_own(stack,
         if sft != choice.token_ids:
             assert replay(prefix, sft, 0.05, top_k)["agreement"] < 1.0
     assert overturned > 0, "the values never overturned SFT's choice: the test would not see a wrong position"
+
+
+@pytest.mark.parametrize(("manifest_alpha", "asked", "expected"), [(0.1, None, 0.1), (0.1, 0.5, 0.5), (None, None, None)])
+def test_a_head_request_without_alpha_takes_the_head_s_own(stack, manifest_alpha, asked, expected):
+    """A head distilled from implicit targets is in units of beta * log-ratio (alpha = beta reproduces the
+    baseline), one from rollouts in reward units: alpha defaults to the alpha its manifest records, else the
+    settings' (this engine's manifest is a stand-in, for planning only: the HF engine runs no head)."""
+    import copy
+    import dataclasses
+
+    generation, _ = stack
+    head = {"reward": "positivity", "alpha": manifest_alpha,
+            "baseline": {"name": "prompted", "kind": "prompted", "source": generation.settings.baseline_system_prompt}}
+    engine = copy.copy(generation.engine)
+    engine.info = dataclasses.replace(engine.info, extra={**engine.info.extra, "value_head": head})
+    with_head = Generation(engine, generation.rewards, generation.settings, generation.baselines)
+    resolved = with_head.plan_decoding(DecodingConfig(method="transfer_q", value="head", alpha=asked))
+    assert resolved.alpha == (expected if expected is not None else generation.settings.decoding_alpha)
