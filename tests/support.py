@@ -287,3 +287,20 @@ def in_process_llm(model_dir: str | Path, *, max_num_seqs: int = 256):
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         else:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+
+
+@contextmanager
+def door_on_own_loop(engine, settings):
+    """The door over ``engine`` (``alignd.decoding.generation.open_generation``), opened on an event loop of its
+    own for sync tests: yields (generation, loop); closed, and the loop with it, on exit."""
+    from contextlib import AsyncExitStack
+
+    from alignd.decoding.generation import open_generation
+
+    loop = asyncio.new_event_loop()
+    exits = AsyncExitStack()
+    try:
+        yield loop.run_until_complete(exits.enter_async_context(open_generation(engine, settings))), loop
+    finally:
+        loop.run_until_complete(exits.aclose())
+        loop.close()

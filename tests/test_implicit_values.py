@@ -7,19 +7,18 @@ say what is missing."""
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
 
 import pytest
 import torch
 
 from alignd.decoding.config import DecodingConfig
-from alignd.decoding.generation import Generation, open_generation
+from alignd.decoding.generation import Generation
 from alignd.decoding.values import ImplicitValue
 from alignd.errors import InvalidRequestError
 from alignd.models.engine import GenerationParams
 from alignd.settings import Settings
 from support import TINY_ADAPTER_BETA as BETA
-from support import make_adapter
+from support import door_on_own_loop, make_adapter
 
 PROMPTS = ["hello world how are", "the cat sat on", "numbers one two", "a happy answer is"]
 STEPS = 10
@@ -42,12 +41,8 @@ def stack(tiny_hf_engine, adapters):
     settings = Settings(engine="hf", baseline_adapter=adapters["dpo"], value_head="none",
                         baselines={"sft_lora": {"adapter": adapters["sft_lora"]},
                                    "no_digest": {"adapter": adapters["no_digest"]}})
-    loop = asyncio.new_event_loop()
-    exits = AsyncExitStack()
-    generation = loop.run_until_complete(exits.enter_async_context(open_generation(tiny_hf_engine, settings)))
-    yield generation, loop
-    loop.run_until_complete(exits.aclose())
-    loop.close()
+    with door_on_own_loop(tiny_hf_engine, settings) as opened:
+        yield opened
 
 
 def decode(stack, prompt: str, decoding: dict | None, max_tokens: int = STEPS):

@@ -12,18 +12,15 @@ the transformers engine: no vLLM, no server).
 
 from __future__ import annotations
 
-import asyncio
 import json
-from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 from support import TINY_ADAPTER_BETA as BETA
-from support import make_adapter
+from support import door_on_own_loop, make_adapter
 from test_train_value_head import assert_one_line_error, run_cli, write_jsonl
 
 from alignd.decoding.config import DecodingConfig
-from alignd.decoding.generation import open_generation
 from alignd.models.value_head import HEAD_MANIFEST, load_value_head
 from alignd.models.weights import weights_digest
 from alignd.settings import Settings
@@ -42,13 +39,9 @@ def dpo_adapter(tiny_llama_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def door(tiny_hf_engine, dpo_adapter):
     """The door over the tiny transformers engine with the DPO adapter as the default baseline."""
-    settings = Settings(engine="hf", baseline_adapter=str(dpo_adapter), value_head="none")
-    loop = asyncio.new_event_loop()
-    exits = AsyncExitStack()
-    generation = loop.run_until_complete(exits.enter_async_context(open_generation(tiny_hf_engine, settings)))
-    yield generation, loop
-    loop.run_until_complete(exits.aclose())
-    loop.close()
+    with door_on_own_loop(tiny_hf_engine, Settings(engine="hf", baseline_adapter=str(dpo_adapter),
+                                                   value_head="none")) as opened:
+        yield opened
 
 
 def test_dense_targets_are_the_values_implicit_tq_uses_at_every_state(door, tiny_llama_dir, dpo_adapter, tmp_path):

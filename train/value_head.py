@@ -847,7 +847,7 @@ def fit_head(train: HeadData, heldout: HeadData | None, opts: HeadTrainingOption
     return FittedHead(head, steps, history, final, time.perf_counter() - began)
 
 
-def plot_learning_curve(curve: list[dict], path: Path, title: str, *, alpha: float) -> None:
+def plot_learning_curve(curve: list[dict], path: Path, title: str, *, alpha: float, targets: str = "rollouts") -> None:
     """Held-out Spearman and top-1 agreement against the number of training states (a PNG)."""
     from matplotlib.figure import Figure
 
@@ -857,7 +857,7 @@ def plot_learning_curve(curve: list[dict], path: Path, title: str, *, alpha: flo
     sizes = [c["train_states"] for c in curve]
     figure = Figure(figsize=(6.4, 4.0), layout="constrained")
     axes = figure.subplots()
-    axes.plot(sizes, points("spearman_mean"), "o-", label="Spearman (head vs rollout Q)")
+    axes.plot(sizes, points("spearman_mean"), "o-", label=f"Spearman (head vs the {targets} targets)")
     axes.plot(sizes, points("top1_agreement"), "s-", label=f"top-1 agreement at alpha={alpha:g}")
     axes.axhline(curve[-1]["heldout"]["sft_top1_agreement"], color="grey", linestyle=":",
                  label="top-1 agreement of SFT greedy")
@@ -1237,8 +1237,9 @@ def _train_and_publish(ctx: _RunContext, made: _MadeData) -> Path:
                   "the head's Q is fitted up to a constant per state (the rule only uses differences within a state)"],
     }
     folder = ctx.workspace.fresh_result_dir()
-    plot_learning_curve(curve, folder / PLOT_FILE, f"{ctx.model_name}: value head for '{ctx.inputs['reward']}' from "
-                        f"baseline '{ctx.baseline.name}' ({made.manifest['targets']} targets)", alpha=opts.alpha)
+    plot_learning_curve(curve, folder / PLOT_FILE, f"{ctx.model_name}: value head for '{ctx.inputs['reward']}', "
+                        f"{made.manifest['targets']} targets of baseline '{ctx.baseline.name}'", alpha=opts.alpha,
+                        targets=made.manifest["targets"])
     save_value_head(fitted.head, folder, jsonable(manifest))
     keep_data(ctx.workspace.partial, ctx.cache)
     size = sum(p.stat().st_size for p in folder.iterdir())
