@@ -162,3 +162,26 @@ def test_a_baseline_without_an_implicit_q_or_another_reward_is_a_one_line_error(
     rollouts = ["train", "value-head", "--model", tiny_llama_dir, "--prompts", prompts_file, "--out", tmp_path / "r",
                 "--answers", "4"]
     assert_one_line_error(capsys, run_cli(rollouts), "--answers is for --targets implicit")
+
+
+def test_the_committed_implicit_head_is_made_for_the_embedded_model_with_its_record(embedded_model_dir):
+    """value_heads/smollm2-positivity-implicit: it loads for the embedded model's weights, is within the size
+    limit, was distilled from the committed DPO adapter's implicit Q, and its manifest holds what reproduces it
+    (the command docs/TRAINING.md gives) and its held-out record."""
+    from alignd.settings import ASSETS_DIR, EMBEDDED_ADAPTER_DIR
+    from alignd.train.data import file_sha256
+
+    folder = ASSETS_DIR / "value_heads" / "smollm2-positivity-implicit"
+    config = json.loads((embedded_model_dir / "config.json").read_text())
+    manifest = load_value_head(folder, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+                               base_weights_digest=weights_digest(embedded_model_dir)).manifest
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 10 * 2**20
+    assert (manifest["targets"], manifest["beta"], manifest["reward"], manifest["top_k"]) == ("implicit", 0.1,
+                                                                                            "positivity", 10)
+    assert manifest["baseline"]["weights_digest"] == weights_digest(EMBEDDED_ADAPTER_DIR)
+    pool = Path(__file__).resolve().parents[1] / "train" / "data" / "prompts.jsonl"
+    assert manifest["data"]["sha256"] == file_sha256(pool) and manifest["data"]["eval_prompts"]["shared"] == 0
+    command = " ".join(manifest["command"])
+    assert "--targets implicit" in command and "--seed 0" in command and "--alpha 0.1" in command
+    assert manifest["metrics"]["heldout"]["spearman_mean"] == manifest["learning_curve"][-1]["heldout_spearman"]
+    assert manifest["features"]["check"]["sampled_token_in_top_k"] > 0.5 and (folder / "learning_curve.png").is_file()
