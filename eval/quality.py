@@ -380,7 +380,7 @@ class MethodRun:
             alpha = f"alpha={d['alpha']:g}" if d.get("alpha") is not None else "alpha=beta"
             return f"{alpha}, {k}, implicit Q of {baseline} (beta from its manifest), {mode} decisions"
         if d.get("value") == "head":
-            return ", ".join([*parts, f"learned value head (distilled from {baseline} rollouts)"]) + f", {mode} decisions"
+            return ", ".join([*parts, f"learned value head (distilled from {baseline}: rollout or implicit targets, its manifest says)"]) + f", {mode} decisions"
         if d["method"] in ("cd", "transfer_q"):
             rt = d.get("rollout_temperature", 0.0)
             parts.append(f"{d['num_rollouts']} {'greedy' if rt == 0 else f'T={rt:g}'} rollout(s) x {d['rollout_len']} tokens")

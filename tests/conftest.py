@@ -47,6 +47,19 @@ def pytest_collection_modifyitems(items) -> None:
                 item.add_marker(getattr(pytest.mark, marker))
 
 
+# The session's stock servers that a selected test needs: the session engine starts them (without waiting)
+# before it boots itself, so that their engines boot on the other core meanwhile instead of when their
+# first test asks (40 s and 20 s of the float32 suite's setups, measured on 2 cores: docs in README).
+PRESTART: set[str] = set()
+STOCK_SERVERS = ("stock_vllm_serve", "tiny_stock_vllm_serve")
+
+
+def pytest_collection_finish(session) -> None:
+    for name in STOCK_SERVERS:
+        if any(name in getattr(item, "fixturenames", ()) for item in session.items):
+            PRESTART.add(name)
+
+
 class LoopThread:
     """An event loop in a background thread, so sync tests can drive async engines that must keep
     one loop for their whole life (vLLM's output task lives on it)."""
@@ -181,16 +194,22 @@ def tiny_value_guided_dir(tiny_vllm_dir, tiny_head_dir, tmp_path_factory) -> Pat
 
 
 @pytest.fixture(scope="session")
-def tiny_stock_vllm_serve(tiny_value_guided_dir, tmp_path_factory):
-    """The session's one stock ``vllm serve`` of a tiny model: the value-guided folder (the plugin's tests ask
-    it for the head; the remote-engine tests send it plain requests, which decode as plain Llama), served
-    as ``tiny``, float32, chunked prefill off (support.vllm_serve_process)."""
+def tiny_stock_vllm_serve_started(tiny_value_guided_dir, tmp_path_factory):
+    """The process of ``tiny_stock_vllm_serve``, started (not waited for); stopped at the session's end."""
     from support import TINY_SERVED_NAME, vllm_serve_process
 
     log = tmp_path_factory.mktemp("tiny-vllm-serve") / "vllm-serve.log"
     with vllm_serve_process(tiny_value_guided_dir, TINY_SERVED_NAME, log, max_model_len=256) as server:
-        server.wait_ready(timeout=900)
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_stock_vllm_serve(tiny_stock_vllm_serve_started):
+    """The session's one stock ``vllm serve`` of a tiny model: the value-guided folder (the plugin's tests ask
+    it for the head; the remote-engine tests send it plain requests, which decode as plain Llama), served
+    as ``tiny``, float32, chunked prefill off (support.vllm_serve_process)."""
+    tiny_stock_vllm_serve_started.wait_ready(timeout=900)
+    return tiny_stock_vllm_serve_started
 
 
 @pytest.fixture(scope="session")
@@ -353,12 +372,14 @@ def session_settings(session_server_env, cache_dir) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def session_engine(session_settings, loop_thread):
+def session_engine(session_settings, loop_thread, request):
     """The session's one SmolLM2 vLLM engine, opened as `alignd serve` opens it (the value-guided folder of
     the test head, the committed adapter as a LoRA, warmed up), on its own core: the session server serves
     it, and the tests of engine primitives use it directly (``vllm_engine``)."""
     from alignd.models.factory import open_engine
 
+    for name in sorted(PRESTART):  # (their processes inherit the other core's binding: support.py)
+        request.getfixturevalue(f"{name}_started")
     stack = AsyncExitStack()
     with environ({"VLLM_CPU_OMP_THREADS_BIND": ENGINE_CORES_SET_OUTSIDE or SESSION_ENGINE_CORES}):
         engine = loop_thread.run(stack.enter_async_context(open_engine(session_settings, progress=False)), timeout=1800)
@@ -421,12 +442,8 @@ def served_precision(server, hf_embedded_engine):
 
 # ---------------------------------------------------------------------------- stock `vllm serve`
 @pytest.fixture(scope="session")
-def stock_vllm_serve(embedded_model_dir, embedded_value_head_dir, cache_dir, tmp_path_factory):
-    """The session's one stock ``vllm serve``: of the folder alignd prepares for the session server's value head
-    (the same weights; alignd's model class and the head named in its config.json, so no flag beyond vLLM's
-    own: the plugin comes from the installed entry points), with alignd's engine settings (the session's
-    dtype) and under the session server's model name. The value-head tests compare it with alignd; the
-    serving benchmarks run their load against it (plain requests on it decode as plain Llama)."""
+def stock_vllm_serve_started(embedded_model_dir, embedded_value_head_dir, cache_dir, tmp_path_factory):
+    """The process of ``stock_vllm_serve``, started (not waited for); stopped at the session's end."""
     from alignd.models.value_head import prepare_value_guided_folder
     from support import load_bench
 
@@ -436,7 +453,17 @@ def stock_vllm_serve(embedded_model_dir, embedded_value_head_dir, cache_dir, tmp
     proc = load_bench("serve_overhead").start_vllm_server(str(served), settings, settings.cpu_kvcache_space_gib,
                                                           tmp_path_factory.mktemp("stock-log"))
     try:
-        proc.wait_ready(timeout=1800)  # a second SmolLM2 engine starting beside the session's: minutes on 2 cores
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def stock_vllm_serve(stock_vllm_serve_started):
+    """The session's one stock ``vllm serve``: of the folder alignd prepares for the session server's value head
+    (the same weights; alignd's model class and the head named in its config.json, so no flag beyond vLLM's
+    own: the plugin comes from the installed entry points), with alignd's engine settings (the session's
+    dtype) and under the session server's model name. The value-head tests compare it with alignd; the
+    serving benchmarks run their load against it (plain requests on it decode as plain Llama)."""
+    stock_vllm_serve_started.wait_ready(timeout=1800)  # a second SmolLM2 engine beside the session's: minutes
+    return stock_vllm_serve_started

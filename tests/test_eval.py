@@ -180,7 +180,7 @@ def test_head_rows_run_where_the_engine_has_a_head_in_the_table_and_the_sweep():
     head = {r.key: r for r in plan.main_runs()}["tq_head@1"]
     assert head.decoding == {"method": "transfer_q", "value": "head", "alpha": 1.0, "top_k": 10}
     assert DecodingConfig(**head.decoding, diagnostics=True).values_in_engine
-    assert "learned value head (distilled from trained-adapter rollouts)" in head.settings_text()
+    assert "learned value head (distilled from trained-adapter: rollout or implicit targets" in head.settings_text()
     assert quality.cd_partner(head, plan.main_runs()) == "cd@1"
     swept = [(r.decoding["alpha"], r.prompt_limit) for r, _, _ in plan.sweep_runs() if r.key.startswith("tq_head")]
     assert swept == [(a, plan.sweep_prompts) for a in sorted(plan.sweep_alphas)]

