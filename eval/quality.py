@@ -1255,6 +1255,55 @@ def combine_results(results: dict, earlier: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- command line
+def plot_main_rows(summary_paths: Sequence[str | Path], path: str | Path) -> Path:
+    """Mean reward against KL from SFT of the main-table rows of one or more summary.json files (the same
+    prompts and answer length), one marker per row, rows of one method family joined over alpha; the KL
+    without its top-k truncation part beside it (what alpha moves). SFT greedy is the origin of both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # a family in several summaries is several lines (another head, other settings), named by the run's folder;
+    # SFT greedy, in each, is drawn once
+    by_run = [(Path(p).parent.name, json.loads(Path(p).read_text())["summary"]) for p in summary_paths]
+    seen: dict[str, set[str]] = {}
+    for run, summary in by_run:
+        for key in summary:
+            seen.setdefault(method_family(key), set()).add(run)
+    families: dict[str, list[tuple[str, dict]]] = {}
+    for run, summary in by_run:
+        for key, row in summary.items():
+            family = method_family(key)
+            if key == "sft_greedy" and family in families:
+                continue
+            name = family if len(seen[family]) == 1 or key == "sft_greedy" else f"{family} ({run})"
+            families.setdefault(name, []).append((key, row))
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.0), dpi=110, sharey=True)
+    colours = plt.get_cmap("tab20").colors
+    for i, (family, members) in enumerate(sorted(families.items())):
+        members.sort(key=lambda kr: kr[1]["kl"])
+        for ax, truncated in zip(axes, (False, True)):
+            kls = [r["kl"] - ((r.get("kl_truncation") or 0.0) if truncated else 0.0) for _, r in members]
+            rewards = [r["mean_reward"] for _, r in members]
+            ax.plot(kls, rewards, "o-" if len(members) > 1 else "o", label=family, color=colours[i % len(colours)])
+            for (key, _), x, y in zip(members, kls, rewards):
+                ax.annotate(key.split("@", 1)[1] if "@" in key else "", (x, y), fontsize=7,
+                            textcoords="offset points", xytext=(4, -9))
+    axes[0].set_xlabel("KL from SFT (sum over the answer; best-of-N: its bound; baseline: log-ratio)")
+    axes[1].set_xlabel("KL without the top-k truncation part")
+    axes[0].set_ylabel("mean target reward (positivity)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"main-table rows of {', '.join(Path(p).parent.name for p in summary_paths)} (labels: alpha)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def replot(summary_path: str | Path, plot_path: str | Path | None) -> None:
     """Tables and the frontier again from a saved summary.json (no engine)."""
     results = json.loads(Path(summary_path).read_text())
@@ -1369,10 +1418,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="skip rollouts of candidates that cannot win (same greedy answers; KL then approximate)")
     parser.add_argument("--seed", type=int, help="seed sampled requests (prompt i gets seed + i); see Plan.seed")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--plot-main", metavar="SUMMARY_JSON", nargs="+",
+                        help="draw the main-table rows of these summaries as reward vs KL to --plot, no engine")
     parser.add_argument("--replot", metavar="SUMMARY_JSON", help="print the tables and redraw the plot from a saved run")
     args = parser.parse_args(argv)
     if args.replot:
         replot(args.replot, None if args.no_plot else (args.plot or DEFAULT_PLOT))
+        return
+    if args.plot_main:
+        print(f"plot: {plot_main_rows(args.plot_main, args.plot or DEFAULT_PLOT)}")
         return
     def interrupted(signum, frame):
         # SIGTERM as Ctrl-C: asyncio.run cancels the run, and open_engine's exit stops the vLLM engine

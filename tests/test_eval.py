@@ -401,3 +401,30 @@ def test_smoke_evaluation_in_process(vllm_engine, embedded_settings, loop_thread
     summary = json.loads(paths["summary"].read_text())
     assert summary["summary"].keys() == results["summary"].keys()
     assert len(paths["responses"].read_text().splitlines()) == len(results["responses"])
+
+
+def test_main_rows_of_several_runs_are_drawn_apart_where_a_family_repeats(tmp_path, monkeypatch):
+    """--plot-main: rows of two summaries in one reward-vs-KL picture; a family in both (another head) is two
+    lines named by their runs, SFT greedy once."""
+    def summary(folder: str, rows: dict) -> Path:
+        path = tmp_path / folder / "summary.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"summary": {k: {"mean_reward": r, "kl": kl, "kl_truncation": kl / 2}
+                                                for k, (r, kl) in rows.items()}}))
+        return path
+
+    earlier = summary("main", {"sft_greedy": (0.4, 0.0), "tq_head@1": (0.5, 15.0), "cd@1": (0.7, 15.0)})
+    later = summary("implicit", {"sft_greedy": (0.4, 0.0), "tq_head@0.1": (0.8, 13.0), "tq_head@0.05": (0.9, 24.0)})
+    import matplotlib.pyplot as plt
+
+    drawn: list = []
+    real_savefig = plt.Figure.savefig
+
+    def keep_labels(figure, *args, **kwargs):
+        drawn.extend(line.get_label() for line in figure.axes[1].get_lines())
+        return real_savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep_labels)
+    path = quality.plot_main_rows([earlier, later], tmp_path / "rows.png")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert sorted(drawn) == ["cd", "sft_greedy", "tq_head (implicit)", "tq_head (main)"]
