@@ -185,6 +185,10 @@ class Settings(BaseSettings):
         None, description="Reward the baseline is aligned to (indirect transfer); unset = the chosen baseline's "
         "own implicit reward, '<baseline>_implicit' (e.g. prompted_implicit for the prompted baseline).",
     )
+    decoding_value: Literal["auto", "rollouts"] = Field(
+        "auto", description="The value source of a transfer_q request that names none: 'auto' = the baseline's exact "
+        "implicit Q where it can serve the request (a DPO or IRFT baseline, its own reward, direct transfer, no "
+        "rollout fields: measured best, docs/EVALUATION.md), rollouts for every other request; 'rollouts' = always.")
     decoding_alpha: float = Field(1.0, gt=0.0)
     decoding_top_k: int = Field(10, ge=1)
     decoding_num_rollouts: int = Field(1, ge=1)

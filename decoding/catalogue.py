@@ -143,6 +143,33 @@ def implicit_defaults(generation: Generation, config: DecodingConfig) -> Decodin
     return config.model_copy(update={"beta": form.beta, "reward": form.reward, "alpha": alpha})
 
 
+# the request fields only rollouts read: a request that sets one asked for rollouts
+ROLLOUT_ONLY = ("num_rollouts", "rollout_len", "rollout_temperature", "baseline_reward", "prune")
+
+
+def implicit_serves(generation: Generation, config: DecodingConfig) -> bool:
+    """Whether decoding.value='implicit' serves this request as it stands, with no 400: its baseline has an
+    implicit Q, the target reward is that baseline's own, the transfer is direct, beta (if given) is the
+    baseline's, and no field that only rollouts read is set."""
+    if config.transfer != "direct" or any(getattr(config, f) is not None for f in ROLLOUT_ONLY):
+        return False
+    form = generation.baselines.get(config.baseline).implicit_form()
+    if isinstance(form, str):
+        return False
+    reward = config.reward or generation.settings.target_reward
+    return reward == form.reward and config.beta in (None, form.beta)
+
+
+def choose_value_source(generation: Generation, config: DecodingConfig) -> DecodingConfig:
+    """A transfer_q request that names no value source gets the best measured one that serves it: the baseline's
+    exact implicit Q (positivity 0.858 at alpha = beta against rollout TQ*'s 0.716 and CD's 0.757 on the 112
+    evaluation prompts, at a fraction of the cost: docs/EVALUATION.md), else rollouts, so that no request that
+    rollouts serve becomes a 400 (ALIGND_DECODING_VALUE=rollouts: always rollouts)."""
+    if "value" in config.model_fields_set or generation.settings.decoding_value == "rollouts":
+        return config
+    return config.model_copy(update={"value": "implicit"}) if implicit_serves(generation, config) else config
+
+
 def implicit_unavailable(generation: Generation) -> str | None:
     forms = [baseline.implicit_form() for baseline in generation.baselines.all()]
     if any(not isinstance(form, str) for form in forms):
@@ -271,7 +298,7 @@ register_method(MethodSpec(
     "transfer_q", "Transfer Q*: pi_SFT(z|s) exp(Q(s, z) / alpha) over the SFT model's top-k, with Q of the "
     "baseline estimated by the value source (decoding.value).",
     ALIGNED, (*VALUE_GUIDED, "baseline", "value"), build_by_value_source, needs_reward=True, needs_baseline=True,
-    takes_value_source=True))
+    takes_value_source=True, prepare=choose_value_source))
 register_method(MethodSpec(
     "args", "ARGS: pi_SFT(z|s) exp(r(s + z) / alpha), the reward of the partial answer as the value.",
     ALIGNED, (*VALUE_GUIDED, *GATING), build_args, needs_reward=True,

@@ -49,9 +49,11 @@ class DecodingConfig(BaseModel):
     value: str = Field(
         DEFAULT_VALUE_SOURCE,
         description="transfer_q: how Q(s, z) is estimated (GET /v1/methods lists the value sources). 'rollouts': "
-        "the baseline's rollouts per candidate (ALGORITHMS.md); 'head': the server's learned value head, scored "
-        "inside the engine's own decode step (one engine request per answer, near the cost of plain decoding; "
-        "GET /v1/value_head says which reward and baseline it was trained for).",
+        "the baseline's rollouts per candidate (ALGORITHMS.md); 'implicit': the exact Q of a DPO or IRFT baseline; "
+        "'head': the server's learned value head, scored inside the engine's own decode step (one engine request "
+        "per answer, near the cost of plain decoding; GET /v1/value_head says which reward and baseline it was "
+        "trained for). Left out: 'implicit' where it serves the request as it stands (the baseline's own reward, "
+        "direct transfer, no rollout fields; ALIGND_DECODING_VALUE=auto), else 'rollouts'.",
         json_schema_extra=_value_enum,
     )
     transfer: Literal["direct", "indirect"] = Field(

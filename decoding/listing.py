@@ -37,15 +37,28 @@ def describe_methods(generation: Generation) -> MethodList:
 def _parameters(generation: Generation, names: tuple[str, ...], **request: Any) -> list[MethodParameter]:
     settings = generation.settings
     schema = DecodingConfig.model_json_schema()["properties"]
-    try:
-        defaults = DecodingConfig(**request).resolved(settings) if request.get("method") else None
-    except (ValidationError, InvalidRequestError):  # a bare request of it does not resolve: no defaults to show
-        defaults = None
+    defaults = _bare_request(generation, request) if request.get("method") else None
     limits = parameter_limits(settings)
     return [MethodParameter(name=name, description=DecodingConfig.model_fields[name].description,
                             default=getattr(defaults, name, None), limit=limits.get(name),
                             json_schema=_field_schema(schema[name]))
             for name in names]
+
+
+def _bare_request(generation: Generation, request: dict[str, Any]) -> DecodingConfig | None:
+    """What a request of just these fields resolves to on this server, planned as a request is (the value source
+    a bare transfer_q request gets, the implicit source's alpha = beta, ...); where this server cannot serve it
+    (a value head it does not have), the settings' defaults; None where neither resolves."""
+    try:
+        config = DecodingConfig(**request)
+    except ValidationError:
+        return None
+    for resolve in (generation.plan_decoding, lambda c: c.resolved(generation.settings)):
+        try:
+            return resolve(config)
+        except InvalidRequestError:
+            continue
+    return None
 
 
 def _field_schema(schema: dict[str, Any]) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def test_top_k_zero_is_the_implicit_source_s_only(stack):
     generation, _ = stack
     with pytest.raises(InvalidRequestError, match="only valid with decoding.value in"):
         generation.plan(generation.render_text("hi"), GenerationParams(max_tokens=2),
-                        DecodingConfig(method="transfer_q", top_k=0))
+                        DecodingConfig(method="transfer_q", value="rollouts", top_k=0))
     with pytest.raises(ValueError):
         DecodingConfig(method="transfer_q", value="implicit", alpha=0.0)
 
@@ -199,3 +199,38 @@ def test_a_head_request_without_alpha_takes_the_head_s_own(stack, manifest_alpha
     with_head = Generation(engine, generation.rewards, generation.settings, generation.baselines)
     resolved = with_head.plan_decoding(DecodingConfig(method="transfer_q", value="head", alpha=asked))
     assert resolved.alpha == (expected if expected is not None else generation.settings.decoding_alpha)
+
+
+@pytest.mark.parametrize(("fields", "source"), [
+    ({}, "implicit"),
+    ({"top_k": 0}, "implicit"),  # (a 400 with rollouts: the whole vocabulary is the implicit source's)
+    ({"alpha": 0.05, "beta": BETA, "reward": "positivity", "diagnostics": True}, "implicit"),
+    ({"rollout_len": 4}, "rollouts"),
+    ({"prune": False}, "rollouts"),
+    ({"baseline": "prompted"}, "rollouts"),
+    ({"baseline": "sft_lora"}, "rollouts"),
+    ({"reward": "length_penalty"}, "rollouts"),
+    ({"transfer": "indirect"}, "rollouts"),
+    ({"beta": 0.5}, "rollouts"),
+    ({"value": "rollouts"}, "rollouts"),
+])
+def test_a_request_that_names_no_value_source_gets_implicit_where_it_serves_it(stack, fields, source):
+    """ALIGND_DECODING_VALUE=auto: the best measured source that serves the request as it stands, so no request
+    that rollouts serve becomes a 400 (the cases that stay on rollouts are each a 400 with value='implicit')."""
+    generation, _ = stack
+    resolved = generation.plan_decoding(DecodingConfig(method="transfer_q", **fields))
+    assert resolved.value == source
+    if source == "implicit":
+        assert resolved.alpha == fields.get("alpha", BETA)  # the implicit source's default: the baseline itself
+    else:
+        assert resolved.alpha == generation.settings.decoding_alpha
+
+
+def test_auto_decodes_as_the_implicit_source_and_rollouts_only_is_a_setting(stack):
+    generation, _ = stack
+    bare = decode(stack, PROMPTS[0], {"method": "transfer_q", "top_k": 5, "diagnostics": True})
+    assert bare.alignment.value == "implicit"
+    assert bare.token_ids == decode(stack, PROMPTS[0], {"method": "transfer_q", "value": "implicit", "top_k": 5}).token_ids
+    always = Generation(generation.engine, generation.rewards,
+                        generation.settings.model_copy(update={"decoding_value": "rollouts"}), generation.baselines)
+    assert always.plan_decoding(DecodingConfig(method="transfer_q")).value == "rollouts"
