@@ -49,9 +49,11 @@ class DecodingParams(TypedDict, total=False):
     rollout_temperature: float
     """Temperature of the rollouts, in [0, 2]; 0 = greedy rollouts."""
     value: Literal["rollouts", "head", "implicit"]
-    """transfer_q: Q from the baseline's rollouts (default), from the server's learned value head, scored inside
-    the engine's decode step at about the cost of plain decoding (GET /v1/value_head), or the exact Q of a DPO or
-    IRFT baseline, beta * (log pi_BL - log pi_SFT) (GET /v1/baselines says which baselines have it)."""
+    """transfer_q: Q from the baseline's rollouts, from the server's learned value head, scored inside the engine's
+    decode step at about the cost of plain decoding (GET /v1/value_head), or the exact Q of a DPO or IRFT baseline,
+    beta * (log pi_BL - log pi_SFT) (GET /v1/baselines says which baselines have it). Left out: 'implicit' where it
+    serves the request as it stands (the baseline's own reward, direct transfer, no rollout fields), else
+    'rollouts'."""
     transfer: Literal["direct", "indirect"]
     """transfer_q: direct (the baseline is aligned to the target reward) or indirect (to baseline_reward)."""
     beta: float
