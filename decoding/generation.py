@@ -421,6 +421,7 @@ class _ChoiceText:
     def last(self, prompt_token_count: int) -> DecodedDelta:
         """The choice's final delta (whatever is left, with its finish reason)."""
         self.finish = self.finish or "length"
+        self.piece += self.assembler.flush()  # text held back while a stop string might have followed
         return self._release(prompt_token_count)
 
     def _release(self, prompt_token_count: int) -> DecodedDelta:
