@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
@@ -186,11 +187,49 @@ def tiny_head_dir(tiny_vllm_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_value_guided_dir(tiny_vllm_dir, tiny_head_dir, tmp_path_factory) -> Path:
-    """The tiny model's value-guided folder (alignd's model class, ``tiny_head_dir`` named in its config)."""
+def tiny_dpo_adapter(tiny_vllm_dir, tmp_path_factory) -> Path:
+    """A random LoRA adapter of the tiny model whose manifest says DPO, beta TINY_ADAPTER_BETA (support.make_adapter)."""
+    from support import make_adapter
+
+    return make_adapter(tiny_vllm_dir, tmp_path_factory.mktemp("tiny-dpo-adapter") / "dpo", seed=11)
+
+
+@pytest.fixture(scope="session")
+def tiny_merged_baseline_dir(tiny_vllm_dir, tiny_dpo_adapter, tmp_path_factory) -> Path:
+    """``tiny_dpo_adapter`` merged into the tiny model: the baseline of the implicit-Q tests."""
+    from alignd.models.loading import merge_adapter
+
+    return merge_adapter(tiny_vllm_dir, tiny_dpo_adapter, tmp_path_factory.mktemp("tiny-merge-cache"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline_stack(tiny_merged_baseline_dir):
+    from alignd.models.baseline_stack import BaselineStack
+    from support import TINY_ADAPTER_BETA
+
+    return BaselineStack(path=str(tiny_merged_baseline_dir), beta=TINY_ADAPTER_BETA, name="dpo")
+
+
+@pytest.fixture(scope="session")
+def tiny_value_guided_dir(tiny_vllm_dir, tiny_head_dir, tiny_baseline_stack, tmp_path_factory) -> Path:
+    """The tiny model's value-guided folder: alignd's model class with ``tiny_head_dir`` and the merged DPO
+    baseline's stack (``tiny_baseline_stack``) named in its config, so that one engine (in process or on stock
+    ``vllm serve``) serves the head, the implicit values and plain requests alike."""
     from alignd.models.value_head import prepare_value_guided_folder
 
-    return prepare_value_guided_folder(tiny_vllm_dir, tiny_head_dir, tmp_path_factory.mktemp("served") / "tiny-tq")
+    return prepare_value_guided_folder(tiny_vllm_dir, tiny_head_dir, tmp_path_factory.mktemp("served") / "tiny-tq",
+                                       baseline=tiny_baseline_stack)
+
+
+@pytest.fixture(scope="session")
+def tiny_value_guided_llm(tiny_value_guided_dir) -> Iterator[object]:
+    """vLLM's offline engine in this process on ``tiny_value_guided_dir``, float32 (support.in_process_llm):
+    shared by the in-engine tests of the head (test_vllm_plugin) and of the implicit values (test_vllm_implicit),
+    the last two modules of the run, so one engine start serves both."""
+    from support import in_process_llm
+
+    with in_process_llm(tiny_value_guided_dir) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,8 @@ SESSION_ENGINE_CORES = "0"
 OTHER_ENGINE_CORES = "1"
 ENGINE_CORES_SET_OUTSIDE = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", OTHER_ENGINE_CORES)
+# For one of two module servers started together: the session engine's core (idle while their tests run).
+ON_THE_SESSION_CORE = {"VLLM_CPU_OMP_THREADS_BIND": ENGINE_CORES_SET_OUTSIDE or SESSION_ENGINE_CORES}
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ def save_tiny_head(head, folder: Path) -> Path:
 
 
 def vllm_serve_process(model_dir: str | Path, served_name: str, log_path: Path, *, max_model_len: int,
-                       port: int | None = None, extra_args: tuple[str, ...] = ()) -> ManagedProcess:
+                       port: int | None = None, extra_args: tuple[str, ...] = (),
+                       env_overrides: dict[str, str] | None = None) -> ManagedProcess:
     """Stock ``vllm serve`` of ``model_dir`` on loopback ``port`` (default: a free one; through
     bench/vllm_cli.py, the vllm-cpu shim), float32 and eager like alignd's engine, a 1 GiB KV cache, chunked
     prefill off (vllm-cpu 0.32), top-20 log-probabilities. Not started: use it as a context manager, then
@@ -184,7 +187,7 @@ def vllm_serve_process(model_dir: str | Path, served_name: str, log_path: Path, 
            "--port", str(port), "--served-model-name", served_name, "--dtype", "float32", "--enforce-eager",
            "--max-model-len", str(max_model_len), "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048",
            "--max-logprobs", "20", "--generation-config", "vllm", *extra_args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env_overrides or {})}
     return ManagedProcess(cmd, name=f"vllm serve ({served_name})", log_path=log_path,
                           base_url=f"http://127.0.0.1:{port}", env=env)
 

@@ -351,7 +351,7 @@ def test_smoke_evaluation_in_process(vllm_engine, embedded_settings, loop_thread
     # the session engine carries the test value head: no head rows here (the harness would add them; their
     # replay has its own tests above), so the rows are the plan's own
     plan = dataclasses.replace(quality.Plan.smoke(), head_top_k=0)
-    prompts = quality.load_prompts(limit=3)
+    prompts = quality.load_prompts(limit=2)
     results = loop_thread.run(quality.evaluate(vllm_engine, embedded_settings, prompts, plan, progress=False))
     paths = quality.write_outputs(results, tmp_path / "out", tmp_path / "frontier.png")
 

@@ -12,11 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
 
-from support import ManagedProcess, ServerProcess, tiny_server_env
+from support import ON_THE_SESSION_CORE, ManagedProcess, ServerProcess, tiny_server_env
 
 pytestmark = pytest.mark.vllm
 
@@ -64,11 +65,21 @@ def assert_server_and_engines_end_after(server: ServerProcess, sig: signal.Signa
         assert server.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in server.log_tail(80)
 
 
-def test_alignd_serve_killed_takes_its_engines_with_it(tiny_vllm_dir):
+@pytest.fixture(scope="module")
+def servers(tiny_vllm_dir) -> Iterator[dict[str, ServerProcess]]:
+    """The two servers this module signals, started together (each start is mostly single-threaded process
+    start-up and imports: two at once take about the time of one on 2 cores). ``restarted`` is float32, so
+    that its greedy answer after the engine's restart is the same as before."""
+    with (ServerProcess({**tiny_server_env(tiny_vllm_dir), **ON_THE_SESSION_CORE}) as killed,
+          ServerProcess({**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32"}) as restarted):
+        for server in (killed, restarted):
+            server.wait_ready(timeout=600)
+        yield {"killed": killed, "restarted": restarted}
+
+
+def test_alignd_serve_killed_takes_its_engines_with_it(servers):
     """After SIGKILL only the engine's own watch (alignd.vllm_plugin.parent_watch) can notice."""
-    with ServerProcess(tiny_server_env(tiny_vllm_dir)) as server:
-        server.wait_ready(timeout=600)
-        assert_server_and_engines_end_after(server, signal.SIGKILL)
+    assert_server_and_engines_end_after(servers["killed"], signal.SIGKILL)
 
 
 def test_an_interrupted_value_head_run_takes_its_engines_with_it(tiny_vllm_dir, tmp_path):
@@ -92,7 +103,7 @@ def test_an_interrupted_value_head_run_takes_its_engines_with_it(tiny_vllm_dir, 
         print(f"value-head run and {len(children)} children ({len(engines)} engines) gone in {took:.1f} s")
 
 
-def test_a_killed_engine_is_restarted_and_the_server_ends_with_its_engines_on_sigterm(tiny_vllm_dir):
+def test_a_killed_engine_is_restarted_and_the_server_ends_with_its_engines_on_sigterm(servers):
     """SIGKILL to the server's EngineCore: requests in flight and new ones get 503 engine_unavailable with
     Retry-After (not 500), /health names the engine, and within a minute the same request is answered again
     (the same greedy answer, float32), by the same server process, with the restart counted. Then SIGTERM to
@@ -101,39 +112,37 @@ def test_a_killed_engine_is_restarted_and_the_server_ends_with_its_engines_on_si
 
     import httpx
 
-    env = {**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32"}
     body = {"model": "tiny", "prompt": "the cat sat on", "max_tokens": 8, "temperature": 0}
     long_body = {**body, "max_tokens": 200}
-    with ServerProcess(env) as server:
-        server.wait_ready(timeout=600)
-        url = server.base_url + "/v1/completions"
-        before = httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
-        [engine] = engine_children(server.pid)
+    server = servers["restarted"]
+    url = server.base_url + "/v1/completions"
+    before = httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
+    [engine] = engine_children(server.pid)
 
-        async def in_flight() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=120) as client:
-                tasks = [asyncio.create_task(client.post(url, json=long_body)) for _ in range(4)]
-                await asyncio.sleep(0.3)
-                engine.kill()
-                return list(await asyncio.gather(*tasks))
+    async def in_flight() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            tasks = [asyncio.create_task(client.post(url, json=long_body)) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            engine.kill()
+            return list(await asyncio.gather(*tasks))
 
-        for reply in asyncio.run(in_flight()):
-            assert reply.status_code in (200, 503), reply.text
-            if reply.status_code == 503:
-                assert reply.json()["error"]["code"] == "engine_unavailable", reply.text
-        refused = httpx.post(url, json=body, timeout=60)
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable", refused.text
-        assert int(refused.headers["Retry-After"]) > 0
-        health = httpx.get(server.base_url + "/health", timeout=30)
-        assert health.status_code == 503 and health.json()["engines"]["sft"]["status"] == "down", health.text
+    for reply in asyncio.run(in_flight()):
+        assert reply.status_code in (200, 503), reply.text
+        if reply.status_code == 503:
+            assert reply.json()["error"]["code"] == "engine_unavailable", reply.text
+    refused = httpx.post(url, json=body, timeout=60)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable", refused.text
+    assert int(refused.headers["Retry-After"]) > 0
+    health = httpx.get(server.base_url + "/health", timeout=30)
+    assert health.status_code == 503 and health.json()["engines"]["sft"]["status"] == "down", health.text
 
-        deadline = time.monotonic() + 60
-        while (reply := httpx.post(url, json=body, timeout=60)).status_code != 200:
-            assert reply.status_code == 503 and time.monotonic() < deadline, reply.text
-            time.sleep(1)
-        assert reply.json()["choices"][0]["text"] == before
-        assert server.running and httpx.get(server.base_url + "/health", timeout=30).status_code == 200
-        assert engine_children(server.pid) and engine not in engine_children(server.pid)
-        metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
-        assert 'alignd_engine_restarts{engine="sft"} 1.0' in metrics
-        assert_server_and_engines_end_after(server, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while (reply := httpx.post(url, json=body, timeout=60)).status_code != 200:
+        assert reply.status_code == 503 and time.monotonic() < deadline, reply.text
+        time.sleep(1)
+    assert reply.json()["choices"][0]["text"] == before
+    assert server.running and httpx.get(server.base_url + "/health", timeout=30).status_code == 200
+    assert engine_children(server.pid) and engine not in engine_children(server.pid)
+    metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
+    assert 'alignd_engine_restarts{engine="sft"} 1.0' in metrics
+    assert_server_and_engines_end_after(server, signal.SIGTERM)

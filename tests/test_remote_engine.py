@@ -20,7 +20,7 @@ from alignd.errors import ConfigurationError, EngineUnavailableError
 from alignd.models.engine import GenerationParams
 from alignd.models.remote_engine import RemoteVLLMEngine
 
-from support import TINY_SERVED_NAME, free_port, vllm_serve_process
+from support import ON_THE_SESSION_CORE, TINY_SERVED_NAME, free_port, vllm_serve_process
 
 pytestmark = pytest.mark.vllm
 
@@ -173,9 +173,10 @@ def test_closing_a_stream_early_stops_the_remote_request(engine, remote, prompts
 
 
 def test_an_engine_whose_remote_is_down_at_start_comes_up_with_it_and_goes_down_with_it(
-        tiny_dir, reference, prompts, loop_thread, tmp_path):
+        tiny_dir, reference, prompts, loop_thread, tmp_path, rm_server):
     """A remote that is merely down at start is no refusal: the engine starts down, its calls are 503s at
-    once, /health's check sees the remote come up, and calls then work; killed, it is down again."""
+    once, /health's check sees the remote come up, and calls then work; killed, it is down again.
+    (``rm_server``: the next test's, asked for here so that it starts beside this test's own.)"""
     import signal
 
     port = free_port()
@@ -340,7 +341,18 @@ def tiny_classifier_dir(tiny_dir, tmp_path_factory) -> Path:
     return path
 
 
-def test_a_remote_classifier_reward_scores_like_the_in_process_one(tiny_classifier_dir, remote, loop_thread, tmp_path):
+@pytest.fixture(scope="module")
+def rm_server(tiny_classifier_dir, tmp_path_factory):
+    """`vllm serve --runner pooling` of the tiny classifier (float32), started, not waited for: the test
+    before the classifier's asks for it too, so that its start (mostly process imports) runs beside that
+    test's own `vllm serve` start, on the session engine's core (idle here)."""
+    log = tmp_path_factory.mktemp("remote-rm-serve") / "rm.log"
+    with vllm_serve_process(tiny_classifier_dir, "tiny-rm", log, max_model_len=256, extra_args=("--runner", "pooling"),
+                            env_overrides=ON_THE_SESSION_CORE) as server:
+        yield server
+
+
+def test_a_remote_classifier_reward_scores_like_the_in_process_one(tiny_classifier_dir, rm_server, remote, loop_thread):
     """A reward model on `vllm serve --runner pooling` (float32), rendered and tokenized by the remote with
     its own chat template: the same raw logits as the transformers backend within LOGPROB_TOL."""
     from alignd.errors import ContextLengthError
@@ -351,26 +363,24 @@ def test_a_remote_classifier_reward_scores_like_the_in_process_one(tiny_classifi
     items = [RewardItem(response, prompt=prompt) for response, prompt in RM_ITEMS]
     reference = ClassifierReward.from_pretrained("ref", tiny_classifier_dir, label_index=1)
     expected = [s.value for s in loop_thread.run(reference.score(items))]
-    log = tmp_path / "rm.log"
-    with vllm_serve_process(tiny_classifier_dir, "tiny-rm", log, max_model_len=256,
-                            extra_args=("--runner", "pooling")) as server:
-        server.wait_ready(timeout=900)
-        classifier = loop_thread.run(RemoteVLLMClassifier.connect("rm", server.base_url))
-        try:
-            assert classifier.model == "tiny-rm" and classifier.num_labels == 2 and classifier.chat_template
-            reward = RemoteClassifierReward("rm", classifier, label_index=1)
-            served = [s.value for s in loop_thread.run(reward.score(items))]
-            assert served == pytest.approx(expected, abs=LOGPROB_TOL)
-            assert len(set(round(v, 3) for v in served)) == len(served)  # distinct items, distinct scores
-            long = [RewardItem("word " * 300, prompt="x")]
-            with pytest.raises(ContextLengthError, match="truncate"):
-                loop_thread.run(reward.score(long))
-            [cut] = loop_thread.run(reward.score(long, truncate=True))
-            assert cut.truncated
-            with pytest.raises(ConfigurationError, match="label_index 2 outside the model's 2 labels"):
-                RemoteClassifierReward("rm", classifier, label_index=2)
-        finally:
-            loop_thread.run(classifier.shutdown())
+    server = rm_server
+    server.wait_ready(timeout=900)
+    classifier = loop_thread.run(RemoteVLLMClassifier.connect("rm", server.base_url))
+    try:
+        assert classifier.model == "tiny-rm" and classifier.num_labels == 2 and classifier.chat_template
+        reward = RemoteClassifierReward("rm", classifier, label_index=1)
+        served = [s.value for s in loop_thread.run(reward.score(items))]
+        assert served == pytest.approx(expected, abs=LOGPROB_TOL)
+        assert len(set(round(v, 3) for v in served)) == len(served)  # distinct items, distinct scores
+        long = [RewardItem("word " * 300, prompt="x")]
+        with pytest.raises(ContextLengthError, match="truncate"):
+            loop_thread.run(reward.score(long))
+        [cut] = loop_thread.run(reward.score(long, truncate=True))
+        assert cut.truncated
+        with pytest.raises(ConfigurationError, match="label_index 2 outside the model's 2 labels"):
+            RemoteClassifierReward("rm", classifier, label_index=2)
+    finally:
+        loop_thread.run(classifier.shutdown())
     # a generating server is no classifier: refused at start, with the fix
     with pytest.raises(ConfigurationError, match="does not classify.*--runner pooling"):
         loop_thread.run(RemoteVLLMClassifier.connect("rm", remote.base_url))

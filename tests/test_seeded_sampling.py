@@ -35,7 +35,7 @@ from alignd.models.seeded_sampling import (
     seeded_sampling_request,
 )
 
-from support import ServerProcess, tiny_server_env, vllm_serve_process
+from support import ON_THE_SESSION_CORE, ServerProcess, tiny_server_env, vllm_serve_process
 
 BURST_SEEDED = 32
 BATCHED_TOKENS = 64  # a step's token budget: a ~150-token prompt takes three prefill steps
@@ -128,19 +128,27 @@ def check_burst(base_url: str, model: str, seeded_extra) -> None:
 CHUNKED = {"ALIGND_ENABLE_CHUNKED_PREFILL": "true", "ALIGND_MAX_NUM_BATCHED_TOKENS": str(BATCHED_TOKENS)}
 
 
-@pytest.mark.vllm
-def test_a_burst_of_seeded_requests_with_partial_prefills_through_alignd(tiny_vllm_dir):
-    env = {**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32", **CHUNKED}
-    with ServerProcess(env) as server:
-        server.wait_ready(timeout=600)
-        check_burst(server.base_url, "tiny", lambda seed: {"temperature": 1.0, "seed": seed})
-
-
-@pytest.mark.vllm
-def test_the_same_burst_on_stock_vllm_serve_with_alignd_s_seeded_sampling(tiny_vllm_dir, tmp_path):
+@pytest.fixture(scope="module")
+def chunked_servers(tiny_vllm_dir, tmp_path_factory):
+    """alignd and stock ``vllm serve`` of the tiny model, both with chunked prefill on and 64 tokens a step,
+    started together (each start is mostly one process's imports: two at once take about one's time on 2
+    cores); each burst then runs alone."""
+    env = {**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32", **CHUNKED, **ON_THE_SESSION_CORE}
     chunked = ("--enable-chunked-prefill", "--max-num-batched-tokens", str(BATCHED_TOKENS))
-    with vllm_serve_process(tiny_vllm_dir, "tiny", tmp_path / "vllm-serve.log", max_model_len=256,
-                            extra_args=chunked) as server:
-        server.wait_ready(timeout=600)
-        check_burst(server.base_url, "tiny", lambda seed: {
-            "temperature": 0.0, "vllm_xargs": {SEED_KEY: seed, TEMPERATURE_KEY: 1.0}})
+    log = tmp_path_factory.mktemp("seeded-vllm-serve") / "vllm-serve.log"
+    with (ServerProcess(env) as alignd,
+          vllm_serve_process(tiny_vllm_dir, "tiny", log, max_model_len=256, extra_args=chunked) as stock):
+        alignd.wait_ready(timeout=600)
+        stock.wait_ready(timeout=600)
+        yield {"alignd": alignd, "stock": stock}
+
+
+@pytest.mark.vllm
+def test_a_burst_of_seeded_requests_with_partial_prefills_through_alignd(chunked_servers):
+    check_burst(chunked_servers["alignd"].base_url, "tiny", lambda seed: {"temperature": 1.0, "seed": seed})
+
+
+@pytest.mark.vllm
+def test_the_same_burst_on_stock_vllm_serve_with_alignd_s_seeded_sampling(chunked_servers):
+    check_burst(chunked_servers["stock"].base_url, "tiny", lambda seed: {
+        "temperature": 0.0, "vllm_xargs": {SEED_KEY: seed, TEMPERATURE_KEY: 1.0}})

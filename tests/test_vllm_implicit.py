@@ -1,11 +1,12 @@
 """TQ* with a baseline's implicit Q inside vLLM's decode step (``alignd_value: "implicit"``): the value-guided
 model class with a baseline's decoder stack beside the SFT model's (``alignd.models.baseline_stack``), on
 the tiny model in float32. The baseline: a random LoRA adapter merged into the tiny model, said to be DPO
-with beta 0.2. Checked against transformers' forward passes of both models, by hand."""
+with beta 0.2 (conftest: one folder with the head too, one in-process engine and one stock `vllm serve` of
+it for the session). Checked against transformers' forward passes of both models, by hand."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from alignd.errors import ConfigurationError
 from alignd.models.baseline_stack import IMPLICIT, VALUE_KEY, BaselineStack
 from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY, prepare_value_guided_folder
 from support import TINY_ADAPTER_BETA as BETA
-from support import in_process_llm, make_adapter
+from support import TINY_SERVED_NAME
 
 pytestmark = pytest.mark.vllm
 
@@ -23,18 +24,14 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def merged_dir(tiny_vllm_dir, tmp_path_factory):
-    from alignd.models.loading import merge_adapter
-
-    adapter = make_adapter(tiny_vllm_dir, tmp_path_factory.mktemp("implicit-adapter") / "dpo", seed=11)
-    return merge_adapter(tiny_vllm_dir, adapter, tmp_path_factory.mktemp("merge-cache"), progress=False)
+def merged_dir(tiny_merged_baseline_dir):
+    return tiny_merged_baseline_dir
 
 
 @pytest.fixture(scope="module")
-def served_dir(tiny_vllm_dir, merged_dir, tmp_path_factory):
-    stack = BaselineStack(path=str(merged_dir), beta=BETA, name="dpo")
-    return prepare_value_guided_folder(tiny_vllm_dir, None, tmp_path_factory.mktemp("implicit") / "tiny-bl",
-                                       baseline=stack)
+def served_dir(tiny_value_guided_dir):
+    """The session's tiny value-guided folder: the test head and this baseline's stack (conftest)."""
+    return tiny_value_guided_dir
 
 
 class HandRule:
@@ -79,12 +76,10 @@ def prompts(tiny_vllm_dir) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in PROMPT_TEXTS]
 
 
-@pytest.fixture(scope="class")
-def llm(served_dir) -> Iterator[object]:
-    """One in-process engine on the folder with the baseline stack (class-scoped: gone before the server
-    tests below start theirs)."""
-    with in_process_llm(served_dir, max_num_seqs=64) as engine:
-        yield engine
+@pytest.fixture(scope="module")
+def llm(tiny_value_guided_llm) -> object:
+    """The session's in-process engine on the folder with the head and the baseline stack (conftest)."""
+    return tiny_value_guided_llm
 
 
 def implicit(alpha: float, top_k: int) -> dict:
@@ -145,13 +140,12 @@ def test_a_baseline_of_another_shape_is_refused_at_preparation(tiny_vllm_dir, ti
 
 # ---------------------------------------------------------------------------- through alignd
 @pytest.fixture(scope="module")
-def implicit_server(tiny_vllm_dir, tmp_path_factory):
+def implicit_server(tiny_vllm_dir, tiny_dpo_adapter, tmp_path_factory):
     """alignd on the tiny model with a DPO-like adapter as its default baseline (merged on an engine of its
     own), its implicit values computed in the served engine's step (ALIGND_IMPLICIT_IN_ENGINE), float32."""
     from support import ServerProcess, tiny_server_env
 
-    adapter = make_adapter(tiny_vllm_dir, tmp_path_factory.mktemp("server-adapter") / "dpo", seed=11)
-    env = {**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32", "ALIGND_BASELINE_ADAPTER": str(adapter),
+    env = {**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32", "ALIGND_BASELINE_ADAPTER": str(tiny_dpo_adapter),
            "ALIGND_ADAPTER_SERVING": "merged", "ALIGND_VALUE_HEAD": "none", "ALIGND_IMPLICIT_IN_ENGINE": "true",
            "ALIGND_CACHE_DIR": str(tmp_path_factory.mktemp("server-cache"))}
     with ServerProcess(env) as server:
@@ -190,26 +184,24 @@ def test_alignd_computes_implicit_values_in_its_engine_step_as_it_does_outside(i
     assert 'alignd_decoding_requests_total{method="transfer_q_implicit"}' in metrics
 
 
-def test_stock_vllm_serve_answers_the_openai_client_with_implicit_values(served_dir, hand, prompts, tmp_path):
-    """The folder with the baseline stack on stock `vllm serve` (alignd's plugin from its entry points): a
-    request asks with vllm_xargs; the answers are the rule's, plain requests the SFT model's."""
+def test_stock_vllm_serve_answers_the_openai_client_with_implicit_values(tiny_stock_vllm_serve, hand, prompts):
+    """The folder with the baseline stack (and the head) on stock `vllm serve` (alignd's plugin from its entry
+    points; the session's tiny server): a request asks with vllm_xargs; the answers are the rule's, plain
+    requests the SFT model's."""
     import openai
 
-    from support import vllm_serve_process
+    server = tiny_stock_vllm_serve
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        def complete(prompt: Sequence[int], xargs: dict | None) -> list[int]:
+            extra = {"ignore_eos": True, "return_token_ids": True} | ({"vllm_xargs": xargs} if xargs else {})
+            reply = client.completions.create(model=TINY_SERVED_NAME, prompt=list(prompt), max_tokens=STEPS,
+                                              temperature=0, extra_body=extra)
+            return list(reply.choices[0].token_ids)
 
-    with vllm_serve_process(served_dir, "tiny-bl", tmp_path / "vllm-serve.log", max_model_len=256) as server:
-        server.wait_ready(timeout=600)
-        with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
-            def complete(prompt: Sequence[int], xargs: dict | None) -> list[int]:
-                extra = {"ignore_eos": True, "return_token_ids": True} | ({"vllm_xargs": xargs} if xargs else {})
-                reply = client.completions.create(model="tiny-bl", prompt=list(prompt), max_tokens=STEPS,
-                                                  temperature=0, extra_body=extra)
-                return list(reply.choices[0].token_ids)
-
-            for prompt in prompts[:2]:
-                assert complete(prompt, implicit(BETA, 0)) == hand.greedy(hand.baseline, prompt, STEPS)
-                tokens = complete(prompt, implicit(0.05, 5))
-                assert all(token == hand.choice([*prompt, *tokens[:t]], 0.05, 5) for t, token in enumerate(tokens))
-                assert complete(prompt, None) == hand.greedy(hand.sft, prompt, STEPS)
-            with pytest.raises(openai.BadRequestError, match=ALPHA_KEY):
-                complete(prompts[0], implicit(-1.0, 5))
+        for prompt in prompts[:2]:
+            assert complete(prompt, implicit(BETA, 0)) == hand.greedy(hand.baseline, prompt, STEPS)
+            tokens = complete(prompt, implicit(0.05, 5))
+            assert all(token == hand.choice([*prompt, *tokens[:t]], 0.05, 5) for t, token in enumerate(tokens))
+            assert complete(prompt, None) == hand.greedy(hand.sft, prompt, STEPS)
+        with pytest.raises(openai.BadRequestError, match=ALPHA_KEY):
+            complete(prompts[0], implicit(-1.0, 5))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from alignd.models.value_head import (
     save_value_head,
 )
 
-from support import (TINY_HEAD_BASE_NAME, TINY_HEAD_REWARD, TINY_SERVED_NAME, ManagedProcess, in_process_llm,
+from support import (TINY_HEAD_BASE_NAME, TINY_HEAD_REWARD, TINY_SERVED_NAME, ManagedProcess,
                      random_value_head, save_tiny_head)
 
 pytestmark = pytest.mark.vllm
@@ -176,7 +176,8 @@ def test_request_keys_are_checked_with_messages_that_say_what_to_send():
 
 
 # ---------------------------------------------------------------------------- the prepared folder
-def test_prepared_folder_links_the_base_and_names_the_class_and_the_head(base_dir, head_dir, served_dir):
+def test_prepared_folder_links_the_base_and_names_the_class_and_the_head(base_dir, head_dir, served_dir,
+                                                                        tiny_baseline_stack):
     config = json.loads((served_dir / "config.json").read_text())
     assert config["architectures"] == [VALUE_GUIDED_ARCHITECTURE]
     assert config[CONFIG_HEAD_KEY] == str(head_dir.resolve())
@@ -187,7 +188,7 @@ def test_prepared_folder_links_the_base_and_names_the_class_and_the_head(base_di
     # idempotent: the same folder, not rewritten
     marker = served_dir / VALUE_GUIDED_MARKER
     stamp = marker.stat().st_mtime_ns
-    assert prepare_value_guided_folder(base_dir, head_dir, served_dir) == served_dir
+    assert prepare_value_guided_folder(base_dir, head_dir, served_dir, baseline=tiny_baseline_stack) == served_dir
     assert marker.stat().st_mtime_ns == stamp
     assert not [p for p in served_dir.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
@@ -332,11 +333,10 @@ def test_model_runner_v2_loads_the_processor_and_refuses_only_the_value_guided_m
 
 
 # ---------------------------------------------------------------------------- in the engine
-@pytest.fixture(scope="class")
-def llm(served_dir) -> Iterator[object]:
-    """One in-process engine on the prepared folder, float32 like the hand rule."""
-    with in_process_llm(served_dir) as engine:
-        yield engine
+@pytest.fixture(scope="module")
+def llm(tiny_value_guided_llm) -> object:
+    """The session's in-process engine on the prepared folder (conftest), float32 like the hand rule."""
+    return tiny_value_guided_llm
 
 
 def generate(llm, requests: Sequence[tuple[Sequence[int], object]]) -> list:
