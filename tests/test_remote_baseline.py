@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -162,11 +161,9 @@ def test_it_comes_up_with_the_remote_and_lists_it(aligned, remote):
 
 def test_tq_through_a_remote_copy_of_the_sft_model_is_cd(aligned, remote, model_name):
     before = metrics(aligned)
-    bodies = [chat(model_name, question, decoding) for question in QUESTIONS
-              for decoding in ({"method": "transfer_q", "diagnostics": True, **RULE}, {"method": "cd", "cd_mode": "token", **RULE})]
-    with ThreadPoolExecutor(len(bodies)) as pool:  # at once (float32: each greedy answer is the same in a batch)
-        answers = list(pool.map(lambda body: answer(aligned, body), bodies))
-    for question, tq, cd in zip(QUESTIONS, answers[::2], answers[1::2]):
+    for question in QUESTIONS:
+        tq = answer(aligned, chat(model_name, question, {"method": "transfer_q", "diagnostics": True, **RULE}))
+        cd = answer(aligned, chat(model_name, question, {"method": "cd", "cd_mode": "token", **RULE}))
         assert tq["message"]["content"] == cd["message"]["content"], question
         assert tq["alignment"]["baseline"] == "default" and tq["alignment"]["baseline_kind"] == "remote"
         assert tq["alignment"]["cost"]["rollouts"] > 0

