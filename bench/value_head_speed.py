@@ -3,6 +3,7 @@ generator (issue 14's goal: head TQ* at least 0.8x the output tokens/s of plain 
 
     .venv/bin/python bench/value_head_speed.py --out /tmp/value-head-speed.json
     .venv/bin/python bench/value_head_speed.py --head value_heads/smollm2-positivity --concurrency 1 8
+    .venv/bin/python bench/value_head_speed.py --implicit --alpha 0.1      # also implicit TQ* (issue 25)
     .venv/bin/python bench/value_head_speed.py --smoke --head <folder>     # checks the script, not the speed
 
 What runs:
@@ -19,6 +20,11 @@ What runs:
     first side's prompts cached); *head* sends
     ``{"vllm_xargs": {"alignd_alpha": A, "alignd_top_k": K}}`` with every request, so every row of every
     decode step is value-guided. One discarded warm-up run per concurrency and side first.
+  * ``--implicit``: the folder also holds the default DPO adapter merged as a baseline decoder stack
+    (``alignd.models.factory.implicit_baseline_stack``, as ``ALIGND_IMPLICIT_IN_ENGINE`` serves it), and a
+    third side, *implicit*, sends ``alignd_value: "implicit"`` (alpha ``--implicit-alpha``, default the
+    adapter's beta; k ``--implicit-top-k``). The stack runs only in steps where a row asks for it, so the
+    plain side measures the same engine as without it. The sides take turns going first (rotated per round).
 
 Reported per concurrency: output tokens/s, TTFT and ITL medians of each side (median over rounds), the
 paired ratio head / plain (each round's head run against the plain run before it, median over rounds),
@@ -44,17 +50,23 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts: its siblings are imported by name
 import serve_overhead as so  # noqa: E402
 
-GOAL = 0.8  # head TQ* keeps at least 80 % of plain decoding's output tokens/s (cost at most 1.25x)
+from alignd.models.baseline_stack import IMPLICIT, VALUE_KEY  # noqa: E402
+from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY  # noqa: E402
+
+# head TQ* keeps at least 90 % of plain decoding's output tokens/s (issue 25; issue 14 asked 80 %); implicit TQ*
+# runs both stacks for every token, so about 0.5x is its ceiling on a CPU, and issue 25 asks 0.45x
+GOALS = {"head": 0.9, "implicit": 0.45}
 
 
 def log(message: str) -> None:
     print(f"[value_head_speed {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def prepared_folder(head: Path | None, settings, *, prepare: bool = True) -> tuple[str, str | None, dict]:
+def prepared_folder(head: Path | None, settings, *, prepare: bool = True,
+                    implicit: bool = False) -> tuple[str, str | None, dict, dict | None]:
     """(the served model folder, the value-guided folder vllm serve gets (None: not ``prepare``d), the
-    head's manifest with its path)."""
-    from alignd.models.factory import value_guided_model
+    head's manifest with its path, what the baseline stack is (None: no ``implicit``))."""
+    from alignd.models.factory import implicit_baseline_stack, value_guided_model
     from alignd.models.loading import resolve_model_path
     from alignd.models.value_head import read_manifest
 
@@ -63,37 +75,51 @@ def prepared_folder(head: Path | None, settings, *, prepare: bool = True) -> tup
     if head is None:
         raise SystemExit("no value head: pass --head <folder made by `alignd train value-head`> "
                          "(ALIGND_VALUE_HEAD=default names the committed one where it exists)")
+    stack, card = implicit_baseline_stack(model_dir, settings) if implicit else (None, None)
     if not prepare:
-        return str(model_dir), None, {**read_manifest(head), "path": str(Path(head).resolve())}
-    served, manifest = value_guided_model(model_dir, Path(head), settings)
-    return str(model_dir), str(served), manifest
+        return str(model_dir), None, {**read_manifest(head), "path": str(Path(head).resolve())}, card
+    served, manifest = value_guided_model(model_dir, Path(head), settings, baseline=stack)
+    return str(model_dir), str(served), manifest, card
 
 
 def summarize(runs: dict[int, dict[str, list[dict]]]) -> dict:
-    out = {}
+    """Per concurrency and value-guided side: the paired ratio against plain, its goal, and the share of
+    answers it changed."""
+    out: dict = {}
     for concurrency, sides in runs.items():
-        row, pairs = so.paired_rounds(sides, "plain", "head")
-        shares = [s for s in (so.changed_answers(p, h) for p, h in pairs) if s is not None]
-        row["answers_changed"] = statistics.fmean(shares) if shares else None
-        row["goal_met"] = row["ratio"] >= GOAL
-        out[str(concurrency)] = row
+        out[str(concurrency)] = rows = {}
+        for side in sides:
+            if side == "plain":
+                continue
+            row, pairs = so.paired_rounds({"plain": sides["plain"], side: sides[side]}, "plain", side)
+            shares = [s for s in (so.changed_answers(p, h) for p, h in pairs) if s is not None]
+            row["answers_changed"] = statistics.fmean(shares) if shares else None
+            row["goal"] = GOALS[side]
+            row["goal_met"] = row["ratio"] >= GOALS[side]
+            rows[side] = row
     return out
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| concurrency | plain tok/s | head TQ* tok/s | **head / plain (paired)** | per round | TTFT median plain / head "
-             "(ms) | ITL median plain / head (ms) | answers changed by the head |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c, row in summary.items():
-        p, h = row["plain"], row["head"]
-        changed = "-" if row["answers_changed"] is None else f"{row['answers_changed']:.0%}"
-        lines.append(f"| {c} | {p['output_throughput']:.1f} | {h['output_throughput']:.1f} | **{row['ratio']:.3f}x** | "
-                     + ", ".join(f"{x:.3f}" for x in row["ratio_per_round"])
-                     + f" | {p['median_ttft_ms']:.0f} / {h['median_ttft_ms']:.0f} | {p['median_itl_ms']:.1f} / "
-                     f"{h['median_itl_ms']:.1f} | {changed} |")
-    met = all(row["goal_met"] for row in summary.values())
-    lines.append(f"\ngoal: head TQ* >= {GOAL:.2f}x plain at every concurrency: {'met' if met else 'MISSED'}")
+    lines = ["| concurrency | side | plain tok/s | side tok/s | **side / plain (paired)** | per round | TTFT median plain / "
+             "side (ms) | ITL median plain / side (ms) | answers changed | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c, rows in summary.items():
+        for side, row in rows.items():
+            p, h = row["plain"], row[side]
+            changed = "-" if row["answers_changed"] is None else f"{row['answers_changed']:.0%}"
+            lines.append(f"| {c} | {side} | {p['output_throughput']:.1f} | {h['output_throughput']:.1f} | "
+                         f"**{row['ratio']:.3f}x** | " + ", ".join(f"{x:.3f}" for x in row["ratio_per_round"])
+                         + f" | {p['median_ttft_ms']:.0f} / {h['median_ttft_ms']:.0f} | {p['median_itl_ms']:.1f} / "
+                         f"{h['median_itl_ms']:.1f} | {changed} | {row['goal']:.2f}x "
+                         f"{'met' if row['goal_met'] else 'MISSED'} |")
     return "\n".join(lines)
+
+
+def round_order(sides: tuple[str, ...], round_number: int) -> tuple[str, ...]:
+    """The sides rotated by one per round: each goes first, second, ... equally often."""
+    shift = (round_number - 1) % len(sides)
+    return sides[shift:] + sides[:shift]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head", type=Path, default=None, help="value-head folder (default: ALIGND_VALUE_HEAD's)")
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None, help="candidates per step (default: the head's own top_k)")
+    parser.add_argument("--implicit", action="store_true", help="also implicit TQ* from the default DPO adapter, "
+                        "merged as a baseline stack of the served folder")
+    parser.add_argument("--implicit-alpha", type=float, default=None, help="default: the adapter's beta")
+    parser.add_argument("--implicit-top-k", type=int, default=10, help="0: the whole vocabulary")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
@@ -130,14 +160,21 @@ def run(args: argparse.Namespace) -> dict:
 
     settings = Settings()
     kv_gib = args.kv_cache_gib or settings.cpu_kvcache_space_gib
-    model_dir, served, manifest = prepared_folder(args.head, settings, prepare=args.vllm_url is None)
+    model_dir, served, manifest, stack = prepared_folder(args.head, settings, prepare=args.vllm_url is None,
+                                                         implicit=args.implicit)
     model_name = args.served_model_name or settings.model_name
     top_k = args.top_k or int(manifest.get("top_k") or settings.decoding_top_k)
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="value-head-speed-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     log(f"head {manifest['path']} (reward {manifest.get('reward')}), alpha {args.alpha}, k {top_k}; "
         f"serving {served}; work dir {work_dir}")
-    guided = ["--extra-body", json.dumps({"vllm_xargs": {"alignd_alpha": args.alpha, "alignd_top_k": top_k}})]
+    xargs = {"head": {ALPHA_KEY: args.alpha, TOP_K_KEY: top_k}}
+    if stack is not None:
+        implicit_alpha = args.implicit_alpha or stack["beta"]
+        xargs["implicit"] = {ALPHA_KEY: implicit_alpha, TOP_K_KEY: args.implicit_top_k, VALUE_KEY: IMPLICIT}
+        log(f"implicit: baseline stack of {stack['adapter']} (beta {stack['beta']}), alpha {implicit_alpha}, "
+            f"k {args.implicit_top_k}")
+    sides = ("plain", *xargs)
 
     # Both sides send the same prompts in a round: with prefix caching on, the second side would find the
     # first side's prompts cached (a third of plain decoding's TTFT here). Off by default; the sides also
@@ -151,23 +188,23 @@ def run(args: argparse.Namespace) -> dict:
         url = (args.vllm_url or server.base_url).rstrip("/")
         for concurrency in args.concurrency:
             n = args.prompts_per_stream * concurrency
-            specs = {side: so.LoadSpec(args.input_len, args.output_len, n, concurrency, True,
-                                       ["--save-detailed", *(guided if side == "head" else [])])
-                     for side in ("plain", "head")}
+            specs = {side: so.LoadSpec(args.input_len, args.output_len, n, concurrency, True, ["--save-detailed", *(
+                         ["--extra-body", json.dumps({"vllm_xargs": xargs[side]})] if side in xargs else [])])
+                     for side in sides}
             for side, spec in specs.items() if not args.no_warmup else ():
                 t0 = time.perf_counter()
                 warm = so.LoadSpec(spec.input_len, spec.output_len, concurrency, concurrency, True, spec.extra)
                 so.run_load(side, url, model_name, model_dir, warm, args.seed - 1, work_dir,
                             f"warmup-c{concurrency}-{side}")
                 log(f"c={concurrency} warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
-            runs[concurrency] = {"plain": [], "head": []}
+            runs[concurrency] = {side: [] for side in sides}
             for r in range(1, args.rounds + 1):
-                for side in ("plain", "head") if r % 2 else ("head", "plain"):
+                for side in round_order(sides, r):
                     spec = specs[side]
                     res = so.run_load(side, url, model_name, model_dir, spec, args.seed + r, work_dir,
                                       f"c{concurrency}-round{r}-{side}", server)
                     runs[concurrency][side].append(res)
-                    log(f"c={concurrency} round {r}/{args.rounds} {side:5s}: {res['output_throughput']:.2f} tok/s, "
+                    log(f"c={concurrency} round {r}/{args.rounds} {side:8s}: {res['output_throughput']:.2f} tok/s, "
                         f"TTFT median {res['median_ttft_ms']:.0f} ms, ITL median {res['median_itl_ms']:.1f} ms")
     finally:
         if server is not None:
@@ -177,9 +214,9 @@ def run(args: argparse.Namespace) -> dict:
     summary = {"setup": {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": so.versions(), "model_dir": model_dir,
         "served_folder": served, "vllm_url_given": args.vllm_url is not None, "head": {k: manifest.get(k) for k in ("path", "reward", "top_k", "rollout_len")},
-        "alpha": args.alpha, "top_k": top_k, "input_len": args.input_len, "output_len": args.output_len,
+        "alpha": args.alpha, "top_k": top_k, "baseline_stack": stack, "vllm_xargs": xargs, "input_len": args.input_len, "output_len": args.output_len,
         "prompts_per_stream": args.prompts_per_stream, "rounds": args.rounds, "kv_cache_gib": kv_gib,
-        "prefix_caching": args.prefix_caching, "order": "plain first in odd rounds, head first in even rounds",
+        "prefix_caching": args.prefix_caching, "order": "the sides rotated by one per round",
         "vllm_serve_flags": so.engine_settings(serve_settings)},
         "concurrency": summarize(runs)}
     print(f"\n{summary['setup']['machine']}; {summary['setup']['versions']}")

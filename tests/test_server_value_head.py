@@ -253,9 +253,13 @@ def test_the_speed_benchmark_runs_plain_and_head_requests_on_the_stock_server(st
                           "--served-model-name", model_name, "--alpha", str(ALPHA), "--top-k", str(TOP_K),
                           "--work-dir", str(tmp_path), "--out", str(out)])
     assert out.is_file() and summary["setup"]["vllm_url_given"]
-    [row] = summary["concurrency"].values()
+    [rows] = summary["concurrency"].values()
+    assert list(rows) == ["head"]  # no --implicit: no implicit side
+    row = rows["head"]
     for side in ("plain", "head"):
         assert row[side]["output_throughput"] > 0 and row[side]["mean_output_tokens"] == summary["setup"]["output_len"]
-    assert row["ratio"] > 0 and isinstance(row["goal_met"], bool)
+    assert row["ratio"] > 0 and isinstance(row["goal_met"], bool) and row["goal"] == bench.GOALS["head"]
     assert row["answers_changed"] is not None and row["answers_changed"] > 0  # the head acted on the head side only
-    assert "head / plain (paired)" in bench.markdown(summary["concurrency"])
+    assert "side / plain (paired)" in bench.markdown(summary["concurrency"])
+    assert [bench.round_order(("plain", "head", "implicit"), r)[0] for r in (1, 2, 3, 4)] == [
+        "plain", "head", "implicit", "plain"]
