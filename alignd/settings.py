@@ -70,7 +70,8 @@ class Settings(BaseSettings):
         "--lora-modules <name>=<folder>); the committed default adapter and value head do not apply.",
     )
     sft_served_model: str | None = Field(
-        None, description="The model name on sft_url's server, where it serves several (default: its only one).")
+        None, description="The model name on sft_url's server, where it serves several (default: its only one)."
+    )
     engine: Literal["vllm", "hf"] = Field(
         "vllm", description="'vllm' serves; 'hf' (transformers) is the reference path."
     )
@@ -101,7 +102,9 @@ class Settings(BaseSettings):
         "prompts by 63% for 23% more median time to first token (docs/BENCHMARKS.md).",
     )
     max_num_batched_tokens: int | None = Field(
-        None, ge=16, description="Tokens per engine step; default vLLM's (at least max_model_len without chunked prefill)."
+        None,
+        ge=16,
+        description="Tokens per engine step; default vLLM's (at least max_model_len without chunked prefill).",
     )
     cpu_kvcache_space_gib: int = Field(
         2, ge=1, description="KV-cache size on the CPU backend (sets VLLM_CPU_KVCACHE_SPACE if unset)."
@@ -140,7 +143,8 @@ class Settings(BaseSettings):
         "remote must tokenize like the served model (checked at start).",
     )
     baseline_served_model: str | None = Field(
-        None, description="The model name on baseline_url's server, where it serves several (default: its only one).")
+        None, description="The model name on baseline_url's server, where it serves several (default: its only one)."
+    )
     remote_api_key: SecretStr | None = Field(None, description="Bearer token for remote vLLM servers (--api-key).")
     remote_timeout_s: float = Field(600.0, gt=0.0, description="Longest wait for one remote engine call (seconds).")
     baselines: dict[str, dict] = Field(
@@ -182,13 +186,16 @@ class Settings(BaseSettings):
     )
     target_reward: str = Field("positivity", description="Reward that aligned decoding maximises by default.")
     baseline_reward: str | None = Field(
-        None, description="Reward the baseline is aligned to (indirect transfer); unset = the chosen baseline's "
+        None,
+        description="Reward the baseline is aligned to (indirect transfer); unset = the chosen baseline's "
         "own implicit reward, '<baseline>_implicit' (e.g. prompted_implicit for the prompted baseline).",
     )
     decoding_value: Literal["auto", "rollouts"] = Field(
-        "auto", description="The value source of a transfer_q request that names none: 'auto' = the baseline's exact "
+        "auto",
+        description="The value source of a transfer_q request that names none: 'auto' = the baseline's exact "
         "implicit Q where it can serve the request (a DPO or IRFT baseline, its own reward, direct transfer, no "
-        "rollout fields: measured best, docs/EVALUATION.md), rollouts for every other request; 'rollouts' = always.")
+        "rollout fields: measured best, docs/EVALUATION.md), rollouts for every other request; 'rollouts' = always.",
+    )
     decoding_alpha: float = Field(1.0, gt=0.0)
     decoding_top_k: int = Field(10, ge=1)
     decoding_num_rollouts: int = Field(1, ge=1)
@@ -216,7 +223,9 @@ class Settings(BaseSettings):
     probe_max_queued_jobs: int = Field(8, ge=0, description="Probe jobs that may wait for a running slot.")
     probe_max_running_jobs: int = Field(1, ge=1, description="Probe jobs running at once.")
     probe_max_finished_jobs: int = Field(32, ge=0, description="Finished probe jobs kept (oldest dropped first).")
-    probe_job_timeout_s: float = Field(3600.0, ge=0, description="Longer-running probe jobs fail ('timeout'); 0 = no limit.")
+    probe_job_timeout_s: float = Field(
+        3600.0, ge=0, description="Longer-running probe jobs fail ('timeout'); 0 = no limit."
+    )
     probe_batch_size: int = Field(16, ge=1, description="Texts per forward pass of a probe job.")
     probe_max_batch_tokens: int = Field(8192, ge=1, description="Padded tokens per forward pass of a probe job.")
     probe_device: str = Field("cpu", description="Device of the transformers copy that probes run on.")
@@ -251,7 +260,9 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Longest wait for a slot; beyond it the answer is 503 with Retry-After."
     )
     request_timeout_s: float = Field(
-        600.0, ge=0, description="Deadline of a generation request, queue wait included (0 = none); a client "
+        600.0,
+        ge=0,
+        description="Deadline of a generation request, queue wait included (0 = none); a client "
         "may ask for a shorter one with the header X-Request-Timeout (seconds).",
     )
 
@@ -266,8 +277,10 @@ class Settings(BaseSettings):
         if self.sft_url and self.engine != "vllm":
             raise ValueError("sft_url serves the SFT model on a remote vLLM server: ALIGND_ENGINE must be 'vllm'")
         if self.sft_url and self.value_head not in (NO_VALUE_HEAD, DEFAULT_VALUE_HEAD):
-            raise ValueError("a value head runs inside the SFT model's own vLLM engine, which sft_url moves out of "
-                             "this process: set ALIGND_VALUE_HEAD=none with ALIGND_SFT_URL")
+            raise ValueError(
+                "a value head runs inside the SFT model's own vLLM engine, which sft_url moves out of "
+                "this process: set ALIGND_VALUE_HEAD=none with ALIGND_SFT_URL"
+            )
         return self
 
     @model_validator(mode="after")
@@ -321,8 +334,11 @@ class Settings(BaseSettings):
             return None
         if self.value_head == DEFAULT_VALUE_HEAD:
             # the committed head reads the embedded model's hidden states only
-            usable = (self.model == EMBEDDED_MODEL and not self.sft_url
-                      and (EMBEDDED_VALUE_HEAD_DIR / "alignd_value_head.json").is_file())
+            usable = (
+                self.model == EMBEDDED_MODEL
+                and not self.sft_url
+                and (EMBEDDED_VALUE_HEAD_DIR / "alignd_value_head.json").is_file()
+            )
             return EMBEDDED_VALUE_HEAD_DIR if usable else None
         return Path(self.value_head).expanduser()
 

@@ -50,15 +50,23 @@ CONFIGS = {
     "lora": {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "lora"},
     "merged": {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "merged"},
     # as merged, plus the adapter's stack in the served engine: implicit values computed in its step
-    "implicit_in_engine": {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "merged",
-                           "ALIGND_IMPLICIT_IN_ENGINE": "true"},
+    "implicit_in_engine": {
+        "ALIGND_BASELINE_ADAPTER": "default",
+        "ALIGND_ADAPTER_SERVING": "merged",
+        "ALIGND_IMPLICIT_IN_ENGINE": "true",
+    },
     "remote": {"ALIGND_BASELINE_ADAPTER": "none"},  # + ALIGND_BASELINE_URL of the vllm serve run_config starts
 }
 REMOTE_NAME = "baseline-merged"
 PROMPTS = [
-    "Tell me about your weekend.", "What do you think of Mondays?", "Describe the weather today.",
-    "How was your commute?", "What is your opinion of homework?", "Tell me about traffic jams.",
-    "What do you think about rainy days?", "Describe a long queue at the bank.",
+    "Tell me about your weekend.",
+    "What do you think of Mondays?",
+    "Describe the weather today.",
+    "How was your commute?",
+    "What is your opinion of homework?",
+    "Tell me about traffic jams.",
+    "What do you think about rainy days?",
+    "Describe a long queue at the bank.",
 ]
 TQ = {"method": "transfer_q", "alpha": 1.0, "top_k": 10, "rollout_len": 20, "num_rollouts": 1, "prune": True}
 # the adapter's exact Q (its manifest: DPO, beta 0.1), alpha = beta, the server's default k
@@ -66,8 +74,14 @@ TQ_IMPLICIT = {"method": "transfer_q", "value": "implicit", "top_k": 10}
 CASES = ("plain", "baseline", "tq_adapter", "tq_implicit", "tq_implicit_engine", "tq_prompted")
 
 
-async def decode(generation, engine, prompts: list[str], decoding: dict | None, max_tokens: int,
-                 calls: list[tuple[str, float]] | None = None) -> dict:
+async def decode(
+    generation,
+    engine,
+    prompts: list[str],
+    decoding: dict | None,
+    max_tokens: int,
+    calls: list[tuple[str, float]] | None = None,
+) -> dict:
     """``prompts`` decoded at once through the door; output tokens/s over the wall time, the mean
     target reward when the method reports one, and the mean seconds of the baseline engine's rollout
     requests (``calls``: what its call meter reported, cleared here)."""
@@ -97,10 +111,15 @@ async def decode(generation, engine, prompts: list[str], decoding: dict | None, 
     tokens = sum(t for t, _ in results)
     rewards = [r for _, r in results if r is not None]
     rollouts = [s for call, s in calls or () if call == "rollouts"]
-    return {"concurrency": len(prompts), "seconds": seconds, "output_tokens": tokens,
-            "tokens_per_s": tokens / seconds, "mean_reward": statistics.fmean(rewards) if rewards else None,
-            "rollout_call_ms": 1000 * statistics.fmean(rollouts) if rollouts else None,
-            "rollout_calls": len(rollouts)}
+    return {
+        "concurrency": len(prompts),
+        "seconds": seconds,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "mean_reward": statistics.fmean(rewards) if rewards else None,
+        "rollout_call_ms": 1000 * statistics.fmean(rollouts) if rollouts else None,
+        "rollout_calls": len(rollouts),
+    }
 
 
 async def measure(config: str, args) -> dict:
@@ -129,8 +148,13 @@ async def measure(config: str, args) -> dict:
         if out["default_baseline"] == "adapter":
             cases.append(("tq_implicit", "TQ* implicit Q of the adapter", TQ_IMPLICIT))
         if config == "implicit_in_engine":
-            cases.append(("tq_implicit_engine", "TQ* implicit Q in the engine's step (no diagnostics)",
-                          {**TQ_IMPLICIT, "diagnostics": False}))
+            cases.append(
+                (
+                    "tq_implicit_engine",
+                    "TQ* implicit Q in the engine's step (no diagnostics)",
+                    {**TQ_IMPLICIT, "diagnostics": False},
+                )
+            )
         if config not in ("merged", "implicit_in_engine", "remote"):
             # Under "merged" the SFT engine runs without LoRA, exactly as under "none", so TQ* from the
             # prompted baseline (which shares it) would measure the same thing again: not repeated.
@@ -139,21 +163,37 @@ async def measure(config: str, args) -> dict:
         for key, label, decoding in cases:
             max_tokens = args.tq_tokens if key.startswith("tq") else args.plain_tokens
             for c in args.concurrency:
-                row = await decode(generation, engine, PROMPTS[:c], decoding, max_tokens,
-                                   calls if key == "tq_adapter" else None)
+                row = await decode(
+                    generation, engine, PROMPTS[:c], decoding, max_tokens, calls if key == "tq_adapter" else None
+                )
                 row.update(case=key, label=label, max_tokens=max_tokens)
                 out["rows"].append(row)
-                print(f"[{config}] {label}, c={c}: {row['tokens_per_s']:.2f} tokens/s"
-                      + (f", reward {row['mean_reward']:.3f}" if row["mean_reward"] is not None else ""), flush=True)
+                print(
+                    f"[{config}] {label}, c={c}: {row['tokens_per_s']:.2f} tokens/s"
+                    + (f", reward {row['mean_reward']:.3f}" if row["mean_reward"] is not None else ""),
+                    flush=True,
+                )
     return out
 
 
 def run_config(config: str, args, work: Path) -> dict:
     """One configuration in a child process (its own engines, gone when it exits)."""
     result = work / f"{config}.json"
-    cmd = [sys.executable, __file__, "--child", config, "--out", str(result),
-           "--concurrency", *map(str, args.concurrency), "--plain-tokens", str(args.plain_tokens),
-           "--tq-tokens", str(args.tq_tokens), *(["--cases", *args.cases] if args.cases else [])]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        config,
+        "--out",
+        str(result),
+        "--concurrency",
+        *map(str, args.concurrency),
+        "--plain-tokens",
+        str(args.plain_tokens),
+        "--tq-tokens",
+        str(args.tq_tokens),
+        *(["--cases", *args.cases] if args.cases else []),
+    ]
     env = {**os.environ, **CONFIGS[config]}
     remote = None
     if config == "remote":
@@ -195,10 +235,19 @@ def start_remote_baseline(work: Path):
 def report(results: list[dict]) -> str:
     by = {(r["config"], row["case"], row["concurrency"]): row for r in results for row in r["rows"]}
     concurrencies = sorted({row["concurrency"] for r in results for row in r["rows"]})
-    cases = [("plain", "SFT decoding"), ("baseline", "the adapter sampled"), ("tq_adapter", "TQ* from the adapter"),
-             ("tq_implicit", "TQ* implicit Q of the adapter"),
-             ("tq_implicit_engine", "TQ* implicit Q in the engine's step"), ("tq_prompted", "TQ* from the prompted baseline")]
-    head = "| measured | " + " | ".join(f"{cfg}, c={c}" for cfg in [r["config"] for r in results] for c in concurrencies) + " |"
+    cases = [
+        ("plain", "SFT decoding"),
+        ("baseline", "the adapter sampled"),
+        ("tq_adapter", "TQ* from the adapter"),
+        ("tq_implicit", "TQ* implicit Q of the adapter"),
+        ("tq_implicit_engine", "TQ* implicit Q in the engine's step"),
+        ("tq_prompted", "TQ* from the prompted baseline"),
+    ]
+    head = (
+        "| measured | "
+        + " | ".join(f"{cfg}, c={c}" for cfg in [r["config"] for r in results] for c in concurrencies)
+        + " |"
+    )
     lines = [head, "|---" * (1 + len(results) * len(concurrencies)) + "|"]
     for key, label in cases:
         cells = []

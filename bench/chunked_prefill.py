@@ -34,8 +34,11 @@ import serve_overhead as so  # noqa: E402
 SIDES = ("off", "on")
 RANGE_RATIO = 0.95
 PERCENTILES = (50, 90, 99)
-METRICS = [f"{kind}_ttft_ms" for kind in ("median", "p90", "p99")] + \
-          [f"{kind}_itl_ms" for kind in ("median", "p90", "p99")] + ["output_throughput", "mean_output_tokens"]
+METRICS = (
+    [f"{kind}_ttft_ms" for kind in ("median", "p90", "p99")]
+    + [f"{kind}_itl_ms" for kind in ("median", "p90", "p99")]
+    + ["output_throughput", "mean_output_tokens"]
+)
 
 
 def log(message: str) -> None:
@@ -49,8 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batched-tokens", type=int, default=None,
-                        help="ALIGND_MAX_NUM_BATCHED_TOKENS with chunked prefill on (default: vLLM's)")
+    parser.add_argument(
+        "--batched-tokens",
+        type=int,
+        default=None,
+        help="ALIGND_MAX_NUM_BATCHED_TOKENS with chunked prefill on (default: vLLM's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -62,8 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def side_env(side: str, args: argparse.Namespace) -> dict[str, str]:
-    env = {"ALIGND_ENABLE_CHUNKED_PREFILL": "true" if side == "on" else "false", "ALIGND_BASELINE_ADAPTER": "none",
-           "ALIGND_VALUE_HEAD": "none"}
+    env = {
+        "ALIGND_ENABLE_CHUNKED_PREFILL": "true" if side == "on" else "false",
+        "ALIGND_BASELINE_ADAPTER": "none",
+        "ALIGND_VALUE_HEAD": "none",
+    }
     if side == "on" and args.batched_tokens:
         env["ALIGND_MAX_NUM_BATCHED_TOKENS"] = str(args.batched_tokens)
     return env
@@ -80,9 +90,13 @@ def mixed_prompts_file(tokenizer_dir: str, args: argparse.Namespace, path: Path)
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     requests = RandomDataset(random_seed=args.seed).sample(
-        tokenizer, args.num_prompts, input_len=args.input_len, output_len=args.output_len, range_ratio=RANGE_RATIO)
-    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": r.prompt}, {"from": "gpt", "value": ""}]}
-                                for r in requests]))
+        tokenizer, args.num_prompts, input_len=args.input_len, output_len=args.output_len, range_ratio=RANGE_RATIO
+    )
+    path.write_text(
+        json.dumps(
+            [{"conversations": [{"from": "human", "value": r.prompt}, {"from": "gpt", "value": ""}]} for r in requests]
+        )
+    )
     return path
 
 
@@ -90,16 +104,22 @@ def one_side(side: str, args: argparse.Namespace, settings, model_dir: str, work
     prompts = work_dir / f"mixed-prompts-{args.seed}.json"
     if not prompts.exists():
         mixed_prompts_file(model_dir, args, prompts)
-    spec = so.LoadSpec(input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
-                       max_concurrency=args.concurrency, ignore_eos=False,
-                       # after the helper's own (one-length) file and percentiles: these win
-                       extra=["--dataset-path", str(prompts), "--metric-percentiles", ",".join(map(str, PERCENTILES))])
+    spec = so.LoadSpec(
+        input_len=args.input_len,
+        output_len=args.output_len,
+        num_prompts=args.num_prompts,
+        max_concurrency=args.concurrency,
+        ignore_eos=False,
+        # after the helper's own (one-length) file and percentiles: these win
+        extra=["--dataset-path", str(prompts), "--metric-percentiles", ",".join(map(str, PERCENTILES))],
+    )
     server = so.start_alignd_server(settings.cpu_kvcache_space_gib, work_dir, extra_env=side_env(side, args))
     try:
         server.wait_ready()
         log(f"{label}: alignd serve up (chunked prefill {side}); load")
-        return so.run_load(side, server.base_url, settings.model_name, model_dir, spec, args.seed, work_dir, label,
-                           server=server)
+        return so.run_load(
+            side, server.base_url, settings.model_name, model_dir, spec, args.seed, work_dir, label, server=server
+        )
     finally:
         server.stop()
 
@@ -128,12 +148,19 @@ def run(args: argparse.Namespace) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for r in range(args.rounds):
-        for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
             runs[side].append(one_side(side, args, settings, model_dir, work_dir, f"round{r}-{side}"))
-    summary = {"setup": {**{k: v for k, v in vars(args).items() if k not in ("work_dir", "out")},
-                         "range_ratio": RANGE_RATIO, "model": settings.model_name, "cpu": platform.processor(),
-                         "dtype": settings.dtype},
-               **summarize(runs), "runs": runs}
+    summary = {
+        "setup": {
+            **{k: v for k, v in vars(args).items() if k not in ("work_dir", "out")},
+            "range_ratio": RANGE_RATIO,
+            "model": settings.model_name,
+            "cpu": platform.processor(),
+            "dtype": settings.dtype,
+        },
+        **summarize(runs),
+        "runs": runs,
+    }
     print(markdown(summary))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2, default=str) + "\n")

@@ -17,9 +17,14 @@ import asyncio
 from tqdm import tqdm
 
 PROMPTS = [
-    "Tell me about your weekend.", "What do you think of Mondays?", "Describe the weather today.",
-    "How was your commute?", "What is your opinion of homework?", "Tell me about traffic jams.",
-    "What do you think about rainy days?", "Describe a long queue at the bank.",
+    "Tell me about your weekend.",
+    "What do you think of Mondays?",
+    "Describe the weather today.",
+    "How was your commute?",
+    "What is your opinion of homework?",
+    "Tell me about traffic jams.",
+    "What do you think about rainy days?",
+    "Describe a long queue at the bank.",
 ]
 
 
@@ -74,8 +79,10 @@ async def main(args) -> None:
                 lps = sorted((c["logprob"] for c in h_align["steps"][first]["candidates"]), reverse=True)
                 gap = f"{lps[0] - lps[1]:.3f}"
             print(f"| {p} | no | token {first} | {gap} |")
-        print(f"\nidentical answers: {identical}/{args.prompts}; tokens agreeing before the first divergence: "
-              f"{same}/{total} ({same / max(total, 1):.0%})")
+        print(
+            f"\nidentical answers: {identical}/{args.prompts}; tokens agreeing before the first divergence: "
+            f"{same}/{total} ({same / max(total, 1):.0%})"
+        )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ async def measure(dtype: str, tokens: int, repeats: int) -> dict:
     engine = VLLMEngine.start(str(prepare_embedded_model(settings.cache_dir)), settings)
     try:
         await warm_up(engine)
-        prompts = [engine.render_chat([{"role": "user", "content": f"Tell me about topic number {i}."}]) for i in range(8)]
+        prompts = [
+            engine.render_chat([{"role": "user", "content": f"Tell me about topic number {i}."}]) for i in range(8)
+        ]
         answers = [engine.encode(" Rain is kind and gentle to us all, and the garden loves it.")] * len(prompts)
 
         async def decode() -> float:
@@ -71,17 +73,24 @@ def main() -> None:
 
     rows = []
     for dtype in DTYPES:
-        out = subprocess.run([sys.executable, __file__, "--child", dtype, "--tokens", str(args.tokens),
-                              "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", dtype, "--tokens", str(args.tokens), "--repeats", str(args.repeats)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{dtype}: {rows[-1]}", file=sys.stderr, flush=True)
     bf16, fp32 = rows
     native = sorted(NATIVE_BF16_FLAGS & cpu_flags())
-    print(f"CPU bfloat16 flags: {', '.join(native) or 'none'}; dtype=auto picks "
-          f"{'bfloat16' if native else 'float32'}\n")
+    print(
+        f"CPU bfloat16 flags: {', '.join(native) or 'none'}; dtype=auto picks {'bfloat16' if native else 'float32'}\n"
+    )
     print("| measured | bfloat16 | float32 | float32 / bfloat16 |\n|---|---|---|---|")
-    for key, label in (("decode_tokens_per_s", f"8 x {args.tokens} greedy tokens, tokens/s"),
-                       ("scored_pairs_per_s", "8 prompt log-probability pairs, pairs/s")):
+    for key, label in (
+        ("decode_tokens_per_s", f"8 x {args.tokens} greedy tokens, tokens/s"),
+        ("scored_pairs_per_s", "8 prompt log-probability pairs, pairs/s"),
+    ):
         print(f"| {label} | {bf16[key]:.1f} | {fp32[key]:.1f} | **{fp32[key] / bf16[key]:.2f}x** |")
 
 

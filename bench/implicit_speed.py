@@ -57,11 +57,20 @@ def log(message: str) -> None:
 
 def side_bodies(top_k: int) -> dict[str, dict | None]:
     """The ``decoding`` field each side sends (None: a plain request)."""
-    return {"plain": None, "plain_nostack": None,
-            "implicit": {"method": "transfer_q", "value": "implicit", "top_k": top_k},
-            "head": {"method": "transfer_q", "value": "head", "top_k": top_k},
-            "rollouts": {"method": "transfer_q", "value": "rollouts", "top_k": 10, "rollout_len": 20,
-                         "num_rollouts": 1, "alpha": 1.0}}
+    return {
+        "plain": None,
+        "plain_nostack": None,
+        "implicit": {"method": "transfer_q", "value": "implicit", "top_k": top_k},
+        "head": {"method": "transfer_q", "value": "head", "top_k": top_k},
+        "rollouts": {
+            "method": "transfer_q",
+            "value": "rollouts",
+            "top_k": 10,
+            "rollout_len": 20,
+            "num_rollouts": 1,
+            "alpha": 1.0,
+        },
+    }
 
 
 def load_spec(args: argparse.Namespace, side: str, concurrency: int, decoding: dict | None) -> so.LoadSpec:
@@ -71,10 +80,17 @@ def load_spec(args: argparse.Namespace, side: str, concurrency: int, decoding: d
 
 
 def start_servers(args: argparse.Namespace, work_dir: Path, kv_gib: int) -> dict[str, so.ServerProcess]:
-    common = {"ALIGND_BASELINE_ADAPTER": "default", "ALIGND_ADAPTER_SERVING": "merged",
-              "ALIGND_VALUE_HEAD": str(args.head), "ALIGND_MAX_RUNNING_ALIGNED": "64", "ALIGND_MAX_QUEUED_ALIGNED": "64"}
-    servers = {"stack": so.start_alignd_server(kv_gib, work_dir, extra_env={**common, "ALIGND_IMPLICIT_IN_ENGINE": "true"}),
-               "nostack": so.start_alignd_server(kv_gib, work_dir, extra_env={**common, "ALIGND_IMPLICIT_IN_ENGINE": "false"})}
+    common = {
+        "ALIGND_BASELINE_ADAPTER": "default",
+        "ALIGND_ADAPTER_SERVING": "merged",
+        "ALIGND_VALUE_HEAD": str(args.head),
+        "ALIGND_MAX_RUNNING_ALIGNED": "64",
+        "ALIGND_MAX_QUEUED_ALIGNED": "64",
+    }
+    servers = {
+        "stack": so.start_alignd_server(kv_gib, work_dir, extra_env={**common, "ALIGND_IMPLICIT_IN_ENGINE": "true"}),
+        "nostack": so.start_alignd_server(kv_gib, work_dir, extra_env={**common, "ALIGND_IMPLICIT_IN_ENGINE": "false"}),
+    }
     for name, server in servers.items():
         log(f"alignd ({name}) ready after {server.wait_ready():.0f} s: {server.base_url}")
     return servers
@@ -95,47 +111,89 @@ def measure(args: argparse.Namespace, servers: dict, model_dir: str, model_name:
                 spec = load_spec(args, side, concurrency, bodies[side])
                 if r == 1 and not args.no_warmup and side != "rollouts":
                     warm = so.LoadSpec(spec.input_len, spec.output_len, concurrency, concurrency, False, spec.extra)
-                    so.run_load(side, server.base_url, model_name, model_dir, warm, args.seed - 1, work_dir,
-                                f"warmup-c{concurrency}-{side}")
-                res = so.run_load(side, server.base_url, model_name, model_dir, spec, args.seed + r, work_dir,
-                                  f"c{concurrency}-round{r}-{side}", server)
+                    so.run_load(
+                        side,
+                        server.base_url,
+                        model_name,
+                        model_dir,
+                        warm,
+                        args.seed - 1,
+                        work_dir,
+                        f"warmup-c{concurrency}-{side}",
+                    )
+                res = so.run_load(
+                    side,
+                    server.base_url,
+                    model_name,
+                    model_dir,
+                    spec,
+                    args.seed + r,
+                    work_dir,
+                    f"c{concurrency}-round{r}-{side}",
+                    server,
+                )
                 runs[concurrency][side].append(res)
-                log(f"c={concurrency} round {r}/{args.rounds} {side:13s}: {res['output_throughput']:.2f} tok/s, "
-                    f"{res['mean_output_tokens']:.1f} tokens an answer, TTFT median {res['median_ttft_ms']:.0f} ms")
+                log(
+                    f"c={concurrency} round {r}/{args.rounds} {side:13s}: {res['output_throughput']:.2f} tok/s, "
+                    f"{res['mean_output_tokens']:.1f} tokens an answer, TTFT median {res['median_ttft_ms']:.0f} ms"
+                )
     return runs
 
 
 def summarize(runs: dict[int, dict[str, list[dict]]]) -> dict:
     out: dict = {}
     for concurrency, sides in runs.items():
-        row: dict = {"sides": {side: {k: statistics.median(r[k] for r in results) for k in so.PAIRED_SIDE_METRICS}
-                               for side, results in sides.items() if results}, "ratios": {}}
+        row: dict = {
+            "sides": {
+                side: {k: statistics.median(r[k] for r in results) for k in so.PAIRED_SIDE_METRICS}
+                for side, results in sides.items()
+                if results
+            },
+            "ratios": {},
+        }
         for side, (base, goal) in GOALS.items():
             if sides.get(side) and sides.get(base):
                 paired, _ = so.paired_rounds({base: sides[base], side: sides[side]}, base, side)
-                row["ratios"][f"{side}/{base}"] = {"ratio": paired["ratio"], "per_round": paired["ratio_per_round"],
-                                                   "goal": goal, "met": paired["ratio"] >= goal}
+                row["ratios"][f"{side}/{base}"] = {
+                    "ratio": paired["ratio"],
+                    "per_round": paired["ratio_per_round"],
+                    "goal": goal,
+                    "met": paired["ratio"] >= goal,
+                }
         if sides.get("rollouts") and sides.get("implicit"):
             ratio = sides["implicit"][0]["output_throughput"] / sides["rollouts"][0]["output_throughput"]
-            row["ratios"]["implicit/rollouts"] = {"ratio": ratio, "per_round": [ratio], "goal": ROLLOUT_GOAL,
-                                                  "met": ratio >= ROLLOUT_GOAL}
+            row["ratios"]["implicit/rollouts"] = {
+                "ratio": ratio,
+                "per_round": [ratio],
+                "goal": ROLLOUT_GOAL,
+                "met": ratio >= ROLLOUT_GOAL,
+            }
         out[str(concurrency)] = row
     return out
 
 
 def markdown(summary: dict) -> str:
     sides = [s for s in SIDES if any(s in row["sides"] for row in summary.values())]
-    lines = ["| c | " + " | ".join(f"{s} tok/s (tokens an answer)" for s in sides) + " |",
-             "|---|" + "---|" * len(sides)]
+    lines = [
+        "| c | " + " | ".join(f"{s} tok/s (tokens an answer)" for s in sides) + " |",
+        "|---|" + "---|" * len(sides),
+    ]
     for c, row in summary.items():
-        cells = [f"{row['sides'][s]['output_throughput']:.2f} ({row['sides'][s]['mean_output_tokens']:.0f})"
-                 if s in row["sides"] else "-" for s in sides]
+        cells = [
+            f"{row['sides'][s]['output_throughput']:.2f} ({row['sides'][s]['mean_output_tokens']:.0f})"
+            if s in row["sides"]
+            else "-"
+            for s in sides
+        ]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines += ["", "| c | ratio (paired, median over rounds) | per round | goal | met |", "|---|---|---|---|---|"]
     for c, row in summary.items():
         for name, r in row["ratios"].items():
-            lines.append(f"| {c} | {name}: **{r['ratio']:.3f}x** | " + ", ".join(f"{x:.3f}" for x in r["per_round"])
-                         + f" | >= {r['goal']:g}x | {'yes' if r['met'] else 'NO'} |")
+            lines.append(
+                f"| {c} | {name}: **{r['ratio']:.3f}x** | "
+                + ", ".join(f"{x:.3f}" for x in r["per_round"])
+                + f" | >= {r['goal']:g}x | {'yes' if r['met'] else 'NO'} |"
+            )
     return "\n".join(lines)
 
 
@@ -179,11 +237,21 @@ def run(args: argparse.Namespace) -> dict:
         for server in servers.values():
             server.stop()
         log("servers stopped")
-    summary = {"setup": {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": so.versions(),
-                         "dtype": settings.dtype, "head": str(args.head), "top_k": args.top_k,
-                         "input_len": args.input_len, "output_len": args.output_len,
-                         "prompts_per_stream": args.prompts_per_stream, "rounds": args.rounds, "kv_cache_gib": kv_gib},
-               "concurrency": summarize(runs)}
+    summary = {
+        "setup": {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "versions": so.versions(),
+            "dtype": settings.dtype,
+            "head": str(args.head),
+            "top_k": args.top_k,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "prompts_per_stream": args.prompts_per_stream,
+            "rounds": args.rounds,
+            "kv_cache_gib": kv_gib,
+        },
+        "concurrency": summarize(runs),
+    }
     print(f"\n{summary['setup']['machine']}; {summary['setup']['versions']}; ALIGND_DTYPE={settings.dtype}\n")
     print(markdown(summary["concurrency"]))
     if args.out:

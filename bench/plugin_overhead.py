@@ -58,8 +58,13 @@ def without_plugin_env() -> dict[str, str]:
 
 def plugin_answer_status(base_url: str, model_name: str) -> int:
     """The HTTP status of a one-token request that asks for value guidance (``alignd_alpha``)."""
-    body = {"model": model_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0,
-            "vllm_xargs": {"alignd_alpha": 1.0}}
+    body = {
+        "model": model_name,
+        "prompt": "Hello",
+        "max_tokens": 1,
+        "temperature": 0,
+        "vllm_xargs": {"alignd_alpha": 1.0},
+    }
     return httpx.post(base_url + "/v1/completions", json=body, timeout=120).status_code
 
 
@@ -76,16 +81,20 @@ def summarize(runs: dict[int, dict[str, list[dict]]]) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| concurrency | without plugin tok/s | with plugin tok/s | **with / without (paired)** | per round | "
-             "ITL median without / with (ms) | TTFT median without / with (ms) | same greedy answers |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| concurrency | without plugin tok/s | with plugin tok/s | **with / without (paired)** | per round | "
+        "ITL median without / with (ms) | TTFT median without / with (ms) | same greedy answers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c, row in summary.items():
         o, w = row["without"], row["with"]
         same = "-" if row["same_answers"] is None else f"{row['same_answers']:.0%}"
-        lines.append(f"| {c} | {o['output_throughput']:.1f} | {w['output_throughput']:.1f} | **{row['ratio']:.3f}x** | "
-                     + ", ".join(f"{x:.3f}" for x in row["ratio_per_round"])
-                     + f" | {o['median_itl_ms']:.1f} / {w['median_itl_ms']:.1f} | {o['median_ttft_ms']:.0f} / "
-                     f"{w['median_ttft_ms']:.0f} | {same} |")
+        lines.append(
+            f"| {c} | {o['output_throughput']:.1f} | {w['output_throughput']:.1f} | **{row['ratio']:.3f}x** | "
+            + ", ".join(f"{x:.3f}" for x in row["ratio_per_round"])
+            + f" | {o['median_itl_ms']:.1f} / {w['median_itl_ms']:.1f} | {o['median_ttft_ms']:.0f} / "
+            f"{w['median_ttft_ms']:.0f} | {same} |"
+        )
     ok = all(row["within_noise"] for row in summary.values())
     lines.append(f"\nwith / without within 1 +- {NOISE_BAND:.2f} at every concurrency: {'yes' if ok else 'NO'}")
     return "\n".join(lines)
@@ -132,8 +141,10 @@ def run(args: argparse.Namespace) -> dict:
             log(f"{side} plugin: ready after {server.wait_ready():.0f} s (log {server.log_path})")
         statuses = {side: plugin_answer_status(server.base_url, model_name) for side, server in servers.items()}
         if statuses != {"without": 200, "with": 400}:
-            raise RuntimeError(f"the sides are not what they claim: a request with alignd_alpha got {statuses} "
-                               "(expected 400 where alignd's processor is loaded, 200 where it is hidden)")
+            raise RuntimeError(
+                f"the sides are not what they claim: a request with alignd_alpha got {statuses} "
+                "(expected 400 where alignd's processor is loaded, 200 where it is hidden)"
+            )
         log(f"checked: alignd_alpha refused with the plugin, ignored without ({statuses})")
         for concurrency in args.concurrency:
             n = args.prompts_per_stream * concurrency
@@ -141,31 +152,61 @@ def run(args: argparse.Namespace) -> dict:
             for side in SIDES if not args.no_warmup else ():
                 t0 = time.perf_counter()
                 warm = so.LoadSpec(spec.input_len, spec.output_len, concurrency, concurrency, True)
-                so.run_load(side, servers[side].base_url, model_name, model_dir, warm, args.seed - 1, work_dir,
-                            f"warmup-c{concurrency}-{side}")
+                so.run_load(
+                    side,
+                    servers[side].base_url,
+                    model_name,
+                    model_dir,
+                    warm,
+                    args.seed - 1,
+                    work_dir,
+                    f"warmup-c{concurrency}-{side}",
+                )
                 log(f"c={concurrency} warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
             runs[concurrency] = {side: [] for side in SIDES}
             for r in range(1, args.rounds + 1):
                 for side in SIDES:
-                    res = so.run_load(side, servers[side].base_url, model_name, model_dir, spec, args.seed + r,
-                                      work_dir, f"c{concurrency}-round{r}-{side}", servers[side])
+                    res = so.run_load(
+                        side,
+                        servers[side].base_url,
+                        model_name,
+                        model_dir,
+                        spec,
+                        args.seed + r,
+                        work_dir,
+                        f"c{concurrency}-round{r}-{side}",
+                        servers[side],
+                    )
                     runs[concurrency][side].append(res)
-                    log(f"c={concurrency} round {r}/{args.rounds} {side:7s}: {res['output_throughput']:.2f} tok/s, "
-                        f"TTFT median {res['median_ttft_ms']:.0f} ms, ITL median {res['median_itl_ms']:.1f} ms")
+                    log(
+                        f"c={concurrency} round {r}/{args.rounds} {side:7s}: {res['output_throughput']:.2f} tok/s, "
+                        f"TTFT median {res['median_ttft_ms']:.0f} ms, ITL median {res['median_itl_ms']:.1f} ms"
+                    )
     finally:
         for server in servers.values():
             server.stop()
         if servers:
             log("servers stopped")
 
-    summary = {"setup": {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": so.versions(), "model_dir": model_dir,
-        "input_len": args.input_len, "output_len": args.output_len, "prompts_per_stream": args.prompts_per_stream,
-        "rounds": args.rounds, "kv_cache_gib": kv_gib, "vllm_serve_flags": so.engine_settings(settings)},
-        "concurrency": summarize(runs)}
+    summary = {
+        "setup": {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "versions": so.versions(),
+            "model_dir": model_dir,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "prompts_per_stream": args.prompts_per_stream,
+            "rounds": args.rounds,
+            "kv_cache_gib": kv_gib,
+            "vllm_serve_flags": so.engine_settings(settings),
+        },
+        "concurrency": summarize(runs),
+    }
     print(f"\n{summary['setup']['machine']}; {summary['setup']['versions']}")
-    print(f"random dataset, {args.input_len} input / {args.output_len} output tokens (ignore_eos), temperature 0, "
-          f"{args.prompts_per_stream} requests per stream, {args.rounds} round(s); plain requests only\n")
+    print(
+        f"random dataset, {args.input_len} input / {args.output_len} output tokens (ignore_eos), temperature 0, "
+        f"{args.prompts_per_stream} requests per stream, {args.rounds} round(s); plain requests only\n"
+    )
     print(markdown(summary["concurrency"]))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2))

@@ -57,8 +57,11 @@ async def run(args) -> dict:
     from alignd.settings import Settings
 
     settings = Settings(
-        probe_batch_size=args.batch_size, probe_max_batch_tokens=args.max_batch_tokens, probe_device=args.device,
-        probe_max_texts=max(args.texts, 2000), probe_job_timeout_s=24 * 3600.0,
+        probe_batch_size=args.batch_size,
+        probe_max_batch_tokens=args.max_batch_tokens,
+        probe_device=args.device,
+        probe_max_texts=max(args.texts, 2000),
+        probe_job_timeout_s=24 * 3600.0,
     )
     model_dir = prepare_embedded_model(settings.cache_dir)
     dataset = load_jsonl(REPO / "examples" / "data" / "fewshot_questions.jsonl")
@@ -106,16 +109,25 @@ def main() -> None:
     tokens = sum(c.tokens for c in job.request.conditions)
     n_layers = len(job.request.layers)
     conditions = " vs ".join(c.name for c in job.request.conditions)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, device {args.device}")
-    print(f"job: {job.request.n_texts} texts x {len(job.request.conditions)} condition(s) ({conditions}), "
-          f"{n_layers} layers, {tokens} tokens ({tokens / max(1, job.request.n_texts * len(job.request.conditions)):.0f} per text)")
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}, device {args.device}"
+    )
+    print(
+        f"job: {job.request.n_texts} texts x {len(job.request.conditions)} condition(s) ({conditions}), "
+        f"{n_layers} layers, {tokens} tokens "
+        f"({tokens / max(1, job.request.n_texts * len(job.request.conditions)):.0f} per text)"
+    )
     print(f"phases: {timing}  plot {out['png_bytes']} bytes")
-    print("\n| texts | conditions | layers | tokens | load s | hidden states s | analysis s | plot s | job s | wall s |")
+    print(
+        "\n| texts | conditions | layers | tokens | load s | hidden states s | analysis s | plot s | job s | wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {job.request.n_texts} | {conditions} | {n_layers} | {tokens} | {timing.get('load_s', 0):.1f} | "
-          f"{timing['hidden_states_s']:.1f} | {timing['analysis_s']:.1f} | {timing['plot_s']:.1f} | "
-          f"{timing['total_s']:.1f} | {out['wall_s']:.1f} |")
+    print(
+        f"| {job.request.n_texts} | {conditions} | {n_layers} | {tokens} | {timing.get('load_s', 0):.1f} | "
+        f"{timing['hidden_states_s']:.1f} | {timing['analysis_s']:.1f} | {timing['plot_s']:.1f} | "
+        f"{timing['total_s']:.1f} | {out['wall_s']:.1f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ class ManagedProcess:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
-        return "\n".join(text.splitlines()[-(lines or self.tail_lines):])
+        return "\n".join(text.splitlines()[-(lines or self.tail_lines) :])
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> ManagedProcess:
@@ -110,12 +110,19 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:  # the child keeps its own copy of the descriptor
             # a new session, so a new process group: stop() reaches the children too
-            self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return self
 
-    def wait_ready(self, timeout: float | None = None, *, url: str | None = None,
-                   poll_interval: float | None = None, request_timeout: float = 2.0) -> float:
+    def wait_ready(
+        self,
+        timeout: float | None = None,
+        *,
+        url: str | None = None,
+        poll_interval: float | None = None,
+        request_timeout: float = 2.0,
+    ) -> float:
         """Polls ``url`` (default: base_url + ready_path) until it answers 200; returns the seconds
         waited. ProcessExitedError if the process ends first, NotReadyError after ``timeout``."""
         url = url or self.ready_url

@@ -39,10 +39,21 @@ from serve_overhead import run_unwinding_on_sigterm, start_alignd_server, start_
 REMOTE_NAME = "soak-baseline"
 KINDS = ("plain", "tq", "reward", "stream_plain", "stream_tq")
 TQ = {"method": "transfer_q", "top_k": 2, "rollout_len": 4, "num_rollouts": 1, "alpha": 1.0}
-QUESTIONS = ["Tell me about Mondays.", "How was your weekend?", "Describe a rainy afternoon.",
-             "What do you think of homework?", "Give me advice for a job interview.", "Describe your city."]
-IDLE_GAUGES = ("alignd_running_requests", "alignd_admission_running", "alignd_admission_queued",
-               "alignd_engine_requests_running", "alignd_engine_calls_running")
+QUESTIONS = [
+    "Tell me about Mondays.",
+    "How was your weekend?",
+    "Describe a rainy afternoon.",
+    "What do you think of homework?",
+    "Give me advice for a job interview.",
+    "Describe your city.",
+]
+IDLE_GAUGES = (
+    "alignd_running_requests",
+    "alignd_admission_running",
+    "alignd_admission_queued",
+    "alignd_engine_requests_running",
+    "alignd_engine_calls_running",
+)
 
 
 def log(message: str) -> None:
@@ -90,8 +101,13 @@ class Traffic:
         self.remote_down = False  # set while the remote is being restarted
 
     def body(self, i: int, decoding: dict | None, stream: bool) -> dict:
-        body = {"model": self.model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                "max_tokens": 12, "temperature": 0, "stream": stream}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            "max_tokens": 12,
+            "temperature": 0,
+            "stream": stream,
+        }
         return body | ({"decoding": decoding} if decoding else {})
 
     async def one(self, client: httpx.AsyncClient, kind: str, i: int) -> str:
@@ -174,8 +190,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="traffic time (default 10)")
     parser.add_argument("--concurrency", type=int, default=4, help="clients sending at once (default 4)")
-    parser.add_argument("--after-minutes", type=float, default=2.0,
-                        help="traffic at least this long after the remote is back (default 2)")
+    parser.add_argument(
+        "--after-minutes",
+        type=float,
+        default=2.0,
+        help="traffic at least this long after the remote is back (default 2)",
+    )
     parser.add_argument("--kv-cache-gib", type=int, default=1)
     parser.add_argument("--out", type=Path, help="JSON summary here")
     parser.add_argument("--log-dir", type=Path, help="server logs here (default: a temporary folder)")
@@ -194,14 +214,22 @@ def run(args: argparse.Namespace) -> dict:
     servers = []
     try:
         remote_settings = settings.model_copy(update={"served_model_name": REMOTE_NAME})
-        remote = start_vllm_server(model_dir, remote_settings, args.kv_cache_gib, log_dir, port=port,
-                                   extra_env=REMOTE_ENV)
+        remote = start_vllm_server(
+            model_dir, remote_settings, args.kv_cache_gib, log_dir, port=port, extra_env=REMOTE_ENV
+        )
         servers.append(remote)
         log(f"remote baseline starting on {remote_url} (logs in {log_dir})")
         remote.wait_ready()
-        alignd = start_alignd_server(args.kv_cache_gib, log_dir, extra_env={
-            "ALIGND_BASELINE_URL": remote_url, "ALIGND_BASELINE_SERVED_MODEL": REMOTE_NAME,
-            "ALIGND_VALUE_HEAD": "none", "ALIGND_DTYPE": "float32"})
+        alignd = start_alignd_server(
+            args.kv_cache_gib,
+            log_dir,
+            extra_env={
+                "ALIGND_BASELINE_URL": remote_url,
+                "ALIGND_BASELINE_SERVED_MODEL": REMOTE_NAME,
+                "ALIGND_VALUE_HEAD": "none",
+                "ALIGND_DTYPE": "float32",
+            },
+        )
         servers.append(alignd)
         log("alignd starting")
         alignd.wait_ready()
@@ -225,8 +253,9 @@ def run(args: argparse.Namespace) -> dict:
             down_at = time.monotonic()
             os.killpg(remote.pid, signal.SIGKILL)
             await asyncio.to_thread(remote.proc.wait, 60)
-            remote = start_vllm_server(model_dir, remote_settings, args.kv_cache_gib, log_dir, port=port,
-                                   extra_env=REMOTE_ENV)
+            remote = start_vllm_server(
+                model_dir, remote_settings, args.kv_cache_gib, log_dir, port=port, extra_env=REMOTE_ENV
+            )
             servers.append(remote)
             await asyncio.to_thread(remote.wait_ready)
             restart_report["remote_down_s"] = round(time.monotonic() - down_at, 1)
@@ -235,17 +264,22 @@ def run(args: argparse.Namespace) -> dict:
             # alignd checks a down remote again at most once a second: the first request after that is served
             await asyncio.sleep(1.5)
             traffic.remote_down = False
-            log(f"remote back after {restart_report['remote_down_s']} s; traffic until "
-                f"{(traffic.deadline - started) / 60:.1f} min")
+            log(
+                f"remote back after {restart_report['remote_down_s']} s; traffic until "
+                f"{(traffic.deadline - started) / 60:.1f} min"
+            )
             await asyncio.sleep(max(0.0, traffic.deadline - time.monotonic()))
-            restart_report["served_after_restart"] = {kind: counter["ok"] - served_before[kind]
-                                                      for kind, counter in traffic.outcomes.items()}
+            restart_report["served_after_restart"] = {
+                kind: counter["ok"] - served_before[kind] for kind, counter in traffic.outcomes.items()
+            }
 
         async def progress() -> None:
             while time.monotonic() < traffic.deadline:
                 await asyncio.sleep(30)
-                log(f"{(time.monotonic() - started) / 60:.1f} min: {traffic.served()} served, "
-                    f"{sum(sum(c.values()) for c in traffic.outcomes.values()) - traffic.served()} not")
+                log(
+                    f"{(time.monotonic() - started) / 60:.1f} min: {traffic.served()} served, "
+                    f"{sum(sum(c.values()) for c in traffic.outcomes.values()) - traffic.served()} not"
+                )
 
         async def everything() -> None:
             ticker = asyncio.create_task(progress())
@@ -260,18 +294,27 @@ def run(args: argparse.Namespace) -> dict:
         memory_end = tree_rss_mib(alignd.pid)
         health = httpx.get(alignd.base_url + "/health", timeout=30).json()
         summary = {
-            "minutes": args.minutes, "traffic_minutes": round((time.monotonic() - started) / 60, 1),
-            "concurrency": args.concurrency, "served": traffic.served(),
+            "minutes": args.minutes,
+            "traffic_minutes": round((time.monotonic() - started) / 60, 1),
+            "concurrency": args.concurrency,
+            "served": traffic.served(),
             "outcomes": {kind: dict(counter) for kind, counter in traffic.outcomes.items()},
-            "median_latency_s": {kind: round(sorted(v)[len(v) // 2], 3) if v else None
-                                 for kind, v in traffic.latency.items()},
-            "unexpected": unexpected(traffic.outcomes), **restart_report,
+            "median_latency_s": {
+                kind: round(sorted(v)[len(v) // 2], 3) if v else None for kind, v in traffic.latency.items()
+            },
+            "unexpected": unexpected(traffic.outcomes),
+            **restart_report,
             "memory_mib": {"start": round(memory_start), "end": round(memory_end)},
-            "idle_gauges_at_end": idle, "health_at_end": health["status"],
+            "idle_gauges_at_end": idle,
+            "health_at_end": health["status"],
         }
         recovered = restart_report.get("served_after_restart", {})
-        summary["passed"] = (not summary["unexpected"] and all(v == 0 for v in idle.values())
-                             and health["status"] == "ok" and recovered.get("tq", 0) + recovered.get("stream_tq", 0) > 0)
+        summary["passed"] = (
+            not summary["unexpected"]
+            and all(v == 0 for v in idle.values())
+            and health["status"] == "ok"
+            and recovered.get("tq", 0) + recovered.get("stream_tq", 0) > 0
+        )
     finally:
         for server in reversed(servers):
             server.stop()

@@ -20,8 +20,14 @@ import time
 from tqdm import tqdm
 
 PROMPTS = [
-    "How do I bake bread?", "Tell me about the moon.", "Why is the sky blue?", "Give me advice for an interview.",
-    "What is a prime number?", "Describe a rainy day.", "How can I sleep better?", "Explain photosynthesis.",
+    "How do I bake bread?",
+    "Tell me about the moon.",
+    "Why is the sky blue?",
+    "Give me advice for an interview.",
+    "What is a prime number?",
+    "Describe a rainy day.",
+    "How can I sleep better?",
+    "Explain photosynthesis.",
 ]
 RESPONSES = [
     "Mix flour, water, salt and yeast, let it rise, then bake it until golden. Enjoy the warm smell!",
@@ -78,9 +84,14 @@ async def main(args) -> None:
         for reward in (registry.get("positivity"), registry.get("prompted_implicit"), classifier):
             batch, single = await measure(reward, items, args.repeats)
             rows.append((reward.name, batch, single))
-            print(f"{reward.name}: batch {batch:.1f} pairs/s, single {single:.1f} pairs/s, x{batch / single:.2f}", flush=True)
-    print(f"\n{args.pairs} pairs, best of {args.repeats}; {platform.processor() or platform.machine()}, "
-          f"{__import__('os').cpu_count()} cores\n")
+            print(
+                f"{reward.name}: batch {batch:.1f} pairs/s, single {single:.1f} pairs/s, x{batch / single:.2f}",
+                flush=True,
+            )
+    print(
+        f"\n{args.pairs} pairs, best of {args.repeats}; {platform.processor() or platform.machine()}, "
+        f"{__import__('os').cpu_count()} cores\n"
+    )
     print("| reward | batch of 64 (pairs/s) | 64 single calls (pairs/s) | speed-up |")
     print("|---|---|---|---|")
     for name, batch, single in rows:

@@ -44,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[135, 270, 540])
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--proxy-epochs", type=float, help="the proxy's epochs (default: the command's own, 3); "
-                        "its training time is linear in them")
+    parser.add_argument(
+        "--proxy-epochs",
+        type=float,
+        help="the proxy's epochs (default: the command's own, 3); its training time is linear in them",
+    )
     parser.add_argument("--fast", action="store_true", help="tiny proxy settings (harness check)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "s2l_selection.json")
     args = parser.parse_args(argv)
@@ -55,8 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             data = make_set(work / f"set-{size}.jsonl", size)
             out = work / f"sel-{size}"
-            cmd = [sys.executable, "-m", "alignd.cli", "select", "s2l", "--model", args.model, "--data", str(data),
-                   "--budget", "0.3", "--out", str(out)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "alignd.cli",
+                "select",
+                "s2l",
+                "--model",
+                args.model,
+                "--data",
+                str(data),
+                "--budget",
+                "0.3",
+                "--out",
+                str(out),
+            ]
             if args.fast:
                 cmd += ["--checkpoints", "2", "--proxy-epochs", "1", "--proxy-batch-size", "4"]
             elif args.proxy_epochs is not None:
@@ -85,13 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "nproc": os.cpu_count(), "proxy_epochs": args.proxy_epochs,
-                                    "results": results}, indent=2) + "\n")
-    print("| examples | clusters | proxy steps | wall s | proxy training s | losses s | K-means + sampler s | peak RSS MiB |")
+    args.out.write_text(
+        json.dumps(
+            {"model": args.model, "nproc": os.cpu_count(), "proxy_epochs": args.proxy_epochs, "results": results},
+            indent=2,
+        )
+        + "\n"
+    )
+    print(
+        "| examples | clusters | proxy steps | wall s | proxy training s | losses s | K-means + sampler s "
+        "| peak RSS MiB |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['examples']} | {r['clusters']} | {r['checkpoint_steps'][-1]} | {r['wall_s']} | {r['proxy_train_s']} "
-              f"| {r['losses_s']} | {r['cluster_and_sample_s']} | {r['peak_rss_mib']} |")
+        print(
+            f"| {r['examples']} | {r['clusters']} | {r['checkpoint_steps'][-1]} | {r['wall_s']} | {r['proxy_train_s']} "
+            f"| {r['losses_s']} | {r['cluster_and_sample_s']} | {r['peak_rss_mib']} |"
+        )
     return 0
 
 

@@ -20,7 +20,8 @@ What runs:
     (every answer runs to the requested length); alignd's request schema forbids unknown fields, so the
     script first asks the alignd server whether it accepts the field. If not, the same random-dataset
     prompts (vLLM's own ``RandomDataset`` sampler, same seed and lengths) are written to a JSONL file and
-    sent through the ShareGPT file loader (``--dataset-name sharegpt``, fixed output length) to *both* servers: identical requests, no
+    sent through the ShareGPT file loader (``--dataset-name sharegpt``, fixed output length) to *both* servers:
+    identical requests, no
     ``ignore_eos``, answers may end early at EOS; the greedy answers of the two servers agree, and the
     table reports each side's mean output tokens per request.
   * One warm-up run per server first (discarded: vLLM's CPU kernels warm up on first use), then
@@ -30,7 +31,8 @@ What runs:
 Reported per side: request throughput (req/s), output token throughput (tok/s), TTFT and ITL median and
 p99 (ms), as the median over rounds, and the server's CPU time per output token during the timed part
 (front end, and all its processes); and alignd/vLLM throughput ratios and the TTFT difference (alignd -
-vLLM, ms), paired by round (median of the per-round values; drift of the machine's load cancels). Targets: the wrapper costs at most 5 % of throughput and at most 10 ms of median TTFT.
+vLLM, ms), paired by round (median of the per-round values; drift of the machine's load cancels). Targets: the
+wrapper costs at most 5 % of throughput and at most 10 ms of median TTFT.
 Prints markdown for docs/BENCHMARKS.md; ``--out`` also writes the summary as JSON.
 """
 
@@ -58,8 +60,14 @@ VLLM_CLI = BENCH / "vllm_cli.py"
 START_TIMEOUT_S = 600
 # what each run of `vllm bench serve` reports, and what the summary keeps of it
 METRICS = (
-    "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms",
-    "median_tpot_ms", "median_e2el_ms",
+    "request_throughput",
+    "output_throughput",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_itl_ms",
+    "p99_itl_ms",
+    "median_tpot_ms",
+    "median_e2el_ms",
 )
 CPU_METRICS = ("cpu_ms_per_token_front_end", "cpu_ms_per_token_all")
 THROUGHPUT_TARGET = 0.95  # alignd keeps at least 95 % of raw vLLM's throughput
@@ -116,9 +124,19 @@ def cpu_seconds(pgid: int) -> dict[str, float]:
 def _start_server(name: str, cmd: list[str], env: dict[str, str], log_path: Path, port: int) -> ServerProcess:
     """``cmd`` in its own process group (stop() kills the server and its engine-core children together),
     ready when GET /health answers 200; returns at once (call wait_ready)."""
-    return ServerProcess(cmd, name=name, log_path=log_path, base_url=f"http://127.0.0.1:{port}", ready_path="/health",
-                         env=env, cwd=REPO, start_timeout=START_TIMEOUT_S, poll_interval=1.0, term_timeout=30,
-                         kill_timeout=10).start()
+    return ServerProcess(
+        cmd,
+        name=name,
+        log_path=log_path,
+        base_url=f"http://127.0.0.1:{port}",
+        ready_path="/health",
+        env=env,
+        cwd=REPO,
+        start_timeout=START_TIMEOUT_S,
+        poll_interval=1.0,
+        term_timeout=30,
+        kill_timeout=10,
+    ).start()
 
 
 def engine_settings(settings) -> dict[str, str]:
@@ -148,8 +166,18 @@ def engine_settings(settings) -> dict[str, str]:
 
 
 def vllm_serve_command(model_dir: str, settings, port: int) -> list[str]:
-    cmd = [sys.executable, str(VLLM_CLI), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", settings.model_name]
+    cmd = [
+        sys.executable,
+        str(VLLM_CLI),
+        "serve",
+        model_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        settings.model_name,
+    ]
     for flag, value in engine_settings(settings).items():
         cmd += [flag, value]
     cmd.append("--enforce-eager" if settings.enforce_eager else "--no-enforce-eager")
@@ -157,30 +185,51 @@ def vllm_serve_command(model_dir: str, settings, port: int) -> list[str]:
     return cmd
 
 
-def start_vllm_server(model_dir: str, settings, kv_cache_gib: int, log_dir: Path, port: int | None = None, *,
-                      extra_env: dict[str, str] | None = None) -> ServerProcess:
+def start_vllm_server(
+    model_dir: str,
+    settings,
+    kv_cache_gib: int,
+    log_dir: Path,
+    port: int | None = None,
+    *,
+    extra_env: dict[str, str] | None = None,
+) -> ServerProcess:
     """``vllm serve`` of ``model_dir`` with alignd's engine settings (returns at once; call wait_ready)."""
     port = port or free_port()
     env = {**os.environ, **(extra_env or {}), "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
-    return _start_server("vllm serve", vllm_serve_command(model_dir, settings, port), env,
-                         log_dir / f"vllm-serve-{port}.log", port)
+    return _start_server(
+        "vllm serve", vllm_serve_command(model_dir, settings, port), env, log_dir / f"vllm-serve-{port}.log", port
+    )
 
 
-def start_alignd_server(kv_cache_gib: int, log_dir: Path, port: int | None = None, *,
-                        extra_env: dict[str, str] | None = None) -> ServerProcess:
+def start_alignd_server(
+    kv_cache_gib: int, log_dir: Path, port: int | None = None, *, extra_env: dict[str, str] | None = None
+) -> ServerProcess:
     """``alignd serve`` (settings from the environment and ``extra_env``, the KV cache pinned) in its own
     group."""
     port = port or free_port()
-    env = {**os.environ, **(extra_env or {}), "ALIGND_PORT": str(port), "ALIGND_HOST": "127.0.0.1",
-           "ALIGND_CPU_KVCACHE_SPACE_GIB": str(kv_cache_gib), "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
-    return _start_server("alignd serve", [sys.executable, "-m", "alignd.cli", "serve"], env,
-                         log_dir / f"alignd-serve-{port}.log", port)
+    env = {
+        **os.environ,
+        **(extra_env or {}),
+        "ALIGND_PORT": str(port),
+        "ALIGND_HOST": "127.0.0.1",
+        "ALIGND_CPU_KVCACHE_SPACE_GIB": str(kv_cache_gib),
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+    }
+    return _start_server(
+        "alignd serve", [sys.executable, "-m", "alignd.cli", "serve"], env, log_dir / f"alignd-serve-{port}.log", port
+    )
 
 
 def accepts_ignore_eos(base_url: str, model_name: str) -> bool:
     """Whether the server takes vLLM's ``ignore_eos`` extension in a chat request."""
-    body = {"model": model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
-            "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": model_name,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 1,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     try:
         return httpx.post(base_url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
     except httpx.HTTPError:
@@ -208,32 +257,80 @@ def random_prompts_file(tokenizer_dir: str, spec: LoadSpec, seed: int, path: Pat
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     requests = RandomDataset(random_seed=seed).sample(
-        tokenizer, spec.num_prompts, input_len=spec.input_len, output_len=spec.output_len, range_ratio=0.0)
+        tokenizer, spec.num_prompts, input_len=spec.input_len, output_len=spec.output_len, range_ratio=0.0
+    )
     # ShareGPT's file shape (a user turn and a placeholder answer; the answer length comes from the flag)
-    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": r.prompt}, {"from": "gpt", "value": ""}]}
-                                for r in requests]))
+    path.write_text(
+        json.dumps(
+            [{"conversations": [{"from": "human", "value": r.prompt}, {"from": "gpt", "value": ""}]} for r in requests]
+        )
+    )
     return path
 
 
-def bench_serve_command(base_url: str, model_name: str, tokenizer: str, spec: LoadSpec, seed: int,
-                        result_dir: Path, result_name: str) -> list[str]:
+def bench_serve_command(
+    base_url: str, model_name: str, tokenizer: str, spec: LoadSpec, seed: int, result_dir: Path, result_name: str
+) -> list[str]:
     cmd = [
-        sys.executable, str(VLLM_CLI), "bench", "serve",
-        "--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
-        "--model", model_name, "--tokenizer", tokenizer,
-        "--num-prompts", str(spec.num_prompts), "--max-concurrency", str(spec.max_concurrency),
-        "--request-rate", "inf", "--temperature", "0", "--seed", str(seed),
-        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-        "--save-result", "--result-dir", str(result_dir), "--result-filename", result_name, "--disable-tqdm",
+        sys.executable,
+        str(VLLM_CLI),
+        "bench",
+        "serve",
+        "--backend",
+        "openai-chat",
+        "--base-url",
+        base_url,
+        "--endpoint",
+        "/v1/chat/completions",
+        "--model",
+        model_name,
+        "--tokenizer",
+        tokenizer,
+        "--num-prompts",
+        str(spec.num_prompts),
+        "--max-concurrency",
+        str(spec.max_concurrency),
+        "--request-rate",
+        "inf",
+        "--temperature",
+        "0",
+        "--seed",
+        str(seed),
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--save-result",
+        "--result-dir",
+        str(result_dir),
+        "--result-filename",
+        result_name,
+        "--disable-tqdm",
     ]
     if spec.ignore_eos:  # the random dataset itself (it sends ignore_eos on its own)
-        cmd += ["--dataset-name", "random", "--random-input-len", str(spec.input_len),
-                "--random-output-len", str(spec.output_len), "--random-range-ratio", "0", "--ignore-eos"]
+        cmd += [
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            str(spec.input_len),
+            "--random-output-len",
+            str(spec.output_len),
+            "--random-range-ratio",
+            "0",
+            "--ignore-eos",
+        ]
     else:  # the same prompts from a file in ShareGPT's shape (this loader adds no chat template and no
         # ignore_eos; the custom JSONL loader would need pandas); the server applies the chat template
         prompts = random_prompts_file(tokenizer, spec, seed, result_dir / f"prompts-{seed}-{spec.num_prompts}.json")
-        cmd += ["--dataset-name", "sharegpt", "--dataset-path", str(prompts), "--sharegpt-output-len",
-                str(spec.output_len), "--disable-shuffle"]
+        cmd += [
+            "--dataset-name",
+            "sharegpt",
+            "--dataset-path",
+            str(prompts),
+            "--sharegpt-output-len",
+            str(spec.output_len),
+            "--disable-shuffle",
+        ]
     return cmd + spec.extra
 
 
@@ -241,8 +338,17 @@ MAIN_RUN_STARTS = "Starting main benchmark run"  # what `vllm bench serve` print
 MAIN_RUN_ENDS = "Serving Benchmark Result"
 
 
-def run_load(side: str, base_url: str, model_name: str, tokenizer: str, spec: LoadSpec, seed: int,
-             work_dir: Path, label: str, server: ServerProcess | None = None) -> dict:
+def run_load(
+    side: str,
+    base_url: str,
+    model_name: str,
+    tokenizer: str,
+    spec: LoadSpec,
+    seed: int,
+    work_dir: Path,
+    label: str,
+    server: ServerProcess | None = None,
+) -> dict:
     """One ``vllm bench serve`` run; returns its saved result JSON (plus the mean output length and, for a
     server this script started, the server's CPU milliseconds per output token during the timed part,
     front end and all processes: the client's output is read line by line to find that part)."""
@@ -252,8 +358,16 @@ def run_load(side: str, base_url: str, model_name: str, tokenizer: str, spec: Lo
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu")}
     cpu: dict[str, dict[str, float]] = {}
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=REPO, env=env, text=True, errors="replace")
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO,
+            env=env,
+            text=True,
+            errors="replace",
+        )
         try:
             for line in proc.stdout:
                 if server is not None and MAIN_RUN_STARTS in line and "before" not in cpu:
@@ -292,7 +406,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         out["sides"][side] = {k: statistics.median(r[k] for r in results) for k in keys if all(k in r for r in results)}
         out["sides"][side]["rounds"] = len(results)
     a, b = out["sides"]["alignd"], out["sides"]["vllm"]
-    pairs = list(zip(runs["alignd"], runs["vllm"]))
+    pairs = list(zip(runs["alignd"], runs["vllm"], strict=False))
     cmp = out["comparison"]
     for key in ("request_throughput", "output_throughput"):
         cmp[f"{key}_ratio"] = statistics.median(x[key] / y[key] for x, y in pairs)
@@ -300,7 +414,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     for key in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"):
         cmp[f"{key}_diff"] = statistics.median(x[key] - y[key] for x, y in pairs)
         cmp[f"{key}_diff_of_medians"] = a[key] - b[key]
-    cmp["throughput_target_met"] = min(cmp["request_throughput_ratio"], cmp["output_throughput_ratio"]) >= THROUGHPUT_TARGET
+    cmp["throughput_target_met"] = (
+        min(cmp["request_throughput_ratio"], cmp["output_throughput_ratio"]) >= THROUGHPUT_TARGET
+    )
     cmp["ttft_target_met"] = cmp["median_ttft_ms_diff"] <= TTFT_TARGET_MS
     return out
 
@@ -312,9 +428,11 @@ def paired_rounds(sides: dict[str, list[dict]], base: str, other: str) -> tuple[
     """For two sides measured in the same rounds (bench/value_head_speed.py, bench/plugin_overhead.py): each
     side's medians over rounds, the output tokens/s ratio other / base per round and its median (paired:
     load that drifts between rounds cancels); and the (base, other) result pairs for further comparisons."""
-    row: dict = {side: {k: statistics.median(r[k] for r in results) for k in PAIRED_SIDE_METRICS}
-                 for side, results in sides.items()}
-    pairs = list(zip(sides[base], sides[other]))
+    row: dict = {
+        side: {k: statistics.median(r[k] for r in results) for k in PAIRED_SIDE_METRICS}
+        for side, results in sides.items()
+    }
+    pairs = list(zip(sides[base], sides[other], strict=False))
     row["ratio_per_round"] = [o["output_throughput"] / b["output_throughput"] for b, o in pairs]
     row["ratio"] = statistics.median(row["ratio_per_round"])
     return row, pairs
@@ -326,40 +444,61 @@ def changed_answers(a: dict, b: dict) -> float | None:
     x, y = a.get("generated_texts"), b.get("generated_texts")
     if not x or not y or len(x) != len(y):
         return None
-    return sum(p != q for p, q in zip(x, y)) / len(x)
+    return sum(p != q for p, q in zip(x, y, strict=False)) / len(x)
 
 
 def markdown(summary: dict, runs: dict[str, list[dict]]) -> str:
     a, b, c = summary["sides"]["alignd"], summary["sides"]["vllm"], summary["comparison"]
     lines = [
-        "| server | req/s | output tok/s | TTFT median (ms) | TTFT p99 (ms) | ITL median (ms) | ITL p99 (ms) | output tokens/request |",
+        "| server | req/s | output tok/s | TTFT median (ms) | TTFT p99 (ms) | ITL median (ms) | ITL p99 (ms) "
+        "| output tokens/request |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in (("raw `vllm serve`", b), ("alignd (plain decoding)", a)):
-        lines.append(f"| {name} | {s['request_throughput']:.3f} | {s['output_throughput']:.1f} | {s['median_ttft_ms']:.1f} | "
-                     f"{s['p99_ttft_ms']:.1f} | {s['median_itl_ms']:.1f} | {s['p99_itl_ms']:.1f} | {s['mean_output_tokens']:.1f} |")
+        lines.append(
+            f"| {name} | {s['request_throughput']:.3f} | {s['output_throughput']:.1f} | {s['median_ttft_ms']:.1f} | "
+            f"{s['p99_ttft_ms']:.1f} | {s['median_itl_ms']:.1f} | {s['p99_itl_ms']:.1f} | "
+            f"{s['mean_output_tokens']:.1f} |"
+        )
     lines.append(
-        f"| **alignd vs vLLM, paired** | **{c['request_throughput_ratio']:.3f}x** | **{c['output_throughput_ratio']:.3f}x** | "
-        f"**{c['median_ttft_ms_diff']:+.1f} ms** | {c['p99_ttft_ms_diff']:+.1f} ms | {c['median_itl_ms_diff']:+.2f} ms | "
+        f"| **alignd vs vLLM, paired** | **{c['request_throughput_ratio']:.3f}x** | "
+        f"**{c['output_throughput_ratio']:.3f}x** | **{c['median_ttft_ms_diff']:+.1f} ms** | "
+        f"{c['p99_ttft_ms_diff']:+.1f} ms | {c['median_itl_ms_diff']:+.2f} ms | "
         f"{c['p99_itl_ms_diff']:+.1f} ms | |"
     )
-    lines += ["", "Per round (alignd / vLLM):", "", "| round | req/s | output tok/s | TTFT median (ms) | ITL median (ms) |",
-              "|---|---|---|---|---|"]
-    for i, (x, y) in enumerate(zip(runs["alignd"], runs["vllm"]), 1):
-        lines.append(f"| {i} | {x['request_throughput']:.3f} / {y['request_throughput']:.3f} | "
-                     f"{x['output_throughput']:.1f} / {y['output_throughput']:.1f} | "
-                     f"{x['median_ttft_ms']:.1f} / {y['median_ttft_ms']:.1f} | {x['median_itl_ms']:.1f} / {y['median_itl_ms']:.1f} |")
+    lines += [
+        "",
+        "Per round (alignd / vLLM):",
+        "",
+        "| round | req/s | output tok/s | TTFT median (ms) | ITL median (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for i, (x, y) in enumerate(zip(runs["alignd"], runs["vllm"], strict=False), 1):
+        lines.append(
+            f"| {i} | {x['request_throughput']:.3f} / {y['request_throughput']:.3f} | "
+            f"{x['output_throughput']:.1f} / {y['output_throughput']:.1f} | "
+            f"{x['median_ttft_ms']:.1f} / {y['median_ttft_ms']:.1f} | "
+            f"{x['median_itl_ms']:.1f} / {y['median_itl_ms']:.1f} |"
+        )
     if all(k in a and k in b for k in CPU_METRICS):
-        lines += ["", "Server CPU per output token (ms, median over rounds; front end = the HTTP process with vLLM's "
-                  "output processing, all = with the engine core):", "",
-                  "| server | front end | all processes |", "|---|---|---|"]
+        lines += [
+            "",
+            "Server CPU per output token (ms, median over rounds; front end = the HTTP process with vLLM's "
+            "output processing, all = with the engine core):",
+            "",
+            "| server | front end | all processes |",
+            "|---|---|---|",
+        ]
         for name, s in (("raw `vllm serve`", b), ("alignd (plain decoding)", a)):
             lines.append(f"| {name} | {s['cpu_ms_per_token_front_end']:.2f} | {s['cpu_ms_per_token_all']:.2f} |")
-    lines += ["", "Paired = each round's alignd/vLLM ratio (or difference), median over rounds. Of the per-side "
-              f"medians instead: req {c['request_throughput_ratio_of_medians']:.3f}x, output "
-              f"{c['output_throughput_ratio_of_medians']:.3f}x, median TTFT {c['median_ttft_ms_diff_of_medians']:+.1f} ms.",
-              f"targets: throughput >= {THROUGHPUT_TARGET:.2f}x: {'met' if c['throughput_target_met'] else 'MISSED'}; "
-              f"median TTFT <= +{TTFT_TARGET_MS:.0f} ms: {'met' if c['ttft_target_met'] else 'MISSED'}"]
+    lines += [
+        "",
+        "Paired = each round's alignd/vLLM ratio (or difference), median over rounds. Of the per-side "
+        f"medians instead: req {c['request_throughput_ratio_of_medians']:.3f}x, output "
+        f"{c['output_throughput_ratio_of_medians']:.3f}x, median TTFT {c['median_ttft_ms_diff_of_medians']:+.1f} ms.",
+        f"targets: throughput >= {THROUGHPUT_TARGET:.2f}x: {'met' if c['throughput_target_met'] else 'MISSED'}; "
+        f"median TTFT <= +{TTFT_TARGET_MS:.0f} ms: {'met' if c['ttft_target_met'] else 'MISSED'}",
+    ]
     return "\n".join(lines)
 
 
@@ -383,15 +522,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=64, help="requests per measured run")
     parser.add_argument("--max-concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (each: alignd, then vLLM)")
-    parser.add_argument("--warmup-prompts", type=int, default=None, help="requests of the discarded warm-up run "
-                        "per server (default: 2 x max concurrency); 0 skips it")
+    parser.add_argument(
+        "--warmup-prompts",
+        type=int,
+        default=None,
+        help="requests of the discarded warm-up run per server (default: 2 x max concurrency); 0 skips it",
+    )
     parser.add_argument("--seed", type=int, default=1000, help="random-dataset seed of round 1 (round r: seed + r)")
-    parser.add_argument("--kv-cache-gib", type=int, default=None,
-                        help="VLLM_CPU_KVCACHE_SPACE of both servers (default: alignd's setting)")
+    parser.add_argument(
+        "--kv-cache-gib",
+        type=int,
+        default=None,
+        help="VLLM_CPU_KVCACHE_SPACE of both servers (default: alignd's setting)",
+    )
     parser.add_argument("--alignd-url", default=None, help="use this running alignd server instead of starting one")
     parser.add_argument("--vllm-url", default=None, help="use this running `vllm serve` instead of starting one")
-    parser.add_argument("--ignore-eos", choices=("auto", "on", "off"), default="auto",
-                        help="auto: on when the alignd server accepts the field")
+    parser.add_argument(
+        "--ignore-eos",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="auto: on when the alignd server accepts the field",
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="server logs and raw results (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, not the speed")
@@ -435,9 +586,17 @@ def run(args: argparse.Namespace) -> dict:
         urls = {k: v.rstrip("/") for k, v in urls.items()}
 
         ignore_eos = args.ignore_eos == "on" or (
-            args.ignore_eos == "auto" and accepts_ignore_eos(urls["alignd"], settings.model_name))
-        log("ignore_eos: " + ("on (random dataset)" if ignore_eos else "off: alignd rejects the field; the random "
-            "dataset's prompts go to both servers from a file, greedy answers may stop at EOS"))
+            args.ignore_eos == "auto" and accepts_ignore_eos(urls["alignd"], settings.model_name)
+        )
+        log(
+            "ignore_eos: "
+            + (
+                "on (random dataset)"
+                if ignore_eos
+                else "off: alignd rejects the field; the random "
+                "dataset's prompts go to both servers from a file, greedy answers may stop at EOS"
+            )
+        )
         spec = LoadSpec(args.input_len, args.output_len, args.num_prompts, args.max_concurrency, ignore_eos)
         order = ("alignd", "vllm")
 
@@ -445,19 +604,32 @@ def run(args: argparse.Namespace) -> dict:
             warm = LoadSpec(args.input_len, args.output_len, args.warmup_prompts, args.max_concurrency, ignore_eos)
             for side in order:
                 t0 = time.perf_counter()
-                run_load(side, urls[side], settings.model_name, model_dir, warm, args.seed - 1, work_dir, f"warmup-{side}")
+                run_load(
+                    side, urls[side], settings.model_name, model_dir, warm, args.seed - 1, work_dir, f"warmup-{side}"
+                )
                 log(f"warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
 
         runs: dict[str, list[dict]] = {side: [] for side in order}
         for r in range(1, args.rounds + 1):
             for side in order:
-                res = run_load(side, urls[side], settings.model_name, model_dir, spec, args.seed + r, work_dir,
-                               f"round{r}-{side}", servers.get(side))
+                res = run_load(
+                    side,
+                    urls[side],
+                    settings.model_name,
+                    model_dir,
+                    spec,
+                    args.seed + r,
+                    work_dir,
+                    f"round{r}-{side}",
+                    servers.get(side),
+                )
                 runs[side].append(res)
-                log(f"round {r}/{args.rounds} {side:6s}: {res['request_throughput']:.3f} req/s, "
+                log(
+                    f"round {r}/{args.rounds} {side:6s}: {res['request_throughput']:.3f} req/s, "
                     f"{res['output_throughput']:.1f} tok/s, TTFT median {res['median_ttft_ms']:.1f} ms "
                     f"(p99 {res['p99_ttft_ms']:.1f}), ITL median {res['median_itl_ms']:.1f} ms, "
-                    f"{res['mean_output_tokens']:.1f} tokens/request")
+                    f"{res['mean_output_tokens']:.1f} tokens/request"
+                )
     finally:
         for server in started:
             server.stop()
@@ -466,19 +638,33 @@ def run(args: argparse.Namespace) -> dict:
 
     summary = summarize(runs)
     summary["setup"] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": versions(), "model_dir": model_dir,
-        "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
-        "max_concurrency": args.max_concurrency, "rounds": args.rounds, "ignore_eos": ignore_eos,
-        "kv_cache_gib": kv_gib, "vllm_serve_flags": engine_settings(settings),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "versions": versions(),
+        "model_dir": model_dir,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "num_prompts": args.num_prompts,
+        "max_concurrency": args.max_concurrency,
+        "rounds": args.rounds,
+        "ignore_eos": ignore_eos,
+        "kv_cache_gib": kv_gib,
+        "vllm_serve_flags": engine_settings(settings),
         "alignd_url_given": args.alignd_url is not None,
     }
-    summary["runs"] = {side: [{k: r.get(k) for k in (*METRICS, *CPU_METRICS, "mean_output_tokens", "completed", "duration")}
-                              for r in results] for side, results in runs.items()}
+    summary["runs"] = {
+        side: [
+            {k: r.get(k) for k in (*METRICS, *CPU_METRICS, "mean_output_tokens", "completed", "duration")}
+            for r in results
+        ]
+        for side, results in runs.items()
+    }
     print()
     print(f"{summary['setup']['machine']}; {summary['setup']['versions']}")
-    print(f"random dataset, {args.input_len} input / {args.output_len} output tokens, {args.num_prompts} prompts, "
-          f"max concurrency {args.max_concurrency}, {args.rounds} round(s), temperature 0, ignore_eos "
-          f"{'on' if ignore_eos else 'off'}, KV cache {kv_gib} GiB each\n")
+    print(
+        f"random dataset, {args.input_len} input / {args.output_len} output tokens, {args.num_prompts} prompts, "
+        f"max concurrency {args.max_concurrency}, {args.rounds} round(s), temperature 0, ignore_eos "
+        f"{'on' if ignore_eos else 'off'}, KV cache {kv_gib} GiB each\n"
+    )
     print(markdown(summary, runs))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2))

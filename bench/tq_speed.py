@@ -63,13 +63,22 @@ import torch
 from tqdm import tqdm
 
 PROMPTS = [
-    "Tell me about your weekend.", "What do you think of Mondays?", "Describe the weather today.",
-    "How was your commute?", "What is your opinion of homework?", "Tell me about traffic jams.",
-    "What do you think about rainy days?", "Describe a long queue at the bank.",
-    "How do you feel about doing the dishes?", "Tell me about waking up early.",
-    "What is it like to wait for a delayed train?", "Describe your neighbour's loud music.",
-    "What do you think of tax forms?", "Tell me about a cold shower.",
-    "How was the meeting that ran late?", "Describe an empty fridge.",
+    "Tell me about your weekend.",
+    "What do you think of Mondays?",
+    "Describe the weather today.",
+    "How was your commute?",
+    "What is your opinion of homework?",
+    "Tell me about traffic jams.",
+    "What do you think about rainy days?",
+    "Describe a long queue at the bank.",
+    "How do you feel about doing the dishes?",
+    "Tell me about waking up early.",
+    "What is it like to wait for a delayed train?",
+    "Describe your neighbour's loud music.",
+    "What do you think of tax forms?",
+    "Tell me about a cold shower.",
+    "How was the meeting that ran late?",
+    "Describe an empty fridge.",
 ]
 
 
@@ -86,8 +95,16 @@ class BenchConfig:
     capacity_repeats: int = 3
 
     def tq(self, **extra) -> dict:
-        return dict(method="transfer_q", alpha=self.alpha, top_k=self.top_k, num_rollouts=1,
-                    rollout_len=self.rollout_len, diagnostics=True, prune=self.prune, **extra)
+        return dict(
+            method="transfer_q",
+            alpha=self.alpha,
+            top_k=self.top_k,
+            num_rollouts=1,
+            rollout_len=self.rollout_len,
+            diagnostics=True,
+            prune=self.prune,
+            **extra,
+        )
 
 
 SMOKE = dict(max_tokens=3, top_k=3, rollout_len=4, concurrency=[1, 2], variant_prompts=2, capacity_repeats=1)
@@ -124,11 +141,15 @@ class ReferenceTQ:
             top = logits.topk(self.top_k)
             batch = torch.tensor([bl_ids + out + [z] for z in top.indices.tolist()])
             rollouts = self.model.generate(
-                batch, attention_mask=torch.ones_like(batch), max_new_tokens=self.rollout_len, do_sample=False,
-                min_new_tokens=self.rollout_len, pad_token_id=self.tok.eos_token_id,
+                batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=self.rollout_len,
+                do_sample=False,
+                min_new_tokens=self.rollout_len,
+                pad_token_id=self.tok.eos_token_id,
             )[:, len(bl_ids) :].tolist()
             scores = []
-            for logit, rollout in zip(top.values.tolist(), rollouts):
+            for logit, rollout in zip(top.values.tolist(), rollouts, strict=False):
                 q = self.reward_fn(prompt, self.tok.decode(rollout, skip_special_tokens=True))
                 scores.append(logit + q / self.alpha)  # logit + w * Q, w = 1 / alpha
             out.append(top.indices[max(range(len(scores)), key=scores.__getitem__)].item())
@@ -149,8 +170,9 @@ async def measure_reference(engine, settings, registry, cfg: BenchConfig) -> dic
         item = RewardItem(text, prompt=prompt)
         return asyncio.run_coroutine_threadsafe(positivity.score([item]), loop).result()[0].value
 
-    ref = ReferenceTQ(engine.info.model_path, settings.baseline_system_prompt, reward_fn, cfg.top_k,
-                      cfg.rollout_len, cfg.alpha)
+    ref = ReferenceTQ(
+        engine.info.model_path, settings.baseline_system_prompt, reward_fn, cfg.top_k, cfg.rollout_len, cfg.alpha
+    )
     tokens = seconds = 0.0
     for p in tqdm(PROMPTS[: cfg.reference_prompts], desc="reference loop (HF, batch 1)"):
         start = time.perf_counter()
@@ -273,8 +295,15 @@ class RolloutTracker:
                 self._advance()
                 self.in_flight += n
                 try:
-                    group = (await original([prefix], n, max_tokens, temperature=temperature,
-                                            seed=None if seed is None else seed + i * n))[0]
+                    group = (
+                        await original(
+                            [prefix],
+                            n,
+                            max_tokens,
+                            temperature=temperature,
+                            seed=None if seed is None else seed + i * n,
+                        )
+                    )[0]
                 finally:
                     self._advance()
                     self.in_flight -= n
@@ -311,7 +340,7 @@ async def capacity_prefixes(engine, aligned, prompts: list[str], batch: int) -> 
     tops = await engine.top_k_next(bases, min(per_prompt, engine.info.extra.get("max_logprobs", 20)))
     prefixes = []
     for j in range(per_prompt):
-        for base, top in zip(bases, tops):
+        for base, top in zip(bases, tops, strict=False):
             prefixes.append(base + [top[j % len(top)].token_id])
     return prefixes[:batch]
 
@@ -332,8 +361,12 @@ async def decode_throughput(engine, prefixes: list[list[int]], tokens: int, repe
     for _ in range(max(1, repeats)):
         seconds, generated = await once()
         rates.append(generated / seconds)
-    return {"batch": len(prefixes), "tokens_per_s": statistics.median(rates), "runs": rates,
-            "full_length": generated / (len(prefixes) * tokens)}
+    return {
+        "batch": len(prefixes),
+        "tokens_per_s": statistics.median(rates),
+        "runs": rates,
+        "full_length": generated / (len(prefixes) * tokens),
+    }
 
 
 async def capacity_at(engine, aligned, prompts, batch: float, tokens: int, repeats: int, cache: dict) -> float:
@@ -341,15 +374,18 @@ async def capacity_at(engine, aligned, prompts, batch: float, tokens: int, repea
     lo, hi = max(1, math.floor(batch)), max(1, math.ceil(batch))
     for b in {lo, hi}:
         if b not in cache:
-            cache[b] = await decode_throughput(engine, await capacity_prefixes(engine, aligned, prompts, b), tokens, repeats)
+            cache[b] = await decode_throughput(
+                engine, await capacity_prefixes(engine, aligned, prompts, b), tokens, repeats
+            )
     if lo == hi:
         return cache[lo]["tokens_per_s"]
     w = batch - lo
     return (1 - w) * cache[lo]["tokens_per_s"] + w * cache[hi]["tokens_per_s"]
 
 
-async def sweep(engine, aligned, cfg: BenchConfig, reference_tps: float | None = None,
-                capacity_cache: dict | None = None) -> list[dict]:
+async def sweep(
+    engine, aligned, cfg: BenchConfig, reference_tps: float | None = None, capacity_cache: dict | None = None
+) -> list[dict]:
     """TQ* at each concurrency in ``cfg.concurrency``: throughput, reward, rollout statistics and rollout
     efficiency (see the module docstring). ``engine`` may be any open engine (tests pass theirs)."""
     from alignd.decoding.config import DecodingConfig
@@ -370,8 +406,11 @@ async def sweep(engine, aligned, cfg: BenchConfig, reference_tps: float | None =
         decisions = sum(r["cost"]["decisions"] for r in results)
         rollout_decisions = sum(1 for r in results for s in r["steps"] if s["cost"]["rollouts"])
         batch = tracker.mean_in_flight
-        capacity = await capacity_at(engine, aligned, prompts, batch, cfg.rollout_len, cfg.capacity_repeats,
-                                     capacity_cache) if batch else float("nan")
+        capacity = (
+            await capacity_at(engine, aligned, prompts, batch, cfg.rollout_len, cfg.capacity_repeats, capacity_cache)
+            if batch
+            else float("nan")
+        )
         duty = tracker.busy_seconds / seconds
         row = {
             "concurrency": c,
@@ -391,8 +430,9 @@ async def sweep(engine, aligned, cfg: BenchConfig, reference_tps: float | None =
             "capacity_tokens_per_s": capacity,
             "rollout_efficiency": rollout_tokens / seconds / capacity if batch else float("nan"),
             "rollout_duty": duty,
-            "efficiency_while_rolling_out": (rollout_tokens / tracker.busy_seconds / capacity
-                                             if tracker.busy_seconds else float("nan")),
+            "efficiency_while_rolling_out": (
+                rollout_tokens / tracker.busy_seconds / capacity if tracker.busy_seconds else float("nan")
+            ),
             # diagnostics: what the engine itself ran, and who used the CPU
             "engine_running_mean": tracker.engine_running_mean,
             "sampled_in_flight_mean": tracker.sampled_in_flight_mean,
@@ -401,11 +441,14 @@ async def sweep(engine, aligned, cfg: BenchConfig, reference_tps: float | None =
         }
         rows.append(row)
         running = row["engine_running_mean"]
-        print(f"alignd c={c}: {row['tokens_per_s']:.3f} tokens/s aggregate, {row['rollout_tokens_per_s']:.1f} rollout "
-              f"tokens/s at B={batch:.1f} (engine {capacity:.1f} tokens/s): efficiency {row['rollout_efficiency']:.2f} "
-              f"(duty {duty:.2f} x {row['efficiency_while_rolling_out']:.2f}); vLLM running "
-              f"{'-' if running is None else f'{running:.1f}'}, CPU front end {row['front_end_cpu_cores']:.2f} / "
-              f"engine {row['engine_cpu_cores']:.2f} cores", flush=True)
+        print(
+            f"alignd c={c}: {row['tokens_per_s']:.3f} tokens/s aggregate, {row['rollout_tokens_per_s']:.1f} rollout "
+            f"tokens/s at B={batch:.1f} (engine {capacity:.1f} tokens/s): efficiency {row['rollout_efficiency']:.2f} "
+            f"(duty {duty:.2f} x {row['efficiency_while_rolling_out']:.2f}); vLLM running "
+            f"{'-' if running is None else f'{running:.1f}'}, CPU front end {row['front_end_cpu_cores']:.2f} / "
+            f"engine {row['engine_cpu_cores']:.2f} cores",
+            flush=True,
+        )
     return rows
 
 
@@ -427,8 +470,14 @@ async def cheaper_variants(engine, aligned, cfg: BenchConfig) -> list[dict]:
         seconds, results = await run_alignd(aligned, engine, PROMPTS[: cfg.variant_prompts], config, cfg.max_tokens)
         tokens = sum(r["tokens"] for r in results)
         rollout_tokens = sum(r["cost"]["rollout_tokens"] for r in results)
-        rows.append({"variant": name, "rollout_tokens_per_output_token": rollout_tokens / tokens,
-                     "mean_reward": statistics.mean(r["reward"] for r in results), "tokens_per_s": tokens / seconds})
+        rows.append(
+            {
+                "variant": name,
+                "rollout_tokens_per_output_token": rollout_tokens / tokens,
+                "mean_reward": statistics.mean(r["reward"] for r in results),
+                "tokens_per_s": tokens / seconds,
+            }
+        )
     return rows
 
 
@@ -440,58 +489,94 @@ async def run_all(engine, settings, cfg: BenchConfig) -> dict:
     async with open_generation(engine, settings, configured_baselines=False) as aligned:
         reference = await measure_reference(engine, settings, aligned.rewards, cfg) if cfg.reference_prompts else None
         if reference:
-            print(f"reference loop: {reference['tokens_per_s']:.3f} tokens/s "
-                  f"({1 / reference['tokens_per_s']:.2f} s/token)", flush=True)
+            print(
+                f"reference loop: {reference['tokens_per_s']:.3f} tokens/s "
+                f"({1 / reference['tokens_per_s']:.2f} s/token)",
+                flush=True,
+            )
         capacity_cache: dict = {}
         rows = await sweep(engine, aligned, cfg, reference["tokens_per_s"] if reference else None, capacity_cache)
         variants = await cheaper_variants(engine, aligned, cfg)
-    return {"config": asdict(cfg), "reference": reference, "sweep": rows, "capacity": capacity_cache,
-            "variants": variants}
+    return {
+        "config": asdict(cfg),
+        "reference": reference,
+        "sweep": rows,
+        "capacity": capacity_cache,
+        "variants": variants,
+    }
 
 
 def report(results: dict) -> str:
     cfg = BenchConfig(**results["config"])
     ref = results["reference"]
-    lines = [f"{platform.machine()}, {os.cpu_count()} cores; k={cfg.top_k}, rollout_len={cfg.rollout_len}, 1 rollout, "
-             f"greedy, alpha={cfg.alpha}, {cfg.max_tokens} new tokens; reference: "
-             f"{cfg.reference_prompts or 'no'} prompt(s); pruning {'on' if cfg.prune else 'off'}", ""]
+    lines = [
+        f"{platform.machine()}, {os.cpu_count()} cores; k={cfg.top_k}, rollout_len={cfg.rollout_len}, 1 rollout, "
+        f"greedy, alpha={cfg.alpha}, {cfg.max_tokens} new tokens; reference: "
+        f"{cfg.reference_prompts or 'no'} prompt(s); pruning {'on' if cfg.prune else 'off'}",
+        "",
+    ]
     lines += ["| | output tokens/s | vs reference loop | mean positivity |", "|---|---|---|---|"]
     if ref:
         lines.append(f"| reference loop (HF, batch 1) | {ref['tokens_per_s']:.3f} | 1.00x | |")
     for r in results["sweep"]:
         vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
-        lines.append(f"| alignd TQ*, concurrency {r['concurrency']} | {r['tokens_per_s']:.3f} | {vs} | {r['mean_reward']:.3f} |")
-    lines += ["", "| concurrency | decisions (with rollouts) | rollouts per rollout decision | rollout tokens/s | "
-              "B: mean rollouts in flight (nominal) | engine decode tokens/s at B | **rollout efficiency** | "
-              "rollout duty | efficiency while rolling out |", "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| alignd TQ*, concurrency {r['concurrency']} | {r['tokens_per_s']:.3f} | {vs} | {r['mean_reward']:.3f} |"
+        )
+    lines += [
+        "",
+        "| concurrency | decisions (with rollouts) | rollouts per rollout decision | rollout tokens/s | "
+        "B: mean rollouts in flight (nominal) | engine decode tokens/s at B | **rollout efficiency** | "
+        "rollout duty | efficiency while rolling out |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["sweep"]:
         per = r["rollouts"] / r["rollout_decisions"] if r["rollout_decisions"] else 0.0
         lines.append(
-            f"| {r['concurrency']} | {r['decisions']} ({r['rollout_decisions']}) | {per:.2f} | {r['rollout_tokens_per_s']:.1f} | "
-            f"{r['batch']:.1f} ({r['nominal_batch']:.1f}) | {r['capacity_tokens_per_s']:.1f} | **{r['rollout_efficiency']:.0%}** | "
-            f"{r['rollout_duty']:.0%} | {r['efficiency_while_rolling_out']:.0%} |")
-    lines += ["", "| concurrency | rollouts in flight (sampled) | vLLM running requests (sampled) | front-end CPU (cores) | "
-              "engine CPU (cores) |", "|---|---|---|---|---|"]
+            f"| {r['concurrency']} | {r['decisions']} ({r['rollout_decisions']}) | {per:.2f} | "
+            f"{r['rollout_tokens_per_s']:.1f} | {r['batch']:.1f} ({r['nominal_batch']:.1f}) | "
+            f"{r['capacity_tokens_per_s']:.1f} | **{r['rollout_efficiency']:.0%}** | "
+            f"{r['rollout_duty']:.0%} | {r['efficiency_while_rolling_out']:.0%} |"
+        )
+    lines += [
+        "",
+        "| concurrency | rollouts in flight (sampled) | vLLM running requests (sampled) | front-end CPU (cores) | "
+        "engine CPU (cores) |",
+        "|---|---|---|---|---|",
+    ]
 
     def opt(value) -> str:
         return "-" if value is None else f"{value:.1f}"
 
     for r in results["sweep"]:
-        lines.append(f"| {r['concurrency']} | {opt(r['sampled_in_flight_mean'])} | {opt(r['engine_running_mean'])} | "
-                     f"{r['front_end_cpu_cores']:.2f} | {r['engine_cpu_cores']:.2f} |")
+        lines.append(
+            f"| {r['concurrency']} | {opt(r['sampled_in_flight_mean'])} | {opt(r['engine_running_mean'])} | "
+            f"{r['front_end_cpu_cores']:.2f} | {r['engine_cpu_cores']:.2f} |"
+        )
     cap = results["capacity"]
     if cap:
-        lines += ["", f"engine batched greedy decode (one rollouts call, {cfg.rollout_len} tokens each): " + ", ".join(
-            f"B={b}: {cap[b]['tokens_per_s']:.1f} tok/s ({cap[b]['full_length']:.0%} of full length)"
-            for b in sorted(cap))]
+        lines += [
+            "",
+            f"engine batched greedy decode (one rollouts call, {cfg.rollout_len} tokens each): "
+            + ", ".join(
+                f"B={b}: {cap[b]['tokens_per_s']:.1f} tok/s ({cap[b]['full_length']:.0%} of full length)"
+                for b in sorted(cap)
+            ),
+        ]
     if results["variants"]:
         base = results["variants"][0]["rollout_tokens_per_output_token"]
-        lines += ["", f"| variant ({cfg.variant_prompts} prompts, concurrent) | rollout tokens per output token | "
-                  "reduction | mean positivity | output tokens/s |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"| variant ({cfg.variant_prompts} prompts, concurrent) | rollout tokens per output token | "
+            "reduction | mean positivity | output tokens/s |",
+            "|---|---|---|---|---|",
+        ]
         for v in results["variants"]:
             rpt = v["rollout_tokens_per_output_token"]
-            lines.append(f"| {v['variant']} | {rpt:.1f} | {base / max(rpt, 1e-9):.1f}x | {v['mean_reward']:.3f} | "
-                         f"{v['tokens_per_s']:.3f} |")
+            lines.append(
+                f"| {v['variant']} | {rpt:.1f} | {base / max(rpt, 1e-9):.1f}x | {v['mean_reward']:.3f} | "
+                f"{v['tokens_per_s']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -499,10 +584,17 @@ async def main(args) -> dict:
     from alignd.models.factory import open_engine
     from alignd.settings import Settings
 
-    cfg = BenchConfig(max_tokens=args.max_tokens, top_k=args.top_k, rollout_len=args.rollout_len, alpha=args.alpha,
-                      concurrency=args.concurrency, prune=args.prune,
-                      reference_prompts=args.reference_prompts if args.reference else 0,
-                      variant_prompts=args.variant_prompts, capacity_repeats=args.capacity_repeats)
+    cfg = BenchConfig(
+        max_tokens=args.max_tokens,
+        top_k=args.top_k,
+        rollout_len=args.rollout_len,
+        alpha=args.alpha,
+        concurrency=args.concurrency,
+        prune=args.prune,
+        reference_prompts=args.reference_prompts if args.reference else 0,
+        variant_prompts=args.variant_prompts,
+        capacity_repeats=args.capacity_repeats,
+    )
     if args.smoke:
         cfg = BenchConfig(**{**asdict(cfg), **SMOKE})
     settings = Settings()
@@ -521,13 +613,21 @@ if __name__ == "__main__":
     parser.add_argument("--rollout-len", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the reference loop (HF, batch 1) for the speed-up column")
+    parser.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the reference loop (HF, batch 1) for the speed-up column",
+    )
     parser.add_argument("--reference-prompts", type=int, default=1)
     parser.add_argument("--variant-prompts", type=int, default=8, help="0 skips the cheaper-variants table")
     parser.add_argument("--capacity-repeats", type=int, default=3, help="timed runs per engine-capacity batch size")
-    parser.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
-                        help="skip rollouts of candidates that cannot win (greedy, bounded reward: same answers)")
+    parser.add_argument(
+        "--prune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip rollouts of candidates that cannot win (greedy, bounded reward: same answers)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, not the speed")
     asyncio.run(main(parser.parse_args()))

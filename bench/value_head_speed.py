@@ -62,8 +62,9 @@ def log(message: str) -> None:
     print(f"[value_head_speed {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def prepared_folder(head: Path | None, settings, *, prepare: bool = True,
-                    implicit: bool = False) -> tuple[str, str | None, dict, dict | None]:
+def prepared_folder(
+    head: Path | None, settings, *, prepare: bool = True, implicit: bool = False
+) -> tuple[str, str | None, dict, dict | None]:
     """(the served model folder, the value-guided folder vllm serve gets (None: not ``prepare``d), the
     head's manifest with its path, what the baseline stack is (None: no ``implicit``))."""
     from alignd.models.factory import implicit_baseline_stack, value_guided_model
@@ -73,8 +74,10 @@ def prepared_folder(head: Path | None, settings, *, prepare: bool = True,
     model_dir = resolve_model_path(settings, progress=False)
     head = head or settings.value_head_dir()
     if head is None:
-        raise SystemExit("no value head: pass --head <folder made by `alignd train value-head`> "
-                         "(ALIGND_VALUE_HEAD=default names the committed one where it exists)")
+        raise SystemExit(
+            "no value head: pass --head <folder made by `alignd train value-head`> "
+            "(ALIGND_VALUE_HEAD=default names the committed one where it exists)"
+        )
     stack, card = implicit_baseline_stack(model_dir, settings) if implicit else (None, None)
     if not prepare:
         return str(model_dir), None, {**read_manifest(head), "path": str(Path(head).resolve())}, card
@@ -101,18 +104,23 @@ def summarize(runs: dict[int, dict[str, list[dict]]]) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| concurrency | side | plain tok/s | side tok/s | **side / plain (paired)** | per round | TTFT median plain / "
-             "side (ms) | ITL median plain / side (ms) | answers changed | goal |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| concurrency | side | plain tok/s | side tok/s | **side / plain (paired)** | per round | TTFT median plain / "
+        "side (ms) | ITL median plain / side (ms) | answers changed | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c, rows in summary.items():
         for side, row in rows.items():
             p, h = row["plain"], row[side]
             changed = "-" if row["answers_changed"] is None else f"{row['answers_changed']:.0%}"
-            lines.append(f"| {c} | {side} | {p['output_throughput']:.1f} | {h['output_throughput']:.1f} | "
-                         f"**{row['ratio']:.3f}x** | " + ", ".join(f"{x:.3f}" for x in row["ratio_per_round"])
-                         + f" | {p['median_ttft_ms']:.0f} / {h['median_ttft_ms']:.0f} | {p['median_itl_ms']:.1f} / "
-                         f"{h['median_itl_ms']:.1f} | {changed} | {row['goal']:.2f}x "
-                         f"{'met' if row['goal_met'] else 'MISSED'} |")
+            lines.append(
+                f"| {c} | {side} | {p['output_throughput']:.1f} | {h['output_throughput']:.1f} | "
+                f"**{row['ratio']:.3f}x** | "
+                + ", ".join(f"{x:.3f}" for x in row["ratio_per_round"])
+                + f" | {p['median_ttft_ms']:.0f} / {h['median_ttft_ms']:.0f} | {p['median_itl_ms']:.1f} / "
+                f"{h['median_itl_ms']:.1f} | {changed} | {row['goal']:.2f}x "
+                f"{'met' if row['goal_met'] else 'MISSED'} |"
+            )
     return "\n".join(lines)
 
 
@@ -127,23 +135,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head", type=Path, default=None, help="value-head folder (default: ALIGND_VALUE_HEAD's)")
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None, help="candidates per step (default: the head's own top_k)")
-    parser.add_argument("--implicit", action="store_true", help="also implicit TQ* from the default DPO adapter, "
-                        "merged as a baseline stack of the served folder")
+    parser.add_argument(
+        "--implicit",
+        action="store_true",
+        help="also implicit TQ* from the default DPO adapter, merged as a baseline stack of the served folder",
+    )
     parser.add_argument("--implicit-alpha", type=float, default=None, help="default: the adapter's beta")
     parser.add_argument("--implicit-top-k", type=int, default=10, help="0: the whole vocabulary")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--prompts-per-stream", type=int, default=4,
-                        help="requests per run = this x the concurrency")
+    parser.add_argument("--prompts-per-stream", type=int, default=4, help="requests per run = this x the concurrency")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-warmup", action="store_true", help="skip the discarded warm-up runs (--smoke does)")
     parser.add_argument("--seed", type=int, default=2000)
     parser.add_argument("--kv-cache-gib", type=int, default=None)
-    parser.add_argument("--prefix-caching", action="store_true", help="keep vLLM's prefix caching on (alignd's "
-                        "default): the side that runs second in a round then finds the round's prompts cached")
-    parser.add_argument("--vllm-url", default=None, help="use this running `vllm serve` of the head's folder instead "
-                        "of starting one")
+    parser.add_argument(
+        "--prefix-caching",
+        action="store_true",
+        help="keep vLLM's prefix caching on (alignd's "
+        "default): the side that runs second in a round then finds the round's prompts cached",
+    )
+    parser.add_argument(
+        "--vllm-url", default=None, help="use this running `vllm serve` of the head's folder instead of starting one"
+    )
     parser.add_argument("--served-model-name", default=None, help="its model name (default: alignd's model name)")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
@@ -160,20 +175,25 @@ def run(args: argparse.Namespace) -> dict:
 
     settings = Settings()
     kv_gib = args.kv_cache_gib or settings.cpu_kvcache_space_gib
-    model_dir, served, manifest, stack = prepared_folder(args.head, settings, prepare=args.vllm_url is None,
-                                                         implicit=args.implicit)
+    model_dir, served, manifest, stack = prepared_folder(
+        args.head, settings, prepare=args.vllm_url is None, implicit=args.implicit
+    )
     model_name = args.served_model_name or settings.model_name
     top_k = args.top_k or int(manifest.get("top_k") or settings.decoding_top_k)
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="value-head-speed-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    log(f"head {manifest['path']} (reward {manifest.get('reward')}), alpha {args.alpha}, k {top_k}; "
-        f"serving {served}; work dir {work_dir}")
+    log(
+        f"head {manifest['path']} (reward {manifest.get('reward')}), alpha {args.alpha}, k {top_k}; "
+        f"serving {served}; work dir {work_dir}"
+    )
     xargs = {"head": {ALPHA_KEY: args.alpha, TOP_K_KEY: top_k}}
     if stack is not None:
         implicit_alpha = args.implicit_alpha or stack["beta"]
         xargs["implicit"] = {ALPHA_KEY: implicit_alpha, TOP_K_KEY: args.implicit_top_k, VALUE_KEY: IMPLICIT}
-        log(f"implicit: baseline stack of {stack['adapter']} (beta {stack['beta']}), alpha {implicit_alpha}, "
-            f"k {args.implicit_top_k}")
+        log(
+            f"implicit: baseline stack of {stack['adapter']} (beta {stack['beta']}), alpha {implicit_alpha}, "
+            f"k {args.implicit_top_k}"
+        )
     sides = ("plain", *xargs)
 
     # Both sides send the same prompts in a round: with prefix caching on, the second side would find the
@@ -188,40 +208,80 @@ def run(args: argparse.Namespace) -> dict:
         url = (args.vllm_url or server.base_url).rstrip("/")
         for concurrency in args.concurrency:
             n = args.prompts_per_stream * concurrency
-            specs = {side: so.LoadSpec(args.input_len, args.output_len, n, concurrency, True, ["--save-detailed", *(
-                         ["--extra-body", json.dumps({"vllm_xargs": xargs[side]})] if side in xargs else [])])
-                     for side in sides}
+            specs = {
+                side: so.LoadSpec(
+                    args.input_len,
+                    args.output_len,
+                    n,
+                    concurrency,
+                    True,
+                    [
+                        "--save-detailed",
+                        *(["--extra-body", json.dumps({"vllm_xargs": xargs[side]})] if side in xargs else []),
+                    ],
+                )
+                for side in sides
+            }
             for side, spec in specs.items() if not args.no_warmup else ():
                 t0 = time.perf_counter()
                 warm = so.LoadSpec(spec.input_len, spec.output_len, concurrency, concurrency, True, spec.extra)
-                so.run_load(side, url, model_name, model_dir, warm, args.seed - 1, work_dir,
-                            f"warmup-c{concurrency}-{side}")
+                so.run_load(
+                    side, url, model_name, model_dir, warm, args.seed - 1, work_dir, f"warmup-c{concurrency}-{side}"
+                )
                 log(f"c={concurrency} warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
             runs[concurrency] = {side: [] for side in sides}
             for r in range(1, args.rounds + 1):
                 for side in round_order(sides, r):
                     spec = specs[side]
-                    res = so.run_load(side, url, model_name, model_dir, spec, args.seed + r, work_dir,
-                                      f"c{concurrency}-round{r}-{side}", server)
+                    res = so.run_load(
+                        side,
+                        url,
+                        model_name,
+                        model_dir,
+                        spec,
+                        args.seed + r,
+                        work_dir,
+                        f"c{concurrency}-round{r}-{side}",
+                        server,
+                    )
                     runs[concurrency][side].append(res)
-                    log(f"c={concurrency} round {r}/{args.rounds} {side:8s}: {res['output_throughput']:.2f} tok/s, "
-                        f"TTFT median {res['median_ttft_ms']:.0f} ms, ITL median {res['median_itl_ms']:.1f} ms")
+                    log(
+                        f"c={concurrency} round {r}/{args.rounds} {side:8s}: {res['output_throughput']:.2f} tok/s, "
+                        f"TTFT median {res['median_ttft_ms']:.0f} ms, ITL median {res['median_itl_ms']:.1f} ms"
+                    )
     finally:
         if server is not None:
             server.stop()
             log("server stopped")
 
-    summary = {"setup": {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": so.versions(), "model_dir": model_dir,
-        "served_folder": served, "vllm_url_given": args.vllm_url is not None, "head": {k: manifest.get(k) for k in ("path", "reward", "top_k", "rollout_len")},
-        "alpha": args.alpha, "top_k": top_k, "baseline_stack": stack, "vllm_xargs": xargs, "input_len": args.input_len, "output_len": args.output_len,
-        "prompts_per_stream": args.prompts_per_stream, "rounds": args.rounds, "kv_cache_gib": kv_gib,
-        "prefix_caching": args.prefix_caching, "order": "the sides rotated by one per round",
-        "vllm_serve_flags": so.engine_settings(serve_settings)},
-        "concurrency": summarize(runs)}
+    summary = {
+        "setup": {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "versions": so.versions(),
+            "model_dir": model_dir,
+            "served_folder": served,
+            "vllm_url_given": args.vllm_url is not None,
+            "head": {k: manifest.get(k) for k in ("path", "reward", "top_k", "rollout_len")},
+            "alpha": args.alpha,
+            "top_k": top_k,
+            "baseline_stack": stack,
+            "vllm_xargs": xargs,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "prompts_per_stream": args.prompts_per_stream,
+            "rounds": args.rounds,
+            "kv_cache_gib": kv_gib,
+            "prefix_caching": args.prefix_caching,
+            "order": "the sides rotated by one per round",
+            "vllm_serve_flags": so.engine_settings(serve_settings),
+        },
+        "concurrency": summarize(runs),
+    }
     print(f"\n{summary['setup']['machine']}; {summary['setup']['versions']}")
-    print(f"random dataset, {args.input_len} input / {args.output_len} output tokens (ignore_eos), temperature 0, "
-          f"{args.prompts_per_stream} requests per stream, {args.rounds} round(s); head alpha {args.alpha}, k {top_k}\n")
+    print(
+        f"random dataset, {args.input_len} input / {args.output_len} output tokens (ignore_eos), temperature 0, "
+        f"{args.prompts_per_stream} requests per stream, {args.rounds} round(s); head alpha {args.alpha}, k {top_k}\n"
+    )
     print(markdown(summary["concurrency"]))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2))

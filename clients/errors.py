@@ -1,16 +1,16 @@
 """Typed errors of the alignd client, mirroring the server's statuses (as the ``openai`` client does).
 
-    AligndClientError
-    ├── APIConnectionError          (no answer: refused, reset, DNS)
-    │   └── APITimeoutError
-    └── APIStatusError              (the server answered with a 4xx/5xx; .status_code, .body, .param, .code)
-        ├── BadRequestError         400
-        ├── AuthenticationError     401
-        ├── PermissionDeniedError   403
-        ├── NotFoundError           404
-        ├── UnprocessableEntityError 422
-        ├── RateLimitError          429 (the server is at capacity: .retry_after says when to retry)
-        └── InternalServerError     5xx (and errors reported inside a stream; 503 and 504 too)
+AligndClientError
+├── APIConnectionError          (no answer: refused, reset, DNS)
+│   └── APITimeoutError
+└── APIStatusError              (the server answered with a 4xx/5xx; .status_code, .body, .param, .code)
+    ├── BadRequestError         400
+    ├── AuthenticationError     401
+    ├── PermissionDeniedError   403
+    ├── NotFoundError           404
+    ├── UnprocessableEntityError 422
+    ├── RateLimitError          429 (the server is at capacity: .retry_after says when to retry)
+    └── InternalServerError     5xx (and errors reported inside a stream; 503 and 504 too)
 """
 
 from __future__ import annotations

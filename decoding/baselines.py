@@ -69,20 +69,28 @@ class Baseline:
         served weights)."""
         use = "use decoding.value='rollouts'"
         if self.kind == "prompted":
-            return (f"baseline '{self.name}' is the SFT model with a system prompt, not a policy trained by DPO or "
-                    f"IRFT: it has no implicit Q; {use}")
+            return (
+                f"baseline '{self.name}' is the SFT model with a system prompt, not a policy trained by DPO or "
+                f"IRFT: it has no implicit Q; {use}"
+            )
         if self.kind != "adapter":
-            return (f"baseline '{self.name}' is a {self.kind} without alignd's adapter manifest: nothing says it is "
-                    f"a DPO or IRFT policy of the served model, or with which beta; {use}")
+            return (
+                f"baseline '{self.name}' is a {self.kind} without alignd's adapter manifest: nothing says it is "
+                f"a DPO or IRFT policy of the served model, or with which beta; {use}"
+            )
         trained_by = self.provenance.get("kind")
         if trained_by not in IMPLICIT_KINDS:
-            return (f"adapter '{self.name}' was not trained by DPO or IRFT (its manifest's kind: "
-                    f"{trained_by or 'none'}), so its log-ratio to the SFT model is not its Q; {use}")
+            return (
+                f"adapter '{self.name}' was not trained by DPO or IRFT (its manifest's kind: "
+                f"{trained_by or 'none'}), so its log-ratio to the SFT model is not its Q; {use}"
+            )
         if self.beta is None:
             return f"adapter '{self.name}': its manifest has no beta, the scale of its implicit Q; {use}"
         if not (self.provenance.get("base_model") or {}).get("weights_digest"):
-            return (f"adapter '{self.name}': its manifest records no base-model weights digest, so it cannot be "
-                    f"checked to be a policy of the served SFT model; {use}")
+            return (
+                f"adapter '{self.name}': its manifest records no base-model weights digest, so it cannot be "
+                f"checked to be a policy of the served SFT model; {use}"
+            )
         reward = self.provenance.get("reward") or self.implicit_reward
         return ImplicitForm(beta=self.beta, reward=reward, trained_by=trained_by)
 
@@ -127,8 +135,12 @@ class BaselineRegistry:
 def prompted_only(served: Engine, settings: Settings) -> BaselineRegistry:
     """The baselines of a configuration without adapters or baseline models: the prompted one, also
     the default (no engine to start)."""
-    prompted = Baseline(PROMPTED, "prompted", Policy(served, PROMPTED, system_prompt=settings.baseline_system_prompt),
-                        settings.baseline_system_prompt)
+    prompted = Baseline(
+        PROMPTED,
+        "prompted",
+        Policy(served, PROMPTED, system_prompt=settings.baseline_system_prompt),
+        settings.baseline_system_prompt,
+    )
     return BaselineRegistry({DEFAULT: prompted, PROMPTED: prompted})
 
 
@@ -144,7 +156,9 @@ async def build_baselines(served: Engine, settings: Settings) -> BaselineRegistr
         if "url" in spec:
             engine = await build_remote_engine(name, str(spec["url"]), served, settings, model=spec.get("served_model"))
             owned.append(engine)
-            return Baseline(name, "remote", Policy(engine, name), f"{engine.base_url} ({engine.model or 'its only model'})")
+            return Baseline(
+                name, "remote", Policy(engine, name), f"{engine.base_url} ({engine.model or 'its only model'})"
+            )
         if "system_prompt" in spec:
             prompt = str(spec["system_prompt"])
             return Baseline(name, "prompted", Policy(served, name, system_prompt=prompt), prompt)
@@ -153,8 +167,14 @@ async def build_baselines(served: Engine, settings: Settings) -> BaselineRegistr
             if own:
                 owned.append(engine)
             beta = adapter.manifest.get("beta")
-            return Baseline(name, "adapter", Policy(engine, name), str(adapter.path), adapter.provenance,
-                            float(beta) if beta is not None else None)
+            return Baseline(
+                name,
+                "adapter",
+                Policy(engine, name),
+                str(adapter.path),
+                adapter.provenance,
+                float(beta) if beta is not None else None,
+            )
         folder = Path(spec["model"]).expanduser()
         if not (folder / "config.json").is_file():
             raise ConfigurationError(f"baseline '{name}': {folder} is not a model folder (no config.json)")
@@ -165,8 +185,9 @@ async def build_baselines(served: Engine, settings: Settings) -> BaselineRegistr
     try:
         prompted = prompted_only(served, settings).get(PROMPTED)
         if settings.baseline_url:
-            default = await from_spec(DEFAULT, {"url": settings.baseline_url,
-                                                "served_model": settings.baseline_served_model})
+            default = await from_spec(
+                DEFAULT, {"url": settings.baseline_url, "served_model": settings.baseline_served_model}
+            )
         elif (adapter_dir := settings.default_adapter_dir()) is not None:
             default = await from_spec(DEFAULT, {"adapter": str(adapter_dir)})
         elif settings.baseline_model:

@@ -64,12 +64,16 @@ def head_defaults(generation: Generation, config: DecodingConfig) -> DecodingCon
     if config.reward is not None and config.reward != reward:
         raise InvalidRequestError(
             f"this server's value head was trained for reward '{reward}', not '{config.reward}': ask for "
-            f"reward '{reward}', or use decoding.value='rollouts' for any reward", param="decoding.reward")
+            f"reward '{reward}', or use decoding.value='rollouts' for any reward",
+            param="decoding.reward",
+        )
     served, described = generation.head_baseline()
     if config.baseline is not None and config.baseline != served:
         raise InvalidRequestError(
             f"this server's value head was distilled from baseline '{described}', not '{config.baseline}': "
-            "use decoding.value='rollouts' to transfer from another baseline", param="decoding.baseline")
+            "use decoding.value='rollouts' to transfer from another baseline",
+            param="decoding.baseline",
+        )
     # alpha defaults to the head's own (its manifest's: the alpha its values were fitted for; a head distilled from
     # implicit targets is in units of beta * log-ratio, where alpha = beta reproduces the baseline)
     alpha = config.alpha if config.alpha is not None else head.get("alpha")
@@ -79,17 +83,23 @@ def head_defaults(generation: Generation, config: DecodingConfig) -> DecodingCon
 def head_unavailable(generation: Generation) -> str | None:
     if generation.value_head:
         return None
-    return ("decoding.value='head' needs a value head, and this server has none (ALIGND_VALUE_HEAD: a folder made "
-            "by 'alignd train value-head'); use decoding.value='rollouts'")
+    return (
+        "decoding.value='head' needs a value head, and this server has none (ALIGND_VALUE_HEAD: a folder made "
+        "by 'alignd train value-head'); use decoding.value='rollouts'"
+    )
 
 
 def check_head_config(config: DecodingConfig) -> None:
     if config.transfer == "indirect":
-        raise ValueError("decoding.value='head' is direct transfer (the head was distilled from rollouts "
-                         "scored by its target reward); use value='rollouts' for indirect transfer")
+        raise ValueError(
+            "decoding.value='head' is direct transfer (the head was distilled from rollouts "
+            "scored by its target reward); use value='rollouts' for indirect transfer"
+        )
     if config.block_size != 1 or config.confidence_threshold is not None:
-        raise ValueError("block_size and confidence_threshold save rollouts; with decoding.value='head' "
-                         "every token is value-guided at no rollout cost: leave them unset")
+        raise ValueError(
+            "block_size and confidence_threshold save rollouts; with decoding.value='head' "
+            "every token is value-guided at no rollout cost: leave them unset"
+        )
 
 
 def _penalty_param(params: GenerationParams) -> str:
@@ -122,23 +132,32 @@ def cd_penalties(config: DecodingConfig, params: GenerationParams) -> None:
 def implicit_defaults(generation: Generation, config: DecodingConfig) -> DecodingConfig:
     """The baseline's implicit form fixes beta and the reward the values belong to; alpha defaults to beta
     (the rule is then the baseline itself over the candidates)."""
-    rollout_fields = [f for f in ("num_rollouts", "rollout_len", "rollout_temperature", "baseline_reward")
-                      if getattr(config, f) is not None]
+    rollout_fields = [
+        f
+        for f in ("num_rollouts", "rollout_len", "rollout_temperature", "baseline_reward")
+        if getattr(config, f) is not None
+    ]
     if rollout_fields:  # the request's own fields (the settings' defaults fill them later)
-        raise InvalidRequestError(f"decoding.value='implicit' runs no rollouts: leave {', '.join(rollout_fields)} "
-                                  "unset", param=f"decoding.{rollout_fields[0]}")
+        raise InvalidRequestError(
+            f"decoding.value='implicit' runs no rollouts: leave {', '.join(rollout_fields)} unset",
+            param=f"decoding.{rollout_fields[0]}",
+        )
     form = generation.baselines.get(config.baseline).implicit_form()
     if isinstance(form, str):
         raise InvalidRequestError(form, param="decoding.baseline")
     if config.beta is not None and config.beta != form.beta:
         raise InvalidRequestError(
             f"decoding.beta={config.beta:g}, but baseline '{config.baseline or DEFAULT}' was trained with beta "
-            f"{form.beta:g}, which its implicit Q is scaled by: leave beta unset", param="decoding.beta")
+            f"{form.beta:g}, which its implicit Q is scaled by: leave beta unset",
+            param="decoding.beta",
+        )
     if config.reward is not None and config.reward != form.reward:
         raise InvalidRequestError(
             f"decoding.value='implicit' gives the Q of the baseline's own reward, '{form.reward}', not of "
             f"'{config.reward}': ask for reward '{form.reward}', or use decoding.value='rollouts' (direct, or "
-            "indirect transfer) for another reward", param="decoding.reward")
+            "indirect transfer) for another reward",
+            param="decoding.reward",
+        )
     alpha = form.beta if config.alpha is None else config.alpha
     return config.model_copy(update={"beta": form.beta, "reward": form.reward, "alpha": alpha})
 
@@ -174,15 +193,19 @@ def implicit_unavailable(generation: Generation) -> str | None:
     forms = [baseline.implicit_form() for baseline in generation.baselines.all()]
     if any(not isinstance(form, str) for form in forms):
         return None
-    return ("decoding.value='implicit' needs a baseline trained by DPO or IRFT from the served model (an adapter "
-            "made by 'alignd train dpo|irft', named by ALIGND_BASELINE_ADAPTER or ALIGND_BASELINES), and this "
-            "server has none (GET /v1/baselines); use decoding.value='rollouts'")
+    return (
+        "decoding.value='implicit' needs a baseline trained by DPO or IRFT from the served model (an adapter "
+        "made by 'alignd train dpo|irft', named by ALIGND_BASELINE_ADAPTER or ALIGND_BASELINES), and this "
+        "server has none (GET /v1/baselines); use decoding.value='rollouts'"
+    )
 
 
 def check_implicit_config(config: DecodingConfig) -> None:
     if config.transfer == "indirect":
-        raise ValueError("decoding.value='implicit' is the baseline's own Q (direct transfer); use value='rollouts' "
-                         "for indirect transfer")
+        raise ValueError(
+            "decoding.value='implicit' is the baseline's own Q (direct transfer); use value='rollouts' "
+            "for indirect transfer"
+        )
 
 
 def configured_baseline(generation: Generation, config: DecodingConfig) -> tuple[str | None, str | None]:
@@ -196,11 +219,20 @@ def head_baseline(generation: Generation, config: DecodingConfig) -> tuple[str |
 
 
 # ---------------------------------------------------------------------------- decoders
-def value_guided(generation: Generation, config: DecodingConfig, params: GenerationParams,
-                 estimator: ValueEstimator) -> Decoder:
-    return ValueGuidedDecoder(generation.sft, estimator, params, alpha=config.alpha, top_k=config.top_k,
-                              block_size=config.block_size, confidence_threshold=config.confidence_threshold,
-                              prune=bool(config.prune), record_candidates=config.diagnostics)
+def value_guided(
+    generation: Generation, config: DecodingConfig, params: GenerationParams, estimator: ValueEstimator
+) -> Decoder:
+    return ValueGuidedDecoder(
+        generation.sft,
+        estimator,
+        params,
+        alpha=config.alpha,
+        top_k=config.top_k,
+        block_size=config.block_size,
+        confidence_threshold=config.confidence_threshold,
+        prune=bool(config.prune),
+        record_candidates=config.diagnostics,
+    )
 
 
 def rollout_values(generation: Generation, config: DecodingConfig, *, from_baseline: bool) -> ValueEstimator:
@@ -222,27 +254,41 @@ def build_sft(generation: Generation, config: DecodingConfig, params: Generation
 
 
 def build_baseline(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
-    return BaselineDecoder(generation.sft, generation.baselines.get(config.baseline).policy, params,
-                           record_candidates=config.diagnostics)
+    return BaselineDecoder(
+        generation.sft, generation.baselines.get(config.baseline).policy, params, record_candidates=config.diagnostics
+    )
 
 
 def build_args(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
-    return value_guided(generation, config, params,
-                        PartialRewardValue(generation.rewards.get(config.reward), generation.engine.decode))
+    return value_guided(
+        generation, config, params, PartialRewardValue(generation.rewards.get(config.reward), generation.engine.decode)
+    )
 
 
 def build_cd(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
     if config.cd_mode == "block":
-        return BlockwiseCDDecoder(generation.sft, generation.rewards.get(config.reward), params,
-                                  num_blocks=config.num_blocks, block_len=config.block_len, alpha=config.alpha,
-                                  block_temperature=config.sample_temperature, record_candidates=config.diagnostics)
+        return BlockwiseCDDecoder(
+            generation.sft,
+            generation.rewards.get(config.reward),
+            params,
+            num_blocks=config.num_blocks,
+            block_len=config.block_len,
+            alpha=config.alpha,
+            block_temperature=config.sample_temperature,
+            record_candidates=config.diagnostics,
+        )
     return value_guided(generation, config, params, rollout_values(generation, config, from_baseline=False))
 
 
 def build_best_of_n(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
-    return BestOfNDecoder(generation.sft, generation.rewards.get(config.reward), params,
-                          num_samples=config.num_samples, sample_temperature=config.sample_temperature,
-                          record_candidates=config.diagnostics)
+    return BestOfNDecoder(
+        generation.sft,
+        generation.rewards.get(config.reward),
+        params,
+        num_samples=config.num_samples,
+        sample_temperature=config.sample_temperature,
+        record_candidates=config.diagnostics,
+    )
 
 
 def build_tq_rollouts(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
@@ -250,8 +296,9 @@ def build_tq_rollouts(generation: Generation, config: DecodingConfig, params: Ge
 
 
 def build_tq_head(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
-    return HeadTransferQDecoder(generation.sft, params, alpha=config.alpha, top_k=config.top_k,
-                                record_candidates=config.diagnostics)
+    return HeadTransferQDecoder(
+        generation.sft, params, alpha=config.alpha, top_k=config.top_k, record_candidates=config.diagnostics
+    )
 
 
 def implicit_values(generation: Generation, config: DecodingConfig) -> ValueEstimator:
@@ -287,48 +334,125 @@ def build_by_value_source(generation: Generation, config: DecodingConfig, params
 
 
 # ---------------------------------------------------------------------------- the registry's entries
-register_method(MethodSpec(
-    "sft", "The SFT model's own decoding (greedy or sampled): the engine's sampler, one request per answer.",
-    PLAIN, (), build_sft, is_engine_sampler=True))
-register_method(MethodSpec(
-    "baseline", "The baseline (aligned) policy sampled directly, one request per answer.",
-    PLAIN, ("baseline",), build_baseline, needs_baseline=True, prepare=baseline_defaults,
-    named_baseline=configured_baseline))
-register_method(MethodSpec(
-    "transfer_q", "Transfer Q*: pi_SFT(z|s) exp(Q(s, z) / alpha) over the SFT model's top-k, with Q of the "
-    "baseline estimated by the value source (decoding.value).",
-    ALIGNED, (*VALUE_GUIDED, "baseline", "value"), build_by_value_source, needs_reward=True, needs_baseline=True,
-    takes_value_source=True, prepare=choose_value_source))
-register_method(MethodSpec(
-    "args", "ARGS: pi_SFT(z|s) exp(r(s + z) / alpha), the reward of the partial answer as the value.",
-    ALIGNED, (*VALUE_GUIDED, *GATING), build_args, needs_reward=True,
-    check_params=penalties_need_single_token_blocks))
-register_method(MethodSpec(
-    "cd", "Controlled decoding: Q from the SFT model's own rollouts, token-wise or block-wise.",
-    ALIGNED, (*VALUE_GUIDED, *GATING, *ROLLOUTS, "cd_mode", "num_blocks", "block_len", "sample_temperature"),
-    build_cd, needs_reward=True, check_params=cd_penalties))
-register_method(MethodSpec(
-    "best_of_n", "N whole answers from the SFT model; the best by the target reward.",
-    ALIGNED, ("reward", "num_samples", "sample_temperature"), build_best_of_n, needs_reward=True))
+register_method(
+    MethodSpec(
+        "sft",
+        "The SFT model's own decoding (greedy or sampled): the engine's sampler, one request per answer.",
+        PLAIN,
+        (),
+        build_sft,
+        is_engine_sampler=True,
+    )
+)
+register_method(
+    MethodSpec(
+        "baseline",
+        "The baseline (aligned) policy sampled directly, one request per answer.",
+        PLAIN,
+        ("baseline",),
+        build_baseline,
+        needs_baseline=True,
+        prepare=baseline_defaults,
+        named_baseline=configured_baseline,
+    )
+)
+register_method(
+    MethodSpec(
+        "transfer_q",
+        "Transfer Q*: pi_SFT(z|s) exp(Q(s, z) / alpha) over the SFT model's top-k, with Q of the "
+        "baseline estimated by the value source (decoding.value).",
+        ALIGNED,
+        (*VALUE_GUIDED, "baseline", "value"),
+        build_by_value_source,
+        needs_reward=True,
+        needs_baseline=True,
+        takes_value_source=True,
+        prepare=choose_value_source,
+    )
+)
+register_method(
+    MethodSpec(
+        "args",
+        "ARGS: pi_SFT(z|s) exp(r(s + z) / alpha), the reward of the partial answer as the value.",
+        ALIGNED,
+        (*VALUE_GUIDED, *GATING),
+        build_args,
+        needs_reward=True,
+        check_params=penalties_need_single_token_blocks,
+    )
+)
+register_method(
+    MethodSpec(
+        "cd",
+        "Controlled decoding: Q from the SFT model's own rollouts, token-wise or block-wise.",
+        ALIGNED,
+        (*VALUE_GUIDED, *GATING, *ROLLOUTS, "cd_mode", "num_blocks", "block_len", "sample_temperature"),
+        build_cd,
+        needs_reward=True,
+        check_params=cd_penalties,
+    )
+)
+register_method(
+    MethodSpec(
+        "best_of_n",
+        "N whole answers from the SFT model; the best by the target reward.",
+        ALIGNED,
+        ("reward", "num_samples", "sample_temperature"),
+        build_best_of_n,
+        needs_reward=True,
+    )
+)
 
-register_value_source(ValueSourceSpec(
-    "rollouts", "Q from the baseline's rollouts of each candidate, scored by the target reward (any reward; "
-    "direct or indirect transfer).",
-    ALIGNED, (*GATING, *ROLLOUTS, "transfer", "beta", "baseline_reward"), build_tq_rollouts,
-    estimator=lambda generation, config: rollout_values(generation, config, from_baseline=True),
-    prepare=baseline_defaults, check_params=penalties_need_single_token_blocks, named_baseline=configured_baseline))
-register_value_source(ValueSourceSpec(
-    "head", "Q from the server's learned value head, inside the engine's decode step (near plain decoding's "
-    "cost; its own reward and baseline only: GET /v1/value_head).",
-    PLAIN, (), build_tq_head, in_engine=True, check_config=check_head_config, prepare=head_defaults,
-    named_baseline=head_baseline, metric_label="transfer_q_head", unavailable=head_unavailable))
-register_value_source(ValueSourceSpec(
-    "implicit", "The exact Q of a baseline trained by DPO or IRFT from the served model: beta * (log pi_BL - "
-    "log pi_SFT), one scoring request to each model a token, no rollouts (the baseline's own reward only; "
-    "alpha = beta reproduces the baseline, smaller alpha extrapolates past it, larger stays closer to SFT; "
-    "top_k 0: the whole vocabulary).",
-    # aligned where each token is its own scoring requests through alignd; plain where the engine computes the
-    # values in its step (ALIGND_IMPLICIT_IN_ENGINE: one engine request an answer): implicit_family
-    ALIGNED, (*GATING, "beta"), build_tq_implicit, family_of=implicit_family, estimator=implicit_values, check_config=check_implicit_config,
-    prepare=implicit_defaults, check_params=penalties_need_single_token_blocks, named_baseline=configured_baseline,
-    metric_label="transfer_q_implicit", unavailable=implicit_unavailable, whole_vocabulary=True))
+register_value_source(
+    ValueSourceSpec(
+        "rollouts",
+        "Q from the baseline's rollouts of each candidate, scored by the target reward (any reward; "
+        "direct or indirect transfer).",
+        ALIGNED,
+        (*GATING, *ROLLOUTS, "transfer", "beta", "baseline_reward"),
+        build_tq_rollouts,
+        estimator=lambda generation, config: rollout_values(generation, config, from_baseline=True),
+        prepare=baseline_defaults,
+        check_params=penalties_need_single_token_blocks,
+        named_baseline=configured_baseline,
+    )
+)
+register_value_source(
+    ValueSourceSpec(
+        "head",
+        "Q from the server's learned value head, inside the engine's decode step (near plain decoding's "
+        "cost; its own reward and baseline only: GET /v1/value_head).",
+        PLAIN,
+        (),
+        build_tq_head,
+        in_engine=True,
+        check_config=check_head_config,
+        prepare=head_defaults,
+        named_baseline=head_baseline,
+        metric_label="transfer_q_head",
+        unavailable=head_unavailable,
+    )
+)
+register_value_source(
+    ValueSourceSpec(
+        "implicit",
+        "The exact Q of a baseline trained by DPO or IRFT from the served model: beta * (log pi_BL - "
+        "log pi_SFT), one scoring request to each model a token, no rollouts (the baseline's own reward only; "
+        "alpha = beta reproduces the baseline, smaller alpha extrapolates past it, larger stays closer to SFT; "
+        "top_k 0: the whole vocabulary).",
+        # aligned where each token is its own scoring requests through alignd; plain where the engine computes the
+        # values in its step (ALIGND_IMPLICIT_IN_ENGINE: one engine request an answer): implicit_family
+        ALIGNED,
+        (*GATING, "beta"),
+        build_tq_implicit,
+        family_of=implicit_family,
+        estimator=implicit_values,
+        check_config=check_implicit_config,
+        prepare=implicit_defaults,
+        check_params=penalties_need_single_token_blocks,
+        named_baseline=configured_baseline,
+        metric_label="transfer_q_implicit",
+        unavailable=implicit_unavailable,
+        whole_vocabulary=True,
+    )
+)

@@ -38,11 +38,18 @@ def _registered(name: str, known: Mapping[str, object], what: str) -> str:
 class DecodingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: str = Field("sft", description="The decoding method: GET /v1/methods lists them with their parameters.",
-                        json_schema_extra=_method_enum)
+    method: str = Field(
+        "sft",
+        description="The decoding method: GET /v1/methods lists them with their parameters.",
+        json_schema_extra=_method_enum,
+    )
     alpha: float | None = Field(None, gt=0.0, description="KL strength: large = close to SFT, small = reward-seeking.")
-    top_k: int | None = Field(None, ge=0, description="Candidate tokens per step (the SFT model's most likely); 0: "
-                              "every token of the vocabulary (decoding.value='implicit' only).")
+    top_k: int | None = Field(
+        None,
+        ge=0,
+        description="Candidate tokens per step (the SFT model's most likely); 0: "
+        "every token of the vocabulary (decoding.value='implicit' only).",
+    )
     num_rollouts: int | None = Field(None, ge=1, description="Rollouts per candidate (transfer_q, cd).")
     rollout_len: int | None = Field(None, ge=0, description="Tokens per rollout (transfer_q, cd).")
     rollout_temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy rollouts.")
@@ -62,22 +69,30 @@ class DecodingConfig(BaseModel):
     beta: float | None = Field(None, gt=0.0, description="KL coefficient the baseline was aligned with (indirect).")
     reward: str | None = Field(None, description="Target reward name (default: the server's target reward).")
     baseline: str | None = Field(
-        None, description="The baseline to transfer from (transfer_q) or to sample (baseline): a name of GET "
+        None,
+        description="The baseline to transfer from (transfer_q) or to sample (baseline): a name of GET "
         "/v1/baselines; default 'default'.",
     )
     baseline_reward: str | None = Field(
-        None, description="Baseline reward name for indirect transfer; default: the baseline's own implicit "
+        None,
+        description="Baseline reward name for indirect transfer; default: the baseline's own implicit "
         "reward, '<baseline>_implicit'.",
     )
-    block_size: int = Field(1, ge=1, description="Decide by value every block_size tokens; the SFT model writes the rest.")
+    block_size: int = Field(
+        1, ge=1, description="Decide by value every block_size tokens; the SFT model writes the rest."
+    )
     confidence_threshold: float | None = Field(
         None, gt=0.0, le=1.0, description="Skip the value step where the SFT top-1 probability is at least this."
     )
-    cd_mode: Literal["token", "block"] = Field("token", description="cd: token-wise, or block-wise (K blocks of M tokens).")
+    cd_mode: Literal["token", "block"] = Field(
+        "token", description="cd: token-wise, or block-wise (K blocks of M tokens)."
+    )
     num_blocks: int | None = Field(None, ge=1, description="cd block-wise: K sampled blocks per decision.")
     block_len: int | None = Field(None, ge=1, description="cd block-wise: M tokens per block.")
     num_samples: int | None = Field(None, ge=1, description="best_of_n: N whole answers.")
-    sample_temperature: float | None = Field(None, gt=0.0, le=2.0, description="Sampling temperature of blocks and of best_of_n.")
+    sample_temperature: float | None = Field(
+        None, gt=0.0, le=2.0, description="Sampling temperature of blocks and of best_of_n."
+    )
     prune: bool | None = Field(
         None,
         description="Greedy only, bounded rewards: skip rollouts of candidates that cannot win (same answer, "
@@ -104,7 +119,9 @@ class DecodingConfig(BaseModel):
     @model_validator(mode="after")
     def _value_source_applies(self) -> DecodingConfig:
         if self.value != DEFAULT_VALUE_SOURCE and not self.spec.takes_value_source:
-            raise ValueError(f"decoding.value='{self.value}' is a transfer_q estimator, not one of method={self.method}")
+            raise ValueError(
+                f"decoding.value='{self.value}' is a transfer_q estimator, not one of method={self.method}"
+            )
         if self.value_source is not None:
             self.value_source.check_config(self)
         return self
@@ -180,12 +197,15 @@ class DecodingConfig(BaseModel):
                 sources = [s.name for s in registry.value_sources().values() if s.whole_vocabulary]
                 raise InvalidRequestError(
                     f"decoding.top_k=0 (every token of the vocabulary) is only valid with decoding.value in "
-                    f"{sources}; this method and value source take 1 to {limits['top_k']}", param="decoding.top_k")
+                    f"{sources}; this method and value source take 1 to {limits['top_k']}",
+                    param="decoding.top_k",
+                )
             del limits["top_k"]  # the whole vocabulary: exempt from ALIGND_MAX_TOP_K
         for key, limit in limits.items():
             if getattr(out, key) > limit:
                 raise InvalidRequestError(
-                    f"decoding.{key}={getattr(out, key)} is above this server's limit of {limit}", param=f"decoding.{key}"
+                    f"decoding.{key}={getattr(out, key)} is above this server's limit of {limit}",
+                    param=f"decoding.{key}",
                 )
         if out.indirect and out.num_rollouts < 2:
             raise InvalidRequestError(

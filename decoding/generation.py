@@ -212,7 +212,9 @@ class Generation:
         if source is None or source.estimator is None:
             raise InvalidRequestError(
                 f"decoding.method={resolved.method} with value={resolved.value} has no value estimator outside the "
-                "engine", param="decoding")
+                "engine",
+                param="decoding",
+            )
         return resolved, source.estimator(self, resolved)
 
     @property
@@ -272,7 +274,9 @@ class Generation:
 
         result = await collect_stream(engine_view(), plan.params, len(plan.prompt.token_ids))
         choices = [
-            DecodedChoice(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)}, alignment=alignments.get(c.index))
+            DecodedChoice(
+                **{f.name: getattr(c, f.name) for f in dataclasses.fields(c)}, alignment=alignments.get(c.index)
+            )
             for c in result.choices
         ]
         return Completion(result.prompt_token_count, choices)
@@ -334,8 +338,12 @@ class Generation:
                     steps.append(chunk.step)
                     for observer in self.step_observers:
                         observer(config.metric_label, chunk.step, time.perf_counter() - started)
-                delta = text.add(StreamDelta(index, chunk.token_ids, "", chunk.finish_reason,
-                                             prompt_token_count=len(prompt.token_ids)), hold_last=True)
+                delta = text.add(
+                    StreamDelta(
+                        index, chunk.token_ids, "", chunk.finish_reason, prompt_token_count=len(prompt.token_ids)
+                    ),
+                    hold_last=True,
+                )
                 if delta is not None:
                     yield delta
         finally:
@@ -431,8 +439,12 @@ class _ChoiceText:
 
 
 @asynccontextmanager
-async def open_generation(engine: Engine, settings: Settings, *, configured_baselines: bool = True,
-                          ) -> AsyncIterator[Generation]:
+async def open_generation(
+    engine: Engine,
+    settings: Settings,
+    *,
+    configured_baselines: bool = True,
+) -> AsyncIterator[Generation]:
     """The one wiring of the stack over an open engine, as the server, the evaluation, the benchmarks and
     training use it: the configured baselines (adapters in the engine, or engines of their own; with
     ``configured_baselines=False`` the prompted one only, sharing the engine), the rewards that come with

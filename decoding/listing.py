@@ -18,19 +18,33 @@ if TYPE_CHECKING:
 def describe_methods(generation: Generation) -> MethodList:
     methods = registry.methods()
     sources = registry.value_sources()
-    cards = [MethodCard(name=spec.name, summary=spec.summary, family=spec.family, needs_reward=spec.needs_reward,
-                        needs_baseline=spec.needs_baseline,
-                        value_sources=list(sources) if spec.takes_value_source else None,
-                        parameters=_parameters(generation, spec.parameters, method=spec.name))
-             for spec in methods.values()]
+    cards = [
+        MethodCard(
+            name=spec.name,
+            summary=spec.summary,
+            family=spec.family,
+            needs_reward=spec.needs_reward,
+            needs_baseline=spec.needs_baseline,
+            value_sources=list(sources) if spec.takes_value_source else None,
+            parameters=_parameters(generation, spec.parameters, method=spec.name),
+        )
+        for spec in methods.values()
+    ]
     value_method = next((m.name for m in methods.values() if m.takes_value_source), None)
     source_cards = []
     for source in sources.values():
         reason = source.unavailable(generation)
-        source_cards.append(ValueSourceCard(
-            name=source.name, summary=source.summary, family=source.family, in_engine=source.in_engine,
-            available=reason is None, unavailable_reason=reason,
-            parameters=_parameters(generation, source.parameters, method=value_method, value=source.name)))
+        source_cards.append(
+            ValueSourceCard(
+                name=source.name,
+                summary=source.summary,
+                family=source.family,
+                in_engine=source.in_engine,
+                available=reason is None,
+                unavailable_reason=reason,
+                parameters=_parameters(generation, source.parameters, method=value_method, value=source.name),
+            )
+        )
     return MethodList(data=cards, value_sources=source_cards)
 
 
@@ -39,10 +53,16 @@ def _parameters(generation: Generation, names: tuple[str, ...], **request: Any) 
     schema = DecodingConfig.model_json_schema()["properties"]
     defaults = _bare_request(generation, request) if request.get("method") else None
     limits = parameter_limits(settings)
-    return [MethodParameter(name=name, description=DecodingConfig.model_fields[name].description,
-                            default=getattr(defaults, name, None), limit=limits.get(name),
-                            json_schema=_field_schema(schema[name]))
-            for name in names]
+    return [
+        MethodParameter(
+            name=name,
+            description=DecodingConfig.model_fields[name].description,
+            default=getattr(defaults, name, None),
+            limit=limits.get(name),
+            json_schema=_field_schema(schema[name]),
+        )
+        for name in names
+    ]
 
 
 def _bare_request(generation: Generation, request: dict[str, Any]) -> DecodingConfig | None:

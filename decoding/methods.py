@@ -120,8 +120,13 @@ class BaselineDecoder(Decoder):
                 self.baseline.engine.continuation_logprobs([prefix], [tokens]),
                 self.sft.engine.continuation_logprobs([list(prompt.token_ids)], [tokens]),
             )
-            step = BaselineStep(position=0, chosen=tokens, chosen_text=self.sft.engine.decode(tokens),
-                                kl=sum(baseline_lp[0]) - sum(sft_lp[0]), baseline=self.baseline.name)
+            step = BaselineStep(
+                position=0,
+                chosen=tokens,
+                chosen_text=self.sft.engine.decode(tokens),
+                kl=sum(baseline_lp[0]) - sum(sft_lp[0]),
+                baseline=self.baseline.name,
+            )
             yield DecodeChunk(delta.token_ids, step, delta.finish_reason)
 
 
@@ -185,8 +190,10 @@ class ValueGuidedDecoder(Decoder):
             top = top[: nucleus([t.logprob for t in top], self.params.top_p)]
             ids = [t.token_id for t in top]
             sft_lp = [t.logprob for t in top]
-            penalties = repetition_penalties(ids, generated, self.params.presence_penalty, self.params.frequency_penalty)
-            scores = sft_lp if penalties is None else [s - p for s, p in zip(sft_lp, penalties)]
+            penalties = repetition_penalties(
+                ids, generated, self.params.presence_penalty, self.params.frequency_penalty
+            )
+            scores = sft_lp if penalties is None else [s - p for s, p in zip(sft_lp, penalties, strict=False)]
             gated = self.confidence_threshold is not None and math.exp(sft_lp[0]) >= self.confidence_threshold
             live = list(range(len(ids)))
             if self.prune_bounds is not None:
@@ -198,11 +205,15 @@ class ValueGuidedDecoder(Decoder):
                 values, cost = [self.prune_bounds[0]] * len(ids), StepCost(pruned=len(ids) - 1)
             else:
                 live_values, cost = await self.estimator.estimate(
-                    prompt, policy_prefix, generated, [ids[i] for i in live], _sub_seed(self.seed, step),
+                    prompt,
+                    policy_prefix,
+                    generated,
+                    [ids[i] for i in live],
+                    _sub_seed(self.seed, step),
                     sft_logprobs=[sft_lp[i] for i in live],
                 )
                 values = [self.prune_bounds[0]] * len(ids) if self.prune_bounds is not None else [0.0] * len(ids)
-                for i, v in zip(live, live_values):
+                for i, v in zip(live, live_values, strict=False):
                     values[i] = v
                 if len(live) < len(ids):
                     cost.pruned = len(ids) - len(live)
@@ -213,12 +224,22 @@ class ValueGuidedDecoder(Decoder):
                 # The SFT model writes the rest of the block (greedy or sampled like the request).
                 room = min(self.block_size - 1, self.max_tokens - len(generated) - 1)
                 tail = await self.sft.engine.rollouts(
-                    [sft_prefix + generated + chosen], n=1, max_tokens=room, temperature=self.temperature,
-                    seed=_sub_seed(self.seed, step + 1_000_000), top_p=self.params.top_p,
+                    [sft_prefix + generated + chosen],
+                    n=1,
+                    max_tokens=room,
+                    temperature=self.temperature,
+                    seed=_sub_seed(self.seed, step + 1_000_000),
+                    top_p=self.params.top_p,
                 )
                 chosen += tail[0][0].token_ids
-            record = ValueGuidedStep(position=len(generated), chosen=chosen, chosen_text=decode(chosen),
-                                     kl=0.0 if gated else rule.kl_from_sft, gated=gated, cost=cost)
+            record = ValueGuidedStep(
+                position=len(generated),
+                chosen=chosen,
+                chosen_text=decode(chosen),
+                kl=0.0 if gated else rule.kl_from_sft,
+                gated=gated,
+                cost=cost,
+            )
             if self.record_candidates:
                 record.candidates = self._recorded(ids, sft_lp, values, penalties, rule.logprobs)
             generated += chosen
@@ -232,9 +253,14 @@ class ValueGuidedDecoder(Decoder):
             if finish:
                 return
 
-
-    def _recorded(self, ids: list[int], sft_lp: list[float], values: list[float], penalties: list[float] | None,
-                  logprobs: list[float]) -> list[TokenCandidate]:
+    def _recorded(
+        self,
+        ids: list[int],
+        sft_lp: list[float],
+        values: list[float],
+        penalties: list[float] | None,
+        logprobs: list[float],
+    ) -> list[TokenCandidate]:
         """The step's candidates for the diagnostics: all of them, or over the whole vocabulary (top_k 0) the
         most probable ones of the re-weighted distribution."""
         baseline_lp = self.estimator.baseline_logprobs(sft_lp, values) or [None] * len(ids)
@@ -243,9 +269,18 @@ class ValueGuidedDecoder(Decoder):
         if self.top_k == 0:
             order = sorted(order, key=lambda i: -logprobs[i])[:RECORDED_WHOLE_VOCABULARY]
         decode = self.sft.engine.decode
-        return [TokenCandidate(token_id=ids[i], token=decode([ids[i]]), sft_logprob=sft_lp[i], value=values[i],
-                               penalty=penalties[i], logprob=logprobs[i], baseline_logprob=baseline_lp[i])
-                for i in order]
+        return [
+            TokenCandidate(
+                token_id=ids[i],
+                token=decode([ids[i]]),
+                sft_logprob=sft_lp[i],
+                value=values[i],
+                penalty=penalties[i],
+                logprob=logprobs[i],
+                baseline_logprob=baseline_lp[i],
+            )
+            for i in order
+        ]
 
 
 class HeadTransferQDecoder(Decoder):
@@ -259,13 +294,23 @@ class HeadTransferQDecoder(Decoder):
     head's values and the re-weighted distribution stay inside the engine, so ``value``, ``logprob`` and
     ``kl`` are null."""
 
-    def __init__(self, sft: Policy, params: GenerationParams, *, alpha: float, top_k: int,
-                 record_candidates: bool = False, value: str = "head") -> None:
+    def __init__(
+        self,
+        sft: Policy,
+        params: GenerationParams,
+        *,
+        alpha: float,
+        top_k: int,
+        record_candidates: bool = False,
+        value: str = "head",
+    ) -> None:
         """``value``: "head", or "implicit" (Q from the engine's baseline stack, alignd.models.baseline_stack)."""
         super().__init__(sft, params)
         self.record_candidates = record_candidates
         self.engine_params = dataclasses.replace(
-            params, stop=(), value_guidance=ValueGuidance(alpha=alpha, top_k=top_k, value=value),
+            params,
+            stop=(),
+            value_guidance=ValueGuidance(alpha=alpha, top_k=top_k, value=value),
             logprobs=top_k if record_candidates else None,
         )
 
@@ -277,11 +322,12 @@ class HeadTransferQDecoder(Decoder):
                 yield DecodeChunk(delta.token_ids, finish_reason=delta.finish_reason)
                 continue
             tokens = list(delta.token_ids)
-            for i, (token, logprobs) in enumerate(zip(tokens, delta.logprobs or [])):
+            for i, (token, logprobs) in enumerate(zip(tokens, delta.logprobs or [], strict=False)):
                 record = ValueGuidedStep(position=position, chosen=[token], chosen_text=decode([token]), kl=None)
                 record.candidates = [
-                    TokenCandidate(token_id=t.token_id, token=decode([t.token_id]), sft_logprob=t.logprob, value=None,
-                                   logprob=None)
+                    TokenCandidate(
+                        token_id=t.token_id, token=decode([t.token_id]), sft_logprob=t.logprob, value=None, logprob=None
+                    )
                     for t in logprobs.top
                 ]
                 position += 1
@@ -292,7 +338,9 @@ class HeadTransferQDecoder(Decoder):
 class _RewardSelectionDecoder(Decoder):
     """Base of the methods that sample several continuations from the SFT model and select by reward."""
 
-    def __init__(self, sft: Policy, reward: Reward, params: GenerationParams, *, record_candidates: bool = False) -> None:
+    def __init__(
+        self, sft: Policy, reward: Reward, params: GenerationParams, *, record_candidates: bool = False
+    ) -> None:
         super().__init__(sft, params)
         self.reward = reward
         self.record_candidates = record_candidates
@@ -337,25 +385,47 @@ class BlockwiseCDDecoder(_RewardSelectionDecoder):
         step = 0
         while len(generated) < self.max_tokens:
             room = min(self.block_len, self.max_tokens - len(generated))
-            blocks = (await self.sft.engine.rollouts(
-                [prefix + generated], n=self.num_blocks, max_tokens=room, temperature=self.block_temperature,
-                seed=_sub_seed(self.seed, step), top_p=self.params.top_p,
-            ))[0]
+            blocks = (
+                await self.sft.engine.rollouts(
+                    [prefix + generated],
+                    n=self.num_blocks,
+                    max_tokens=room,
+                    temperature=self.block_temperature,
+                    seed=_sub_seed(self.seed, step),
+                    top_p=self.params.top_p,
+                )
+            )[0]
             values = await self._rewards(prompt, generated, [b.token_ids for b in blocks])
             # Blocks are drawn from the SFT model, so each has (about) equal prior weight 1/K.
             rule = reweight(list(range(len(blocks))), [-math.log(len(blocks))] * len(blocks), values, self.alpha)
-            index = int(max(range(len(values)), key=lambda i: values[i])) if self.temperature == 0.0 else rule.sample_index(rng)
+            index = (
+                int(max(range(len(values)), key=lambda i: values[i]))
+                if self.temperature == 0.0
+                else rule.sample_index(rng)
+            )
             chosen = blocks[index].token_ids
-            cost = StepCost(rollouts=len(blocks), rollout_tokens=sum(len(b.token_ids) for b in blocks),
-                            reward_calls=len(blocks))
-            record = BlockStep(position=len(generated), chosen=chosen, chosen_text=decode(chosen),
-                               kl=kl_bound_best_of_n(len(blocks)), cost=cost)
+            cost = StepCost(
+                rollouts=len(blocks), rollout_tokens=sum(len(b.token_ids) for b in blocks), reward_calls=len(blocks)
+            )
+            record = BlockStep(
+                position=len(generated),
+                chosen=chosen,
+                chosen_text=decode(chosen),
+                kl=kl_bound_best_of_n(len(blocks)),
+                cost=cost,
+            )
             if self.record_candidates:
-                record.candidates = [BlockCandidate(text=decode(b.token_ids), token_ids=b.token_ids, value=v)
-                                     for b, v in zip(blocks, values)]
+                record.candidates = [
+                    BlockCandidate(text=decode(b.token_ids), token_ids=b.token_ids, value=v)
+                    for b, v in zip(blocks, values, strict=False)
+                ]
             generated += chosen
             step += 1
-            finish = "stop" if chosen and chosen[-1] in self.eos else ("length" if len(generated) >= self.max_tokens else None)
+            finish = (
+                "stop"
+                if chosen and chosen[-1] in self.eos
+                else ("length" if len(generated) >= self.max_tokens else None)
+            )
             if not chosen:
                 finish = "stop"
             yield DecodeChunk(chosen, record, finish)
@@ -368,33 +438,60 @@ class BestOfNDecoder(_RewardSelectionDecoder):
     answers follow the request's ``top_p`` and penalties (each answer is one engine request, so vLLM
     counts the penalties over the whole answer, exactly)."""
 
-    def __init__(self, sft: Policy, reward: Reward, params: GenerationParams, *, num_samples: int = 4,
-                 sample_temperature: float = 1.0, record_candidates: bool = False):
+    def __init__(
+        self,
+        sft: Policy,
+        reward: Reward,
+        params: GenerationParams,
+        *,
+        num_samples: int = 4,
+        sample_temperature: float = 1.0,
+        record_candidates: bool = False,
+    ):
         super().__init__(sft, reward, params, record_candidates=record_candidates)
         self.num_samples = num_samples
         self.sample_temperature = sample_temperature
 
     async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
-        samples = (await self.sft.engine.rollouts(
-            [list(prompt.token_ids)], n=self.num_samples, max_tokens=self.max_tokens,
-            temperature=self.sample_temperature, seed=self.seed, top_p=self.params.top_p,
-            presence_penalty=self.params.presence_penalty, frequency_penalty=self.params.frequency_penalty,
-        ))[0]
+        samples = (
+            await self.sft.engine.rollouts(
+                [list(prompt.token_ids)],
+                n=self.num_samples,
+                max_tokens=self.max_tokens,
+                temperature=self.sample_temperature,
+                seed=self.seed,
+                top_p=self.params.top_p,
+                presence_penalty=self.params.presence_penalty,
+                frequency_penalty=self.params.frequency_penalty,
+            )
+        )[0]
         decode = self.sft.engine.decode
         values = await self._rewards(prompt, [], [s.token_ids for s in samples])
         best = max(range(len(values)), key=lambda i: values[i])
         n = len(samples)
         record = BestOfNStep(
-            position=0, chosen=samples[best].token_ids, chosen_text=decode(samples[best].token_ids),
+            position=0,
+            chosen=samples[best].token_ids,
+            chosen_text=decode(samples[best].token_ids),
             kl=kl_bound_best_of_n(n),
             cost=StepCost(rollouts=n, rollout_tokens=sum(len(s.token_ids) for s in samples), reward_calls=n),
         )
         if self.record_candidates:
-            record.candidates = [SampleCandidate(text=decode(s.token_ids), value=v) for s, v in zip(samples, values)]
+            record.candidates = [
+                SampleCandidate(text=decode(s.token_ids), value=v) for s, v in zip(samples, values, strict=False)
+            ]
         yield DecodeChunk(samples[best].token_ids, record, samples[best].finish_reason or "length")
 
 
 __all__: Sequence[str] = [
-    "BaselineDecoder", "BestOfNDecoder", "BlockwiseCDDecoder", "DecodeChunk", "Decoder", "HeadTransferQDecoder", "SFTDecoder", "StepRecord", "ValueGuidedDecoder",
+    "BaselineDecoder",
+    "BestOfNDecoder",
+    "BlockwiseCDDecoder",
+    "DecodeChunk",
+    "Decoder",
+    "HeadTransferQDecoder",
+    "SFTDecoder",
+    "StepRecord",
+    "ValueGuidedDecoder",
     "kl_bound_best_of_n",
 ]

@@ -36,7 +36,9 @@ class Reweighted:
     def kl_from_sft(self) -> float:
         """KL(pi || pi_sft), exact: pi is zero outside the candidate set, and pi_sft(z) is the SFT
         model's own (full-vocabulary, unpenalised) probability of each candidate."""
-        return sum(math.exp(lp) * (lp - s) for lp, s in zip(self.logprobs, self.sft_logprobs) if lp > -math.inf)
+        return sum(
+            math.exp(lp) * (lp - s) for lp, s in zip(self.logprobs, self.sft_logprobs, strict=False) if lp > -math.inf
+        )
 
     def greedy_index(self) -> int:
         # Ties go to the SFT model's preferred (earlier) candidate, so alpha -> inf reproduces SFT greedy.
@@ -72,8 +74,13 @@ def reweight(
     if penalties is not None:
         scores = scores - torch.tensor(penalties, dtype=torch.float64)
     logprobs = torch.log_softmax(scores, dim=-1)
-    return Reweighted(list(token_ids), list(sft_logprobs), list(values), logprobs.tolist(),
-                      None if penalties is None else list(penalties))
+    return Reweighted(
+        list(token_ids),
+        list(sft_logprobs),
+        list(values),
+        logprobs.tolist(),
+        None if penalties is None else list(penalties),
+    )
 
 
 def repetition_penalties(
@@ -111,12 +118,15 @@ class TransferQLogitsProcessor:
 
         >>> from transformers import LogitsProcessorList
         >>> proc = TransferQLogitsProcessor(lambda ids, cands: [0.0] * len(cands), top_k=10, alpha=1.0)
-        >>> out = model.generate(input_ids, logits_processor=LogitsProcessorList([proc]), do_sample=False)  # doctest: +SKIP
+        >>> out = model.generate(input_ids, logits_processor=LogitsProcessorList([proc]),
+        ...                      do_sample=False)  # doctest: +SKIP
 
     The input scores are not modified; a new tensor is returned.
     """
 
-    def __init__(self, value_fn: Callable[[list[int], list[int]], Sequence[float]], top_k: int = 10, alpha: float = 1.0):
+    def __init__(
+        self, value_fn: Callable[[list[int], list[int]], Sequence[float]], top_k: int = 10, alpha: float = 1.0
+    ):
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         if not alpha > 0:
@@ -153,11 +163,15 @@ def transfer_q_logits(
 
     The input is not modified."""
     if logits.dim() != 2 or candidate_ids.shape != values.shape or candidate_ids.dim() != 2:
-        raise ValueError(f"expected logits [B, V] and candidate_ids, values [B, k]; got {tuple(logits.shape)}, "
-                         f"{tuple(candidate_ids.shape)}, {tuple(values.shape)}")
+        raise ValueError(
+            f"expected logits [B, V] and candidate_ids, values [B, k]; got {tuple(logits.shape)}, "
+            f"{tuple(candidate_ids.shape)}, {tuple(values.shape)}"
+        )
     if candidate_ids.shape[0] != logits.shape[0] or alpha.shape != (logits.shape[0],):
-        raise ValueError(f"expected {logits.shape[0]} rows of candidates and one alpha per row; got "
-                         f"{candidate_ids.shape[0]} and alpha of shape {tuple(alpha.shape)}")
+        raise ValueError(
+            f"expected {logits.shape[0]} rows of candidates and one alpha per row; got "
+            f"{candidate_ids.shape[0]} and alpha of shape {tuple(alpha.shape)}"
+        )
     logits = logits.float()
     # log_softmax at the candidates only: the normaliser once per row, no [B, V] log-probability tensor
     sft_logprobs = logits.gather(1, candidate_ids) - torch.logsumexp(logits, dim=-1, keepdim=True)

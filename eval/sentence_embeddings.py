@@ -43,8 +43,11 @@ class SentenceEmbedder:
         rows = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
-                list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                max_length=MAX_SEQ_LENGTH, return_tensors="pt",
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=MAX_SEQ_LENGTH,
+                return_tensors="pt",
             )
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -67,8 +67,10 @@ def run_in_process(args, items) -> dict:
         )
         tokens = sum(len(engine.encode(t)) for t in texts)
         timing[f"hidden_states_{name}_s"] = time.perf_counter() - start
-        print(f"{name}: {len(texts)} prompts, {tokens / len(texts):.0f} tokens on average, "
-              f"hidden states in {timing[f'hidden_states_{name}_s']:.1f} s")
+        print(
+            f"{name}: {len(texts)} prompts, {tokens / len(texts):.0f} tokens on average, "
+            f"hidden states in {timing[f'hidden_states_{name}_s']:.1f} s"
+        )
     start = time.perf_counter()
     result = analyse_conditions(reps, dataset_labels(items))
     timing["analysis_s"] = time.perf_counter() - start
@@ -110,9 +112,14 @@ def print_table(result: dict) -> None:
     head += [f"ARI {n} {c}" for n in labels for c in (a, b)] + [f"overlap {a}/{b}"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for ea, eb in zip(result["layers"], result["compare"]["layers"]):
-        row = [str(ea["layer"]), fmt(ea["intrinsic_dimension"], ".1f"), fmt(eb["intrinsic_dimension"], ".1f"),
-               fmt(ea["num_peaks"], "d"), fmt(eb["num_peaks"], "d")]
+    for ea, eb in zip(result["layers"], result["compare"]["layers"], strict=False):
+        row = [
+            str(ea["layer"]),
+            fmt(ea["intrinsic_dimension"], ".1f"),
+            fmt(eb["intrinsic_dimension"], ".1f"),
+            fmt(ea["num_peaks"], "d"),
+            fmt(eb["num_peaks"], "d"),
+        ]
         row += [fmt(e["ari"][n]) for n in labels for e in (ea, eb)]
         row += [fmt(ea["neighbourhood_overlap"])]
         print("| " + " | ".join(row) + " |")
@@ -130,8 +137,11 @@ def main() -> None:
         args.out.write_bytes(png)
     else:
         result = run_in_process(args, items)
-        plot_layers(result, args.out, title=f"SmolLM2-135M-Instruct, {len(items)} questions: "
-                                            + " vs ".join(result["conditions"]))
+        plot_layers(
+            result,
+            args.out,
+            title=f"SmolLM2-135M-Instruct, {len(items)} questions: " + " vs ".join(result["conditions"]),
+        )
     print_table(result)
     print(f"\nplot: {args.out}   total {time.perf_counter() - start:.1f} s   timing {result.get('timing')}")
     if args.json:

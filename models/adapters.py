@@ -64,8 +64,14 @@ def adapter_modules(folder: Path) -> set[str]:
     return modules
 
 
-def load_adapter(name: str, path: str | Path, base_model_dir: str | Path, *, max_rank: int,
-                 lora_modules: tuple[str, ...] | None = None) -> AdapterInfo:
+def load_adapter(
+    name: str,
+    path: str | Path,
+    base_model_dir: str | Path,
+    *,
+    max_rank: int,
+    lora_modules: tuple[str, ...] | None = None,
+) -> AdapterInfo:
     """Read and check the adapter at ``path`` for the model in ``base_model_dir``: a PEFT LoRA folder,
     of rank at most ``max_rank``, whose manifest (when it has one) names these base weights.
     ``lora_modules``: the layers a LoRA may change in the engine that will run it (None: merged into

@@ -38,8 +38,16 @@ IMPLICIT_KINDS = ("dpo", "irft")
 # The cache salt alignd sends with every implicit request (see the module docstring).
 IMPLICIT_CACHE_SALT = "alignd-implicit"
 # What the two stacks must share for their log-probabilities to be over the same tokens and positions.
-MATCHING_FIELDS = ("architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                   "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
+MATCHING_FIELDS = (
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "tie_word_embeddings",
+)
 
 
 @dataclass(frozen=True)
@@ -57,13 +65,19 @@ class BaselineStack:
     @classmethod
     def from_config(cls, entry: Any, *, model: str) -> BaselineStack:
         if not isinstance(entry, Mapping) or not {"path", "beta"} <= set(entry):
-            raise ConfigurationError(f"{model}: its config.json's {CONFIG_BASELINE_KEY} must name the baseline's "
-                                     "'path' and 'beta'; prepare the folder with prepare_value_guided_folder")
+            raise ConfigurationError(
+                f"{model}: its config.json's {CONFIG_BASELINE_KEY} must name the baseline's "
+                "'path' and 'beta'; prepare the folder with prepare_value_guided_folder"
+            )
         beta = float(entry["beta"])
         if not beta > 0:
             raise ConfigurationError(f"{model}: the baseline stack's beta must be > 0, got {beta}")
-        return cls(path=str(entry["path"]), beta=beta, name=str(entry.get("name") or entry["path"]),
-                   skip_unasked=bool(entry.get("skip_unasked", False)))
+        return cls(
+            path=str(entry["path"]),
+            beta=beta,
+            name=str(entry.get("name") or entry["path"]),
+            skip_unasked=bool(entry.get("skip_unasked", False)),
+        )
 
 
 def check_stacks_match(sft_config: Mapping[str, Any], baseline_dir: str | Path, *, sft_name: str) -> None:
@@ -77,4 +91,5 @@ def check_stacks_match(sft_config: Mapping[str, Any], baseline_dir: str | Path, 
             raise ConfigurationError(
                 f"baseline stack {baseline_dir} has {field}={baseline.get(field)!r}, but the SFT model '{sft_name}' "
                 f"has {sft_config.get(field)!r}: the baseline must be a fine-tune of this very model (a merged "
-                "DPO or IRFT adapter of it)")
+                "DPO or IRFT adapter of it)"
+            )

@@ -222,7 +222,7 @@ class Engine(abc.ABC):
                 choice.text = self.decode(choice.token_ids)
         return result
 
-    def check_params(self, params: GenerationParams) -> None:
+    def check_params(self, params: GenerationParams) -> None:  # noqa: B027 - a no-op unless an engine has limits
         """Raise :class:`alignd.errors.InvalidRequestError` if this engine cannot run ``params``;
         called before a response starts, so that a stream never begins with a doomed request."""
 
@@ -264,7 +264,7 @@ class Engine(abc.ABC):
         scored prompt per token); engines that can score listed tokens in one request override it."""
         if len(prefixes) != len(token_ids):
             raise ValueError("prefixes and token_ids must have the same length")
-        pairs = [(list(prefix), [z]) for prefix, ids in zip(prefixes, token_ids) for z in ids]
+        pairs = [(list(prefix), [z]) for prefix, ids in zip(prefixes, token_ids, strict=False) for z in ids]
         flat = iter(await self.continuation_logprobs([p for p, _ in pairs], [c for _, c in pairs]))
         return [[next(flat)[0] for _ in ids] for ids in token_ids]
 

@@ -53,8 +53,11 @@ async def build_engine(settings: Settings, *, progress: bool = True) -> Engine:
 
         lora = settings.adapter_serving == "lora" and bool(settings.adapter_folders())
         head = settings.value_head_dir()
-        stack, card = (await asyncio.to_thread(implicit_baseline_stack, path, settings)
-                       if settings.implicit_in_engine else (None, None))
+        stack, card = (
+            await asyncio.to_thread(implicit_baseline_stack, path, settings)
+            if settings.implicit_in_engine
+            else (None, None)
+        )
         if head is None and stack is None:
             return VLLMEngine.start(path, settings, enable_lora=lora)
         served, manifest = await asyncio.to_thread(value_guided_model, path, head, settings, baseline=stack)
@@ -77,14 +80,22 @@ async def build_remote_sft_engine(model_dir: str | Path, settings: Settings) -> 
     from alignd.models.remote_engine import RemoteVLLMEngine
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
-    return await RemoteVLLMEngine.connect("sft", settings.sft_url, tokenizer, model=settings.sft_served_model,
-                                          api_key=_remote_api_key(settings), timeout_s=settings.remote_timeout_s,
-                                          allow_down=True, max_model_len=settings.max_model_len,
-                                          local_model_dir=str(model_dir))
+    return await RemoteVLLMEngine.connect(
+        "sft",
+        settings.sft_url,
+        tokenizer,
+        model=settings.sft_served_model,
+        api_key=_remote_api_key(settings),
+        timeout_s=settings.remote_timeout_s,
+        allow_down=True,
+        max_model_len=settings.max_model_len,
+        local_model_dir=str(model_dir),
+    )
 
 
-def value_guided_model(model_dir: str | Path, head_dir: Path | None, settings: Settings, *,
-                       baseline: BaselineStack | None = None) -> tuple[Path, dict | None]:
+def value_guided_model(
+    model_dir: str | Path, head_dir: Path | None, settings: Settings, *, baseline: BaselineStack | None = None
+) -> tuple[Path, dict | None]:
     """The served model folder with the value head and/or a baseline stack attached (alignd's vLLM model class
     reads it), after checking that the head was made for these weights; and the head's manifest with its
     path (None without a head)."""
@@ -98,12 +109,18 @@ def value_guided_model(model_dir: str | Path, head_dir: Path | None, settings: S
     if head_dir is not None:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         head_dir = head_dir.resolve()
-        loaded = load_value_head(head_dir, vocab_size=config.get("vocab_size"), hidden_size=config.get("hidden_size"),
-                                 base_weights_digest=weights_digest(model_dir), base_name=settings.model_name)
+        loaded = load_value_head(
+            head_dir,
+            vocab_size=config.get("vocab_size"),
+            hidden_size=config.get("hidden_size"),
+            base_weights_digest=weights_digest(model_dir),
+            base_name=settings.model_name,
+        )
         manifest = {**loaded.manifest, "path": str(head_dir)}
     key = hashlib.sha256(f"{Path(model_dir).resolve()}|{head_dir}|{baseline}".encode()).hexdigest()[:16]
-    served = prepare_value_guided_folder(model_dir, head_dir, settings.cache_dir / "value-guided" / key,
-                                         baseline=baseline)
+    served = prepare_value_guided_folder(
+        model_dir, head_dir, settings.cache_dir / "value-guided" / key, baseline=baseline
+    )
     return served, manifest
 
 
@@ -115,15 +132,22 @@ def implicit_baseline_stack(model_dir: str | Path, settings: Settings) -> tuple[
 
     adapter_dir = settings.default_adapter_dir()
     if adapter_dir is None:
-        raise ConfigurationError("ALIGND_IMPLICIT_IN_ENGINE needs an adapter baseline (ALIGND_BASELINE_ADAPTER) "
-                                 "trained by DPO or IRFT from the served model")
+        raise ConfigurationError(
+            "ALIGND_IMPLICIT_IN_ENGINE needs an adapter baseline (ALIGND_BASELINE_ADAPTER) "
+            "trained by DPO or IRFT from the served model"
+        )
     adapter = load_adapter(DEFAULT_BASELINE, adapter_dir, model_dir, max_rank=settings.max_lora_rank)
     kind, beta = adapter.manifest.get("kind"), adapter.manifest.get("beta")
-    if kind not in IMPLICIT_KINDS or beta is None or not (adapter.manifest.get("base_model") or {}).get("weights_digest"):
+    if (
+        kind not in IMPLICIT_KINDS
+        or beta is None
+        or not (adapter.manifest.get("base_model") or {}).get("weights_digest")
+    ):
         raise ConfigurationError(
             f"ALIGND_IMPLICIT_IN_ENGINE: adapter {adapter_dir} is not a DPO or IRFT policy of the served model with "
             "its beta and base weights digest in its manifest (alignd_adapter.json); unset the setting, or train "
-            "the adapter with 'alignd train dpo|irft'")
+            "the adapter with 'alignd train dpo|irft'"
+        )
     merged = merge_adapter(model_dir, adapter.path, settings.cache_dir, progress=False)
     stack = BaselineStack(path=str(Path(merged).resolve()), beta=float(beta), name=str(adapter.path), skip_unasked=True)
     return stack, {"adapter": str(Path(adapter.path).resolve()), "beta": float(beta)}
@@ -143,7 +167,9 @@ async def build_model_engine(path: str | Path, settings: Settings) -> Engine:
     return engine
 
 
-async def build_adapter_engine(served: Engine, name: str, path: str | Path, settings: Settings) -> tuple[Engine, AdapterInfo, bool]:
+async def build_adapter_engine(
+    served: Engine, name: str, path: str | Path, settings: Settings
+) -> tuple[Engine, AdapterInfo, bool]:
     """The served model with the adapter at ``path``, checked against the served weights: in the served
     vLLM engine itself (``ALIGND_ADAPTER_SERVING=lora``), or merged into a model folder that a second
     engine serves (``merged``). Returns (engine, adapter, whether the caller owns the engine and must
@@ -151,12 +177,19 @@ async def build_adapter_engine(served: Engine, name: str, path: str | Path, sett
     the same name; this process checks the folder against the weights it was made for."""
     if served.kind == "remote":
         local = served.info.extra.get("local_model_dir")
-        adapter = await asyncio.to_thread(load_adapter, name, path, local, max_rank=settings.max_lora_rank,
-                                          lora_modules=settings.lora_target_modules)
+        adapter = await asyncio.to_thread(
+            load_adapter, name, path, local, max_rank=settings.max_lora_rank, lora_modules=settings.lora_target_modules
+        )
         return served.with_adapter(name, str(adapter.path)), adapter, False
     as_lora = settings.engine == "vllm" and settings.adapter_serving == "lora"
-    adapter = await asyncio.to_thread(load_adapter, name, path, served.info.model_path, max_rank=settings.max_lora_rank,
-                                      lora_modules=settings.lora_target_modules if as_lora else None)
+    adapter = await asyncio.to_thread(
+        load_adapter,
+        name,
+        path,
+        served.info.model_path,
+        max_rank=settings.max_lora_rank,
+        lora_modules=settings.lora_target_modules if as_lora else None,
+    )
     if settings.engine != "vllm":  # the reference engine merges the adapter into a copy of its weights
         return await asyncio.to_thread(served.with_adapter, name, str(adapter.path)), adapter, True
     if as_lora:
@@ -165,17 +198,25 @@ async def build_adapter_engine(served: Engine, name: str, path: str | Path, sett
     return await build_model_engine(merged, settings), adapter, True
 
 
-async def build_remote_engine(name: str, url: str, served: Engine, settings: Settings, *,
-                              model: str | None = None) -> Engine:
+async def build_remote_engine(
+    name: str, url: str, served: Engine, settings: Settings, *, model: str | None = None
+) -> Engine:
     """The model ``model`` (None: the only one) of the ``vllm serve`` deployment at ``url``, checked to
     tokenize like ``served`` (prompts travel as token ids). A remote that is merely down does not stop
     the start: its engine is down (its requests are 503s) until the remote answers. Its HTTP client is
     the caller's to close (``shutdown``)."""
     from alignd.models.remote_engine import RemoteVLLMEngine
 
-    return await RemoteVLLMEngine.connect(name, url, served.tokenizer, model=model, api_key=_remote_api_key(settings),
-                                          timeout_s=settings.remote_timeout_s, allow_down=True,
-                                          max_model_len=served.info.max_model_len)
+    return await RemoteVLLMEngine.connect(
+        name,
+        url,
+        served.tokenizer,
+        model=model,
+        api_key=_remote_api_key(settings),
+        timeout_s=settings.remote_timeout_s,
+        allow_down=True,
+        max_model_len=served.info.max_model_len,
+    )
 
 
 async def build_remote_classifier(name: str, url: str, settings: Settings, *, model: str | None = None):
@@ -184,9 +225,15 @@ async def build_remote_classifier(name: str, url: str, settings: Settings, *, mo
     closes it (``shutdown``)."""
     from alignd.models.remote_engine import RemoteVLLMClassifier
 
-    return await RemoteVLLMClassifier.connect(name, url, model=model, api_key=_remote_api_key(settings),
-                                              timeout_s=settings.remote_timeout_s, allow_down=True,
-                                              max_model_len=settings.max_model_len)
+    return await RemoteVLLMClassifier.connect(
+        name,
+        url,
+        model=model,
+        api_key=_remote_api_key(settings),
+        timeout_s=settings.remote_timeout_s,
+        allow_down=True,
+        max_model_len=settings.max_model_len,
+    )
 
 
 async def warm_up(engine: Engine) -> None:

@@ -83,7 +83,12 @@ class HFEngine(Engine):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu", max_model_len: int | None = None
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        max_model_len: int | None = None,
     ) -> HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,17 +158,19 @@ class HFEngine(Engine):
             logits = self._forward(ids, mask).logits[:, -1, :].float()
             logprobs = torch.log_softmax(logits, dim=-1)
             values, indices = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-            for row_v, row_i in zip(values.tolist(), indices.tolist()):
-                out.append([TokenLogprob(int(t), float(v)) for t, v in zip(row_i, row_v)])
+            for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=False):
+                out.append([TokenLogprob(int(t), float(v)) for t, v in zip(row_i, row_v, strict=False)])
         return out
 
     @torch.inference_mode()
-    def _next_token_sync(self, prefixes: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+    def _next_token_sync(
+        self, prefixes: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
         out: list[list[float]] = []
         for start in range(0, len(prefixes), _SCORING_CHUNK):
             ids, mask = self._left_pad(prefixes[start : start + _SCORING_CHUNK])
             logprobs = torch.log_softmax(self._forward(ids, mask).logits[:, -1, :].float(), dim=-1)
-            for row, wanted in zip(logprobs, token_ids[start : start + _SCORING_CHUNK]):
+            for row, wanted in zip(logprobs, token_ids[start : start + _SCORING_CHUNK], strict=False):
                 out.append([float(row[z]) for z in wanted])
         return out
 
@@ -173,12 +180,18 @@ class HFEngine(Engine):
     ) -> list[list[float]]:
         out: list[list[float]] = []
         for start in range(0, len(prefixes), _SCORING_CHUNK):
-            pairs = list(zip(prefixes[start : start + _SCORING_CHUNK], continuations[start : start + _SCORING_CHUNK]))
+            pairs = list(
+                zip(
+                    prefixes[start : start + _SCORING_CHUNK],
+                    continuations[start : start + _SCORING_CHUNK],
+                    strict=False,
+                )
+            )
             seqs = [list(p) + list(c) for p, c in pairs]
             ids, mask = self._left_pad(seqs)
             logprobs = torch.log_softmax(self._forward(ids, mask).logits.float(), dim=-1)
             width = ids.shape[1]
-            for row, (p, c) in enumerate(pairs):
+            for row, (_prefix, c) in enumerate(pairs):
                 if not c:
                     out.append([])
                     continue
@@ -232,7 +245,7 @@ class HFEngine(Engine):
                 break
             logits = out.logits[:, -1, :].float()
             tokens, raw = self._sample_next(logits, rows, params)
-            for i, (row, tok) in enumerate(zip(rows, tokens)):
+            for i, (row, tok) in enumerate(zip(rows, tokens, strict=False)):
                 if row.finish_reason is not None:
                     continue
                 row.tokens.append(tok)
@@ -240,7 +253,9 @@ class HFEngine(Engine):
                     top = ()
                     if params.logprobs > 0:
                         v, ix = raw[i].topk(params.logprobs)
-                        top = tuple(TokenLogprob(int(t), float(x)) for t, x in zip(ix.tolist(), v.tolist()))
+                        top = tuple(
+                            TokenLogprob(int(t), float(x)) for t, x in zip(ix.tolist(), v.tolist(), strict=False)
+                        )
                     row.logprobs.append(GeneratedTokenLogprobs(tok, float(raw[i, tok]), top))
                 if tok in eos and not params.ignore_eos:
                     row.finish_reason = "stop"
@@ -300,15 +315,28 @@ class HFEngine(Engine):
             return []
         return await self._run(self._continuation_sync, prefixes, continuations)
 
-    async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None, *, top_p=1.0,
-                       presence_penalty=0.0, frequency_penalty=0.0):
+    async def rollouts(
+        self,
+        prefixes,
+        n,
+        max_tokens,
+        temperature=1.0,
+        seed=None,
+        *,
+        top_p=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+    ):
         if not prefixes:
             return []
-        rows = [
-            _Row(list(p), self._make_generator(seed, i * n + j)) for i, p in enumerate(prefixes) for j in range(n)
-        ]
-        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+        rows = [_Row(list(p), self._make_generator(seed, i * n + j)) for i, p in enumerate(prefixes) for j in range(n)]
+        params = GenerationParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+        )
         rows = await self._run(self._decode_loop, rows, params)
         out: list[list[Rollout]] = []
         for i in range(len(prefixes)):

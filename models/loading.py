@@ -111,8 +111,11 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, cache_dir: Path
 
     adapter = Path(adapter_dir)
     key = hashlib.sha256()
-    for part in (str(Path(base_dir).resolve()), (adapter / "adapter_config.json").read_bytes(),
-                 (adapter / "adapter_model.safetensors").read_bytes()):
+    for part in (
+        str(Path(base_dir).resolve()),
+        (adapter / "adapter_config.json").read_bytes(),
+        (adapter / "adapter_model.safetensors").read_bytes(),
+    ):
         key.update(part if isinstance(part, bytes) else part.encode())
     target = cache_dir / "merged" / f"{adapter.name}-{key.hexdigest()[:16]}"
     if (target / _STAMP).is_file():

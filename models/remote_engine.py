@@ -79,8 +79,16 @@ class RemoteVLLMServer:
     kind = "remote"
     calls: tuple[str, ...] = ()  # its primitives, by the names its metrics use
 
-    def __init__(self, name: str, base_url: str, model: str | None, *, client: httpx.AsyncClient,
-                 owns_client: bool = True, parent: RemoteVLLMServer | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        model: str | None,
+        *,
+        client: httpx.AsyncClient,
+        owns_client: bool = True,
+        parent: RemoteVLLMServer | None = None,
+    ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.model = model  # None until the first check, when the remote's only model is taken
@@ -98,9 +106,12 @@ class RemoteVLLMServer:
     @staticmethod
     def http_client(base_url: str, api_key: str | None, timeout_s: float) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        return httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers,
-                                 timeout=httpx.Timeout(timeout_s, connect=10.0),
-                                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        return httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
 
     async def _start(self, allow_down: bool) -> None:
         """The first check: a remote that is not what alignd needs raises ConfigurationError; one that
@@ -140,20 +151,25 @@ class RemoteVLLMServer:
             cards = response.json()["data"]
             served = {card["id"]: card for card in cards}
         except (ValueError, KeyError, TypeError):
-            raise ConfigurationError(f"engine '{name}': {base_url} is not a vLLM server (GET /v1/models answered "
-                                     f"{response.status_code} without a model list)") from None
+            raise ConfigurationError(
+                f"engine '{name}': {base_url} is not a vLLM server (GET /v1/models answered "
+                f"{response.status_code} without a model list)"
+            ) from None
         if model is None:
             if len(served) != 1:
                 raise ConfigurationError(f"engine '{name}': {base_url} serves {sorted(served)}; name the one to use")
             model = next(iter(served))
         elif model not in served:
-            raise ConfigurationError(f"engine '{name}': {base_url} does not serve '{model}' (it serves {sorted(served)})")
+            raise ConfigurationError(
+                f"engine '{name}': {base_url} does not serve '{model}' (it serves {sorted(served)})"
+            )
         card = served[model]
         # a LoRA module's card (--lora-modules) has no length of its own: its base model's holds it
         length = card.get("max_model_len") or served.get(card.get("parent") or "", {}).get("max_model_len")
         if card.get("owned_by") != "vllm" or not length:
-            raise ConfigurationError(f"engine '{name}': {base_url} is not a vLLM server (its model card for '{model}' "
-                                     "has no max_model_len)")
+            raise ConfigurationError(
+                f"engine '{name}': {base_url} is not a vLLM server (its model card for '{model}' has no max_model_len)"
+            )
         return model, card, int(length)
 
     # ------------------------------------------------------------------ up and down
@@ -198,7 +214,8 @@ class RemoteVLLMServer:
             raise EngineUnavailableError(
                 f"engine '{self.name}' at {self.base_url} does not serve the adapter '{self.model}' (it serves "
                 f"{served}): start it with --enable-lora --lora-modules {self.model}=<adapter folder>",
-                retry_after=RETRY_AFTER_S)
+                retry_after=RETRY_AFTER_S,
+            )
         self._served_by_parent = True
 
     def _lost(self, exc: EngineUnavailableError) -> None:
@@ -251,17 +268,37 @@ class RemoteVLLMEngine(RemoteVLLMServer, Engine):
     applies_stop_strings = True  # vLLM applies stop strings server-side
     calls = ENGINE_CALLS
 
-    def __init__(self, name: str, base_url: str, model: str | None, tokenizer, info: EngineInfo, *,
-                 client: httpx.AsyncClient, owns_client: bool = True, parent: RemoteVLLMEngine | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        model: str | None,
+        tokenizer,
+        info: EngineInfo,
+        *,
+        client: httpx.AsyncClient,
+        owns_client: bool = True,
+        parent: RemoteVLLMEngine | None = None,
+    ) -> None:
         super().__init__(name, base_url, model, client=client, owns_client=owns_client, parent=parent)
         self._tokenizer = tokenizer
         self.info = info
 
     # ------------------------------------------------------------------ start-up
     @classmethod
-    async def connect(cls, name: str, base_url: str, tokenizer, *, model: str | None = None,
-                      api_key: str | None = None, timeout_s: float = 600.0, allow_down: bool = False,
-                      max_model_len: int = 2048, local_model_dir: str | None = None) -> RemoteVLLMEngine:
+    async def connect(
+        cls,
+        name: str,
+        base_url: str,
+        tokenizer,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        allow_down: bool = False,
+        max_model_len: int = 2048,
+        local_model_dir: str | None = None,
+    ) -> RemoteVLLMEngine:
         """Check the remote and return its engine: it must answer ``/v1/models`` as a vLLM server, serve
         ``model`` (or exactly one model when ``model`` is None), and tokenize like ``tokenizer``.
         Raises :class:`ConfigurationError` naming both sides when it is not what alignd needs. A remote
@@ -270,9 +307,13 @@ class RemoteVLLMEngine(RemoteVLLMServer, Engine):
         the remote's until then. ``local_model_dir``: the local folder of the same model (its tokenizer's;
         adapters are checked against its weights), kept in ``info.extra``."""
         eos = tokenizer.eos_token_id
-        info = EngineInfo(model_path=f"{base_url.rstrip('/')}#{model or '?'}", max_model_len=max_model_len,
-                          vocab_size=len(tokenizer), eos_token_ids=(eos,) if eos is not None else (),
-                          extra={"remote": base_url, "model": model, "local_model_dir": local_model_dir})
+        info = EngineInfo(
+            model_path=f"{base_url.rstrip('/')}#{model or '?'}",
+            max_model_len=max_model_len,
+            vocab_size=len(tokenizer),
+            eos_token_ids=(eos,) if eos is not None else (),
+            extra={"remote": base_url, "model": model, "local_model_dir": local_model_dir},
+        )
         engine = cls(name, base_url, model, tokenizer, info, client=cls.http_client(base_url, api_key, timeout_s))
         await engine._start(allow_down)
         return engine
@@ -284,20 +325,29 @@ class RemoteVLLMEngine(RemoteVLLMServer, Engine):
         probes = [*PROBE_TEXTS, tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)]
         for text in probes:
             async with _translated(name, base_url):
-                reply = await client.post("/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False})
+                reply = await client.post(
+                    "/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False}
+                )
             if reply.status_code != 200:
-                raise ConfigurationError(f"engine '{name}': {base_url} did not tokenize a probe text "
-                                         f"({reply.status_code}: {reply.text[:200]})")
+                raise ConfigurationError(
+                    f"engine '{name}': {base_url} did not tokenize a probe text "
+                    f"({reply.status_code}: {reply.text[:200]})"
+                )
             theirs, ours = reply.json()["tokens"], list(tokenizer.encode(text, add_special_tokens=False))
             if theirs != ours:
                 raise ConfigurationError(
                     f"engine '{name}': the tokenizer of '{model}' at {base_url} differs from the served model's "
                     f"({tokenizer.name_or_path}): {text!r} is {theirs[:12]} there and {ours[:12]} here; TQ* and "
-                    "implicit rewards need token ids that mean the same thing on every engine")
+                    "implicit rewards need token ids that mean the same thing on every engine"
+                )
         self.model = model
-        self.info = EngineInfo(model_path=f"{base_url}#{model}", max_model_len=length,
-                               vocab_size=self.info.vocab_size, eos_token_ids=self.info.eos_token_ids,
-                               extra={**self.info.extra, "model": model})
+        self.info = EngineInfo(
+            model_path=f"{base_url}#{model}",
+            max_model_len=length,
+            vocab_size=self.info.vocab_size,
+            eos_token_ids=self.info.eos_token_ids,
+            extra={**self.info.extra, "model": model},
+        )
 
     # ------------------------------------------------------------------ the contract
     @property
@@ -307,11 +357,16 @@ class RemoteVLLMEngine(RemoteVLLMServer, Engine):
     def with_adapter(self, name: str, path: str) -> RemoteVLLMEngine:
         """The adapter ``name`` as the remote serves it (``vllm serve --lora-modules name=path``): the same
         connection, requests for model ``name``."""
-        info = EngineInfo(model_path=f"{self.base_url}#{name}", max_model_len=self.info.max_model_len,
-                          vocab_size=self.info.vocab_size, eos_token_ids=self.info.eos_token_ids,
-                          extra={**self.info.extra, "model": name, "adapter": name})
-        view = RemoteVLLMEngine(self.name, self.base_url, name, self._tokenizer, info, client=self._client,
-                                owns_client=False, parent=self)
+        info = EngineInfo(
+            model_path=f"{self.base_url}#{name}",
+            max_model_len=self.info.max_model_len,
+            vocab_size=self.info.vocab_size,
+            eos_token_ids=self.info.eos_token_ids,
+            extra={**self.info.extra, "model": name, "adapter": name},
+        )
+        view = RemoteVLLMEngine(
+            self.name, self.base_url, name, self._tokenizer, info, client=self._client, owns_client=False, parent=self
+        )
         view._meter = self._meter
         return view
 
@@ -321,11 +376,19 @@ class RemoteVLLMEngine(RemoteVLLMServer, Engine):
 
     def _body(self, prompt: Sequence[int], params: GenerationParams, **extra) -> dict:
         body = {
-            "model": self.model, "prompt": list(prompt), "max_tokens": params.max_tokens,
-            "temperature": params.temperature, "top_p": params.top_p, "n": params.n,
-            "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
-            "ignore_eos": params.ignore_eos, "return_token_ids": True, "return_tokens_as_token_ids": True,
-            "skip_special_tokens": True, **extra,
+            "model": self.model,
+            "prompt": list(prompt),
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "n": params.n,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "ignore_eos": params.ignore_eos,
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,
+            "skip_special_tokens": True,
+            **extra,
         }
         if params.stop:
             body["stop"] = list(params.stop)
@@ -334,8 +397,10 @@ class RemoteVLLMEngine(RemoteVLLMServer, Engine):
         if params.logprobs is not None:
             body["logprobs"] = params.logprobs
         if params.value_guidance is not None:
-            body["vllm_xargs"] = {ALPHA_KEY: float(params.value_guidance.alpha),
-                                  TOP_K_KEY: int(params.value_guidance.top_k)}
+            body["vllm_xargs"] = {
+                ALPHA_KEY: float(params.value_guidance.alpha),
+                TOP_K_KEY: int(params.value_guidance.top_k),
+            }
         return body
 
     async def _complete(self, call: str, body: dict) -> dict:
@@ -346,8 +411,10 @@ class RemoteVLLMEngine(RemoteVLLMServer, Engine):
     async def stream(self, prompt_token_ids, params, request_id) -> AsyncIterator[StreamDelta]:
         body = self._body(prompt_token_ids, params, stream=True)
         # leaving the block closes the response: vLLM aborts a request whose connection is gone
-        async with self._call("stream"), self._client.stream("POST", "/v1/completions", json=body,
-                                                             headers={"X-Request-Id": request_id}) as response:
+        async with (
+            self._call("stream"),
+            self._client.stream("POST", "/v1/completions", json=body, headers={"X-Request-Id": request_id}) as response,
+        ):
             if response.status_code != 200:
                 await response.aread()
                 _checked_json(self.name, response)
@@ -370,12 +437,21 @@ class RemoteVLLMEngine(RemoteVLLMServer, Engine):
         if params.logprobs is not None and choice.get("logprobs"):
             lp = choice["logprobs"]
             logprobs = []
-            for key, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"] or []):
+            for key, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"] or [], strict=False):
                 ranked = sorted(((_token_id(k), float(v)) for k, v in (top or {}).items()), key=lambda t: -t[1])
-                logprobs.append(GeneratedTokenLogprobs(_token_id(key), float(value),
-                                                       tuple(TokenLogprob(t, v) for t, v in ranked[: params.logprobs])))
-        return StreamDelta(index=int(choice.get("index", 0)), token_ids=tokens, text=choice.get("text") or "",
-                           finish_reason=choice.get("finish_reason"), logprobs=logprobs, prompt_token_count=prompt_count)
+                logprobs.append(
+                    GeneratedTokenLogprobs(
+                        _token_id(key), float(value), tuple(TokenLogprob(t, v) for t, v in ranked[: params.logprobs])
+                    )
+                )
+        return StreamDelta(
+            index=int(choice.get("index", 0)),
+            token_ids=tokens,
+            text=choice.get("text") or "",
+            finish_reason=choice.get("finish_reason"),
+            logprobs=logprobs,
+            prompt_token_count=prompt_count,
+        )
 
     async def top_k_next(self, prefixes, k):
         params = GenerationParams(max_tokens=1, temperature=0.0, logprobs=k)
@@ -388,12 +464,28 @@ class RemoteVLLMEngine(RemoteVLLMServer, Engine):
 
         return list(await asyncio.gather(*(one(p) for p in prefixes)))
 
-    async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None, *, top_p=1.0,
-                       presence_penalty=0.0, frequency_penalty=0.0):
+    async def rollouts(
+        self,
+        prefixes,
+        n,
+        max_tokens,
+        temperature=1.0,
+        seed=None,
+        *,
+        top_p=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+    ):
         async def one(i: int, prefix) -> list[Rollout]:
-            params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
-                                      seed=None if seed is None else seed + i * n, presence_penalty=presence_penalty,
-                                      frequency_penalty=frequency_penalty)
+            params = GenerationParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                n=n,
+                seed=None if seed is None else seed + i * n,
+                presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty,
+            )
             reply = await self._complete("rollouts", self._body(prefix, params))
             choices = sorted(reply["choices"], key=lambda c: c["index"])
             return [Rollout(list(c["token_ids"]), c.get("finish_reason"), c.get("text") or "") for c in choices]
@@ -414,7 +506,7 @@ class RemoteVLLMEngine(RemoteVLLMServer, Engine):
             scored = reply["choices"][0]["prompt_logprobs"]
             return [float(scored[j][str(full[j])]["logprob"]) for j in range(len(prefix), len(full))]
 
-        return list(await asyncio.gather(*(one(p, c) for p, c in zip(prefixes, continuations))))
+        return list(await asyncio.gather(*(one(p, c) for p, c in zip(prefixes, continuations, strict=False))))
 
 
 class RemoteVLLMClassifier(RemoteVLLMServer):
@@ -425,39 +517,53 @@ class RemoteVLLMClassifier(RemoteVLLMServer):
 
     calls = ("tokenize", "classify")
 
-    def __init__(self, name: str, base_url: str, model: str | None, *, client: httpx.AsyncClient,
-                 max_model_len: int) -> None:
+    def __init__(
+        self, name: str, base_url: str, model: str | None, *, client: httpx.AsyncClient, max_model_len: int
+    ) -> None:
         super().__init__(name, base_url, model, client=client)
         self.max_model_len = max_model_len  # the remote's, once checked
         self.num_labels: int | None = None
         self.chat_template = False  # whether the remote renders conversations (its model has a chat template)
 
     @classmethod
-    async def connect(cls, name: str, base_url: str, *, model: str | None = None, api_key: str | None = None,
-                      timeout_s: float = 600.0, allow_down: bool = False,
-                      max_model_len: int = 2048) -> RemoteVLLMClassifier:
+    async def connect(
+        cls,
+        name: str,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        allow_down: bool = False,
+        max_model_len: int = 2048,
+    ) -> RemoteVLLMClassifier:
         """Check that the remote serves ``model`` (None: its only one) as a classifier; see
         :meth:`RemoteVLLMEngine.connect` for ``allow_down`` and ``max_model_len``."""
-        remote = cls(name, base_url, model, client=cls.http_client(base_url, api_key, timeout_s),
-                     max_model_len=max_model_len)
+        remote = cls(
+            name, base_url, model, client=cls.http_client(base_url, api_key, timeout_s), max_model_len=max_model_len
+        )
         await remote._start(allow_down)
         return remote
 
     async def _verify(self) -> None:
         model, _, length = await self._served_card()
         async with _translated(self.name, self.base_url):
-            probe = await self._client.post("/tokenize", json={"model": model, "prompt": "Hello", "add_special_tokens": True})
+            probe = await self._client.post(
+                "/tokenize", json={"model": model, "prompt": "Hello", "add_special_tokens": True}
+            )
             ids = _checked_json(self.name, probe)["tokens"]
             reply = await self._client.post("/classify", json={"model": model, "input": [ids], "use_activation": False})
         if reply.status_code != 200:
             raise ConfigurationError(
                 f"reward '{self.name}': '{model}' at {self.base_url} does not classify ({reply.status_code}: "
-                f"{reply.text[:200]}); serve the reward model with `vllm serve <model> --runner pooling`")
+                f"{reply.text[:200]}); serve the reward model with `vllm serve <model> --runner pooling`"
+            )
         num_labels = len(reply.json()["data"][0]["probs"])
         conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         async with _translated(self.name, self.base_url):
-            chat = await self._client.post("/tokenize", json={"model": model, "messages": conversation,
-                                                              "add_generation_prompt": False})
+            chat = await self._client.post(
+                "/tokenize", json={"model": model, "messages": conversation, "add_generation_prompt": False}
+            )
         self.model, self.max_model_len, self.num_labels = model, length, num_labels
         self.chat_template = chat.status_code == 200
 
@@ -485,11 +591,18 @@ async def _translated(name: str, base_url: str):
     """httpx's transport failures as alignd's: the remote is unavailable (down, refused, dropped)."""
     try:
         yield
-    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
-            httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+    except (
+        httpx.ConnectError,
+        httpx.RemoteProtocolError,
+        httpx.ReadError,
+        httpx.WriteError,
+        httpx.ConnectTimeout,
+        httpx.PoolTimeout,
+    ) as exc:
         raise EngineUnavailableError(
             f"engine '{name}' at {base_url} is unavailable ({type(exc).__name__}: {exc}); retry later",
-            retry_after=RETRY_AFTER_S) from exc
+            retry_after=RETRY_AFTER_S,
+        ) from exc
 
 
 def _checked_json(name: str, response: httpx.Response) -> dict:
@@ -502,6 +615,7 @@ def _checked_json(name: str, response: httpx.Response) -> dict:
     if response.status_code == 400:
         raise InvalidRequestError(f"engine '{name}' refused the request: {message}")
     if response.status_code in (502, 503, 504):
-        raise EngineUnavailableError(f"engine '{name}' is unavailable ({response.status_code}: {message})",
-                                     retry_after=RETRY_AFTER_S)
+        raise EngineUnavailableError(
+            f"engine '{name}' is unavailable ({response.status_code}: {message})", retry_after=RETRY_AFTER_S
+        )
     raise ServerError(f"engine '{name}' failed ({response.status_code}): {message}")

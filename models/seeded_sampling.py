@@ -49,8 +49,13 @@ class SeededSampling:
     frequency_penalty: float = 0.0
 
     def extra_args(self) -> dict[str, Any]:
-        return {SEED_KEY: self.seed, TEMPERATURE_KEY: self.temperature, TOP_P_KEY: self.top_p,
-                PRESENCE_PENALTY_KEY: self.presence_penalty, FREQUENCY_PENALTY_KEY: self.frequency_penalty}
+        return {
+            SEED_KEY: self.seed,
+            TEMPERATURE_KEY: self.temperature,
+            TOP_P_KEY: self.top_p,
+            PRESENCE_PENALTY_KEY: self.presence_penalty,
+            FREQUENCY_PENALTY_KEY: self.frequency_penalty,
+        }
 
 
 def seeded_sampling_request(extra_args: Mapping[str, Any] | None) -> SeededSampling | None:
@@ -61,17 +66,31 @@ def seeded_sampling_request(extra_args: Mapping[str, Any] | None) -> SeededSampl
     seed = extra_args[SEED_KEY]
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{SEED_KEY} must be an integer, got {seed!r}")
-    numbers = {key: extra_args.get(key, default) for key, default in
-               ((TEMPERATURE_KEY, 1.0), (TOP_P_KEY, 1.0), (PRESENCE_PENALTY_KEY, 0.0), (FREQUENCY_PENALTY_KEY, 0.0))}
+    numbers = {
+        key: extra_args.get(key, default)
+        for key, default in (
+            (TEMPERATURE_KEY, 1.0),
+            (TOP_P_KEY, 1.0),
+            (PRESENCE_PENALTY_KEY, 0.0),
+            (FREQUENCY_PENALTY_KEY, 0.0),
+        )
+    }
     for key, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{key} must be a finite number, got {value!r}")
     if numbers[TEMPERATURE_KEY] <= 0:
-        raise ValueError(f"{TEMPERATURE_KEY} must be > 0 (a greedy request needs no seed), got {numbers[TEMPERATURE_KEY]}")
+        raise ValueError(
+            f"{TEMPERATURE_KEY} must be > 0 (a greedy request needs no seed), got {numbers[TEMPERATURE_KEY]}"
+        )
     if not 0 < numbers[TOP_P_KEY] <= 1:
         raise ValueError(f"{TOP_P_KEY} must be in (0, 1], got {numbers[TOP_P_KEY]}")
-    return SeededSampling(seed, float(numbers[TEMPERATURE_KEY]), float(numbers[TOP_P_KEY]),
-                          float(numbers[PRESENCE_PENALTY_KEY]), float(numbers[FREQUENCY_PENALTY_KEY]))
+    return SeededSampling(
+        seed,
+        float(numbers[TEMPERATURE_KEY]),
+        float(numbers[TOP_P_KEY]),
+        float(numbers[PRESENCE_PENALTY_KEY]),
+        float(numbers[FREQUENCY_PENALTY_KEY]),
+    )
 
 
 def _step_seed(seed: int, step: int) -> int:

@@ -58,10 +58,13 @@ class EngineSupervisor:
 
     def unavailable(self) -> EngineUnavailableError:
         if self.gave_up:
-            return EngineUnavailableError(f"engine '{self.name}' is down: {self.detail} (restart alignd)",
-                                          retry_after=RETRY_AFTER_S)
-        return EngineUnavailableError(f"engine '{self.name}' is restarting after its engine process died "
-                                      f"({self.detail}): retry shortly", retry_after=RETRY_AFTER_S)
+            return EngineUnavailableError(
+                f"engine '{self.name}' is down: {self.detail} (restart alignd)", retry_after=RETRY_AFTER_S
+            )
+        return EngineUnavailableError(
+            f"engine '{self.name}' is restarting after its engine process died ({self.detail}): retry shortly",
+            retry_after=RETRY_AFTER_S,
+        )
 
     async def _restart(self, reason: str) -> None:
         for attempt, wait in enumerate(RESTART_BACKOFF_S, start=1):
@@ -75,8 +78,9 @@ class EngineSupervisor:
                 continue
             self.restarts += 1
             self.detail = self.since = None
-            logger.warning("engine '%s' restarted in %.1f s (attempt %d)", self.name, time.perf_counter() - started,
-                           attempt)
+            logger.warning(
+                "engine '%s' restarted in %.1f s (attempt %d)", self.name, time.perf_counter() - started, attempt
+            )
             return
         self.gave_up = True
         self.detail = f"{reason}; gave up after {len(RESTART_BACKOFF_S)} restart attempts"

@@ -66,8 +66,9 @@ class ValueHead(nn.Module):
     def __init__(self, config: ValueHeadConfig) -> None:
         super().__init__()
         if config.architecture != HEAD_ARCHITECTURE:
-            raise ConfigurationError(f"unknown value-head architecture {config.architecture!r} "
-                                     f"(this alignd knows {HEAD_ARCHITECTURE!r})")
+            raise ConfigurationError(
+                f"unknown value-head architecture {config.architecture!r} (this alignd knows {HEAD_ARCHITECTURE!r})"
+            )
         self.config = config
         self.state = nn.Linear(config.hidden_size, config.rank)
         self.token = nn.Linear(config.hidden_size, config.rank, bias=False)
@@ -103,9 +104,16 @@ def save_value_head(head: ValueHead, folder: str | Path, manifest: dict) -> Path
     (out / HEAD_MANIFEST).unlink(missing_ok=True)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
     save_file(state, str(out / HEAD_WEIGHTS))
-    full = {"format": HEAD_FORMAT, **manifest,
-            "head": {"architecture": head.config.architecture, "hidden_size": head.config.hidden_size,
-                     "vocab_size": head.config.vocab_size, "rank": head.config.rank}}
+    full = {
+        "format": HEAD_FORMAT,
+        **manifest,
+        "head": {
+            "architecture": head.config.architecture,
+            "hidden_size": head.config.hidden_size,
+            "vocab_size": head.config.vocab_size,
+            "rank": head.config.rank,
+        },
+    }
     (out / HEAD_MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
     return out
 
@@ -113,8 +121,9 @@ def save_value_head(head: ValueHead, folder: str | Path, manifest: dict) -> Path
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder).expanduser() / HEAD_MANIFEST
     if not path.is_file():
-        raise ConfigurationError(f"{Path(folder)} is not a value head (no {HEAD_MANIFEST} in it; "
-                                 "make one with `alignd train value-head`)")
+        raise ConfigurationError(
+            f"{Path(folder)} is not a value head (no {HEAD_MANIFEST} in it; make one with `alignd train value-head`)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -138,23 +147,30 @@ def load_value_head(
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     shape = manifest.get("head") or {}
-    config = ValueHeadConfig(hidden_size=int(shape["hidden_size"]), vocab_size=int(shape["vocab_size"]),
-                             rank=int(shape["rank"]), architecture=shape.get("architecture", HEAD_ARCHITECTURE))
+    config = ValueHeadConfig(
+        hidden_size=int(shape["hidden_size"]),
+        vocab_size=int(shape["vocab_size"]),
+        rank=int(shape["rank"]),
+        architecture=shape.get("architecture", HEAD_ARCHITECTURE),
+    )
     made_for = (manifest.get("base_model") or {}).get("name") or "its base model"
     serving = base_name or "this model"
     if vocab_size is not None and vocab_size != config.vocab_size:
         raise ConfigurationError(
             f"value head {folder} was made for '{made_for}' (vocabulary of {config.vocab_size} tokens), "
-            f"but '{serving}' has {vocab_size}: train a head for this model with `alignd train value-head`")
+            f"but '{serving}' has {vocab_size}: train a head for this model with `alignd train value-head`"
+        )
     if hidden_size is not None and hidden_size != config.hidden_size:
         raise ConfigurationError(
             f"value head {folder} was made for '{made_for}' (hidden size {config.hidden_size}), "
-            f"but '{serving}' has hidden size {hidden_size}: train a head for this model")
+            f"but '{serving}' has hidden size {hidden_size}: train a head for this model"
+        )
     expected = (manifest.get("base_model") or {}).get("weights_digest")
     if base_weights_digest is not None and expected and expected != base_weights_digest:
         raise ConfigurationError(
             f"value head {folder} was made for '{made_for}' (weights {expected[:12]}), but '{serving}' has "
-            f"weights {base_weights_digest[:12]}: train a head for this model, or serve the model it was made for")
+            f"weights {base_weights_digest[:12]}: train a head for this model, or serve the model it was made for"
+        )
     from safetensors.torch import load_file
 
     weights = folder / HEAD_WEIGHTS
@@ -233,21 +249,33 @@ def prepare_value_guided_folder(
         raise ConfigurationError(f"unreadable model config {config_path}: {exc}") from None
     architectures = list(config.get("architectures") or [])
     if architectures == [VALUE_GUIDED_ARCHITECTURE]:
-        raise ConfigurationError(f"{base} is already a value-guided folder; prepare one from its base model "
-                                 f"({config.get('alignd_base_model', 'named in its config.json')})")
+        raise ConfigurationError(
+            f"{base} is already a value-guided folder; prepare one from its base model "
+            f"({config.get('alignd_base_model', 'named in its config.json')})"
+        )
     if not architectures or not set(architectures) <= set(VALUE_GUIDED_BASE_ARCHITECTURES):
-        raise ConfigurationError(f"{base} is a {architectures or 'model of unknown architecture'}; alignd's value head "
-                                 f"runs inside vLLM for {', '.join(VALUE_GUIDED_BASE_ARCHITECTURES)} models only")
+        raise ConfigurationError(
+            f"{base} is a {architectures or 'model of unknown architecture'}; alignd's value head "
+            f"runs inside vLLM for {', '.join(VALUE_GUIDED_BASE_ARCHITECTURES)} models only"
+        )
     if head_path is None and baseline is None:
         raise ConfigurationError("a value-guided folder needs a value head, a baseline stack, or both")
     if head_path is not None:
-        load_value_head(head_path, vocab_size=config.get("vocab_size"), hidden_size=config.get("hidden_size"),
-                        base_weights_digest=base_weights_digest, base_name=str(base))
+        load_value_head(
+            head_path,
+            vocab_size=config.get("vocab_size"),
+            hidden_size=config.get("hidden_size"),
+            base_weights_digest=base_weights_digest,
+            base_name=str(base),
+        )
     if baseline is not None:
         check_stacks_match(config, baseline.path, sft_name=str(base))
 
-    linked = sorted(entry.name for entry in base.iterdir()
-                    if entry.name not in ("config.json", VALUE_GUIDED_MARKER) and not entry.name.startswith("."))
+    linked = sorted(
+        entry.name
+        for entry in base.iterdir()
+        if entry.name not in ("config.json", VALUE_GUIDED_MARKER) and not entry.name.startswith(".")
+    )
     marker = {
         "format": VALUE_GUIDED_FORMAT,
         "base_model": str(base),
@@ -255,8 +283,11 @@ def prepare_value_guided_folder(
         "linked": linked,
         "value_head": str(head_path) if head_path is not None else None,
         "value_head_manifest_sha256": _sha256(head_path / HEAD_MANIFEST) if head_path is not None else None,
-        **({"baseline": baseline.to_config(),
-            "baseline_config_sha256": _sha256(Path(baseline.path) / "config.json")} if baseline is not None else {}),
+        **(
+            {"baseline": baseline.to_config(), "baseline_config_sha256": _sha256(Path(baseline.path) / "config.json")}
+            if baseline is not None
+            else {}
+        ),
     }
     if _folder_is(out, marker):
         return out

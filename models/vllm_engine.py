@@ -15,13 +15,14 @@ import logging
 import os
 import uuid
 import weakref
-from contextlib import aclosing
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing
 
 from alignd.errors import ConfigurationError, EngineUnavailableError, InvalidRequestError, ServerError
+from alignd.models.baseline_stack import IMPLICIT, IMPLICIT_CACHE_SALT, VALUE_KEY
 from alignd.models.engine import (
-    Engine,
     CallMeter,
+    Engine,
     EngineCallObserver,
     EngineHealth,
     EngineInfo,
@@ -35,7 +36,6 @@ from alignd.models.platform import engine_dtype
 from alignd.models.seeded_sampling import SeededSampling
 from alignd.models.streams import merge_streams
 from alignd.models.supervision import EngineSupervisor
-from alignd.models.baseline_stack import IMPLICIT, IMPLICIT_CACHE_SALT, VALUE_KEY
 from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY
 from alignd.settings import Settings
 
@@ -73,8 +73,9 @@ def _seeded_sampling(params: GenerationParams) -> bool:
 class VLLMEngine(Engine):
     kind = "vllm"
 
-    def __init__(self, llm, tokenizer, info: EngineInfo, *, lora_request=None, owns_engine: bool = True,
-                 engine_args=None) -> None:
+    def __init__(
+        self, llm, tokenizer, info: EngineInfo, *, lora_request=None, owns_engine: bool = True, engine_args=None
+    ) -> None:
         self._llm = llm
         self._tokenizer = tokenizer
         self.info = info
@@ -85,8 +86,11 @@ class VLLMEngine(Engine):
         self._meter = CallMeter()  # an adapter view's requests are its engine's: with_adapter shares it
         # Restarts a dead engine core (models/supervision.py): the engine's owner builds it, its views share it.
         self._engine_args = engine_args
-        self._supervisor = (EngineSupervisor(os.path.basename(info.model_path.rstrip("/")), self._replace_llm)
-                            if owns_engine and engine_args is not None else None)
+        self._supervisor = (
+            EngineSupervisor(os.path.basename(info.model_path.rstrip("/")), self._replace_llm)
+            if owns_engine and engine_args is not None
+            else None
+        )
 
     def with_adapter(self, name: str, path: str) -> VLLMEngine:
         """The same engine with a LoRA adapter on every request (same weights, batches and prefix cache:
@@ -101,16 +105,24 @@ class VLLMEngine(Engine):
         adapters = self.info.extra.setdefault("adapters", {})
         lora_id = adapters.setdefault(str(path), len(adapters) + 1)  # one id per adapter folder
         info = dataclasses.replace(self.info, model_path=str(path), extra={**self.info.extra, "adapter": name})
-        view = VLLMEngine(self._llm, self._tokenizer, info,
-                          lora_request=LoRARequest(name, lora_id, str(path)), owns_engine=False)
+        view = VLLMEngine(
+            self._llm, self._tokenizer, info, lora_request=LoRARequest(name, lora_id, str(path)), owns_engine=False
+        )
         view._meter = self._meter
         view._supervisor = self._supervisor
         self._views.add(view)
         return view
 
     @classmethod
-    def start(cls, model_path: str, settings: Settings, *, enable_lora: bool = False,
-              value_head: dict | None = None, baseline_stack: dict | None = None) -> VLLMEngine:
+    def start(
+        cls,
+        model_path: str,
+        settings: Settings,
+        *,
+        enable_lora: bool = False,
+        value_head: dict | None = None,
+        baseline_stack: dict | None = None,
+    ) -> VLLMEngine:
         """Build the async engine. Must run inside an event loop (vLLM starts its output task).
         ``enable_lora``: adapters may run in it (:meth:`with_adapter`), up to ``settings.max_lora_rank``.
         ``value_head``: the manifest of the head that ``model_path`` (a folder made by
@@ -159,14 +171,21 @@ class VLLMEngine(Engine):
         config = llm.model_config
         eos = tokenizer.eos_token_id
         gen_eos = (config.hf_config.eos_token_id if config.hf_config is not None else None) or eos
-        eos_ids = set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]) | ({eos} if eos is not None else set())
+        eos_ids = set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]) | (
+            {eos} if eos is not None else set()
+        )
         info = EngineInfo(
             model_path=model_path,
             max_model_len=config.max_model_len,
             vocab_size=config.get_vocab_size(),
             eos_token_ids=tuple(sorted(i for i in eos_ids if i is not None)),
-            extra={"max_logprobs": settings.max_logprobs, "lora": enable_lora, "max_lora_rank": settings.max_lora_rank,
-                   "value_head": value_head, "baseline_stack": baseline_stack},
+            extra={
+                "max_logprobs": settings.max_logprobs,
+                "lora": enable_lora,
+                "max_lora_rank": settings.max_lora_rank,
+                "value_head": value_head,
+                "baseline_stack": baseline_stack,
+            },
         )
         return cls(llm, tokenizer, info, engine_args=args)
 
@@ -249,8 +268,9 @@ class VLLMEngine(Engine):
         from vllm.sampling_params import RequestOutputKind
 
         sampling = SamplingParams(max_tokens=2, temperature=0.0, logprobs=1, output_kind=RequestOutputKind.FINAL_ONLY)
-        async for _ in llm.generate({"prompt_token_ids": self.encode("Hello")}, sampling,
-                                    request_id=f"alignd-warmup-{uuid.uuid4().hex}"):
+        async for _ in llm.generate(
+            {"prompt_token_ids": self.encode("Hello")}, sampling, request_id=f"alignd-warmup-{uuid.uuid4().hex}"
+        ):
             pass
 
     async def shutdown(self) -> None:
@@ -282,8 +302,11 @@ class VLLMEngine(Engine):
         extra_args: dict | None = None
         if params.value_guidance is not None and params.value_guidance.value == IMPLICIT:
             if not self.info.extra.get("baseline_stack"):
-                raise InvalidRequestError("this engine has no baseline stack (ALIGND_IMPLICIT_IN_ENGINE), so implicit "
-                                          "values are not computed in its step", param="decoding.value")
+                raise InvalidRequestError(
+                    "this engine has no baseline stack (ALIGND_IMPLICIT_IN_ENGINE), so implicit "
+                    "values are not computed in its step",
+                    param="decoding.value",
+                )
             guidance = params.value_guidance
             extra_args = {VALUE_KEY: IMPLICIT, ALPHA_KEY: float(guidance.alpha), TOP_K_KEY: int(guidance.top_k)}
         elif params.value_guidance is not None:
@@ -294,14 +317,27 @@ class VLLMEngine(Engine):
                     param="decoding.value",
                 )
             if self._lora is not None:
-                raise InvalidRequestError("the value head reads the SFT model's hidden states: it cannot run on an "
-                                          "adapter's requests", param="decoding.value")
+                raise InvalidRequestError(
+                    "the value head reads the SFT model's hidden states: it cannot run on an adapter's requests",
+                    param="decoding.value",
+                )
             extra_args = {ALPHA_KEY: float(params.value_guidance.alpha), TOP_K_KEY: int(params.value_guidance.top_k)}
-        sampling = dict(n=params.n, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-                        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty)
+        sampling = dict(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+        )
         if _seeded_sampling(params):
-            seeded = SeededSampling(params.seed + (choice or 0), params.temperature, params.top_p,
-                                    params.presence_penalty, params.frequency_penalty)
+            seeded = SeededSampling(
+                params.seed + (choice or 0),
+                params.temperature,
+                params.top_p,
+                params.presence_penalty,
+                params.frequency_penalty,
+            )
             extra_args = {**(extra_args or {}), **seeded.extra_args()}
             sampling = dict(n=1, temperature=0.0, top_p=1.0, seed=None, presence_penalty=0.0, frequency_penalty=0.0)
         try:
@@ -324,8 +360,10 @@ class VLLMEngine(Engine):
             llm = self._live_llm()
             with self._death_is_unavailable(llm):
                 async for out in llm.generate(
-                    _prompt(prompt_token_ids, sampling_params), sampling_params,
-                    request_id=f"alignd-{uuid.uuid4().hex}", lora_request=self._lora,
+                    _prompt(prompt_token_ids, sampling_params),
+                    sampling_params,
+                    request_id=f"alignd-{uuid.uuid4().hex}",
+                    lora_request=self._lora,
                 ):
                     final = out
         if final is None:
@@ -337,20 +375,29 @@ class VLLMEngine(Engine):
         from vllm.sampling_params import RequestOutputKind
 
         if _seeded_sampling(params) and params.n > 1:  # one engine request per choice (_sampling_params)
-            streams = [self._deltas(prompt_token_ids, params, self._sampling_params(params, RequestOutputKind.DELTA,
-                                                                                    choice=j), f"{request_id}-{j}", j)
-                       for j in range(params.n)]
+            streams = [
+                self._deltas(
+                    prompt_token_ids,
+                    params,
+                    self._sampling_params(params, RequestOutputKind.DELTA, choice=j),
+                    f"{request_id}-{j}",
+                    j,
+                )
+                for j in range(params.n)
+            ]
             deltas = merge_streams(streams)
         else:
-            deltas = self._deltas(prompt_token_ids, params, self._sampling_params(params, RequestOutputKind.DELTA),
-                                  request_id)
+            deltas = self._deltas(
+                prompt_token_ids, params, self._sampling_params(params, RequestOutputKind.DELTA), request_id
+            )
         # vLLM's generator aborts the engine request itself when it is closed or cancelled early.
         async with self._meter.call("stream"), aclosing(deltas):
             async for delta in deltas:
                 yield delta
 
-    async def _deltas(self, prompt_token_ids, params: GenerationParams, sampling, request_id: str,
-                      index: int | None = None):
+    async def _deltas(
+        self, prompt_token_ids, params: GenerationParams, sampling, request_id: str, index: int | None = None
+    ):
         """The deltas of one engine request; ``index``: the choice index they get (default vLLM's)."""
         llm = self._live_llm()
         with self._death_is_unavailable(llm):
@@ -363,7 +410,7 @@ class VLLMEngine(Engine):
                     if params.logprobs is not None:
                         logprobs = [
                             GeneratedTokenLogprobs(tok, float(pos[tok].logprob), _top_entries(pos, params.logprobs))
-                            for tok, pos in zip(comp.token_ids, comp.logprobs or [])
+                            for tok, pos in zip(comp.token_ids, comp.logprobs or [], strict=False)
                         ]
                     yield StreamDelta(
                         index=comp.index if index is None else index,
@@ -382,32 +429,58 @@ class VLLMEngine(Engine):
         if k > self.info.extra["max_logprobs"]:
             # beyond alignd's max_logprobs (the implicit source's top_k 0 ranks the whole vocabulary)
             tables = await self._vocabulary_logprobs("top_k_next", prefixes)
-            return [[TokenLogprob(int(t), v) for t, v in sorted(table.items(), key=lambda e: -e[1])[:k]]
-                    for table in tables]
+            return [
+                [TokenLogprob(int(t), v) for t, v in sorted(table.items(), key=lambda e: -e[1])[:k]] for table in tables
+            ]
         sampling = SamplingParams(
             max_tokens=1, temperature=0.0, logprobs=k, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
         )
         outs = await asyncio.gather(*(self._final("top_k_next", p, sampling) for p in prefixes))
         return [list(_top_entries(out.outputs[0].logprobs[0], k)) for out in outs]
 
-    async def rollouts(self, prefixes, n, max_tokens, temperature=1.0, seed=None, *, top_p=1.0,
-                       presence_penalty=0.0, frequency_penalty=0.0):
+    async def rollouts(
+        self,
+        prefixes,
+        n,
+        max_tokens,
+        temperature=1.0,
+        seed=None,
+        *,
+        top_p=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+    ):
         from vllm.sampling_params import RequestOutputKind
 
-        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
-                                  seed=seed, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+        params = GenerationParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            n=n,
+            seed=seed,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+        )
 
         async def one(i: int, prefix):
             # vLLM seeds choice j with seed + j: prefix i's choices get seeds seed + i*n + j
             prefix_params = params if seed is None else dataclasses.replace(params, seed=seed + i * n)
             if _seeded_sampling(prefix_params):  # one engine request per choice (_sampling_params)
-                outs = await asyncio.gather(*(
-                    self._final("rollouts", prefix, self._sampling_params(prefix_params, RequestOutputKind.FINAL_ONLY,
-                                                                          choice=j)) for j in range(n)))
+                outs = await asyncio.gather(
+                    *(
+                        self._final(
+                            "rollouts",
+                            prefix,
+                            self._sampling_params(prefix_params, RequestOutputKind.FINAL_ONLY, choice=j),
+                        )
+                        for j in range(n)
+                    )
+                )
                 comps = [out.outputs[0] for out in outs]
             else:
-                out = await self._final("rollouts", prefix,
-                                        self._sampling_params(prefix_params, RequestOutputKind.FINAL_ONLY))
+                out = await self._final(
+                    "rollouts", prefix, self._sampling_params(prefix_params, RequestOutputKind.FINAL_ONLY)
+                )
                 comps = sorted(out.outputs, key=lambda c: c.index)
             return [Rollout(list(c.token_ids), c.finish_reason, c.text) for c in comps]
 
@@ -417,7 +490,7 @@ class VLLMEngine(Engine):
         if len(prefixes) != len(token_ids):
             raise ValueError("prefixes and token_ids must have the same length")
         tables = await self._vocabulary_logprobs("next_token_logprobs", prefixes)
-        return [[table[z] for z in wanted] for table, wanted in zip(tables, token_ids)]
+        return [[table[z] for z in wanted] for table, wanted in zip(tables, token_ids, strict=False)]
 
     async def _vocabulary_logprobs(self, call: str, prefixes) -> list[dict[int, float]]:
         """Every token's next-token log-probability at each prefix, one request each (vLLM's ``logprobs=-1``,
@@ -428,13 +501,19 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        sampling = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True, detokenize=False,
-                                  output_kind=RequestOutputKind.FINAL_ONLY)
+        sampling = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=-1,
+            flat_logprobs=True,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
         outs = await asyncio.gather(*(self._final(call, p, sampling) for p in prefixes))
         tables = []
         for out in outs:
             flat = out.outputs[0].logprobs  # one position (max_tokens 1)
-            tables.append(dict(zip(flat.token_ids, map(float, flat.logprobs))))
+            tables.append(dict(zip(flat.token_ids, map(float, flat.logprobs), strict=False)))
         return tables
 
     async def continuation_logprobs(self, prefixes, continuations):
@@ -455,4 +534,4 @@ class VLLMEngine(Engine):
             # prompt_logprobs[j] holds log p(full[j] | full[:j]) (None at j = 0)
             return [float(out.prompt_logprobs[j][full[j]].logprob) for j in range(len(prefix), len(full))]
 
-        return list(await asyncio.gather(*(one(p, c) for p, c in zip(prefixes, continuations))))
+        return list(await asyncio.gather(*(one(p, c) for p, c in zip(prefixes, continuations, strict=False))))

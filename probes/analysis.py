@@ -228,7 +228,7 @@ def analyse_conditions(
     compare = None
     if second is not None:
         compare_layers = analyse_layers(second, labels, params, None, part(share, share))
-        for a, b in zip(layers, compare_layers):
+        for a, b in zip(layers, compare_layers, strict=False):
             b["neighbourhood_overlap"] = a["neighbourhood_overlap"]
         compare = {"condition": names[1], "layers": compare_layers}
     return {
@@ -287,7 +287,9 @@ def plot_layers(result, path: str | Path | io.IOBase | None = None, *, title: st
     for s, (cond, layers) in enumerate(series):
         ls = _STYLES[s % len(_STYLES)]
         tag = f" ({cond})" if cond else ""
-        ax_id.plot(*_values(layers, lambda e: e["intrinsic_dimension"]), ls, color="C0", marker=".", label=f"GRIDE{tag}")
+        ax_id.plot(
+            *_values(layers, lambda e: e["intrinsic_dimension"]), ls, color="C0", marker=".", label=f"GRIDE{tag}"
+        )
         ax_id.plot(
             *_values(layers, lambda e: e["intrinsic_dimension_twonn"]), ls, color="C7", alpha=0.7, label=f"TwoNN{tag}"
         )
@@ -295,17 +297,26 @@ def plot_layers(result, path: str | Path | io.IOBase | None = None, *, title: st
         for name in label_names:
             ax_ari.plot(
                 *_values(layers, lambda e, n=name: e.get("ari", {}).get(n)),
-                ls, color=colours[name], marker=".", label=f"{name}{tag}",
+                ls,
+                color=colours[name],
+                marker=".",
+                label=f"{name}{tag}",
             )
             ax_ov.plot(
                 *_values(layers, lambda e, n=name: e.get("label_overlap", {}).get(n)),
-                ls, color=colours[name], marker=".", label=f"label overlap: {name}{tag}",
+                ls,
+                color=colours[name],
+                marker=".",
+                label=f"label overlap: {name}{tag}",
             )
     ax_core = ax_peaks.twinx()
     for s, (cond, layers) in enumerate(series):
         tag = f" ({cond})" if cond else ""
         ax_core.plot(
-            *_values(layers, lambda e: e["core_fraction"]), _STYLES[s % len(_STYLES)], color="C2", alpha=0.6,
+            *_values(layers, lambda e: e["core_fraction"]),
+            _STYLES[s % len(_STYLES)],
+            color="C2",
+            alpha=0.6,
             label=f"core fraction{tag}",
         )
     ax_core.set_ylim(0, 1.05)
@@ -316,8 +327,13 @@ def plot_layers(result, path: str | Path | io.IOBase | None = None, *, title: st
     if any(e.get("neighbourhood_overlap") is not None for e in first_layers):
         names = [c for c, _ in series]
         ax_ov.plot(
-            *_values(first_layers, lambda e: e["neighbourhood_overlap"]), "-", color="k", linewidth=2, marker="o",
-            markersize=3, label=f"neighbourhood overlap {names[0]} vs {names[-1]}" if len(names) == 2 else "neighbourhood overlap",
+            *_values(first_layers, lambda e: e["neighbourhood_overlap"]),
+            "-",
+            color="k",
+            linewidth=2,
+            marker="o",
+            markersize=3,
+            label=f"neighbourhood overlap {names[0]} vs {names[-1]}" if len(names) == 2 else "neighbourhood overlap",
         )
 
     ax_id.set_title("intrinsic dimension")

@@ -63,9 +63,7 @@ def _as_points(X, name: str = "X", min_points: int = 2) -> np.ndarray:
     """X as a float64 (N, D) array, or a ValueError that says what is wrong with it."""
     arr = np.asarray(X)
     if arr.ndim != 2:
-        raise ValueError(
-            f"{name} must be a 2-D array of shape (n_points, n_features); got shape {arr.shape}"
-        )
+        raise ValueError(f"{name} must be a 2-D array of shape (n_points, n_features); got shape {arr.shape}")
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{name} must hold real numbers; got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.complexfloating):
@@ -73,9 +71,7 @@ def _as_points(X, name: str = "X", min_points: int = 2) -> np.ndarray:
     if arr.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {arr.shape})")
     if arr.shape[0] < min_points:
-        raise ValueError(
-            f"{name} has {arr.shape[0]} points; this estimator needs at least {min_points}"
-        )
+        raise ValueError(f"{name} has {arr.shape[0]} points; this estimator needs at least {min_points}")
     arr = arr.astype(np.float64, copy=False)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -193,18 +189,14 @@ def twonn_id(X, mu_fraction: float = 0.9, algorithm: str = "fit") -> float:
     """
     if algorithm not in ("fit", "ml"):
         raise ValueError(f"algorithm must be 'fit' or 'ml'; got {algorithm!r}")
-    if isinstance(mu_fraction, bool) or not isinstance(mu_fraction, numbers.Real) or not (
-        0.0 < mu_fraction <= 1.0
-    ):
+    if isinstance(mu_fraction, bool) or not isinstance(mu_fraction, numbers.Real) or not (0.0 < mu_fraction <= 1.0):
         raise ValueError(f"mu_fraction must be in (0, 1]; got {mu_fraction!r}")
     X = _as_points(X, min_points=3)
     _reject_duplicates(X)
     if math.isclose(mu_fraction, 1.0):
         algorithm = "ml"
     if algorithm == "fit" and int(X.shape[0] * mu_fraction) < 1:
-        raise ValueError(
-            f"mu_fraction={mu_fraction} keeps no point out of {X.shape[0]}; raise it or add points"
-        )
+        raise ValueError(f"mu_fraction={mu_fraction} keeps no point out of {X.shape[0]}; raise it or add points")
     dist, _ = _neighbours(X, 2)
     return _twonn_from_mus(dist[:, 2] / dist[:, 1], mu_fraction, algorithm)
 
@@ -248,9 +240,7 @@ def _gride_single_scale(
     one_m_mus_d = 1.0 - mus ** (-id_)
     one_m_mus_d[one_m_mus_d < 5 * _EPS] = 5 * _EPS
     log_mu = np.log(mus)
-    info = mus.shape[0] / id_**2 + np.sum(
-        (n2 - n1 - 1) * (log_mu / one_m_mus_d) ** 2 * mus ** (-id_)
-    )
+    info = mus.shape[0] / id_**2 + np.sum((n2 - n1 - 1) * (log_mu / one_m_mus_d) ** 2 * mus ** (-id_))
     return float(id_), float(info**-0.5)
 
 
@@ -466,9 +456,7 @@ def _pak_from_neighbours(dist, ind, d: float, alpha: float) -> LogDensity:
     return LogDensity(log_den, log_den_err, d, kstar)
 
 
-def pak_density(
-    X, intrinsic_dim: float | None = None, maxk: int | None = None, alpha: float = 1e-6
-) -> LogDensity:
+def pak_density(X, intrinsic_dim: float | None = None, maxk: int | None = None, alpha: float = 1e-6) -> LogDensity:
     """PAk log-density (Rodriguez et al. 2018), as dadapy's ``compute_density_PAk()``.
 
     Args:
@@ -576,7 +564,7 @@ def _adp(kstar, ind, log_den, log_den_err, z: float):
     visit = np.lexsort((p1s, cluster[p1s]))
     rho_bord = np.zeros((n_clus, n_clus))
     point_bord = np.full((n_clus, n_clus), -1, dtype=np.int64)
-    for p1, p2 in zip(p1s[visit], p2s[visit]):
+    for p1, p2 in zip(p1s[visit], p2s[visit], strict=False):
         c, cp = cluster[p1], cluster[p2]
         if g[p1] > rho_bord[c, cp]:
             rho_bord[c, cp] = rho_bord[cp, c] = g[p1]
@@ -599,9 +587,7 @@ def _adp(kstar, ind, log_den, log_den_err, z: float):
         # Peak i (or j) rises less than Z errors above the saddle between them. Only pairs with a
         # saddle can qualify: without one rho_bord is 0 or -1 and rho_c >= Z * err_c + 1.
         bord, bord_err = rho_bord[i, j], rho_bord_err[i, j]
-        return ((rho_c[i] - bord) < z * (err_c[i] + bord_err)) | (
-            (rho_c[j] - bord) < z * (err_c[j] + bord_err)
-        )
+        return ((rho_c[i] - bord) < z * (err_c[i] + bord_err)) | ((rho_c[j] - bord) < z * (err_c[j] + bord_err))
 
     weak = np.triu(weak_pairs(all_c[:, None], all_c[None, :]), 1)
     while weak.any():
@@ -785,9 +771,7 @@ def neighbourhood_overlap(X, Y, k: int = 30, *, per_point: bool = False):
     X = _as_points(X, "X", min_points=2)
     Y = _as_points(Y, "Y", min_points=2)
     if X.shape[0] != Y.shape[0]:
-        raise ValueError(
-            f"X has {X.shape[0]} points but Y has {Y.shape[0]}; rows must be the same items"
-        )
+        raise ValueError(f"X has {X.shape[0]} points but Y has {Y.shape[0]}; rows must be the same items")
     k = _as_int(k, "k", 1)
     _need_neighbours(X.shape[0], k, f"neighbourhood_overlap(k={k})")
     _, ind_x = _neighbours(X, k)

@@ -161,6 +161,7 @@ def layer_representations_sync(
     handles = []
     if site == "normed":
         for layer, module in _normed_sites(base, layers, n_layers).items():
+
             def hook(_module, _inputs, output, layer=layer):
                 captured[layer] = output[0] if isinstance(output, tuple) else output
 

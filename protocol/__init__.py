@@ -20,8 +20,8 @@ from alignd.protocol.diagnostics import (
 )
 from alignd.protocol.native import (
     EngineHealthCard,
-    GeneratedTokenOut,
     GenerateChoice,
+    GeneratedTokenOut,
     GenerateResponse,
     GenerateStreamEvent,
     HealthResponse,
@@ -29,8 +29,24 @@ from alignd.protocol.native import (
 )
 
 __all__ = [
-    "AlignmentSummary", "BaselineStep", "BestOfNStep", "BlockCandidate", "BlockStep", "ChatMessage",
-    "DecodingCost", "EngineHealthCard", "GenerateChoice", "GenerateResponse", "GenerateStreamEvent",
-    "GeneratedTokenOut", "HealthResponse", "SampleCandidate", "StepCost", "TextContentPart", "TokenCandidate",
-    "TokenLogprobOut", "UsageInfo", "ValueGuidedStep",
+    "AlignmentSummary",
+    "BaselineStep",
+    "BestOfNStep",
+    "BlockCandidate",
+    "BlockStep",
+    "ChatMessage",
+    "DecodingCost",
+    "EngineHealthCard",
+    "GenerateChoice",
+    "GenerateResponse",
+    "GenerateStreamEvent",
+    "GeneratedTokenOut",
+    "HealthResponse",
+    "SampleCandidate",
+    "StepCost",
+    "TextContentPart",
+    "TokenCandidate",
+    "TokenLogprobOut",
+    "UsageInfo",
+    "ValueGuidedStep",
 ]

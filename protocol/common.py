@@ -42,5 +42,8 @@ class UsageInfo(BaseModel):
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
         """The one place the totals are added up."""
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )

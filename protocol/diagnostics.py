@@ -49,17 +49,24 @@ class TokenCandidate(_Diagnostic):
     token_id: int
     token: str
     sft_logprob: float = Field(description="The SFT model's own log-probability (full vocabulary, no penalty).")
-    value: float | None = Field(description="Q(s, z): the candidate's estimated value under the target reward "
-                                "(null with decoding.value='head': the head's values stay inside the engine).")
+    value: float | None = Field(
+        description="Q(s, z): the candidate's estimated value under the target reward "
+        "(null with decoding.value='head': the head's values stay inside the engine)."
+    )
     penalty: float = Field(
-        0.0, description="presence_penalty if the token already occurs in the answer, plus frequency_penalty "
+        0.0,
+        description="presence_penalty if the token already occurs in the answer, plus frequency_penalty "
         "times its count there; subtracted from sft_logprob before the rule.",
     )
-    logprob: float | None = Field(description="log pi(z | s) of the re-weighted distribution over the candidates "
-                                  "(null with decoding.value='head').")
+    logprob: float | None = Field(
+        description="log pi(z | s) of the re-weighted distribution over the candidates "
+        "(null with decoding.value='head')."
+    )
     baseline_logprob: float | None = Field(
-        None, description="The baseline's own log-probability, where the values come from it (decoding.value="
-        "'implicit': value = beta * (baseline_logprob - sft_logprob)); null otherwise.")
+        None,
+        description="The baseline's own log-probability, where the values come from it (decoding.value="
+        "'implicit': value = beta * (baseline_logprob - sft_logprob)); null otherwise.",
+    )
 
 
 class BlockCandidate(_Diagnostic):
@@ -77,8 +84,10 @@ class _Step(_Diagnostic):
     position: int = Field(description="Index of the decision's first token in the answer.")
     chosen: list[int] = Field(description="Token ids the decision appended.")
     chosen_text: str
-    kl: float | None = Field(description="KL from the SFT model of this decision (exact, or the best-of-n bound; "
-                             "null with decoding.value='head', whose distribution stays inside the engine).")
+    kl: float | None = Field(
+        description="KL from the SFT model of this decision (exact, or the best-of-n bound; "
+        "null with decoding.value='head', whose distribution stays inside the engine)."
+    )
     gated: bool = False
     cost: StepCost = Field(default_factory=StepCost)
 
@@ -114,18 +123,26 @@ class AlignmentSummary(_Diagnostic):
     """One choice's aligned-decoding diagnostics."""
 
     method: Literal["sft", "baseline", "transfer_q", "args", "cd", "best_of_n"]
-    baseline: str | None = Field(None, description="The baseline TQ* transferred from, or sampled by the "
-                                 "baseline method (GET /v1/baselines); null for the other methods.")
+    baseline: str | None = Field(
+        None,
+        description="The baseline TQ* transferred from, or sampled by the "
+        "baseline method (GET /v1/baselines); null for the other methods.",
+    )
     baseline_kind: Literal["adapter", "model", "prompted", "remote"] | None = Field(
-        None, description="What that baseline is: a trained adapter, a model folder, the prompted baseline, or a "
-        "model on a remote vLLM server.")
+        None,
+        description="What that baseline is: a trained adapter, a model folder, the prompted baseline, or a "
+        "model on a remote vLLM server.",
+    )
     baseline_reward: str | None = Field(None, description="r_BL of indirect transfer (its reward's name).")
     reward_name: str = Field(description="The target reward the answer is scored with.")
     reward: float = Field(description="Target reward of the final text.")
-    kl: float | None = Field(description="KL from the SFT model, summed over the decisions (null with "
-                             "decoding.value='head').")
+    kl: float | None = Field(
+        description="KL from the SFT model, summed over the decisions (null with decoding.value='head')."
+    )
     value: str | None = Field(
-        None, description="transfer_q: where Q came from (GET /v1/methods lists the value sources): baseline "
-        "rollouts, the engine's value head, or the baseline's implicit Q.")
+        None,
+        description="transfer_q: where Q came from (GET /v1/methods lists the value sources): baseline "
+        "rollouts, the engine's value head, or the baseline's implicit Q.",
+    )
     cost: DecodingCost
     steps: list[Step] = []

@@ -27,7 +27,9 @@ class GenerateChoice(BaseModel):
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[GeneratedTokenOut] | None = None
-    alignment: AlignmentSummary | None = Field(None, description="Aligned decoding diagnostics (decoding.diagnostics=true).")
+    alignment: AlignmentSummary | None = Field(
+        None, description="Aligned decoding diagnostics (decoding.diagnostics=true)."
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -62,16 +64,22 @@ class BaselineCard(BaseModel):
     """A baseline a request may pick with ``decoding.baseline``."""
 
     name: str
-    kind: str = Field(description="adapter (LoRA of the served model), model (a folder on its own engine), prompted, "
-                      "or remote (a model on a remote vLLM server; source is its URL and model name).")
+    kind: str = Field(
+        description="adapter (LoRA of the served model), model (a folder on its own engine), prompted, "
+        "or remote (a model on a remote vLLM server; source is its URL and model name)."
+    )
     source: str = Field(description="The adapter or model folder, or the system prompt.")
     same_as: str | None = Field(None, description="Set when this name is another baseline's alias ('default').")
-    implicit_reward: str = Field(description="Its implicit reward's name in GET /v1/rewards (r_BL of indirect transfer).")
+    implicit_reward: str = Field(
+        description="Its implicit reward's name in GET /v1/rewards (r_BL of indirect transfer)."
+    )
     beta: float | None = None
     provenance: dict = Field(default_factory=dict, description="An adapter's manifest: how it was made.")
     implicit_q: ImplicitQCard | None = Field(
-        None, description="Its exact token-level Q (decoding.value='implicit'), where it is a DPO or IRFT policy of "
-        "the served model; null otherwise (implicit_q_unavailable says why).")
+        None,
+        description="Its exact token-level Q (decoding.value='implicit'), where it is a DPO or IRFT policy of "
+        "the served model; null otherwise (implicit_q_unavailable says why).",
+    )
     implicit_q_unavailable: str | None = None
 
 
@@ -96,8 +104,10 @@ class ValueSourceCard(BaseModel):
     name: str
     summary: str
     family: Literal["plain", "aligned"] = Field(description="Admission family: plain = one engine request an answer.")
-    in_engine: bool = Field(description="Values computed inside the engine's decode step (the diagnostics list the "
-                            "candidates, not their values, and no KL).")
+    in_engine: bool = Field(
+        description="Values computed inside the engine's decode step (the diagnostics list the "
+        "candidates, not their values, and no KL)."
+    )
     available: bool
     unavailable_reason: str | None = Field(None, description="Why this server cannot serve it, and what to set.")
     parameters: list[MethodParameter]
@@ -127,9 +137,12 @@ class ValueHeadCard(BaseModel):
     available: bool = Field(description="False when the server has no value head (ALIGND_VALUE_HEAD=none).")
     path: str | None = None
     reward: str | None = Field(None, description="The target reward it was trained for: the only one it serves.")
-    baseline: str | None = Field(None, description="The baseline of this server whose rollout values it distils "
-                                 "(found by its weights digest or system prompt), or the head's own record of it "
-                                 "followed by '(<kind>, not served here)'.")
+    baseline: str | None = Field(
+        None,
+        description="The baseline of this server whose rollout values it distils "
+        "(found by its weights digest or system prompt), or the head's own record of it "
+        "followed by '(<kind>, not served here)'.",
+    )
     provenance: dict = Field(default_factory=dict, description="Its manifest: data, metrics, the exact command.")
 
 
@@ -137,8 +150,9 @@ class EngineHealthCard(BaseModel):
     """One engine behind the server: the served SFT model, a baseline's or a reward's."""
 
     status: Literal["up", "down"]
-    kind: str = Field(description="vllm (in this process), hf (transformers, in this process) or remote (a vllm "
-                      "serve deployment).")
+    kind: str = Field(
+        description="vllm (in this process), hf (transformers, in this process) or remote (a vllm serve deployment)."
+    )
     detail: str | None = Field(None, description="Why it is down.")
     location: str | None = Field(None, description="A remote engine's base URL.")
     since: float | None = Field(None, description="Unix time of its last change between up and down (remote engines).")
@@ -152,4 +166,5 @@ class HealthResponse(BaseModel):
     model: str
     engine: str
     engines: dict[str, EngineHealthCard] = Field(
-        description="By role: 'sft', 'baseline/<name>' and 'reward/<name>' for the engines of their own.")
+        description="By role: 'sft', 'baseline/<name>' and 'reward/<name>' for the engines of their own."
+    )

@@ -64,5 +64,9 @@ class Reward(abc.ABC):
         return None
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "description": self.description,
-                "token_values": self.supports_token_values}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "description": self.description,
+            "token_values": self.supports_token_values,
+        }

@@ -53,7 +53,9 @@ class ClassifierReward(Reward):
         self.tokenizer = tokenizer
         num_labels = int(getattr(model.config, "num_labels", 1))
         if not 0 <= label_index < num_labels:
-            raise ConfigurationError(f"reward '{name}': label_index {label_index} outside the model's {num_labels} labels")
+            raise ConfigurationError(
+                f"reward '{name}': label_index {label_index} outside the model's {num_labels} labels"
+            )
         self.label_index = label_index
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -89,11 +91,18 @@ class ClassifierReward(Reward):
             if too_long and not truncate:
                 raise too_long_error(self.name, too_long[0], self.max_length)
             batch = self.tokenizer(
-                chunk, add_special_tokens=False, padding=True, truncation=True, max_length=self.max_length,
+                chunk,
+                add_special_tokens=False,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
                 return_tensors="pt",
             )
             logits = self.model(**batch).logits.float()
-            out.extend((float(v), n > self.max_length) for v, n in zip(logits[:, self.label_index].tolist(), lengths))
+            out.extend(
+                (float(v), n > self.max_length)
+                for v, n in zip(logits[:, self.label_index].tolist(), lengths, strict=False)
+            )
         return out
 
     async def score(self, items: Sequence[RewardItem], *, token_values=False, truncate=False):
@@ -127,15 +136,22 @@ class VLLMClassifierReward(Reward):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
-            model=path, runner="pooling", dtype=engine_dtype(settings.dtype), enforce_eager=settings.enforce_eager,
-            max_model_len=max_length or settings.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization,
-            tensor_parallel_size=settings.tensor_parallel_size, seed=settings.seed,
+            model=path,
+            runner="pooling",
+            dtype=engine_dtype(settings.dtype),
+            enforce_eager=settings.enforce_eager,
+            max_model_len=max_length or settings.max_model_len,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            seed=settings.seed,
         )
         llm = AsyncLLM.from_engine_args(args)
         num_labels = int(getattr(llm.model_config.hf_config, "num_labels", 1))
         if not 0 <= label_index < num_labels:
             llm.shutdown()
-            raise ConfigurationError(f"reward '{name}': label_index {label_index} outside the model's {num_labels} labels")
+            raise ConfigurationError(
+                f"reward '{name}': label_index {label_index} outside the model's {num_labels} labels"
+            )
         return cls(name, llm, llm.get_tokenizer(), label_index=label_index, max_length=llm.model_config.max_model_len)
 
     async def _one(self, ids: list[int]) -> float:
@@ -153,7 +169,7 @@ class VLLMClassifierReward(Reward):
         if too_long and not truncate:
             raise too_long_error(self.name, too_long[0], self.max_length)
         values = await asyncio.gather(*(self._one(ids[: self.max_length]) for ids in encoded))
-        return [RewardScore(v, truncated=len(ids) > self.max_length) for v, ids in zip(values, encoded)]
+        return [RewardScore(v, truncated=len(ids) > self.max_length) for v, ids in zip(values, encoded, strict=False)]
 
     async def close(self) -> None:
         if self._llm is not None:
@@ -178,25 +194,31 @@ class RemoteClassifierReward(Reward):
     def _check_label(self) -> None:
         labels = self.remote.num_labels
         if labels is not None and not 0 <= self.label_index < labels:
-            raise ConfigurationError(f"reward '{self.name}': label_index {self.label_index} outside the model's "
-                                     f"{labels} labels")
+            raise ConfigurationError(
+                f"reward '{self.name}': label_index {self.label_index} outside the model's {labels} labels"
+            )
 
     async def score(self, items: Sequence[RewardItem], *, token_values=False, truncate=False):
         conversations = [[*item.chat(), {"role": "assistant", "content": item.response}] for item in items]
         texts = [f"{item.prompt_text()}\n{item.response}" for item in items]
-        encoded = await asyncio.gather(*(self.remote.token_ids(c, t) for c, t in zip(conversations, texts)))
+        encoded = await asyncio.gather(
+            *(self.remote.token_ids(c, t) for c, t in zip(conversations, texts, strict=False))
+        )
         self._check_label()  # a remote that was down at start is known only now
         limit = self.remote.max_model_len
         too_long = [len(ids) for ids in encoded if len(ids) > limit]
         if too_long and not truncate:
             raise too_long_error(self.name, too_long[0], limit)
         logits = await self.remote.classify([ids[:limit] for ids in encoded])
-        return [RewardScore(float(row[self.label_index]), truncated=len(ids) > limit)
-                for row, ids in zip(logits, encoded)]
+        return [
+            RewardScore(float(row[self.label_index]), truncated=len(ids) > limit)
+            for row, ids in zip(logits, encoded, strict=False)
+        ]
 
 
-def load_classifier(name: str, path: str, settings, *, backend: str = "auto", label_index: int = 0,
-                    max_length: int | None = None) -> Reward:
+def load_classifier(
+    name: str, path: str, settings, *, backend: str = "auto", label_index: int = 0, max_length: int | None = None
+) -> Reward:
     """``backend``: "vllm" (pooling runner, fails if vLLM cannot run the architecture), "hf"
     (transformers), or "auto" (vLLM when the server runs on vLLM and vLLM accepts the model, else
     transformers, with the reason logged)."""

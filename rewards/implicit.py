@@ -54,7 +54,7 @@ class ImplicitReward(Reward):
         if not truncate or room <= 0:
             raise ContextLengthError(
                 f"reward '{self.name}': prompt ({prefix_len} tokens) plus response ({len(response)} tokens) exceed "
-                f"the model's context of {max_len} tokens; shorten them, or send \"truncate\": true to score "
+                f'the model\'s context of {max_len} tokens; shorten them, or send "truncate": true to score '
                 "only the first part of the response",
                 param="items",
             )
@@ -78,8 +78,8 @@ class ImplicitReward(Reward):
             self.reference.continuation_logprobs(ref_prefixes, responses),
         )
         out = []
-        for response, a, r, cut in zip(responses, aligned_lp, ref_lp, truncated):
-            per_token = [self.beta * (x - y) for x, y in zip(a, r)]
+        for response, a, r, cut in zip(responses, aligned_lp, ref_lp, truncated, strict=False):
+            per_token = [self.beta * (x - y) for x, y in zip(a, r, strict=False)]
             score = RewardScore(sum(per_token), truncated=cut)
             if token_values:
                 score.tokens = [self.reference.decode([t]) for t in response]

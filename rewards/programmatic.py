@@ -35,7 +35,9 @@ class LengthPenaltyReward(Reward):
 
     def __init__(self, name: str = "length_penalty", per_word: float = 0.01, free_words: int = 0) -> None:
         if per_word < 0 or free_words < 0:
-            raise ConfigurationError(f"length penalty needs per_word >= 0 and free_words >= 0, got {per_word}, {free_words}")
+            raise ConfigurationError(
+                f"length penalty needs per_word >= 0 and free_words >= 0, got {per_word}, {free_words}"
+            )
         self.name = name
         self.per_word = per_word
         self.free_words = free_words
@@ -111,6 +113,6 @@ class WeightedSumReward(Reward):
         parts = await asyncio.gather(*(r.score(items, truncate=truncate) for _, r in self.terms))
         out = []
         for i in range(len(items)):
-            value = sum(w * part[i].value for (w, _), part in zip(self.terms, parts))
+            value = sum(w * part[i].value for (w, _), part in zip(self.terms, parts, strict=False))
             out.append(RewardScore(value, truncated=any(part[i].truncated for part in parts)))
         return out

@@ -123,7 +123,11 @@ async def build_rewards(
             continue  # prompted_implicit is built in above
         beta = aligned.beta or settings.implicit_beta
         rewards[name] = ImplicitReward(
-            name, aligned=aligned.engine, reference=served, beta=beta, aligned_system_prompt=aligned.system_prompt,
+            name,
+            aligned=aligned.engine,
+            reference=served,
+            beta=beta,
+            aligned_system_prompt=aligned.system_prompt,
             description=f"implicit reward of the baseline '{baseline}' against the served model, beta={beta}",
         )
 
@@ -155,10 +159,13 @@ async def build_rewards(
         elif kind == "classifier" and "url" in spec:  # on a remote vllm serve --runner pooling
             if "model" in spec:
                 raise ConfigurationError(f"reward '{name}': give either 'model' (a folder) or 'url', not both")
-            remote = await build_remote_classifier(name, _spec_value(name, spec, "url", str), settings,
-                                                   model=_spec_value(name, spec, "served_model", str))
+            remote = await build_remote_classifier(
+                name, _spec_value(name, spec, "url", str), settings, model=_spec_value(name, spec, "served_model", str)
+            )
             extra_engines[name] = remote
-            rewards[name] = RemoteClassifierReward(name, remote, label_index=_spec_value(name, spec, "label_index", int, 0))
+            rewards[name] = RemoteClassifierReward(
+                name, remote, label_index=_spec_value(name, spec, "label_index", int, 0)
+            )
         elif kind == "classifier":
             rewards[name] = load_classifier(
                 name,
@@ -192,8 +199,9 @@ async def build_rewards(
                     extra_engines[name] = aligned
                 beta_default = float(adapter.manifest.get("beta") or beta_default)
             elif url is not None:  # the aligned model on a remote vllm serve ("served_model": its name there)
-                aligned = await build_remote_engine(name, url, served, settings,
-                                                    model=_spec_value(name, spec, "served_model", str))
+                aligned = await build_remote_engine(
+                    name, url, served, settings, model=_spec_value(name, spec, "served_model", str)
+                )
                 extra_engines[name] = aligned
             else:
                 aligned = engine_for(name, aligned_path) if aligned_path else reference

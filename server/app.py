@@ -38,7 +38,8 @@ async def _serving(app: FastAPI, engine: Engine, settings: Settings, metrics: Se
         generation.response_observers.append(metrics.observe_response)
         # One controller for every generate endpoint: the limits are per server, not per API.
         admission = AdmissionController(
-            settings, on_reject=lambda family, reason: metrics.admission_rejected.labels(family, reason).inc())
+            settings, on_reject=lambda family, reason: metrics.admission_rejected.labels(family, reason).inc()
+        )
         metrics.bind_admission(admission)
         metrics.bind_engine(engine)
         app.state.engines = generation.engines()
@@ -94,7 +95,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         balancers and container health checks call it)."""
         engines: dict = request.app.state.engines
         states = await asyncio.gather(*(engine.check_health() for engine in engines.values()))
-        cards = {name: EngineHealthCard(**dataclasses.asdict(state)) for name, state in zip(engines, states)}
+        cards = {
+            name: EngineHealthCard(**dataclasses.asdict(state)) for name, state in zip(engines, states, strict=False)
+        }
         if cards["sft"].status == "down":
             status, response.status_code = "unavailable", 503
         else:

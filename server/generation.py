@@ -103,7 +103,9 @@ class GenerationService:
         """A slot of the request's decoding family: the costliest of its plans'."""
         return await self.admission.acquire(self.admission.family_of(p.family for p in plans), ctx.remaining())
 
-    async def run_admitted(self, endpoint: str, plans: Sequence[GenerationPlan], ctx: RequestContext, work: Callable[[], Awaitable[T]]) -> T:
+    async def run_admitted(
+        self, endpoint: str, plans: Sequence[GenerationPlan], ctx: RequestContext, work: Callable[[], Awaitable[T]]
+    ) -> T:
         """A whole (non-streamed) answer: take a slot, run ``work`` under the request's deadline,
         free the slot however it ends."""
         slot = await self.admit(plans, ctx)
@@ -122,7 +124,11 @@ class GenerationService:
             slot.release()
 
     async def open_stream(
-        self, endpoint: str, plans: Sequence[GenerationPlan], ctx: RequestContext, events: AsyncIterator[BaseModel | dict]
+        self,
+        endpoint: str,
+        plans: Sequence[GenerationPlan],
+        ctx: RequestContext,
+        events: AsyncIterator[BaseModel | dict],
     ) -> AdmittedStream:
         """A streamed answer: the slot is taken now, before the response starts (so a refusal is
         still a 429/503 status); the stream frees it when it ends."""
@@ -183,9 +189,13 @@ class GenerationService:
             if not timeout.expired():
                 raise
             self.metrics.deadline_exceeded.labels(endpoint).inc()
-            yield sse(error_body(DeadlineExceededError(
-                f"the request's deadline of {ctx.timeout_s:g} s passed; the answer is incomplete"
-            )))
+            yield sse(
+                error_body(
+                    DeadlineExceededError(
+                        f"the request's deadline of {ctx.timeout_s:g} s passed; the answer is incomplete"
+                    )
+                )
+            )
         except AligndError as exc:
             yield sse(error_body(exc))
         except Exception as exc:  # noqa: BLE001 - the stream must end with an error event, not a cut
@@ -194,4 +204,3 @@ class GenerationService:
         finally:
             await events.aclose()  # a client that left, or the deadline: the engine work stops now
         yield SSE_DONE
-

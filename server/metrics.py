@@ -9,9 +9,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
-from prometheus_client import disable_created_metrics
 
 from alignd.models.engine import CALL_OUTCOMES, ENGINE_CALLS
 
@@ -29,7 +36,10 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "alignd_requests", "HTTP requests by endpoint, method and status.", ["endpoint", "method", "status"], registry=r
+            "alignd_requests",
+            "HTTP requests by endpoint, method and status.",
+            ["endpoint", "method", "status"],
+            registry=r,
         )
         self.request_seconds = Histogram(
             "alignd_request_duration_seconds",
@@ -85,63 +95,96 @@ class ServerMetrics:
             registry=r,
         )
         self.decoding_requests = Counter(
-            "alignd_decoding_requests", "Aligned-decoding responses (choices) finished, by method.", ["method"], registry=r
+            "alignd_decoding_requests",
+            "Aligned-decoding responses (choices) finished, by method.",
+            ["method"],
+            registry=r,
         )
 
         self.reward_items = Counter("alignd_reward_items", "Items scored, by reward.", ["reward"], registry=r)
         # aligned decoding
-        self.decoding_steps = Counter("alignd_decoding_steps", "Decisions taken by aligned decoding.", ["method"], registry=r)
+        self.decoding_steps = Counter(
+            "alignd_decoding_steps", "Decisions taken by aligned decoding.", ["method"], registry=r
+        )
         self.gated_steps = Counter(
-            "alignd_decoding_gated_steps", "Decisions that skipped value estimation (confident SFT).", ["method"], registry=r
+            "alignd_decoding_gated_steps",
+            "Decisions that skipped value estimation (confident SFT).",
+            ["method"],
+            registry=r,
         )
         self.rollouts = Counter("alignd_rollouts", "Rollouts run for value estimation.", ["method"], registry=r)
         self.rollout_tokens = Counter("alignd_rollout_tokens", "Tokens generated in rollouts.", ["method"], registry=r)
         self.value_step_seconds = Histogram(
-            "alignd_value_step_seconds", "Seconds per decision (candidates, rollouts, rewards).", ["method"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "alignd_value_step_seconds",
+            "Seconds per decision (candidates, rollouts, rewards).",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.response_reward = Histogram(
-            "alignd_response_reward", "Target reward of finished responses (with diagnostics).", ["method"],
-            buckets=(-2, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 2, 5), registry=r,
+            "alignd_response_reward",
+            "Target reward of finished responses (with diagnostics).",
+            ["method"],
+            buckets=(-2, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 2, 5),
+            registry=r,
         )
         self.response_kl = Histogram(
-            "alignd_response_kl", "KL from the SFT model summed over a response's decisions.", ["method"],
-            buckets=(0, 0.1, 0.5, 1, 2, 5, 10, 20, 50, 100), registry=r,
+            "alignd_response_kl",
+            "KL from the SFT model summed over a response's decisions.",
+            ["method"],
+            buckets=(0, 0.1, 0.5, 1, 2, 5, 10, 20, 50, 100),
+            registry=r,
         )
 
         # engines by role (sft, baseline/<name>, reward/<name>); calls are reported by remote engines
         self.engine_up = Gauge(
-            "alignd_engine_up", "1 while the engine can serve, 0 while it is down (a remote that cannot be reached).",
-            ["engine", "kind"], registry=r,
+            "alignd_engine_up",
+            "1 while the engine can serve, 0 while it is down (a remote that cannot be reached).",
+            ["engine", "kind"],
+            registry=r,
         )
         self.engine_restarts = Gauge(
-            "alignd_engine_restarts", "Times the engine was restarted after its engine process died, since alignd "
-            "started (in-process vLLM engines; a remote engine recovers with its server).", ["engine"], registry=r,
+            "alignd_engine_restarts",
+            "Times the engine was restarted after its engine process died, since alignd "
+            "started (in-process vLLM engines; a remote engine recovers with its server).",
+            ["engine"],
+            registry=r,
         )
         self.engine_calls_running = Gauge(
-            "alignd_engine_calls_running", "Calls started on the engine and not finished (streams, top-k steps, "
-            "rollouts, log-probabilities): 0 when idle.", ["engine"], registry=r,
+            "alignd_engine_calls_running",
+            "Calls started on the engine and not finished (streams, top-k steps, "
+            "rollouts, log-probabilities): 0 when idle.",
+            ["engine"],
+            registry=r,
         )
         self.engine_calls = Counter(
-            "alignd_engine_calls", "Calls to a remote engine, by primitive and outcome (ok, error, unavailable, "
-            "cancelled).", ["engine", "call", "outcome"], registry=r,
+            "alignd_engine_calls",
+            "Calls to a remote engine, by primitive and outcome (ok, error, unavailable, cancelled).",
+            ["engine", "call", "outcome"],
+            registry=r,
         )
         self.engine_call_seconds = Histogram(
-            "alignd_engine_call_seconds", "Duration of calls to a remote engine (a stream: until its last token).",
-            ["engine", "call"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80),
+            "alignd_engine_call_seconds",
+            "Duration of calls to a remote engine (a stream: until its last token).",
+            ["engine", "call"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80),
             registry=r,
         )
 
         # probe-analysis jobs (the gauge reads the job manager when scraped; see bind_probe_jobs)
         self.probe_jobs = Gauge(
-            "alignd_probe_jobs", "Probe jobs held by the server now, by state (finished ones until evicted).",
-            ["state"], registry=r,
+            "alignd_probe_jobs",
+            "Probe jobs held by the server now, by state (finished ones until evicted).",
+            ["state"],
+            registry=r,
         )
         self.probe_jobs_finished = Counter(
             "alignd_probe_jobs_finished", "Probe jobs finished, by final state.", ["state"], registry=r
         )
         self.probe_job_seconds = Histogram(
-            "alignd_probe_job_seconds", "Run time of finished probe jobs.", buckets=LATENCY_BUCKETS + (640, 1280, 2560),
+            "alignd_probe_job_seconds",
+            "Run time of finished probe jobs.",
+            buckets=LATENCY_BUCKETS + (640, 1280, 2560),
             registry=r,
         )
 
@@ -161,7 +204,8 @@ class ServerMetrics:
         when scraped; engines that report their calls (remote ones) count them here."""
         for name, engine in engines.items():
             self.engine_up.labels(name, engine.kind).set_function(
-                lambda engine=engine: 1.0 if engine.health().status == "up" else 0.0)
+                lambda engine=engine: 1.0 if engine.health().status == "up" else 0.0
+            )
             self.engine_calls_running.labels(name).set_function(engine.unfinished_requests)
             # (reward classifiers on a remote are engines by role too, without a lifecycle of their own)
             self.engine_restarts.labels(name).set_function(getattr(engine, "restart_count", lambda: 0))

@@ -53,7 +53,12 @@ class SamplingFields(BaseModel):
         return self
 
     def generation_params(
-        self, *, prompt_tokens: int, max_model_len: int, settings: Settings, logprobs: int | None = None,
+        self,
+        *,
+        prompt_tokens: int,
+        max_model_len: int,
+        settings: Settings,
+        logprobs: int | None = None,
         logprobs_field: str = "logprobs",
     ) -> GenerationParams:
         """Engine parameters for a prompt of ``prompt_tokens`` tokens, checked against the context."""
@@ -62,7 +67,8 @@ class SamplingFields(BaseModel):
         if logprobs is not None and logprobs > settings.max_top_logprobs:
             raise InvalidRequestError(
                 f"{logprobs_field}={logprobs} is above this server's limit of {settings.max_top_logprobs} top "
-                "log-probabilities per token (ALIGND_MAX_TOP_LOGPROBS): ask for fewer", param=logprobs_field
+                "log-probabilities per token (ALIGND_MAX_TOP_LOGPROBS): ask for fewer",
+                param=logprobs_field,
             )
         if settings.max_prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
             raise ContextLengthError(

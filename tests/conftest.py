@@ -20,25 +20,28 @@ from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-
-from alignd.settings import Settings
-
 from support import (
     CACHE_DIR,
     ENGINE_CORES_SET_OUTSIDE,
-    SESSION_ENGINE_CORES,
     SESSION_ADMISSION_LIMITS,
+    SESSION_ENGINE_CORES,
     AdmissionLimits,
     InProcessServer,
     read_eos_token_ids,
 )
 
+from alignd.settings import Settings
 
 # Fixtures that start a vLLM engine or the session server: a test that uses one (directly or through another
 # fixture) is marked so, whatever its module says, so that `make test-fast` (-m "not server and not vllm")
 # never starts an engine.
-ENGINE_FIXTURES = {"server": "server", "vllm_engine": "vllm", "session_engine": "vllm", "stock_vllm_serve": "vllm",
-                   "tiny_stock_vllm_serve": "vllm"}
+ENGINE_FIXTURES = {
+    "server": "server",
+    "vllm_engine": "vllm",
+    "session_engine": "vllm",
+    "stock_vllm_serve": "vllm",
+    "tiny_stock_vllm_serve": "vllm",
+}
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -152,8 +155,15 @@ def build_tiny_classifier(path: Path, tokenizer_dir: Path, *, seed: int = 1) -> 
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     LlamaForSequenceClassification(config).save_pretrained(path)
@@ -183,12 +193,15 @@ def tiny_head_dir(tiny_vllm_dir, tmp_path_factory) -> Path:
     from support import random_value_head, save_tiny_head
 
     config = json.loads((tiny_vllm_dir / "config.json").read_text())
-    return save_tiny_head(random_value_head(config["hidden_size"], config["vocab_size"]), tmp_path_factory.mktemp("head"))
+    return save_tiny_head(
+        random_value_head(config["hidden_size"], config["vocab_size"]), tmp_path_factory.mktemp("head")
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_dpo_adapter(tiny_vllm_dir, tmp_path_factory) -> Path:
-    """A random LoRA adapter of the tiny model whose manifest says DPO, beta TINY_ADAPTER_BETA (support.make_adapter)."""
+    """A random LoRA adapter of the tiny model whose manifest says DPO, beta TINY_ADAPTER_BETA
+    (support.make_adapter)."""
     from support import make_adapter
 
     return make_adapter(tiny_vllm_dir, tmp_path_factory.mktemp("tiny-dpo-adapter") / "dpo", seed=11)
@@ -204,8 +217,9 @@ def tiny_merged_baseline_dir(tiny_vllm_dir, tiny_dpo_adapter, tmp_path_factory) 
 
 @pytest.fixture(scope="session")
 def tiny_baseline_stack(tiny_merged_baseline_dir):
-    from alignd.models.baseline_stack import BaselineStack
     from support import TINY_ADAPTER_BETA
+
+    from alignd.models.baseline_stack import BaselineStack
 
     return BaselineStack(path=str(tiny_merged_baseline_dir), beta=TINY_ADAPTER_BETA, name="dpo")
 
@@ -217,8 +231,9 @@ def tiny_value_guided_dir(tiny_vllm_dir, tiny_head_dir, tiny_baseline_stack, tmp
     ``vllm serve``) serves the head, the implicit values and plain requests alike."""
     from alignd.models.value_head import prepare_value_guided_folder
 
-    return prepare_value_guided_folder(tiny_vllm_dir, tiny_head_dir, tmp_path_factory.mktemp("served") / "tiny-tq",
-                                       baseline=tiny_baseline_stack)
+    return prepare_value_guided_folder(
+        tiny_vllm_dir, tiny_head_dir, tmp_path_factory.mktemp("served") / "tiny-tq", baseline=tiny_baseline_stack
+    )
 
 
 @pytest.fixture(scope="session")
@@ -314,7 +329,10 @@ def rewards_env(classifier_dir: Path) -> dict[str, str]:
         "warm_and_short": {"type": "weighted_sum", "terms": {"positivity": 1.0, "length_penalty": 1.0}},
     }
     tests_dir = str(Path(__file__).parent)
-    return {"ALIGND_REWARDS": json.dumps(rewards), "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {
+        "ALIGND_REWARDS": json.dumps(rewards),
+        "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -348,18 +366,27 @@ def embedded_value_head_dir(embedded_model_dir, tmp_path_factory, model_name) ->
 
     config = json.loads((embedded_model_dir / "config.json").read_text())
     torch.manual_seed(7)
-    head = ValueHead(ValueHeadConfig(hidden_size=config["hidden_size"], vocab_size=config["vocab_size"],
-                                     rank=EMBEDDED_HEAD_RANK))
+    head = ValueHead(
+        ValueHeadConfig(hidden_size=config["hidden_size"], vocab_size=config["vocab_size"], rank=EMBEDDED_HEAD_RANK)
+    )
     with torch.no_grad():
         head.out.weight.mul_(4.0)  # values spread over a few units: at alpha 0.1 the head decides
     # as if distilled from the committed adapter, the session server's default baseline (a server finds the
     # head's baseline among its own by this digest)
     from alignd.settings import EMBEDDED_ADAPTER_DIR
 
-    adapter = {"name": "default", "kind": "adapter", "source": str(EMBEDDED_ADAPTER_DIR),
-               "weights_digest": weights_digest(EMBEDDED_ADAPTER_DIR)}
-    manifest = {"base_model": {"name": model_name, "weights_digest": weights_digest(embedded_model_dir)},
-                "reward": "positivity", "baseline": adapter, "note": "a random head for tests (tests/conftest.py)"}
+    adapter = {
+        "name": "default",
+        "kind": "adapter",
+        "source": str(EMBEDDED_ADAPTER_DIR),
+        "weights_digest": weights_digest(EMBEDDED_ADAPTER_DIR),
+    }
+    manifest = {
+        "base_model": {"name": model_name, "weights_digest": weights_digest(embedded_model_dir)},
+        "reward": "positivity",
+        "baseline": adapter,
+        "note": "a random head for tests (tests/conftest.py)",
+    }
     return save_value_head(head.eval(), tmp_path_factory.mktemp("embedded-value-head"), manifest)
 
 
@@ -461,8 +488,9 @@ PRECISION_QUESTIONS = ("Tell me about your weekend.", "What is the capital of Fr
 def served_precision(server, hf_embedded_engine):
     """The session server's log-probability error against float32 transformers (tests/precision.py),
     measured on greedy answers to a few questions and printed."""
-    from alignd.clients import Alignd
     from precision import measure_logprob_error, served_dtype, teacher_forced_logprobs
+
+    from alignd.clients import Alignd
 
     served, reference = [], []
     with Alignd(server.base_url) as client:
@@ -483,14 +511,17 @@ def served_precision(server, hf_embedded_engine):
 @pytest.fixture(scope="session")
 def stock_vllm_serve_started(embedded_model_dir, embedded_value_head_dir, cache_dir, tmp_path_factory):
     """The process of ``stock_vllm_serve``, started (not waited for); stopped at the session's end."""
-    from alignd.models.value_head import prepare_value_guided_folder
     from support import load_bench
 
-    served = prepare_value_guided_folder(embedded_model_dir, embedded_value_head_dir.resolve(),
-                                         tmp_path_factory.mktemp("stock") / "smollm2-tq")
+    from alignd.models.value_head import prepare_value_guided_folder
+
+    served = prepare_value_guided_folder(
+        embedded_model_dir, embedded_value_head_dir.resolve(), tmp_path_factory.mktemp("stock") / "smollm2-tq"
+    )
     settings = Settings(cache_dir=cache_dir)
-    proc = load_bench("serve_overhead").start_vllm_server(str(served), settings, settings.cpu_kvcache_space_gib,
-                                                          tmp_path_factory.mktemp("stock-log"))
+    proc = load_bench("serve_overhead").start_vllm_server(
+        str(served), settings, settings.cpu_kvcache_space_gib, tmp_path_factory.mktemp("stock-log")
+    )
     try:
         yield proc
     finally:

@@ -78,8 +78,9 @@ def lint_imports_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())"]
 
 
-def run_in_tree(tree: Path, args: Sequence[str] = (), *, capture: bool = False,
-                env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_in_tree(
+    tree: Path, args: Sequence[str] = (), *, capture: bool = False, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``lint-imports`` in ``tree`` (the repository, or a copy from build_tree) with the contracts of
     its pyproject.toml. With ``capture``, stdout and stderr come back as plain text (no
     colour codes)."""

@@ -55,18 +55,24 @@ class MeasuredError:
         return float32_bound if self.dtype == "float32" else max(float32_bound, 4 * self.max)
 
     def __str__(self) -> str:
-        return (f"{self.dtype} engine vs float32 transformers: log-probability error max {self.max:.4f}, "
-                f"median {self.median:.4f} nats over {self.samples} top-5 entries")
+        return (
+            f"{self.dtype} engine vs float32 transformers: log-probability error max {self.max:.4f}, "
+            f"median {self.median:.4f} nats over {self.samples} top-5 entries"
+        )
 
 
-def measure_logprob_error(served: Sequence[Sequence[dict[int, float]]], reference: Sequence[Sequence[dict[int, float]]],
-                          dtype: str) -> MeasuredError:
+def measure_logprob_error(
+    served: Sequence[Sequence[dict[int, float]]], reference: Sequence[Sequence[dict[int, float]]], dtype: str
+) -> MeasuredError:
     """``served[i][t]`` and ``reference[i][t]``: token id -> log-probability at step t of answer i, the
     engine's and float32 transformers' (the ids compared are those both list)."""
-    gaps = [abs(step[token] - ref[token])
-            for answer, ref_answer in zip(served, reference, strict=True)
-            for step, ref in zip(answer, ref_answer, strict=True)
-            for token in step if token in ref]
+    gaps = [
+        abs(step[token] - ref[token])
+        for answer, ref_answer in zip(served, reference, strict=True)
+        for step, ref in zip(answer, ref_answer, strict=True)
+        for token in step
+        if token in ref
+    ]
     if not gaps:
         raise ValueError("no log-probabilities to compare")
     return MeasuredError(dtype, max(gaps), statistics.median(gaps), len(gaps))
@@ -74,14 +80,15 @@ def measure_logprob_error(served: Sequence[Sequence[dict[int, float]]], referenc
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     """The first step where two token sequences differ (None if one is a prefix of the other)."""
-    for step, (x, y) in enumerate(zip(a, b)):
+    for step, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return step
     return None
 
 
-def assert_same_greedy_answer(expected: Sequence[int], expected_top: Sequence[dict[int, float]],
-                              got: Sequence[int], near_tie: float) -> None:
+def assert_same_greedy_answer(
+    expected: Sequence[int], expected_top: Sequence[dict[int, float]], got: Sequence[int], near_tie: float
+) -> None:
     """``got`` is the greedy answer ``expected`` (whose step t had the top log-probabilities
     ``expected_top[t]``), except that it may part from it at a step where ``expected``'s choice and
     ``got``'s were within ``near_tie`` nats (after which the prefixes differ and nothing more is compared).
@@ -96,7 +103,9 @@ def assert_same_greedy_answer(expected: Sequence[int], expected_top: Sequence[di
     top = expected_top[step]
     assert got[step] in top, f"step {step}: {got[step]} is not among {sorted(top)}"
     gap = top[expected[step]] - top[got[step]]
-    assert gap <= near_tie, f"step {step}: {got[step]} instead of {expected[step]}, {gap:.3f} nats apart > {near_tie:.3f}"
+    assert gap <= near_tie, (
+        f"step {step}: {got[step]} instead of {expected[step]}, {gap:.3f} nats apart > {near_tie:.3f}"
+    )
 
 
 def teacher_forced_logprobs(model, prompt: Sequence[int], answer: Sequence[int]):
@@ -106,7 +115,7 @@ def teacher_forced_logprobs(model, prompt: Sequence[int], answer: Sequence[int])
 
     with torch.no_grad():
         ids = torch.tensor([[*prompt, *answer]])
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1: len(prompt) + len(answer) - 1]
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) + len(answer) - 1]
     return torch.log_softmax(logits.float(), dim=-1)
 
 

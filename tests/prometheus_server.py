@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-
 from support import ManagedProcess, NotReadyError, ProcessExitedError, free_port
 
 PROMETHEUS_CANDIDATES = ("/usr/bin/prometheus", "/usr/local/bin/prometheus")
@@ -56,8 +55,14 @@ def find_prometheus(name: str = "prometheus") -> str | None:
     return None
 
 
-def scrape_config(target: str, *, job: str = "alignd", scrape_interval: str = "1s",
-                  metrics_path: str = "/metrics", credentials_file: str | Path | None = None) -> dict:
+def scrape_config(
+    target: str,
+    *,
+    job: str = "alignd",
+    scrape_interval: str = "1s",
+    metrics_path: str = "/metrics",
+    credentials_file: str | Path | None = None,
+) -> dict:
     """The Prometheus configuration (as a dict, written as JSON: valid YAML) for one target."""
     job_config: dict = {
         "job_name": job,
@@ -68,8 +73,10 @@ def scrape_config(target: str, *, job: str = "alignd", scrape_interval: str = "1
     }
     if credentials_file is not None:
         job_config["authorization"] = {"type": "Bearer", "credentials_file": str(credentials_file)}
-    return {"global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-            "scrape_configs": [job_config]}
+    return {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+        "scrape_configs": [job_config],
+    }
 
 
 class PrometheusError(RuntimeError):
@@ -80,8 +87,16 @@ class PrometheusServer:
     """A Prometheus process scraping ``target`` (host:port) every second, on a free local port with
     its own temporary storage; a context manager (started on enter, stopped and removed on exit)."""
 
-    def __init__(self, target: str, *, bearer_token: str | None = None, job: str = "alignd",
-                 scrape_interval: str = "1s", metrics_path: str = "/metrics", binary: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        bearer_token: str | None = None,
+        job: str = "alignd",
+        scrape_interval: str = "1s",
+        metrics_path: str = "/metrics",
+        binary: str | None = None,
+    ) -> None:
         self.target = target
         self.job = job
         self.binary = binary or find_prometheus()
@@ -94,17 +109,38 @@ class PrometheusServer:
             credentials_file.write_text(bearer_token)
             credentials_file.chmod(0o600)
         self.config_path = self.workdir / "prometheus.yml"
-        self.config_path.write_text(json.dumps(scrape_config(
-            target, job=job, scrape_interval=scrape_interval, metrics_path=metrics_path,
-            credentials_file=credentials_file), indent=2))
+        self.config_path.write_text(
+            json.dumps(
+                scrape_config(
+                    target,
+                    job=job,
+                    scrape_interval=scrape_interval,
+                    metrics_path=metrics_path,
+                    credentials_file=credentials_file,
+                ),
+                indent=2,
+            )
+        )
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.workdir / "prometheus.log"
         self.process = ManagedProcess(
-            [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            name="prometheus", log_path=self.log_path, base_url=self.base_url, ready_path="/-/ready",
-            start_timeout=START_TIMEOUT_S, poll_interval=0.2, term_timeout=20, kill_timeout=10, tail_lines=30,
+            [
+                self.binary,
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            name="prometheus",
+            log_path=self.log_path,
+            base_url=self.base_url,
+            ready_path="/-/ready",
+            start_timeout=START_TIMEOUT_S,
+            poll_interval=0.2,
+            term_timeout=20,
+            kill_timeout=10,
+            tail_lines=30,
         )
         self._http = httpx.Client(base_url=self.base_url, timeout=10)
 
@@ -184,6 +220,7 @@ class PrometheusServer:
 
     def wait_scrapes(self, count: int = 2, timeout: float = 30.0) -> None:
         """Until ``count`` more scrapes of the target have been stored (so rate() sees new traffic)."""
+
         def scrapes() -> float:
             result = self.query(f'count_over_time(up{{job="{self.job}"}}[1h])')
             return float(result[0]["value"][1]) if result else 0.0

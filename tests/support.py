@@ -98,8 +98,12 @@ TINY_SERVED_NAME = "tiny"
 def tiny_server_env(model_dir: str | Path) -> dict[str, str]:
     """The settings of an ``alignd serve`` of a tiny vLLM model folder (conftest's ``tiny_vllm_dir``), served as
     ``tiny``: no adapter engine, no head (neither exists for a model other than the embedded one)."""
-    return {"ALIGND_MODEL": str(model_dir), "ALIGND_SERVED_MODEL_NAME": TINY_SERVED_NAME, "ALIGND_MAX_MODEL_LEN": "256",
-            "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return {
+        "ALIGND_MODEL": str(model_dir),
+        "ALIGND_SERVED_MODEL_NAME": TINY_SERVED_NAME,
+        "ALIGND_MAX_MODEL_LEN": "256",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
 
 
 def read_eos_token_ids(model_dir: str | Path) -> tuple[int, ...]:
@@ -137,9 +141,17 @@ def build_vllm_tiny_llama(path: Path, tokenizer_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.save_pretrained(path)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -171,25 +183,61 @@ def save_tiny_head(head, folder: Path) -> Path:
     """``head`` saved as a head of the tiny vLLM model (its manifest names it, no weights digest)."""
     from alignd.models.value_head import save_value_head
 
-    return save_value_head(head, folder, {"base_model": {"name": TINY_HEAD_BASE_NAME}, "reward": TINY_HEAD_REWARD,
-                                          "baseline": "none (a random head for tests)"})
+    return save_value_head(
+        head,
+        folder,
+        {
+            "base_model": {"name": TINY_HEAD_BASE_NAME},
+            "reward": TINY_HEAD_REWARD,
+            "baseline": "none (a random head for tests)",
+        },
+    )
 
 
-def vllm_serve_process(model_dir: str | Path, served_name: str, log_path: Path, *, max_model_len: int,
-                       port: int | None = None, extra_args: tuple[str, ...] = (),
-                       env_overrides: dict[str, str] | None = None) -> ManagedProcess:
+def vllm_serve_process(
+    model_dir: str | Path,
+    served_name: str,
+    log_path: Path,
+    *,
+    max_model_len: int,
+    port: int | None = None,
+    extra_args: tuple[str, ...] = (),
+    env_overrides: dict[str, str] | None = None,
+) -> ManagedProcess:
     """Stock ``vllm serve`` of ``model_dir`` on loopback ``port`` (default: a free one; through
     bench/vllm_cli.py, the vllm-cpu shim), float32 and eager like alignd's engine, a 1 GiB KV cache, chunked
     prefill off (vllm-cpu 0.32), top-20 log-probabilities. Not started: use it as a context manager, then
     ``wait_ready``."""
     port = port or free_port()
-    cmd = [sys.executable, str(BENCH / "vllm_cli.py"), "serve", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", served_name, "--dtype", "float32", "--enforce-eager",
-           "--max-model-len", str(max_model_len), "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048",
-           "--max-logprobs", "20", "--generation-config", "vllm", *extra_args]
+    cmd = [
+        sys.executable,
+        str(BENCH / "vllm_cli.py"),
+        "serve",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        served_name,
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        str(max_model_len),
+        "--no-enable-chunked-prefill",
+        "--max-num-batched-tokens",
+        "2048",
+        "--max-logprobs",
+        "20",
+        "--generation-config",
+        "vllm",
+        *extra_args,
+    ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env_overrides or {})}
-    return ManagedProcess(cmd, name=f"vllm serve ({served_name})", log_path=log_path,
-                          base_url=f"http://127.0.0.1:{port}", env=env)
+    return ManagedProcess(
+        cmd, name=f"vllm serve ({served_name})", log_path=log_path, base_url=f"http://127.0.0.1:{port}", env=env
+    )
 
 
 class InProcessServer:
@@ -238,8 +286,16 @@ class InProcessServer:
 TINY_ADAPTER_BETA = 0.2
 
 
-def make_adapter(base_dir: Path, out: Path, *, rank: int = 4, digest: str | None = None, seed: int = 0,
-                 target_modules: tuple[str, ...] = ("q_proj", "v_proj"), manifest: dict | None = None) -> Path:
+def make_adapter(
+    base_dir: Path,
+    out: Path,
+    *,
+    rank: int = 4,
+    digest: str | None = None,
+    seed: int = 0,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    manifest: dict | None = None,
+) -> Path:
     """A random (non-zero) LoRA adapter of the tiny model, with an alignd manifest naming its base (as if
     trained by DPO with beta TINY_ADAPTER_BETA for positivity; ``manifest`` replaces fields of it)."""
     import json
@@ -253,17 +309,19 @@ def make_adapter(base_dir: Path, out: Path, *, rank: int = 4, digest: str | None
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules),
-                        init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules), init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # large enough to change the tiny model's greedy answers
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.mul_(4.0)
     peft_model.save_pretrained(str(out))
-    fields = {"kind": "dpo", "beta": TINY_ADAPTER_BETA, "reward": "positivity",
-              "base_model": {"name": "tiny", "path": str(base_dir),
-                             "weights_digest": digest or weights_digest(base_dir)}}
+    fields = {
+        "kind": "dpo",
+        "beta": TINY_ADAPTER_BETA,
+        "reward": "positivity",
+        "base_model": {"name": "tiny", "path": str(base_dir), "weights_digest": digest or weights_digest(base_dir)},
+    }
     (out / MANIFEST).write_text(json.dumps({**fields, **(manifest or {})}))
     return out
 
@@ -278,8 +336,16 @@ def in_process_llm(model_dir: str | Path, *, max_num_seqs: int = 256):
 
     saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    engine = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
-                 enable_chunked_prefill=False, max_num_batched_tokens=4096, max_num_seqs=max_num_seqs)
+    engine = LLM(
+        model=str(model_dir),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        seed=0,
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=4096,
+        max_num_seqs=max_num_seqs,
+    )
     try:
         yield engine
     finally:

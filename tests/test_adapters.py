@@ -9,6 +9,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from support import TINY_ADAPTER_BETA as BETA
+from support import make_adapter
 
 from alignd.decoding.baselines import build_baselines
 from alignd.decoding.config import DecodingConfig
@@ -19,8 +21,7 @@ from alignd.models.engine import GenerationParams
 from alignd.rewards.base import RewardItem
 from alignd.rewards.registry import build_rewards
 from alignd.settings import Settings
-from support import TINY_ADAPTER_BETA as BETA
-from support import make_adapter
+
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_llama_dir, tmp_path_factory) -> Path:
@@ -80,8 +81,10 @@ def test_baseline_method_samples_the_adapter(generation, tiny_hf_engine, adapter
     sft = asyncio.run(tiny_hf_engine.generate(list(prompt.token_ids), params, "s")).choices[0]
     assert answer.token_ids == expected.token_ids != sft.token_ids  # the adapter, not the SFT model
     (step,) = answer.alignment.steps
-    lp_adapter, lp_sft = asyncio.run(merged.continuation_logprobs([list(prompt.token_ids)], [answer.token_ids]))[0], \
-        asyncio.run(tiny_hf_engine.continuation_logprobs([list(prompt.token_ids)], [answer.token_ids]))[0]
+    lp_adapter, lp_sft = (
+        asyncio.run(merged.continuation_logprobs([list(prompt.token_ids)], [answer.token_ids]))[0],
+        asyncio.run(tiny_hf_engine.continuation_logprobs([list(prompt.token_ids)], [answer.token_ids]))[0],
+    )
     assert step.kind == "baseline" and step.kl == pytest.approx(sum(lp_adapter) - sum(lp_sft), abs=1e-4)
 
 

@@ -23,8 +23,9 @@ def finite_positive(value) -> bool:
 def test_tq_speed_smoke_on_the_session_engine(vllm_engine, embedded_settings, loop_thread):
     tq_speed = load_bench("tq_speed")
     # no pruning: every decision rolls out, so each row has rollouts to measure
-    cfg = tq_speed.BenchConfig(**{**asdict(tq_speed.BenchConfig()), **tq_speed.SMOKE, "reference_prompts": 0,
-                                  "prune": False})
+    cfg = tq_speed.BenchConfig(
+        **{**asdict(tq_speed.BenchConfig()), **tq_speed.SMOKE, "reference_prompts": 0, "prune": False}
+    )
     results = loop_thread.run(tq_speed.run_all(vllm_engine, embedded_settings, cfg), timeout=300)
 
     assert "rollouts" not in vars(vllm_engine)  # the tracker unwrapped the shared engine
@@ -32,9 +33,21 @@ def test_tq_speed_smoke_on_the_session_engine(vllm_engine, embedded_settings, lo
     assert [r["concurrency"] for r in rows] == cfg.concurrency
     for r in rows:
         assert 0 < r["output_tokens"] <= r["concurrency"] * cfg.max_tokens
-        for key in ("seconds", "tokens_per_s", "decisions", "rollout_decisions", "rollouts", "rollout_tokens",
-                    "rollout_tokens_per_s", "batch", "nominal_batch", "capacity_tokens_per_s", "rollout_efficiency",
-                    "rollout_duty", "efficiency_while_rolling_out"):
+        for key in (
+            "seconds",
+            "tokens_per_s",
+            "decisions",
+            "rollout_decisions",
+            "rollouts",
+            "rollout_tokens",
+            "rollout_tokens_per_s",
+            "batch",
+            "nominal_batch",
+            "capacity_tokens_per_s",
+            "rollout_efficiency",
+            "rollout_duty",
+            "efficiency_while_rolling_out",
+        ):
             assert finite_positive(r[key]), (key, r[key])
         assert -1.0 <= r["mean_reward"] <= 1.0  # positivity (VADER compound)
         assert r["rollout_tokens_tracked"] == r["rollout_tokens"]  # tracker and diagnostics agree
@@ -57,10 +70,21 @@ def test_tq_speed_smoke_on_the_session_engine(vllm_engine, embedded_settings, lo
 def test_serve_overhead_smoke_against_the_session_server(stock_vllm_serve, server, tmp_path):
     serve_overhead = load_bench("serve_overhead")
     out = tmp_path / "summary.json"
-    summary = serve_overhead.main([
-        "--smoke", "--warmup-prompts", "0", "--alignd-url", server.base_url, "--vllm-url", stock_vllm_serve.base_url,
-        "--work-dir", str(tmp_path), "--out", str(out),
-    ])
+    summary = serve_overhead.main(
+        [
+            "--smoke",
+            "--warmup-prompts",
+            "0",
+            "--alignd-url",
+            server.base_url,
+            "--vllm-url",
+            stock_vllm_serve.base_url,
+            "--work-dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ]
+    )
 
     assert out.is_file()
     setup = summary["setup"]
@@ -83,7 +107,8 @@ def test_serve_overhead_smoke_against_the_session_server(stock_vllm_serve, serve
 ENTRY_POINTS_SCRIPT = """
 import json
 from importlib.metadata import entry_points
-print(json.dumps({g: [e.value for e in entry_points(group=g)] for g in ("vllm.general_plugins", "vllm.logits_processors")}))
+groups = ("vllm.general_plugins", "vllm.logits_processors")
+print(json.dumps({g: [e.value for e in entry_points(group=g)] for g in groups}))
 """
 
 
@@ -99,8 +124,9 @@ def test_plugin_overhead_without_side_hides_alignds_entry_points_only():
 
     def groups(extra_env: dict[str, str]) -> dict[str, list[str]]:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | extra_env
-        out = subprocess.run([sys.executable, "-c", ENTRY_POINTS_SCRIPT], env=env, capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", ENTRY_POINTS_SCRIPT], env=env, capture_output=True, text=True, check=True
+        )
         return json.loads(out.stdout)
 
     with_plugin, without_plugin = groups({}), groups(bench.without_plugin_env())
@@ -108,7 +134,8 @@ def test_plugin_overhead_without_side_hides_alignds_entry_points_only():
     assert with_plugin["vllm.logits_processors"] == ["alignd.vllm_plugin.logits_processor:ValueGuidedLogitsProcessor"]
     assert without_plugin["vllm.logits_processors"] == []
     assert without_plugin["vllm.general_plugins"] == [
-        v for v in with_plugin["vllm.general_plugins"] if not v.startswith("alignd.")]
+        v for v in with_plugin["vllm.general_plugins"] if not v.startswith("alignd.")
+    ]
     assert without_plugin["vllm.general_plugins"]  # vLLM's own (LoRA resolvers) are still there
 
 
@@ -116,11 +143,20 @@ def test_plugin_overhead_summary_pairs_each_round():
     bench = load_bench("plugin_overhead")
 
     def result(tps: float, itl: float, texts: list[str]) -> dict:
-        return {"output_throughput": tps, "median_ttft_ms": 50.0, "median_itl_ms": itl, "mean_output_tokens": 64.0,
-                "generated_texts": texts}
+        return {
+            "output_throughput": tps,
+            "median_ttft_ms": 50.0,
+            "median_itl_ms": itl,
+            "mean_output_tokens": 64.0,
+            "generated_texts": texts,
+        }
 
-    runs = {8: {"without": [result(100, 10, ["a", "b"]), result(80, 12, ["c", "d"]), result(90, 11, ["e", "f"])],
-                "with": [result(99, 10.5, ["a", "b"]), result(84, 12, ["c", "x"]), result(90, 11.5, ["e", "f"])]}}
+    runs = {
+        8: {
+            "without": [result(100, 10, ["a", "b"]), result(80, 12, ["c", "d"]), result(90, 11, ["e", "f"])],
+            "with": [result(99, 10.5, ["a", "b"]), result(84, 12, ["c", "x"]), result(90, 11.5, ["e", "f"])],
+        }
+    }
     row = bench.summarize(runs)["8"]
     assert row["ratio_per_round"] == pytest.approx([0.99, 1.05, 1.0])
     assert row["ratio"] == pytest.approx(1.0)  # the median of the paired ratios, not the ratio of medians

@@ -16,8 +16,13 @@ from alignd.protocol import AlignmentSummary, ChatMessage, GenerateResponse, Val
 
 # Nothing of alignd but its wire models may come with the client.
 SERVER_SIDE_PACKAGES = (
-    "alignd.server", "alignd.decoding", "alignd.models", "alignd.rewards", "alignd.probes",
-    "alignd.settings", "alignd.errors",
+    "alignd.server",
+    "alignd.decoding",
+    "alignd.models",
+    "alignd.rewards",
+    "alignd.probes",
+    "alignd.settings",
+    "alignd.errors",
 )
 NOTHING_LISTENS = "http://127.0.0.1:9"  # the discard port: a request here would fail to connect
 
@@ -81,18 +86,20 @@ ALIGNMENT = {
     "reward": 0.8,
     "kl": 0.12,
     "cost": {"decisions": 1, "rollouts": 2, "rollout_tokens": 8, "reward_calls": 2},
-    "steps": [{
-        "kind": "value_guided",
-        "position": 0,
-        "chosen": [5],
-        "chosen_text": "Hi",
-        "kl": 0.12,
-        "cost": {"rollouts": 2, "rollout_tokens": 8, "reward_calls": 2},
-        "candidates": [
-            {"token_id": 5, "token": "Hi", "sft_logprob": -0.9, "value": 0.8, "logprob": -0.2},
-            {"token_id": 7, "token": "Oh", "sft_logprob": -0.5, "value": 0.1, "logprob": -1.7},
-        ],
-    }],
+    "steps": [
+        {
+            "kind": "value_guided",
+            "position": 0,
+            "chosen": [5],
+            "chosen_text": "Hi",
+            "kl": 0.12,
+            "cost": {"rollouts": 2, "rollout_tokens": 8, "reward_calls": 2},
+            "candidates": [
+                {"token_id": 5, "token": "Hi", "sft_logprob": -0.9, "value": 0.8, "logprob": -0.2},
+                {"token_id": 7, "token": "Oh", "sft_logprob": -0.5, "value": 0.1, "logprob": -1.7},
+            ],
+        }
+    ],
 }
 ANSWER = {
     "id": "gen-1",
@@ -153,10 +160,20 @@ MESSAGES = [
     {"role": "user", "content": "Hi!"},
 ]
 SENT_MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
-REQUEST = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0, "seed": None, "stop": None,
-           "decoding": {"method": "transfer_q", "alpha": 0.1, "diagnostics": True}}
-SENT = {"messages": SENT_MESSAGES, "max_tokens": 4, "temperature": 0,
-        "decoding": {"method": "transfer_q", "alpha": 0.1, "diagnostics": True}}
+REQUEST = {
+    "messages": MESSAGES,
+    "max_tokens": 4,
+    "temperature": 0,
+    "seed": None,
+    "stop": None,
+    "decoding": {"method": "transfer_q", "alpha": 0.1, "diagnostics": True},
+}
+SENT = {
+    "messages": SENT_MESSAGES,
+    "max_tokens": 4,
+    "temperature": 0,
+    "decoding": {"method": "transfer_q", "alpha": 0.1, "diagnostics": True},
+}
 
 
 def assert_typed_alignment(alignment) -> None:

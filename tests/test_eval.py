@@ -50,9 +50,9 @@ def test_value_guidance_by_hand():
         return {"token_id": token, "sft_logprob": logprob, "value": value}
 
     steps = [
-        {"chosen": [1], "candidates": [cand(1, -0.1, 0.2), cand(2, -2.0, 0.5)]},   # SFT's top kept; spread 0.3
-        {"chosen": [4], "candidates": [cand(3, -0.5, 0.0), cand(4, -1.0, 0.9)]},   # flipped; spread 0.9
-        {"chosen": [5], "gated": True, "candidates": [cand(5, -0.01, None)]},      # gated: not counted
+        {"chosen": [1], "candidates": [cand(1, -0.1, 0.2), cand(2, -2.0, 0.5)]},  # SFT's top kept; spread 0.3
+        {"chosen": [4], "candidates": [cand(3, -0.5, 0.0), cand(4, -1.0, 0.9)]},  # flipped; spread 0.9
+        {"chosen": [5], "gated": True, "candidates": [cand(5, -0.01, None)]},  # gated: not counted
         {"chosen": [6], "candidates": [cand(6, -0.3, 0.1), cand(7, -1.3, None)]},  # no value: not counted
         {"chosen": [8], "cost": {"pruned": 1}, "candidates": [cand(8, -0.2, 0.4), cand(9, -1.2, -1.0)]},  # pruned
     ]
@@ -101,10 +101,18 @@ def _record(prompt_id: str, reward: float, afinn: float = 0.0, **extra) -> dict:
 
 
 def test_win_tie_vs_cd_by_hand():
-    tq = [_record("p1", 0.5, afinn=0.1), _record("p2", 0.3, afinn=0.0), _record("p3", 0.1, afinn=0.2),
-          _record("only-tq", 1.0)]
-    cd = [_record("p1", 0.4, afinn=0.3), _record("p2", 0.3 + 1e-12, afinn=0.0), _record("p3", 0.2, afinn=0.1),
-          _record("only-cd", -1.0)]
+    tq = [
+        _record("p1", 0.5, afinn=0.1),
+        _record("p2", 0.3, afinn=0.0),
+        _record("p3", 0.1, afinn=0.2),
+        _record("only-tq", 1.0),
+    ]
+    cd = [
+        _record("p1", 0.4, afinn=0.3),
+        _record("p2", 0.3 + 1e-12, afinn=0.0),
+        _record("p3", 0.2, afinn=0.1),
+        _record("only-cd", -1.0),
+    ]
     # prompts both ran: p1 win, p2 tie within 1e-9 (a win-tie), p3 loss -> 2/3
     assert quality.win_tie_rate(tq, cd) == pytest.approx(2 / 3)
     # by AFINN: p1 loss, p2 tie, p3 win -> 2/3; a clear loss on the only prompt -> 0
@@ -141,8 +149,19 @@ def test_main_runs_include_the_baseline_rows_and_both_tq_baselines():
     from alignd.decoding.config import DecodingConfig
 
     runs = {r.key: r for r in quality.Plan().main_runs()}
-    assert {"sft_greedy", "sft_sample", "baseline_greedy", "baseline_sample", "best_of_4", "best_of_16", "args@1",
-            "cd@1", "tq_direct@1", "tq_prompted@1", "tq_indirect@1"} == set(runs)
+    assert {
+        "sft_greedy",
+        "sft_sample",
+        "baseline_greedy",
+        "baseline_sample",
+        "best_of_4",
+        "best_of_16",
+        "args@1",
+        "cd@1",
+        "tq_direct@1",
+        "tq_prompted@1",
+        "tq_indirect@1",
+    } == set(runs)
     assert runs["baseline_greedy"].decoding == {"method": "baseline"} and runs["baseline_greedy"].temperature == 0.0
     assert runs["baseline_sample"].decoding == {"method": "baseline"} and runs["baseline_sample"].temperature == 1.0
     direct, prompted, indirect = runs["tq_direct@1"], runs["tq_prompted@1"], runs["tq_indirect@1"]
@@ -197,16 +216,25 @@ def test_sweep_methods_keep_only_the_named_lines():
 
 
 def _results(rows: dict[str, float], sweep: list[tuple[str, float]], prompts: int = 112, max_tokens: int = 48) -> dict:
-    return {"plan": {"max_tokens": max_tokens}, "prompts": prompts, "sweep_prompt_ids": ["a", "b"] if sweep else [],
-            "summary": {k: {"label": k, "mean_reward": r} for k, r in rows.items()},
-            "methods": [{"key": k} for k in rows], "subset_summary": {}, "subset_prompts": None,
-            "sweep": [{"key": k, "mean_reward": r} for k, r in sweep], "command": "earlier",
-            "environment": {"date": "then"}}
+    return {
+        "plan": {"max_tokens": max_tokens},
+        "prompts": prompts,
+        "sweep_prompt_ids": ["a", "b"] if sweep else [],
+        "summary": {k: {"label": k, "mean_reward": r} for k, r in rows.items()},
+        "methods": [{"key": k} for k in rows],
+        "subset_summary": {},
+        "subset_prompts": None,
+        "sweep": [{"key": k, "mean_reward": r} for k, r in sweep],
+        "command": "earlier",
+        "environment": {"date": "then"},
+    }
 
 
 def test_combine_keeps_the_earlier_rows_this_run_did_not_make():
-    earlier = _results({"sft_greedy": 0.4, "tq_direct@1": 0.7, "best_of_4": 0.8},
-                       [("sft_greedy", 0.4), ("best_of_1", 0.45), ("tq_direct@1", 0.6)])
+    earlier = _results(
+        {"sft_greedy": 0.4, "tq_direct@1": 0.7, "best_of_4": 0.8},
+        [("sft_greedy", 0.4), ("best_of_1", 0.45), ("tq_direct@1", 0.6)],
+    )
     now = _results({"sft_greedy": 0.4, "tq_head@1": 0.65}, [("tq_head@1", 0.55)])
     combined = quality.combine_results(now, earlier)
     assert list(combined["summary"]) == ["sft_greedy", "tq_direct@1", "best_of_4", "tq_head@1"]
@@ -266,7 +294,7 @@ def test_head_replay_reproduces_a_greedy_decode_by_the_head_step_by_step(tiny_ll
     assert replay["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-5)
     assert replay["kl_truncation"] > 0.0
     # the plain SFT greedy answer of the same length is not what the head decodes
-    sft = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(prompt):]
+    sft = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(prompt) :]
     assert quality.HeadReplay(tiny_llama_dir, tmp_path / "head")(prompt, sft.tolist(), alpha, top_k)["agreement"] < 1.0
 
 
@@ -294,8 +322,14 @@ def test_default_baseline_is_named_from_the_registry_or_the_settings(tmp_path):
 # ---------------------------------------------------------------------------- resume
 def _log_line(runner, signature: str, prompt_id: str, **overrides) -> str:
     record = {"prompt_id": prompt_id, "prompt": f"prompt {prompt_id}", "response": "hi", "output_tokens": 3}
-    entry = {"kind": "record", "signature": signature, **runner.plan_fields(), "prompt_id": prompt_id,
-             "record": record, **overrides}
+    entry = {
+        "kind": "record",
+        "signature": signature,
+        **runner.plan_fields(),
+        "prompt_id": prompt_id,
+        "record": record,
+        **overrides,
+    }
     return json.dumps(entry)
 
 
@@ -306,16 +340,26 @@ def test_resume_loads_exactly_the_matching_logged_records(tmp_path):
     runner = quality._Runner(None, settings, plan, progress=False, partial_path=log)
     runs = {r.key: r for r in plan.main_runs()}
     tq, other = runner.signature(runs["tq_direct@1"]), runner.signature(runs["cd@1"])
-    timing = {"kind": "timing", "signature": tq, **runner.plan_fields(),
-              "seconds": 2.0, "output_tokens": 6, "prompts": 2}
-    log.write_text("\n".join([
-        _log_line(runner, tq, "p1"),
-        _log_line(runner, other, "p1"),  # another signature: a run not asked for
-        _log_line(runner, tq, "p3", max_tokens=plan.max_tokens + 1),  # another plan
-        json.dumps(timing),
-        _log_line(runner, tq, "p2"),
-        _log_line(runner, tq, "p4")[:40],  # a killed run's half-written last line, no newline
-    ]))
+    timing = {
+        "kind": "timing",
+        "signature": tq,
+        **runner.plan_fields(),
+        "seconds": 2.0,
+        "output_tokens": 6,
+        "prompts": 2,
+    }
+    log.write_text(
+        "\n".join(
+            [
+                _log_line(runner, tq, "p1"),
+                _log_line(runner, other, "p1"),  # another signature: a run not asked for
+                _log_line(runner, tq, "p3", max_tokens=plan.max_tokens + 1),  # another plan
+                json.dumps(timing),
+                _log_line(runner, tq, "p2"),
+                _log_line(runner, tq, "p4")[:40],  # a killed run's half-written last line, no newline
+            ]
+        )
+    )
 
     assert runner.resume([runs["tq_direct@1"]]) == 2
     assert set(runner.cache) == {(tq, "p1"), (tq, "p2")}
@@ -358,8 +402,19 @@ def test_smoke_evaluation_in_process(vllm_engine, embedded_settings, loop_thread
     keys = [r.key for r in plan.main_runs()]
     assert keys == list(results["summary"])
     labels = {s["label"] for s in results["summary"].values()}
-    assert {"SFT greedy", "SFT sampling", "Baseline greedy", "Baseline sampling", "Best-of-4", "Best-of-16", "ARGS",
-            "CD (token-wise)", "TQ* direct", "TQ* prompted", "TQ* indirect"} <= labels
+    assert {
+        "SFT greedy",
+        "SFT sampling",
+        "Baseline greedy",
+        "Baseline sampling",
+        "Best-of-4",
+        "Best-of-16",
+        "ARGS",
+        "CD (token-wise)",
+        "TQ* direct",
+        "TQ* prompted",
+        "TQ* indirect",
+    } <= labels
     assert len(results["responses"]) == len(keys) * len(prompts)
     for key, s in results["summary"].items():
         assert s["n"] == len(prompts), key
@@ -406,11 +461,15 @@ def test_smoke_evaluation_in_process(vllm_engine, embedded_settings, loop_thread
 def test_main_rows_of_several_runs_are_drawn_apart_where_a_family_repeats(tmp_path, monkeypatch):
     """--plot-main: rows of two summaries in one reward-vs-KL picture; a family in both (another head) is two
     lines named by their runs, SFT greedy once."""
+
     def summary(folder: str, rows: dict) -> Path:
         path = tmp_path / folder / "summary.json"
         path.parent.mkdir()
-        path.write_text(json.dumps({"summary": {k: {"mean_reward": r, "kl": kl, "kl_truncation": kl / 2}
-                                                for k, (r, kl) in rows.items()}}))
+        path.write_text(
+            json.dumps(
+                {"summary": {k: {"mean_reward": r, "kl": kl, "kl_truncation": kl / 2} for k, (r, kl) in rows.items()}}
+            )
+        )
         return path
 
     earlier = summary("main", {"sft_greedy": (0.4, 0.0), "tq_head@1": (0.5, 15.0), "cd@1": (0.7, 15.0)})

@@ -54,8 +54,9 @@ def test_plain_stream_assembles_text_and_applies_stop_strings(generation):
 
 def test_sft_with_diagnostics_keeps_every_sampling_field(generation):
     """Diagnostics only add the summary: a seeded answer with top_p, stop and penalties is the same."""
-    params = GenerationParams(max_tokens=24, temperature=0.9, top_p=0.8, seed=7, presence_penalty=0.6,
-                              frequency_penalty=0.8)
+    params = GenerationParams(
+        max_tokens=24, temperature=0.9, top_p=0.8, seed=7, presence_penalty=0.6, frequency_penalty=0.8
+    )
     _, free = answer(generation, params)
     stop = free.choices[0].text[5:8]
     params = GenerationParams(**{**params.__dict__, "stop": (stop,)}) if stop.strip() else params
@@ -90,7 +91,9 @@ def test_plans_choose_the_family_once(generation):
 )
 def test_plans_refuse_what_a_method_cannot_honour(generation, decoding, params, param):
     with pytest.raises(ClientError) as err:
-        generation.plan(generation.render_text(PROMPT), GenerationParams(max_tokens=4, temperature=0.0, **params), decoding)
+        generation.plan(
+            generation.render_text(PROMPT), GenerationParams(max_tokens=4, temperature=0.0, **params), decoding
+        )
     assert err.value.param == param and 400 <= err.value.status < 500
     assert len(err.value.message) > 40  # says why, not just "invalid"
 
@@ -104,8 +107,11 @@ def test_diagnostics_are_typed_per_method_family(generation):
     # the JSON an API returns parses back into the same typed summary
     assert AlignmentSummary.model_validate_json(summary.model_dump_json()) == summary
 
-    _, bon = answer(generation, GenerationParams(max_tokens=3, temperature=0.0),
-                    DecodingConfig(method="best_of_n", num_samples=3, diagnostics=True))
+    _, bon = answer(
+        generation,
+        GenerationParams(max_tokens=3, temperature=0.0),
+        DecodingConfig(method="best_of_n", num_samples=3, diagnostics=True),
+    )
     (step,) = bon.choices[0].alignment.steps
     assert isinstance(step, BestOfNStep) and len(step.candidates) == 3
     assert step.chosen == bon.choices[0].token_ids

@@ -6,6 +6,7 @@ The batched, padded, KV-cached paths are checked against plain one-sequence forw
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 import torch
 
@@ -37,18 +38,18 @@ def reference_greedy(engine: HFEngine, prefix: list[int], steps: int) -> list[in
 def test_top_k_next_matches_unpadded_forward(tiny_hf_engine):
     result = asyncio.run(tiny_hf_engine.top_k_next(PREFIXES, 5))
     assert len(result) == len(PREFIXES)
-    for prefix, top in zip(PREFIXES, result):
+    for prefix, top in zip(PREFIXES, result, strict=False):
         expected = full_logprobs(tiny_hf_engine, prefix)[-1]
         values, indices = expected.topk(5)
         assert [t.token_id for t in top] == indices.tolist()
         assert [t.logprob for t in top] == pytest.approx(values.tolist(), abs=1e-4)
-        assert all(a.logprob >= b.logprob for a, b in zip(top, top[1:]))
+        assert all(a.logprob >= b.logprob for a, b in zip(top, top[1:], strict=False))
 
 
 def test_continuation_logprobs_match_unpadded_forward(tiny_hf_engine):
     continuations = [[3, 4], [30, 31, 32], [8], []]
     result = asyncio.run(tiny_hf_engine.continuation_logprobs(PREFIXES, continuations))
-    for prefix, cont, values in zip(PREFIXES, continuations, result):
+    for prefix, cont, values in zip(PREFIXES, continuations, result, strict=False):
         assert len(values) == len(cont)
         if not cont:
             continue
@@ -64,7 +65,9 @@ def test_continuation_logprobs_reject_mismatched_lengths(tiny_hf_engine):
 
 def test_greedy_generation_matches_step_by_step_argmax(tiny_hf_engine):
     prompt = [5, 9, 14, 22]
-    result = asyncio.run(tiny_hf_engine.generate(prompt, GenerationParams(max_tokens=12, temperature=0.0, logprobs=3), "t"))
+    result = asyncio.run(
+        tiny_hf_engine.generate(prompt, GenerationParams(max_tokens=12, temperature=0.0, logprobs=3), "t")
+    )
     choice = result.choices[0]
     assert choice.token_ids == reference_greedy(tiny_hf_engine, prompt, 12)
     assert choice.text == tiny_hf_engine.decode(choice.token_ids)
@@ -158,7 +161,9 @@ def test_stream_concatenates_to_generate_and_leaves_text_to_the_caller(tiny_hf_e
 
 def test_closing_a_stream_early_cancels_the_work(tiny_hf_engine):
     async def scenario():
-        stream = tiny_hf_engine.stream([5, 9], GenerationParams(max_tokens=200, temperature=1.0, seed=0, ignore_eos=True), "x")
+        stream = tiny_hf_engine.stream(
+            [5, 9], GenerationParams(max_tokens=200, temperature=1.0, seed=0, ignore_eos=True), "x"
+        )
         first = await stream.__anext__()
         await stream.aclose()  # the client went away
         # the engine is free again at once: a new request completes

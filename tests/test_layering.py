@@ -11,8 +11,10 @@ import tomllib
 import lint_imports
 import pytest
 
-CONTRACTS = {c["id"]: c["name"] for c in tomllib.loads(
-    (lint_imports.REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]}
+CONTRACTS = {
+    c["id"]: c["name"]
+    for c in tomllib.loads((lint_imports.REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+}
 
 
 def test_the_real_tree_keeps_every_contract():
@@ -26,7 +28,10 @@ def test_the_real_tree_keeps_every_contract():
 # may break too, through indirect chains: models -> server -> decoding also takes probes to decoding)
 WRONG_IMPORTS = {
     "models imports the server": (
-        "alignd.models.engine", "import alignd.server.app", {"layers", "probes-layer", "server-private"}),
+        "alignd.models.engine",
+        "import alignd.server.app",
+        {"layers", "probes-layer", "server-private"},
+    ),
     "rewards imports decoding": ("alignd.rewards.base", "import alignd.decoding.rule", {"layers"}),
     "probes import rewards": ("alignd.probes.jobs", "import alignd.rewards.base", {"probes-apart"}),
     "decoding imports probes": ("alignd.decoding.rule", "import alignd.probes.estimators", {"decoding-apart"}),

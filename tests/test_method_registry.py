@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from support import InProcessServer
 
 from alignd.decoding.methods import DecodeChunk, Decoder
 from alignd.decoding.prompt import Prompt
 from alignd.decoding.registry import ALIGNED, MethodSpec, register_method, unregister_method
 from alignd.settings import Settings
-from support import InProcessServer
 
 TOY = "runner_up"
 MESSAGES = [{"role": "user", "content": "hello world how are"}]
@@ -40,9 +40,15 @@ class RunnerUpDecoder(Decoder):
 
 @pytest.fixture
 def toy_method():
-    spec = register_method(MethodSpec(
-        TOY, "The SFT model's second choice at every step (a test's toy method).", ALIGNED, ("top_k",),
-        lambda generation, config, params: RunnerUpDecoder(generation.sft, params)))
+    spec = register_method(
+        MethodSpec(
+            TOY,
+            "The SFT model's second choice at every step (a test's toy method).",
+            ALIGNED,
+            ("top_k",),
+            lambda generation, config, params: RunnerUpDecoder(generation.sft, params),
+        )
+    )
     yield spec
     unregister_method(TOY)
     RunnerUpDecoder.hold = None
@@ -63,7 +69,7 @@ def _runner_up_tokens(engine, prompt_ids: list[int], n: int) -> list[int]:
     ids = list(prompt_ids)
     for _ in range(n):
         ids.append(asyncio.run(engine.top_k_next([ids], 2))[0][1].token_id)
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
 def test_a_method_registered_by_a_test_is_served_listed_and_metered(tiny_app_server, tiny_hf_engine):
@@ -135,8 +141,10 @@ def test_methods_lists_the_built_in_methods_and_value_sources_with_this_server_s
     assert "ALIGND_VALUE_HEAD" in head["unavailable_reason"]
     # no baseline of this server (the prompted one only) has an implicit Q
     assert not sources["implicit"]["available"] and "DPO or IRFT" in sources["implicit"]["unavailable_reason"]
-    refused = httpx.post(url + "/generate", json={"messages": MESSAGES, "max_tokens": 2,
-                                                  "decoding": {"method": "transfer_q", "value": "head"}})
+    refused = httpx.post(
+        url + "/generate",
+        json={"messages": MESSAGES, "max_tokens": 2, "decoding": {"method": "transfer_q", "value": "head"}},
+    )
     assert refused.status_code == 400 and refused.json()["error"]["message"] == head["unavailable_reason"]
 
     unknown = httpx.post(url + "/generate", json={"messages": MESSAGES, "decoding": {"method": "tq"}})

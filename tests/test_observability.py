@@ -44,27 +44,40 @@ def send_traffic(server, openai_client, model_name: str) -> None:
     messages = [{"role": "user", "content": "Say something kind."}]
     for _ in range(2):
         openai_client.chat.completions.create(model=model_name, messages=messages, max_tokens=4, temperature=0)
-    for chunk in openai_client.chat.completions.create(model=model_name, messages=messages, max_tokens=4, stream=True):
+    for _chunk in openai_client.chat.completions.create(model=model_name, messages=messages, max_tokens=4, stream=True):
         pass
     openai_client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=4)
     for _ in range(2):
-        openai_client.chat.completions.create(model=model_name, messages=messages, max_tokens=4, temperature=0,
-                                              extra_body={"decoding": ALIGNED})
+        openai_client.chat.completions.create(
+            model=model_name, messages=messages, max_tokens=4, temperature=0, extra_body={"decoding": ALIGNED}
+        )
     # every decoding method, so the by-method panels have a series each
     for decoding in EVERY_METHOD:
-        openai_client.chat.completions.create(model=model_name, messages=messages, max_tokens=3, temperature=0,
-                                              extra_body={"decoding": decoding})
+        openai_client.chat.completions.create(
+            model=model_name, messages=messages, max_tokens=3, temperature=0, extra_body={"decoding": decoding}
+        )
     with httpx.Client(base_url=server.base_url, timeout=300) as http:
         assert http.post("/generate", json={"prompt": "Hello", "max_tokens": 4}).status_code == 200
-        scored = http.post("/v1/rewards", json={"reward": "positivity", "items": [
-            {"prompt": "Hi", "response": "Lovely to meet you!"}, {"prompt": "Hi", "response": "Go away."}]})
+        scored = http.post(
+            "/v1/rewards",
+            json={
+                "reward": "positivity",
+                "items": [
+                    {"prompt": "Hi", "response": "Lovely to meet you!"},
+                    {"prompt": "Hi", "response": "Go away."},
+                ],
+            },
+        )
         assert scored.status_code == 200, scored.text
         # a 4xx and a 5xx for the error panels: an unknown model, and aligned decoding that cannot
         # finish within the deadline the client asks for
         unknown = http.post("/v1/chat/completions", json={"model": "no-such-model", "messages": messages})
         assert unknown.status_code == 404
-        late = http.post("/generate", headers={"X-Request-Timeout": "0.05"},
-                         json={"prompt": "Hello", "max_tokens": 4, "decoding": ALIGNED})
+        late = http.post(
+            "/generate",
+            headers={"X-Request-Timeout": "0.05"},
+            json={"prompt": "Hello", "max_tokens": 4, "decoding": ALIGNED},
+        )
         assert late.status_code == 504, late.text
 
 
@@ -92,8 +105,14 @@ def openai_client_module(server):
 
 def test_prometheus_scrapes_the_server(prometheus):
     names = prometheus.series_names()
-    for name in ("alignd_requests_total", "alignd_request_duration_seconds_bucket", "alignd_generation_tokens_total",
-                 "alignd_rollouts_total", "alignd_response_reward_count", "vllm:generation_tokens_total"):
+    for name in (
+        "alignd_requests_total",
+        "alignd_request_duration_seconds_bucket",
+        "alignd_generation_tokens_total",
+        "alignd_rollouts_total",
+        "alignd_response_reward_count",
+        "vllm:generation_tokens_total",
+    ):
         assert name in names
     assert prometheus.query('sum(alignd_requests_total{endpoint="/v1/chat/completions"})')
 
@@ -111,6 +130,7 @@ def test_docker_healthcheck_passes_against_the_server(server):
     port = str(urlsplit(server.base_url).port)
     for path in DOCKERFILES.values():
         command = dockerfile_healthcheck(path)
-        result = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=30,
-                                env={"ALIGND_PORT": port})
+        result = subprocess.run(
+            [sys.executable, *command[1:]], capture_output=True, text=True, timeout=30, env={"ALIGND_PORT": port}
+        )
         assert result.returncode == 0, result.stderr

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from alignd.errors import NotFoundError
 from alignd.probes.analysis import AnalysisParams, analyse_conditions, analyse_layer, analyse_layers, plot_layers
 from alignd.probes.fewshot import (
     FewShotItem,
@@ -22,7 +23,6 @@ from alignd.probes.fewshot import (
 )
 from alignd.probes.hidden_states import _batches, layer_representations, num_layers, resolve_layers
 from alignd.probes.jobs import JobCancelled, JobConflictError, JobManager, JobQueueFullError
-from alignd.errors import NotFoundError
 
 TEXTS = [
     "the cat sat on the mat",
@@ -79,7 +79,9 @@ def test_layer_subset_batch_limits_and_progress(tiny_hf_engine):
     seen: list[float] = []
     full = asyncio.run(layer_representations(tiny_hf_engine, TEXTS))
     small = asyncio.run(
-        layer_representations(tiny_hf_engine, TEXTS, layers=[2, 0], batch_size=2, max_batch_tokens=8, progress=seen.append)
+        layer_representations(
+            tiny_hf_engine, TEXTS, layers=[2, 0], batch_size=2, max_batch_tokens=8, progress=seen.append
+        )
     )
     assert sorted(small) == [0, 2]
     for layer in small:
@@ -160,8 +162,12 @@ def make_items(n_per_subject: int = 6, subjects=("astronomy", "world_history")) 
 
 
 def test_mmlu_prompt_format():
-    shot = FewShotItem(question="What is 2 + 2?", choices=["3", "4", "5", "6"], answer=1, subject="elementary_mathematics")
-    item = FewShotItem(question="What is 3 + 3?", choices=["6", "7", "8", "9"], answer="a", subject="elementary_mathematics")
+    shot = FewShotItem(
+        question="What is 2 + 2?", choices=["3", "4", "5", "6"], answer=1, subject="elementary_mathematics"
+    )
+    item = FewShotItem(
+        question="What is 3 + 3?", choices=["6", "7", "8", "9"], answer="a", subject="elementary_mathematics"
+    )
     assert build_prompt(item, [shot]) == (
         "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
         "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\n"

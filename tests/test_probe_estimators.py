@@ -120,9 +120,7 @@ def test_adp_clustering_matches_dadapy(goldens, data):
             # The paper's route: Gride ID at the k -> 2k scale, kNN density with k = 16.
             intrinsic_dim = gride_id(X, k=g["k"])
             assert intrinsic_dim == pytest.approx(g["intrinsic_dim"], abs=1e-6), key
-            got = adp_clustering(
-                X, Z=g["Z"], density="kNN", k=g["k"], intrinsic_dim=intrinsic_dim, maxk=g["maxk"]
-            )
+            got = adp_clustering(X, Z=g["Z"], density="kNN", k=g["k"], intrinsic_dim=intrinsic_dim, maxk=g["maxk"])
         # A partition is discrete: same peaks, same labels, same halo, exactly.
         assert got.n_clusters == g["n_clusters"], key
         np.testing.assert_array_equal(got.centers, g["centers"], err_msg=key)

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-
 from support import ON_THE_SESSION_CORE, ManagedProcess, ServerProcess, tiny_server_env
 
 pytestmark = pytest.mark.vllm
@@ -70,8 +69,10 @@ def servers(tiny_vllm_dir) -> Iterator[dict[str, ServerProcess]]:
     """The two servers this module signals, started together (each start is mostly single-threaded process
     start-up and imports: two at once take about the time of one on 2 cores). ``restarted`` is float32, so
     that its greedy answer after the engine's restart is the same as before."""
-    with (ServerProcess({**tiny_server_env(tiny_vllm_dir), **ON_THE_SESSION_CORE}) as killed,
-          ServerProcess({**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32"}) as restarted):
+    with (
+        ServerProcess({**tiny_server_env(tiny_vllm_dir), **ON_THE_SESSION_CORE}) as killed,
+        ServerProcess({**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32"}) as restarted,
+    ):
         for server in (killed, restarted):
             server.wait_ready(timeout=600)
         yield {"killed": killed, "restarted": restarted}
@@ -84,14 +85,44 @@ def test_alignd_serve_killed_takes_its_engines_with_it(servers):
 
 def test_an_interrupted_value_head_run_takes_its_engines_with_it(tiny_vllm_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
-                               for i, p in enumerate(["the cat sat", "hello world", "a happy answer", "numbers one"])))
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
+            for i, p in enumerate(["the cat sat", "hello world", "a happy answer", "numbers one"])
+        )
+    )
     out = tmp_path / "head"
-    cmd = [sys.executable, "-m", "alignd.cli", "train", "value-head", "--model", str(tiny_vllm_dir),
-           "--prompts", str(prompts), "--out", str(out), "--states", "2000", "--top-k", "3", "--rollout-len", "4",
-           "--answer-len", "6", "--reward", "length_penalty", "--baseline", "prompted"]
-    env = {**os.environ, **tiny_server_env(tiny_vllm_dir), "ALIGND_CACHE_DIR": str(tmp_path / "cache"),
-           "TQDM_DISABLE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "alignd.cli",
+        "train",
+        "value-head",
+        "--model",
+        str(tiny_vllm_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--states",
+        "2000",
+        "--top-k",
+        "3",
+        "--rollout-len",
+        "4",
+        "--answer-len",
+        "6",
+        "--reward",
+        "length_penalty",
+        "--baseline",
+        "prompted",
+    ]
+    env = {
+        **os.environ,
+        **tiny_server_env(tiny_vllm_dir),
+        "ALIGND_CACHE_DIR": str(tmp_path / "cache"),
+        "TQDM_DISABLE": "1",
+    }
     with ManagedProcess(cmd, name="alignd train value-head", log_path=tmp_path / "train.log", env=env) as run:
         engines = wait_for_engines(run.pid)
         time.sleep(2)

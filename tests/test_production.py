@@ -90,7 +90,9 @@ def tq_chat(max_tokens: int, **extra) -> dict:
 # ============================================================================ session server (vLLM)
 async def test_fifty_concurrent_aligned_requests_get_only_200_or_429(server, session_admission_limits):
     before = metric(server.base_url, "alignd_admission_rejected_total", family="aligned", reason="queue_full")
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+    async with httpx.AsyncClient(
+        base_url=server.base_url, timeout=600, limits=httpx.Limits(max_connections=64)
+    ) as client:
         responses = await asyncio.gather(*(client.post(CHAT, json=tq_chat(4)) for _ in range(50)))
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 429}, statuses
@@ -277,8 +279,10 @@ def test_metrics_are_open_by_default_when_keys_are_set(tiny_hf_engine):
     app = create_app(Settings(api_keys="k", baseline_adapter="none", value_head="none"), engine=tiny_hf_engine)
 
     async def check():
-        async with app.router.lifespan_context(app), \
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client,
+        ):
             assert (await client.get("/metrics")).status_code == 200
             assert (await client.get("/health")).status_code == 200
             assert (await client.get("/v1/models")).status_code == 401
@@ -291,12 +295,21 @@ def test_metrics_are_open_by_default_when_keys_are_set(tiny_hf_engine):
     [
         (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 17}, "limit of 16"),
         (CHAT, {"messages": [{"role": "user", "content": "hi"}], "n": 3, "temperature": 1}, "limit of 2"),
-        (CHAT, {"messages": [{"role": "user", "content": "hi"}], "decoding": {"method": "transfer_q", "top_k": 5}},
-         "decoding.top_k=5 is above this server's limit of 4"),
-        (CHAT, {"messages": [{"role": "user", "content": "hi"}],
-                "decoding": {"method": "transfer_q", "rollout_len": 5}}, "limit of 4"),
-        (CHAT, {"messages": [{"role": "user", "content": "hi"}],
-                "decoding": {"method": "best_of_n", "num_samples": 5}}, "limit of 4"),
+        (
+            CHAT,
+            {"messages": [{"role": "user", "content": "hi"}], "decoding": {"method": "transfer_q", "top_k": 5}},
+            "decoding.top_k=5 is above this server's limit of 4",
+        ),
+        (
+            CHAT,
+            {"messages": [{"role": "user", "content": "hi"}], "decoding": {"method": "transfer_q", "rollout_len": 5}},
+            "limit of 4",
+        ),
+        (
+            CHAT,
+            {"messages": [{"role": "user", "content": "hi"}], "decoding": {"method": "best_of_n", "num_samples": 5}},
+            "limit of 4",
+        ),
         (CHAT, {"messages": [{"role": "user", "content": "hi " * 200}]}, "context"),
         ("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"], "max_tokens": 2}, "limit of 4"),
         ("/v1/rewards", {"reward": "positivity", "items": [{"prompt": "p", "response": "x"}] * 9}, "limit of 8"),
@@ -347,8 +360,13 @@ def test_fuzz_the_openapi_document(keyed_server):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def run(case):
             if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
                 case.body["model"] = "tiny"  # a random name is a 404 at once; the served one goes deeper
@@ -360,8 +378,8 @@ def test_fuzz_the_openapi_document(keyed_server):
                         case.body[field] = min(case.body[field], limit)
             response = case.call(headers=AUTH, timeout=120)
             if response.status_code == 400:
-                messages[operation.label].append(response.json()["error"]["message"][:120])
-            statuses[operation.label].append(response.status_code)
+                messages[operation.label].append(response.json()["error"]["message"][:120])  # noqa: B023 - run() runs here
+            statuses[operation.label].append(response.status_code)  # noqa: B023
             checks = FUZZ_CHECKS
             if response.status_code == 504 and (case.headers or {}).get("x-request-timeout") is not None:
                 # The request set its own deadline (the fuzzer draws values down to 5e-324 s) and it
@@ -380,7 +398,8 @@ def test_fuzz_the_openapi_document(keyed_server):
     assert sum(map(len, statuses.values())) >= 10 * len(operations)
     # The fuzzer got past validation into real generation, not only 4xx answers.
     generated = statuses["POST /v1/chat/completions"] + statuses["POST /v1/completions"] + statuses["POST /generate"]
-    assert 200 in generated, {k: collections.Counter(v).most_common(5) for k, v in messages.items() if "generat" in k
-                              or "completions" in k}
+    assert 200 in generated, {
+        k: collections.Counter(v).most_common(5) for k, v in messages.items() if "generat" in k or "completions" in k
+    }
     # The server survived it.
     assert httpx.get(keyed_server.base_url + "/health").status_code == 200

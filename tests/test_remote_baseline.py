@@ -26,22 +26,29 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from support import TINY_SERVED_NAME, ServerProcess, free_port, tiny_server_env, vllm_serve_process
 
 pytestmark = pytest.mark.server
 
 REMOTE_NAME = "smollm2-remote"
-QUESTIONS = ["Tell me about Mondays.", "How was your weekend?", "Describe a rainy afternoon.",
-             "What do you think of homework?"]
+QUESTIONS = [
+    "Tell me about Mondays.",
+    "How was your weekend?",
+    "Describe a rainy afternoon.",
+    "What do you think of homework?",
+]
 RULE = {"alpha": 1.0, "top_k": 4, "rollout_len": 4, "num_rollouts": 1}
 BASELINE_ENGINE = "baseline/default"
 MAX_MODEL_LEN = 256
 
 
 def light_env(model_dir: Path) -> dict[str, str]:
-    return {**tiny_server_env(model_dir), "ALIGND_VALUE_HEAD": "none", "ALIGND_DTYPE": "float32",
-            "ALIGND_CPU_KVCACHE_SPACE_GIB": "1"}
+    return {
+        **tiny_server_env(model_dir),
+        "ALIGND_VALUE_HEAD": "none",
+        "ALIGND_DTYPE": "float32",
+        "ALIGND_CPU_KVCACHE_SPACE_GIB": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +70,13 @@ class Remote:
 
     def start(self) -> None:
         self.starts += 1
-        self.process = vllm_serve_process(self.model_dir, REMOTE_NAME, self.log_dir / f"vllm-serve-{self.starts}.log",
-                                          max_model_len=MAX_MODEL_LEN, port=self.port)
+        self.process = vllm_serve_process(
+            self.model_dir,
+            REMOTE_NAME,
+            self.log_dir / f"vllm-serve-{self.starts}.log",
+            max_model_len=MAX_MODEL_LEN,
+            port=self.port,
+        )
         self.process.start()
         self.process.wait_ready(timeout=1200)
 
@@ -87,8 +99,11 @@ def remote_holder(tiny_vllm_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def aligned(remote_holder, tiny_vllm_dir):
     """alignd with the remote as its default baseline, started while the remote is down."""
-    env = {"ALIGND_BASELINE_URL": remote_holder.base_url, "ALIGND_BASELINE_SERVED_MODEL": REMOTE_NAME,
-           **light_env(tiny_vllm_dir)}
+    env = {
+        "ALIGND_BASELINE_URL": remote_holder.base_url,
+        "ALIGND_BASELINE_SERVED_MODEL": REMOTE_NAME,
+        **light_env(tiny_vllm_dir),
+    }
     with ServerProcess(env) as proc:
         proc.wait_ready(timeout=1200)
         yield proc
@@ -103,8 +118,13 @@ def remote(aligned, remote_holder):
 
 
 def chat(model: str, question: str, decoding: dict | None, max_tokens: int = 8, **extra) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, **extra}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **extra,
+    }
     return body | ({"decoding": decoding} if decoding else {})
 
 
@@ -122,8 +142,11 @@ def health(server) -> tuple[int, dict]:
 def metrics(server) -> dict[tuple[str, tuple], float]:
     """Every sample of /metrics by (name, sorted labels)."""
     text = httpx.get(server.base_url + "/metrics", timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def sample(values: dict, name: str, **labels) -> float:
@@ -138,12 +161,19 @@ def test_alignd_starts_degraded_while_its_remote_baseline_is_down(aligned, remot
     down = body["engines"][BASELINE_ENGINE]
     assert down["status"] == "down" and down["kind"] == "remote" and down["location"] == remote_holder.base_url
     assert "unavailable" in down["detail"]
-    tq = httpx.post(aligned.base_url + "/v1/chat/completions", timeout=120,
-                    json=chat(model_name, QUESTIONS[0], {"method": "transfer_q", **RULE}))
+    tq = httpx.post(
+        aligned.base_url + "/v1/chat/completions",
+        timeout=120,
+        json=chat(model_name, QUESTIONS[0], {"method": "transfer_q", **RULE}),
+    )
     assert tq.status_code == 503 and tq.json()["error"]["code"] == "engine_unavailable", tq.text
     assert "engine 'default'" in tq.json()["error"]["message"] and tq.headers["Retry-After"]
-    assert httpx.post(aligned.base_url + "/v1/chat/completions", timeout=120,
-                      json=chat(model_name, QUESTIONS[0], None)).status_code == 200
+    assert (
+        httpx.post(
+            aligned.base_url + "/v1/chat/completions", timeout=120, json=chat(model_name, QUESTIONS[0], None)
+        ).status_code
+        == 200
+    )
     assert sample(metrics(aligned), "alignd_engine_up", engine=BASELINE_ENGINE) == 0.0
 
 
@@ -168,9 +198,11 @@ def test_tq_through_a_remote_copy_of_the_sft_model_is_cd(aligned, remote, model_
         assert tq["alignment"]["baseline"] == "default" and tq["alignment"]["baseline_kind"] == "remote"
         assert tq["alignment"]["cost"]["rollouts"] > 0
     after = metrics(aligned)
-    ok = {call: sample(after, "alignd_engine_calls_total", engine=BASELINE_ENGINE, call=call, outcome="ok")
-          - sample(before, "alignd_engine_calls_total", engine=BASELINE_ENGINE, call=call, outcome="ok")
-          for call in ("rollouts", "continuation_logprobs")}
+    ok = {
+        call: sample(after, "alignd_engine_calls_total", engine=BASELINE_ENGINE, call=call, outcome="ok")
+        - sample(before, "alignd_engine_calls_total", engine=BASELINE_ENGINE, call=call, outcome="ok")
+        for call in ("rollouts", "continuation_logprobs")
+    }
     assert ok["rollouts"] > 0, ok  # TQ*'s rollouts ran on the remote, and were counted and timed there
     assert sample(after, "alignd_engine_call_seconds_count", engine=BASELINE_ENGINE, call="rollouts") >= ok["rollouts"]
     assert sample(after, "alignd_engine_up", engine=BASELINE_ENGINE) == 1.0
@@ -200,8 +232,9 @@ def holds_model_weights(pid: int) -> list[str]:
     return found
 
 
-def test_two_replicas_with_a_remote_sft_model_answer_the_openai_client_and_hold_no_weights(replicas, remote,
-                                                                                          aligned, model_name):
+def test_two_replicas_with_a_remote_sft_model_answer_the_openai_client_and_hold_no_weights(
+    replicas, remote, aligned, model_name
+):
     import openai
 
     answers = []
@@ -210,12 +243,16 @@ def test_two_replicas_with_a_remote_sft_model_answer_the_openai_client_and_hold_
         assert status == 200 and body["status"] == "ok"
         assert body["engines"]["sft"]["kind"] == "remote" and body["engines"]["sft"]["location"] == remote.base_url
         client = openai.OpenAI(base_url=replica.base_url + "/v1", api_key="none", max_retries=0)
-        plain = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": QUESTIONS[1]}],
-                                               max_tokens=8, temperature=0)
-        tq = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": QUESTIONS[1]}],
-                                            max_tokens=8, temperature=0,
-                                            extra_body={"decoding": {"method": "transfer_q", "baseline": "prompted",
-                                                                     **RULE}})
+        plain = client.chat.completions.create(
+            model=model_name, messages=[{"role": "user", "content": QUESTIONS[1]}], max_tokens=8, temperature=0
+        )
+        tq = client.chat.completions.create(
+            model=model_name,
+            messages=[{"role": "user", "content": QUESTIONS[1]}],
+            max_tokens=8,
+            temperature=0,
+            extra_body={"decoding": {"method": "transfer_q", "baseline": "prompted", **RULE}},
+        )
         answers.append((plain.choices[0].message.content, tq.choices[0].message.content))
         assert holds_model_weights(replica.pid) == []
     # one deployment behind both: the same greedy answers, and the same as an in-process SFT engine's
@@ -223,13 +260,22 @@ def test_two_replicas_with_a_remote_sft_model_answer_the_openai_client_and_hold_
     assert answers[0][0] == answer(aligned, chat(model_name, QUESTIONS[1], None))["message"]["content"]
     # both replicas sent their work to the remote: it counted their requests
     remote_metrics = httpx.get(remote.base_url + "/metrics", timeout=30).text
-    assert sample({(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(remote_metrics) for s in f.samples},
-                  "vllm:request_success_total") >= 2
+    assert (
+        sample(
+            {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(remote_metrics)
+                for s in f.samples
+            },
+            "vllm:request_success_total",
+        )
+        >= 2
+    )
 
 
 def test_a_remote_killed_mid_stream_ends_that_stream_with_an_error_event_and_fails_only_what_needs_it(
-        aligned, remote, model_name):
+    aligned, remote, model_name
+):
     body = chat(model_name, QUESTIONS[2], {"method": "transfer_q", **RULE}, max_tokens=64, stream=True)
     events, killed = [], False
     with httpx.stream("POST", aligned.base_url + "/v1/chat/completions", json=body, timeout=600) as response:
@@ -238,8 +284,12 @@ def test_a_remote_killed_mid_stream_ends_that_stream_with_an_error_event_and_fai
             if not line.startswith("data: "):
                 continue
             events.append(line[6:])
-            if not killed and line[6:] != "[DONE]" and json.loads(line[6:])["choices"] \
-                    and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            if (
+                not killed
+                and line[6:] != "[DONE]"
+                and json.loads(line[6:])["choices"]
+                and json.loads(line[6:])["choices"][0]["delta"].get("content")
+            ):
                 remote.kill()  # SIGKILL, in the middle of the answer
                 killed = True
     assert killed and events[-1] == "[DONE]"
@@ -247,18 +297,24 @@ def test_a_remote_killed_mid_stream_ends_that_stream_with_an_error_event_and_fai
     assert error["code"] == "engine_unavailable" and "engine 'default'" in error["message"]
 
     started = time.perf_counter()
-    response = httpx.post(aligned.base_url + "/v1/chat/completions", timeout=120,
-                          json=chat(model_name, QUESTIONS[0], {"method": "transfer_q", **RULE}))
+    response = httpx.post(
+        aligned.base_url + "/v1/chat/completions",
+        timeout=120,
+        json=chat(model_name, QUESTIONS[0], {"method": "transfer_q", **RULE}),
+    )
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "engine_unavailable" and response.headers["Retry-After"]
     assert time.perf_counter() - started < 30  # at once, not after a timeout
-    plain = httpx.post(aligned.base_url + "/v1/chat/completions", timeout=120, json=chat(model_name, QUESTIONS[0], None))
+    plain = httpx.post(
+        aligned.base_url + "/v1/chat/completions", timeout=120, json=chat(model_name, QUESTIONS[0], None)
+    )
     assert plain.status_code == 200
     assert health(aligned)[1]["status"] == "degraded"
 
 
 def test_the_remote_restarted_tq_answers_again_without_restarting_alignd_and_nothing_leaked(
-        aligned, remote, model_name):
+    aligned, remote, model_name
+):
     expected = answer(aligned, chat(model_name, QUESTIONS[0], {"method": "cd", "cd_mode": "token", **RULE}))
     pid = aligned.pid
     remote.start()  # same port
@@ -284,13 +340,21 @@ def test_a_remote_that_hangs_is_bounded_by_the_request_deadline(aligned, remote,
     os.killpg(remote.process.pid, signal.SIGSTOP)
     try:
         started = time.perf_counter()
-        late = httpx.post(aligned.base_url + "/v1/chat/completions", timeout=120, headers={"X-Request-Timeout": "5"},
-                          json=chat(model_name, QUESTIONS[1], {"method": "transfer_q", **RULE}))
+        late = httpx.post(
+            aligned.base_url + "/v1/chat/completions",
+            timeout=120,
+            headers={"X-Request-Timeout": "5"},
+            json=chat(model_name, QUESTIONS[1], {"method": "transfer_q", **RULE}),
+        )
         waited = time.perf_counter() - started
         assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded", late.text
         assert 4.5 <= waited < 30, waited
-        assert httpx.post(aligned.base_url + "/v1/chat/completions", timeout=120,
-                          json=chat(model_name, QUESTIONS[1], None)).status_code == 200
+        assert (
+            httpx.post(
+                aligned.base_url + "/v1/chat/completions", timeout=120, json=chat(model_name, QUESTIONS[1], None)
+            ).status_code
+            == 200
+        )
     finally:
         os.killpg(remote.process.pid, signal.SIGCONT)
     answer(aligned, chat(model_name, QUESTIONS[1], {"method": "transfer_q", **RULE}))

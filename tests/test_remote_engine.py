@@ -15,12 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support import ON_THE_SESSION_CORE, TINY_SERVED_NAME, free_port, vllm_serve_process
 
 from alignd.errors import ConfigurationError, EngineUnavailableError
 from alignd.models.engine import GenerationParams
 from alignd.models.remote_engine import RemoteVLLMEngine
-
-from support import ON_THE_SESSION_CORE, TINY_SERVED_NAME, free_port, vllm_serve_process
 
 pytestmark = pytest.mark.vllm
 
@@ -61,8 +60,9 @@ def prompts(reference) -> list[list[int]]:
     return [reference.encode(text) for text in PROMPT_TEXTS]
 
 
-def test_connect_reads_the_remote_model_and_checks_it(engine, remote, reference, tiny_dir, embedded_model_dir,
-                                                      loop_thread):
+def test_connect_reads_the_remote_model_and_checks_it(
+    engine, remote, reference, tiny_dir, embedded_model_dir, loop_thread
+):
     from transformers import AutoTokenizer
 
     assert engine.model == SERVED_NAME and engine.info.max_model_len == 256
@@ -93,8 +93,9 @@ def test_greedy_answers_and_their_logprobs_are_the_reference_s(engine, reference
         # vLLM's detokenizer holds back a trailing incomplete UTF-8 sequence (a random model emits byte tokens)
         assert ours.text and engine.decode(ours.token_ids).startswith(ours.text)
         assert [lp.token_id for lp in ours.logprobs] == ours.token_ids
-        assert [lp.logprob for lp in ours.logprobs] == pytest.approx([lp.logprob for lp in theirs.logprobs],
-                                                                        abs=LOGPROB_TOL)
+        assert [lp.logprob for lp in ours.logprobs] == pytest.approx(
+            [lp.logprob for lp in theirs.logprobs], abs=LOGPROB_TOL
+        )
         for item in ours.logprobs:  # greedy: the chosen token heads its own top 3
             assert len(item.top) == 3 and item.top[0].token_id == item.token_id
 
@@ -119,14 +120,14 @@ def test_stream_deltas_concatenate_to_the_whole_answer(engine, prompts, loop_thr
 def test_primitives_agree_with_the_reference(engine, reference, prompts, loop_thread):
     ours = loop_thread.run(engine.top_k_next(prompts, 5))
     theirs = loop_thread.run(reference.top_k_next(prompts, 5))
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=False):
         assert [t.token_id for t in a] == [t.token_id for t in b]
         assert [t.logprob for t in a] == pytest.approx([t.logprob for t in b], abs=LOGPROB_TOL)
     continuations = [[5, 9, 13], [7], [20, 21, 22, 23], []]
     scored = loop_thread.run(engine.continuation_logprobs(prompts, continuations))
     expected = loop_thread.run(reference.continuation_logprobs(prompts, continuations))
     assert [len(s) for s in scored] == [3, 1, 4, 0]
-    for a, b in zip(scored, expected):
+    for a, b in zip(scored, expected, strict=False):
         assert a == pytest.approx(b, abs=LOGPROB_TOL)
 
 
@@ -173,7 +174,8 @@ def test_closing_a_stream_early_stops_the_remote_request(engine, remote, prompts
 
 
 def test_an_engine_whose_remote_is_down_at_start_comes_up_with_it_and_goes_down_with_it(
-        tiny_dir, reference, prompts, loop_thread, tmp_path, rm_server):
+    tiny_dir, reference, prompts, loop_thread, tmp_path, rm_server
+):
     """A remote that is merely down at start is no refusal: the engine starts down, its calls are 503s at
     once, /health's check sees the remote come up, and calls then work; killed, it is down again.
     (``rm_server``: the next test's, asked for here so that it starts beside this test's own.)"""
@@ -181,8 +183,9 @@ def test_an_engine_whose_remote_is_down_at_start_comes_up_with_it_and_goes_down_
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    engine = loop_thread.run(RemoteVLLMEngine.connect("late", url, reference.tokenizer, allow_down=True,
-                                                      max_model_len=128, api_key="sekret"))
+    engine = loop_thread.run(
+        RemoteVLLMEngine.connect("late", url, reference.tokenizer, allow_down=True, max_model_len=128, api_key="sekret")
+    )
     calls: list[tuple[str, str]] = []
     assert engine.observe_calls(lambda call, seconds, outcome: calls.append((call, outcome)))
     try:
@@ -196,8 +199,14 @@ def test_an_engine_whose_remote_is_down_at_start_comes_up_with_it_and_goes_down_
         assert time.perf_counter() - started < 5.0
         assert calls == [("top_k_next", "unavailable")] and engine.unfinished_requests() == 0
 
-        with vllm_serve_process(tiny_dir, SERVED_NAME, tmp_path / "late.log", max_model_len=256, port=port,
-                                extra_args=("--api-key", "sekret")) as late:
+        with vllm_serve_process(
+            tiny_dir,
+            SERVED_NAME,
+            tmp_path / "late.log",
+            max_model_len=256,
+            port=port,
+            extra_args=("--api-key", "sekret"),
+        ) as late:
             late.wait_ready(timeout=900, url=url + "/health")
             # the remote wants a key (vllm serve --api-key): without it, a refusal that says which setting
             with pytest.raises(ConfigurationError, match="refused alignd's API key.*ALIGND_REMOTE_API_KEY"):
@@ -263,29 +272,51 @@ def test_a_server_whose_remote_baseline_is_down_is_degraded_and_says_which(tiny_
     from alignd.settings import Settings
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    settings = Settings(engine="hf", baseline_adapter="none", value_head="none",
-                        baselines={"far": {"url": url, "served_model": SERVED_NAME}},
-                        rewards={"far_rm": {"type": "classifier", "url": url}})
+    settings = Settings(
+        engine="hf",
+        baseline_adapter="none",
+        value_head="none",
+        baselines={"far": {"url": url, "served_model": SERVED_NAME}},
+        rewards={"far_rm": {"type": "classifier", "url": url}},
+    )
     app = create_app(settings, engine=tiny_hf_engine)
-    question = {"model": settings.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                "temperature": 0}
+    question = {
+        "model": settings.model_name,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "temperature": 0,
+    }
 
     async def check():
-        async with app.router.lifespan_context(app), \
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client,
+        ):
             health = await client.get("/health")
             assert health.status_code == 200, health.text
             body = health.json()
             assert body["status"] == "degraded" and body["engines"]["sft"] == {
-                "status": "up", "kind": "hf", "detail": None, "location": None, "since": None}
+                "status": "up",
+                "kind": "hf",
+                "detail": None,
+                "location": None,
+                "since": None,
+            }
             far = body["engines"]["baseline/far"]
             assert far["status"] == "down" and far["kind"] == "remote" and far["location"] == url
             assert f"engine 'far' at {url} is unavailable" in far["detail"]
 
-            tq = await client.post("/v1/chat/completions", json={
-                **question, "decoding": {"method": "transfer_q", "baseline": "far", "top_k": 2, "rollout_len": 2}})
+            tq = await client.post(
+                "/v1/chat/completions",
+                json={
+                    **question,
+                    "decoding": {"method": "transfer_q", "baseline": "far", "top_k": 2, "rollout_len": 2},
+                },
+            )
             assert tq.status_code == 503 and tq.headers["Retry-After"], tq.text
-            assert tq.json()["error"]["code"] == "engine_unavailable" and "engine 'far'" in tq.json()["error"]["message"]
+            assert (
+                tq.json()["error"]["code"] == "engine_unavailable" and "engine 'far'" in tq.json()["error"]["message"]
+            )
             assert (await client.post("/v1/chat/completions", json=question)).status_code == 200
 
             cards = {c["name"]: c for c in (await client.get("/v1/baselines")).json()["data"]}
@@ -295,19 +326,28 @@ def test_a_server_whose_remote_baseline_is_down_is_degraded_and_says_which(tiny_
             assert 'alignd_engine_up{engine="sft",kind="hf"} 1.0' in text
             assert 'alignd_engine_calls_running{engine="baseline/far"} 0.0' in text
             # the refused call was counted (a TQ* step asks the baseline for rollouts first)
-            refused = [line for line in text.splitlines() if line.startswith("alignd_engine_calls_total{")
-                       and 'engine="baseline/far"' in line and 'outcome="unavailable"' in line]
+            refused = [
+                line
+                for line in text.splitlines()
+                if line.startswith("alignd_engine_calls_total{")
+                and 'engine="baseline/far"' in line
+                and 'outcome="unavailable"' in line
+            ]
             assert sum(float(line.rsplit(" ", 1)[1]) for line in refused) >= 1, refused
             assert json.loads((await client.get("/health")).text)["status"] == "degraded"
 
             # a classifier reward on the same dead remote: its own engine, down, and scoring is a 503
             assert body["engines"]["reward/far_rm"]["status"] == "down"
-            scored = await client.post("/v1/rewards", json={"reward": "far_rm",
-                                                            "items": [{"prompt": "p", "response": "r"}]})
+            scored = await client.post(
+                "/v1/rewards", json={"reward": "far_rm", "items": [{"prompt": "p", "response": "r"}]}
+            )
             assert scored.status_code == 503 and scored.json()["error"]["code"] == "engine_unavailable", scored.text
             assert "engine 'far_rm'" in scored.json()["error"]["message"]
-            assert (await client.post("/v1/rewards", json={"reward": "positivity", "items": [
-                {"prompt": "p", "response": "lovely"}]})).status_code == 200
+            assert (
+                await client.post(
+                    "/v1/rewards", json={"reward": "positivity", "items": [{"prompt": "p", "response": "lovely"}]}
+                )
+            ).status_code == 200
 
     asyncio.run(check())
 
@@ -347,8 +387,14 @@ def rm_server(tiny_classifier_dir, tmp_path_factory):
     before the classifier's asks for it too, so that its start (mostly process imports) runs beside that
     test's own `vllm serve` start, on the session engine's core (idle here)."""
     log = tmp_path_factory.mktemp("remote-rm-serve") / "rm.log"
-    with vllm_serve_process(tiny_classifier_dir, "tiny-rm", log, max_model_len=256, extra_args=("--runner", "pooling"),
-                            env_overrides=ON_THE_SESSION_CORE) as server:
+    with vllm_serve_process(
+        tiny_classifier_dir,
+        "tiny-rm",
+        log,
+        max_model_len=256,
+        extra_args=("--runner", "pooling"),
+        env_overrides=ON_THE_SESSION_CORE,
+    ) as server:
         yield server
 
 

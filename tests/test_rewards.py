@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from alignd.errors import ConfigurationError, ContextLengthError, RewardFailedError, RewardNotFoundError
-from alignd.rewards.base import RewardItem
 from alignd.models.chat import with_system_prompt
+from alignd.rewards.base import RewardItem
 from alignd.rewards.implicit import ImplicitReward
 from alignd.rewards.programmatic import CallableReward, LengthPenaltyReward, PositivityReward
 from alignd.rewards.registry import build_rewards
@@ -63,7 +63,9 @@ def test_system_prompt_is_merged_with_the_users_own():
         {"role": "system", "content": "Be warm."},
         {"role": "user", "content": "q"},
     ]
-    merged = with_system_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}], "Be warm.")
+    merged = with_system_prompt(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}], "Be warm."
+    )
     assert merged[0] == {"role": "system", "content": "Be warm.\n\nBe brief."} and len(merged) == 2
 
 
@@ -71,8 +73,13 @@ def test_implicit_reward_equals_the_hand_computed_log_ratio(tiny_hf_engine):
     """beta * (log pi_aligned(y|x) - log pi_ref(y|x)), with the prompted baseline as the aligned model,
     computed here from plain forward passes of the same model."""
     beta = 0.3
-    reward = ImplicitReward("imp", aligned=tiny_hf_engine, reference=tiny_hf_engine, beta=beta,
-                            aligned_system_prompt="a happy answer is kind")
+    reward = ImplicitReward(
+        "imp",
+        aligned=tiny_hf_engine,
+        reference=tiny_hf_engine,
+        beta=beta,
+        aligned_system_prompt="a happy answer is kind",
+    )
     item = RewardItem("the cat sat on the mat", prompt="hello world")
     [result] = score(reward, [item], token_values=True)
 
@@ -80,14 +87,17 @@ def test_implicit_reward_equals_the_hand_computed_log_ratio(tiny_hf_engine):
     response = tiny_hf_engine.encode(item.response)
 
     def logprob_sum(messages):
-        prefix = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                            add_special_tokens=False)
+        prefix = tok.encode(
+            tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+        )
         ids = torch.tensor([prefix + response])
         with torch.inference_mode():
             lp = torch.log_softmax(tiny_hf_engine.model(input_ids=ids).logits[0].float(), -1)
         return sum(float(lp[len(prefix) - 1 + j, t]) for j, t in enumerate(response))
 
-    aligned = logprob_sum([{"role": "system", "content": "a happy answer is kind"}, {"role": "user", "content": "hello world"}])
+    aligned = logprob_sum(
+        [{"role": "system", "content": "a happy answer is kind"}, {"role": "user", "content": "hello world"}]
+    )
     reference = logprob_sum([{"role": "user", "content": "hello world"}])
     assert result.value == pytest.approx(beta * (aligned - reference), abs=1e-4)
     assert len(result.token_values) == len(response) == len(result.tokens)
@@ -110,8 +120,13 @@ def test_classifier_loads_through_the_registry_and_scores(tiny_classifier_dir, t
     settings = Settings(rewards={"rm": {"type": "classifier", "model": str(tiny_classifier_dir), "backend": "hf"}})
     registry = asyncio.run(build_rewards(settings, tiny_hf_engine))
     reward = registry.get("rm")
-    items = [RewardItem("the cat sat", prompt="hello"), RewardItem("a happy answer", prompt="how are you"),
-             RewardItem("one two", messages=({"role": "system", "content": "numbers"}, {"role": "user", "content": "count"}))]
+    items = [
+        RewardItem("the cat sat", prompt="hello"),
+        RewardItem("a happy answer", prompt="how are you"),
+        RewardItem(
+            "one two", messages=({"role": "system", "content": "numbers"}, {"role": "user", "content": "count"})
+        ),
+    ]
     values = [s.value for s in score(reward, items)]
 
     # the same texts through a model loaded independently, one at a time (no padding)
@@ -141,7 +156,11 @@ def test_registry_defaults_unknown_names_and_weighted_sums(tiny_hf_engine):
     pos = score(registry.get("positivity"), items)[0].value
     length = score(registry.get("length_penalty"), items)[0].value
     assert score(registry.get("mix"), items)[0].value == pytest.approx(2 * pos + length)
-    for bad in ({"x": {"type": "weird"}}, {"x": {"type": "weighted_sum", "terms": {"missing": 1}}},
-                {"x": {"type": "implicit"}}, {"x": {"type": "classifier"}}):
+    for bad in (
+        {"x": {"type": "weird"}},
+        {"x": {"type": "weighted_sum", "terms": {"missing": 1}}},
+        {"x": {"type": "implicit"}},
+        {"x": {"type": "classifier"}},
+    ):
         with pytest.raises(ConfigurationError):
             asyncio.run(build_rewards(Settings(rewards=bad), tiny_hf_engine))

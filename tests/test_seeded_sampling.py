@@ -24,6 +24,7 @@ from collections import Counter
 import httpx
 import pytest
 import torch
+from support import ON_THE_SESSION_CORE, ServerProcess, tiny_server_env, vllm_serve_process
 
 from alignd.models.seeded_sampling import (
     SEED_KEY,
@@ -34,8 +35,6 @@ from alignd.models.seeded_sampling import (
     sampling_scores,
     seeded_sampling_request,
 )
-
-from support import ON_THE_SESSION_CORE, ServerProcess, tiny_server_env, vllm_serve_process
 
 BURST_SEEDED = 32
 BATCHED_TOKENS = 64  # a step's token budget: a ~150-token prompt takes three prefill steps
@@ -87,10 +86,15 @@ def test_penalties_are_subtracted_before_the_temperature():
     assert sample(logits, counted, output_ids=[0]) == 0 and sample(logits, counted, output_ids=[0, 0]) == 1
 
 
-@pytest.mark.parametrize(("extra", "says"), [
-    ({SEED_KEY: "7"}, SEED_KEY), ({SEED_KEY: 7, TEMPERATURE_KEY: 0}, TEMPERATURE_KEY),
-    ({SEED_KEY: 7, TOP_P_KEY: 1.5}, TOP_P_KEY), ({SEED_KEY: 7, TEMPERATURE_KEY: float("nan")}, TEMPERATURE_KEY),
-])
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({SEED_KEY: "7"}, SEED_KEY),
+        ({SEED_KEY: 7, TEMPERATURE_KEY: 0}, TEMPERATURE_KEY),
+        ({SEED_KEY: 7, TOP_P_KEY: 1.5}, TOP_P_KEY),
+        ({SEED_KEY: 7, TEMPERATURE_KEY: float("nan")}, TEMPERATURE_KEY),
+    ],
+)
 def test_bad_values_are_refused_naming_the_key(extra, says):
     with pytest.raises(ValueError, match=says):
         seeded_sampling_request(extra)
@@ -100,10 +104,16 @@ def test_bad_values_are_refused_naming_the_key(extra, says):
 # ---------------------------------------------------------------------------- through servers
 def burst_bodies(model: str, seeded_extra) -> list[dict]:
     """32 seeded sampled requests with long prompts, 4 unseeded sampled and 4 greedy ones beside them."""
-    seeded = [{"model": model, "prompt": LONG_PROMPT + f" {i}", "max_tokens": MAX_TOKENS, **seeded_extra(1000 + i)}
-              for i in range(BURST_SEEDED)]
-    others = [{"model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": t}
-              for p in (LONG_PROMPT, SHORT_PROMPT) for t in (1.0, 0.0) for _ in range(2)]
+    seeded = [
+        {"model": model, "prompt": LONG_PROMPT + f" {i}", "max_tokens": MAX_TOKENS, **seeded_extra(1000 + i)}
+        for i in range(BURST_SEEDED)
+    ]
+    others = [
+        {"model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": t}
+        for p in (LONG_PROMPT, SHORT_PROMPT)
+        for t in (1.0, 0.0)
+        for _ in range(2)
+    ]
     return seeded + others
 
 
@@ -116,7 +126,9 @@ def check_burst(base_url: str, model: str, seeded_extra) -> None:
     url = base_url + "/v1/completions"
     bodies = burst_bodies(model, seeded_extra)
     replies = asyncio.run(post_all(url, bodies))
-    assert [r.status_code for r in replies] == [200] * len(bodies), [r.text[:200] for r in replies if r.status_code != 200]
+    assert [r.status_code for r in replies] == [200] * len(bodies), [
+        r.text[:200] for r in replies if r.status_code != 200
+    ]
     assert httpx.get(base_url + "/health", timeout=30).status_code == 200  # the engine is alive
     burst = [r.json()["choices"][0]["text"] for r in replies[:BURST_SEEDED]]
     assert len(set(burst)) > BURST_SEEDED // 2  # different seeds, different samples
@@ -136,8 +148,10 @@ def chunked_servers(tiny_vllm_dir, tmp_path_factory):
     env = {**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32", **CHUNKED, **ON_THE_SESSION_CORE}
     chunked = ("--enable-chunked-prefill", "--max-num-batched-tokens", str(BATCHED_TOKENS))
     log = tmp_path_factory.mktemp("seeded-vllm-serve") / "vllm-serve.log"
-    with (ServerProcess(env) as alignd,
-          vllm_serve_process(tiny_vllm_dir, "tiny", log, max_model_len=256, extra_args=chunked) as stock):
+    with (
+        ServerProcess(env) as alignd,
+        vllm_serve_process(tiny_vllm_dir, "tiny", log, max_model_len=256, extra_args=chunked) as stock,
+    ):
         alignd.wait_ready(timeout=600)
         stock.wait_ready(timeout=600)
         yield {"alignd": alignd, "stock": stock}
@@ -150,5 +164,8 @@ def test_a_burst_of_seeded_requests_with_partial_prefills_through_alignd(chunked
 
 @pytest.mark.vllm
 def test_the_same_burst_on_stock_vllm_serve_with_alignd_s_seeded_sampling(chunked_servers):
-    check_burst(chunked_servers["stock"].base_url, "tiny", lambda seed: {
-        "temperature": 0.0, "vllm_xargs": {SEED_KEY: seed, TEMPERATURE_KEY: 1.0}})
+    check_burst(
+        chunked_servers["stock"].base_url,
+        "tiny",
+        lambda seed: {"temperature": 0.0, "vllm_xargs": {SEED_KEY: seed, TEMPERATURE_KEY: 1.0}},
+    )

@@ -32,8 +32,20 @@ from alignd.train.select import (
     tokenize_examples,
 )
 
-WORDS = ["hello world", "the cat sat", "a happy answer", "numbers one two", "how are you", "the dog sat on",
-         "i am fine", "on the mat", "is kind and warm", "three four five", "thank you", "seven eight nine"]
+WORDS = [
+    "hello world",
+    "the cat sat",
+    "a happy answer",
+    "numbers one two",
+    "how are you",
+    "the dog sat on",
+    "i am fine",
+    "on the mat",
+    "is kind and warm",
+    "three four five",
+    "thank you",
+    "seven eight nine",
+]
 CALLABLE_REWARDS = {"chars": {"type": "callable", "path": "train_rewards:distinct_characters"}}
 
 
@@ -44,8 +56,14 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 @pytest.fixture
 def demos_file(tmp_path) -> Path:
-    rows = [{"id": f"d{i}", "prompt": WORDS[i], "response": " ".join(WORDS[(i + j) % len(WORDS)] for j in (1, 2, 3)[: 1 + i % 3])}
-            for i in range(len(WORDS))]
+    rows = [
+        {
+            "id": f"d{i}",
+            "prompt": WORDS[i],
+            "response": " ".join(WORDS[(i + j) % len(WORDS)] for j in (1, 2, 3)[: 1 + i % 3]),
+        }
+        for i in range(len(WORDS))
+    ]
     return write_jsonl(tmp_path / "demos.jsonl", rows)
 
 
@@ -67,8 +85,18 @@ def run_cli(argv: list) -> int:
 
 
 # Small and fast: 12 examples, batch 4, one epoch = 3 steps, a checkpoint at each.
-FAST_PROXY = ["--checkpoints", "3", "--proxy-epochs", "1", "--proxy-batch-size", "4", "--proxy-learning-rate", "5e-3",
-              "--loss-batch-size", "5"]
+FAST_PROXY = [
+    "--checkpoints",
+    "3",
+    "--proxy-epochs",
+    "1",
+    "--proxy-batch-size",
+    "4",
+    "--proxy-learning-rate",
+    "5e-3",
+    "--loss-batch-size",
+    "5",
+]
 
 
 # ---------------------------------------------------------------------------- synthetic trajectories
@@ -76,8 +104,13 @@ def synthetic_trajectories(sizes: list[int], seed: int = 0) -> tuple[np.ndarray,
     """Groups of loss trajectories of distinct shapes (learned fast, learned late, never learned,
     forgotten ...) plus noise; returns (trajectories, true group of each row)."""
     steps = np.linspace(0, 1, 6)
-    shapes = [3.0 * np.exp(-6 * steps), 3.0 - 2.5 * steps ** 3, np.full_like(steps, 2.6), 0.5 + 1.5 * steps,
-              1.5 + np.sin(6 * steps)]
+    shapes = [
+        3.0 * np.exp(-6 * steps),
+        3.0 - 2.5 * steps**3,
+        np.full_like(steps, 2.6),
+        0.5 + 1.5 * steps,
+        1.5 + np.sin(6 * steps),
+    ]
     rng = np.random.default_rng(seed)
     rows, truth = [], []
     for g, n in enumerate(sizes):
@@ -129,8 +162,13 @@ def test_budget_parsing_and_its_errors():
     assert Budget.parse("0.3").resolve(100) == 30
     assert Budget.parse("30%").resolve(200) == 60
     assert Budget.parse("1.0").resolve(7) == 7
-    for text, size, message in [("0", 10, "selects nothing"), ("11", 10, "larger than the set"),
-                                ("1.5", 10, "out of range"), ("0.01", 10, "rounds to 0"), ("-3", 10, "selects nothing")]:
+    for text, size, message in [
+        ("0", 10, "selects nothing"),
+        ("11", 10, "larger than the set"),
+        ("1.5", 10, "out of range"),
+        ("0.01", 10, "rounds to 0"),
+        ("-3", 10, "selects nothing"),
+    ]:
         with pytest.raises(TrainingInputError, match=message):
             Budget.parse(text).resolve(size)
     with pytest.raises(TrainingInputError, match="not a number"):
@@ -160,15 +198,16 @@ def test_batched_losses_equal_one_example_at_a_time(tiny_llama_dir):
     ids, starts, truncated = tokenize_examples(tokenizer, examples, 256)
     assert truncated == 0
     batched = example_losses(model, ids, starts, tokenizer.pad_token_id, batch_size=3)
-    for i, (row, start) in enumerate(zip(ids, starts)):
+    for i, (row, start) in enumerate(zip(ids, starts, strict=False)):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([row])).logits[0]
         logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(row[1:]).unsqueeze(-1)).squeeze(-1)
         expected = -logp[start - 1 :].mean().item()  # the target's tokens only
         assert batched[i] == pytest.approx(expected, rel=1e-5, abs=1e-5)
     # the target starts after the rendered prompt, exactly where the chat template puts the answer
-    prompt_text = tokenizer.apply_chat_template([{"role": "user", "content": WORDS[0]}], add_generation_prompt=True,
-                                                tokenize=False)
+    prompt_text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": WORDS[0]}], add_generation_prompt=True, tokenize=False
+    )
     assert tokenizer.decode(ids[0][: starts[0]]) == prompt_text
 
 
@@ -191,13 +230,27 @@ def test_a_tokenizer_that_cannot_encode_the_set_is_refused(tiny_llama_dir):
 
 
 # ---------------------------------------------------------------------------- the commands
-def test_select_s2l_end_to_end_and_resumed_between_checkpoints(tiny_llama_dir, demos_file, tmp_path, env, monkeypatch,
-                                                              capsys):
+def test_select_s2l_end_to_end_and_resumed_between_checkpoints(
+    tiny_llama_dir, demos_file, tmp_path, env, monkeypatch, capsys
+):
     import alignd.train.select as select
 
     out = tmp_path / "sel"
-    argv = ["select", "s2l", "--model", tiny_llama_dir, "--data", demos_file, "--budget", "0.5", "--clusters", "3",
-            *FAST_PROXY, "--out", out]
+    argv = [
+        "select",
+        "s2l",
+        "--model",
+        tiny_llama_dir,
+        "--data",
+        demos_file,
+        "--budget",
+        "0.5",
+        "--clusters",
+        "3",
+        *FAST_PROXY,
+        "--out",
+        out,
+    ]
     # interrupted while taking the losses of the second checkpoint
     real, calls = select.example_losses, []
 
@@ -216,8 +269,13 @@ def test_select_s2l_end_to_end_and_resumed_between_checkpoints(tiny_llama_dir, d
     assert run_cli(argv) == 0
     assert len(calls) == 2  # the first checkpoint's losses were kept; the proxy was not trained again
     assert f"selection written to {out}" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["clusters.png", "report.md", "selection.json", "subset.jsonl",
-                                                     "trajectories.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "clusters.png",
+        "report.md",
+        "selection.json",
+        "subset.jsonl",
+        "trajectories.jsonl",
+    ]
     selection = json.loads((out / "selection.json").read_text())
     assert selection["method"] == "s2l" and selection["selected"] == 6 and selection["data"]["examples"] == 12
     assert selection["proxy"]["checkpoint_steps"] == [1, 2, 3]
@@ -248,8 +306,10 @@ def test_select_random(demos_file, tmp_path, env, capsys):
 
 
 def test_select_bad_input_is_a_one_line_error(tiny_llama_dir, demos_file, tmp_path, env, capsys):
-    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "prompt": "x", "response": "y"},
-                                               {"id": "a", "prompt": "z", "response": "w"}])
+    dup = write_jsonl(
+        tmp_path / "dup.jsonl",
+        [{"id": "a", "prompt": "x", "response": "y"}, {"id": "a", "prompt": "z", "response": "w"}],
+    )
     neither = write_jsonl(tmp_path / "neither.jsonl", [{"id": "a", "prompt": "x", "answer": "y"}])
     base = ["select", "s2l", "--model", tiny_llama_dir, *FAST_PROXY]
     cases = [
@@ -272,8 +332,26 @@ def test_select_bad_input_is_a_one_line_error(tiny_llama_dir, demos_file, tmp_pa
 
 def test_train_irft_on_an_s2l_subset_names_the_selection_in_its_manifest(tiny_llama_dir, demos_file, tmp_path, env):
     out = tmp_path / "irft"
-    argv = ["train", "irft", "--model", tiny_llama_dir, "--demonstrations", demos_file, "--rounds", "1",
-            "--max-new-tokens", "8", "--max-steps", "2", "--batch-size", "2", "--select", "s2l:0.5", "--out", out]
+    argv = [
+        "train",
+        "irft",
+        "--model",
+        tiny_llama_dir,
+        "--demonstrations",
+        demos_file,
+        "--rounds",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--select",
+        "s2l:0.5",
+        "--out",
+        out,
+    ]
     assert run_cli(argv) == 0
     manifest = json.loads((out / "alignd_adapter.json").read_text())
     selection = manifest["selection"]
@@ -288,9 +366,30 @@ def test_train_irft_on_an_s2l_subset_names_the_selection_in_its_manifest(tiny_ll
 def test_train_dpo_on_a_random_subset_of_its_pairs(tiny_llama_dir, tmp_path, env):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": w} for i, w in enumerate(WORDS)])
     out = tmp_path / "dpo"
-    argv = ["train", "dpo", "--model", tiny_llama_dir, "--prompts", prompts, "--reward", "chars",
-            "--samples-per-prompt", "2", "--max-new-tokens", "8", "--max-steps", "1", "--batch-size", "2",
-            "--sample-batch-size", "6", "--select", "random:4", "--out", out]
+    argv = [
+        "train",
+        "dpo",
+        "--model",
+        tiny_llama_dir,
+        "--prompts",
+        prompts,
+        "--reward",
+        "chars",
+        "--samples-per-prompt",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--sample-batch-size",
+        "6",
+        "--select",
+        "random:4",
+        "--out",
+        out,
+    ]
     assert run_cli(argv) == 0
     manifest = json.loads((out / "alignd_adapter.json").read_text())
     assert manifest["selection"]["method"] == "random" and manifest["selection"]["selected"] == 4
@@ -309,8 +408,19 @@ def test_s2l_experiment_harness_on_the_tiny_model(tiny_llama_dir, tmp_path, env)
     import s2l_experiment
 
     out = tmp_path / "s2l"
-    argv = ["--smoke", "--model", str(tiny_llama_dir), "--out", str(out), "--random-seeds", "0", "1",
-            "--s2l-seeds", "0", "1"]
+    argv = [
+        "--smoke",
+        "--model",
+        str(tiny_llama_dir),
+        "--out",
+        str(out),
+        "--random-seeds",
+        "0",
+        "1",
+        "--s2l-seeds",
+        "0",
+        "1",
+    ]
     assert s2l_experiment.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [a["arm"] for a in summary["arms"]] == ["full", "random-0", "random-1", "s2l-0", "s2l-1"]
@@ -325,13 +435,16 @@ def test_s2l_experiment_harness_on_the_tiny_model(tiny_llama_dir, tmp_path, env)
     assert comparison["prompts"] == 6 and 0 <= comparison["prompts_where_s2l_margin_is_larger"] <= 6
     losses = {m: [a["heldout_loss"] for a in summary["arms"] if a["method"] == m] for m in ("s2l", "random")}
     assert comparison["heldout_loss"]["s2l_minus_random"] == pytest.approx(
-        np.mean(losses["s2l"]) - np.mean(losses["random"]), abs=1e-4)
+        np.mean(losses["s2l"]) - np.mean(losses["random"]), abs=1e-4
+    )
     shared = json.loads((out / "selections" / "s2l-1" / "selection.json").read_text())
     assert shared["trajectories_from"] == str(out / "selections" / "s2l-0")  # no second proxy was trained
     assert not (out / "selections" / "s2l-1" / "trajectories.jsonl").exists()
     first = json.loads((out / "selections" / "s2l-0" / "selection.json").read_text())
     assert shared["clusters"]["k"] == first["clusters"]["k"] and shared["selected"] == first["selected"] == budget
-    subset = [json.loads(line)["id"] for line in (out / "selections" / "s2l-1" / "subset.jsonl").read_text().splitlines()]
+    subset = [
+        json.loads(line)["id"] for line in (out / "selections" / "s2l-1" / "subset.jsonl").read_text().splitlines()
+    ]
     assert sorted(subset) == shared["ids"]
     # every arm's result is kept: a second run trains nothing; an arm judged before the held-out loss was
     # kept is judged again from its adapter, to the same numbers

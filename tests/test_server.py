@@ -8,11 +8,10 @@ import asyncio
 import httpx
 import openai
 import pytest
+from precision import assert_same_greedy_answer
 
 from alignd.clients import Alignd, AsyncAlignd, BadRequestError, NotFoundError
 from alignd.models.engine import GenerationParams
-
-from precision import assert_same_greedy_answer
 
 pytestmark = pytest.mark.server
 
@@ -89,19 +88,29 @@ def test_completions_batch_stream_and_logprobs(openai_client, model_name):
     for c in r.choices:
         assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) > 0
         assert "".join(c.logprobs.tokens) == c.text
-    stream = openai_client.completions.create(model=model_name, prompt="The sky is", max_tokens=6, temperature=0, stream=True)
+    stream = openai_client.completions.create(
+        model=model_name, prompt="The sky is", max_tokens=6, temperature=0, stream=True
+    )
     assert "".join(ch.choices[0].text for ch in stream) == r.choices[1].text
-    echo = openai_client.completions.create(model=model_name, prompt="The sky is", max_tokens=6, temperature=0, echo=True)
+    echo = openai_client.completions.create(
+        model=model_name, prompt="The sky is", max_tokens=6, temperature=0, echo=True
+    )
     assert echo.choices[0].text == "The sky is" + r.choices[1].text
 
 
-def test_greedy_through_the_server_equals_the_engine_called_directly(openai_client, model_name, vllm_engine, loop_thread):
+def test_greedy_through_the_server_equals_the_engine_called_directly(
+    openai_client, model_name, vllm_engine, loop_thread
+):
     """Same settings, same prompt: the HTTP path adds nothing to what the engine produces."""
     prompts = [QUESTION, [{"role": "user", "content": "Give me three words about the sea."}]]
     for messages in prompts:
-        served = openai_client.chat.completions.create(model=model_name, messages=messages, max_tokens=32, temperature=0)
+        served = openai_client.chat.completions.create(
+            model=model_name, messages=messages, max_tokens=32, temperature=0
+        )
         direct = loop_thread.run(
-            vllm_engine.generate(vllm_engine.render_chat(messages), GenerationParams(max_tokens=32, temperature=0.0), "direct")
+            vllm_engine.generate(
+                vllm_engine.render_chat(messages), GenerationParams(max_tokens=32, temperature=0.0), "direct"
+            )
         )
         assert served.choices[0].message.content == direct.choices[0].text
         assert served.usage.completion_tokens == len(direct.choices[0].token_ids)
@@ -142,8 +151,12 @@ def test_native_generate_with_the_async_client(server, served_precision, embedde
     # The stream alone and the same prompt batched with two others: the same greedy answer where the
     # engine computes in float32; in bfloat16 the batch changes the rounding, so they may part at a near-tie
     # (tests/precision.py), and the streamed text is then compared with its own tokens.
-    assert_same_greedy_answer(first.token_ids, [{t.token_id: t.logprob for t in step.top} for step in first.logprobs],
-                              streamed_ids, served_precision.near_tie_between_runs(0.0))
+    assert_same_greedy_answer(
+        first.token_ids,
+        [{t.token_id: t.logprob for t in step.top} for step in first.logprobs],
+        streamed_ids,
+        served_precision.near_tie_between_runs(0.0),
+    )
     text = "".join(e.text for e in streamed)
     if streamed_ids == first.token_ids:
         assert text == first.text
@@ -186,7 +199,9 @@ BAD_CHAT_BODIES = {
 def test_bad_chat_requests_get_400_that_names_the_field(server, model_name, case):
     body, param = BAD_CHAT_BODIES[case]
     for stream in (False, True):
-        r = httpx.post(server.base_url + "/v1/chat/completions", json={"model": model_name, **body, "stream": stream}, timeout=60)
+        r = httpx.post(
+            server.base_url + "/v1/chat/completions", json={"model": model_name, **body, "stream": stream}, timeout=60
+        )
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}
@@ -217,7 +232,9 @@ def test_malformed_bodies_get_400(server, raw, fix):
 
 def test_prompt_over_the_context_is_rejected_with_the_numbers(server, model_name):
     long_prompt = "word " * 5000
-    r = httpx.post(server.base_url + "/v1/completions", json={"model": model_name, "prompt": long_prompt, "max_tokens": 4})
+    r = httpx.post(
+        server.base_url + "/v1/completions", json={"model": model_name, "prompt": long_prompt, "max_tokens": 4}
+    )
     assert r.status_code == 400
     assert "context" in r.json()["error"]["message"] and r.json()["error"]["code"] == "context_length_exceeded"
     bad_ids = httpx.post(server.base_url + "/v1/completions", json={"model": model_name, "prompt": [1, 2, 10**9]})
@@ -249,6 +266,10 @@ def test_metrics_count_requests_and_tokens(server, openai_client, model_name):
     assert sample(after, "alignd_requests_total", **ok) == sample(before, "alignd_requests_total", **ok) + 1
     assert sample(after, "alignd_requests_total", **bad) == sample(before, "alignd_requests_total", **bad) + 1
     gen = "alignd_generation_tokens_total"
-    assert 0 < sample(after, gen, endpoint="/v1/chat/completions") - sample(before, gen, endpoint="/v1/chat/completions") <= 5
+    assert (
+        0
+        < sample(after, gen, endpoint="/v1/chat/completions") - sample(before, gen, endpoint="/v1/chat/completions")
+        <= 5
+    )
     assert sample(after, "alignd_running_requests", endpoint="/v1/chat/completions") == 0
     assert "alignd_time_to_first_token_seconds_bucket" in after

@@ -40,8 +40,13 @@ def test_the_committed_adapter_is_the_default_baseline_with_its_provenance(serve
 
 
 def test_tq_from_the_committed_adapter_through_the_openai_client(openai_client, model_name):
-    kwargs = dict(model=model_name, messages=[{"role": "user", "content": QUESTION}], max_tokens=10, temperature=0,
-                  extra_body={"decoding": TQ})
+    kwargs = dict(
+        model=model_name,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=10,
+        temperature=0,
+        extra_body={"decoding": TQ},
+    )
     whole = openai_client.chat.completions.create(**kwargs)
     choice = whole.choices[0]
     alignment = choice.model_extra["alignment"]
@@ -57,8 +62,13 @@ def test_the_baseline_method_samples_the_adapter_not_the_sft_model(server, model
     """Greedy answers of the baseline method are the adapter's greedy answers: checked token by token
     against the adapter merged into the transformers engine (float32) where the served (bfloat16)
     choice was not a near-tie."""
-    body = {"model": model_name, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12,
-            "temperature": 0, "decoding": {"method": "baseline", "diagnostics": True}}
+    body = {
+        "model": model_name,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "decoding": {"method": "baseline", "diagnostics": True},
+    }
     r = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
@@ -89,9 +99,14 @@ def test_the_committed_adapter_has_an_implicit_q_and_the_prompted_baseline_says_
     assert cards["prompted"]["implicit_q"] is None and "system prompt" in cards["prompted"]["implicit_q_unavailable"]
     sources = {s["name"]: s for s in httpx.get(server.base_url + "/v1/methods").json()["value_sources"]}
     assert sources["implicit"]["available"]
-    refused = httpx.post(server.base_url + "/generate", json={
-        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2,
-        "decoding": {**IMPLICIT, "baseline": "prompted"}})
+    refused = httpx.post(
+        server.base_url + "/generate",
+        json={
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 2,
+            "decoding": {**IMPLICIT, "baseline": "prompted"},
+        },
+    )
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "decoding.baseline"
 
 
@@ -103,8 +118,12 @@ def test_implicit_tq_at_alpha_beta_over_the_vocabulary_is_the_adapter_s_greedy_a
     from precision import first_divergence
 
     def answer(decoding: dict) -> dict:
-        body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6, "temperature": 0,
-                "decoding": decoding}
+        body = {
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "decoding": decoding,
+        }
         r = httpx.post(server.base_url + "/generate", json=body, timeout=600)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]
@@ -126,7 +145,10 @@ def test_implicit_tq_at_alpha_beta_over_the_vocabulary_is_the_adapter_s_greedy_a
         listed = {c["token_id"]: c["logprob"] for c in steps[step]["candidates"]}
         ours, theirs = tq["token_ids"][step], baseline["token_ids"][step]
         assert theirs in listed, (step, tq["text"], baseline["text"])
-        assert listed[ours] - listed[theirs] <= served_precision.near_tie_between_runs(0.0), (step, tq["text"],
-                                                                                              baseline["text"])
+        assert listed[ours] - listed[theirs] <= served_precision.near_tie_between_runs(0.0), (
+            step,
+            tq["text"],
+            baseline["text"],
+        )
     else:
         assert tq["token_ids"] == baseline["token_ids"]

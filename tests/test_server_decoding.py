@@ -25,13 +25,26 @@ pytestmark = pytest.mark.server
 TQ = {"method": "transfer_q", "alpha": 0.1, "top_k": 4, "rollout_len": 6, "baseline": "prompted"}
 # Neutral-to-dull everyday requests: room for the answer's tone to move either way.
 PROMPTS = [
-    "Tell me about your weekend.", "What do you think of Mondays?", "Describe the weather today.",
-    "How was your commute?", "What is your opinion of homework?", "Tell me about traffic jams.",
-    "What do you think about rainy days?", "Describe a long queue at the bank.", "How do you feel about taxes?",
-    "Tell me about a broken phone.", "What is it like to wait at the airport?", "Describe a cold office.",
-    "What do you think of alarms in the morning?", "Tell me about doing laundry.", "How do you feel about meetings?",
-    "Describe a noisy neighbour.", "What do you think of exams?", "Tell me about a flat tyre.",
-    "Describe cleaning the kitchen.", "What do you think of spam emails?",
+    "Tell me about your weekend.",
+    "What do you think of Mondays?",
+    "Describe the weather today.",
+    "How was your commute?",
+    "What is your opinion of homework?",
+    "Tell me about traffic jams.",
+    "What do you think about rainy days?",
+    "Describe a long queue at the bank.",
+    "How do you feel about taxes?",
+    "Tell me about a broken phone.",
+    "What is it like to wait at the airport?",
+    "Describe a cold office.",
+    "What do you think of alarms in the morning?",
+    "Tell me about doing laundry.",
+    "How do you feel about meetings?",
+    "Describe a noisy neighbour.",
+    "What do you think of exams?",
+    "Tell me about a flat tyre.",
+    "Describe cleaning the kitchen.",
+    "What do you think of spam emails?",
 ]
 
 
@@ -61,7 +74,9 @@ def test_transfer_q_raises_positivity_over_sft_greedy(server, model_name):
             async def one(p):
                 async with admitted:
                     return await c.chat.completions.create(
-                        model=model_name, messages=[{"role": "user", "content": p}], max_tokens=ANSWER_TOKENS,
+                        model=model_name,
+                        messages=[{"role": "user", "content": p}],
+                        max_tokens=ANSWER_TOKENS,
                         temperature=0,
                         extra_body=extra,
                     )
@@ -72,21 +87,31 @@ def test_transfer_q_raises_positivity_over_sft_greedy(server, model_name):
     sft, tq = asyncio.run(answers(None)), asyncio.run(answers(TQ))
 
     def positivity(texts):
-        body = {"reward": "positivity", "items": [{"prompt": p, "response": t} for p, t in zip(POSITIVITY_PROMPTS, texts)]}
+        body = {
+            "reward": "positivity",
+            "items": [{"prompt": p, "response": t} for p, t in zip(POSITIVITY_PROMPTS, texts, strict=False)],
+        }
         return httpx.post(server.base_url + "/v1/rewards", json=body, timeout=60).json()["scores"]
 
     sft_scores, tq_scores = positivity(sft), positivity(tq)
-    print(f"\nmean positivity over {len(POSITIVITY_PROMPTS)} prompts: SFT greedy {statistics.mean(sft_scores):.3f}, "
-          f"TQ* {statistics.mean(tq_scores):.3f}; TQ* higher on {sum(t > s for s, t in zip(sft_scores, tq_scores))}, "
-          f"as high on {sum(t >= s for s, t in zip(sft_scores, tq_scores))}")
+    print(
+        f"\nmean positivity over {len(POSITIVITY_PROMPTS)} prompts: SFT greedy {statistics.mean(sft_scores):.3f}, "
+        f"TQ* {statistics.mean(tq_scores):.3f}; "
+        f"TQ* higher on {sum(t > s for s, t in zip(sft_scores, tq_scores, strict=True))}, "
+        f"as high on {sum(t >= s for s, t in zip(sft_scores, tq_scores, strict=True))}"
+    )
     assert statistics.mean(tq_scores) > statistics.mean(sft_scores) + 0.1
-    assert sum(t >= s for s, t in zip(sft_scores, tq_scores)) >= 3 * len(POSITIVITY_PROMPTS) // 4
+    assert sum(t >= s for s, t in zip(sft_scores, tq_scores, strict=False)) >= 3 * len(POSITIVITY_PROMPTS) // 4
 
 
 def test_diagnostics_report_steps_reward_and_kl(server, model_name, embedded_eos_token_ids):
     with Alignd(server.base_url) as client:
-        r = client.generate(messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=6, temperature=0,
-                            decoding={**TQ, "diagnostics": True})
+        r = client.generate(
+            messages=[{"role": "user", "content": PROMPTS[0]}],
+            max_tokens=6,
+            temperature=0,
+            decoding={**TQ, "diagnostics": True},
+        )
     choice = r.choices[0]
     a = choice.alignment  # typed: alignd.protocol.AlignmentSummary
     assert a.method == "transfer_q" and a.reward_name == "positivity"
@@ -101,25 +126,40 @@ def test_diagnostics_report_steps_reward_and_kl(server, model_name, embedded_eos
         for c in cands:  # the rule: log pi = log pi_sft + Q/alpha - logsumexp
             assert c.logprob <= 0 and c.penalty == 0
     assert a.kl == pytest.approx(sum(s.kl for s in steps))
-    scored = httpx.post(server.base_url + "/v1/rewards", json={"reward": "positivity", "items": [
-        {"messages": [{"role": "user", "content": PROMPTS[0]}], "response": choice.text}]}).json()["scores"][0]
+    scored = httpx.post(
+        server.base_url + "/v1/rewards",
+        json={
+            "reward": "positivity",
+            "items": [{"messages": [{"role": "user", "content": PROMPTS[0]}], "response": choice.text}],
+        },
+    ).json()["scores"][0]
     assert a.reward == pytest.approx(scored)
 
 
-@pytest.mark.parametrize("decoding", [
-    {"method": "sft", "diagnostics": True},
-    TQ,
-    # (the adapter's implicit reward would read prompt log-probabilities through the LoRA: 351 s here; the
-    # fewest rollouts indirect transfer takes, 2, and short ones: this checks the stream, not the values)
-    {**TQ, "transfer": "indirect", "top_k": 3, "rollout_len": 3, "num_rollouts": 2},
-    {"method": "args", "alpha": 0.5, "top_k": 4},
-    {"method": "cd", "alpha": 0.1, "top_k": 3, "rollout_len": 4},
-    {"method": "cd", "cd_mode": "block", "num_blocks": 3, "block_len": 4},
-    {"method": "best_of_n", "num_samples": 3},
-], ids=["sft", "tq-direct", "tq-indirect", "args", "cd", "cd-block", "best-of-n"])
+@pytest.mark.parametrize(
+    "decoding",
+    [
+        {"method": "sft", "diagnostics": True},
+        TQ,
+        # (the adapter's implicit reward would read prompt log-probabilities through the LoRA: 351 s here; the
+        # fewest rollouts indirect transfer takes, 2, and short ones: this checks the stream, not the values)
+        {**TQ, "transfer": "indirect", "top_k": 3, "rollout_len": 3, "num_rollouts": 2},
+        {"method": "args", "alpha": 0.5, "top_k": 4},
+        {"method": "cd", "alpha": 0.1, "top_k": 3, "rollout_len": 4},
+        {"method": "cd", "cd_mode": "block", "num_blocks": 3, "block_len": 4},
+        {"method": "best_of_n", "num_samples": 3},
+    ],
+    ids=["sft", "tq-direct", "tq-indirect", "args", "cd", "cd-block", "best-of-n"],
+)
 def test_every_method_streams_the_same_text_it_returns(openai_client, model_name, decoding):
-    kwargs = dict(model=model_name, messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=8, temperature=0,
-                  seed=5, extra_body={"decoding": decoding})
+    kwargs = dict(
+        model=model_name,
+        messages=[{"role": "user", "content": PROMPTS[2]}],
+        max_tokens=8,
+        temperature=0,
+        seed=5,
+        extra_body={"decoding": decoding},
+    )
     whole = openai_client.chat.completions.create(**kwargs)
     chunks = list(openai_client.chat.completions.create(**kwargs, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
@@ -128,8 +168,15 @@ def test_every_method_streams_the_same_text_it_returns(openai_client, model_name
 
 
 def test_completions_and_n_with_aligned_decoding(openai_client, model_name):
-    r = openai_client.completions.create(model=model_name, prompt="My day at work was", max_tokens=6, temperature=0.8,
-                                         seed=3, n=2, extra_body={"decoding": {**TQ, "diagnostics": True}})
+    r = openai_client.completions.create(
+        model=model_name,
+        prompt="My day at work was",
+        max_tokens=6,
+        temperature=0.8,
+        seed=3,
+        n=2,
+        extra_body={"decoding": {**TQ, "diagnostics": True}},
+    )
     assert sorted(c.index for c in r.choices) == [0, 1]
     assert all(alignment_of(c)["method"] == "transfer_q" for c in r.choices)
 
@@ -160,7 +207,13 @@ def test_very_large_alpha_gives_sft_greedy_through_the_server(openai_client, mod
                 # one within the near-tie of greedy's own choice
                 taken = [c for c in step.top_logprobs if c.token != step.token and tq_text[offset:].startswith(c.token)]
                 assert taken, (prompt, sft_text, tq_text, step)
-                assert step.logprob - max(c.logprob for c in taken) < near_tie, (prompt, sft_text, tq_text, step, near_tie)
+                assert step.logprob - max(c.logprob for c in taken) < near_tie, (
+                    prompt,
+                    sft_text,
+                    tq_text,
+                    step,
+                    near_tie,
+                )
                 break
             offset += len(step.token)
         else:
@@ -182,8 +235,15 @@ BAD_DECODING = {
 @pytest.mark.parametrize("case", list(BAD_DECODING), ids=list(BAD_DECODING))
 def test_bad_decoding_parameters_get_4xx(server, model_name, case):
     decoding, status = BAD_DECODING[case]
-    r = httpx.post(server.base_url + "/v1/chat/completions", json={
-        "model": model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "decoding": decoding})
+    r = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json={
+            "model": model_name,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "decoding": decoding,
+        },
+    )
     assert r.status_code == status, r.text
     assert r.json()["error"]["message"]
     assert "decoding" in (r.json()["error"]["param"] or "") or case == "unknown reward"
@@ -194,29 +254,48 @@ def test_bad_decoding_parameters_get_4xx(server, model_name, case):
 
 
 def test_logprobs_with_aligned_decoding_is_a_clear_400(server, model_name):
-    r = httpx.post(server.base_url + "/v1/chat/completions", json={
-        "model": model_name, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "decoding": TQ})
+    r = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json={"model": model_name, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "decoding": TQ},
+    )
     assert r.status_code == 400 and "diagnostics" in r.json()["error"]["message"]
 
 
-TQ_METRICS = ("alignd_decoding_steps_total", "alignd_rollout_tokens_total", "alignd_value_step_seconds_count",
-              "alignd_response_reward_count", "alignd_response_kl_count")
+TQ_METRICS = (
+    "alignd_decoding_steps_total",
+    "alignd_rollout_tokens_total",
+    "alignd_value_step_seconds_count",
+    "alignd_response_reward_count",
+    "alignd_response_kl_count",
+)
 
 
 def transfer_q_metrics(base_url: str) -> dict[str, float]:
     """The transfer_q sample of each of TQ_METRICS on /metrics now (0 where the series does not exist yet)."""
     text = httpx.get(base_url + "/metrics", timeout=30).text
-    found = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-             if s.name in TQ_METRICS and s.labels.get("method") == "transfer_q"}
+    found = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name in TQ_METRICS and s.labels.get("method") == "transfer_q"
+    }
     return {name: found.get(name, 0.0) for name in TQ_METRICS}
 
 
 def test_decoding_metrics_are_exported(server, model_name):
     """A transfer_q request of its own moves every transfer_q series (whatever ran before it)."""
     before = transfer_q_metrics(server.base_url)
-    r = httpx.post(server.base_url + "/v1/chat/completions", timeout=300, json={
-        "model": model_name, "messages": [{"role": "user", "content": "Tell me about your weekend."}],
-        "max_tokens": 4, "temperature": 0, "decoding": TQ})
+    r = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        timeout=300,
+        json={
+            "model": model_name,
+            "messages": [{"role": "user", "content": "Tell me about your weekend."}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "decoding": TQ,
+        },
+    )
     assert r.status_code == 200, r.text
     after = transfer_q_metrics(server.base_url)
     for name in TQ_METRICS:

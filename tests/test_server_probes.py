@@ -106,15 +106,22 @@ def test_compare_two_prompt_formats_gives_neighbourhood_overlap(client):
     other = [t.upper() for t in texts]
     answer = client.post(
         "/v1/probe/jobs",
-        json={"texts": texts, "labels": {"topic": topics}, "compare": {"texts": other, "name": "shouting"},
-              "layers": [1, 2], "pooling": "mean", "site": "normed", "params": {"k_id": 8, "k_overlap": 10}},
+        json={
+            "texts": texts,
+            "labels": {"topic": topics},
+            "compare": {"texts": other, "name": "shouting"},
+            "layers": [1, 2],
+            "pooling": "mean",
+            "site": "normed",
+            "params": {"k_id": 8, "k_overlap": 10},
+        },
     )
     assert answer.status_code == 202, answer.text
     job = wait_done(client.get, answer.json()["id"])
     assert job["status"] == "done", job
     result = job["result"]
     assert result["conditions"] == ["A", "shouting"] and result["compare"]["condition"] == "shouting"
-    for a, b in zip(result["layers"], result["compare"]["layers"]):
+    for a, b in zip(result["layers"], result["compare"]["layers"], strict=False):
         assert 0 <= a["neighbourhood_overlap"] <= 1 and a["neighbourhood_overlap"] == b["neighbourhood_overlap"]
     assert job["request"]["pooling"] == "mean" and job["request"]["site"] == "normed"
 
@@ -127,7 +134,11 @@ def test_fewshot_dataset_compares_shot_counts_with_dataset_labels(client):
     ]
     answer = client.post(
         "/v1/probe/jobs",
-        json={"dataset": {"items": items, "shots": [0, 1], "seed": 7}, "layers": [2], "params": {"k_id": 8, "k_overlap": 10}},
+        json={
+            "dataset": {"items": items, "shots": [0, 1], "seed": 7},
+            "layers": [2],
+            "params": {"k_id": 8, "k_overlap": 10},
+        },
     )
     assert answer.status_code == 202, answer.text
     info = answer.json()["request"]
@@ -143,20 +154,30 @@ def test_fewshot_dataset_compares_shot_counts_with_dataset_labels(client):
     ("body", "fragments"),
     [
         ({"texts": ["a b", "c d"]}, ["2 texts are too few", "at least 33"]),
-        ({"texts": [f"t {i}" for i in range(40)], "labels": {"x": [1, 2]}}, ["labels 'x' has 2 entries but there are 40"]),
+        (
+            {"texts": [f"t {i}" for i in range(40)], "labels": {"x": [1, 2]}},
+            ["labels 'x' has 2 entries but there are 40"],
+        ),
         ({"texts": [f"t {i}" for i in range(40)], "layers": [1, 7]}, ["[7] out of range", "0..2"]),
         ({"texts": [f"t {i}" for i in range(40)], "layers": [-1]}, ["layers must be >= 0"]),
         ({"texts": [f"t {i}" for i in range(301)]}, ["301 texts is above this server's limit of 300"]),
         ({"texts": [f"t {i}" for i in range(39)] + ["word " * 200]}, ["text 39", "above the model's context of 256"]),
         ({"texts": [f"t {i}" for i in range(40)], "compare": {"texts": ["x"]}}, ["compare.texts has 1 entries"]),
         ({"texts": [f"t {i}" for i in range(40)], "compare": {"model": "base"}}, ["unknown probe model 'base'"]),
-        ({"texts": [f"t {i}" for i in range(40)], "dataset": {"items": [{"question": "q", "choices": ["a", "b"], "answer": 0}]}},
-         ["exactly one of 'texts'"]),
+        (
+            {
+                "texts": [f"t {i}" for i in range(40)],
+                "dataset": {"items": [{"question": "q", "choices": ["a", "b"], "answer": 0}]},
+            },
+            ["exactly one of 'texts'"],
+        ),
         ({"texts": [f"t {i}" for i in range(40)], "params": {"maxk": 8}}, ["maxk must be >= max(4, k_density=16)"]),
         ({"texts": [f"t {i}" for i in range(39)] + [" "]}, ["texts[39] is empty"]),
         ({"texts": [f"t {i}" for i in range(40)], "colour": "red"}, ["unknown field 'colour'"]),
-        ({"dataset": {"items": [{"question": "q", "choices": ["a", "b"], "answer": "A"}] * 40, "shots": [0, 9]}},
-         ["shots must be between 0 and 5"]),
+        (
+            {"dataset": {"items": [{"question": "q", "choices": ["a", "b"], "answer": "A"}] * 40, "shots": [0, 9]}},
+            ["shots must be between 0 and 5"],
+        ),
     ],
 )
 def test_bad_requests_are_clear_400s(client, body, fragments):
@@ -220,7 +241,10 @@ def test_a_failed_job_keeps_its_error(tiny_hf_engine, tiny_llama_dir, monkeypatc
     texts, _ = topic_texts()
     with TestClient(app) as client:
         job = wait_done(client.get, client.post("/v1/probe/jobs", json={"texts": texts, "layers": [1]}).json()["id"])
-        assert job["status"] == "failed" and job["error"] == {"message": "the analysis broke on purpose", "code": "failed"}
+        assert job["status"] == "failed" and job["error"] == {
+            "message": "the analysis broke on purpose",
+            "code": "failed",
+        }
         assert job["result"] is None and job["plot_url"] is None
 
 

@@ -34,8 +34,15 @@ def test_prompts_per_request_follow_the_setting(server, model_name, session_serv
 
 
 def test_sft_with_diagnostics_decodes_with_every_sampling_field(server):
-    fields = dict(messages=MESSAGES, max_tokens=40, temperature=0.9, top_p=0.7, seed=11, presence_penalty=0.8,
-                  frequency_penalty=0.9)
+    fields = dict(
+        messages=MESSAGES,
+        max_tokens=40,
+        temperature=0.9,
+        top_p=0.7,
+        seed=11,
+        presence_penalty=0.8,
+        frequency_penalty=0.9,
+    )
     with Alignd(server.base_url) as client:
         free = client.generate(**fields).choices[0]
         stop = free.text[20:24]
@@ -48,8 +55,9 @@ def test_sft_with_diagnostics_decodes_with_every_sampling_field(server):
     assert diagnosed.alignment is not None and diagnosed.alignment.method == "sft"
     # and the fields did something: without them the same seed gives another answer
     with Alignd(server.base_url) as client:
-        bare = client.generate(messages=MESSAGES, max_tokens=40, temperature=0.9, seed=11,
-                               decoding={"method": "sft", "diagnostics": True}).choices[0]
+        bare = client.generate(
+            messages=MESSAGES, max_tokens=40, temperature=0.9, seed=11, decoding={"method": "sft", "diagnostics": True}
+        ).choices[0]
     assert bare.token_ids != diagnosed.token_ids
 
 
@@ -57,7 +65,14 @@ def test_frequency_penalty_reduces_repetition_of_greedy_transfer_q(server):
     # from the prompted baseline (shares the SFT engine); the LoRA adapter decodes 2-4x slower (docs/BENCHMARKS.md)
     # (the penalty's mechanics, not the values': 3-token rollouts; 6-token ones took 72 s of the float32 suite, and
     # at 20 tokens the plain answer had no more repeats than the penalised one)
-    tq = {"method": "transfer_q", "alpha": 0.1, "top_k": 4, "rollout_len": 3, "diagnostics": True, "baseline": "prompted"}
+    tq = {
+        "method": "transfer_q",
+        "alpha": 0.1,
+        "top_k": 4,
+        "rollout_len": 3,
+        "diagnostics": True,
+        "baseline": "prompted",
+    }
 
     def answer(**penalty):
         with Alignd(server.base_url, timeout=600) as client:

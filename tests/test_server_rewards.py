@@ -31,12 +31,20 @@ def test_lists_built_in_and_configured_rewards(server):
 
 
 def test_positivity_ranks_warm_above_hostile_and_compare_is_bradley_terry(server):
-    scored = post(server, "/v1/rewards", {"reward": "positivity", "items": [
-        {"prompt": PROMPT, "response": WARM}, {"prompt": PROMPT, "response": HOSTILE}]})
+    scored = post(
+        server,
+        "/v1/rewards",
+        {
+            "reward": "positivity",
+            "items": [{"prompt": PROMPT, "response": WARM}, {"prompt": PROMPT, "response": HOSTILE}],
+        },
+    )
     assert scored["reward"] == "positivity"
     warm, hostile = scored["scores"]
     assert warm > 0.5 and hostile < -0.5
-    compared = post(server, "/v1/rewards/compare", {"reward": "positivity", "prompt": PROMPT, "responses": [WARM, HOSTILE]})
+    compared = post(
+        server, "/v1/rewards/compare", {"reward": "positivity", "prompt": PROMPT, "responses": [WARM, HOSTILE]}
+    )
     assert compared["scores"] == pytest.approx([warm, hostile])
     assert compared["preference"] == pytest.approx(1 / (1 + torch.exp(torch.tensor(hostile - warm)).item()))
     assert compared["preference"] == pytest.approx(bradley_terry(warm, hostile))
@@ -63,13 +71,21 @@ def test_implicit_reward_matches_the_hand_computation_from_the_hf_engine(server,
     log-probabilities differ by bfloat16 rounding, about 0.02-0.05 nats on average; the stated tolerance
     is beta * 0.06 nats per response token, plus 1% of the value."""
     beta = embedded_settings.implicit_beta
-    cases = [([{"role": "user", "content": PROMPT}], WARM), ([{"role": "user", "content": PROMPT}], HOSTILE),
-             ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe rain."}],
-              "Rain is water falling from clouds.")]
-    body = {"reward": "prompted_implicit", "token_values": True,
-            "items": [{"messages": m, "response": r} for m, r in cases]}
+    cases = [
+        ([{"role": "user", "content": PROMPT}], WARM),
+        ([{"role": "user", "content": PROMPT}], HOSTILE),
+        (
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe rain."}],
+            "Rain is water falling from clouds.",
+        ),
+    ]
+    body = {
+        "reward": "prompted_implicit",
+        "token_values": True,
+        "items": [{"messages": m, "response": r} for m, r in cases],
+    }
     served = post(server, "/v1/rewards", body)
-    for (messages, response), value, token_values in zip(cases, served["scores"], served["token_values"]):
+    for (messages, response), value, token_values in zip(cases, served["scores"], served["token_values"], strict=False):
         expected, n_tokens = hand_implicit(hf_embedded_engine, messages, response, beta)
         assert value == pytest.approx(expected, abs=beta * 0.06 * n_tokens + 0.01 * abs(expected))
         assert len(token_values) == n_tokens
@@ -79,12 +95,15 @@ def test_implicit_reward_matches_the_hand_computation_from_the_hf_engine(server,
 
 
 def test_classifier_callables_and_several_rewards_at_once(server, tiny_classifier_dir):
-    from alignd.rewards.classifier import ClassifierReward
-    from alignd.rewards.base import RewardItem
     import asyncio
 
+    from alignd.rewards.base import RewardItem
+    from alignd.rewards.classifier import ClassifierReward
+
     items = [{"prompt": "hello", "response": "the cat sat!"}, {"prompt": "how are you", "response": "a happy answer"}]
-    result = post(server, "/v1/rewards", {"rewards": ["tiny_rm", "exclaim", "char_length", "warm_and_short"], "items": items})
+    result = post(
+        server, "/v1/rewards", {"rewards": ["tiny_rm", "exclaim", "char_length", "warm_and_short"], "items": items}
+    )
     by = result["scores_by_reward"]
     local = ClassifierReward.from_pretrained("local", tiny_classifier_dir)
     expected = asyncio.run(local.score([RewardItem(i["response"], prompt=i["prompt"]) for i in items]))
@@ -98,12 +117,28 @@ BAD = {
     "empty batch": ({"reward": "positivity", "items": []}, 400, "items"),
     "unknown reward": ({"reward": "helpfulness", "items": [{"prompt": "p", "response": "r"}]}, 404, "reward"),
     "no prompt": ({"reward": "positivity", "items": [{"response": "r"}]}, 400, "prompt"),
-    "both reward fields": ({"reward": "positivity", "rewards": ["exclaim"], "items": [{"prompt": "p", "response": "r"}]}, 400, None),
+    "both reward fields": (
+        {"reward": "positivity", "rewards": ["exclaim"], "items": [{"prompt": "p", "response": "r"}]},
+        400,
+        None,
+    ),
     "batch above limit": ({"reward": "positivity", "items": [{"prompt": "p", "response": "r"}] * 257}, 400, "items"),
-    "token values of a lexicon": ({"reward": "positivity", "token_values": True, "items": [{"prompt": "p", "response": "r"}]}, 400, "token_values"),
+    "token values of a lexicon": (
+        {"reward": "positivity", "token_values": True, "items": [{"prompt": "p", "response": "r"}]},
+        400,
+        "token_values",
+    ),
     "callable raises": ({"reward": "broken", "items": [{"prompt": "p", "response": "r"}]}, 422, "reward"),
-    "too long for the classifier": ({"reward": "tiny_rm", "items": [{"prompt": "p", "response": "cat " * 400}]}, 400, "items"),
-    "too long for the context": ({"reward": "prompted_implicit", "items": [{"prompt": "p", "response": "word " * 3000}]}, 400, "items"),
+    "too long for the classifier": (
+        {"reward": "tiny_rm", "items": [{"prompt": "p", "response": "cat " * 400}]},
+        400,
+        "items",
+    ),
+    "too long for the context": (
+        {"reward": "prompted_implicit", "items": [{"prompt": "p", "response": "word " * 3000}]},
+        400,
+        "items",
+    ),
 }
 
 
@@ -115,12 +150,19 @@ def test_bad_reward_requests_get_clear_4xx(server, case):
     if param:
         assert error["param"] == param or param in error["message"]
     # the server keeps serving
-    assert post(server, "/v1/rewards", {"reward": "positivity", "items": [{"prompt": "p", "response": "great!"}]})["scores"][0] > 0
+    assert (
+        post(server, "/v1/rewards", {"reward": "positivity", "items": [{"prompt": "p", "response": "great!"}]})[
+            "scores"
+        ][0]
+        > 0
+    )
 
 
 def test_truncate_on_request_scores_long_texts(server):
     long = {"prompt": "p", "response": "cat " * 400}
     result = post(server, "/v1/rewards", {"reward": "tiny_rm", "truncate": True, "items": [long]})
     assert result["truncated"] == [True] and len(result["scores"]) == 1
-    bad_compare = post(server, "/v1/rewards/compare", {"reward": "positivity", "prompt": "p", "responses": ["a"]}, status=400)
+    bad_compare = post(
+        server, "/v1/rewards/compare", {"reward": "positivity", "prompt": "p", "responses": ["a"]}, status=400
+    )
     assert bad_compare["error"]["param"] == "responses"

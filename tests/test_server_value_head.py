@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import torch
+from support import load_bench
 
 from alignd.models.value_head import load_value_head
-
-from support import load_bench
 
 pytestmark = pytest.mark.server
 
@@ -44,6 +43,9 @@ class Tolerance:
     def score_gap(self) -> float:
         """Largest error of a difference of two candidates' scores ``log pi + Q / alpha``."""
         return NEAR_TIE + 2 * self.logprob + 2 * self.value / ALPHA
+
+
+EXACT = Tolerance()  # float32 against float32
 
 
 class HandRule:
@@ -83,7 +85,7 @@ class HandRule:
             worst = max(worst, float((self.values(low, candidates) - self.values(hidden, candidates)).abs().max()))
         return worst
 
-    def check(self, prompt: Sequence[int], tokens: Sequence[int], tol: Tolerance = Tolerance()) -> int:
+    def check(self, prompt: Sequence[int], tokens: Sequence[int], tol: Tolerance = EXACT) -> int:
         """Every token is the rule's argmax at its prefix, up to the tolerance: a token the engine's top-k
         may hold, whose score is within ``tol.score_gap()`` of the best candidate the top-k must hold.
         Returns how many steps the rule moved away from the SFT model's own greedy choice."""
@@ -92,7 +94,7 @@ class HandRule:
             hidden, logprobs = self.step(self.model, [*prompt, *tokens[:t]])
             possible, sure = self.candidate_sets(logprobs, tol)
             scores = logprobs[possible] + self.values(hidden, possible) / ALPHA
-            by_token = dict(zip(possible.tolist(), scores.tolist()))
+            by_token = dict(zip(possible.tolist(), scores.tolist(), strict=False))
             assert token in by_token, (t, token, possible.tolist())
             best = max(sure.tolist(), key=by_token.__getitem__)
             gap = by_token[best] - by_token[token]
@@ -103,9 +105,11 @@ class HandRule:
             rule = int(top[pick])
             if rule != token:  # the evidence of what the tolerance admitted (printed with -s)
                 rank = int((logprobs > logprobs[rule]).sum()) + 1
-                print(f"step {t}: served {token}, the float32 rule over its top-{TOP_K} {rule} (SFT rank {rank}, "
-                      f"{'surely' if rule in sure.tolist() else 'perhaps not'} in the engine's top-{TOP_K}), "
-                      f"{by_token[rule] - by_token[token]:.3f} nats apart")
+                print(
+                    f"step {t}: served {token}, the float32 rule over its top-{TOP_K} {rule} (SFT rank {rank}, "
+                    f"{'surely' if rule in sure.tolist() else 'perhaps not'} in the engine's top-{TOP_K}), "
+                    f"{by_token[rule] - by_token[token]:.3f} nats apart"
+                )
         return moved
 
 
@@ -123,14 +127,21 @@ def tolerance(hand_rule: HandRule, served_precision, prompt, tokens) -> Toleranc
     if served_precision.dtype == "float32":
         return Tolerance()
     tol = Tolerance(logprob=served_precision.max, value=hand_rule.value_error(prompt, tokens))
-    print(f"\n{served_precision}; head values from bfloat16 hidden states: error up to {tol.value:.4f}; "
-          f"score gaps within {tol.score_gap():.3f} nats at alpha {ALPHA}")
+    print(
+        f"\n{served_precision}; head values from bfloat16 hidden states: error up to {tol.value:.4f}; "
+        f"score gaps within {tol.score_gap():.3f} nats at alpha {ALPHA}"
+    )
     return tol
 
 
 def chat(model_name: str, decoding: dict | None, **fields) -> dict:
-    body = {"model": model_name, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": STEPS,
-            "temperature": 0, **fields}
+    body = {
+        "model": model_name,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": STEPS,
+        "temperature": 0,
+        **fields,
+    }
     return body | ({"decoding": decoding} if decoding else {})
 
 
@@ -141,11 +152,11 @@ def test_the_value_head_is_listed_with_its_provenance(server, embedded_value_hea
     assert card["provenance"]["head"]["rank"] == 16 and card["provenance"]["base_model"]["weights_digest"]
 
 
-def test_greedy_head_decoding_is_the_rule_at_every_step_streamed_or_not(openai_client, model_name, hand_rule,
-                                                                         hf_embedded_engine, served_precision):
+def test_greedy_head_decoding_is_the_rule_at_every_step_streamed_or_not(
+    openai_client, model_name, hand_rule, hf_embedded_engine, served_precision
+):
     kwargs = chat(model_name, None)
-    whole = openai_client.chat.completions.create(**{k: v for k, v in kwargs.items()},
-                                                  extra_body={"decoding": HEAD})
+    whole = openai_client.chat.completions.create(**{k: v for k, v in kwargs.items()}, extra_body={"decoding": HEAD})
     text = whole.choices[0].message.content
     prompt = hf_embedded_engine.render_chat([{"role": "user", "content": QUESTION}])
     tokens = hf_embedded_engine.encode(text)
@@ -156,8 +167,9 @@ def test_greedy_head_decoding_is_the_rule_at_every_step_streamed_or_not(openai_c
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
 
 
-def test_head_diagnostics_report_the_sft_candidates_and_no_values(server, model_name, hand_rule, hf_embedded_engine,
-                                                                   served_precision):
+def test_head_diagnostics_report_the_sft_candidates_and_no_values(
+    server, model_name, hand_rule, hf_embedded_engine, served_precision
+):
     body = chat(model_name, {**HEAD, "diagnostics": True}, max_tokens=4)
     reply = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=300).json()
     alignment = reply["choices"][0]["alignment"]
@@ -224,34 +236,67 @@ def test_plain_requests_beside_head_requests_keep_their_own_answers(server, mode
 # session server's model name)
 
 
-def test_stock_vllm_serve_gives_alignd_s_answer_for_the_same_request(stock_vllm_serve, server, model_name,
-                                                                     hf_embedded_engine):
+def test_stock_vllm_serve_gives_alignd_s_answer_for_the_same_request(
+    stock_vllm_serve, server, model_name, hf_embedded_engine
+):
     import openai
 
     prompt = hf_embedded_engine.render_chat([{"role": "user", "content": QUESTION}])
-    with openai.OpenAI(base_url=stock_vllm_serve.base_url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
+    with openai.OpenAI(
+        base_url=stock_vllm_serve.base_url + "/v1", api_key="unused", max_retries=0, timeout=300
+    ) as client:
         reply = client.completions.create(
-            model=model_name, prompt=prompt, max_tokens=STEPS, temperature=0,
-            extra_body={"vllm_xargs": {"alignd_alpha": ALPHA, "alignd_top_k": TOP_K}, "return_token_ids": True})
+            model=model_name,
+            prompt=prompt,
+            max_tokens=STEPS,
+            temperature=0,
+            extra_body={"vllm_xargs": {"alignd_alpha": ALPHA, "alignd_top_k": TOP_K}, "return_token_ids": True},
+        )
         stock_tokens = list(reply.choices[0].token_ids)
         with pytest.raises(openai.BadRequestError, match="alignd_alpha"):
-            client.completions.create(model=model_name, prompt=prompt, max_tokens=2,
-                                      extra_body={"vllm_xargs": {"alignd_alpha": -1}})
-    ours = httpx.post(server.base_url + "/v1/completions", timeout=300, json={
-        "model": model_name, "prompt": prompt, "max_tokens": STEPS, "temperature": 0, "decoding": HEAD,
-    }).json()["choices"][0]["text"]
+            client.completions.create(
+                model=model_name, prompt=prompt, max_tokens=2, extra_body={"vllm_xargs": {"alignd_alpha": -1}}
+            )
+    ours = httpx.post(
+        server.base_url + "/v1/completions",
+        timeout=300,
+        json={
+            "model": model_name,
+            "prompt": prompt,
+            "max_tokens": STEPS,
+            "temperature": 0,
+            "decoding": HEAD,
+        },
+    ).json()["choices"][0]["text"]
     assert hf_embedded_engine.decode(stock_tokens) == ours
 
 
-def test_the_speed_benchmark_runs_plain_and_head_requests_on_the_stock_server(stock_vllm_serve, embedded_value_head_dir,
-                                                                          model_name, tmp_path):
+def test_the_speed_benchmark_runs_plain_and_head_requests_on_the_stock_server(
+    stock_vllm_serve, embedded_value_head_dir, model_name, tmp_path
+):
     """bench/value_head_speed.py --smoke against this module's stock server (its numbers are not judged
     here: speed is the benchmark's business)."""
     bench = load_bench("value_head_speed")
     out = tmp_path / "summary.json"
-    summary = bench.main(["--smoke", "--head", str(embedded_value_head_dir), "--vllm-url", stock_vllm_serve.base_url,
-                          "--served-model-name", model_name, "--alpha", str(ALPHA), "--top-k", str(TOP_K),
-                          "--work-dir", str(tmp_path), "--out", str(out)])
+    summary = bench.main(
+        [
+            "--smoke",
+            "--head",
+            str(embedded_value_head_dir),
+            "--vllm-url",
+            stock_vllm_serve.base_url,
+            "--served-model-name",
+            model_name,
+            "--alpha",
+            str(ALPHA),
+            "--top-k",
+            str(TOP_K),
+            "--work-dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ]
+    )
     assert out.is_file() and summary["setup"]["vllm_url_given"]
     [rows] = summary["concurrency"].values()
     assert list(rows) == ["head"]  # no --implicit: no implicit side
@@ -262,4 +307,8 @@ def test_the_speed_benchmark_runs_plain_and_head_requests_on_the_stock_server(st
     assert row["answers_changed"] is not None and row["answers_changed"] > 0  # the head acted on the head side only
     assert "side / plain (paired)" in bench.markdown(summary["concurrency"])
     assert [bench.round_order(("plain", "head", "implicit"), r)[0] for r in (1, 2, 3, 4)] == [
-        "plain", "head", "implicit", "plain"]
+        "plain",
+        "head",
+        "implicit",
+        "plain",
+    ]

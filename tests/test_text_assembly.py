@@ -10,8 +10,10 @@ import pytest
 
 from alignd.decoding.text import TextAssembler
 
-TEXT = ("the cat sat on the mat, café au lait ☕ and naïve crème brûlée 日本語のテキスト 🙂👍 "
-        "hello world how are you? numbers one two three. ")
+TEXT = (
+    "the cat sat on the mat, café au lait ☕ and naïve crème brûlée 日本語のテキスト 🙂👍 "
+    "hello world how are you? numbers one two three. "
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_the_text_ends_before_the_first_stop_string_even_across_pieces(tokenizer
 
 
 def test_text_that_may_begin_a_stop_string_is_held_back_until_it_cannot():
-    """"hel" is not released while "hello" may follow; "lo" makes it the stop string: nothing was sent."""
+    """ "hel" is not released while "hello" may follow; "lo" makes it the stop string: nothing was sent."""
     texts = {1: "hel", 2: "lo", 3: " world"}
     decode = lambda ids: "".join(texts[i] for i in ids)  # noqa: E731
     stopped = TextAssembler(decode, stop=["hello"])

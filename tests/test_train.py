@@ -27,8 +27,12 @@ from alignd.train.irft import GenerationOptions, generate_negatives, irft_pairs
 from alignd.train.tuning import PreferencePair, TrainingOptions, build_trainer, train_adapter
 
 PROMPTS = ["hello world", "the cat sat", "a happy answer", "numbers one two", "how are you", "the dog sat on"]
-DEMOS = [("hello world", "i am fine thank you"), ("the cat sat", "on the mat"),
-         ("a happy answer", "is kind and warm"), ("numbers one two", "three four five")]
+DEMOS = [
+    ("hello world", "i am fine thank you"),
+    ("the cat sat", "on the mat"),
+    ("a happy answer", "is kind and warm"),
+    ("numbers one two", "three four five"),
+]
 PAIRS = [
     PreferencePair("a", "hello world", "a happy answer is kind", "the dog sat on the log"),
     PreferencePair("b", "the cat sat", "on the mat", "numbers one two three four"),
@@ -40,10 +44,34 @@ CALLABLE_REWARDS = {
     "flat": {"type": "callable", "path": "train_rewards:constant"},
 }
 # Small and fast: 2 samples of 8 tokens per prompt, 2 optimizer steps of 2 pairs.
-FAST = ["--samples-per-prompt", "2", "--max-new-tokens", "8", "--max-steps", "2", "--batch-size", "2",
-        "--sample-batch-size", "2", "--logging-steps", "1"]
-MANIFEST_KEYS = {"kind", "created", "base_model", "reward", "beta", "data", "metrics", "command", "seed", "versions",
-                 "dpo_config", "lora_config"}
+FAST = [
+    "--samples-per-prompt",
+    "2",
+    "--max-new-tokens",
+    "8",
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--sample-batch-size",
+    "2",
+    "--logging-steps",
+    "1",
+]
+MANIFEST_KEYS = {
+    "kind",
+    "created",
+    "base_model",
+    "reward",
+    "beta",
+    "data",
+    "metrics",
+    "command",
+    "seed",
+    "versions",
+    "dpo_config",
+    "lora_config",
+}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -59,8 +87,9 @@ def prompts_file(tmp_path) -> Path:
 
 @pytest.fixture
 def demos_file(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "demos.jsonl",
-                       [{"id": f"d{i}", "prompt": p, "response": r} for i, (p, r) in enumerate(DEMOS)])
+    return write_jsonl(
+        tmp_path / "demos.jsonl", [{"id": f"d{i}", "prompt": p, "response": r} for i, (p, r) in enumerate(DEMOS)]
+    )
 
 
 @pytest.fixture
@@ -111,9 +140,12 @@ def implicit_margins(policy, reference, tokenizer, pairs, beta) -> list[float]:
     """beta * [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)] per pair."""
     out = []
     for p in pairs:
-        chosen = sequence_logprob(policy, tokenizer, p.prompt, p.chosen) - sequence_logprob(reference, tokenizer, p.prompt, p.chosen)
-        rejected = (sequence_logprob(policy, tokenizer, p.prompt, p.rejected)
-                    - sequence_logprob(reference, tokenizer, p.prompt, p.rejected))
+        chosen = sequence_logprob(policy, tokenizer, p.prompt, p.chosen) - sequence_logprob(
+            reference, tokenizer, p.prompt, p.chosen
+        )
+        rejected = sequence_logprob(policy, tokenizer, p.prompt, p.rejected) - sequence_logprob(
+            reference, tokenizer, p.prompt, p.rejected
+        )
         out.append(beta * (chosen - rejected))
     return out
 
@@ -159,7 +191,8 @@ def test_weights_digest_is_over_tensors_not_files(tiny_llama_dir, tmp_path):
     for file, part in halves.items():
         save_file({n: tensors[n] for n in reversed(part)}, str(sharded / file), metadata={"format": "pt", "by": "test"})
     (sharded / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}))
+        json.dumps({"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}})
+    )
     assert weights_digest(sharded) == digest
     # one value changed, or one dtype: another digest
     changed = tmp_path / "changed"
@@ -189,15 +222,22 @@ def test_trl_dpo_loss_equals_the_hand_computation(tiny_llama_dir, tmp_path):
     loss = trl_batch_loss(trainer, len(PAIRS))
 
     with trainer.model.disable_adapter():  # the reference: the SFT weights
-        reference_lps = {(p.id, side): sequence_logprob(trainer.model, tokenizer, p.prompt, getattr(p, side))
-                         for p in PAIRS for side in ("chosen", "rejected")}
+        reference_lps = {
+            (p.id, side): sequence_logprob(trainer.model, tokenizer, p.prompt, getattr(p, side))
+            for p in PAIRS
+            for side in ("chosen", "rejected")
+        }
     sft = load_sft(tiny_llama_dir)
-    assert reference_lps[("a", "chosen")] == pytest.approx(sequence_logprob(sft, tokenizer, "hello world", PAIRS[0].chosen), abs=1e-5)
+    assert reference_lps[("a", "chosen")] == pytest.approx(
+        sequence_logprob(sft, tokenizer, "hello world", PAIRS[0].chosen), abs=1e-5
+    )
     margins = []
     for p in PAIRS:
         lp_w = sequence_logprob(trainer.model, tokenizer, p.prompt, p.chosen)
         lp_l = sequence_logprob(trainer.model, tokenizer, p.prompt, p.rejected)
-        margins.append(opts.beta * ((lp_w - reference_lps[(p.id, "chosen")]) - (lp_l - reference_lps[(p.id, "rejected")])))
+        margins.append(
+            opts.beta * ((lp_w - reference_lps[(p.id, "chosen")]) - (lp_l - reference_lps[(p.id, "rejected")]))
+        )
     assert abs(max(margins)) > 0.05  # the adapter does change the model
     assert loss == pytest.approx(hand_dpo_loss(margins), abs=1e-4)
 
@@ -216,14 +256,28 @@ def test_irft_loss_on_demonstration_vs_generation_keeps_the_sft_reference(tiny_l
     opts = TrainingOptions(beta=0.2, lora_rank=4, batch_size=2, max_steps=1)
     demos = [Demonstration(f"d{i}", p, r, i + 1) for i, (p, r) in enumerate(DEMOS[:2])]
     round_one = saved_random_adapter(tiny_llama_dir, opts, tmp_path / "round-1", seed=2)
-    negatives = generate_negatives(tiny_llama_dir, round_one, demos, tmp_path / "negatives.jsonl",
-                                   GenerationOptions(max_new_tokens=6), seed=5, progress=False)
-    again = generate_negatives(tiny_llama_dir, round_one, demos, tmp_path / "again.jsonl",
-                               GenerationOptions(max_new_tokens=6), seed=5, progress=False)
+    negatives = generate_negatives(
+        tiny_llama_dir,
+        round_one,
+        demos,
+        tmp_path / "negatives.jsonl",
+        GenerationOptions(max_new_tokens=6),
+        seed=5,
+        progress=False,
+    )
+    again = generate_negatives(
+        tiny_llama_dir,
+        round_one,
+        demos,
+        tmp_path / "again.jsonl",
+        GenerationOptions(max_new_tokens=6),
+        seed=5,
+        progress=False,
+    )
     assert [r["text"] for r in negatives] == [r["text"] for r in again]  # seeded: a resumed round draws the same
     pairs, identical = irft_pairs(demos, negatives)
     assert len(pairs) + identical == len(demos) and pairs
-    assert all(p.chosen == d.response for p, d in zip(pairs, demos))
+    assert all(p.chosen == d.response for p, d in zip(pairs, demos, strict=False))
 
     # round 2: the policy starts at round 1's adapter, the reference is still the SFT model
     trainer = build_trainer(tiny_llama_dir, pairs, opts, tmp_path / "checkpoints", init_adapter=round_one)
@@ -241,8 +295,9 @@ def test_irft_loss_on_demonstration_vs_generation_keeps_the_sft_reference(tiny_l
 def test_a_few_steps_raise_the_implicit_reward_margin(tiny_llama_dir, tmp_path):
     from peft import PeftModel
 
-    opts = TrainingOptions(beta=0.1, lora_rank=8, learning_rate=5e-3, max_steps=6, batch_size=2, logging_steps=1,
-                           save_steps=100)
+    opts = TrainingOptions(
+        beta=0.1, lora_rank=8, learning_rate=5e-3, max_steps=6, batch_size=2, logging_steps=1, save_steps=100
+    )
     sft = load_sft(tiny_llama_dir)
     trainer = build_trainer(tiny_llama_dir, PAIRS, opts, tmp_path / "probe")
     tokenizer = trainer.processing_class
@@ -295,20 +350,36 @@ def test_training_resumes_from_the_last_trl_checkpoint(tiny_llama_dir, tmp_path,
 
 # ---------------------------------------------------------------------------- the commands end to end
 def dpo_argv(model_dir, prompts_file, out, *extra) -> list:
-    return ["train", "dpo", "--model", model_dir, "--prompts", prompts_file, "--reward", "chars", "--out", out,
-            *FAST, *extra]
+    return [
+        "train",
+        "dpo",
+        "--model",
+        model_dir,
+        "--prompts",
+        prompts_file,
+        "--reward",
+        "chars",
+        "--out",
+        out,
+        *FAST,
+        *extra,
+    ]
 
 
-def test_dpo_end_to_end_and_resumed_after_an_interruption(tiny_llama_dir, prompts_file, tmp_path, train_env,
-                                                         monkeypatch, capsys):
-    from alignd.models.hf_engine import HFEngine
+def test_dpo_end_to_end_and_resumed_after_an_interruption(
+    tiny_llama_dir, prompts_file, tmp_path, train_env, monkeypatch, capsys
+):
     import alignd.train.dpo as dpo
+    from alignd.models.hf_engine import HFEngine
 
     out = tmp_path / "adapter"
     assert run_cli(dpo_argv(tiny_llama_dir, prompts_file, out)) == 0
     assert f"adapter written to {out}" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                     "alignd_adapter.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "alignd_adapter.json",
+    ]
     assert not out.with_name("adapter.partial").exists()
     manifest = json.loads((out / "alignd_adapter.json").read_text())
     assert MANIFEST_KEYS <= set(manifest)
@@ -320,7 +391,14 @@ def test_dpo_end_to_end_and_resumed_after_an_interruption(tiny_llama_dir, prompt
     assert (data["prompts"], data["samples"]) == (6, 12)
     assert data["pairs"] + data["ties_skipped"] == 6 and data["pairs"] > 0
     metrics = manifest["metrics"]
-    for key in ("final_loss", "reward_margin", "reward_accuracy", "train_wall_s", "train_examples_per_s", "peak_rss_mib"):
+    for key in (
+        "final_loss",
+        "reward_margin",
+        "reward_accuracy",
+        "train_wall_s",
+        "train_examples_per_s",
+        "peak_rss_mib",
+    ):
         assert metrics[key] is not None, key
     assert metrics["steps"] == 2 and metrics["peak_rss_mib"]["self"] > 0
     assert metrics["target_reward"]["chosen_mean"] > metrics["target_reward"]["rejected_mean"]
@@ -328,7 +406,11 @@ def test_dpo_end_to_end_and_resumed_after_an_interruption(tiny_llama_dir, prompt
     assert manifest["versions"]["trl"] == "1.16.0" and manifest["versions"]["peft"] == "0.21.2"
     assert manifest["dpo_config"]["beta"] == 0.1 and manifest["dpo_config"]["max_steps"] == 2
     assert manifest["lora_config"]["r"] == 8 and sorted(manifest["lora_config"]["target_modules"]) == [
-        "k_proj", "o_proj", "q_proj", "v_proj"]
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "v_proj",
+    ]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["peft_type"] == "LORA"
 
@@ -371,8 +453,9 @@ def test_dpo_end_to_end_and_resumed_after_an_interruption(tiny_llama_dir, prompt
     assert json.loads((resumed_out / "alignd_adapter.json").read_text())["beta"] == 0.2
 
 
-def test_dpo_with_changed_inputs_refuses_the_old_work_unless_restarted(tiny_llama_dir, prompts_file, tmp_path,
-                                                                       train_env, capsys, monkeypatch):
+def test_dpo_with_changed_inputs_refuses_the_old_work_unless_restarted(
+    tiny_llama_dir, prompts_file, tmp_path, train_env, capsys, monkeypatch
+):
     out = tmp_path / "adapter"
     partial = out.with_name("adapter.partial")
     # the rewards as a JSON flag this time (flags are parsed like environment variables)
@@ -392,9 +475,28 @@ def test_dpo_with_changed_inputs_refuses_the_old_work_unless_restarted(tiny_llam
 
 def test_irft_end_to_end_with_two_rounds(tiny_llama_dir, demos_file, tmp_path, train_env, capsys):
     out = tmp_path / "irft"
-    argv = ["train", "irft", "--model", tiny_llama_dir, "--demonstrations", demos_file, "--rounds", "2",
-            "--max-new-tokens", "8", "--max-steps", "2", "--batch-size", "2", "--logging-steps", "1",
-            "--learning-rate", "1e-3", "--out", out]
+    argv = [
+        "train",
+        "irft",
+        "--model",
+        tiny_llama_dir,
+        "--demonstrations",
+        demos_file,
+        "--rounds",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--logging-steps",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--out",
+        out,
+    ]
     assert run_cli(argv) == 0
     assert f"adapter written to {out}" in capsys.readouterr().out
     manifest = json.loads((out / "alignd_adapter.json").read_text())
@@ -411,16 +513,35 @@ def test_irft_end_to_end_with_two_rounds(tiny_llama_dir, demos_file, tmp_path, t
     # against the same SFT reference, so its first step already has a margin
     assert rounds[0]["log"][0]["rewards/margins"] == 0.0
     assert rounds[1]["log"][0]["rewards/margins"] != 0.0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                     "alignd_adapter.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "alignd_adapter.json",
+    ]
 
 
 def test_irft_keeps_finished_rounds(tiny_llama_dir, demos_file, tmp_path, train_env, monkeypatch):
     import alignd.train.irft as irft
 
     out = tmp_path / "irft"
-    argv = ["train", "irft", "--model", tiny_llama_dir, "--demonstrations", demos_file, "--rounds", "2",
-            "--max-new-tokens", "6", "--max-steps", "1", "--batch-size", "2", "--out", out]
+    argv = [
+        "train",
+        "irft",
+        "--model",
+        tiny_llama_dir,
+        "--demonstrations",
+        demos_file,
+        "--rounds",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--out",
+        out,
+    ]
     real = irft.generate_negatives
     rounds_generated = []
 
@@ -442,8 +563,10 @@ def test_irft_keeps_finished_rounds(tiny_llama_dir, demos_file, tmp_path, train_
 BAD_PROMPTS = {
     "not JSON": ([{"id": "a", "prompt": "hi"}, '{"id": "b", "prompt": '], "prompts.jsonl:2: not valid JSON"),
     "a field missing": ([{"id": "a", "prompt": "hi"}, {"id": "b"}], "prompts.jsonl:2: missing field 'prompt'"),
-    "duplicate ids": ([{"id": "a", "prompt": "hi"}, {"id": "b", "prompt": "yo"}, {"id": "a", "prompt": "hey"}],
-                      "prompts.jsonl:3: duplicate id 'a' (first on line 1)"),
+    "duplicate ids": (
+        [{"id": "a", "prompt": "hi"}, {"id": "b", "prompt": "yo"}, {"id": "a", "prompt": "hey"}],
+        "prompts.jsonl:3: duplicate id 'a' (first on line 1)",
+    ),
 }
 
 
@@ -465,7 +588,9 @@ def test_a_bad_prompts_file_names_file_and_line(case, tiny_llama_dir, tmp_path, 
 
 
 def test_a_bad_demonstrations_file_names_file_and_line(tiny_llama_dir, tmp_path, train_env, capsys):
-    bad = write_jsonl(tmp_path / "demos.jsonl", [{"id": "a", "prompt": "hi", "response": "hello"}, {"id": "b", "prompt": "yo"}])
+    bad = write_jsonl(
+        tmp_path / "demos.jsonl", [{"id": "a", "prompt": "hi", "response": "hello"}, {"id": "b", "prompt": "yo"}]
+    )
     code = run_cli(["train", "irft", "--model", tiny_llama_dir, "--demonstrations", bad, "--out", tmp_path / "out"])
     assert_one_line_error(capsys, code, f"{bad}:2: missing field 'response'")
 
@@ -484,8 +609,9 @@ def test_a_bad_option_is_a_one_line_error(case, tiny_llama_dir, prompts_file, tm
     assert_one_line_error(capsys, code, *expected)
 
 
-def test_an_existing_output_folder_is_refused_without_overwrite(tiny_llama_dir, prompts_file, tmp_path, train_env,
-                                                               capsys):
+def test_an_existing_output_folder_is_refused_without_overwrite(
+    tiny_llama_dir, prompts_file, tmp_path, train_env, capsys
+):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     code = run_cli(dpo_argv(tiny_llama_dir, prompts_file, tmp_path / "out"))
@@ -504,10 +630,18 @@ def test_a_missing_data_file(tiny_llama_dir, tmp_path, train_env, capsys):
 
 
 # ---------------------------------------------------------------------------- the layering contracts
-@pytest.mark.parametrize(("module", "wrong", "contract"), [
-    ("alignd.train.dpo", "import alignd.decoding.rule", "alignd.train builds on models, rewards, settings, errors and protocol only"),
-    ("alignd.models.weights", "import alignd.train.data", "only alignd.cli imports alignd.train"),
-], ids=["train imports decoding", "models import train"])
+@pytest.mark.parametrize(
+    ("module", "wrong", "contract"),
+    [
+        (
+            "alignd.train.dpo",
+            "import alignd.decoding.rule",
+            "alignd.train builds on models, rewards, settings, errors and protocol only",
+        ),
+        ("alignd.models.weights", "import alignd.train.data", "only alignd.cli imports alignd.train"),
+    ],
+    ids=["train imports decoding", "models import train"],
+)
 def test_the_train_contracts_break_when_they_should(module, wrong, contract, tmp_path):
     import lint_imports
 

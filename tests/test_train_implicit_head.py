@@ -26,8 +26,16 @@ from alignd.models.weights import weights_digest
 from alignd.settings import Settings
 from alignd.train.implicit_targets import dense_targets, load_models
 
-PROMPTS = ["hello world", "the cat sat", "a happy answer", "numbers one two", "how are you", "the dog sat on",
-           "kind and warm", "one two three"]
+PROMPTS = [
+    "hello world",
+    "the cat sat",
+    "a happy answer",
+    "numbers one two",
+    "how are you",
+    "the dog sat on",
+    "kind and warm",
+    "one two three",
+]
 TOP_K = 3
 
 
@@ -39,8 +47,9 @@ def dpo_adapter(tiny_llama_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def door(tiny_hf_engine, dpo_adapter):
     """The door over the tiny transformers engine with the DPO adapter as the default baseline."""
-    with door_on_own_loop(tiny_hf_engine, Settings(engine="hf", baseline_adapter=str(dpo_adapter),
-                                                   value_head="none")) as opened:
+    with door_on_own_loop(
+        tiny_hf_engine, Settings(engine="hf", baseline_adapter=str(dpo_adapter), value_head="none")
+    ) as opened:
         yield opened
 
 
@@ -65,8 +74,11 @@ def test_dense_targets_are_the_values_implicit_tq_uses_at_every_state(door, tiny
         top = loop.run_until_complete(engine.top_k_next([list(prompt.token_ids) + generated], TOP_K))[0]
         assert record["candidates"] == [t.token_id for t in top]
         assert record["sft_logprobs"] == pytest.approx([t.logprob for t in top], abs=1e-4)
-        values, _ = loop.run_until_complete(estimator.estimate(
-            prompt, estimator.policy_for_prefix().prefix(prompt), generated, record["candidates"], None))
+        values, _ = loop.run_until_complete(
+            estimator.estimate(
+                prompt, estimator.policy_for_prefix().prefix(prompt), generated, record["candidates"], None
+            )
+        )
         assert record["values"] == pytest.approx(values, abs=1e-5)
     assert config.alpha == BETA and any(abs(v) > 1e-3 for r in dense.records for v in r["values"])
 
@@ -86,25 +98,63 @@ def prompts_file(tmp_path) -> Path:
 
 
 # Eight answers of at most 6 tokens, nearly greedy (so that the sampled tokens are the SFT top-k's), a small head.
-FAST = ["--targets", "implicit", "--answers", "8", "--answer-len", "6", "--sample-temperature", "0.05",
-        "--top-k", str(TOP_K), "--concurrency", "4", "--rank", "8", "--epochs", "4", "--batch-size", "8",
-        "--learning-rate", "1e-2", "--holdout-fraction", "0.25"]
+FAST = [
+    "--targets",
+    "implicit",
+    "--answers",
+    "8",
+    "--answer-len",
+    "6",
+    "--sample-temperature",
+    "0.05",
+    "--top-k",
+    str(TOP_K),
+    "--concurrency",
+    "4",
+    "--rank",
+    "8",
+    "--epochs",
+    "4",
+    "--batch-size",
+    "8",
+    "--learning-rate",
+    "1e-2",
+    "--holdout-fraction",
+    "0.25",
+]
 
 
 def implicit_argv(model_dir, prompts_file, out, baseline, *extra) -> list:
-    return ["train", "value-head", "--model", model_dir, "--prompts", prompts_file, "--out", out, "--baseline",
-            baseline, *FAST, *extra]
+    return [
+        "train",
+        "value-head",
+        "--model",
+        model_dir,
+        "--prompts",
+        prompts_file,
+        "--out",
+        out,
+        "--baseline",
+        baseline,
+        *FAST,
+        *extra,
+    ]
 
 
-def test_end_to_end_dense_and_resumed_after_an_interruption(tiny_llama_dir, dpo_adapter, prompts_file, tmp_path,
-                                                            head_env, monkeypatch, capsys):
+def test_end_to_end_dense_and_resumed_after_an_interruption(
+    tiny_llama_dir, dpo_adapter, prompts_file, tmp_path, head_env, monkeypatch, capsys
+):
     import alignd.train.implicit_targets as implicit
 
     out = tmp_path / "head"
     assert run_cli(implicit_argv(tiny_llama_dir, prompts_file, out, dpo_adapter)) == 0, capsys.readouterr().err
     manifest = json.loads((out / HEAD_MANIFEST).read_text())
-    assert (manifest["targets"], manifest["beta"], manifest["top_k"], manifest["transfer"]) == ("implicit", BETA, 3,
-                                                                                                "direct")
+    assert (manifest["targets"], manifest["beta"], manifest["top_k"], manifest["transfer"]) == (
+        "implicit",
+        BETA,
+        3,
+        "direct",
+    )
     assert manifest["reward"] == "positivity" and manifest["baseline_trained_by"] == "dpo"  # the adapter's own
     assert "rollout_len" not in manifest and manifest["baseline"]["weights_digest"] == weights_digest(dpo_adapter)
     data = manifest["data"]
@@ -115,8 +165,12 @@ def test_end_to_end_dense_and_resumed_after_an_interruption(tiny_llama_dir, dpo_
     # nearly greedy answers: their tokens are the pass's top-1 nearly always (a shifted position: chance, 3/vocab)
     assert manifest["features"]["check"]["sampled_token_in_top_k"] >= 0.9
     assert data["targets"]["std_within_state"] > 0
-    loaded = load_value_head(out, vocab_size=manifest["head"]["vocab_size"], hidden_size=32,
-                             base_weights_digest=weights_digest(tiny_llama_dir))
+    loaded = load_value_head(
+        out,
+        vocab_size=manifest["head"]["vocab_size"],
+        hidden_size=32,
+        base_weights_digest=weights_digest(tiny_llama_dir),
+    )
     assert loaded.reward == "positivity"
 
     # interrupted after 3 sampled answers (a torn line left behind), in a fresh cache; then resumed
@@ -138,8 +192,11 @@ def test_end_to_end_dense_and_resumed_after_an_interruption(tiny_llama_dir, dpo_
     assert run_cli(argv) == 130 and not resumed.exists()
     first = list(sampled)
     sampled.clear()
-    monkeypatch.setattr(implicit, "append_work_records", lambda path, records: (
-        sampled.extend(r["slot"] for r in records if "answer" in r), real_append(path, records)))
+    monkeypatch.setattr(
+        implicit,
+        "append_work_records",
+        lambda path, records: (sampled.extend(r["slot"] for r in records if "answer" in r), real_append(path, records)),
+    )
     assert run_cli(argv) == 0, capsys.readouterr().err
     assert sorted(sampled) == sorted(set(range(8)) - set(first))  # no finished answer sampled again
     again = json.loads((resumed / HEAD_MANIFEST).read_text())
@@ -147,7 +204,8 @@ def test_end_to_end_dense_and_resumed_after_an_interruption(tiny_llama_dir, dpo_
 
 
 def test_a_baseline_without_an_implicit_q_or_another_reward_is_a_one_line_error(
-        tiny_llama_dir, dpo_adapter, prompts_file, tmp_path, head_env, capsys):
+    tiny_llama_dir, dpo_adapter, prompts_file, tmp_path, head_env, capsys
+):
     sft_lora = make_adapter(tiny_llama_dir, tmp_path / "sft-lora", seed=6, manifest={"kind": "sft"})
     capsys.readouterr()  # (transformers' loading bar)
     cases = [
@@ -159,8 +217,18 @@ def test_a_baseline_without_an_implicit_q_or_another_reward_is_a_one_line_error(
     for i, (extra, says) in enumerate(cases):
         code = run_cli(implicit_argv(tiny_llama_dir, prompts_file, tmp_path / f"out{i}", *extra))
         assert_one_line_error(capsys, code, *says)
-    rollouts = ["train", "value-head", "--model", tiny_llama_dir, "--prompts", prompts_file, "--out", tmp_path / "r",
-                "--answers", "4"]
+    rollouts = [
+        "train",
+        "value-head",
+        "--model",
+        tiny_llama_dir,
+        "--prompts",
+        prompts_file,
+        "--out",
+        tmp_path / "r",
+        "--answers",
+        "4",
+    ]
     assert_one_line_error(capsys, run_cli(rollouts), "--answers is for --targets implicit")
 
 
@@ -173,11 +241,19 @@ def test_the_committed_implicit_head_is_made_for_the_embedded_model_with_its_rec
 
     folder = ASSETS_DIR / "value_heads" / "smollm2-positivity-implicit"
     config = json.loads((embedded_model_dir / "config.json").read_text())
-    manifest = load_value_head(folder, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-                               base_weights_digest=weights_digest(embedded_model_dir)).manifest
+    manifest = load_value_head(
+        folder,
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        base_weights_digest=weights_digest(embedded_model_dir),
+    ).manifest
     assert sum(f.stat().st_size for f in folder.iterdir()) <= 10 * 2**20
-    assert (manifest["targets"], manifest["beta"], manifest["reward"], manifest["top_k"]) == ("implicit", 0.1,
-                                                                                            "positivity", 10)
+    assert (manifest["targets"], manifest["beta"], manifest["reward"], manifest["top_k"]) == (
+        "implicit",
+        0.1,
+        "positivity",
+        10,
+    )
     assert manifest["baseline"]["weights_digest"] == weights_digest(EMBEDDED_ADAPTER_DIR)
     pool = Path(__file__).resolve().parents[1] / "train" / "data" / "prompts.jsonl"
     assert manifest["data"]["sha256"] == file_sha256(pool) and manifest["data"]["eval_prompts"]["shared"] == 0

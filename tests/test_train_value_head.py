@@ -42,16 +42,64 @@ from alignd.train.value_head import (
     train_with_learning_curve,
 )
 
-PROMPTS = ["hello world", "the cat sat", "a happy answer", "numbers one two", "how are you", "the dog sat on",
-           "kind and warm", "one two three"]
+PROMPTS = [
+    "hello world",
+    "the cat sat",
+    "a happy answer",
+    "numbers one two",
+    "how are you",
+    "the dog sat on",
+    "kind and warm",
+    "one two three",
+]
 CALLABLE_REWARDS = {"chars": {"type": "callable", "path": "train_rewards:distinct_characters"}}
 # A tiny run: 12 states, 3 candidates, 4-token rollouts, a small head.
-FAST = ["--states", "12", "--top-k", "3", "--rollout-len", "4", "--answer-len", "6", "--concurrency", "4",
-        "--rank", "8", "--epochs", "4", "--batch-size", "4", "--learning-rate", "1e-2", "--holdout-fraction", "0.25",
-        "--reward", "chars"]
-MANIFEST_KEYS = {"format", "kind", "created", "base_model", "baseline", "reward", "top_k", "rollout_len",
-                 "num_rollouts", "alpha", "features", "data", "training", "metrics", "learning_curve", "command",
-                 "seed", "versions", "wall_s", "head"}
+FAST = [
+    "--states",
+    "12",
+    "--top-k",
+    "3",
+    "--rollout-len",
+    "4",
+    "--answer-len",
+    "6",
+    "--concurrency",
+    "4",
+    "--rank",
+    "8",
+    "--epochs",
+    "4",
+    "--batch-size",
+    "4",
+    "--learning-rate",
+    "1e-2",
+    "--holdout-fraction",
+    "0.25",
+    "--reward",
+    "chars",
+]
+MANIFEST_KEYS = {
+    "format",
+    "kind",
+    "created",
+    "base_model",
+    "baseline",
+    "reward",
+    "top_k",
+    "rollout_len",
+    "num_rollouts",
+    "alpha",
+    "features",
+    "data",
+    "training",
+    "metrics",
+    "learning_curve",
+    "command",
+    "seed",
+    "versions",
+    "wall_s",
+    "head",
+}
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -167,7 +215,7 @@ async def test_targets_are_the_values_transfer_q_uses(tiny_llama_dir, tmp_path):
     cut = record["cut"]
     assert 0 <= cut <= min(record["answer_tokens"], options.answer_len - 1)
     assert record["tokens"][: record["prompt_tokens"]] == list(prompt.token_ids)
-    again = await maker.values_at(prompt, record["tokens"][record["prompt_tokens"]:], None)
+    again = await maker.values_at(prompt, record["tokens"][record["prompt_tokens"] :], None)
     assert (again.candidates, again.values) == (record["candidates"], record["values"])
     await registry.close()
 
@@ -245,7 +293,8 @@ def head_argv(model_dir, prompts_file, out, *extra) -> list:
 
 
 def test_end_to_end_with_an_adapter_baseline_and_resumed_after_an_interruption(
-        tiny_llama_dir, tiny_adapter, prompts_file, tmp_path, head_env, monkeypatch, capsys):
+    tiny_llama_dir, tiny_adapter, prompts_file, tmp_path, head_env, monkeypatch, capsys
+):
     import alignd.train.value_head as value_head
 
     out = tmp_path / "head"
@@ -279,8 +328,12 @@ def test_end_to_end_with_an_adapter_baseline_and_resumed_after_an_interruption(
     assert [c["fraction"] for c in manifest["learning_curve"]] == [0.25, 0.5, 1.0]
     assert all("heldout_spearman" in c for c in manifest["learning_curve"])
     assert manifest["command"][:3] == ["alignd", "train", "value-head"]
-    assert manifest["head"] == {"architecture": "additive-mlp", "hidden_size": 32,
-                                "vocab_size": manifest["head"]["vocab_size"], "rank": 8}
+    assert manifest["head"] == {
+        "architecture": "additive-mlp",
+        "hidden_size": 32,
+        "vocab_size": manifest["head"]["vocab_size"],
+        "rank": 8,
+    }
 
     vocab = manifest["head"]["vocab_size"]
     loaded = load_value_head(out, vocab_size=vocab, hidden_size=32, base_weights_digest=weights_digest(tiny_llama_dir))
@@ -343,7 +396,8 @@ def test_end_to_end_with_an_adapter_baseline_and_resumed_after_an_interruption(
 
 
 def test_shards_make_the_states_together_and_the_plain_command_merges_and_trains(
-        tiny_llama_dir, tiny_adapter, prompts_file, tmp_path, head_env, monkeypatch, capsys):
+    tiny_llama_dir, tiny_adapter, prompts_file, tmp_path, head_env, monkeypatch, capsys
+):
     """--shard K/N: each process makes the slots K mod N in a file of its own and stops; a shard already
     running, or still running when the plain command starts, is refused; the plain command merges the
     shards, makes no state again, and trains on exactly the states an unsharded run makes."""
@@ -397,8 +451,9 @@ def test_shards_make_the_states_together_and_the_plain_command_merges_and_trains
     assert one["data"]["targets"] == sharded["data"]["targets"] and one["data"]["split"] == sharded["data"]["split"]
     capsys.readouterr()
 
-    assert_one_line_error(capsys, run_cli([*argv, "--overwrite", "--shard", "2/2"]),
-                          "--shard 2/2: N must be >= 2 and K in 0..N-1")
+    assert_one_line_error(
+        capsys, run_cli([*argv, "--overwrite", "--shard", "2/2"]), "--shard 2/2: N must be >= 2 and K in 0..N-1"
+    )
     assert_one_line_error(capsys, run_cli([*argv, "--overwrite", "--shard", "half"]), "--shard 'half' is not K/N")
 
 
@@ -435,15 +490,19 @@ def test_a_bad_option_is_a_one_line_error(case, tiny_llama_dir, prompts_file, tm
 
 def test_a_training_pool_that_shares_an_evaluation_prompt_is_refused(tiny_llama_dir, tmp_path, head_env, capsys):
     shared = _an_eval_prompt()
-    pool = write_jsonl(tmp_path / "pool.jsonl", [{"id": "a", "prompt": "hello world"},
-                                                 {"id": "b", "prompt": "  " + shared["prompt"].upper() + " "}])
+    pool = write_jsonl(
+        tmp_path / "pool.jsonl",
+        [{"id": "a", "prompt": "hello world"}, {"id": "b", "prompt": "  " + shared["prompt"].upper() + " "}],
+    )
     code = run_cli(head_argv(tiny_llama_dir, pool, tmp_path / "out"))
-    assert_one_line_error(capsys, code, f"{pool}:2: prompt 'b' is also evaluation prompt '{shared['id']}'",
-                          "must be disjoint")
+    assert_one_line_error(
+        capsys, code, f"{pool}:2: prompt 'b' is also evaluation prompt '{shared['id']}'", "must be disjoint"
+    )
 
 
-def test_an_existing_output_folder_is_refused_without_overwrite(tiny_llama_dir, prompts_file, tmp_path, head_env,
-                                                               capsys):
+def test_an_existing_output_folder_is_refused_without_overwrite(
+    tiny_llama_dir, prompts_file, tmp_path, head_env, capsys
+):
     (tmp_path / "out").mkdir()
     code = run_cli(head_argv(tiny_llama_dir, prompts_file, tmp_path / "out"))
     assert_one_line_error(capsys, code, "already exists (pass --overwrite to replace it)")
@@ -466,8 +525,12 @@ def test_the_committed_default_head_is_made_for_the_embedded_model_with_its_reco
 
     folder = EMBEDDED_VALUE_HEAD_DIR
     config = json.loads((embedded_model_dir / "config.json").read_text())
-    loaded = load_value_head(folder, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-                             base_weights_digest=weights_digest(embedded_model_dir))
+    loaded = load_value_head(
+        folder,
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        base_weights_digest=weights_digest(embedded_model_dir),
+    )
     manifest = loaded.manifest
     assert sum(f.stat().st_size for f in folder.iterdir()) <= 10 * 2**20
     assert manifest["reward"] == "positivity" and manifest["top_k"] == 10

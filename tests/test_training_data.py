@@ -100,9 +100,7 @@ def char_ratio(a: str, b: str) -> float:
 
 def is_near_duplicate(a: str, b: str) -> bool:
     return (
-        jaccard(a, b) >= JACCARD_MAX
-        or word_edit_distance(a, b) < WORD_EDIT_MIN
-        or char_ratio(a, b) >= CHAR_RATIO_MAX
+        jaccard(a, b) >= JACCARD_MAX or word_edit_distance(a, b) < WORD_EDIT_MIN or char_ratio(a, b) >= CHAR_RATIO_MAX
     )
 
 

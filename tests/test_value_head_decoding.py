@@ -42,8 +42,9 @@ def test_a_head_request_is_admitted_as_plain_decoding_and_has_its_own_metric_lab
 def test_a_server_without_a_head_refuses_value_head_with_what_to_set(tiny_hf_engine):
     generation = Generation(tiny_hf_engine, RewardRegistry({}), Settings(value_head="none"))
     with pytest.raises(InvalidRequestError, match="ALIGND_VALUE_HEAD") as caught:
-        generation.plan(Prompt((1, 2, 3)), GenerationParams(max_tokens=4),
-                        DecodingConfig(method="transfer_q", value="head"))
+        generation.plan(
+            Prompt((1, 2, 3)), GenerationParams(max_tokens=4), DecodingConfig(method="transfer_q", value="head")
+        )
     assert caught.value.param == "decoding.value"
 
 
@@ -85,11 +86,13 @@ def test_the_head_s_baseline_is_found_by_its_weights_not_by_its_name(tiny_hf_eng
     trained = _tensors(tmp_path / "trained", 1.0)
     copy = shutil.copytree(trained, tmp_path / "elsewhere")
     other = _tensors(tmp_path / "other", 2.0)
-    registry = BaselineRegistry({
-        "default": Baseline("default", "adapter", Policy(tiny_hf_engine, "default"), str(other)),
-        "mine": Baseline("mine", "adapter", Policy(tiny_hf_engine, "mine"), str(copy)),
-        "prompted": Baseline("prompted", "prompted", Policy(tiny_hf_engine, "prompted", "Be kind."), "Be kind."),
-    })
+    registry = BaselineRegistry(
+        {
+            "default": Baseline("default", "adapter", Policy(tiny_hf_engine, "default"), str(other)),
+            "mine": Baseline("mine", "adapter", Policy(tiny_hf_engine, "mine"), str(copy)),
+            "prompted": Baseline("prompted", "prompted", Policy(tiny_hf_engine, "prompted", "Be kind."), "Be kind."),
+        }
+    )
     generation = _HeadedGeneration(tiny_hf_engine, RewardRegistry({}), Settings(value_head="none"), registry)
     head = {"name": "default", "kind": "adapter", "source": str(trained), "weights_digest": weights_digest(trained)}
     generation.manifest = {"reward": "positivity", "baseline": head}
@@ -100,8 +103,11 @@ def test_the_head_s_baseline_is_found_by_its_weights_not_by_its_name(tiny_hf_eng
 
     def refused(baseline: str) -> InvalidRequestError:
         with pytest.raises(InvalidRequestError) as caught:
-            generation.plan(Prompt((1, 2, 3)), GenerationParams(max_tokens=4),
-                            DecodingConfig(method="transfer_q", value="head", baseline=baseline))
+            generation.plan(
+                Prompt((1, 2, 3)),
+                GenerationParams(max_tokens=4),
+                DecodingConfig(method="transfer_q", value="head", baseline=baseline),
+            )
         assert caught.value.param == "decoding.baseline"
         return caught.value
 
@@ -111,6 +117,8 @@ def test_the_head_s_baseline_is_found_by_its_weights_not_by_its_name(tiny_hf_eng
     assert generation.head_baseline() == (None, "default (adapter, not served here)")
     assert "not served here" in str(refused("mine"))
 
-    generation.manifest = {"reward": "positivity",
-                           "baseline": {"name": "kind", "kind": "prompted", "source": "Be kind."}}
+    generation.manifest = {
+        "reward": "positivity",
+        "baseline": {"name": "kind", "kind": "prompted", "source": "Be kind."},
+    }
     assert generation.head_baseline() == ("prompted", "prompted")

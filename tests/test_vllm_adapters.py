@@ -29,15 +29,17 @@ def assert_scores_like_transformers_merged(adapted, base, merged_hf, loop_thread
     on_vllm = loop_thread.run(adapted.continuation_logprobs([prefix], [answer]))[0]
     on_hf = loop_thread.run(merged_hf.continuation_logprobs([prefix], [answer]))[0]
     on_base = loop_thread.run(base.continuation_logprobs([prefix], [answer]))[0]
-    effect = sum(abs(a - b) for a, b in zip(on_vllm, on_base)) / len(on_base)
+    effect = sum(abs(a - b) for a, b in zip(on_vllm, on_base, strict=False)) / len(on_base)
     token_tol, mean_tol = TOKEN_TOL, MEAN_TOL
     if not is_exact():
         rounding = bfloat16_token_errors(merged_hf.model, prefix, answer)
         token_tol, mean_tol = 2 * max(rounding), 2 * sum(rounding) / len(rounding)
-        print(f"\nadapted model in bfloat16 vs float32 (transformers): max {max(rounding):.3f}, mean "
-              f"{sum(rounding) / len(rounding):.3f} nats a token; tolerances {token_tol:.3f} / {mean_tol:.3f}; "
-              f"the adapter's effect {effect:.2f}")
-    gaps = [abs(a - b) for a, b in zip(on_vllm, on_hf)]
+        print(
+            f"\nadapted model in bfloat16 vs float32 (transformers): max {max(rounding):.3f}, mean "
+            f"{sum(rounding) / len(rounding):.3f} nats a token; tolerances {token_tol:.3f} / {mean_tol:.3f}; "
+            f"the adapter's effect {effect:.2f}"
+        )
+    gaps = [abs(a - b) for a, b in zip(on_vllm, on_hf, strict=False)]
     assert max(gaps) < token_tol and sum(gaps) / len(gaps) < mean_tol, gaps
     assert effect > 5 * max(MEAN_TOL, mean_tol)  # the adapter did something, far beyond the tolerance
 
@@ -52,10 +54,13 @@ def test_adapter_log_probabilities_agree_between_vllm_and_transformers(
 ):
     from alignd.models.factory import build_adapter_engine
 
-    lora, info, owned = loop_thread.run(build_adapter_engine(vllm_engine, "random", embedded_adapter, embedded_settings))
+    lora, info, owned = loop_thread.run(
+        build_adapter_engine(vllm_engine, "random", embedded_adapter, embedded_settings)
+    )
     assert not owned and info.rank == 8  # a view of the served engine: same weights, batches, cache
-    assert_scores_like_transformers_merged(lora, vllm_engine, hf_embedded_engine.with_adapter("random", str(embedded_adapter)),
-                                           loop_thread)
+    assert_scores_like_transformers_merged(
+        lora, vllm_engine, hf_embedded_engine.with_adapter("random", str(embedded_adapter)), loop_thread
+    )
 
 
 def test_prompt_log_probabilities_batched_beside_generation_and_adapters_keep_the_engine_alive(
@@ -88,7 +93,7 @@ def test_prompt_log_probabilities_batched_beside_generation_and_adapters_keep_th
     assert [len(s) for s in base] == [len(s) for s in adapted] == [len(a) for a in answers]
     # each request was scored with its own weights, batched or not
     assert adapted[0] == pytest.approx(alone, abs=0.05)
-    assert any(abs(a - b) > 0.05 for a, b in zip(base[1], adapted[1]))
+    assert any(abs(a - b) > 0.05 for a, b in zip(base[1], adapted[1], strict=False))
 
 
 def test_the_default_merged_adapter_runs_on_its_own_engine_and_agrees_with_transformers(
@@ -100,13 +105,14 @@ def test_the_default_merged_adapter_runs_on_its_own_engine_and_agrees_with_trans
     from alignd.models.factory import build_adapter_engine
 
     merged_settings = embedded_settings.model_copy(update={"adapter_serving": "merged"})
-    engine, info, owned = loop_thread.run(build_adapter_engine(vllm_engine, "random", embedded_adapter, merged_settings),
-                                          timeout=900)
+    engine, info, owned = loop_thread.run(
+        build_adapter_engine(vllm_engine, "random", embedded_adapter, merged_settings), timeout=900
+    )
     try:
         assert owned and engine is not vllm_engine and info.rank == 8
         assert not engine.info.extra.get("lora")  # a plain engine on merged weights
-        assert_scores_like_transformers_merged(engine, vllm_engine,
-                                               hf_embedded_engine.with_adapter("random", str(embedded_adapter)),
-                                               loop_thread)
+        assert_scores_like_transformers_merged(
+            engine, vllm_engine, hf_embedded_engine.with_adapter("random", str(embedded_adapter)), loop_thread
+        )
     finally:
         loop_thread.run(engine.shutdown())

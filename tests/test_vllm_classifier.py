@@ -22,8 +22,10 @@ ITEMS = [
     RewardItem("No.", prompt="Can you help me?"),
     RewardItem("Paris is the capital of France.", prompt="What is the capital of France?"),
     RewardItem("I refuse to answer that.", prompt="What is 2+2?"),
-    RewardItem("Rain falls from clouds when droplets grow heavy.", messages=(
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why does it rain?"})),
+    RewardItem(
+        "Rain falls from clouds when droplets grow heavy.",
+        messages=({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why does it rain?"}),
+    ),
 ]
 
 
@@ -57,7 +59,7 @@ def test_pooling_runner_matches_transformers(classifier_135m, loop_thread):
         return served, reference, cut
 
     served, reference, cut = loop_thread.run(both())
-    for a, b in zip(served, reference):
+    for a, b in zip(served, reference, strict=False):
         assert a == pytest.approx(b, abs=1e-3)
     assert sorted(range(len(ITEMS)), key=served.__getitem__) == sorted(range(len(ITEMS)), key=reference.__getitem__)
     assert cut.truncated

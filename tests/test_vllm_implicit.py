@@ -10,12 +10,12 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from support import TINY_ADAPTER_BETA as BETA
+from support import TINY_SERVED_NAME
 
 from alignd.errors import ConfigurationError
 from alignd.models.baseline_stack import IMPLICIT, VALUE_KEY, BaselineStack
 from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY, prepare_value_guided_folder
-from support import TINY_ADAPTER_BETA as BETA
-from support import TINY_SERVED_NAME
 
 pytestmark = pytest.mark.vllm
 
@@ -46,8 +46,10 @@ class HandRule:
     @torch.no_grad()
     def logprobs(self, prefix: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.tensor([list(prefix)])
-        return (torch.log_softmax(self.sft(ids).logits[0, -1].float(), -1),
-                torch.log_softmax(self.baseline(ids).logits[0, -1].float(), -1))
+        return (
+            torch.log_softmax(self.sft(ids).logits[0, -1].float(), -1),
+            torch.log_softmax(self.baseline(ids).logits[0, -1].float(), -1),
+        )
 
     def choice(self, prefix: Sequence[int], alpha: float, top_k: int) -> int:
         sft, baseline = self.logprobs(prefix)
@@ -93,8 +95,7 @@ def greedy(extra_args: dict | None = None):
 
 
 def generate(llm, requests) -> list[list[int]]:
-    outs = llm.generate([{"prompt_token_ids": list(p)} for p, _ in requests], [s for _, s in requests],
-                        use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": list(p)} for p, _ in requests], [s for _, s in requests], use_tqdm=False)
     return [list(out.outputs[0].token_ids) for out in outs]
 
 
@@ -102,30 +103,42 @@ class TestInEngine:
     def test_at_alpha_beta_over_the_vocabulary_it_is_the_merged_baseline(self, llm, hand, prompts):
         answers = generate(llm, [(p, greedy(implicit(BETA, 0))) for p in prompts])
         changed = 0
-        for prompt, tokens in zip(prompts, answers):
+        for prompt, tokens in zip(prompts, answers, strict=False):
             assert tokens == hand.greedy(hand.baseline, prompt, STEPS)
             changed += tokens != hand.greedy(hand.sft, prompt, STEPS)
         assert changed >= 2, "the adapter should change most greedy answers, or this test shows nothing"
 
     @pytest.mark.parametrize(("alpha", "top_k"), [(0.05, 5), (1.0, 5), (0.1, 0)])
     def test_every_step_is_the_rule_by_hand(self, llm, hand, prompts, alpha, top_k):
-        for prompt, tokens in zip(prompts, generate(llm, [(p, greedy(implicit(alpha, top_k))) for p in prompts])):
+        for prompt, tokens in zip(
+            prompts, generate(llm, [(p, greedy(implicit(alpha, top_k))) for p in prompts]), strict=False
+        ):
             for t, token in enumerate(tokens):
                 assert token == hand.choice([*prompt, *tokens[:t]], alpha, top_k), (prompt, t)
 
     def test_a_mixed_batch_keeps_plain_rows_exact_and_each_request_its_own_alpha(self, llm, hand, prompts):
         alone = [generate(llm, [(prompts[1], greedy(implicit(a, 5)))])[0] for a in (0.05, 1.0)]
         assert alone[0] != alone[1], "the two alphas should decode differently, or this test shows nothing"
-        batch = generate(llm, [*[(p, greedy()) for p in prompts], (prompts[1], greedy(implicit(0.05, 5))),
-                               (prompts[1], greedy(implicit(1.0, 5)))])
+        batch = generate(
+            llm,
+            [
+                *[(p, greedy()) for p in prompts],
+                (prompts[1], greedy(implicit(0.05, 5))),
+                (prompts[1], greedy(implicit(1.0, 5))),
+            ],
+        )
         assert batch[: len(prompts)] == [hand.greedy(hand.sft, p, STEPS) for p in prompts]
-        assert batch[len(prompts):] == alone
+        assert batch[len(prompts) :] == alone
 
     def test_bad_values_are_refused_naming_the_key(self, llm, prompts):
         from vllm.exceptions import VLLMValidationError
 
-        for extra, key in (({VALUE_KEY: "rollouts", ALPHA_KEY: 1.0}, VALUE_KEY), (implicit(0.0, 5), ALPHA_KEY),
-                           ({VALUE_KEY: IMPLICIT, TOP_K_KEY: 3}, ALPHA_KEY), ({ALPHA_KEY: 1.0, TOP_K_KEY: 0}, TOP_K_KEY)):
+        for extra, key in (
+            ({VALUE_KEY: "rollouts", ALPHA_KEY: 1.0}, VALUE_KEY),
+            (implicit(0.0, 5), ALPHA_KEY),
+            ({VALUE_KEY: IMPLICIT, TOP_K_KEY: 3}, ALPHA_KEY),
+            ({ALPHA_KEY: 1.0, TOP_K_KEY: 0}, TOP_K_KEY),
+        ):
             with pytest.raises(VLLMValidationError, match=key):
                 generate(llm, [(prompts[0], greedy(extra))])
         assert generate(llm, [(prompts[0], greedy(implicit(BETA, 0)))])  # still serving
@@ -145,9 +158,15 @@ def implicit_server(tiny_vllm_dir, tiny_dpo_adapter, tmp_path_factory):
     own), its implicit values computed in the served engine's step (ALIGND_IMPLICIT_IN_ENGINE), float32."""
     from support import ServerProcess, tiny_server_env
 
-    env = {**tiny_server_env(tiny_vllm_dir), "ALIGND_DTYPE": "float32", "ALIGND_BASELINE_ADAPTER": str(tiny_dpo_adapter),
-           "ALIGND_ADAPTER_SERVING": "merged", "ALIGND_VALUE_HEAD": "none", "ALIGND_IMPLICIT_IN_ENGINE": "true",
-           "ALIGND_CACHE_DIR": str(tmp_path_factory.mktemp("server-cache"))}
+    env = {
+        **tiny_server_env(tiny_vllm_dir),
+        "ALIGND_DTYPE": "float32",
+        "ALIGND_BASELINE_ADAPTER": str(tiny_dpo_adapter),
+        "ALIGND_ADAPTER_SERVING": "merged",
+        "ALIGND_VALUE_HEAD": "none",
+        "ALIGND_IMPLICIT_IN_ENGINE": "true",
+        "ALIGND_CACHE_DIR": str(tmp_path_factory.mktemp("server-cache")),
+    }
     with ServerProcess(env) as server:
         server.wait_ready(timeout=600)
         yield server
@@ -170,7 +189,7 @@ def test_alignd_computes_implicit_values_in_its_engine_step_as_it_does_outside(i
     url = implicit_server.base_url
     default = next(c for c in httpx.get(url + "/v1/baselines").json()["data"] if c["name"] == "default")
     assert default["implicit_q"]["beta"] == BETA
-    for text, prompt in zip(PROMPT_TEXTS[:3], prompts):
+    for text, prompt in zip(PROMPT_TEXTS[:3], prompts, strict=False):
         for knobs in ({"alpha": 0.05, "top_k": 5}, {"top_k": 0}):
             decoding = {"method": "transfer_q", "value": "implicit", **knobs}
             in_engine = answer(text, decoding)
@@ -192,10 +211,12 @@ def test_stock_vllm_serve_answers_the_openai_client_with_implicit_values(tiny_st
 
     server = tiny_stock_vllm_serve
     with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+
         def complete(prompt: Sequence[int], xargs: dict | None) -> list[int]:
             extra = {"ignore_eos": True, "return_token_ids": True} | ({"vllm_xargs": xargs} if xargs else {})
-            reply = client.completions.create(model=TINY_SERVED_NAME, prompt=list(prompt), max_tokens=STEPS,
-                                              temperature=0, extra_body=extra)
+            reply = client.completions.create(
+                model=TINY_SERVED_NAME, prompt=list(prompt), max_tokens=STEPS, temperature=0, extra_body=extra
+            )
             return list(reply.choices[0].token_ids)
 
         for prompt in prompts[:2]:

@@ -25,6 +25,14 @@ import lint_imports
 import pytest
 import torch
 from scipy.stats import chi2
+from support import (
+    TINY_HEAD_BASE_NAME,
+    TINY_HEAD_REWARD,
+    TINY_SERVED_NAME,
+    ManagedProcess,
+    random_value_head,
+    save_tiny_head,
+)
 
 from alignd.decoding.rule import reweight, transfer_q_logits
 from alignd.errors import ConfigurationError
@@ -40,9 +48,6 @@ from alignd.models.value_head import (
     prepare_value_guided_folder,
     save_value_head,
 )
-
-from support import (TINY_HEAD_BASE_NAME, TINY_HEAD_REWARD, TINY_SERVED_NAME, ManagedProcess,
-                     random_value_head, save_tiny_head)
 
 pytestmark = pytest.mark.vllm
 
@@ -146,7 +151,9 @@ def test_transfer_q_logits_is_reweight_batched():
     for row, k in enumerate((5, 5, 3)):
         ids = candidate_ids[row, :k].tolist()
         rule = reweight(ids, sft[row, ids].tolist(), values[row, :k].tolist(), float(alpha[row]))
-        assert torch.softmax(new[row], dim=-1)[ids].tolist() == pytest.approx([math.exp(lp) for lp in rule.logprobs], abs=1e-6)
+        assert torch.softmax(new[row], dim=-1)[ids].tolist() == pytest.approx(
+            [math.exp(lp) for lp in rule.logprobs], abs=1e-6
+        )
         outside = torch.ones(20, dtype=torch.bool)
         outside[ids] = False
         assert torch.isneginf(new[row, outside]).all()
@@ -176,8 +183,9 @@ def test_request_keys_are_checked_with_messages_that_say_what_to_send():
 
 
 # ---------------------------------------------------------------------------- the prepared folder
-def test_prepared_folder_links_the_base_and_names_the_class_and_the_head(base_dir, head_dir, served_dir,
-                                                                        tiny_baseline_stack):
+def test_prepared_folder_links_the_base_and_names_the_class_and_the_head(
+    base_dir, head_dir, served_dir, tiny_baseline_stack
+):
     config = json.loads((served_dir / "config.json").read_text())
     assert config["architectures"] == [VALUE_GUIDED_ARCHITECTURE]
     assert config[CONFIG_HEAD_KEY] == str(head_dir.resolve())
@@ -195,8 +203,9 @@ def test_prepared_folder_links_the_base_and_names_the_class_and_the_head(base_di
 
 def test_prepared_folder_is_replaced_whole_and_never_overwrites_a_foreign_folder(base_dir, head_dir, tmp_path):
     out = prepare_value_guided_folder(base_dir, head_dir, tmp_path / "tq")
-    other_head = save_head(random_head(64, json.loads((base_dir / "config.json").read_text())["vocab_size"], seed=2),
-                           tmp_path / "head-2")
+    other_head = save_head(
+        random_head(64, json.loads((base_dir / "config.json").read_text())["vocab_size"], seed=2), tmp_path / "head-2"
+    )
     again = prepare_value_guided_folder(base_dir, other_head, tmp_path / "tq")  # another head: re-made
     assert again == out and json.loads((out / "config.json").read_text())[CONFIG_HEAD_KEY] == str(other_head.resolve())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head-2", "tq"]
@@ -216,8 +225,11 @@ def test_a_head_for_another_model_is_refused_naming_both(base_dir, tmp_path):
             prepare_value_guided_folder(base_dir, folder, tmp_path / "out")
         assert BASE_NAME in refused.value.message and str(base_dir.resolve()) in refused.value.message
         assert not (tmp_path / "out").exists()
-    other_weights = save_value_head(random_head(64, vocab), tmp_path / "other-weights",
-                                    {"base_model": {"name": BASE_NAME, "weights_digest": "f" * 64}})
+    other_weights = save_value_head(
+        random_head(64, vocab),
+        tmp_path / "other-weights",
+        {"base_model": {"name": BASE_NAME, "weights_digest": "f" * 64}},
+    )
     with pytest.raises(ConfigurationError, match="weights ffffffffffff") as refused:
         prepare_value_guided_folder(base_dir, other_weights, tmp_path / "out", base_weights_digest="0" * 64)
     assert "000000000000" in refused.value.message
@@ -226,9 +238,16 @@ def test_a_head_for_another_model_is_refused_naming_both(base_dir, tmp_path):
 # ---------------------------------------------------------------------------- the layering contract bites
 WRONG_IMPORTS = {
     "the plugin imports the settings": ("alignd.vllm_plugin.model", "import alignd.settings", "vllm-plugin"),
-    "the plugin imports another models module": ("alignd.vllm_plugin.scoring", "import alignd.models.weights", "vllm-plugin"),
-    "value_head imports another models module": ("alignd.models.value_head", "import alignd.models.weights",
-                                                 "vllm-plugin-closure"),
+    "the plugin imports another models module": (
+        "alignd.vllm_plugin.scoring",
+        "import alignd.models.weights",
+        "vllm-plugin",
+    ),
+    "value_head imports another models module": (
+        "alignd.models.value_head",
+        "import alignd.models.weights",
+        "vllm-plugin-closure",
+    ),
     "rule imports the rewards": ("alignd.decoding.rule", "import alignd.rewards.base", "vllm-plugin-closure"),
     "alignd imports the plugin": ("alignd.models.engine", "import alignd.vllm_plugin", "vllm-plugin-private"),
 }
@@ -238,8 +257,10 @@ WRONG_IMPORTS = {
 def test_a_wrong_import_breaks_the_plugin_contracts(case, tmp_path):
     import tomllib
 
-    names = {c["id"]: c["name"] for c in tomllib.loads((lint_imports.REPO / "pyproject.toml").read_text())
-             ["tool"]["importlinter"]["contracts"]}
+    names = {
+        c["id"]: c["name"]
+        for c in tomllib.loads((lint_imports.REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    }
     module, wrong, contract = WRONG_IMPORTS[case]
     tree = lint_imports.build_tree(tmp_path)
     real = tree.joinpath(*module.split(".")).with_suffix(".py").resolve().read_text()
@@ -252,7 +273,9 @@ def test_a_wrong_import_breaks_the_plugin_contracts(case, tmp_path):
 def engine_config(model_dir: Path):
     from vllm.engine.arg_utils import EngineArgs
 
-    return EngineArgs(model=str(model_dir), dtype="float32", max_model_len=256, enforce_eager=True).create_engine_config()
+    return EngineArgs(
+        model=str(model_dir), dtype="float32", max_model_len=256, enforce_eager=True
+    ).create_engine_config()
 
 
 def test_a_model_without_a_head_refuses_the_keys_at_admission(base_dir):
@@ -276,8 +299,9 @@ def test_a_model_without_a_head_refuses_the_keys_at_admission(base_dir):
         admit(SamplingParams(max_tokens=2, extra_args=tq(-1)))
 
 
-def test_the_model_class_refuses_a_foreign_head_and_model_runner_v2_at_start(base_dir, served_dir, tmp_path,
-                                                                             monkeypatch):
+def test_the_model_class_refuses_a_foreign_head_and_model_runner_v2_at_start(
+    base_dir, served_dir, tmp_path, monkeypatch
+):
     """What the value-guided class checks when vLLM builds it, before loading any weight (a folder edited by
     hand past prepare_value_guided_folder's own check)."""
     from alignd.vllm_plugin.model import load_head_for, refuse_unsupported_engines
@@ -354,13 +378,13 @@ class TestInEngine:
     def test_greedy_decoding_is_the_rule_at_every_step(self, llm, hand_rule, prompts):
         outs = generate(llm, [(p, greedy(tq(SMALL_ALPHA, 5), logprobs=1)) for p in prompts])
         changed = 0
-        for prompt, out in zip(prompts, outs):
+        for prompt, out in zip(prompts, outs, strict=False):
             tokens = list(out.outputs[0].token_ids)
             assert len(tokens) == STEPS
             hand_rule.check_greedy_path(prompt, tokens, SMALL_ALPHA, 5)
             changed += tokens != hand_rule.plain_greedy(prompt, STEPS)
             # the logprobs vLLM returns are the model's own, taken before any logits processor
-            for t, (token, position) in enumerate(zip(tokens, out.outputs[0].logprobs)):
+            for t, (token, position) in enumerate(zip(tokens, out.outputs[0].logprobs, strict=False)):
                 _, _, sft_logprobs = hand_rule.step([*prompt, *tokens[:t]], 1.0, 1)
                 assert position[token].logprob == pytest.approx(float(sft_logprobs[token]), abs=1e-4)
         assert changed, "precondition: the head changes some answers at this alpha"
@@ -375,24 +399,30 @@ class TestInEngine:
         long_prompt = [t for p in prompts for t in p]
         plain_only = generate(llm, [(p, greedy(logprobs=3)) for p in prompts])
         batch = [
-            *[(p, greedy(logprobs=3)) for p in prompts],                               # 0-3 plain
-            (prompts[1], greedy(tq(SMALL_ALPHA, 5))),                                   # 4
-            (prompts[1], greedy(tq(1.0, 5))),                                           # 5 another alpha
-            (prompts[2], greedy(tq(SMALL_ALPHA, 2))),                                   # 6 another k
-            (prompts[3], greedy(tq(SMALL_ALPHA, MAX_TOP_K), prompt_logprobs=1)),       # 7 with prompt logprobs
-            (long_prompt, SamplingParams(max_tokens=1, prompt_logprobs=2)),            # 8 prompt logprobs only
-            (prompts[0], greedy(tq(SMALL_ALPHA, 5))),                                   # 9
+            *[(p, greedy(logprobs=3)) for p in prompts],  # 0-3 plain
+            (prompts[1], greedy(tq(SMALL_ALPHA, 5))),  # 4
+            (prompts[1], greedy(tq(1.0, 5))),  # 5 another alpha
+            (prompts[2], greedy(tq(SMALL_ALPHA, 2))),  # 6 another k
+            (prompts[3], greedy(tq(SMALL_ALPHA, MAX_TOP_K), prompt_logprobs=1)),  # 7 with prompt logprobs
+            (long_prompt, SamplingParams(max_tokens=1, prompt_logprobs=2)),  # 8 prompt logprobs only
+            (prompts[0], greedy(tq(SMALL_ALPHA, 5))),  # 9
         ]
         outs = generate(llm, batch)
 
         for row in range(4):
             tokens = list(outs[row].outputs[0].token_ids)
             assert tokens == list(plain_only[row].outputs[0].token_ids) == hand_rule.plain_greedy(prompts[row], STEPS)
-            for mixed, alone in zip(outs[row].outputs[0].logprobs, plain_only[row].outputs[0].logprobs):
+            for mixed, alone in zip(outs[row].outputs[0].logprobs, plain_only[row].outputs[0].logprobs, strict=False):
                 assert {t: lp.logprob for t, lp in mixed.items()} == pytest.approx(
-                    {t: lp.logprob for t, lp in alone.items()}, abs=1e-5)
-        for row, (alpha, k) in {4: (SMALL_ALPHA, 5), 5: (1.0, 5), 6: (SMALL_ALPHA, 2), 7: (SMALL_ALPHA, MAX_TOP_K),
-                                9: (SMALL_ALPHA, 5)}.items():
+                    {t: lp.logprob for t, lp in alone.items()}, abs=1e-5
+                )
+        for row, (alpha, k) in {
+            4: (SMALL_ALPHA, 5),
+            5: (1.0, 5),
+            6: (SMALL_ALPHA, 2),
+            7: (SMALL_ALPHA, MAX_TOP_K),
+            9: (SMALL_ALPHA, 5),
+        }.items():
             hand_rule.check_greedy_path(batch[row][0], list(outs[row].outputs[0].token_ids), alpha, k)
         assert outs[4].outputs[0].token_ids != outs[5].outputs[0].token_ids, "precondition: the alphas disagree"
         # prompt log-probabilities are the plain model's, undisturbed by the rows scored beside them
@@ -412,19 +442,31 @@ class TestInEngine:
         probabilities = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0)
         expected = (probabilities * draws).tolist()
         assert min(expected) >= 5, f"precondition: every candidate is drawn often enough ({expected})"
-        outs = generate(llm, [(prompt, SamplingParams(temperature=1.0, max_tokens=1, seed=seed, extra_args=tq(alpha, k)))
-                              for seed in range(draws)])
+        outs = generate(
+            llm,
+            [
+                (prompt, SamplingParams(temperature=1.0, max_tokens=1, seed=seed, extra_args=tq(alpha, k)))
+                for seed in range(draws)
+            ],
+        )
         counts = Counter(out.outputs[0].token_ids[0] for out in outs)
         assert set(counts) <= set(candidates)
         observed = [counts[z] for z in candidates]
-        stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+        stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=False))
         assert stat < chi2.ppf(0.999, df=k - 1), (observed, expected)
 
     def test_bad_values_are_refused_and_the_engine_keeps_serving(self, llm, hand_rule, prompts):
         from vllm.exceptions import VLLMValidationError
 
-        for bad, key in ((0, ALPHA_KEY), (-0.5, ALPHA_KEY), (math.nan, ALPHA_KEY), ("1", ALPHA_KEY),
-                         (tq(1.0, 0), TOP_K_KEY), (tq(1.0, MAX_TOP_K + 1), TOP_K_KEY), (tq(1.0, 1.5), TOP_K_KEY)):
+        for bad, key in (
+            (0, ALPHA_KEY),
+            (-0.5, ALPHA_KEY),
+            (math.nan, ALPHA_KEY),
+            ("1", ALPHA_KEY),
+            (tq(1.0, 0), TOP_K_KEY),
+            (tq(1.0, MAX_TOP_K + 1), TOP_K_KEY),
+            (tq(1.0, 1.5), TOP_K_KEY),
+        ):
             extra_args = bad if isinstance(bad, dict) else tq(bad)
             with pytest.raises(VLLMValidationError, match=key):
                 generate(llm, [(prompts[0], greedy(extra_args))])
@@ -442,10 +484,12 @@ def test_stock_vllm_serve_answers_the_openai_client_value_guided(vllm_serve, han
     import openai
 
     with openai.OpenAI(base_url=vllm_serve.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+
         def complete(prompt: Sequence[int], xargs: dict | None) -> list[int]:
             extra = {"ignore_eos": True, "return_token_ids": True} | ({"vllm_xargs": xargs} if xargs else {})
-            reply = client.completions.create(model=TINY_SERVED_NAME, prompt=list(prompt), max_tokens=STEPS, temperature=0,
-                                              extra_body=extra)
+            reply = client.completions.create(
+                model=TINY_SERVED_NAME, prompt=list(prompt), max_tokens=STEPS, temperature=0, extra_body=extra
+            )
             return list(reply.choices[0].token_ids)
 
         for prompt in prompts[:2]:

@@ -93,12 +93,16 @@ def _read_records(path: Path, fields: Sequence[str], what: str) -> list[tuple[in
             raise TrainingInputError(f"{path}:{number}: expected a JSON object with {_listing(fields)}")
         for name in fields:
             if name not in record:
-                raise TrainingInputError(f"{path}:{number}: missing field '{name}' (each line needs {_listing(fields)})")
+                raise TrainingInputError(
+                    f"{path}:{number}: missing field '{name}' (each line needs {_listing(fields)})"
+                )
             value = record[name]
             if name == "id" and isinstance(value, int) and not isinstance(value, bool):
                 record[name] = value = str(value)
             if not isinstance(value, str) or not value.strip():
-                raise TrainingInputError(f"{path}:{number}: field '{name}' must be a non-empty string, got {value!r:.60}")
+                raise TrainingInputError(
+                    f"{path}:{number}: field '{name}' must be a non-empty string, got {value!r:.60}"
+                )
         if record["id"] in seen:
             raise TrainingInputError(
                 f"{path}:{number}: duplicate id '{record['id']}' (first on line {seen[record['id']]})"

@@ -62,9 +62,15 @@ class SamplingOptions:
 
     def check(self) -> None:
         checks = [
-            (self.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (a pair), got {self.samples_per_prompt}"),
+            (
+                self.samples_per_prompt >= 2,
+                f"--samples-per-prompt must be >= 2 (a pair), got {self.samples_per_prompt}",
+            ),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.temperature > 0, f"--sample-temperature must be > 0 (the samples must differ), got {self.temperature}"),
+            (
+                self.temperature > 0,
+                f"--sample-temperature must be > 0 (the samples must differ), got {self.temperature}",
+            ),
             (self.batch_size >= 1, f"--sample-batch-size must be >= 1, got {self.batch_size}"),
             (self.tie_margin >= 0, f"--tie-margin must be >= 0, got {self.tie_margin}"),
         ]
@@ -88,8 +94,9 @@ class DPORun:
 
 # ---------------------------------------------------------------------------- rewards
 def _unknown_reward(name: str, known: list[str]) -> TrainingInputError:
-    return TrainingInputError(f"unknown reward '{name}'; known rewards: {', '.join(sorted(known))} "
-                              "(more through ALIGND_REWARDS)")
+    return TrainingInputError(
+        f"unknown reward '{name}'; known rewards: {', '.join(sorted(known))} (more through ALIGND_REWARDS)"
+    )
 
 
 def precheck_reward(settings: Settings, name: str) -> None:
@@ -110,8 +117,9 @@ def precheck_reward(settings: Settings, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------- sampling
-async def _sample_and_score(run: DPORun, engine_settings: Settings, prompts: list[PromptRecord],
-                            samples_file: Path, done: set[str]) -> None:
+async def _sample_and_score(
+    run: DPORun, engine_settings: Settings, prompts: list[PromptRecord], samples_file: Path, done: set[str]
+) -> None:
     from alignd.errors import RewardNotFoundError
     from alignd.models.factory import open_engine
     from alignd.rewards.base import RewardItem
@@ -128,10 +136,16 @@ async def _sample_and_score(run: DPORun, engine_settings: Settings, prompts: lis
                 raise _unknown_reward(run.reward, registry.names()) from None
             context = engine.info.max_model_len
             finished = sum(p.id in done for p in prompts)
-            sampling_bar = tqdm(total=len(prompts), initial=finished, desc="sampling", unit="prompt",
-                                disable=not run.progress)
-            scoring_bar = tqdm(total=len(prompts) * n, initial=finished * n, desc=f"scoring ({run.reward})",
-                               unit="sample", disable=not run.progress)
+            sampling_bar = tqdm(
+                total=len(prompts), initial=finished, desc="sampling", unit="prompt", disable=not run.progress
+            )
+            scoring_bar = tqdm(
+                total=len(prompts) * n,
+                initial=finished * n,
+                desc=f"scoring ({run.reward})",
+                unit="sample",
+                disable=not run.progress,
+            )
             with sampling_bar, scoring_bar:
                 for start in range(0, len(prompts), opts.batch_size):
                     batch = [p for p in prompts[start : start + opts.batch_size] if p.id not in done]
@@ -139,32 +153,43 @@ async def _sample_and_score(run: DPORun, engine_settings: Settings, prompts: lis
                         continue
                     began = time.perf_counter()
                     prefixes = [engine.render_chat(p.chat()) for p in batch]
-                    for p, prefix in zip(batch, prefixes):
+                    for p, prefix in zip(batch, prefixes, strict=False):
                         if len(prefix) + opts.max_new_tokens > context:
                             raise TrainingInputError(
                                 f"{run.prompts_file}:{p.line}: prompt '{p.id}' is {len(prefix)} tokens; with "
                                 f"--max-new-tokens {opts.max_new_tokens} it exceeds the model's context of {context}"
                             )
                     # One engine call for the whole batch: every prompt's n samples at once.
-                    rollouts = await engine.rollouts(prefixes, n, opts.max_new_tokens, opts.temperature,
-                                                     seed=run.training.seed + start * n)
+                    rollouts = await engine.rollouts(
+                        prefixes, n, opts.max_new_tokens, opts.temperature, seed=run.training.seed + start * n
+                    )
                     sampling_bar.update(len(batch))
-                    items = [RewardItem(response=r.text, prompt=p.prompt) for p, rs in zip(batch, rollouts) for r in rs]
+                    items = [
+                        RewardItem(response=r.text, prompt=p.prompt)
+                        for p, rs in zip(batch, rollouts, strict=False)
+                        for r in rs
+                    ]
                     scores = await reward.score(items, truncate=True)
                     scoring_bar.update(len(items))
                     seconds = (time.perf_counter() - began) / len(batch)
                     records = []
-                    for i, (p, rs) in enumerate(zip(batch, rollouts)):
-                        records.append({
-                            "id": p.id,
-                            "prompt": p.prompt,
-                            "seconds": round(seconds, 4),
-                            "samples": [
-                                {"text": r.text, "tokens": len(r.token_ids), "finish_reason": r.finish_reason,
-                                 "reward": scores[i * n + j].value}
-                                for j, r in enumerate(rs)
-                            ],
-                        })
+                    for i, (p, rs) in enumerate(zip(batch, rollouts, strict=False)):
+                        records.append(
+                            {
+                                "id": p.id,
+                                "prompt": p.prompt,
+                                "seconds": round(seconds, 4),
+                                "samples": [
+                                    {
+                                        "text": r.text,
+                                        "tokens": len(r.token_ids),
+                                        "finish_reason": r.finish_reason,
+                                        "reward": scores[i * n + j].value,
+                                    }
+                                    for j, r in enumerate(rs)
+                                ],
+                            }
+                        )
                     append_work_records(samples_file, records)
                     done.update(p.id for p in batch)
         finally:
@@ -198,7 +223,7 @@ def make_pairs(records: list[dict], tie_margin: float) -> tuple[list[PreferenceP
         "chosen_mean": mean(chosen_rewards),
         "rejected_mean": mean(rejected_rewards),
         "samples_mean": mean(all_rewards),
-        "pair_gap_mean": mean([c - r for c, r in zip(chosen_rewards, rejected_rewards)]),
+        "pair_gap_mean": mean([c - r for c, r in zip(chosen_rewards, rejected_rewards, strict=False)]),
     }
     return pairs, ties, stats
 
@@ -271,8 +296,9 @@ def run_dpo(run: DPORun) -> Path:
         pairs_file = workspace.partial / "pairs.jsonl"
         pairs_file.unlink(missing_ok=True)
         append_work_records(pairs_file, [asdict(p) for p in pairs])
-        ids, selection = select_for_training(settings, pairs_file, run.select, workspace.partial,
-                                             seed=run.training.seed, progress=run.progress)
+        ids, selection = select_for_training(
+            settings, pairs_file, run.select, workspace.partial, seed=run.training.seed, progress=run.progress
+        )
         keep = set(ids)
         pairs = [p for p in pairs if p.id in keep]
         logger.info("training on %d of %d pairs (--select %s)", len(pairs), all_pairs, select)
@@ -293,9 +319,13 @@ def run_dpo(run: DPORun) -> Path:
             "pairs_before_selection": all_pairs,
             "ties_skipped": ties,
             "tie_margin": run.sampling.tie_margin,
-            "sampling": {"engine": settings.engine, "max_new_tokens": run.sampling.max_new_tokens,
-                         "temperature": run.sampling.temperature, "batch_size": run.sampling.batch_size,
-                         "seed": run.training.seed},
+            "sampling": {
+                "engine": settings.engine,
+                "max_new_tokens": run.sampling.max_new_tokens,
+                "temperature": run.sampling.temperature,
+                "batch_size": run.sampling.batch_size,
+                "seed": run.training.seed,
+            },
         },
         "metrics": {
             **result.metrics,

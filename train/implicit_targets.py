@@ -33,14 +33,13 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from alignd.models.baseline_stack import IMPLICIT_KINDS
-from alignd.train.data import PromptRecord, TrainingInputError, append_work_records, read_work_file
+from alignd.train.data import TrainingInputError, append_work_records, read_work_file
 
 if TYPE_CHECKING:
     import torch
 
     from alignd.settings import Settings
     from alignd.train.value_head import StateSlot, _MadeData, _RunContext
-
 
 
 @dataclass(frozen=True)
@@ -59,45 +58,79 @@ def implicit_baseline(name: str, kind: str, source: str, manifest: dict) -> Impl
     the server's ``Baseline.implicit_form``; the base weights digest was checked when the adapter loaded)."""
     use = "use --targets rollouts"
     if kind != "adapter":
-        raise TrainingInputError(f"--targets implicit: baseline '{name}' is a {kind} baseline, not an adapter trained "
-                                 f"by 'alignd train dpo|irft' from this model, so it has no implicit Q; {use}")
+        raise TrainingInputError(
+            f"--targets implicit: baseline '{name}' is a {kind} baseline, not an adapter trained "
+            f"by 'alignd train dpo|irft' from this model, so it has no implicit Q; {use}"
+        )
     trained_by = manifest.get("kind")
     if trained_by not in IMPLICIT_KINDS:
-        raise TrainingInputError(f"--targets implicit: adapter '{name}' was not trained by DPO or IRFT (its manifest's "
-                                 f"kind: {trained_by or 'none'}), so its log-ratio to the SFT model is not its Q; {use}")
+        raise TrainingInputError(
+            f"--targets implicit: adapter '{name}' was not trained by DPO or IRFT (its manifest's "
+            f"kind: {trained_by or 'none'}), so its log-ratio to the SFT model is not its Q; {use}"
+        )
     beta = manifest.get("beta")
     if beta is None or not float(beta) > 0:
-        raise TrainingInputError(f"--targets implicit: adapter '{name}': its manifest has no beta > 0, the scale of "
-                                 f"its implicit Q; {use}")
+        raise TrainingInputError(
+            f"--targets implicit: adapter '{name}': its manifest has no beta > 0, the scale of its implicit Q; {use}"
+        )
     if not (manifest.get("base_model") or {}).get("weights_digest"):
-        raise TrainingInputError(f"--targets implicit: adapter '{name}': its manifest records no base-model weights "
-                                 f"digest, so it cannot be checked to be a policy of this model; {use}")
+        raise TrainingInputError(
+            f"--targets implicit: adapter '{name}': its manifest records no base-model weights "
+            f"digest, so it cannot be checked to be a policy of this model; {use}"
+        )
     reward = manifest.get("reward") or f"{name}_implicit"
     return ImplicitBaseline(name, Path(source), float(beta), str(reward), str(trained_by))
 
 
 # ---------------------------------------------------------------------------- answers
-async def _sample(engine_settings: Settings, todo: Sequence[StateSlot], *, answer_len: int, temperature: float,
-                  concurrency: int, answers_file: Path, total: int, progress: bool) -> None:
+async def _sample(
+    engine_settings: Settings,
+    todo: Sequence[StateSlot],
+    *,
+    answer_len: int,
+    temperature: float,
+    concurrency: int,
+    answers_file: Path,
+    total: int,
+    progress: bool,
+) -> None:
     from alignd.models.factory import open_engine
 
     async with open_engine(engine_settings, progress=progress) as engine:
         context = engine.info.max_model_len
         eos = frozenset(engine.info.eos_token_ids)
         pending = iter(todo)
-        bar = tqdm(total=total, initial=total - len(todo), unit="answer", disable=not progress,
-                   desc=f"SFT answers (temperature {temperature:g})")
+        bar = tqdm(
+            total=total,
+            initial=total - len(todo),
+            unit="answer",
+            disable=not progress,
+            desc=f"SFT answers (temperature {temperature:g})",
+        )
 
         async def worker() -> None:
             for slot in pending:  # one shared iterator: each slot goes to one worker
                 prefix = list(engine.render_chat(list(slot.prompt.chat())))
                 if len(prefix) + answer_len > context:
-                    raise TrainingInputError(f"prompt '{slot.prompt.id}' is {len(prefix)} tokens; with --answer-len "
-                                             f"{answer_len} it exceeds the model's context of {context}")
-                answer = (await engine.rollouts([prefix], 1, answer_len, temperature, seed=slot.answer_seed))[0][0].token_ids
-                append_work_records(answers_file, [{
-                    "slot": slot.index, "prompt_id": slot.prompt.id, "prompt_tokens": prefix,
-                    "answer": list(answer), "finished": bool(answer) and answer[-1] in eos}])
+                    raise TrainingInputError(
+                        f"prompt '{slot.prompt.id}' is {len(prefix)} tokens; with --answer-len "
+                        f"{answer_len} it exceeds the model's context of {context}"
+                    )
+                answer = (await engine.rollouts([prefix], 1, answer_len, temperature, seed=slot.answer_seed))[0][
+                    0
+                ].token_ids
+                append_work_records(
+                    answers_file,
+                    [
+                        {
+                            "slot": slot.index,
+                            "prompt_id": slot.prompt.id,
+                            "prompt_tokens": prefix,
+                            "answer": list(answer),
+                            "finished": bool(answer) and answer[-1] in eos,
+                        }
+                    ],
+                )
                 bar.update(1)
 
         with bar:
@@ -109,15 +142,33 @@ async def _sample(engine_settings: Settings, todo: Sequence[StateSlot], *, answe
                 raise failed.exceptions[0] from None
 
 
-def sample_answers(engine_settings: Settings, slots: Sequence[StateSlot], answers_file: Path, *, answer_len: int,
-                   temperature: float, concurrency: int, progress: bool) -> list[dict]:
+def sample_answers(
+    engine_settings: Settings,
+    slots: Sequence[StateSlot],
+    answers_file: Path,
+    *,
+    answer_len: int,
+    temperature: float,
+    concurrency: int,
+    progress: bool,
+) -> list[dict]:
     """The answers of ``slots``, in slot order: those already in ``answers_file`` are kept, the others
     sampled on the served engine (one seeded request each) and appended as they finish."""
     done = {r["slot"] for r in read_work_file(answers_file)}
     todo = [s for s in slots if s.index not in done]
     if todo:
-        asyncio.run(_sample(engine_settings, todo, answer_len=answer_len, temperature=temperature,
-                            concurrency=concurrency, answers_file=answers_file, total=len(slots), progress=progress))
+        asyncio.run(
+            _sample(
+                engine_settings,
+                todo,
+                answer_len=answer_len,
+                temperature=temperature,
+                concurrency=concurrency,
+                answers_file=answers_file,
+                total=len(slots),
+                progress=progress,
+            )
+        )
         gc.collect()  # free the engine now, while the modules its finalizers need are alive (see train/dpo.py)
     by_slot = {r["slot"]: r for r in read_work_file(answers_file)}
     return [by_slot[s.index] for s in slots]
@@ -149,8 +200,17 @@ def _padded(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
-def dense_targets(sft_model, baseline_model, answers: Sequence[dict], *, top_k: int, beta: float, answer_len: int,
-                  batch_size: int = 8, progress: bool = False) -> DenseStates:
+def dense_targets(
+    sft_model,
+    baseline_model,
+    answers: Sequence[dict],
+    *,
+    top_k: int,
+    beta: float,
+    answer_len: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> DenseStates:
     """One forward of each model per batch of answers (right-padded: a causal model's real tokens never
     see the padding). The row of position ``P - 1 + j`` (P prompt tokens) predicts answer token j."""
     import torch
@@ -159,8 +219,15 @@ def dense_targets(sft_model, baseline_model, answers: Sequence[dict], *, top_k: 
     hidden_rows: list[torch.Tensor] = []
     in_top = total = 0
     order = sorted(range(len(answers)), key=lambda i: len(answers[i]["prompt_tokens"]) + len(answers[i]["answer"]))
-    with torch.inference_mode(), tqdm(total=len(order), unit="answer", disable=not progress,
-                                      desc="implicit targets (teacher-forced, transformers float32)") as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(
+            total=len(order),
+            unit="answer",
+            disable=not progress,
+            desc="implicit targets (teacher-forced, transformers float32)",
+        ) as bar,
+    ):
         for start in range(0, len(order), batch_size):
             batch = [answers[i] for i in order[start : start + batch_size]]
             ids, mask = _padded([a["prompt_tokens"] + a["answer"] for a in batch])
@@ -181,11 +248,17 @@ def dense_targets(sft_model, baseline_model, answers: Sequence[dict], *, top_k: 
                 in_top += int((top.indices == sampled[:, None]).any(-1).sum())
                 total += n
                 for pos in range(n):
-                    records.append({
-                        "slot": state_id(answer["slot"], pos, answer_len), "prompt_id": answer["prompt_id"],
-                        "answer_slot": answer["slot"], "position": pos,
-                        "candidates": top.indices[pos].tolist(), "sft_logprobs": top.values[pos].tolist(),
-                        "values": values[pos].tolist()})
+                    records.append(
+                        {
+                            "slot": state_id(answer["slot"], pos, answer_len),
+                            "prompt_id": answer["prompt_id"],
+                            "answer_slot": answer["slot"],
+                            "position": pos,
+                            "candidates": top.indices[pos].tolist(),
+                            "sft_logprobs": top.values[pos].tolist(),
+                            "values": values[pos].tolist(),
+                        }
+                    )
                 hidden_rows.append(h.clone())
             bar.update(len(batch))
     d = int(sft_model.config.get_text_config().hidden_size)
@@ -213,8 +286,14 @@ def _sampling_settings(ctx: _RunContext) -> Settings:
     """The served engine as a plain SFT engine: answers need no baseline, head or baseline stack in it."""
     from alignd.settings import NO_ADAPTER
 
-    return ctx.settings.model_copy(update={"model": str(ctx.model_dir), "value_head": "none",
-                                           "baseline_adapter": NO_ADAPTER, "implicit_in_engine": False})
+    return ctx.settings.model_copy(
+        update={
+            "model": str(ctx.model_dir),
+            "value_head": "none",
+            "baseline_adapter": NO_ADAPTER,
+            "implicit_in_engine": False,
+        }
+    )
 
 
 def _dense(ctx: _RunContext, form: ImplicitBaseline, answers: list[dict]):
@@ -232,8 +311,15 @@ def _dense(ctx: _RunContext, form: ImplicitBaseline, answers: list[dict]):
     if known is not None and stamp.is_file() and json.loads(stamp.read_text()).get("answers") == wanted:
         return read_work_file(partial / STATES_FILE), known, json.loads(stamp.read_text())["sampled_in_top_k"]
     sft, baseline = load_models(ctx.model_dir, form.adapter, Path(ctx.settings.cache_dir).expanduser())
-    dense = dense_targets(sft, baseline, answers, top_k=targets.top_k, beta=form.beta, answer_len=targets.answer_len,
-                          progress=ctx.run.progress)
+    dense = dense_targets(
+        sft,
+        baseline,
+        answers,
+        top_k=targets.top_k,
+        beta=form.beta,
+        answer_len=targets.answer_len,
+        progress=ctx.run.progress,
+    )
     tokens = sorted({z for r in dense.records for z in r["candidates"]})
     with torch.inference_mode():
         table = sft.get_input_embeddings().weight.detach().float()[torch.tensor(tokens)].clone()
@@ -256,31 +342,52 @@ def make_implicit_data(ctx: _RunContext) -> _MadeData:
     form = implicit_baseline(ctx.baseline.name, ctx.baseline.kind, ctx.baseline.source, ctx.baseline.adapter_manifest)
     slots = state_slots(ctx.prompts, targets.answers or len(ctx.prompts), ctx.inputs["seed"])
     began = time.perf_counter()
-    answers = sample_answers(_sampling_settings(ctx), slots, ctx.workspace.partial / ANSWERS_FILE,
-                             answer_len=targets.answer_len, temperature=targets.sample_temperature,
-                             concurrency=targets.concurrency, progress=run.progress)
+    answers = sample_answers(
+        _sampling_settings(ctx),
+        slots,
+        ctx.workspace.partial / ANSWERS_FILE,
+        answer_len=targets.answer_len,
+        temperature=targets.sample_temperature,
+        concurrency=targets.concurrency,
+        progress=run.progress,
+    )
     sampling_s = time.perf_counter() - began
     began = time.perf_counter()
     records, features, in_top_k = _dense(ctx, form, answers)
     if targets.states is not None:
         records = records[: targets.states]  # the first states in slot order (answer, then position)
     return _MadeData(
-        records, features,
-        manifest={"transfer": "direct", "targets": "implicit", "top_k": targets.top_k, "beta": form.beta,
-                  "baseline_trained_by": form.trained_by},
+        records,
+        features,
+        manifest={
+            "transfer": "direct",
+            "targets": "implicit",
+            "top_k": targets.top_k,
+            "beta": form.beta,
+            "baseline_trained_by": form.trained_by,
+        },
         features_check={
             "sampled_token_in_top_k": round(in_top_k, 6),
             "meaning": "the fraction of the sampled answers' tokens that are among the SFT model's top-k at their "
-                       "state in the teacher-forced pass (a misaligned position would drop it to chance); "
-                       "candidates, log-probabilities and h(s) come from that one pass",
+            "state in the teacher-forced pass (a misaligned position would drop it to chance); "
+            "candidates, log-probabilities and h(s) come from that one pass",
         },
-        data={"answers": len(answers), "answers_finished": sum(1 for a in answers if a["finished"]),
-              "states_per_answer": _mean_len(answers), "cut": "every position of each answer (dense)"},
-        notes=[f"targets: beta * (log pi_BL - log pi_SFT) of baseline '{ctx.baseline.name}' ({form.trained_by}, beta "
-               f"{form.beta:g}), its exact token-level Q up to V(s) (decoding.value='implicit'), for the SFT model's "
-               f"top-{targets.top_k} at every state of its own sampled answers, from one teacher-forced pass of each "
-               "model (transformers, float32)"],
-        wall_s={"answers_this_process": round(sampling_s, 3), "targets_and_features": round(time.perf_counter() - began, 3)},
+        data={
+            "answers": len(answers),
+            "answers_finished": sum(1 for a in answers if a["finished"]),
+            "states_per_answer": _mean_len(answers),
+            "cut": "every position of each answer (dense)",
+        },
+        notes=[
+            f"targets: beta * (log pi_BL - log pi_SFT) of baseline '{ctx.baseline.name}' ({form.trained_by}, beta "
+            f"{form.beta:g}), its exact token-level Q up to V(s) (decoding.value='implicit'), for the SFT model's "
+            f"top-{targets.top_k} at every state of its own sampled answers, from one teacher-forced pass of each "
+            "model (transformers, float32)"
+        ],
+        wall_s={
+            "answers_this_process": round(sampling_s, 3),
+            "targets_and_features": round(time.perf_counter() - began, 3),
+        },
     )
 
 

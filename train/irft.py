@@ -87,9 +87,18 @@ class IRFTRun:
     select: tuple | None = None  # ("s2l" | "random", Budget) of --select: train on that subset
 
 
-def generate_negatives(model_dir: Path, adapter_dir: Path | None, demos: list[Demonstration], out_file: Path,
-                       opts: GenerationOptions, seed: int, *, desc: str = "negatives", progress: bool = True,
-                       demonstrations_file: Path | None = None) -> list[dict]:
+def generate_negatives(
+    model_dir: Path,
+    adapter_dir: Path | None,
+    demos: list[Demonstration],
+    out_file: Path,
+    opts: GenerationOptions,
+    seed: int,
+    *,
+    desc: str = "negatives",
+    progress: bool = True,
+    demonstrations_file: Path | None = None,
+) -> list[dict]:
     """One generation y' per demonstration prompt from the policy SFT + ``adapter_dir`` (the SFT model
     alone when None), sampled at ``opts.temperature``, appended to ``out_file`` per batch (batches
     already there are kept). Returns the records ``{"id", "text", "tokens", "finish_reason"}``.
@@ -121,8 +130,9 @@ def generate_negatives(model_dir: Path, adapter_dir: Path | None, demos: list[De
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else tokenizer.eos_token_id])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
     context = getattr(model.config, "max_position_embeddings", None)
-    with tqdm(total=len(demos), initial=sum(d.id in done for d in demos), desc=desc, unit="prompt",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(demos), initial=sum(d.id in done for d in demos), desc=desc, unit="prompt", disable=not progress
+    ) as bar:
         for start in range(0, len(demos), opts.batch_size):
             batch = [d for d in demos[start : start + opts.batch_size] if d.id not in done]
             if not batch:
@@ -132,7 +142,7 @@ def generate_negatives(model_dir: Path, adapter_dir: Path | None, demos: list[De
             encoded = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
             width = encoded["input_ids"].shape[1]
             if context is not None:
-                for d, mask in zip(batch, encoded["attention_mask"]):
+                for d, mask in zip(batch, encoded["attention_mask"], strict=False):
                     if int(mask.sum()) + opts.max_new_tokens > context:
                         where = f"{demonstrations_file}:{d.line}" if demonstrations_file else f"demonstration '{d.id}'"
                         raise TrainingInputError(
@@ -142,15 +152,26 @@ def generate_negatives(model_dir: Path, adapter_dir: Path | None, demos: list[De
             torch.manual_seed(seed + start)
             with torch.no_grad():
                 output = model.generate(
-                    **encoded, do_sample=True, temperature=opts.temperature, top_k=0, top_p=1.0,
-                    max_new_tokens=opts.max_new_tokens, pad_token_id=pad_id,
+                    **encoded,
+                    do_sample=True,
+                    temperature=opts.temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=opts.max_new_tokens,
+                    pad_token_id=pad_id,
                 )
             new = []
-            for d, row in zip(batch, output[:, width:].tolist()):
+            for d, row in zip(batch, output[:, width:].tolist(), strict=False):
                 stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
                 tokens = row if stop is None else row[: stop + 1]
-                new.append({"id": d.id, "text": tokenizer.decode(tokens, skip_special_tokens=True),
-                            "tokens": len(tokens), "finish_reason": "length" if stop is None else "stop"})
+                new.append(
+                    {
+                        "id": d.id,
+                        "text": tokenizer.decode(tokens, skip_special_tokens=True),
+                        "tokens": len(tokens),
+                        "finish_reason": "length" if stop is None else "stop",
+                    }
+                )
             append_work_records(out_file, new)
             records.extend(new)
             done.update(d.id for d in batch)
@@ -191,9 +212,14 @@ def run_irft(run: IRFTRun) -> Path:
     # Every round depends on the rounds before it (its negatives come from their adapter), so the
     # training options are inputs here too; the number of rounds is not: finished rounds stay valid
     # when a later run asks for more.
-    inputs = {"kind": "irft", "base_weights": digest, "demonstrations_sha256": data_sha,
-              "generation": asdict(run.generation), "training": run.training.identity(),
-              "select": None if run.select is None else f"{run.select[0]}:{run.select[1]}"}
+    inputs = {
+        "kind": "irft",
+        "base_weights": digest,
+        "demonstrations_sha256": data_sha,
+        "generation": asdict(run.generation),
+        "training": run.training.identity(),
+        "select": None if run.select is None else f"{run.select[0]}:{run.select[1]}",
+    }
     workspace.open(inputs, {})
     for note in workspace.notes:
         logger.warning("%s", note)
@@ -202,8 +228,9 @@ def run_irft(run: IRFTRun) -> Path:
     if run.select is not None:
         from alignd.train.select import select_for_training
 
-        ids, selection = select_for_training(settings, demos_file, run.select, workspace.partial,
-                                             seed=run.training.seed, progress=run.progress)
+        ids, selection = select_for_training(
+            settings, demos_file, run.select, workspace.partial, seed=run.training.seed, progress=run.progress
+        )
         keep = set(ids)
         demos = [d for d in demos if d.id in keep]
         logger.info("training on %d of %d demonstrations (--select %s:%s)", len(demos), in_file, *run.select)
@@ -220,9 +247,15 @@ def run_irft(run: IRFTRun) -> Path:
             continue
         round_dir.mkdir(parents=True, exist_ok=True)
         negatives = generate_negatives(
-            model_dir, prev_adapter, demos, round_dir / "negatives.jsonl", run.generation,
-            run.training.seed + t * _ROUND_SEED_STRIDE, desc=f"round {t}/{run.rounds}: generating negatives",
-            progress=run.progress, demonstrations_file=demos_file,
+            model_dir,
+            prev_adapter,
+            demos,
+            round_dir / "negatives.jsonl",
+            run.generation,
+            run.training.seed + t * _ROUND_SEED_STRIDE,
+            desc=f"round {t}/{run.rounds}: generating negatives",
+            progress=run.progress,
+            demonstrations_file=demos_file,
         )
         pairs, identical = irft_pairs(demos, negatives)
         if not pairs:
@@ -266,13 +299,23 @@ def run_irft(run: IRFTRun) -> Path:
             "demonstrations_in_file": in_file,
             "pairs_per_round": [r["pairs"] for r in rounds],
             "identical_skipped_per_round": [r["identical_skipped"] for r in rounds],
-            "generation": {"backend": "transformers generate (PEFT model)", **asdict(run.generation),
-                           "seed": run.training.seed},
+            "generation": {
+                "backend": "transformers generate (PEFT model)",
+                **asdict(run.generation),
+                "seed": run.training.seed,
+            },
         },
         "metrics": {
-            "rounds": [{"round": r["round"], "pairs": r["pairs"], **r["negatives"],
-                        **{k: v for k, v in r["metrics"].items() if k != "log"}, "log": r["metrics"].get("log")}
-                       for r in rounds],
+            "rounds": [
+                {
+                    "round": r["round"],
+                    "pairs": r["pairs"],
+                    **r["negatives"],
+                    **{k: v for k, v in r["metrics"].items() if k != "log"},
+                    "log": r["metrics"].get("log"),
+                }
+                for r in rounds
+            ],
             "final_loss": last["metrics"].get("final_loss"),
             "reward_margin": last["metrics"].get("reward_margin"),
             "reward_accuracy": last["metrics"].get("reward_accuracy"),

@@ -12,7 +12,7 @@ import importlib.metadata
 import platform
 import resource
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from alignd.train.data import write_json_atomic
@@ -68,7 +68,7 @@ def jsonable(obj):
 
 
 def created_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:

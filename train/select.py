@@ -97,8 +97,8 @@ def read_selection_set(path: str | Path) -> SelectionSet:
         kind, fields, target = "pairs", ("id", "prompt", "chosen", "rejected"), "chosen"
     else:
         raise TrainingInputError(
-            f"{path}: lines must be demonstrations {{\"id\", \"prompt\", \"response\"}} or preference pairs "
-            f"{{\"id\", \"prompt\", \"chosen\", \"rejected\"}}; the first line has {sorted(first)}"
+            f'{path}: lines must be demonstrations {{"id", "prompt", "response"}} or preference pairs '
+            f'{{"id", "prompt", "chosen", "rejected"}}; the first line has {sorted(first)}'
         )
     records = _read_records(path, fields, kind)
     return SelectionSet(path, kind, [Example(r["id"], r["prompt"], r[target], n) for n, r in records])
@@ -130,13 +130,26 @@ class Budget:
         """The number of examples for a set of ``size``; an error when it is zero or above the set."""
         if self.count is not None:
             n = self.count
-            require([(n > 0, f"budget {n} selects nothing: give a count of at least 1"),
-                     (n <= size, f"budget {n} is larger than the set ({size} examples): give at most {size}, "
-                      "or a fraction such as 0.3")])
+            require(
+                [
+                    (n > 0, f"budget {n} selects nothing: give a count of at least 1"),
+                    (
+                        n <= size,
+                        f"budget {n} is larger than the set ({size} examples): give at most {size}, "
+                        "or a fraction such as 0.3",
+                    ),
+                ]
+            )
             return n
         f = self.fraction
-        require([(f is not None and math.isfinite(f) and 0 < f <= 1,
-                  f"budget fraction {f} is out of range: give a fraction in (0, 1], e.g. 0.3, or a count")])
+        require(
+            [
+                (
+                    f is not None and math.isfinite(f) and 0 < f <= 1,
+                    f"budget fraction {f} is out of range: give a fraction in (0, 1], e.g. 0.3, or a count",
+                )
+            ]
+        )
         n = round(f * size)
         require([(n > 0, f"budget {f} of {size} examples rounds to 0: give a larger fraction or a count")])
         return n
@@ -222,15 +235,20 @@ class ProxyOptions:
     seed: int = 0
 
     def check(self) -> None:
-        require([
-            (self.checkpoints >= 2, f"--checkpoints must be >= 2 (a trajectory needs two points), got {self.checkpoints}"),
-            (self.epochs > 0, f"--proxy-epochs must be > 0, got {self.epochs}"),
-            (self.learning_rate > 0, f"--proxy-learning-rate must be > 0, got {self.learning_rate}"),
-            (self.batch_size >= 1, f"--proxy-batch-size must be >= 1, got {self.batch_size}"),
-            (self.lora_rank >= 1, f"--proxy-lora-rank must be >= 1, got {self.lora_rank}"),
-            (self.max_length >= 16, f"--max-length must be >= 16, got {self.max_length}"),
-            (self.loss_batch_size >= 1, f"--loss-batch-size must be >= 1, got {self.loss_batch_size}"),
-        ])
+        require(
+            [
+                (
+                    self.checkpoints >= 2,
+                    f"--checkpoints must be >= 2 (a trajectory needs two points), got {self.checkpoints}",
+                ),
+                (self.epochs > 0, f"--proxy-epochs must be > 0, got {self.epochs}"),
+                (self.learning_rate > 0, f"--proxy-learning-rate must be > 0, got {self.learning_rate}"),
+                (self.batch_size >= 1, f"--proxy-batch-size must be >= 1, got {self.batch_size}"),
+                (self.lora_rank >= 1, f"--proxy-lora-rank must be >= 1, got {self.lora_rank}"),
+                (self.max_length >= 16, f"--max-length must be >= 16, got {self.max_length}"),
+                (self.loss_batch_size >= 1, f"--loss-batch-size must be >= 1, got {self.loss_batch_size}"),
+            ]
+        )
 
     def total_steps(self, size: int) -> int:
         return max(1, math.ceil(math.ceil(size / self.batch_size) * self.epochs))
@@ -264,7 +282,10 @@ def tokenize_examples(tokenizer, examples: list[Example], max_length: int) -> tu
         full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
         start = len(prompt_ids)
         if full_ids[:start] != prompt_ids:  # a template whose prompt is not a prefix: the common prefix
-            start = next((i for i, (a, b) in enumerate(zip(full_ids, prompt_ids)) if a != b), min(len(full_ids), start))
+            start = next(
+                (i for i, (a, b) in enumerate(zip(full_ids, prompt_ids, strict=False)) if a != b),
+                min(len(full_ids), start),
+            )
         target_ids = tokenizer(e.target, add_special_tokens=False)["input_ids"]
         if unk is not None and (unk in target_ids or unk in prompt_ids):
             raise TrainingInputError(
@@ -289,8 +310,9 @@ def tokenize_examples(tokenizer, examples: list[Example], max_length: int) -> tu
     return ids, starts, truncated
 
 
-def example_losses(model, token_ids: list[list[int]], starts: list[int], pad_id: int, batch_size: int,
-                   *, progress=None) -> np.ndarray:
+def example_losses(
+    model, token_ids: list[list[int]], starts: list[int], pad_id: int, batch_size: int, *, progress=None
+) -> np.ndarray:
     """Each example's mean token loss (nats) of its target (tokens from ``starts[i]`` on) given what comes
     before, in batched forward passes over examples sorted by length (right-padded)."""
     import torch
@@ -362,20 +384,38 @@ def _sft_trainer(model_dir: Path, examples: list[Example], opts: ProxyOptions, o
         dataloader_pin_memory=cuda,
         lr_scheduler_type="constant",  # the trajectories show the data, not a decaying learning rate
     )
-    dataset = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": e.prompt}], "completion": [{"role": "assistant", "content": e.target}]}
-        for e in examples
-    ])
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": e.prompt}],
+                "completion": [{"role": "assistant", "content": e.target}],
+            }
+            for e in examples
+        ]
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    lora = LoraConfig(r=opts.lora_rank, lora_alpha=2 * opts.lora_rank, lora_dropout=0.0,
-                      target_modules=list(DEFAULT_TARGET_MODULES), bias="none", task_type="CAUSAL_LM")
-    return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=lora, callbacks=[SaveAtSchedule()])
+    lora = LoraConfig(
+        r=opts.lora_rank,
+        lora_alpha=2 * opts.lora_rank,
+        lora_dropout=0.0,
+        target_modules=list(DEFAULT_TARGET_MODULES),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[SaveAtSchedule()],
+    )
 
 
-def proxy_trajectories(model_dir: Path, examples: list[Example], opts: ProxyOptions, work: Path,
-                       *, progress: bool = True) -> tuple[np.ndarray, list[int], dict]:
+def proxy_trajectories(
+    model_dir: Path, examples: list[Example], opts: ProxyOptions, work: Path, *, progress: bool = True
+) -> tuple[np.ndarray, list[int], dict]:
     """Train the proxy (resuming TRL's last checkpoint) and take every example's loss at each checkpoint
     (each checkpoint's losses written to ``work/losses/step-<n>.json`` and reused). Returns the
     trajectories (examples x checkpoints), the checkpoint steps and the proxy's metrics."""
@@ -401,9 +441,15 @@ def proxy_trajectories(model_dir: Path, examples: list[Example], opts: ProxyOpti
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume)
         logged = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
-        write_json_atomic(done_file, {"train_wall_s": round(time.perf_counter() - started, 3),
-                                      "train_loss_mean": output.training_loss, "log": logged,
-                                      "resumed_from": resume})
+        write_json_atomic(
+            done_file,
+            {
+                "train_wall_s": round(time.perf_counter() - started, 3),
+                "train_loss_mean": output.training_loss,
+                "log": logged,
+                "resumed_from": resume,
+            },
+        )
         del trainer
         gc.collect()
     metrics.update(json.loads(done_file.read_text()))
@@ -417,8 +463,9 @@ def proxy_trajectories(model_dir: Path, examples: list[Example], opts: ProxyOpti
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         model = None
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        with tqdm(total=len(missing) * len(examples), desc="losses at the checkpoints", unit="example",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=len(missing) * len(examples), desc="losses at the checkpoints", unit="example", disable=not progress
+        ) as bar:
             for step in missing:
                 ckpt = checkpoints / f"checkpoint-{step}"
                 if not (ckpt / "adapter_model.safetensors").is_file():
@@ -428,8 +475,10 @@ def proxy_trajectories(model_dir: Path, examples: list[Example], opts: ProxyOpti
                 else:
                     set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
                 values = example_losses(model, token_ids, starts, pad_id, opts.loss_batch_size, progress=bar)
-                write_json_atomic(losses_dir / f"step-{step}.json", {"step": step, "ids": [e.id for e in examples],
-                                                                      "losses": values.tolist()})
+                write_json_atomic(
+                    losses_dir / f"step-{step}.json",
+                    {"step": step, "ids": [e.id for e in examples], "losses": values.tolist()},
+                )
         del model, base
         gc.collect()
     metrics["loss_wall_s_this_process"] = round(time.perf_counter() - started, 3)
@@ -469,9 +518,14 @@ def _plot(path: Path, trajectories: np.ndarray, labels: np.ndarray, steps: list[
     shown = sorted(spread, key=lambda c: -c["size"])[:20]  # a legend of more than 20 lines says nothing
     for n, c in enumerate(shown):
         rows = trajectories[labels == c["cluster"]]
-        ax.plot(steps, rows.mean(axis=0), marker="o", lw=1.2 + 2 * c["size"] / len(labels),
-                color=cmap(n / max(1, len(shown) - 1)),
-                label=f"cluster {c['cluster']}: {c['size']} ex, {c['selected']} selected")
+        ax.plot(
+            steps,
+            rows.mean(axis=0),
+            marker="o",
+            lw=1.2 + 2 * c["size"] / len(labels),
+            color=cmap(n / max(1, len(shown) - 1)),
+            label=f"cluster {c['cluster']}: {c['size']} ex, {c['selected']} selected",
+        )
     ax.set_xlabel("proxy training step (checkpoint)")
     ax.set_ylabel("mean token loss of the answer (nats)")
     title = f"S2L: mean loss trajectory per cluster ({len(spread)} clusters"
@@ -522,8 +576,13 @@ def run_selection(run: SelectionRun) -> Path:
         "format": 1,
         "method": run.method,
         "created": created_now(),
-        "data": {"file": str(data.path), "sha256": data_sha, "kind": data.kind, "examples": size,
-                 "target": "response" if data.kind == "demonstrations" else "chosen"},
+        "data": {
+            "file": str(data.path),
+            "sha256": data_sha,
+            "kind": data.kind,
+            "examples": size,
+            "target": "response" if data.kind == "demonstrations" else "chosen",
+        },
         "budget": {"given": str(run.budget), "examples": budget},
         "seed": seed,
         "command": run.command,
@@ -537,9 +596,15 @@ def run_selection(run: SelectionRun) -> Path:
         from alignd.train.tuning import resolve_base_model
 
         clusters = run.clusters if run.clusters is not None else default_clusters(size)
-        require([(1 <= clusters <= size,
-                  f"--clusters {clusters} is more than the set's {size} examples: give at most {size} (default: "
-                  f"{default_clusters(size)})")])
+        require(
+            [
+                (
+                    1 <= clusters <= size,
+                    f"--clusters {clusters} is more than the set's {size} examples: give at most {size} (default: "
+                    f"{default_clusters(size)})",
+                )
+            ]
+        )
         run.proxy.check()
         run.proxy.checkpoint_steps(size)  # the schedule fits, before any work
         from alignd.models.weights import weights_digest
@@ -547,28 +612,38 @@ def run_selection(run: SelectionRun) -> Path:
         model_dir, model_name = resolve_base_model(run.settings, progress=run.progress)
         digest = weights_digest(model_dir)
         proxy_identity = {k: v for k, v in asdict(run.proxy).items() if k != "loss_batch_size"}
-        workspace.open({"kind": "select-s2l", "data_sha256": data_sha, "proxy_weights": digest,
-                        "proxy": proxy_identity}, {})
+        workspace.open(
+            {"kind": "select-s2l", "data_sha256": data_sha, "proxy_weights": digest, "proxy": proxy_identity}, {}
+        )
         for note in workspace.notes:
             logger.warning("%s", note)
-        trajectories, steps, proxy_metrics = proxy_trajectories(model_dir, data.examples, run.proxy,
-                                                                 workspace.partial, progress=run.progress)
+        trajectories, steps, proxy_metrics = proxy_trajectories(
+            model_dir, data.examples, run.proxy, workspace.partial, progress=run.progress
+        )
         t0 = time.perf_counter()
         labels = cluster_trajectories(trajectories, clusters, seed)
         chosen, spread = s2l_sample(labels, budget, seed)
         proxy_metrics["cluster_and_sample_s"] = round(time.perf_counter() - t0, 3)
         for c in spread:
             c["mean_trajectory"] = [round(float(v), 4) for v in trajectories[labels == c["cluster"]].mean(axis=0)]
-        selection["proxy"] = {"model": {"name": model_name, "path": str(model_dir), "weights_digest": digest},
-                              "options": asdict(run.proxy), "checkpoint_steps": steps,
-                              "trainer": "TRL SFTTrainer, LoRA (PEFT), loss on the answer only",
-                              "metrics": proxy_metrics}
-        selection["clusters"] = {"k": clusters, "algorithm": "scikit-learn KMeans (k-means++, n_init=10)",
-                                 "spread": spread}
+        selection["proxy"] = {
+            "model": {"name": model_name, "path": str(model_dir), "weights_digest": digest},
+            "options": asdict(run.proxy),
+            "checkpoint_steps": steps,
+            "trainer": "TRL SFTTrainer, LoRA (PEFT), loss on the answer only",
+            "metrics": proxy_metrics,
+        }
+        selection["clusters"] = {
+            "k": clusters,
+            "algorithm": "scikit-learn KMeans (k-means++, n_init=10)",
+            "spread": spread,
+        }
     selection["selected"] = int(len(chosen))
     selection["ids"] = [data.examples[i].id for i in chosen]
-    selection["metrics"] = {"wall_s_this_process": round(time.perf_counter() - started, 3),
-                            "peak_rss_mib": peak_rss_mib()}
+    selection["metrics"] = {
+        "wall_s_this_process": round(time.perf_counter() - started, 3),
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
     folder = workspace.fresh_result_dir()
     keep = {data.examples[i].line for i in chosen}
@@ -579,9 +654,10 @@ def run_selection(run: SelectionRun) -> Path:
                 handle.write(line if line.endswith("\n") else line + "\n")
     if trajectories is not None:
         with open(folder / TRAJECTORIES_FILE, "w", encoding="utf-8") as handle:
-            for e, row, label in zip(data.examples, trajectories, labels):
-                handle.write(json.dumps({"id": e.id, "cluster": int(label),
-                                         "losses": [round(float(v), 5) for v in row]}) + "\n")
+            for e, row, label in zip(data.examples, trajectories, labels, strict=False):
+                handle.write(
+                    json.dumps({"id": e.id, "cluster": int(label), "losses": [round(float(v), 5) for v in row]}) + "\n"
+                )
         _plot(folder / PLOT_FILE, trajectories, labels, steps, selection["clusters"]["spread"])
     (folder / REPORT_FILE).write_text(_report(selection), encoding="utf-8")
     write_json_atomic(folder / SELECTION_FILE, jsonable(selection))  # last: a folder with it is complete
@@ -597,8 +673,9 @@ def read_selection(folder: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- --select on alignd train
-def select_for_training(settings: Settings, data_file: Path, spec: tuple[str, Budget], work_dir: Path, *,
-                        seed: int, progress: bool = True) -> tuple[list[str], dict]:
+def select_for_training(
+    settings: Settings, data_file: Path, spec: tuple[str, Budget], work_dir: Path, *, seed: int, progress: bool = True
+) -> tuple[list[str], dict]:
     """Run (or reuse, when ``work_dir/selection`` holds the same selection of the same file) the
     selection ``spec`` of ``alignd train --select`` over ``data_file``, the proxy being the model the
     run trains. Returns the selected ids and the record the adapter's manifest keeps."""
@@ -610,14 +687,27 @@ def select_for_training(settings: Settings, data_file: Path, spec: tuple[str, Bu
     selection = None
     if (out / SELECTION_FILE).is_file():
         old = read_selection(out)
-        if (old["data"]["sha256"], old["method"], old["budget"]["given"], old["seed"]) == (data_sha, method,
-                                                                                         str(budget), seed):
+        if (old["data"]["sha256"], old["method"], old["budget"]["given"], old["seed"]) == (
+            data_sha,
+            method,
+            str(budget),
+            seed,
+        ):
             selection = old
         else:
             shutil.rmtree(out)
     if selection is None:
-        run_selection(SelectionRun(settings=settings, data_file=data_file, out=out, budget=budget, method=method,
-                                   proxy=ProxyOptions(seed=seed), progress=progress))
+        run_selection(
+            SelectionRun(
+                settings=settings,
+                data_file=data_file,
+                out=out,
+                budget=budget,
+                method=method,
+                proxy=ProxyOptions(seed=seed),
+                progress=progress,
+            )
+        )
         selection = read_selection(out)
     record = {
         "method": method,
@@ -630,7 +720,9 @@ def select_for_training(settings: Settings, data_file: Path, spec: tuple[str, Bu
     }
     if method == "s2l":
         record["proxy"] = {k: selection["proxy"][k] for k in ("model", "options", "checkpoint_steps", "trainer")}
-        record["clusters"] = {"k": selection["clusters"]["k"], "algorithm": selection["clusters"]["algorithm"],
-                              "spread": [{k: c[k] for k in ("cluster", "size", "selected")}
-                                         for c in selection["clusters"]["spread"]]}
+        record["clusters"] = {
+            "k": selection["clusters"]["k"],
+            "algorithm": selection["clusters"]["algorithm"],
+            "spread": [{k: c[k] for k in ("cluster", "size", "selected")} for c in selection["clusters"]["spread"]],
+        }
     return selection["ids"], record

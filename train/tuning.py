@@ -43,8 +43,16 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MAX_LORA_RANK = 64
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _TRAINED = "trained.json"  # written last in a finished training's work folder
-_LOGGED_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
-                "learning_rate", "grad_norm", "epoch")
+_LOGGED_KEYS = (
+    "loss",
+    "rewards/margins",
+    "rewards/accuracies",
+    "rewards/chosen",
+    "rewards/rejected",
+    "learning_rate",
+    "grad_norm",
+    "epoch",
+)
 
 
 def max_lora_rank(settings) -> int:
@@ -221,15 +229,23 @@ def check_target_modules(model_dir: str | Path, target_modules: tuple[str, ...])
     config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Linear) and "." in name})
+    linear = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and "." in name
+        }
+    )
     missing = [t for t in target_modules if t not in linear]
     if missing:
         raise TrainingInputError(
-            f"--target-modules {','.join(missing)}: no such layer in {model_dir}; its linear layers: {', '.join(linear)}"
+            f"--target-modules {','.join(missing)}: no such layer in {model_dir}; "
+            f"its linear layers: {', '.join(linear)}"
         )
     if "lm_head" in target_modules:
-        raise TrainingInputError("--target-modules: TRL cannot train an adapter on lm_head (it reads its weight directly)")
+        raise TrainingInputError(
+            "--target-modules: TRL cannot train an adapter on lm_head (it reads its weight directly)"
+        )
 
 
 def load_sft(model_dir: str | Path):
@@ -247,12 +263,16 @@ def preference_dataset(pairs: list[PreferencePair]):
     template, as the model is served."""
     from datasets import Dataset
 
-    return Dataset.from_list([
-        {"prompt": [{"role": "user", "content": p.prompt}],
-         "chosen": [{"role": "assistant", "content": p.chosen}],
-         "rejected": [{"role": "assistant", "content": p.rejected}]}
-        for p in pairs
-    ])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": p.prompt}],
+                "chosen": [{"role": "assistant", "content": p.chosen}],
+                "rejected": [{"role": "assistant", "content": p.rejected}],
+            }
+            for p in pairs
+        ]
+    )
 
 
 def _log_last_step():
@@ -269,8 +289,14 @@ def _log_last_step():
     return LogLastStep()
 
 
-def build_trainer(model_dir: str | Path, pairs: list[PreferencePair], opts: TrainingOptions, output_dir: Path,
-                  *, init_adapter: Path | None = None) -> DPOTrainer:
+def build_trainer(
+    model_dir: str | Path,
+    pairs: list[PreferencePair],
+    opts: TrainingOptions,
+    output_dir: Path,
+    *,
+    init_adapter: Path | None = None,
+) -> DPOTrainer:
     """TRL's ``DPOTrainer`` for a LoRA adapter of the SFT model in ``model_dir`` on ``pairs``; the
     reference is the SFT model (the adapter disabled, see the module's docstring). ``init_adapter``: an
     adapter folder whose weights the new adapter starts from (same LoRA options)."""
@@ -321,8 +347,14 @@ def summarize_logs(log_history: list[dict]) -> dict:
     }
 
 
-def train_adapter(model_dir: str | Path, pairs: list[PreferencePair], opts: TrainingOptions, work_dir: Path,
-                  *, init_adapter: Path | None = None) -> TrainResult:
+def train_adapter(
+    model_dir: str | Path,
+    pairs: list[PreferencePair],
+    opts: TrainingOptions,
+    work_dir: Path,
+    *,
+    init_adapter: Path | None = None,
+) -> TrainResult:
     """Train (or resume training) a LoRA adapter on ``pairs`` in ``work_dir``: TRL's checkpoints in
     ``checkpoints/`` (resumed from the last one), the adapter in ``adapter/`` and its metrics in
     ``trained.json``, written last. A finished training is not redone."""
@@ -332,8 +364,9 @@ def train_adapter(model_dir: str | Path, pairs: list[PreferencePair], opts: Trai
     if done.is_file() and adapter_dir.is_dir():
         record = json.loads(done.read_text())
         logger.info("training in %s already finished; reusing its adapter", work_dir)
-        return TrainResult(adapter_dir, record["metrics"], record["dpo_config"], record["lora_config"],
-                           record.get("resumed_from"))
+        return TrainResult(
+            adapter_dir, record["metrics"], record["dpo_config"], record["lora_config"], record.get("resumed_from")
+        )
     checkpoints = work_dir / "checkpoints"
     trainer = build_trainer(model_dir, pairs, opts, checkpoints, init_adapter=init_adapter)
     resume = _last_checkpoint(checkpoints)
@@ -363,10 +396,22 @@ def train_adapter(model_dir: str | Path, pairs: list[PreferencePair], opts: Trai
         "train_examples_per_s": output.metrics.get("train_samples_per_second"),
         "peak_rss_mib": peak_rss_mib(),
     }
-    result = TrainResult(adapter_dir, metrics, jsonable(trainer.args.to_dict()),
-                         jsonable(trainer.model.peft_config["default"].to_dict()), resume)
-    write_json_atomic(done, {"metrics": result.metrics, "dpo_config": result.dpo_config,
-                             "lora_config": result.lora_config, "resumed_from": resume})
+    result = TrainResult(
+        adapter_dir,
+        metrics,
+        jsonable(trainer.args.to_dict()),
+        jsonable(trainer.model.peft_config["default"].to_dict()),
+        resume,
+    )
+    write_json_atomic(
+        done,
+        {
+            "metrics": result.metrics,
+            "dpo_config": result.dpo_config,
+            "lora_config": result.lora_config,
+            "resumed_from": resume,
+        },
+    )
     del trainer
     gc.collect()  # the model and optimizer state, before the next round or the next model loads
     return result

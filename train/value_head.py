@@ -122,25 +122,35 @@ class TargetOptions:
 
     def check(self, settings: Settings) -> None:
         checks = [
-            ((self.states is None and self.kind == "implicit") or (self.states is not None and self.states >= 4),
-             f"--states must be >= 4 (some to train on, some held out), got {self.states}"),
-            (1 <= self.top_k <= settings.max_top_k,
-             f"--top-k {self.top_k} is out of range: 1 to {settings.max_top_k} (ALIGND_MAX_TOP_K, at most "
-             "ALIGND_MAX_LOGPROBS, the most log-probabilities the engine reports)"),
+            (
+                (self.states is None and self.kind == "implicit") or (self.states is not None and self.states >= 4),
+                f"--states must be >= 4 (some to train on, some held out), got {self.states}",
+            ),
+            (
+                1 <= self.top_k <= settings.max_top_k,
+                f"--top-k {self.top_k} is out of range: 1 to {settings.max_top_k} (ALIGND_MAX_TOP_K, at most "
+                "ALIGND_MAX_LOGPROBS, the most log-probabilities the engine reports)",
+            ),
             (self.top_k >= 2, "--top-k must be >= 2: a value head ranks candidates"),
-            (0 <= self.rollout_len <= settings.max_rollout_len,
-             f"--rollout-len {self.rollout_len} is out of range: 0 to {settings.max_rollout_len} "
-             "(ALIGND_MAX_ROLLOUT_LEN)"),
-            (1 <= self.num_rollouts <= settings.max_num_rollouts,
-             f"--num-rollouts {self.num_rollouts} is out of range: 1 to {settings.max_num_rollouts} "
-             "(ALIGND_MAX_NUM_ROLLOUTS)"),
+            (
+                0 <= self.rollout_len <= settings.max_rollout_len,
+                f"--rollout-len {self.rollout_len} is out of range: 0 to {settings.max_rollout_len} "
+                "(ALIGND_MAX_ROLLOUT_LEN)",
+            ),
+            (
+                1 <= self.num_rollouts <= settings.max_num_rollouts,
+                f"--num-rollouts {self.num_rollouts} is out of range: 1 to {settings.max_num_rollouts} "
+                "(ALIGND_MAX_NUM_ROLLOUTS)",
+            ),
             (self.answer_len >= 1, f"--answer-len must be >= 1, got {self.answer_len}"),
             (self.sample_temperature > 0, f"--sample-temperature must be > 0, got {self.sample_temperature}"),
             (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
             (self.kind in TARGET_KINDS, f"--targets must be one of {', '.join(TARGET_KINDS)}, got {self.kind!r}"),
             (self.answers is None or self.answers >= 2, f"--answers must be >= 2, got {self.answers}"),
-            (self.answers is None or self.kind == "implicit", "--answers is for --targets implicit (rollout targets "
-             "cut one state from each answer: --states)"),
+            (
+                self.answers is None or self.kind == "implicit",
+                "--answers is for --targets implicit (rollout targets cut one state from each answer: --states)",
+            ),
         ]
         require(checks)
 
@@ -174,10 +184,13 @@ class HeadTrainingOptions:
             (self.ranking_weight >= 0, f"--ranking-weight must be >= 0, got {self.ranking_weight}"),
             (0 < self.holdout_fraction < 1, f"--holdout-fraction must be in (0, 1), got {self.holdout_fraction}"),
             (self.alpha > 0, f"--alpha must be > 0, got {self.alpha}"),
-            (len(self.curve_fractions) >= 3 and all(0 < f <= 1 for f in self.curve_fractions)
-             and 1.0 in self.curve_fractions,
-             f"--curve-fractions needs at least three fractions in (0, 1], 1 among them, got "
-             f"{','.join(f'{f:g}' for f in self.curve_fractions)}"),
+            (
+                len(self.curve_fractions) >= 3
+                and all(0 < f <= 1 for f in self.curve_fractions)
+                and 1.0 in self.curve_fractions,
+                f"--curve-fractions needs at least three fractions in (0, 1], 1 among them, got "
+                f"{','.join(f'{f:g}' for f in self.curve_fractions)}",
+            ),
         ]
         require(checks)
 
@@ -256,8 +269,10 @@ def merge_shards(partial: Path) -> int:
     with ExitStack() as locks:
         for shard_file in shard_files:
             if not locks.enter_context(_locked(shard_file, wait=False)):
-                raise TrainingInputError(f"{shard_file.name} is still being made by a running --shard process: wait "
-                                         "for it to finish (or stop it) before training")
+                raise TrainingInputError(
+                    f"{shard_file.name} is still being made by a running --shard process: wait "
+                    "for it to finish (or stop it) before training"
+                )
         have = {r["slot"] for r in read_work_file(partial / STATES_FILE)}
         added = 0
         for shard_file in shard_files:
@@ -292,8 +307,13 @@ def check_disjoint(prompts: list[PromptRecord], prompts_file: Path, eval_file: P
             f"{prompts_file}:{mine.line}: prompt '{mine.id}' is also evaluation prompt '{theirs.id}' of {eval_file} "
             f"({len(shared)} shared in all): the training pool must be disjoint from the evaluation prompts"
         )
-    return {"checked": True, "file": str(eval_file), "sha256": file_sha256(eval_file), "prompts": len(held),
-            "shared": 0}
+    return {
+        "checked": True,
+        "file": str(eval_file),
+        "sha256": file_sha256(eval_file),
+        "prompts": len(held),
+        "shared": 0,
+    }
 
 
 @dataclass(frozen=True)
@@ -313,8 +333,13 @@ class BaselineChoice:
 
     def manifest_entry(self) -> dict:
         made = self.adapter_manifest
-        return {**self.identity(), "reward": made.get("reward"), "beta": made.get("beta"),
-                "trained_as": made.get("kind"), "base_model": made.get("base_model")}
+        return {
+            **self.identity(),
+            "reward": made.get("reward"),
+            "beta": made.get("beta"),
+            "trained_as": made.get("kind"),
+            "base_model": made.get("base_model"),
+        }
 
 
 def resolve_baseline(settings: Settings, name: str, model_dir: Path) -> BaselineChoice:
@@ -345,31 +370,50 @@ def resolve_baseline(settings: Settings, name: str, model_dir: Path) -> Baseline
         spec = {"adapter": str(folder)} if (folder / "adapter_config.json").is_file() else {"model": str(folder)}
     else:
         known = ", ".join(["default", "prompted", *settings.baselines])
-        raise TrainingInputError(f"unknown baseline '{name}': use one of {known} (ALIGND_BASELINES), or an adapter "
-                                 "or model folder")
+        raise TrainingInputError(
+            f"unknown baseline '{name}': use one of {known} (ALIGND_BASELINES), or an adapter or model folder"
+        )
     if not isinstance(spec, dict) or len({"adapter", "model", "system_prompt", "url"} & set(spec)) != 1:
-        raise TrainingInputError(f"baseline '{name}' must be an object with exactly one of 'adapter', 'model', "
-                                 "'system_prompt' or 'url'")
+        raise TrainingInputError(
+            f"baseline '{name}' must be an object with exactly one of 'adapter', 'model', 'system_prompt' or 'url'"
+        )
     # Every other way of naming the default baseline is unset, so that build_baselines makes this one it
     # (ALIGND_BASELINE_URL, where set, would otherwise win over the chosen adapter or prompt).
-    unset = {"baseline_adapter": NO_ADAPTER, "baseline_model": None, "baselines": {}, "baseline_url": None,
-             "baseline_served_model": None}
+    unset = {
+        "baseline_adapter": NO_ADAPTER,
+        "baseline_model": None,
+        "baselines": {},
+        "baseline_url": None,
+        "baseline_served_model": None,
+    }
     if "url" in spec:
         url, served = str(spec["url"]), spec.get("served_model")
         # A remote's weights cannot be hashed from here: its identity is its URL and served model name.
         source = url if not served else f"{url} ({served})"
-        return BaselineChoice(name, "url", source, None,
-                              {**unset, "baseline_url": url, "baseline_served_model": served})
+        return BaselineChoice(
+            name, "url", source, None, {**unset, "baseline_url": url, "baseline_served_model": served}
+        )
     if "system_prompt" in spec:
         prompt = str(spec["system_prompt"])
         return BaselineChoice(name, "prompted", prompt, None, {**unset, "baseline_system_prompt": prompt})
     if "adapter" in spec:
         lora = settings.engine == "vllm" and settings.adapter_serving == "lora"
-        info = load_adapter(name, spec["adapter"], model_dir, max_rank=settings.max_lora_rank,
-                            lora_modules=settings.lora_target_modules if lora else None)
+        info = load_adapter(
+            name,
+            spec["adapter"],
+            model_dir,
+            max_rank=settings.max_lora_rank,
+            lora_modules=settings.lora_target_modules if lora else None,
+        )
         folder = info.path.absolute()
-        return BaselineChoice(name, "adapter", str(folder), weights_digest(folder),
-                              {**unset, "baseline_adapter": str(folder)}, info.manifest)
+        return BaselineChoice(
+            name,
+            "adapter",
+            str(folder),
+            weights_digest(folder),
+            {**unset, "baseline_adapter": str(folder)},
+            info.manifest,
+        )
     folder = Path(spec["model"]).expanduser().absolute()
     if not (folder / "config.json").is_file():
         raise TrainingInputError(f"baseline '{name}': {folder} is not a model folder (no config.json)")
@@ -423,8 +467,9 @@ class TargetMaker:
     transfer_q decoding itself builds (:meth:`Generation.value_estimator`), called as ``ValueGuidedDecoder`` calls it
     (its ``top_k_next`` on the SFT prefix, then ``estimate`` with the baseline's own prefix)."""
 
-    def __init__(self, generation: Generation, estimator: ValueEstimator, config: DecodingConfig,
-                 options: TargetOptions) -> None:
+    def __init__(
+        self, generation: Generation, estimator: ValueEstimator, config: DecodingConfig, options: TargetOptions
+    ) -> None:
         self.generation = generation
         self.estimator = estimator
         self.config = config
@@ -433,15 +478,22 @@ class TargetMaker:
         self.eos = frozenset(self.engine.info.eos_token_ids)
 
     @classmethod
-    def for_transfer_q(cls, generation: Generation, *, reward: str, options: TargetOptions,
-                       baseline: str = "default") -> TargetMaker:
+    def for_transfer_q(
+        cls, generation: Generation, *, reward: str, options: TargetOptions, baseline: str = "default"
+    ) -> TargetMaker:
         """The estimator of ``{"method": "transfer_q", "baseline": ..., "reward": ..., "top_k": ...,
         "num_rollouts": ..., "rollout_len": ...}``, planned and resolved as a request would be (the
         server's defaults and limits apply: rollouts are greedy for one rollout, temperature 1 else)."""
         from alignd.decoding.config import DecodingConfig
 
-        request = DecodingConfig(method="transfer_q", baseline=baseline, reward=reward, top_k=options.top_k,
-                                 num_rollouts=options.num_rollouts, rollout_len=options.rollout_len)
+        request = DecodingConfig(
+            method="transfer_q",
+            baseline=baseline,
+            reward=reward,
+            top_k=options.top_k,
+            num_rollouts=options.num_rollouts,
+            rollout_len=options.rollout_len,
+        )
         config, estimator = generation.value_estimator(request)
         return cls(generation, estimator, config, options)
 
@@ -454,9 +506,12 @@ class TargetMaker:
         top = (await self.engine.top_k_next([list(prompt.token_ids) + generated], self.config.top_k))[0]
         candidates = [t.token_id for t in top]
         values, cost = await self.estimator.estimate(prompt, self.policy_prefix(prompt), generated, candidates, seed)
-        return StateTargets(candidates, [float(t.logprob) for t in top], [float(v) for v in values],
-                            {"rollouts": cost.rollouts, "rollout_tokens": cost.rollout_tokens,
-                             "reward_calls": cost.reward_calls})
+        return StateTargets(
+            candidates,
+            [float(t.logprob) for t in top],
+            [float(v) for v in values],
+            {"rollouts": cost.rollouts, "rollout_tokens": cost.rollout_tokens, "reward_calls": cost.reward_calls},
+        )
 
     async def state(self, slot: StateSlot) -> dict:
         """One state: an SFT answer to the slot's prompt (temperature ``sample_temperature``), cut at a
@@ -466,8 +521,9 @@ class TargetMaker:
         opts = self.options
         prompt = self.generation.render_chat(slot.prompt.chat())
         prefix = list(prompt.token_ids)
-        answer = (await self.engine.rollouts([prefix], 1, opts.answer_len, opts.sample_temperature,
-                                             seed=slot.answer_seed))[0][0].token_ids
+        answer = (
+            await self.engine.rollouts([prefix], 1, opts.answer_len, opts.sample_temperature, seed=slot.answer_seed)
+        )[0][0].token_ids
         finished = bool(answer) and answer[-1] in self.eos
         body = answer[:-1] if finished else answer
         cut = random.Random(slot.cut_seed).randint(0, min(len(body), opts.answer_len - 1))
@@ -505,20 +561,29 @@ class TargetMaker:
 
 
 def _unknown_reward(name: str, known: list[str]) -> TrainingInputError:
-    return TrainingInputError(f"unknown reward '{name}'; known rewards: {', '.join(sorted(known))} "
-                              "(more through ALIGND_REWARDS)")
+    return TrainingInputError(
+        f"unknown reward '{name}'; known rewards: {', '.join(sorted(known))} (more through ALIGND_REWARDS)"
+    )
 
 
-async def _make_states(run: ValueHeadRun, engine_settings: Settings, prompts: list[PromptRecord],
-                       todo: list[StateSlot], total: int, states_file: Path) -> None:
+async def _make_states(
+    run: ValueHeadRun,
+    engine_settings: Settings,
+    prompts: list[PromptRecord],
+    todo: list[StateSlot],
+    total: int,
+    states_file: Path,
+) -> None:
     """Targets for the slots in ``todo`` on the served engine, with the server's baselines and rewards,
     ``concurrency`` states in flight; each state is appended to ``states_file`` as soon as it is done."""
     from alignd.decoding.generation import open_generation
     from alignd.errors import RewardNotFoundError
     from alignd.models.factory import open_engine
 
-    async with open_engine(engine_settings, progress=run.progress) as engine, \
-            open_generation(engine, engine_settings) as generation:
+    async with (
+        open_engine(engine_settings, progress=run.progress) as engine,
+        open_generation(engine, engine_settings) as generation,
+    ):
         try:
             generation.rewards.get(run.reward)
         except RewardNotFoundError:
@@ -526,8 +591,13 @@ async def _make_states(run: ValueHeadRun, engine_settings: Settings, prompts: li
         maker = TargetMaker.for_transfer_q(generation, reward=run.reward, options=run.targets)
         maker.check_context(prompts, run.prompts_file)
         pending = iter(todo)
-        bar = tqdm(total=total, initial=total - len(todo), unit="state", disable=not run.progress,
-                   desc=f"states: Q^BL of top-{run.targets.top_k} ({run.reward})")
+        bar = tqdm(
+            total=total,
+            initial=total - len(todo),
+            unit="state",
+            disable=not run.progress,
+            desc=f"states: Q^BL of top-{run.targets.top_k} ({run.reward})",
+        )
 
         async def worker() -> None:
             for slot in pending:  # one shared iterator: each slot goes to one worker
@@ -545,8 +615,9 @@ async def _make_states(run: ValueHeadRun, engine_settings: Settings, prompts: li
 
 
 # ---------------------------------------------------------------------------- features
-def final_hidden_states(model, sequences: Sequence[Sequence[int]], *, batch_size: int = 16,
-                        progress: bool = False) -> torch.Tensor:
+def final_hidden_states(
+    model, sequences: Sequence[Sequence[int]], *, batch_size: int = 16, progress: bool = False
+) -> torch.Tensor:
     """``h(s)`` [N, hidden] (float32): the last token's row of the base model's ``last_hidden_state``,
     i.e. after the final norm, the input of the LM head (see the module docstring). Sequences are
     batched by length, right-padded and masked (a causal model's real tokens never see the padding)."""
@@ -556,8 +627,10 @@ def final_hidden_states(model, sequences: Sequence[Sequence[int]], *, batch_size
     device = next(model.parameters()).device
     out = torch.empty(len(sequences), model.config.get_text_config().hidden_size, dtype=torch.float32)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    with torch.inference_mode(), tqdm(total=len(order), desc="features (h(s), transformers float32)", unit="state",
-                                      disable=not progress) as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(order), desc="features (h(s), transformers float32)", unit="state", disable=not progress) as bar,
+    ):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             lengths = torch.tensor([len(sequences[i]) for i in rows])
@@ -622,8 +695,10 @@ def compute_features(model_dir: Path, records: list[dict], cache: Path, *, progr
         logprobs = torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
         embeddings = model.get_input_embeddings().weight.detach().float()[torch.tensor(tokens_needed)].clone()
     agrees = [int(logprobs[j].argmax()) == r["candidates"][0] for j, r in enumerate(missing)]
-    gaps = [float((logprobs[j, torch.tensor(r["candidates"])] - torch.tensor(r["sft_logprobs"])).abs().max())
-            for j, r in enumerate(missing)]
+    gaps = [
+        float((logprobs[j, torch.tensor(r["candidates"])] - torch.tensor(r["sft_logprobs"])).abs().max())
+        for j, r in enumerate(missing)
+    ]
     old = known if known is not None else Features([], torch.empty(0, hidden.shape[1]), [], torch.empty(0, 0), [], [])
     features = Features(
         slots=old.slots + [r["slot"] for r in missing],
@@ -663,8 +738,14 @@ class HeadData:
         import torch
 
         index = torch.tensor(list(rows), dtype=torch.long)
-        return HeadData(self.hidden[index], self.candidates[index], self.table, self.targets[index],
-                        self.sft_logprobs[index], [self.prompt_ids[i] for i in rows])
+        return HeadData(
+            self.hidden[index],
+            self.candidates[index],
+            self.table,
+            self.targets[index],
+            self.sft_logprobs[index],
+            [self.prompt_ids[i] for i in rows],
+        )
 
 
 def head_data(records: list[dict], features: Features) -> HeadData:
@@ -703,8 +784,9 @@ def target_scale(targets: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------- loss and metrics
-def head_loss(values: torch.Tensor, targets: torch.Tensor, scale: float, ranking_weight: float
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+def head_loss(
+    values: torch.Tensor, targets: torch.Tensor, scale: float, ranking_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of the module docstring for values and targets [B, k]: within-state centred squared
     error plus ``ranking_weight`` x the pairwise KL, both in units of ``scale``. Zero exactly when every
     within-state difference of ``values`` equals that of ``targets``."""
@@ -719,8 +801,10 @@ def head_loss(values: torch.Tensor, targets: torch.Tensor, scale: float, ranking
     wanted = (targets[:, i] - targets[:, j]) / scale
     p = torch.sigmoid(wanted)
     # KL(Bernoulli(p) || Bernoulli(sigmoid(predicted))) = BCE(predicted, p) - BCE(wanted, p)
-    pairwise = (F.binary_cross_entropy_with_logits(predicted, p, reduction="none")
-                - F.binary_cross_entropy_with_logits(wanted, p, reduction="none")).mean()
+    pairwise = (
+        F.binary_cross_entropy_with_logits(predicted, p, reduction="none")
+        - F.binary_cross_entropy_with_logits(wanted, p, reduction="none")
+    ).mean()
     loss = squared + ranking_weight * pairwise
     return loss, {"squared": float(squared.detach()), "pairwise": float(pairwise.detach())}
 
@@ -768,8 +852,10 @@ def evaluate(head: ValueHead, data: HeadData, *, alpha: float, scale: float, ran
     def agreement(at: float) -> tuple[float, float]:
         rollout_choice = (data.sft_logprobs + targets / at).argmax(-1)
         head_choice = (data.sft_logprobs + values / at).argmax(-1)
-        return (float((head_choice == rollout_choice).float().mean()),
-                float((sft_choice == rollout_choice).float().mean()))
+        return (
+            float((head_choice == rollout_choice).float().mean()),
+            float((sft_choice == rollout_choice).float().mean()),
+        )
 
     head_top1, sft_top1 = agreement(alpha)
     centred_error = (values - values.mean(-1, keepdim=True)) - (targets - targets.mean(-1, keepdim=True))
@@ -785,10 +871,12 @@ def evaluate(head: ValueHead, data: HeadData, *, alpha: float, scale: float, ran
         "spearman_states": int(ranked.sum()),
         "top1_agreement": head_top1,
         "sft_top1_agreement": sft_top1,
-        "top1_agreement_by_alpha": {f"{a:g}": dict(zip(("head", "sft"), agreement(a)))
-                                    for a in sorted({*AGREEMENT_ALPHAS, alpha})},
-        "pairwise_accuracy": (float((np.sign(v_diff[ordered]) == np.sign(t_diff[ordered])).mean())
-                              if ordered.any() else None),
+        "top1_agreement_by_alpha": {
+            f"{a:g}": dict(zip(("head", "sft"), agreement(a), strict=False)) for a in sorted({*AGREEMENT_ALPHAS, alpha})
+        },
+        "pairwise_accuracy": (
+            float((np.sign(v_diff[ordered]) == np.sign(t_diff[ordered])).mean()) if ordered.any() else None
+        ),
         "mse_centred": float(centred_error.pow(2).mean()),
         "target_variance_centred": float(centred_targets.pow(2).mean()),
         "loss": float(loss),
@@ -806,8 +894,16 @@ class FittedHead:
     seconds: float
 
 
-def fit_head(train: HeadData, heldout: HeadData | None, opts: HeadTrainingOptions, *, steps: int, scale: float,
-             vocab_size: int, eval_every: int | None = None) -> FittedHead:
+def fit_head(
+    train: HeadData,
+    heldout: HeadData | None,
+    opts: HeadTrainingOptions,
+    *,
+    steps: int,
+    scale: float,
+    vocab_size: int,
+    eval_every: int | None = None,
+) -> FittedHead:
     """A fresh :class:`ValueHead` trained with Adam for ``steps`` steps of ``batch_size`` states (the
     training states reshuffled at each pass); with ``eval_every``, the held-out metrics every so many
     steps go into the history."""
@@ -837,10 +933,16 @@ def fit_head(train: HeadData, heldout: HeadData | None, opts: HeadTrainingOption
         if eval_every and heldout is not None and (step % eval_every == 0 or step == steps):
             head.eval()
             held = evaluate(head, heldout, alpha=opts.alpha, scale=scale, ranking_weight=opts.ranking_weight)
-            history.append({"step": step, "epoch": round(step * opts.batch_size / len(train), 3),
-                            "train_loss": round(sum(running) / len(running), 6), "heldout_loss": round(held["loss"], 6),
-                            "heldout_spearman": held["spearman_mean"],
-                            "heldout_top1_agreement": held["top1_agreement"]})
+            history.append(
+                {
+                    "step": step,
+                    "epoch": round(step * opts.batch_size / len(train), 3),
+                    "train_loss": round(sum(running) / len(running), 6),
+                    "heldout_loss": round(held["loss"], 6),
+                    "heldout_spearman": held["spearman_mean"],
+                    "heldout_top1_agreement": held["top1_agreement"],
+                }
+            )
             running = []
     head.eval()
     final = float(head_loss(predict(head, train), train.targets, scale, opts.ranking_weight)[0])
@@ -859,8 +961,9 @@ def plot_learning_curve(curve: list[dict], path: Path, title: str, *, alpha: flo
     axes = figure.subplots()
     axes.plot(sizes, points("spearman_mean"), "o-", label=f"Spearman (head vs the {targets} targets)")
     axes.plot(sizes, points("top1_agreement"), "s-", label=f"top-1 agreement at alpha={alpha:g}")
-    axes.axhline(curve[-1]["heldout"]["sft_top1_agreement"], color="grey", linestyle=":",
-                 label="top-1 agreement of SFT greedy")
+    axes.axhline(
+        curve[-1]["heldout"]["sft_top1_agreement"], color="grey", linestyle=":", label="top-1 agreement of SFT greedy"
+    )
     axes.set_xscale("log")
     axes.minorticks_off()
     axes.set_xticks(sizes, [str(s) for s in sizes])
@@ -886,8 +989,9 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def train_with_learning_curve(data: HeadData, train_rows: list[int], heldout_rows: list[int],
-                              opts: HeadTrainingOptions, vocab_size: int) -> tuple[FittedHead, list[dict], dict]:
+def train_with_learning_curve(
+    data: HeadData, train_rows: list[int], heldout_rows: list[int], opts: HeadTrainingOptions, vocab_size: int
+) -> tuple[FittedHead, list[dict], dict]:
     """One head per data size (nested random subsets of the training states, ``curve_fractions`` of
     them), each trained for the same number of Adam steps (``epochs`` passes over the full training set)
     so that the sizes differ by data only. The full-data head is the result. Returns it, the curve and
@@ -895,8 +999,10 @@ def train_with_learning_curve(data: HeadData, train_rows: list[int], heldout_row
     train, heldout = data.subset(train_rows), data.subset(heldout_rows)
     scale = target_scale(train.targets)
     if not scale > 0:
-        raise TrainingError("every state's candidates have the same rollout value: the reward does not tell them "
-                            "apart (a longer --rollout-len or another reward may)")
+        raise TrainingError(
+            "every state's candidates have the same rollout value: the reward does not tell them "
+            "apart (a longer --rollout-len or another reward may)"
+        )
     steps = max(1, math.ceil(opts.epochs * len(train) / opts.batch_size))
     per_epoch = max(1, math.ceil(len(train) / opts.batch_size))
     order = random.Random(opts.seed + 1).sample(range(len(train)), len(train))
@@ -904,8 +1010,17 @@ def train_with_learning_curve(data: HeadData, train_rows: list[int], heldout_row
         return _fit_sizes(train, heldout, opts, vocab_size, scale=scale, steps=steps, per_epoch=per_epoch, order=order)
 
 
-def _fit_sizes(train: HeadData, heldout: HeadData, opts: HeadTrainingOptions, vocab_size: int, *, scale: float,
-               steps: int, per_epoch: int, order: list[int]) -> tuple[FittedHead, list[dict], dict]:
+def _fit_sizes(
+    train: HeadData,
+    heldout: HeadData,
+    opts: HeadTrainingOptions,
+    vocab_size: int,
+    *,
+    scale: float,
+    steps: int,
+    per_epoch: int,
+    order: list[int],
+) -> tuple[FittedHead, list[dict], dict]:
     """The heads of :func:`train_with_learning_curve`, smallest data size first."""
     curve: list[dict] = []
     final: FittedHead | None = None
@@ -913,13 +1028,26 @@ def _fit_sizes(train: HeadData, heldout: HeadData, opts: HeadTrainingOptions, vo
         size = max(1, math.ceil(fraction * len(train)))
         part = train.subset(sorted(order[:size]))
         full = fraction == 1.0
-        fitted = fit_head(part, heldout, opts, steps=steps, scale=scale, vocab_size=vocab_size,
-                          eval_every=per_epoch if full else None)
+        fitted = fit_head(
+            part, heldout, opts, steps=steps, scale=scale, vocab_size=vocab_size, eval_every=per_epoch if full else None
+        )
         held = evaluate(fitted.head, heldout, alpha=opts.alpha, scale=scale, ranking_weight=opts.ranking_weight)
-        curve.append({"fraction": fraction, "train_states": size, "train_prompts": len(set(part.prompt_ids)),
-                      "steps": steps, "seconds": round(fitted.seconds, 3), "heldout": held})
-        logger.info("value head on %d states: held-out Spearman %s, top-1 agreement %.3f", size,
-                    held["spearman_mean"], held["top1_agreement"])
+        curve.append(
+            {
+                "fraction": fraction,
+                "train_states": size,
+                "train_prompts": len(set(part.prompt_ids)),
+                "steps": steps,
+                "seconds": round(fitted.seconds, 3),
+                "heldout": held,
+            }
+        )
+        logger.info(
+            "value head on %d states: held-out Spearman %s, top-1 agreement %.3f",
+            size,
+            held["spearman_mean"],
+            held["top1_agreement"],
+        )
         if full:
             final = fitted
     assert final is not None  # 1.0 is among the fractions (checked)
@@ -973,16 +1101,19 @@ def _check_head_size(hidden_size: int, rank: int) -> None:
     # ValueHead's tensors: state d x r + r, token d x r, out r + 1 (float32)
     size = 4 * (2 * hidden_size * rank + 2 * rank + 1)
     if size > MAX_HEAD_BYTES - 2**20:  # a mebibyte left for the manifest and the plot
-        raise TrainingInputError(f"--rank {rank} makes a head of {size / 2**20:.1f} MiB on hidden size {hidden_size}, "
-                                 "above the 10 MiB a head may have: lower --rank")
+        raise TrainingInputError(
+            f"--rank {rank} makes a head of {size / 2**20:.1f} MiB on hidden size {hidden_size}, "
+            "above the 10 MiB a head may have: lower --rank"
+        )
 
 
 def _rollout_temperature(settings: Settings, options: TargetOptions) -> float:
     """The rollout temperature transfer_q resolves for these options (greedy for one rollout)."""
     from alignd.decoding.config import DecodingConfig
 
-    request = DecodingConfig(method="transfer_q", num_rollouts=options.num_rollouts, rollout_len=options.rollout_len,
-                             top_k=options.top_k)
+    request = DecodingConfig(
+        method="transfer_q", num_rollouts=options.num_rollouts, rollout_len=options.rollout_len, top_k=options.top_k
+    )
     return float(request.resolved(settings).rollout_temperature)
 
 
@@ -998,8 +1129,16 @@ def _mean(values: Sequence[float]) -> float | None:
     return round(sum(values) / len(values), 6) if values else None
 
 
-def _generate_states(run: ValueHeadRun, settings: Settings, model_dir: Path, baseline: BaselineChoice,
-                     prompts: list[PromptRecord], todo: list[StateSlot], total: int, states_file: Path) -> None:
+def _generate_states(
+    run: ValueHeadRun,
+    settings: Settings,
+    model_dir: Path,
+    baseline: BaselineChoice,
+    prompts: list[PromptRecord],
+    todo: list[StateSlot],
+    total: int,
+    states_file: Path,
+) -> None:
     updates = {"model": str(model_dir), **baseline.engine_updates}
     if "value_head" in type(settings).model_fields:
         updates["value_head"] = "none"  # the targets come from rollouts: a plain SFT engine, no head in it
@@ -1054,8 +1193,14 @@ def _open_run(run: ValueHeadRun) -> _RunContext:
     workspace.check_output()
     run.targets.check(settings)
     run.training.check()
-    require([(run.shard is None or run.targets.kind == "rollouts",
-              "--shard is for rollout targets: implicit targets cost one teacher-forced pass a sampled answer")])
+    require(
+        [
+            (
+                run.shard is None or run.targets.kind == "rollouts",
+                "--shard is for rollout targets: implicit targets cost one teacher-forced pass a sampled answer",
+            )
+        ]
+    )
     prompts_file = Path(run.prompts_file).expanduser().absolute()
     prompts = read_prompts(prompts_file)
     eval_check = check_disjoint(prompts, prompts_file, run.eval_prompts_file)
@@ -1068,15 +1213,36 @@ def _open_run(run: ValueHeadRun) -> _RunContext:
         precheck_reward(settings, reward)
     digest = weights_digest(model_dir)
     inputs = {
-        "kind": KIND, "base_weights": digest, "prompts_sha256": file_sha256(prompts_file), "reward": reward,
-        "reward_spec": settings.rewards.get(reward), "baseline": baseline.identity(), "engine": settings.engine,
-        "dtype": _engine_dtype(settings), "targets": run.targets.identity(), "seed": run.training.seed,
+        "kind": KIND,
+        "base_weights": digest,
+        "prompts_sha256": file_sha256(prompts_file),
+        "reward": reward,
+        "reward_spec": settings.rewards.get(reward),
+        "baseline": baseline.identity(),
+        "engine": settings.engine,
+        "dtype": _engine_dtype(settings),
+        "targets": run.targets.identity(),
+        "seed": run.training.seed,
     }
     cache = data_cache(settings, inputs)
     _open_workspace(run, workspace, inputs, cache)
     run = replace(run, reward=reward)
-    return _RunContext(run, settings, workspace, prompts_file, prompts, eval_check, model_dir, model_name, vocab_size,
-                       baseline, digest, inputs, cache, started)
+    return _RunContext(
+        run,
+        settings,
+        workspace,
+        prompts_file,
+        prompts,
+        eval_check,
+        model_dir,
+        model_name,
+        vocab_size,
+        baseline,
+        digest,
+        inputs,
+        cache,
+        started,
+    )
 
 
 def _target_reward(run: ValueHeadRun, baseline: BaselineChoice) -> str:
@@ -1088,8 +1254,10 @@ def _target_reward(run: ValueHeadRun, baseline: BaselineChoice) -> str:
 
     form = implicit_baseline(baseline.name, baseline.kind, baseline.source, baseline.adapter_manifest)
     if run.reward is not None and run.reward != form.reward:
-        raise TrainingInputError(f"--targets implicit gives the Q of the baseline's own reward, '{form.reward}', not of "
-                                 f"'{run.reward}': leave --reward unset, or use --targets rollouts for another reward")
+        raise TrainingInputError(
+            f"--targets implicit gives the Q of the baseline's own reward, '{form.reward}', not of "
+            f"'{run.reward}': leave --reward unset, or use --targets rollouts for another reward"
+        )
     return form.reward
 
 
@@ -1102,8 +1270,9 @@ def _open_workspace(run: ValueHeadRun, workspace: Workspace, inputs: dict, cache
         if run.restart and run.shard is None:
             shutil.rmtree(cache, ignore_errors=True)
         elif restored := restore_data(cache, workspace.partial):
-            workspace.notes.append(f"reused {restored} finished states of an earlier run with the same inputs "
-                                   f"({cache})")
+            workspace.notes.append(
+                f"reused {restored} finished states of an earlier run with the same inputs ({cache})"
+            )
         if run.shard is None and (merged := merge_shards(workspace.partial)):
             workspace.notes.append(f"merged {merged} states made by --shard runs")
     if run.shard is None:
@@ -1146,8 +1315,12 @@ def _rollout_data(ctx: _RunContext) -> _MadeData | None:
             if todo:  # the bar counts this shard's slots only (the others are another process's)
                 owned = sum(1 for s in slots if run.shard.owns(s))
                 _generate_states(run, settings, ctx.model_dir, ctx.baseline, ctx.prompts, todo, owned, states_file)
-        logger.warning("shard %s: its states are made (%d this process); when every shard is done, the command "
-                       "without --shard trains on all of them", run.shard, len(todo))
+        logger.warning(
+            "shard %s: its states are made (%d this process); when every shard is done, the command "
+            "without --shard trains on all of them",
+            run.shard,
+            len(todo),
+        )
         return None
     generation_s = 0.0
     if todo:
@@ -1162,27 +1335,41 @@ def _rollout_data(ctx: _RunContext) -> _MadeData | None:
     check_rows = [row_of[r["slot"]] for r in records]
     costs = [r["cost"] for r in records]
     return _MadeData(
-        records, features,
-        manifest={"transfer": "direct", "targets": "rollouts", "top_k": run.targets.top_k,
-                  "rollout_len": run.targets.rollout_len, "num_rollouts": run.targets.num_rollouts,
-                  "rollout_temperature": _rollout_temperature(settings, run.targets)},
+        records,
+        features,
+        manifest={
+            "transfer": "direct",
+            "targets": "rollouts",
+            "top_k": run.targets.top_k,
+            "rollout_len": run.targets.rollout_len,
+            "num_rollouts": run.targets.num_rollouts,
+            "rollout_temperature": _rollout_temperature(settings, run.targets),
+        },
         features_check={
             "hf_top1_agreement": _mean([float(features.hf_top1_agrees[i]) for i in check_rows]),
             "max_logprob_gap": max((features.logprob_gap[i] for i in check_rows), default=None),
             "mean_logprob_gap": _mean([features.logprob_gap[i] for i in check_rows]),
             "meaning": "the engine's top-1 candidate vs the argmax of lm_head(h), and the largest gap between "
-                       "the engine's candidate log-probabilities and log-softmax(lm_head(h)) (engine dtype vs "
-                       "float32)",
+            "the engine's candidate log-probabilities and log-softmax(lm_head(h)) (engine dtype vs "
+            "float32)",
         },
-        data={"cost_per_state": {key: _mean([c[key] for c in costs])
-                                 for key in ("rollouts", "rollout_tokens", "reward_calls")},
-              "cut": "uniform over the answer's positions", "cut_mean": _mean([r["cut"] for r in records])},
-        notes=[f"targets: Q^BL(s, z) from the rollout estimator of decoding method transfer_q (direct transfer), "
-               f"baseline '{ctx.baseline.name}' ({ctx.baseline.kind}), for the SFT model's top-{run.targets.top_k} "
-               "at states cut from its own sampled answers"],
-        wall_s={"states_this_process": round(generation_s, 3),
-                "states_sum_of_per_state": round(sum(r.get("seconds", 0.0) for r in records), 3),
-                "features": round(time.perf_counter() - began, 3)},
+        data={
+            "cost_per_state": {
+                key: _mean([c[key] for c in costs]) for key in ("rollouts", "rollout_tokens", "reward_calls")
+            },
+            "cut": "uniform over the answer's positions",
+            "cut_mean": _mean([r["cut"] for r in records]),
+        },
+        notes=[
+            f"targets: Q^BL(s, z) from the rollout estimator of decoding method transfer_q (direct transfer), "
+            f"baseline '{ctx.baseline.name}' ({ctx.baseline.kind}), for the SFT model's top-{run.targets.top_k} "
+            "at states cut from its own sampled answers"
+        ],
+        wall_s={
+            "states_this_process": round(generation_s, 3),
+            "states_sum_of_per_state": round(sum(r.get("seconds", 0.0) for r in records), 3),
+            "features": round(time.perf_counter() - began, 3),
+        },
     )
 
 
@@ -1195,11 +1382,17 @@ def _train_and_publish(ctx: _RunContext, made: _MadeData) -> Path:
     began = time.perf_counter()
     fitted, curve, fit = train_with_learning_curve(data, train_rows, heldout_rows, opts, ctx.vocab_size)
     training_s = time.perf_counter() - began
-    train_metrics = evaluate(fitted.head, data.subset(train_rows), alpha=opts.alpha, scale=fit["scale"],
-                             ranking_weight=opts.ranking_weight)
-    split = {"by": "prompt", "holdout_fraction": opts.holdout_fraction, "train_states": len(train_rows),
-             "heldout_states": len(heldout_rows), "train_prompts": len({data.prompt_ids[i] for i in train_rows}),
-             "heldout_prompts": len({data.prompt_ids[i] for i in heldout_rows})}
+    train_metrics = evaluate(
+        fitted.head, data.subset(train_rows), alpha=opts.alpha, scale=fit["scale"], ranking_weight=opts.ranking_weight
+    )
+    split = {
+        "by": "prompt",
+        "holdout_fraction": opts.holdout_fraction,
+        "train_states": len(train_rows),
+        "heldout_states": len(heldout_rows),
+        "train_prompts": len({data.prompt_ids[i] for i in train_rows}),
+        "heldout_prompts": len({data.prompt_ids[i] for i in heldout_rows}),
+    }
     manifest = {
         "kind": KIND,
         "created": created_now(),
@@ -1211,41 +1404,63 @@ def _train_and_publish(ctx: _RunContext, made: _MadeData) -> Path:
         "alpha": opts.alpha,
         "features": {
             "state": "final normalised hidden state at the last token of s (the LM head's input; vLLM's "
-                     "compute_logits row)",
+            "compute_logits row)",
             "candidate": "input embedding of the candidate token",
             "computed_with": "transformers, float32, the base model's weights",
             "check": made.features_check,
         },
         "data": _data_entry(ctx, made, data, split),
-        "training": {"rank": opts.rank, "epochs": opts.epochs, "steps": fit["steps"],
-                     "steps_per_epoch": fit["steps_per_epoch"], "learning_rate": opts.learning_rate,
-                     "batch_size": opts.batch_size, "optimizer": "Adam", "ranking_weight": opts.ranking_weight,
-                     "target_scale": fit["scale"],
-                     "loss": "mean((q_c - t_c)^2)/scale^2 + ranking_weight * mean_{i<j} KL(sigmoid(dt/scale) || "
-                             "sigmoid(dq/scale)); c = centred within the state"},
-        "metrics": {"heldout": curve[-1]["heldout"], "train": train_metrics,
-                    "final_train_loss": fitted.final_train_loss, "history": fitted.history},
+        "training": {
+            "rank": opts.rank,
+            "epochs": opts.epochs,
+            "steps": fit["steps"],
+            "steps_per_epoch": fit["steps_per_epoch"],
+            "learning_rate": opts.learning_rate,
+            "batch_size": opts.batch_size,
+            "optimizer": "Adam",
+            "ranking_weight": opts.ranking_weight,
+            "target_scale": fit["scale"],
+            "loss": "mean((q_c - t_c)^2)/scale^2 + ranking_weight * mean_{i<j} KL(sigmoid(dt/scale) || "
+            "sigmoid(dq/scale)); c = centred within the state",
+        },
+        "metrics": {
+            "heldout": curve[-1]["heldout"],
+            "train": train_metrics,
+            "final_train_loss": fitted.final_train_loss,
+            "history": fitted.history,
+        },
         "learning_curve": [_curve_point(c) for c in curve],
         "command": run.command,
         "seed": ctx.inputs["seed"],
         "versions": versions(),
-        "wall_s": {**made.wall_s, "training": round(training_s, 3),
-                   "total_this_process": round(time.perf_counter() - ctx.started, 3)},
+        "wall_s": {
+            **made.wall_s,
+            "training": round(training_s, 3),
+            "total_this_process": round(time.perf_counter() - ctx.started, 3),
+        },
         "peak_rss_mib": peak_rss_mib(),
         "resumed": {"notes": ctx.workspace.notes},
-        "notes": [*made.notes,
-                  "the head's Q is fitted up to a constant per state (the rule only uses differences within a state)"],
+        "notes": [
+            *made.notes,
+            "the head's Q is fitted up to a constant per state (the rule only uses differences within a state)",
+        ],
     }
     folder = ctx.workspace.fresh_result_dir()
-    plot_learning_curve(curve, folder / PLOT_FILE, f"{ctx.model_name}: value head for '{ctx.inputs['reward']}', "
-                        f"{made.manifest['targets']} targets of baseline '{ctx.baseline.name}'", alpha=opts.alpha,
-                        targets=made.manifest["targets"])
+    plot_learning_curve(
+        curve,
+        folder / PLOT_FILE,
+        f"{ctx.model_name}: value head for '{ctx.inputs['reward']}', "
+        f"{made.manifest['targets']} targets of baseline '{ctx.baseline.name}'",
+        alpha=opts.alpha,
+        targets=made.manifest["targets"],
+    )
     save_value_head(fitted.head, folder, jsonable(manifest))
     keep_data(ctx.workspace.partial, ctx.cache)
     size = sum(p.stat().st_size for p in folder.iterdir())
     if size > MAX_HEAD_BYTES:
-        raise TrainingError(f"the head folder is {size / 2**20:.1f} MiB, above the 10 MiB a head may have: "
-                            "lower --rank")
+        raise TrainingError(
+            f"the head folder is {size / 2**20:.1f} MiB, above the 10 MiB a head may have: lower --rank"
+        )
     return ctx.workspace.publish()
 
 
@@ -1258,27 +1473,61 @@ def _data_entry(ctx: _RunContext, made: _MadeData, data: HeadData, split: dict) 
         "prompts_used": len(set(data.prompt_ids)),
         "eval_prompts": ctx.eval_check,
         "states": len(records),
-        "sampling": {"engine": ctx.settings.engine, "dtype": ctx.inputs["dtype"], "answer_len": run.targets.answer_len,
-                     "temperature": run.targets.sample_temperature, "seed": ctx.inputs["seed"],
-                     "cut": made.data.get("cut")},
+        "sampling": {
+            "engine": ctx.settings.engine,
+            "dtype": ctx.inputs["dtype"],
+            "answer_len": run.targets.answer_len,
+            "temperature": run.targets.sample_temperature,
+            "seed": ctx.inputs["seed"],
+            "cut": made.data.get("cut"),
+        },
         "split": split,
         **{k: v for k, v in made.data.items() if k not in ("cut",)},
-        "targets": {"mean": float(data.targets.mean()), "std_within_state": target_scale(data.targets),
-                    "states_all_equal": int(sum(1 for r in records if len(set(r["values"])) == 1))},
+        "targets": {
+            "mean": float(data.targets.mean()),
+            "std_within_state": target_scale(data.targets),
+            "states_all_equal": int(sum(1 for r in records if len(set(r["values"])) == 1)),
+        },
         "kept_in": str(ctx.cache),
     }
 
 
 def _curve_point(c: dict) -> dict:
-    return {"fraction": c["fraction"], "train_states": c["train_states"], "train_prompts": c["train_prompts"],
-            "heldout_spearman": c["heldout"]["spearman_mean"], "heldout_top1_agreement": c["heldout"]["top1_agreement"],
-            "heldout_pairwise_accuracy": c["heldout"]["pairwise_accuracy"],
-            "heldout_mse_centred": c["heldout"]["mse_centred"]}
+    return {
+        "fraction": c["fraction"],
+        "train_states": c["train_states"],
+        "train_prompts": c["train_prompts"],
+        "heldout_spearman": c["heldout"]["spearman_mean"],
+        "heldout_top1_agreement": c["heldout"]["top1_agreement"],
+        "heldout_pairwise_accuracy": c["heldout"]["pairwise_accuracy"],
+        "heldout_mse_centred": c["heldout"]["mse_centred"],
+    }
 
 
 __all__ = [
-    "BaselineChoice", "Features", "FittedHead", "HeadData", "HeadTrainingOptions", "Shard", "StateSlot", "TargetMaker",
-    "TargetOptions", "ValueHeadRun", "check_disjoint", "compute_features", "evaluate", "final_hidden_states",
-    "fit_head", "head_data", "head_loss", "merge_shards", "per_state_spearman", "plot_learning_curve", "resolve_baseline",
-    "run_value_head", "split_by_prompt", "state_slots", "train_with_learning_curve",
+    "BaselineChoice",
+    "Features",
+    "FittedHead",
+    "HeadData",
+    "HeadTrainingOptions",
+    "Shard",
+    "StateSlot",
+    "TargetMaker",
+    "TargetOptions",
+    "ValueHeadRun",
+    "check_disjoint",
+    "compute_features",
+    "evaluate",
+    "final_hidden_states",
+    "fit_head",
+    "head_data",
+    "head_loss",
+    "merge_shards",
+    "per_state_spearman",
+    "plot_learning_curve",
+    "resolve_baseline",
+    "run_value_head",
+    "split_by_prompt",
+    "state_slots",
+    "train_with_learning_curve",
 ]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from alignd.models.value_head import VALUE_GUIDED_ARCHITECTURE
 
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: runs in every vLLM process, before any model is built.
     In an EngineCore process it also starts the watch that ends it with its parent (``parent_watch``)."""

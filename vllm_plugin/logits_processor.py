@@ -47,8 +47,8 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from alignd.decoding.rule import transfer_q_logits
 from alignd.errors import ConfigurationError
-from alignd.models.seeded_sampling import SeededSampling, sampling_scores, seeded_sampling_request
 from alignd.models.baseline_stack import CONFIG_BASELINE_KEY, HEAD, IMPLICIT, VALUE_KEY
+from alignd.models.seeded_sampling import SeededSampling, sampling_scores, seeded_sampling_request
 from alignd.models.value_head import ALPHA_KEY, CONFIG_HEAD_KEY, MAX_TOP_K, TOP_K_KEY, VALUE_GUIDED_ARCHITECTURE
 from alignd.vllm_plugin.scoring import NEEDS_V1_RUNNER, ValueGuidedScoring, find_scoring
 
@@ -85,20 +85,28 @@ def transfer_q_request(extra_args: Mapping[str, Any] | None) -> TransferQRequest
     if not extra_args or not any(key in extra_args for key in keys):
         return None
     if ALPHA_KEY not in extra_args:
-        raise ValueError(f"{TOP_K_KEY} and {VALUE_KEY} are parameters of value-guided decoding, which {ALPHA_KEY} "
-                         f"turns on: send {ALPHA_KEY} (a number > 0) with them")
+        raise ValueError(
+            f"{TOP_K_KEY} and {VALUE_KEY} are parameters of value-guided decoding, which {ALPHA_KEY} "
+            f"turns on: send {ALPHA_KEY} (a number > 0) with them"
+        )
     value = extra_args.get(VALUE_KEY, HEAD)
     if value not in (HEAD, IMPLICIT):
-        raise ValueError(f"{VALUE_KEY} must be '{HEAD}' (the value head) or '{IMPLICIT}' (the baseline stack's "
-                         f"implicit Q), got {value!r}")
+        raise ValueError(
+            f"{VALUE_KEY} must be '{HEAD}' (the value head) or '{IMPLICIT}' (the baseline stack's "
+            f"implicit Q), got {value!r}"
+        )
     alpha = extra_args[ALPHA_KEY]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"{ALPHA_KEY} must be a finite number > 0, got {alpha!r}: a large alpha stays close "
-                         "to the model's own distribution, a small one follows the values")
+        raise ValueError(
+            f"{ALPHA_KEY} must be a finite number > 0, got {alpha!r}: a large alpha stays close "
+            "to the model's own distribution, a small one follows the values"
+        )
     top_k = extra_args.get(TOP_K_KEY, DEFAULT_TOP_K)
     lowest = 0 if value == IMPLICIT else 1
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not lowest <= top_k <= MAX_TOP_K:
-        whole = f" (0: the whole vocabulary, with {VALUE_KEY}='{IMPLICIT}' only)" if value == HEAD and top_k == 0 else ""
+        whole = (
+            f" (0: the whole vocabulary, with {VALUE_KEY}='{IMPLICIT}' only)" if value == HEAD and top_k == 0 else ""
+        )
         raise ValueError(f"{TOP_K_KEY} must be an integer from {lowest} to {MAX_TOP_K}, got {top_k!r}{whole}")
     return TransferQRequest(float(alpha), top_k, value)
 
@@ -176,13 +184,17 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
             return
         architectures = list(getattr(served, "architectures", None) or [])
         config = getattr(served, "hf_config", None)
-        needs, what = ((CONFIG_BASELINE_KEY, "a baseline stack") if request.value == IMPLICIT
-                       else (CONFIG_HEAD_KEY, "a value head"))
+        needs, what = (
+            (CONFIG_BASELINE_KEY, "a baseline stack")
+            if request.value == IMPLICIT
+            else (CONFIG_HEAD_KEY, "a value head")
+        )
         if VALUE_GUIDED_ARCHITECTURE not in architectures or (config is not None and not getattr(config, needs, None)):
             raise ValueError(
                 f"{ALPHA_KEY}/{TOP_K_KEY} ask for alignd's value-guided decoding ({VALUE_KEY}={request.value}), but "
                 f"this engine serves {', '.join(architectures) or 'a model'} without {what}: serve a folder made by "
-                "alignd.models.value_head.prepare_value_guided_folder (with a head, or a baseline stack)")
+                "alignd.models.value_head.prepare_value_guided_folder (with a head, or a baseline stack)"
+            )
 
     def __init__(self, vllm_config: VllmConfig, *runner_args: Any) -> None:
         # V1 builds processors with (vllm_config, device, is_pin_memory), Model Runner V2 with
@@ -206,8 +218,12 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
     def _request_of(self, params: SamplingParams, _prompt_ids: Any, output_ids: list[int]) -> _RowRequest | None:
         request = transfer_q_request(params.extra_args)  # validated at admission: no error here
         if request is not None and not self._value_guided:
-            logger.error("a request asks for alignd's value head (%s=%s), but this engine serves %s: decoding it "
-                         "plainly", ALPHA_KEY, request.alpha, self._vllm_config.model_config.architectures)
+            logger.error(
+                "a request asks for alignd's value head (%s=%s), but this engine serves %s: decoding it plainly",
+                ALPHA_KEY,
+                request.alpha,
+                self._vllm_config.model_config.architectures,
+            )
             request = None
         sampling = seeded_sampling_request(params.extra_args)
         if request is None and sampling is None:
@@ -223,8 +239,9 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
                 # the forward): the baseline stack runs where a row of the batch asks for it
                 baseline = (self._scoring or self._find_scoring()).baseline
                 if baseline is not None:
-                    baseline.asked = any(r.transfer_q is not None and r.transfer_q.value == IMPLICIT
-                                         for r in self._requests.values())
+                    baseline.asked = any(
+                        r.transfer_q is not None and r.transfer_q.value == IMPLICIT for r in self._requests.values()
+                    )
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         """Model Runner V2: only built for engines of other models (see ``__init__``), which it leaves alone."""
@@ -257,14 +274,17 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
             raise RuntimeError(
                 f"alignd value head: {logits.shape[0]} logits rows but "
                 f"{'no' if hidden is None else hidden.shape[0]} hidden-state rows kept by compute_logits: this vLLM "
-                "orders its step differently from the V1 runner the plugin was written for")
+                "orders its step differently from the V1 runner the plugin was written for"
+            )
         row_logits = logits.index_select(0, asking.rows)
         top_k = min(asking.top_k, logits.shape[1])
         candidate_ids = row_logits.topk(top_k, dim=-1).indices
         values = scoring.values(asking.rows, candidate_ids)
         if asking.beyond_own_top_k is not None:
             values = values.masked_fill(asking.beyond_own_top_k[:, :top_k], -math.inf)
-        logits.index_copy_(0, asking.rows, transfer_q_logits(row_logits, candidate_ids, values, asking.alpha).to(logits.dtype))
+        logits.index_copy_(
+            0, asking.rows, transfer_q_logits(row_logits, candidate_ids, values, asking.alpha).to(logits.dtype)
+        )
 
     def _apply_implicit(self, logits: torch.Tensor, asking: _AskingRows, whole: bool) -> None:
         """Q(s, z) = beta * (log pi_BL(z|s) - log pi_SFT(z|s)) from the baseline stack's log-probabilities at the
@@ -291,7 +311,9 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
     def _find_scoring(self) -> ValueGuidedScoring:
         scoring = find_scoring(self._vllm_config)
         if scoring is None:
-            raise RuntimeError(f"alignd value head: the engine's model is not alignd's {VALUE_GUIDED_ARCHITECTURE} "
-                               "(it registered no value head in this worker)")
+            raise RuntimeError(
+                f"alignd value head: the engine's model is not alignd's {VALUE_GUIDED_ARCHITECTURE} "
+                "(it registered no value head in this worker)"
+            )
         self._scoring = scoring
         return scoring

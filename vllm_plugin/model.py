@@ -46,14 +46,17 @@ def refuse_unsupported_engines(vllm_config: VllmConfig) -> None:
         raise ConfigurationError(NEEDS_V1_RUNNER)
     if vllm_config.speculative_config is not None:
         # vLLM then samples draft rows with its rejection sampler and loads no plugin logits processor
-        raise ConfigurationError("alignd's value-guided model does not run with speculative decoding: "
-                                 "start the engine without a speculative config")
+        raise ConfigurationError(
+            "alignd's value-guided model does not run with speculative decoding: "
+            "start the engine without a speculative config"
+        )
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
         # the candidates' embeddings are read from the full embedding table of one worker
         raise ConfigurationError(
             "alignd's value-guided model runs on one device per engine (tensor_parallel_size and "
-            f"pipeline_parallel_size 1; got {parallel.tensor_parallel_size} and {parallel.pipeline_parallel_size})")
+            f"pipeline_parallel_size 1; got {parallel.tensor_parallel_size} and {parallel.pipeline_parallel_size})"
+        )
 
 
 def load_head_for(vllm_config: VllmConfig) -> LoadedValueHead:
@@ -65,11 +68,13 @@ def load_head_for(vllm_config: VllmConfig) -> LoadedValueHead:
     if not head_dir:
         raise ConfigurationError(
             f"{model_config.model}: its config.json names {VALUE_GUIDED_ARCHITECTURE} but no value head "
-            f"({CONFIG_HEAD_KEY}); prepare the folder with alignd.models.value_head.prepare_value_guided_folder")
+            f"({CONFIG_HEAD_KEY}); prepare the folder with alignd.models.value_head.prepare_value_guided_folder"
+        )
     # vLLM builds the model under the serving dtype (often bfloat16); the head's numbers stay float32.
     with set_default_torch_dtype(torch.float32):
-        return load_value_head(head_dir, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                               base_name=str(model_config.model))
+        return load_value_head(
+            head_dir, vocab_size=config.vocab_size, hidden_size=config.hidden_size, base_name=str(model_config.model)
+        )
 
 
 def baseline_stack_for(vllm_config: VllmConfig) -> BaselineStack | None:
@@ -82,8 +87,9 @@ def baseline_stack_for(vllm_config: VllmConfig) -> BaselineStack | None:
     # the base model's own config (the served one names alignd's class): the folder it was prepared from
     config = model_config.hf_config.to_dict()
     base = Path(str(config.get("alignd_base_model") or "")) / "config.json"
-    sft_config = json.loads(base.read_text()) if base.is_file() else {k: v for k, v in config.items()
-                                                                         if k != "architectures"}
+    sft_config = (
+        json.loads(base.read_text()) if base.is_file() else {k: v for k, v in config.items() if k != "architectures"}
+    )
     check_stacks_match(sft_config, stack.path, sft_name=str(model_config.model))
     return stack
 
@@ -106,15 +112,17 @@ class AligndValueGuidedLlamaForCausalLM(LlamaForCausalLM):
         head = None if loaded is None else loaded.head.to(device=embed_tokens.weight.device, dtype=torch.float32).eval()
         # A plain attribute, not a submodule: vLLM's weight loader checks every parameter of the module
         # tree against the checkpoint, and the head's weights are not in it.
-        self.alignd_scoring = ValueGuidedScoring(head=head, embed_tokens=embed_tokens,
-                                                 reward=None if loaded is None else loaded.reward)
+        self.alignd_scoring = ValueGuidedScoring(
+            head=head, embed_tokens=embed_tokens, reward=None if loaded is None else loaded.reward
+        )
         self.alignd_baseline: LlamaForCausalLM | None = None
         if stack is not None:
             # A submodule: its attention layers get KV caches of their own (vLLM caches every layer a model
             # registers), and its tensors come from the merged baseline's folder under its prefix (vLLM's
             # loader reads ``secondary_weights`` after the served folder's, and checks every parameter).
-            self.alignd_baseline = LlamaForCausalLM(vllm_config=vllm_config,
-                                                    prefix=maybe_prefix(prefix, BASELINE_PREFIX))
+            self.alignd_baseline = LlamaForCausalLM(
+                vllm_config=vllm_config, prefix=maybe_prefix(prefix, BASELINE_PREFIX)
+            )
             self.secondary_weights = [DefaultModelLoader.Source(stack.path, None, prefix=f"{BASELINE_PREFIX}.")]
             self.alignd_scoring.baseline = BaselineScoring(stack.beta, self.alignd_baseline, stack.skip_unasked)
         register_scoring(vllm_config, self.alignd_scoring)

@@ -39,8 +39,11 @@ _started = False
 def _watch(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(POLL_INTERVAL_S)
-    logger.warning("alignd: the process that started this vLLM %s (pid %d) is gone: shutting down",
-                   multiprocessing.current_process().name, parent_pid)
+    logger.warning(
+        "alignd: the process that started this vLLM %s (pid %d) is gone: shutting down",
+        multiprocessing.current_process().name,
+        parent_pid,
+    )
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(GRACE_S)
     os._exit(1)

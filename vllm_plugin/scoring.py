@@ -72,8 +72,10 @@ class ValueGuidedScoring:
         if self.head is None:
             raise RuntimeError("alignd value head: this model has no value head (its folder has a baseline stack only)")
         if hidden is None:
-            raise RuntimeError("alignd value head: no hidden states were kept before sampling "
-                               "(the model's compute_logits did not run in this step)")
+            raise RuntimeError(
+                "alignd value head: no hidden states were kept before sampling "
+                "(the model's compute_logits did not run in this step)"
+            )
         embeddings = F.embedding(candidate_ids, self.embed_tokens.weight)
         return self.head(hidden.index_select(0, rows), embeddings)
 

@@ -52,9 +52,7 @@ def make_datasets() -> dict[str, np.ndarray]:
     #    (pairwise separation ~8.5 sigma), unbalanced sizes: ADP should find the 4 clusters.
     sizes = [150, 100, 80, 70]
     centres = 6.0 * np.eye(4, 12)
-    out["blobs"] = np.concatenate(
-        [c + rng.standard_normal((n, 12)) for c, n in zip(centres, sizes)]
-    )
+    out["blobs"] = np.concatenate([c + rng.standard_normal((n, 12)) for c, n in zip(centres, sizes, strict=False)])
     out["blobs_labels"] = np.repeat(np.arange(4), sizes)
 
     # 3. Six strongly overlapping classes (random centres, scale 1.5, in 12 dimensions): ADP must
@@ -62,7 +60,7 @@ def make_datasets() -> dict[str, np.ndarray]:
     sizes = [90, 80, 70, 60, 50, 40]
     centres = 1.5 * rng.standard_normal((6, 12))
     out["overlapping"] = np.concatenate(
-        [c + rng.standard_normal((n, 12)) for c, n in zip(centres, sizes)]
+        [c + rng.standard_normal((n, 12)) for c, n in zip(centres, sizes, strict=False)]
     )
     out["overlapping_labels"] = np.repeat(np.arange(6), sizes)
 

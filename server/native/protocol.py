@@ -10,8 +10,8 @@ from pydantic import Field, model_validator
 
 from alignd.protocol.common import ChatMessage
 from alignd.protocol.native import (  # noqa: F401 - the endpoint's responses, re-exported
-    GeneratedTokenOut,
     GenerateChoice,
+    GeneratedTokenOut,
     GenerateResponse,
     GenerateStreamEvent,
     TokenLogprobOut,
@@ -24,7 +24,9 @@ class GenerateRequest(SamplingFields):
     messages: list[ChatMessage] | None = Field(None, description="A chat, rendered with the model's template.")
     model: str | None = Field(None, description="Optional; must name the served model if given.")
     logprobs: int | None = Field(
-        None, ge=0, description="Report log-probabilities with this many alternatives (at most ALIGND_MAX_TOP_LOGPROBS)."
+        None,
+        ge=0,
+        description="Report log-probabilities with this many alternatives (at most ALIGND_MAX_TOP_LOGPROBS).",
     )
     stream: bool = False
 

@@ -6,17 +6,17 @@ import dataclasses
 
 from alignd.decoding.listing import describe_methods
 from alignd.models.engine import GeneratedTokenLogprobs
+from alignd.protocol.common import UsageInfo
+from alignd.protocol.native import BaselineCard, BaselineList, ImplicitQCard, MethodList, ValueHeadCard
 from alignd.server.generation import GenerationService, new_id
 from alignd.server.native.protocol import (
-    GeneratedTokenOut,
     GenerateChoice,
+    GeneratedTokenOut,
     GenerateRequest,
     GenerateResponse,
     GenerateStreamEvent,
     TokenLogprobOut,
 )
-from alignd.protocol.common import UsageInfo
-from alignd.protocol.native import BaselineCard, BaselineList, ImplicitQCard, MethodList, ValueHeadCard
 from alignd.server.request_scope import AdmittedStream, RequestContext
 
 GENERATE_ENDPOINT = "/generate"
@@ -29,9 +29,19 @@ class NativeServing(GenerationService):
             b = self.generation.baselines.get(name)
             form = b.implicit_form()
             implicit = None if isinstance(form, str) else ImplicitQCard(**dataclasses.asdict(form))
-            cards.append(BaselineCard(name=name, kind=b.kind, source=b.source, same_as=b.name if b.name != name else None,
-                                      implicit_reward=b.implicit_reward, beta=b.beta, provenance=b.provenance,
-                                      implicit_q=implicit, implicit_q_unavailable=form if isinstance(form, str) else None))
+            cards.append(
+                BaselineCard(
+                    name=name,
+                    kind=b.kind,
+                    source=b.source,
+                    same_as=b.name if b.name != name else None,
+                    implicit_reward=b.implicit_reward,
+                    beta=b.beta,
+                    provenance=b.provenance,
+                    implicit_q=implicit,
+                    implicit_q_unavailable=form if isinstance(form, str) else None,
+                )
+            )
         return BaselineList(data=cards)
 
     def list_methods(self) -> MethodList:
@@ -41,12 +51,21 @@ class NativeServing(GenerationService):
         head = self.generation.value_head
         if not head:
             return ValueHeadCard(available=False)
-        return ValueHeadCard(available=True, path=head.get("path"), reward=head.get("reward"),
-                             baseline=self.generation.head_baseline()[1], provenance=head)
+        return ValueHeadCard(
+            available=True,
+            path=head.get("path"),
+            reward=head.get("reward"),
+            baseline=self.generation.head_baseline()[1],
+            provenance=head,
+        )
 
     def _prepare(self, request: GenerateRequest):
         self.check_model(request.model)
-        prompt = self.render_messages(request.messages) if request.messages is not None else self.render_prompt(request.prompt)
+        prompt = (
+            self.render_messages(request.messages)
+            if request.messages is not None
+            else self.render_prompt(request.prompt)
+        )
         return self.plan(request, prompt, logprobs=request.logprobs)
 
     def _logprobs(self, items: list[GeneratedTokenLogprobs] | None) -> list[GeneratedTokenOut] | None:
@@ -57,7 +76,10 @@ class NativeServing(GenerationService):
                 token_id=it.token_id,
                 token=self.token_text(it.token_id),
                 logprob=it.logprob,
-                top=[TokenLogprobOut(token_id=a.token_id, token=self.token_text(a.token_id), logprob=a.logprob) for a in it.top],
+                top=[
+                    TokenLogprobOut(token_id=a.token_id, token=self.token_text(a.token_id), logprob=a.logprob)
+                    for a in it.top
+                ],
             )
             for it in items
         ]

@@ -16,7 +16,6 @@ from alignd.protocol.diagnostics import AlignmentSummary
 from alignd.server.sampling import SamplingFields
 
 
-
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
@@ -28,7 +27,9 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, description="Bounded by ALIGND_MAX_TOP_LOGPROBS (checked at run time).")
+    top_logprobs: int | None = Field(
+        None, ge=0, description="Bounded by ALIGND_MAX_TOP_LOGPROBS (checked at run time)."
+    )
     user: str | None = None
 
     @field_validator("messages")
@@ -117,7 +118,9 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None
-    alignment: AlignmentSummary | None = Field(None, description="Aligned decoding diagnostics (decoding.diagnostics=true).")
+    alignment: AlignmentSummary | None = Field(
+        None, description="Aligned decoding diagnostics (decoding.diagnostics=true)."
+    )
 
 
 class ChatCompletionResponse(BaseModel):

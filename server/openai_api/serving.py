@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+
 from alignd.models.engine import GeneratedTokenLogprobs
 from alignd.server.generation import GenerationService, new_id
 from alignd.server.openai_api.protocol import (
@@ -47,7 +48,9 @@ class OpenAIServing(GenerationService):
                     logprob=it.logprob,
                     bytes=list(text.encode()),
                     top_logprobs=[
-                        TopLogprob(token=(t := self.token_text(alt.token_id)), logprob=alt.logprob, bytes=list(t.encode()))
+                        TopLogprob(
+                            token=(t := self.token_text(alt.token_id)), logprob=alt.logprob, bytes=list(t.encode())
+                        )
                         for alt in it.top
                     ],
                 )
@@ -72,8 +75,12 @@ class OpenAIServing(GenerationService):
     # ------------------------------------------------------------------ chat
     def _prepare_chat(self, request: ChatCompletionRequest):
         self.check_model(request.model)
-        return self.plan(request, self.render_messages(request.messages), logprobs=request.num_logprobs,
-                         logprobs_field="top_logprobs")
+        return self.plan(
+            request,
+            self.render_messages(request.messages),
+            logprobs=request.num_logprobs,
+            logprobs_field="top_logprobs",
+        )
 
     async def chat(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatCompletionResponse:
         plan = self._prepare_chat(request)
@@ -93,7 +100,10 @@ class OpenAIServing(GenerationService):
         ]
         completion_tokens = sum(len(c.token_ids) for c in result.choices)
         return ChatCompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=UsageInfo.of(len(plan.prompt_ids), completion_tokens)
+            id=request_id,
+            model=self.model_name,
+            choices=choices,
+            usage=UsageInfo.of(len(plan.prompt_ids), completion_tokens),
         )
 
     async def chat_stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> AdmittedStream:
@@ -128,7 +138,10 @@ class OpenAIServing(GenerationService):
                 )
             if include_usage:
                 yield ChatCompletionChunk(
-                    id=request_id, model=self.model_name, choices=[], usage=UsageInfo.of(len(prompt_ids), completion_tokens)
+                    id=request_id,
+                    model=self.model_name,
+                    choices=[],
+                    usage=UsageInfo.of(len(prompt_ids), completion_tokens),
                 )
 
         return await self.open_stream(CHAT_ENDPOINT, [plan], ctx, events())
@@ -156,9 +169,11 @@ class OpenAIServing(GenerationService):
         results = await self.run_admitted(COMPLETIONS_ENDPOINT, plans, ctx, work)
         choices = []
         prompt_tokens = completion_tokens = 0
-        for i, ((prompt, plan), result) in enumerate(zip(prepared, results)):
+        for i, ((prompt, plan), result) in enumerate(zip(prepared, results, strict=False)):
             prompt_tokens += len(plan.prompt_ids)
-            echo = (prompt if isinstance(prompt, str) else self.generation.decode(plan.prompt_ids)) if request.echo else ""
+            echo = (
+                (prompt if isinstance(prompt, str) else self.generation.decode(plan.prompt_ids)) if request.echo else ""
+            )
             for c in result.choices:
                 completion_tokens += len(c.token_ids)
                 choices.append(
@@ -213,7 +228,10 @@ class OpenAIServing(GenerationService):
                     )
             if include_usage:
                 yield CompletionResponse(
-                    id=request_id, model=self.model_name, choices=[], usage=UsageInfo.of(prompt_tokens, completion_tokens)
+                    id=request_id,
+                    model=self.model_name,
+                    choices=[],
+                    usage=UsageInfo.of(prompt_tokens, completion_tokens),
                 )
 
         return await self.open_stream(COMPLETIONS_ENDPOINT, [plan for _, plan in prepared], ctx, events())

@@ -24,7 +24,10 @@ class ProbeParams(StrictModel):
     maxk: int | None = Field(None, ge=4, le=1000, description="Neighbour table of ADP; default min(100, N - 1).")
     k_overlap: int = Field(30, ge=1, le=500, description="Neighbours for label and neighbourhood overlap.")
     label_overlap_class_fraction: float | None = Field(
-        None, gt=0, le=1, description="Label overlap on a fraction of each class's size (paper: 0.3) instead of k_overlap."
+        None,
+        gt=0,
+        le=1,
+        description="Label overlap on a fraction of each class's size (paper: 0.3) instead of k_overlap.",
     )
 
     @model_validator(mode="after")
@@ -112,13 +115,17 @@ class ProbeJobRequest(StrictModel):
             if not name.strip():
                 raise ValueError("label set names must not be empty")
             if len(values) != n:
-                raise ValueError(f"labels '{name}' has {len(values)} entries but there are {n} texts; give one label per text")
+                raise ValueError(
+                    f"labels '{name}' has {len(values)} entries but there are {n} texts; give one label per text"
+                )
         if self.dataset is not None:
             taken = sorted({"answer", "subject"} & set(self.labels))
             if taken:
                 raise ValueError(f"label set(s) {taken} come from the dataset itself; rename yours")
             if self.compare is not None and self.compare.texts is not None:
-                raise ValueError("with a dataset, compare shot counts ('dataset.shots') or models ('compare.model'), not texts")
+                raise ValueError(
+                    "with a dataset, compare shot counts ('dataset.shots') or models ('compare.model'), not texts"
+                )
             if self.compare is not None and len(self.dataset.shots) == 2:
                 raise ValueError("a dataset with two shot counts already compares two conditions; drop 'compare'")
         params = self.params.to_analysis()

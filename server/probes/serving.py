@@ -203,7 +203,8 @@ class ProbeServing:
         n = len(conditions[0].texts)
         if n > max_texts:
             raise InvalidRequestError(
-                f"{n} texts is above this server's limit of {max_texts} per job (ALIGND_PROBE_MAX_TEXTS); split the job",
+                f"{n} texts is above this server's limit of {max_texts} per job (ALIGND_PROBE_MAX_TEXTS); "
+                "split the job",
                 param="texts",
             )
         for c in conditions:
@@ -266,8 +267,13 @@ class ProbeServing:
         info = ProbeJobInfo(
             n_texts=len(conditions[0].texts),
             conditions=[
-                ProbeConditionInfo(name=c.name, model=c.model or self._served_name(), n_texts=len(c.texts),
-                                   tokens=c.tokens, shots=c.shots)
+                ProbeConditionInfo(
+                    name=c.name,
+                    model=c.model or self._served_name(),
+                    n_texts=len(c.texts),
+                    tokens=c.tokens,
+                    shots=c.shots,
+                )
                 for c in conditions
             ],
             layers=layers,

@@ -61,14 +61,16 @@ class RewardServing:
         items = [i.to_item() for i in request.items]
         results = await asyncio.gather(*(self._score(n, items, request.token_values, request.truncate) for n in names))
         if request.reward is None:
-            return RewardResponse(scores_by_reward={n: [s.value for s in r] for n, r in zip(names, results)})
+            return RewardResponse(
+                scores_by_reward={n: [s.value for s in r] for n, r in zip(names, results, strict=False)}
+            )
         scores = results[0]
         return RewardResponse(
             reward=request.reward,
             scores=[s.value for s in scores],
             truncated=[s.truncated for s in scores] if request.truncate else None,
             token_values=(
-                [[TokenValue(token=t, value=v) for t, v in zip(s.tokens, s.token_values)] for s in scores]
+                [[TokenValue(token=t, value=v) for t, v in zip(s.tokens, s.token_values, strict=False)] for s in scores]
                 if request.token_values
                 else None
             ),
@@ -78,4 +80,6 @@ class RewardServing:
         messages = tuple(m.as_template_message() for m in request.messages) if request.messages else None
         items = [RewardItem(response=r, prompt=request.prompt, messages=messages) for r in request.responses]
         a, b = await self._score(request.reward, items, False, request.truncate)
-        return CompareResponse(reward=request.reward, scores=[a.value, b.value], preference=bradley_terry(a.value, b.value))
+        return CompareResponse(
+            reward=request.reward, scores=[a.value, b.value], preference=bradley_terry(a.value, b.value)
+        )
