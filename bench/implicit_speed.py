@@ -43,6 +43,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts: its siblings are imported by name
 import serve_overhead as so  # noqa: E402
+from load import add_load_arguments, shrink_for_smoke  # noqa: E402
 
 REPO = BENCH.parent
 DEFAULT_HEAD = REPO / "value_heads" / "smollm2-positivity-implicit"
@@ -202,21 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head", type=Path, default=DEFAULT_HEAD, help="value head of both servers")
     parser.add_argument("--top-k", type=int, default=10, help="candidates of the implicit and head sides")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--prompts-per-stream", type=int, default=4, help="requests per run = this x c")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-warmup", action="store_true")
-    parser.add_argument("--seed", type=int, default=3000)
-    parser.add_argument("--kv-cache-gib", type=int, default=None)
-    parser.add_argument("--work-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
-    parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, not the speed")
+    add_load_arguments(parser, rounds=3, seed=3000, concurrency=[1, 8])
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.input_len, args.output_len, args.prompts_per_stream, args.rounds, args.concurrency = 16, 4, 1, 1, [2]
-        args.no_warmup = True
+    shrink_for_smoke(args)
     return args
 
 

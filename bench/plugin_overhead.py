@@ -40,6 +40,7 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts: its siblings are imported by name
 import serve_overhead as so  # noqa: E402
+from load import add_load_arguments, shrink_for_smoke  # noqa: E402
 
 WITHOUT_PLUGIN_PATH = BENCH / "without_alignd_plugin"
 SIDES = ("without", "with")
@@ -102,92 +103,83 @@ def markdown(summary: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--prompts-per-stream", type=int, default=4, help="requests per run = this x the concurrency")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-warmup", action="store_true", help="skip the discarded warm-up runs (--smoke does)")
-    parser.add_argument("--seed", type=int, default=3000)
-    parser.add_argument("--kv-cache-gib", type=int, default=None)
-    parser.add_argument("--work-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
-    parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, not the speed")
+    add_load_arguments(parser, rounds=5, seed=3000, concurrency=[1, 8])
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.input_len, args.output_len, args.prompts_per_stream, args.rounds, args.concurrency = 16, 4, 1, 1, [2]
-        args.no_warmup = True
+    shrink_for_smoke(args)
     return args
 
 
-def run(args: argparse.Namespace) -> dict:
-    from alignd.models.loading import resolve_model_path
-    from alignd.settings import Settings
+def start_servers(model_dir: str, settings, kv_gib: int, work_dir: Path, servers: dict[str, so.ServerProcess]) -> None:
+    """Both sides' ``vllm serve``, started side by side into ``servers`` (as each starts, for the caller to
+    stop) and waited for."""
+    servers["without"] = so.start_vllm_server(model_dir, settings, kv_gib, work_dir, extra_env=without_plugin_env())
+    servers["with"] = so.start_vllm_server(model_dir, settings, kv_gib, work_dir)
+    for side, server in servers.items():
+        log(f"{side} plugin: ready after {server.wait_ready():.0f} s (log {server.log_path})")
 
-    settings = Settings()
-    kv_gib = args.kv_cache_gib or settings.cpu_kvcache_space_gib
-    model_dir = str(resolve_model_path(settings, progress=False))
-    model_name = settings.model_name
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="plugin-overhead-"))
-    work_dir.mkdir(parents=True, exist_ok=True)
-    log(f"model {model_dir}, KV cache {kv_gib} GiB each, work dir {work_dir}")
 
-    servers: dict[str, so.ServerProcess] = {}
+def check_sides(servers: dict[str, so.ServerProcess], model_name: str) -> None:
+    """Each side is what it claims: alignd's processor refuses ``alignd_alpha`` (this model has no head),
+    and where it is hidden the key is ignored."""
+    statuses = {side: plugin_answer_status(server.base_url, model_name) for side, server in servers.items()}
+    if statuses != {"without": 200, "with": 400}:
+        raise RuntimeError(
+            f"the sides are not what they claim: a request with alignd_alpha got {statuses} "
+            "(expected 400 where alignd's processor is loaded, 200 where it is hidden)"
+        )
+    log(f"checked: alignd_alpha refused with the plugin, ignored without ({statuses})")
+
+
+def measure(
+    args: argparse.Namespace, servers: dict[str, so.ServerProcess], model_name: str, model_dir: str, work_dir: Path
+) -> dict[int, dict[str, list[dict]]]:
+    """At each concurrency, one discarded warm-up run per side (unless --no-warmup), then ``args.rounds``
+    rounds of without then with on the round's prompts; runs[concurrency][side] = the results of ``vllm
+    bench serve``, round by round."""
     runs: dict[int, dict[str, list[dict]]] = {}
-    try:
-        servers["without"] = so.start_vllm_server(model_dir, settings, kv_gib, work_dir, extra_env=without_plugin_env())
-        servers["with"] = so.start_vllm_server(model_dir, settings, kv_gib, work_dir)
-        for side, server in servers.items():
-            log(f"{side} plugin: ready after {server.wait_ready():.0f} s (log {server.log_path})")
-        statuses = {side: plugin_answer_status(server.base_url, model_name) for side, server in servers.items()}
-        if statuses != {"without": 200, "with": 400}:
-            raise RuntimeError(
-                f"the sides are not what they claim: a request with alignd_alpha got {statuses} "
-                "(expected 400 where alignd's processor is loaded, 200 where it is hidden)"
+    for concurrency in args.concurrency:
+        n = args.prompts_per_stream * concurrency
+        spec = so.LoadSpec(args.input_len, args.output_len, n, concurrency, True, ["--save-detailed"])
+        for side in SIDES if not args.no_warmup else ():
+            t0 = time.perf_counter()
+            warm = so.LoadSpec(spec.input_len, spec.output_len, concurrency, concurrency, True)
+            so.run_load(
+                side,
+                servers[side].base_url,
+                model_name,
+                model_dir,
+                warm,
+                args.seed - 1,
+                work_dir,
+                f"warmup-c{concurrency}-{side}",
             )
-        log(f"checked: alignd_alpha refused with the plugin, ignored without ({statuses})")
-        for concurrency in args.concurrency:
-            n = args.prompts_per_stream * concurrency
-            spec = so.LoadSpec(args.input_len, args.output_len, n, concurrency, True, ["--save-detailed"])
-            for side in SIDES if not args.no_warmup else ():
-                t0 = time.perf_counter()
-                warm = so.LoadSpec(spec.input_len, spec.output_len, concurrency, concurrency, True)
-                so.run_load(
+            log(f"c={concurrency} warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
+        runs[concurrency] = {side: [] for side in SIDES}
+        for r in range(1, args.rounds + 1):
+            for side in SIDES:
+                res = so.run_load(
                     side,
                     servers[side].base_url,
                     model_name,
                     model_dir,
-                    warm,
-                    args.seed - 1,
+                    spec,
+                    args.seed + r,
                     work_dir,
-                    f"warmup-c{concurrency}-{side}",
+                    f"c{concurrency}-round{r}-{side}",
+                    servers[side],
                 )
-                log(f"c={concurrency} warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
-            runs[concurrency] = {side: [] for side in SIDES}
-            for r in range(1, args.rounds + 1):
-                for side in SIDES:
-                    res = so.run_load(
-                        side,
-                        servers[side].base_url,
-                        model_name,
-                        model_dir,
-                        spec,
-                        args.seed + r,
-                        work_dir,
-                        f"c{concurrency}-round{r}-{side}",
-                        servers[side],
-                    )
-                    runs[concurrency][side].append(res)
-                    log(
-                        f"c={concurrency} round {r}/{args.rounds} {side:7s}: {res['output_throughput']:.2f} tok/s, "
-                        f"TTFT median {res['median_ttft_ms']:.0f} ms, ITL median {res['median_itl_ms']:.1f} ms"
-                    )
-    finally:
-        for server in servers.values():
-            server.stop()
-        if servers:
-            log("servers stopped")
+                runs[concurrency][side].append(res)
+                log(
+                    f"c={concurrency} round {r}/{args.rounds} {side:7s}: {res['output_throughput']:.2f} tok/s, "
+                    f"TTFT median {res['median_ttft_ms']:.0f} ms, ITL median {res['median_itl_ms']:.1f} ms"
+                )
+    return runs
 
+
+def report(
+    args: argparse.Namespace, runs: dict[int, dict[str, list[dict]]], settings, model_dir: str, kv_gib: int
+) -> dict:
+    """The summary of the runs, printed as markdown and written to --out."""
     summary = {
         "setup": {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -211,6 +203,31 @@ def run(args: argparse.Namespace) -> dict:
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def run(args: argparse.Namespace) -> dict:
+    from alignd.models.loading import resolve_model_path
+    from alignd.settings import Settings
+
+    settings = Settings()
+    kv_gib = args.kv_cache_gib or settings.cpu_kvcache_space_gib
+    model_dir = str(resolve_model_path(settings, progress=False))
+    model_name = settings.model_name
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="plugin-overhead-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log(f"model {model_dir}, KV cache {kv_gib} GiB each, work dir {work_dir}")
+
+    servers: dict[str, so.ServerProcess] = {}
+    try:
+        start_servers(model_dir, settings, kv_gib, work_dir, servers)
+        check_sides(servers, model_name)
+        runs = measure(args, servers, model_name, model_dir, work_dir)
+    finally:
+        for server in servers.values():
+            server.stop()
+        if servers:
+            log("servers stopped")
+    return report(args, runs, settings, model_dir, kv_gib)
 
 
 def main(argv: list[str] | None = None) -> dict:

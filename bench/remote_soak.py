@@ -34,7 +34,7 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from processes import free_port  # noqa: E402
-from serve_overhead import run_unwinding_on_sigterm, start_alignd_server, start_vllm_server  # noqa: E402
+from servers import ServerProcess, run_unwinding_on_sigterm, start_alignd_server, start_vllm_server  # noqa: E402
 
 REMOTE_NAME = "soak-baseline"
 KINDS = ("plain", "tq", "reward", "stream_plain", "stream_tq")
@@ -174,16 +174,145 @@ def unexpected(outcomes: dict[str, collections.Counter]) -> dict[str, int]:
     return dict(bad)
 
 
+# The remote's engine computes on core 1, as a remote on its own machine would: with vLLM's default
+# binding every engine of every process computes on core 0, and a remote restarted there beside
+# alignd's busy engine failed its worker start-up (vLLM's 10-minute limit) in the third run.
+REMOTE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+
+
+class RemoteBaseline:
+    """The remote baseline: ``vllm serve`` of the model on a fixed port, killed and started again there.
+    Every process it starts is appended to ``servers`` (the caller stops them all at the end)."""
+
+    def __init__(self, model_dir: str, settings, kv_cache_gib: int, log_dir: Path, servers: list) -> None:
+        self.model_dir, self.settings, self.kv_cache_gib, self.log_dir = model_dir, settings, kv_cache_gib, log_dir
+        self.servers = servers
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server: ServerProcess | None = None
+
+    def start(self) -> ServerProcess:
+        """Started (returns at once; call wait_ready)."""
+        self.server = start_vllm_server(
+            self.model_dir, self.settings, self.kv_cache_gib, self.log_dir, port=self.port, extra_env=REMOTE_ENV
+        )
+        self.servers.append(self.server)
+        return self.server
+
+    async def kill_and_restart(self) -> None:
+        """SIGKILL to its process group, then started again on the same port and waited for."""
+        os.killpg(self.server.pid, signal.SIGKILL)
+        await asyncio.to_thread(self.server.proc.wait, 60)
+        self.start()
+        await asyncio.to_thread(self.server.wait_ready)
+
+
+async def restart_halfway(
+    traffic: Traffic, remote: RemoteBaseline, after_minutes: float, started: float, report: dict
+) -> None:
+    """Halfway to the traffic's deadline, the remote killed and started again while traffic goes on; then
+    traffic for at least ``after_minutes`` more. ``report``: how long the remote was down, and the requests
+    of each kind served after it was back."""
+    deadline = traffic.deadline
+    await asyncio.sleep((deadline - time.monotonic()) / 2)
+    log(f"killing the remote (SIGKILL); {traffic.served()} requests served so far")
+    traffic.remote_down = True
+    # Traffic goes on while the remote restarts, however long that takes (6 minutes under load
+    # here): the clients read the deadline before every request, and it is set again below.
+    traffic.deadline = float("inf")
+    down_at = time.monotonic()
+    await remote.kill_and_restart()
+    report["remote_down_s"] = round(time.monotonic() - down_at, 1)
+    traffic.deadline = max(deadline, time.monotonic() + after_minutes * 60)
+    served_before = {kind: counter["ok"] for kind, counter in traffic.outcomes.items()}
+    # alignd checks a down remote again at most once a second: the first request after that is served
+    await asyncio.sleep(1.5)
+    traffic.remote_down = False
+    log(f"remote back after {report['remote_down_s']} s; traffic until {(traffic.deadline - started) / 60:.1f} min")
+    await asyncio.sleep(max(0.0, traffic.deadline - time.monotonic()))
+    report["served_after_restart"] = {
+        kind: counter["ok"] - served_before[kind] for kind, counter in traffic.outcomes.items()
+    }
+
+
+async def progress(traffic: Traffic, started: float) -> None:
+    """A line every 30 s: requests served and not."""
+    while time.monotonic() < traffic.deadline:
+        await asyncio.sleep(30)
+        log(
+            f"{(time.monotonic() - started) / 60:.1f} min: {traffic.served()} served, "
+            f"{sum(sum(c.values()) for c in traffic.outcomes.values()) - traffic.served()} not"
+        )
+
+
 async def drive(traffic: Traffic, concurrency: int, restart) -> None:
     clients = [asyncio.create_task(traffic.client_loop(w)) for w in range(concurrency)]
     await restart()
     await asyncio.gather(*clients)
 
 
-# The remote's engine computes on core 1, as a remote on its own machine would: with vLLM's default
-# binding every engine of every process computes on core 0, and a remote restarted there beside
-# alignd's busy engine failed its worker start-up (vLLM's 10-minute limit) in the third run.
-REMOTE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+async def soak(traffic: Traffic, concurrency: int, restart, started: float) -> None:
+    """The traffic with the restart in it, and the progress lines while it runs."""
+    ticker = asyncio.create_task(progress(traffic, started))
+    try:
+        await drive(traffic, concurrency, restart)
+    finally:
+        ticker.cancel()
+
+
+def start_alignd(args: argparse.Namespace, log_dir: Path, remote: RemoteBaseline, servers: list) -> ServerProcess:
+    """``alignd serve`` with the remote as its baseline, appended to ``servers`` and waited for."""
+    alignd = start_alignd_server(
+        args.kv_cache_gib,
+        log_dir,
+        extra_env={
+            "ALIGND_BASELINE_URL": remote.url,
+            "ALIGND_BASELINE_SERVED_MODEL": REMOTE_NAME,
+            "ALIGND_VALUE_HEAD": "none",
+            "ALIGND_DTYPE": "float32",
+        },
+    )
+    servers.append(alignd)
+    log("alignd starting")
+    alignd.wait_ready()
+    return alignd
+
+
+def soak_summary(
+    args: argparse.Namespace,
+    traffic: Traffic,
+    restart_report: dict,
+    alignd: ServerProcess,
+    memory_start: float,
+    started: float,
+) -> dict:
+    """What the soak served and failed, and the state alignd was left in (read from the live server)."""
+    idle = gauges(alignd.base_url)
+    memory_end = tree_rss_mib(alignd.pid)
+    health = httpx.get(alignd.base_url + "/health", timeout=30).json()
+    summary = {
+        "minutes": args.minutes,
+        "traffic_minutes": round((time.monotonic() - started) / 60, 1),
+        "concurrency": args.concurrency,
+        "served": traffic.served(),
+        "outcomes": {kind: dict(counter) for kind, counter in traffic.outcomes.items()},
+        "median_latency_s": {
+            kind: round(sorted(v)[len(v) // 2], 3) if v else None for kind, v in traffic.latency.items()
+        },
+        "unexpected": unexpected(traffic.outcomes),
+        **restart_report,
+        "memory_mib": {"start": round(memory_start), "end": round(memory_end)},
+        "idle_gauges_at_end": idle,
+        "health_at_end": health["status"],
+    }
+    recovered = restart_report.get("served_after_restart", {})
+    summary["passed"] = (
+        not summary["unexpected"]
+        and all(v == 0 for v in idle.values())
+        and health["status"] == "ok"
+        and recovered.get("tq", 0) + recovered.get("stream_tq", 0) > 0
+    )
+    return summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -209,112 +338,28 @@ def run(args: argparse.Namespace) -> dict:
     settings = Settings(dtype="float32")
     model_dir = str(resolve_model_path(settings))
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="alignd-soak-"))
-    port = free_port()
-    remote_url = f"http://127.0.0.1:{port}"
-    servers = []
+    servers: list[ServerProcess] = []
     try:
         remote_settings = settings.model_copy(update={"served_model_name": REMOTE_NAME})
-        remote = start_vllm_server(
-            model_dir, remote_settings, args.kv_cache_gib, log_dir, port=port, extra_env=REMOTE_ENV
-        )
-        servers.append(remote)
-        log(f"remote baseline starting on {remote_url} (logs in {log_dir})")
-        remote.wait_ready()
-        alignd = start_alignd_server(
-            args.kv_cache_gib,
-            log_dir,
-            extra_env={
-                "ALIGND_BASELINE_URL": remote_url,
-                "ALIGND_BASELINE_SERVED_MODEL": REMOTE_NAME,
-                "ALIGND_VALUE_HEAD": "none",
-                "ALIGND_DTYPE": "float32",
-            },
-        )
-        servers.append(alignd)
-        log("alignd starting")
-        alignd.wait_ready()
+        remote = RemoteBaseline(model_dir, remote_settings, args.kv_cache_gib, log_dir, servers)
+        remote.start()
+        log(f"remote baseline starting on {remote.url} (logs in {log_dir})")
+        remote.server.wait_ready()
+        alignd = start_alignd(args, log_dir, remote, servers)
         model = httpx.get(alignd.base_url + "/v1/models", timeout=30).json()["data"][0]["id"]
         memory_start = tree_rss_mib(alignd.pid)
         log(f"alignd ready, {memory_start:.0f} MiB; {args.minutes:g} min of traffic from {args.concurrency} clients")
 
         started = time.monotonic()
-        deadline = started + args.minutes * 60
-        traffic = Traffic(alignd.base_url, model, deadline)
+        traffic = Traffic(alignd.base_url, model, started + args.minutes * 60)
         restart_report: dict = {}
 
-        async def restart() -> None:
-            nonlocal remote
-            await asyncio.sleep((deadline - time.monotonic()) / 2)
-            log(f"killing the remote (SIGKILL); {traffic.served()} requests served so far")
-            traffic.remote_down = True
-            # Traffic goes on while the remote restarts, however long that takes (6 minutes under load
-            # here): the clients read the deadline before every request, and it is set again below.
-            traffic.deadline = float("inf")
-            down_at = time.monotonic()
-            os.killpg(remote.pid, signal.SIGKILL)
-            await asyncio.to_thread(remote.proc.wait, 60)
-            remote = start_vllm_server(
-                model_dir, remote_settings, args.kv_cache_gib, log_dir, port=port, extra_env=REMOTE_ENV
-            )
-            servers.append(remote)
-            await asyncio.to_thread(remote.wait_ready)
-            restart_report["remote_down_s"] = round(time.monotonic() - down_at, 1)
-            traffic.deadline = max(deadline, time.monotonic() + args.after_minutes * 60)
-            served_before = {kind: counter["ok"] for kind, counter in traffic.outcomes.items()}
-            # alignd checks a down remote again at most once a second: the first request after that is served
-            await asyncio.sleep(1.5)
-            traffic.remote_down = False
-            log(
-                f"remote back after {restart_report['remote_down_s']} s; traffic until "
-                f"{(traffic.deadline - started) / 60:.1f} min"
-            )
-            await asyncio.sleep(max(0.0, traffic.deadline - time.monotonic()))
-            restart_report["served_after_restart"] = {
-                kind: counter["ok"] - served_before[kind] for kind, counter in traffic.outcomes.items()
-            }
+        def restart():
+            return restart_halfway(traffic, remote, args.after_minutes, started, restart_report)
 
-        async def progress() -> None:
-            while time.monotonic() < traffic.deadline:
-                await asyncio.sleep(30)
-                log(
-                    f"{(time.monotonic() - started) / 60:.1f} min: {traffic.served()} served, "
-                    f"{sum(sum(c.values()) for c in traffic.outcomes.values()) - traffic.served()} not"
-                )
-
-        async def everything() -> None:
-            ticker = asyncio.create_task(progress())
-            try:
-                await drive(traffic, args.concurrency, restart)
-            finally:
-                ticker.cancel()
-
-        asyncio.run(everything())
+        asyncio.run(soak(traffic, args.concurrency, restart, started))
         time.sleep(2)  # the last streams' engine work ends
-        idle = gauges(alignd.base_url)
-        memory_end = tree_rss_mib(alignd.pid)
-        health = httpx.get(alignd.base_url + "/health", timeout=30).json()
-        summary = {
-            "minutes": args.minutes,
-            "traffic_minutes": round((time.monotonic() - started) / 60, 1),
-            "concurrency": args.concurrency,
-            "served": traffic.served(),
-            "outcomes": {kind: dict(counter) for kind, counter in traffic.outcomes.items()},
-            "median_latency_s": {
-                kind: round(sorted(v)[len(v) // 2], 3) if v else None for kind, v in traffic.latency.items()
-            },
-            "unexpected": unexpected(traffic.outcomes),
-            **restart_report,
-            "memory_mib": {"start": round(memory_start), "end": round(memory_end)},
-            "idle_gauges_at_end": idle,
-            "health_at_end": health["status"],
-        }
-        recovered = restart_report.get("served_after_restart", {})
-        summary["passed"] = (
-            not summary["unexpected"]
-            and all(v == 0 for v in idle.values())
-            and health["status"] == "ok"
-            and recovered.get("tq", 0) + recovered.get("stream_tq", 0) > 0
-        )
+        summary = soak_summary(args, traffic, restart_report, alignd, memory_start, started)
     finally:
         for server in reversed(servers):
             server.stop()

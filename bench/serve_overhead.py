@@ -43,21 +43,43 @@ import json
 import math
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
-REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-VLLM_CLI = BENCH / "vllm_cli.py"
-START_TIMEOUT_S = 600
+# bench/ is a folder of scripts, not a package: its sibling modules are imported from it by name (the
+# tests put bench/ on the path the same way, so there is one copy of each).
+sys.path.insert(0, str(BENCH))
+# The servers and the load generator live in their own modules; their names stay importable from here
+# (the other scripts and the tests use ``serve_overhead.<name>``).
+from load import (  # noqa: E402, F401
+    MAIN_RUN_ENDS,
+    MAIN_RUN_STARTS,
+    LoadSpec,
+    _vllm_cli,
+    accepts_ignore_eos,
+    add_load_arguments,
+    bench_serve_command,
+    random_prompts_file,
+    run_load,
+    shrink_for_smoke,
+)
+from servers import (  # noqa: E402, F401
+    REPO,
+    START_TIMEOUT_S,
+    VLLM_CLI,
+    ServerProcess,
+    cpu_seconds,
+    engine_settings,
+    run_unwinding_on_sigterm,
+    start_alignd_server,
+    start_vllm_server,
+    vllm_serve_command,
+)
+
 # what each run of `vllm bench serve` reports, and what the summary keeps of it
 METRICS = (
     "request_throughput",
@@ -74,324 +96,8 @@ THROUGHPUT_TARGET = 0.95  # alignd keeps at least 95 % of raw vLLM's throughput
 TTFT_TARGET_MS = 10.0  # and adds at most 10 ms to the median time to first token
 
 
-def _vllm_cli():
-    """bench/vllm_cli.py as a module (this file may be imported from elsewhere, e.g. the tests)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("alignd_bench_vllm_cli", VLLM_CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# bench/ is a folder of scripts, not a package: its sibling modules are imported from it by name (the
-# tests put bench/ on the path the same way, so there is one copy of each).
-sys.path.insert(0, str(BENCH))
-from processes import ManagedProcess, free_port  # noqa: E402
-
-# A server started by this script in its own process group (its engine processes die with it): name,
-# base_url, log_path, wait_ready() -> seconds, stop(), pid (the group, for cpu_seconds).
-ServerProcess = ManagedProcess
-
-
 def log(message: str) -> None:
     print(f"[serve_overhead {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-# ---------------------------------------------------------------------------- servers
-def cpu_seconds(pgid: int) -> dict[str, float]:
-    """CPU time (user + system) used so far by the live processes of a process group: the group leader
-    (the HTTP front end: API server and vLLM's output processing) and all of them (with the engine core)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    leader = total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is the state (stat field 3): pgrp is field 5, utime/stime fields 14/15
-        if int(fields[2]) != pgid:
-            continue
-        used = (int(fields[11]) + int(fields[12])) / tick
-        total += used
-        if int(entry.name) == pgid:
-            leader = used
-    return {"front_end": leader, "all": total}
-
-
-def _start_server(name: str, cmd: list[str], env: dict[str, str], log_path: Path, port: int) -> ServerProcess:
-    """``cmd`` in its own process group (stop() kills the server and its engine-core children together),
-    ready when GET /health answers 200; returns at once (call wait_ready)."""
-    return ServerProcess(
-        cmd,
-        name=name,
-        log_path=log_path,
-        base_url=f"http://127.0.0.1:{port}",
-        ready_path="/health",
-        env=env,
-        cwd=REPO,
-        start_timeout=START_TIMEOUT_S,
-        poll_interval=1.0,
-        term_timeout=30,
-        kill_timeout=10,
-    ).start()
-
-
-def engine_settings(settings) -> dict[str, str]:
-    """The vLLM engine options alignd's ``VLLMEngine.start`` uses, as ``vllm serve`` flags."""
-    from alignd.models.platform import engine_dtype
-
-    try:
-        from vllm.config import SchedulerConfig
-
-        batched_tokens = SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS
-    except Exception:  # noqa: BLE001 - older/newer vLLM: fall back to its long-standing default
-        batched_tokens = 2048
-    return {
-        "--dtype": engine_dtype(settings.dtype),  # what alignd's own engine runs
-        "--max-model-len": str(settings.max_model_len),
-        "--max-num-seqs": str(settings.max_num_seqs),
-        "--max-logprobs": str(settings.max_logprobs),
-        "--seed": str(settings.seed),
-        "--tensor-parallel-size": str(settings.tensor_parallel_size),
-        "--pipeline-parallel-size": str(settings.pipeline_parallel_size),
-        "--gpu-memory-utilization": str(settings.gpu_memory_utilization),
-        # AsyncLLM.from_engine_args (ENGINE_CONTEXT) falls back to the SchedulerConfig default; `vllm serve`
-        # (OPENAI_API_SERVER) picks its own per-device default: pin it to what alignd gets
-        "--max-num-batched-tokens": str(batched_tokens),
-        "--generation-config": "vllm",
-    }
-
-
-def vllm_serve_command(model_dir: str, settings, port: int) -> list[str]:
-    cmd = [
-        sys.executable,
-        str(VLLM_CLI),
-        "serve",
-        model_dir,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--served-model-name",
-        settings.model_name,
-    ]
-    for flag, value in engine_settings(settings).items():
-        cmd += [flag, value]
-    cmd.append("--enforce-eager" if settings.enforce_eager else "--no-enforce-eager")
-    cmd.append("--enable-prefix-caching" if settings.enable_prefix_caching else "--no-enable-prefix-caching")
-    return cmd
-
-
-def start_vllm_server(
-    model_dir: str,
-    settings,
-    kv_cache_gib: int,
-    log_dir: Path,
-    port: int | None = None,
-    *,
-    extra_env: dict[str, str] | None = None,
-) -> ServerProcess:
-    """``vllm serve`` of ``model_dir`` with alignd's engine settings (returns at once; call wait_ready)."""
-    port = port or free_port()
-    env = {**os.environ, **(extra_env or {}), "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
-    return _start_server(
-        "vllm serve", vllm_serve_command(model_dir, settings, port), env, log_dir / f"vllm-serve-{port}.log", port
-    )
-
-
-def start_alignd_server(
-    kv_cache_gib: int, log_dir: Path, port: int | None = None, *, extra_env: dict[str, str] | None = None
-) -> ServerProcess:
-    """``alignd serve`` (settings from the environment and ``extra_env``, the KV cache pinned) in its own
-    group."""
-    port = port or free_port()
-    env = {
-        **os.environ,
-        **(extra_env or {}),
-        "ALIGND_PORT": str(port),
-        "ALIGND_HOST": "127.0.0.1",
-        "ALIGND_CPU_KVCACHE_SPACE_GIB": str(kv_cache_gib),
-        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
-    }
-    return _start_server(
-        "alignd serve", [sys.executable, "-m", "alignd.cli", "serve"], env, log_dir / f"alignd-serve-{port}.log", port
-    )
-
-
-def accepts_ignore_eos(base_url: str, model_name: str) -> bool:
-    """Whether the server takes vLLM's ``ignore_eos`` extension in a chat request."""
-    body = {
-        "model": model_name,
-        "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": 1,
-        "temperature": 0,
-        "ignore_eos": True,
-    }
-    try:
-        return httpx.post(base_url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-# ---------------------------------------------------------------------------- load generator
-@dataclass
-class LoadSpec:
-    input_len: int
-    output_len: int
-    num_prompts: int
-    max_concurrency: int
-    ignore_eos: bool
-    extra: list[str] = field(default_factory=list)
-
-
-def random_prompts_file(tokenizer_dir: str, spec: LoadSpec, seed: int, path: Path) -> Path:
-    """vLLM's random-dataset prompts (its own sampler, same seed and lengths) as a dataset file: the same
-    requests as ``--dataset-name random`` without the ``ignore_eos`` it forces."""
-    from transformers import AutoTokenizer
-
-    _vllm_cli().install_version_shim()
-    from vllm.benchmarks.datasets.datasets import RandomDataset
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    requests = RandomDataset(random_seed=seed).sample(
-        tokenizer, spec.num_prompts, input_len=spec.input_len, output_len=spec.output_len, range_ratio=0.0
-    )
-    # ShareGPT's file shape (a user turn and a placeholder answer; the answer length comes from the flag)
-    path.write_text(
-        json.dumps(
-            [{"conversations": [{"from": "human", "value": r.prompt}, {"from": "gpt", "value": ""}]} for r in requests]
-        )
-    )
-    return path
-
-
-def bench_serve_command(
-    base_url: str, model_name: str, tokenizer: str, spec: LoadSpec, seed: int, result_dir: Path, result_name: str
-) -> list[str]:
-    cmd = [
-        sys.executable,
-        str(VLLM_CLI),
-        "bench",
-        "serve",
-        "--backend",
-        "openai-chat",
-        "--base-url",
-        base_url,
-        "--endpoint",
-        "/v1/chat/completions",
-        "--model",
-        model_name,
-        "--tokenizer",
-        tokenizer,
-        "--num-prompts",
-        str(spec.num_prompts),
-        "--max-concurrency",
-        str(spec.max_concurrency),
-        "--request-rate",
-        "inf",
-        "--temperature",
-        "0",
-        "--seed",
-        str(seed),
-        "--percentile-metrics",
-        "ttft,tpot,itl,e2el",
-        "--metric-percentiles",
-        "50,99",
-        "--save-result",
-        "--result-dir",
-        str(result_dir),
-        "--result-filename",
-        result_name,
-        "--disable-tqdm",
-    ]
-    if spec.ignore_eos:  # the random dataset itself (it sends ignore_eos on its own)
-        cmd += [
-            "--dataset-name",
-            "random",
-            "--random-input-len",
-            str(spec.input_len),
-            "--random-output-len",
-            str(spec.output_len),
-            "--random-range-ratio",
-            "0",
-            "--ignore-eos",
-        ]
-    else:  # the same prompts from a file in ShareGPT's shape (this loader adds no chat template and no
-        # ignore_eos; the custom JSONL loader would need pandas); the server applies the chat template
-        prompts = random_prompts_file(tokenizer, spec, seed, result_dir / f"prompts-{seed}-{spec.num_prompts}.json")
-        cmd += [
-            "--dataset-name",
-            "sharegpt",
-            "--dataset-path",
-            str(prompts),
-            "--sharegpt-output-len",
-            str(spec.output_len),
-            "--disable-shuffle",
-        ]
-    return cmd + spec.extra
-
-
-MAIN_RUN_STARTS = "Starting main benchmark run"  # what `vllm bench serve` prints around the timed part
-MAIN_RUN_ENDS = "Serving Benchmark Result"
-
-
-def run_load(
-    side: str,
-    base_url: str,
-    model_name: str,
-    tokenizer: str,
-    spec: LoadSpec,
-    seed: int,
-    work_dir: Path,
-    label: str,
-    server: ServerProcess | None = None,
-) -> dict:
-    """One ``vllm bench serve`` run; returns its saved result JSON (plus the mean output length and, for a
-    server this script started, the server's CPU milliseconds per output token during the timed part,
-    front end and all processes: the client's output is read line by line to find that part)."""
-    result_name = f"{label}.json"
-    log_path = work_dir / f"{label}.log"
-    cmd = bench_serve_command(base_url, model_name, tokenizer, spec, seed, work_dir, result_name)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cpu")}
-    cpu: dict[str, dict[str, float]] = {}
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=REPO,
-            env=env,
-            text=True,
-            errors="replace",
-        )
-        try:
-            for line in proc.stdout:
-                if server is not None and MAIN_RUN_STARTS in line and "before" not in cpu:
-                    cpu["before"] = cpu_seconds(server.pid)
-                elif server is not None and MAIN_RUN_ENDS in line and "after" not in cpu:
-                    cpu["after"] = cpu_seconds(server.pid)
-                out.write(line)
-            rc = proc.wait()
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-    if rc != 0:
-        raise RuntimeError(f"vllm bench serve against {side} failed ({rc}):\n{tail}")
-    result = json.loads((work_dir / result_name).read_text())
-    if result.get("failed") or not result.get("completed"):
-        raise RuntimeError(f"{side}: {result.get('failed')} of {spec.num_prompts} requests failed:\n{tail}")
-    result["mean_output_tokens"] = result["total_output_tokens"] / result["completed"]
-    if "before" in cpu and "after" in cpu:
-        for part in ("front_end", "all"):
-            used = cpu["after"][part] - cpu["before"][part]
-            result[f"cpu_ms_per_token_{part}"] = 1000 * used / result["total_output_tokens"]
-    return result
 
 
 # ---------------------------------------------------------------------------- summary
@@ -517,23 +223,13 @@ def versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (random dataset)")
-    parser.add_argument("--output-len", type=int, default=64, help="max_completion_tokens per request")
     parser.add_argument("--num-prompts", type=int, default=64, help="requests per measured run")
     parser.add_argument("--max-concurrency", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (each: alignd, then vLLM)")
     parser.add_argument(
         "--warmup-prompts",
         type=int,
         default=None,
         help="requests of the discarded warm-up run per server (default: 2 x max concurrency); 0 skips it",
-    )
-    parser.add_argument("--seed", type=int, default=1000, help="random-dataset seed of round 1 (round r: seed + r)")
-    parser.add_argument(
-        "--kv-cache-gib",
-        type=int,
-        default=None,
-        help="VLLM_CPU_KVCACHE_SPACE of both servers (default: alignd's setting)",
     )
     parser.add_argument("--alignd-url", default=None, help="use this running alignd server instead of starting one")
     parser.add_argument("--vllm-url", default=None, help="use this running `vllm serve` instead of starting one")
@@ -543,17 +239,123 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="auto: on when the alignd server accepts the field",
     )
-    parser.add_argument("--work-dir", type=Path, default=None, help="server logs and raw results (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
-    parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, not the speed")
+    add_load_arguments(parser, rounds=5, seed=1000)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.input_len, args.output_len, args.num_prompts, args.max_concurrency, args.rounds = 16, 4, 4, 2, 1
+        shrink_for_smoke(args)
+        args.num_prompts, args.max_concurrency = 4, 2
         if args.warmup_prompts is None:
             args.warmup_prompts = 1
     if args.warmup_prompts is None:
         args.warmup_prompts = 2 * args.max_concurrency
     return args
+
+
+SIDES = ("alignd", "vllm")  # the order within a round
+
+
+def start_servers(
+    args: argparse.Namespace, settings, model_dir: str, kv_gib: int, work_dir: Path, started: list[ServerProcess]
+) -> tuple[dict[str, ServerProcess], dict[str, str]]:
+    """The servers not given by URL, started side by side and waited for (each appended to ``started`` as
+    it starts, for the caller to stop); (the started servers by side, every side's base URL)."""
+    urls = {"alignd": args.alignd_url, "vllm": args.vllm_url}
+    servers: dict[str, ServerProcess] = {}
+    if urls["vllm"] is None:
+        servers["vllm"] = start_vllm_server(model_dir, settings, kv_gib, work_dir)
+        started.append(servers["vllm"])
+        urls["vllm"] = servers["vllm"].base_url
+    if urls["alignd"] is None:
+        servers["alignd"] = start_alignd_server(kv_gib, work_dir)
+        started.append(servers["alignd"])
+        urls["alignd"] = servers["alignd"].base_url
+    for server in started:
+        log(f"starting {server.name} at {server.base_url} (log: {server.log_path})")
+    for server in started:
+        log(f"{server.name} ready after {server.wait_ready():.0f} s")
+    return servers, {k: v.rstrip("/") for k, v in urls.items()}
+
+
+def choose_ignore_eos(choice: str, alignd_url: str, model_name: str) -> bool:
+    """--ignore-eos: on, off, or (auto) on when the alignd server accepts the field."""
+    ignore_eos = choice == "on" or (choice == "auto" and accepts_ignore_eos(alignd_url, model_name))
+    log(
+        "ignore_eos: "
+        + (
+            "on (random dataset)"
+            if ignore_eos
+            else "off: alignd rejects the field; the random "
+            "dataset's prompts go to both servers from a file, greedy answers may stop at EOS"
+        )
+    )
+    return ignore_eos
+
+
+def measure(
+    args: argparse.Namespace,
+    model_name: str,
+    model_dir: str,
+    urls: dict[str, str],
+    servers: dict[str, ServerProcess],
+    ignore_eos: bool,
+    work_dir: Path,
+) -> dict[str, list[dict]]:
+    """The discarded warm-up run per side, then ``args.rounds`` rounds of alignd then vLLM on the round's
+    prompts; runs[side] = the results of ``vllm bench serve``, round by round."""
+    if args.warmup_prompts:
+        warm = LoadSpec(args.input_len, args.output_len, args.warmup_prompts, args.max_concurrency, ignore_eos)
+        for side in SIDES:
+            t0 = time.perf_counter()
+            run_load(side, urls[side], model_name, model_dir, warm, args.seed - 1, work_dir, f"warmup-{side}")
+            log(f"warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
+
+    spec = LoadSpec(args.input_len, args.output_len, args.num_prompts, args.max_concurrency, ignore_eos)
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for r in range(1, args.rounds + 1):
+        for side in SIDES:
+            res = run_load(
+                side,
+                urls[side],
+                model_name,
+                model_dir,
+                spec,
+                args.seed + r,
+                work_dir,
+                f"round{r}-{side}",
+                servers.get(side),
+            )
+            runs[side].append(res)
+            log(
+                f"round {r}/{args.rounds} {side:6s}: {res['request_throughput']:.3f} req/s, "
+                f"{res['output_throughput']:.1f} tok/s, TTFT median {res['median_ttft_ms']:.1f} ms "
+                f"(p99 {res['p99_ttft_ms']:.1f}), ITL median {res['median_itl_ms']:.1f} ms, "
+                f"{res['mean_output_tokens']:.1f} tokens/request"
+            )
+    return runs
+
+
+def report(args: argparse.Namespace, runs: dict[str, list[dict]], setup: dict) -> dict:
+    """The summary (with ``setup`` and each run's numbers), printed as markdown and written to --out."""
+    summary = summarize(runs)
+    summary["setup"] = setup
+    summary["runs"] = {
+        side: [
+            {k: r.get(k) for k in (*METRICS, *CPU_METRICS, "mean_output_tokens", "completed", "duration")}
+            for r in results
+        ]
+        for side, results in runs.items()
+    }
+    print()
+    print(f"{setup['machine']}; {setup['versions']}")
+    print(
+        f"random dataset, {args.input_len} input / {args.output_len} output tokens, {args.num_prompts} prompts, "
+        f"max concurrency {args.max_concurrency}, {args.rounds} round(s), temperature 0, ignore_eos "
+        f"{'on' if setup['ignore_eos'] else 'off'}, KV cache {setup['kv_cache_gib']} GiB each\n"
+    )
+    print(markdown(summary, runs))
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -569,75 +371,16 @@ def run(args: argparse.Namespace) -> dict:
 
     started: list[ServerProcess] = []
     try:
-        urls = {"alignd": args.alignd_url, "vllm": args.vllm_url}
-        servers: dict[str, ServerProcess] = {}
-        if urls["vllm"] is None:
-            servers["vllm"] = start_vllm_server(model_dir, settings, kv_gib, work_dir)
-            started.append(servers["vllm"])
-            urls["vllm"] = servers["vllm"].base_url
-        if urls["alignd"] is None:
-            servers["alignd"] = start_alignd_server(kv_gib, work_dir)
-            started.append(servers["alignd"])
-            urls["alignd"] = servers["alignd"].base_url
-        for server in started:
-            log(f"starting {server.name} at {server.base_url} (log: {server.log_path})")
-        for server in started:
-            log(f"{server.name} ready after {server.wait_ready():.0f} s")
-        urls = {k: v.rstrip("/") for k, v in urls.items()}
-
-        ignore_eos = args.ignore_eos == "on" or (
-            args.ignore_eos == "auto" and accepts_ignore_eos(urls["alignd"], settings.model_name)
-        )
-        log(
-            "ignore_eos: "
-            + (
-                "on (random dataset)"
-                if ignore_eos
-                else "off: alignd rejects the field; the random "
-                "dataset's prompts go to both servers from a file, greedy answers may stop at EOS"
-            )
-        )
-        spec = LoadSpec(args.input_len, args.output_len, args.num_prompts, args.max_concurrency, ignore_eos)
-        order = ("alignd", "vllm")
-
-        if args.warmup_prompts:
-            warm = LoadSpec(args.input_len, args.output_len, args.warmup_prompts, args.max_concurrency, ignore_eos)
-            for side in order:
-                t0 = time.perf_counter()
-                run_load(
-                    side, urls[side], settings.model_name, model_dir, warm, args.seed - 1, work_dir, f"warmup-{side}"
-                )
-                log(f"warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
-
-        runs: dict[str, list[dict]] = {side: [] for side in order}
-        for r in range(1, args.rounds + 1):
-            for side in order:
-                res = run_load(
-                    side,
-                    urls[side],
-                    settings.model_name,
-                    model_dir,
-                    spec,
-                    args.seed + r,
-                    work_dir,
-                    f"round{r}-{side}",
-                    servers.get(side),
-                )
-                runs[side].append(res)
-                log(
-                    f"round {r}/{args.rounds} {side:6s}: {res['request_throughput']:.3f} req/s, "
-                    f"{res['output_throughput']:.1f} tok/s, TTFT median {res['median_ttft_ms']:.1f} ms "
-                    f"(p99 {res['p99_ttft_ms']:.1f}), ITL median {res['median_itl_ms']:.1f} ms, "
-                    f"{res['mean_output_tokens']:.1f} tokens/request"
-                )
+        servers, urls = start_servers(args, settings, model_dir, kv_gib, work_dir, started)
+        ignore_eos = choose_ignore_eos(args.ignore_eos, urls["alignd"], settings.model_name)
+        runs = measure(args, settings.model_name, model_dir, urls, servers, ignore_eos, work_dir)
     finally:
         for server in started:
             server.stop()
         if started:
             log("servers stopped")
 
-    summary = summarize(runs)
-    summary["setup"] = {
+    setup = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "versions": versions(),
         "model_dir": model_dir,
@@ -651,46 +394,11 @@ def run(args: argparse.Namespace) -> dict:
         "vllm_serve_flags": engine_settings(settings),
         "alignd_url_given": args.alignd_url is not None,
     }
-    summary["runs"] = {
-        side: [
-            {k: r.get(k) for k in (*METRICS, *CPU_METRICS, "mean_output_tokens", "completed", "duration")}
-            for r in results
-        ]
-        for side, results in runs.items()
-    }
-    print()
-    print(f"{summary['setup']['machine']}; {summary['setup']['versions']}")
-    print(
-        f"random dataset, {args.input_len} input / {args.output_len} output tokens, {args.num_prompts} prompts, "
-        f"max concurrency {args.max_concurrency}, {args.rounds} round(s), temperature 0, ignore_eos "
-        f"{'on' if ignore_eos else 'off'}, KV cache {kv_gib} GiB each\n"
-    )
-    print(markdown(summary, runs))
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=2))
-    return summary
+    return report(args, runs, setup)
 
 
 def main(argv: list[str] | None = None) -> dict:
     return run_unwinding_on_sigterm(run, parse_args(argv))
-
-
-def run_unwinding_on_sigterm(body, args):
-    """``body(args)`` with SIGTERM turned into SystemExit, so that the finally blocks stopping the servers
-    run; the previous handler is restored (a caller such as pytest keeps its own), and off the main
-    thread, where Python cannot set handlers, nothing is changed."""
-    import threading
-
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
-    try:
-        return body(args)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # bench/ is a folder of scripts: its siblings are imported by name
 import serve_overhead as so  # noqa: E402
+from load import add_load_arguments, shrink_for_smoke  # noqa: E402
 
 from alignd.models.baseline_stack import IMPLICIT, VALUE_KEY  # noqa: E402
 from alignd.models.value_head import ALPHA_KEY, TOP_K_KEY  # noqa: E402
@@ -142,14 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--implicit-alpha", type=float, default=None, help="default: the adapter's beta")
     parser.add_argument("--implicit-top-k", type=int, default=10, help="0: the whole vocabulary")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--prompts-per-stream", type=int, default=4, help="requests per run = this x the concurrency")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-warmup", action="store_true", help="skip the discarded warm-up runs (--smoke does)")
-    parser.add_argument("--seed", type=int, default=2000)
-    parser.add_argument("--kv-cache-gib", type=int, default=None)
+    add_load_arguments(parser, rounds=3, seed=2000, concurrency=[1, 8])
     parser.add_argument(
         "--prefix-caching",
         action="store_true",
@@ -160,14 +154,103 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vllm-url", default=None, help="use this running `vllm serve` of the head's folder instead of starting one"
     )
     parser.add_argument("--served-model-name", default=None, help="its model name (default: alignd's model name)")
-    parser.add_argument("--work-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
-    parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, not the speed")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.input_len, args.output_len, args.prompts_per_stream, args.rounds, args.concurrency = 16, 4, 1, 1, [2]
-        args.no_warmup = True  # each `vllm bench serve` is a process that imports vLLM: seconds apiece
+    shrink_for_smoke(args)
     return args
+
+
+def side_xargs(args: argparse.Namespace, top_k: int, stack: dict | None) -> dict[str, dict]:
+    """The ``vllm_xargs`` each value-guided side sends with every request (plain sends none)."""
+    xargs = {"head": {ALPHA_KEY: args.alpha, TOP_K_KEY: top_k}}
+    if stack is not None:
+        implicit_alpha = args.implicit_alpha or stack["beta"]
+        xargs["implicit"] = {ALPHA_KEY: implicit_alpha, TOP_K_KEY: args.implicit_top_k, VALUE_KEY: IMPLICIT}
+        log(
+            f"implicit: baseline stack of {stack['adapter']} (beta {stack['beta']}), alpha {implicit_alpha}, "
+            f"k {args.implicit_top_k}"
+        )
+    return xargs
+
+
+def load_specs(args: argparse.Namespace, xargs: dict[str, dict], concurrency: int) -> dict[str, so.LoadSpec]:
+    """Each side's measured run at ``concurrency``: the same prompts, answers saved (to compare them), the
+    side's ``vllm_xargs`` as extra body."""
+    n = args.prompts_per_stream * concurrency
+    return {
+        side: so.LoadSpec(
+            args.input_len,
+            args.output_len,
+            n,
+            concurrency,
+            True,
+            [
+                "--save-detailed",
+                *(["--extra-body", json.dumps({"vllm_xargs": xargs[side]})] if side in xargs else []),
+            ],
+        )
+        for side in ("plain", *xargs)
+    }
+
+
+def measure(
+    args: argparse.Namespace,
+    url: str,
+    model_name: str,
+    model_dir: str,
+    xargs: dict[str, dict],
+    server: so.ServerProcess | None,
+    work_dir: Path,
+) -> dict[int, dict[str, list[dict]]]:
+    """At each concurrency, one discarded warm-up run per side (unless --no-warmup), then ``args.rounds``
+    rounds of every side on the round's prompts, the order rotated per round; runs[concurrency][side] = the
+    results of ``vllm bench serve``, round by round."""
+    sides = ("plain", *xargs)
+    runs: dict[int, dict[str, list[dict]]] = {}
+    for concurrency in args.concurrency:
+        specs = load_specs(args, xargs, concurrency)
+        for side, spec in specs.items() if not args.no_warmup else ():
+            t0 = time.perf_counter()
+            warm = so.LoadSpec(spec.input_len, spec.output_len, concurrency, concurrency, True, spec.extra)
+            so.run_load(
+                side, url, model_name, model_dir, warm, args.seed - 1, work_dir, f"warmup-c{concurrency}-{side}"
+            )
+            log(f"c={concurrency} warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
+        runs[concurrency] = {side: [] for side in sides}
+        for r in range(1, args.rounds + 1):
+            for side in round_order(sides, r):
+                spec = specs[side]
+                res = so.run_load(
+                    side,
+                    url,
+                    model_name,
+                    model_dir,
+                    spec,
+                    args.seed + r,
+                    work_dir,
+                    f"c{concurrency}-round{r}-{side}",
+                    server,
+                )
+                runs[concurrency][side].append(res)
+                log(
+                    f"c={concurrency} round {r}/{args.rounds} {side:8s}: {res['output_throughput']:.2f} tok/s, "
+                    f"TTFT median {res['median_ttft_ms']:.0f} ms, ITL median {res['median_itl_ms']:.1f} ms"
+                )
+    return runs
+
+
+def report(args: argparse.Namespace, runs: dict[int, dict[str, list[dict]]], setup: dict) -> dict:
+    """The summary of the runs (with ``setup``), printed as markdown and written to --out."""
+    summary = {"setup": setup, "concurrency": summarize(runs)}
+    print(f"\n{setup['machine']}; {setup['versions']}")
+    print(
+        f"random dataset, {args.input_len} input / {args.output_len} output tokens (ignore_eos), temperature 0, "
+        f"{args.prompts_per_stream} requests per stream, {args.rounds} round(s); head alpha {args.alpha}, "
+        f"k {setup['top_k']}\n"
+    )
+    print(markdown(summary["concurrency"]))
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -186,106 +269,44 @@ def run(args: argparse.Namespace) -> dict:
         f"head {manifest['path']} (reward {manifest.get('reward')}), alpha {args.alpha}, k {top_k}; "
         f"serving {served}; work dir {work_dir}"
     )
-    xargs = {"head": {ALPHA_KEY: args.alpha, TOP_K_KEY: top_k}}
-    if stack is not None:
-        implicit_alpha = args.implicit_alpha or stack["beta"]
-        xargs["implicit"] = {ALPHA_KEY: implicit_alpha, TOP_K_KEY: args.implicit_top_k, VALUE_KEY: IMPLICIT}
-        log(
-            f"implicit: baseline stack of {stack['adapter']} (beta {stack['beta']}), alpha {implicit_alpha}, "
-            f"k {args.implicit_top_k}"
-        )
-    sides = ("plain", *xargs)
+    xargs = side_xargs(args, top_k, stack)
 
     # Both sides send the same prompts in a round: with prefix caching on, the second side would find the
     # first side's prompts cached (a third of plain decoding's TTFT here). Off by default; the sides also
     # take turns going first.
     serve_settings = settings.model_copy(update={"enable_prefix_caching": args.prefix_caching})
     server = None if args.vllm_url else so.start_vllm_server(served, serve_settings, kv_gib, work_dir)
-    runs: dict[int, dict[str, list[dict]]] = {}
     try:
         if server is not None:
             log(f"vllm serve ready after {server.wait_ready():.0f} s")
         url = (args.vllm_url or server.base_url).rstrip("/")
-        for concurrency in args.concurrency:
-            n = args.prompts_per_stream * concurrency
-            specs = {
-                side: so.LoadSpec(
-                    args.input_len,
-                    args.output_len,
-                    n,
-                    concurrency,
-                    True,
-                    [
-                        "--save-detailed",
-                        *(["--extra-body", json.dumps({"vllm_xargs": xargs[side]})] if side in xargs else []),
-                    ],
-                )
-                for side in sides
-            }
-            for side, spec in specs.items() if not args.no_warmup else ():
-                t0 = time.perf_counter()
-                warm = so.LoadSpec(spec.input_len, spec.output_len, concurrency, concurrency, True, spec.extra)
-                so.run_load(
-                    side, url, model_name, model_dir, warm, args.seed - 1, work_dir, f"warmup-c{concurrency}-{side}"
-                )
-                log(f"c={concurrency} warm-up {side}: {time.perf_counter() - t0:.0f} s (discarded)")
-            runs[concurrency] = {side: [] for side in sides}
-            for r in range(1, args.rounds + 1):
-                for side in round_order(sides, r):
-                    spec = specs[side]
-                    res = so.run_load(
-                        side,
-                        url,
-                        model_name,
-                        model_dir,
-                        spec,
-                        args.seed + r,
-                        work_dir,
-                        f"c{concurrency}-round{r}-{side}",
-                        server,
-                    )
-                    runs[concurrency][side].append(res)
-                    log(
-                        f"c={concurrency} round {r}/{args.rounds} {side:8s}: {res['output_throughput']:.2f} tok/s, "
-                        f"TTFT median {res['median_ttft_ms']:.0f} ms, ITL median {res['median_itl_ms']:.1f} ms"
-                    )
+        runs = measure(args, url, model_name, model_dir, xargs, server, work_dir)
     finally:
         if server is not None:
             server.stop()
             log("server stopped")
 
-    summary = {
-        "setup": {
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "versions": so.versions(),
-            "model_dir": model_dir,
-            "served_folder": served,
-            "vllm_url_given": args.vllm_url is not None,
-            "head": {k: manifest.get(k) for k in ("path", "reward", "top_k", "rollout_len")},
-            "alpha": args.alpha,
-            "top_k": top_k,
-            "baseline_stack": stack,
-            "vllm_xargs": xargs,
-            "input_len": args.input_len,
-            "output_len": args.output_len,
-            "prompts_per_stream": args.prompts_per_stream,
-            "rounds": args.rounds,
-            "kv_cache_gib": kv_gib,
-            "prefix_caching": args.prefix_caching,
-            "order": "the sides rotated by one per round",
-            "vllm_serve_flags": so.engine_settings(serve_settings),
-        },
-        "concurrency": summarize(runs),
+    setup = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "versions": so.versions(),
+        "model_dir": model_dir,
+        "served_folder": served,
+        "vllm_url_given": args.vllm_url is not None,
+        "head": {k: manifest.get(k) for k in ("path", "reward", "top_k", "rollout_len")},
+        "alpha": args.alpha,
+        "top_k": top_k,
+        "baseline_stack": stack,
+        "vllm_xargs": xargs,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "prompts_per_stream": args.prompts_per_stream,
+        "rounds": args.rounds,
+        "kv_cache_gib": kv_gib,
+        "prefix_caching": args.prefix_caching,
+        "order": "the sides rotated by one per round",
+        "vllm_serve_flags": so.engine_settings(serve_settings),
     }
-    print(f"\n{summary['setup']['machine']}; {summary['setup']['versions']}")
-    print(
-        f"random dataset, {args.input_len} input / {args.output_len} output tokens (ignore_eos), temperature 0, "
-        f"{args.prompts_per_stream} requests per stream, {args.rounds} round(s); head alpha {args.alpha}, k {top_k}\n"
-    )
-    print(markdown(summary["concurrency"]))
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=2))
-    return summary
+    return report(args, runs, setup)
 
 
 def main(argv: list[str] | None = None) -> dict:

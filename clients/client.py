@@ -13,10 +13,11 @@ what it cannot: ``/generate`` with token ids, health and metrics. It depends on 
 from __future__ import annotations
 
 import difflib
+import enum
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Final, Literal, TypeAlias
 
 import httpx
 from typing_extensions import Unpack
@@ -26,6 +27,8 @@ from alignd.clients.types import GenerateParams
 from alignd.protocol import ChatMessage, GenerateResponse, GenerateStreamEvent, HealthResponse
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+# What httpx takes as a timeout (its private httpx._types.TimeoutTypes, spelt out).
+_TimeoutTypes: TypeAlias = float | None | tuple[float | None, float | None, float | None, float | None] | httpx.Timeout
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -84,11 +87,17 @@ def _raise_for_status(response: httpx.Response) -> None:
         raise status_error(response, body)
 
 
-_STREAM_END = object()
+class _StreamEnd(enum.Enum):
+    """The type of the sentinel that marks the end of a stream (``data: [DONE]``)."""
+
+    END = enum.auto()
+
+
+_STREAM_END: Final = _StreamEnd.END
 
 
 @contextmanager
-def _transport_errors():
+def _transport_errors() -> Iterator[None]:
     """The one place where httpx's transport failures become the client's typed errors."""
     try:
         yield
@@ -98,7 +107,7 @@ def _transport_errors():
         raise APIConnectionError(str(exc) or type(exc).__name__) from exc
 
 
-def _sse_event(response: httpx.Response, line: str):
+def _sse_event(response: httpx.Response, line: str) -> GenerateStreamEvent | Literal[_StreamEnd.END] | None:
     """One server-sent line: an event, None (not a data line), or _STREAM_END; an error event raises."""
     if not line.startswith("data: "):
         return None
@@ -114,19 +123,25 @@ def _sse_event(response: httpx.Response, line: str):
 class Alignd:
     """Synchronous client. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout=DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: _TimeoutTypes = DEFAULT_TIMEOUT,
+    ) -> None:
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=_headers(api_key), timeout=timeout)
 
     def __enter__(self) -> Alignd:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         with _transport_errors():
             response = self._http.request(method, path, **kwargs)
         _raise_for_status(response)
@@ -185,19 +200,25 @@ class Alignd:
 class AsyncAlignd:
     """Asynchronous twin of :class:`Alignd`."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout=DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: _TimeoutTypes = DEFAULT_TIMEOUT,
+    ) -> None:
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=_headers(api_key), timeout=timeout)
 
     async def __aenter__(self) -> AsyncAlignd:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         with _transport_errors():
             response = await self._http.request(method, path, **kwargs)
         _raise_for_status(response)

@@ -15,6 +15,8 @@ AligndClientError
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
 
@@ -31,7 +33,7 @@ class APITimeoutError(APIConnectionError):
 
 
 class APIStatusError(AligndClientError):
-    def __init__(self, message: str, *, status_code: int, body: dict, response: httpx.Response | None = None):
+    def __init__(self, message: str, *, status_code: int, body: dict[str, Any], response: httpx.Response | None = None):
         super().__init__(f"{status_code}: {message}")
         self.message = message
         self.status_code = status_code
@@ -84,7 +86,7 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
 }
 
 
-def status_error(response: httpx.Response, body: dict, status: int | None = None) -> APIStatusError:
+def status_error(response: httpx.Response, body: dict[str, Any], status: int | None = None) -> APIStatusError:
     """The one place that maps an HTTP status to an error class."""
     code = status if status is not None else response.status_code
     cls = _BY_STATUS.get(code, InternalServerError if code >= 500 else APIStatusError)

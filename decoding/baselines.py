@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from alignd.decoding.prompt import Policy
 from alignd.errors import ConfigurationError, NotFoundError
@@ -27,6 +27,9 @@ from alignd.models.engine import Engine
 from alignd.models.factory import build_adapter_engine, build_model_engine, build_remote_engine
 from alignd.rewards.registry import AlignedPolicy
 from alignd.settings import Settings
+
+if TYPE_CHECKING:
+    from alignd.models.remote_engine import RemoteVLLMEngine
 
 DEFAULT = "default"
 PROMPTED = "prompted"
@@ -154,10 +157,14 @@ async def build_baselines(served: Engine, settings: Settings) -> BaselineRegistr
                 f"baseline '{name}' must be an object with exactly one of 'adapter', 'model', 'system_prompt' or 'url'"
             )
         if "url" in spec:
-            engine = await build_remote_engine(name, str(spec["url"]), served, settings, model=spec.get("served_model"))
-            owned.append(engine)
+            # build_remote_engine is typed Engine; it returns a RemoteVLLMEngine (models/factory.py)
+            remote = cast(
+                "RemoteVLLMEngine",
+                await build_remote_engine(name, str(spec["url"]), served, settings, model=spec.get("served_model")),
+            )
+            owned.append(remote)
             return Baseline(
-                name, "remote", Policy(engine, name), f"{engine.base_url} ({engine.model or 'its only model'})"
+                name, "remote", Policy(remote, name), f"{remote.base_url} ({remote.model or 'its only model'})"
             )
         if "system_prompt" in spec:
             prompt = str(spec["system_prompt"])

@@ -7,9 +7,10 @@ Each entry says what the method needs, what it refuses and how its decoder is bu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from alignd.decoding.baselines import DEFAULT
+from alignd.decoding.config import resolved_field
 from alignd.decoding.methods import (
     BaselineDecoder,
     BestOfNDecoder,
@@ -226,8 +227,8 @@ def value_guided(
         generation.sft,
         estimator,
         params,
-        alpha=config.alpha,
-        top_k=config.top_k,
+        alpha=resolved_field(config.alpha),
+        top_k=resolved_field(config.top_k),
         block_size=config.block_size,
         confidence_threshold=config.confidence_threshold,
         prune=bool(config.prune),
@@ -240,12 +241,12 @@ def rollout_values(generation: Generation, config: DecodingConfig, *, from_basel
     rewards = generation.rewards
     return RolloutValueEstimator(
         generation.baselines.get(config.baseline).policy if from_baseline else generation.sft,
-        rewards.get(config.reward),
-        num_rollouts=config.num_rollouts,
-        rollout_len=config.rollout_len,
-        temperature=config.rollout_temperature,
-        baseline_reward=rewards.get(config.baseline_reward) if config.indirect else None,
-        beta=config.beta,
+        rewards.get(resolved_field(config.reward)),
+        num_rollouts=resolved_field(config.num_rollouts),
+        rollout_len=resolved_field(config.rollout_len),
+        temperature=resolved_field(config.rollout_temperature),
+        baseline_reward=rewards.get(resolved_field(config.baseline_reward)) if config.indirect else None,
+        beta=resolved_field(config.beta),
     )
 
 
@@ -261,7 +262,10 @@ def build_baseline(generation: Generation, config: DecodingConfig, params: Gener
 
 def build_args(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
     return value_guided(
-        generation, config, params, PartialRewardValue(generation.rewards.get(config.reward), generation.engine.decode)
+        generation,
+        config,
+        params,
+        PartialRewardValue(generation.rewards.get(resolved_field(config.reward)), generation.engine.decode),
     )
 
 
@@ -269,12 +273,12 @@ def build_cd(generation: Generation, config: DecodingConfig, params: GenerationP
     if config.cd_mode == "block":
         return BlockwiseCDDecoder(
             generation.sft,
-            generation.rewards.get(config.reward),
+            generation.rewards.get(resolved_field(config.reward)),
             params,
-            num_blocks=config.num_blocks,
-            block_len=config.block_len,
-            alpha=config.alpha,
-            block_temperature=config.sample_temperature,
+            num_blocks=resolved_field(config.num_blocks),
+            block_len=resolved_field(config.block_len),
+            alpha=resolved_field(config.alpha),
+            block_temperature=resolved_field(config.sample_temperature),
             record_candidates=config.diagnostics,
         )
     return value_guided(generation, config, params, rollout_values(generation, config, from_baseline=False))
@@ -283,10 +287,10 @@ def build_cd(generation: Generation, config: DecodingConfig, params: GenerationP
 def build_best_of_n(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
     return BestOfNDecoder(
         generation.sft,
-        generation.rewards.get(config.reward),
+        generation.rewards.get(resolved_field(config.reward)),
         params,
-        num_samples=config.num_samples,
-        sample_temperature=config.sample_temperature,
+        num_samples=resolved_field(config.num_samples),
+        sample_temperature=resolved_field(config.sample_temperature),
         record_candidates=config.diagnostics,
     )
 
@@ -297,19 +301,26 @@ def build_tq_rollouts(generation: Generation, config: DecodingConfig, params: Ge
 
 def build_tq_head(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
     return HeadTransferQDecoder(
-        generation.sft, params, alpha=config.alpha, top_k=config.top_k, record_candidates=config.diagnostics
+        generation.sft,
+        params,
+        alpha=resolved_field(config.alpha),
+        top_k=resolved_field(config.top_k),
+        record_candidates=config.diagnostics,
     )
 
 
 def implicit_values(generation: Generation, config: DecodingConfig) -> ValueEstimator:
-    return ImplicitValue(generation.baselines.get(config.baseline).policy, generation.sft, float(config.beta))
+    return ImplicitValue(
+        generation.baselines.get(config.baseline).policy, generation.sft, float(resolved_field(config.beta))
+    )
 
 
 def implicit_in_engine(generation: Generation, config: DecodingConfig) -> bool:
     """The served engine computes this baseline's implicit values in its own step (ALIGND_IMPLICIT_IN_ENGINE:
     it carries the baseline's stack); with diagnostics alignd scores the steps itself (the same rule, with
     every candidate's values and the KL, which stay inside the engine otherwise)."""
-    stack = generation.engine.info.extra.get("baseline_stack")
+    # EngineInfo.extra is typed object; its "baseline_stack" is the stack's config dict, or None (VLLMEngine)
+    stack = cast("dict[str, Any] | None", generation.engine.info.extra.get("baseline_stack"))
     if not stack or config.diagnostics or config.block_size != 1 or config.confidence_threshold is not None:
         return False  # (block_size and confidence_threshold are alignd's own step loop's)
     baseline = generation.baselines.get(config.baseline)
@@ -323,7 +334,13 @@ def implicit_family(generation: Generation, config: DecodingConfig) -> Family:
 
 def build_tq_implicit(generation: Generation, config: DecodingConfig, params: GenerationParams) -> Decoder:
     if implicit_in_engine(generation, config):
-        return HeadTransferQDecoder(generation.sft, params, alpha=config.alpha, top_k=config.top_k, value="implicit")
+        return HeadTransferQDecoder(
+            generation.sft,
+            params,
+            alpha=resolved_field(config.alpha),
+            top_k=resolved_field(config.top_k),
+            value="implicit",
+        )
     return value_guided(generation, config, params, implicit_values(generation, config))
 
 

@@ -7,7 +7,7 @@ a value beyond them is a 400 that names the field and the limit.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -27,6 +27,14 @@ def _value_enum(schema: dict[str, Any]) -> None:
 
 
 DEFAULT_VALUE_SOURCE = "rollouts"
+
+T = TypeVar("T")
+
+
+def resolved_field(value: T | None) -> T:
+    """A field of a resolved config that :meth:`DecodingConfig.resolved` fills from the settings (None in the
+    request as sent; set once resolved), as its type without None: a typing statement, ``value`` unchanged."""
+    return cast(T, value)
 
 
 def _registered(name: str, known: Mapping[str, object], what: str) -> str:
@@ -207,7 +215,7 @@ class DecodingConfig(BaseModel):
                     f"decoding.{key}={getattr(out, key)} is above this server's limit of {limit}",
                     param=f"decoding.{key}",
                 )
-        if out.indirect and out.num_rollouts < 2:
+        if out.indirect and resolved_field(out.num_rollouts) < 2:
             raise InvalidRequestError(
                 "indirect transfer needs decoding.num_rollouts >= 2: its importance weights are normalised over "
                 "the rollouts, so with one rollout they cancel and the answer is direct transfer's",

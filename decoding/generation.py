@@ -16,12 +16,13 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 from alignd.decoding.baselines import DEFAULT, BaselineRegistry, build_baselines, prompted_only
-from alignd.decoding.config import DecodingConfig
+from alignd.decoding.config import DecodingConfig, resolved_field
 from alignd.decoding.methods import Decoder, StepRecord
 from alignd.decoding.prompt import Policy, Prompt
 from alignd.decoding.registry import ALIGNED, PLAIN, Family
@@ -32,6 +33,7 @@ from alignd.models.engine import (
     Choice,
     Engine,
     EngineInfo,
+    FinishReason,
     GenerationParams,
     GenerationResult,
     StreamDelta,
@@ -88,7 +90,7 @@ class DecodedChoice(Choice):
 
 @dataclass
 class Completion(GenerationResult):
-    choices: list[DecodedChoice]
+    choices: list[DecodedChoice]  # type: ignore[assignment]  # narrower than GenerationResult's list[Choice] (invariant)
 
 
 class Generation:
@@ -199,9 +201,9 @@ class Generation:
             decoding = source.prepare(self, decoding)
         resolved = decoding.resolved(self.settings)
         if resolved.spec.needs_reward:
-            self.rewards.get(resolved.reward)  # unknown names fail before any work
+            self.rewards.get(resolved_field(resolved.reward))  # unknown names fail before any work
             if resolved.indirect:
-                self.rewards.get(resolved.baseline_reward)
+                self.rewards.get(resolved_field(resolved.baseline_reward))
         return resolved
 
     def value_estimator(self, decoding: DecodingConfig) -> tuple[DecodingConfig, ValueEstimator]:
@@ -218,9 +220,10 @@ class Generation:
         return resolved, source.estimator(self, resolved)
 
     @property
-    def value_head(self) -> dict | None:
+    def value_head(self) -> dict[str, Any] | None:
         """The manifest of the engine's value head (None: the engine has none)."""
-        return self.engine.info.extra.get("value_head")
+        # EngineInfo.extra is typed object; its "value_head" is the head's manifest, or None (VLLMEngine)
+        return cast("dict[str, Any] | None", self.engine.info.extra.get("value_head"))
 
     def head_baseline(self) -> tuple[str | None, str]:
         """(the name of this server's baseline the value head was distilled from, or None where none of
@@ -255,7 +258,7 @@ class Generation:
         return digests[baseline.name]
 
     # ------------------------------------------------------------------ streams
-    def stream(self, plan: GenerationPlan, request_id: str) -> AsyncIterator[DecodedDelta]:
+    def stream(self, plan: GenerationPlan, request_id: str) -> AsyncGenerator[DecodedDelta, None]:
         """Deltas of all ``params.n`` choices. Closing the iterator early (client gone, deadline)
         cancels every engine request of the plan."""
         if plan.decoding is None:
@@ -284,10 +287,11 @@ class Generation:
     async def generate(self, plan: GenerationPlan, request_id: str) -> Completion:
         return await self.collect(self.stream(plan, request_id), plan)
 
-    async def _plain(self, plan: GenerationPlan, request_id: str) -> AsyncIterator[DecodedDelta]:
+    async def _plain(self, plan: GenerationPlan, request_id: str) -> AsyncGenerator[DecodedDelta, None]:
         """The engine's own sampler: its deltas as they come, with text and stop strings assembled
         here when the engine leaves them to the caller."""
-        deltas = self.engine.stream(plan.prompt_ids, plan.params, request_id)
+        # Engine.stream is typed AsyncIterator; every engine's is an async generator (closing it cancels the work)
+        deltas = cast("AsyncGenerator[StreamDelta, None]", self.engine.stream(plan.prompt_ids, plan.params, request_id))
         try:
             if self.engine.applies_stop_strings:
                 async for d in deltas:  # the plain hot path: one cheap copy per delta
@@ -303,7 +307,7 @@ class Generation:
         finally:
             await deltas.aclose()
 
-    async def _decoded(self, plan: GenerationPlan, request_id: str) -> AsyncIterator[DecodedDelta]:
+    async def _decoded(self, plan: GenerationPlan, request_id: str) -> AsyncGenerator[DecodedDelta, None]:
         """Deltas of the plan's decoding method for all ``n`` choices, decoded concurrently (their
         engine calls batch together)."""
         n = plan.params.n
@@ -311,7 +315,11 @@ class Generation:
             async for delta in self._one_choice(0, plan):
                 yield delta
             return
-        async with aclosing(merge_streams([self._one_choice(i, plan) for i in range(n)])) as merged:
+        # merge_streams is an async generator function typed as returning AsyncIterator (models/streams.py)
+        merged_streams = cast(
+            "AsyncGenerator[DecodedDelta, None]", merge_streams([self._one_choice(i, plan) for i in range(n)])
+        )
+        async with aclosing(merged_streams) as merged:
             async for delta in merged:
                 yield delta
 
@@ -320,8 +328,9 @@ class Generation:
         """The decoder of one choice. ``config`` must be resolved; ``params`` are the choice's own."""
         return config.spec.build(self, config, params)
 
-    async def _one_choice(self, index: int, plan: GenerationPlan) -> AsyncIterator[DecodedDelta]:
+    async def _one_choice(self, index: int, plan: GenerationPlan) -> AsyncGenerator[DecodedDelta, None]:
         prompt, params, config = plan.prompt, plan.params, plan.decoding
+        assert config is not None  # a plan with a decoding method (stream: _decoded)
         seed = None if params.seed is None else params.seed + index
         decoder = self.build(config, dataclasses.replace(params, n=1, seed=seed))
         text = _ChoiceText(self.engine.decode, params.stop, index=index)
@@ -348,21 +357,26 @@ class Generation:
                     yield delta
         finally:
             await chunks.aclose()  # a stop string or a gone client ends the method's engine work now
-        kl = None if config.values_in_engine else sum(s.kl for s in steps)
+        # every step's KL is set where the values leave the engine (only the head's steps have kl None)
+        kl = None if config.values_in_engine else sum(cast(float, s.kl) for s in steps)
         reward = None
         if config.diagnostics or (self.response_observers and self.settings.score_responses):
             reward = await self._target_reward(prompt, config, text.answer)
-        for observer in self.response_observers:
-            observer(config.metric_label, reward, kl)
+        for response_observer in self.response_observers:
+            response_observer(config.metric_label, reward, kl)
         last = text.last(len(prompt.token_ids))
         if config.diagnostics:
+            assert reward is not None  # scored above: the diagnostics report the target reward
             last.alignment = self._summary(config, reward, steps, kl)
         yield last
 
     async def _target_reward(self, prompt: Prompt, config: DecodingConfig, text: str) -> float:
-        return (await self.rewards.get(config.reward).score([prompt.reward_item(text)], truncate=True))[0].value
+        reward = self.rewards.get(resolved_field(config.reward))
+        return (await reward.score([prompt.reward_item(text)], truncate=True))[0].value
 
-    def _summary(self, config: DecodingConfig, reward: float, steps: list[StepRecord], kl: float) -> AlignmentSummary:
+    def _summary(
+        self, config: DecodingConfig, reward: float, steps: list[StepRecord], kl: float | None
+    ) -> AlignmentSummary:
         named_by = config.value_source.named_baseline if config.value_source is not None else config.spec.named_baseline
         baseline, kind = named_by(self, config)
         return AlignmentSummary(
@@ -396,7 +410,7 @@ class _ChoiceText:
         self.pending: list[int] = []  # tokens not yet sent (held back by an incomplete character)
         self.pending_logprobs: list | None = None
         self.piece = ""
-        self.finish: str | None = None
+        self.finish: FinishReason | None = None
 
     @property
     def finished(self) -> bool:

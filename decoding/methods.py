@@ -24,7 +24,7 @@ import abc
 import asyncio
 import dataclasses
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +32,7 @@ import torch
 from alignd.decoding.prompt import Policy, Prompt
 from alignd.decoding.rule import nucleus, repetition_penalties, reweight
 from alignd.decoding.values import ValueEstimator
-from alignd.models.engine import GenerationParams, ValueGuidance
+from alignd.models.engine import FinishReason, GenerationParams, ValueGuidance
 from alignd.protocol.diagnostics import (
     BaselineStep,
     BestOfNStep,
@@ -54,7 +54,7 @@ RECORDED_WHOLE_VOCABULARY = 20
 class DecodeChunk:
     token_ids: list[int]
     step: StepRecord | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 def kl_bound_best_of_n(n: int) -> float:
@@ -84,14 +84,14 @@ class Decoder(abc.ABC):
         self.eos = set(sft.engine.info.eos_token_ids)
 
     @abc.abstractmethod
-    def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]: ...
+    def run(self, prompt: Prompt) -> AsyncGenerator[DecodeChunk, None]: ...
 
 
 class SFTDecoder(Decoder):
     """Plain decoding from the SFT model (the engine's own sampler) with the request's full sampling
     parameters; chunks as the engine streams them. Stop strings are the caller's (on the text)."""
 
-    async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
+    async def run(self, prompt: Prompt) -> AsyncGenerator[DecodeChunk, None]:
         params = self.params if not self.params.stop else dataclasses.replace(self.params, stop=())
         async for delta in self.sft.engine.stream(list(prompt.token_ids), params, f"sft-{id(self)}"):
             yield DecodeChunk(delta.token_ids, finish_reason=delta.finish_reason)
@@ -107,7 +107,7 @@ class BaselineDecoder(Decoder):
         self.baseline = baseline
         self.record = record_candidates
 
-    async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
+    async def run(self, prompt: Prompt) -> AsyncGenerator[DecodeChunk, None]:
         params = self.params if not self.params.stop else dataclasses.replace(self.params, stop=())
         prefix = self.baseline.prefix(prompt)
         tokens: list[int] = []
@@ -175,7 +175,7 @@ class ValueGuidedDecoder(Decoder):
         self.confidence_threshold = confidence_threshold
         self.record_candidates = record_candidates
 
-    async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
+    async def run(self, prompt: Prompt) -> AsyncGenerator[DecodeChunk, None]:
         sft_prefix = list(prompt.token_ids)
         policy = self.estimator.policy_for_prefix()
         policy_prefix = policy.prefix(prompt) if policy is not None else sft_prefix
@@ -244,7 +244,7 @@ class ValueGuidedDecoder(Decoder):
                 record.candidates = self._recorded(ids, sft_lp, values, penalties, rule.logprobs)
             generated += chosen
             step += 1
-            finish = None
+            finish: FinishReason | None = None
             if chosen[-1] in self.eos:
                 finish = "stop"
             elif len(generated) >= self.max_tokens:
@@ -263,9 +263,9 @@ class ValueGuidedDecoder(Decoder):
     ) -> list[TokenCandidate]:
         """The step's candidates for the diagnostics: all of them, or over the whole vocabulary (top_k 0) the
         most probable ones of the re-weighted distribution."""
-        baseline_lp = self.estimator.baseline_logprobs(sft_lp, values) or [None] * len(ids)
+        baseline_lp: Sequence[float | None] = self.estimator.baseline_logprobs(sft_lp, values) or [None] * len(ids)
         penalties = penalties or [0.0] * len(ids)
-        order = range(len(ids))
+        order: Sequence[int] = range(len(ids))
         if self.top_k == 0:
             order = sorted(order, key=lambda i: -logprobs[i])[:RECORDED_WHOLE_VOCABULARY]
         decode = self.sft.engine.decode
@@ -314,7 +314,7 @@ class HeadTransferQDecoder(Decoder):
             logprobs=top_k if record_candidates else None,
         )
 
-    async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
+    async def run(self, prompt: Prompt) -> AsyncGenerator[DecodeChunk, None]:
         decode = self.sft.engine.decode
         position = 0
         async for delta in self.sft.engine.stream(list(prompt.token_ids), self.engine_params, f"tq-head-{id(self)}"):
@@ -377,7 +377,7 @@ class BlockwiseCDDecoder(_RewardSelectionDecoder):
         self.alpha = alpha
         self.block_temperature = block_temperature
 
-    async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
+    async def run(self, prompt: Prompt) -> AsyncGenerator[DecodeChunk, None]:
         prefix = list(prompt.token_ids)
         rng = _generator(self.seed)
         decode = self.sft.engine.decode
@@ -421,7 +421,7 @@ class BlockwiseCDDecoder(_RewardSelectionDecoder):
                 ]
             generated += chosen
             step += 1
-            finish = (
+            finish: FinishReason | None = (
                 "stop"
                 if chosen and chosen[-1] in self.eos
                 else ("length" if len(generated) >= self.max_tokens else None)
@@ -452,7 +452,7 @@ class BestOfNDecoder(_RewardSelectionDecoder):
         self.num_samples = num_samples
         self.sample_temperature = sample_temperature
 
-    async def run(self, prompt: Prompt) -> AsyncIterator[DecodeChunk]:
+    async def run(self, prompt: Prompt) -> AsyncGenerator[DecodeChunk, None]:
         samples = (
             await self.sft.engine.rollouts(
                 [list(prompt.token_ids)],

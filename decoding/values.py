@@ -78,11 +78,20 @@ class RolloutValueEstimator(ValueEstimator):
     def policy_for_prefix(self) -> Policy:
         return self.policy
 
-    def value_bounds(self):
+    def value_bounds(self) -> tuple[float, float] | None:
         # a plain or importance-weighted average of rewards stays within the reward's range
         return self.reward.bounds
 
-    async def estimate(self, prompt, policy_prefix, generated, candidates, seed, *, sft_logprobs=None):
+    async def estimate(
+        self,
+        prompt: Prompt,
+        policy_prefix: list[int],
+        generated: list[int],
+        candidates: Sequence[int],
+        seed: int | None,
+        *,
+        sft_logprobs: Sequence[float] | None = None,
+    ) -> tuple[list[float], StepCost]:
         eos = set(self.policy.engine.info.eos_token_ids)
         # A candidate that ends the answer has nothing to roll out: its value is the finished answer's reward.
         open_idx = [i for i, z in enumerate(candidates) if z not in eos and self.rollout_len > 0]
@@ -134,10 +143,19 @@ class PartialRewardValue(ValueEstimator):
         self.reward = reward
         self.decode = decode
 
-    def value_bounds(self):
+    def value_bounds(self) -> tuple[float, float] | None:
         return self.reward.bounds
 
-    async def estimate(self, prompt, policy_prefix, generated, candidates, seed, *, sft_logprobs=None):
+    async def estimate(
+        self,
+        prompt: Prompt,
+        policy_prefix: list[int],
+        generated: list[int],
+        candidates: Sequence[int],
+        seed: int | None,
+        *,
+        sft_logprobs: Sequence[float] | None = None,
+    ) -> tuple[list[float], StepCost]:
         items = [prompt.reward_item(self.decode(generated + [z])) for z in candidates]
         scores = await self.reward.score(items, truncate=True)
         return [s.value for s in scores], StepCost(reward_calls=len(items))
@@ -150,7 +168,16 @@ class FunctionValue(ValueEstimator):
     def __init__(self, fn: Callable[[list[int], int], float]) -> None:
         self.fn = fn
 
-    async def estimate(self, prompt, policy_prefix, generated, candidates, seed, *, sft_logprobs=None):
+    async def estimate(
+        self,
+        prompt: Prompt,
+        policy_prefix: list[int],
+        generated: list[int],
+        candidates: Sequence[int],
+        seed: int | None,
+        *,
+        sft_logprobs: Sequence[float] | None = None,
+    ) -> tuple[list[float], StepCost]:
         return [float(self.fn(list(generated), z)) for z in candidates], StepCost()
 
 
@@ -172,7 +199,16 @@ class ImplicitValue(ValueEstimator):
     def policy_for_prefix(self) -> Policy:
         return self.baseline
 
-    async def estimate(self, prompt, policy_prefix, generated, candidates, seed, *, sft_logprobs=None):
+    async def estimate(
+        self,
+        prompt: Prompt,
+        policy_prefix: list[int],
+        generated: list[int],
+        candidates: Sequence[int],
+        seed: int | None,
+        *,
+        sft_logprobs: Sequence[float] | None = None,
+    ) -> tuple[list[float], StepCost]:
         wanted = [list(candidates)]
         baseline = self.baseline.engine.next_token_logprobs([policy_prefix + generated], wanted)
         if sft_logprobs is None:
@@ -184,5 +220,5 @@ class ImplicitValue(ValueEstimator):
             (baseline_lp,), sft_lp = await baseline, list(sft_logprobs)
         return [self.beta * (b - s) for b, s in zip(baseline_lp, sft_lp, strict=False)], StepCost()
 
-    def baseline_logprobs(self, sft_logprobs, values):
+    def baseline_logprobs(self, sft_logprobs: Sequence[float], values: Sequence[float]) -> list[float]:
         return [s + v / self.beta for s, v in zip(sft_logprobs, values, strict=False)]

@@ -160,7 +160,7 @@ def judge(model_dir: Path, adapter: Path, beta: float, heldout: list[Demonstrati
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", default="embedded", help="the SFT model and S2L proxy ('embedded' or a folder)")
@@ -180,10 +180,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "s2l")
     parser.add_argument("--smoke", action="store_true", help="a few examples and steps: checks the harness")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("alignd").setLevel(logging.WARNING)
+    return parser
 
+
+@dataclasses.dataclass
+class Experiment:
+    """What every arm shares: the pool and the held-out split, the training settings, the SFT answers."""
+
+    out: Path
+    settings: Settings
+    model_dir: Path
+    pool: list[Demonstration]
+    heldout: list[Demonstration]
+    pool_file: Path
+    budget: Budget
+    size: int  # the budget in examples
+    generation: GenerationOptions
+    proxy: ProxyOptions
+    training_kw: dict
+    beta: float
+    s2l_seeds: list[int]
+    s2l_proxy: str
+    sft_by_id: dict[str, str] = dataclasses.field(default_factory=dict)  # held-out id -> SFT answer
+
+    def selected(self, method: str, seed: int) -> Path:
+        """The folder of ``alignd select <method>`` on the pool with this seed (selected now if missing)."""
+        folder = self.out / "selections" / f"{method}-{seed}"
+        if not (folder / SELECTION_FILE).is_file():
+            run_selection(
+                SelectionRun(
+                    settings=self.settings.model_copy(update={"seed": seed}),
+                    data_file=self.pool_file,
+                    out=folder,
+                    budget=Budget(count=self.size),
+                    method=method,
+                    proxy=dataclasses.replace(self.proxy, seed=seed),
+                )
+            )
+        return folder
+
+    def subset(self, method: str, seed: int | None, name: str) -> Path:
+        """The demonstrations file an arm trains on: the pool, or its selection (made now if missing; a
+        shared-proxy S2L seed after the first re-samples the first one's trajectories)."""
+        if method == "full":
+            return self.pool_file
+        if method == "s2l" and self.s2l_proxy == "shared" and seed != self.s2l_seeds[0]:
+            folder = self.out / "selections" / name
+            if not (folder / SELECTION_FILE).is_file():
+                resample_s2l(self.selected("s2l", self.s2l_seeds[0]), self.pool_file, folder, self.size, seed)
+        else:
+            folder = self.selected(method, seed)
+        return folder / "subset.jsonl"
+
+    def judge(self, adapter: Path) -> dict:
+        return judge(self.model_dir, adapter, self.beta, self.heldout, self.sft_by_id)
+
+
+def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Experiment:
+    """The pool and held-out files in ``--out``, the options of every arm, and the held-out SFT answers.
+    ``--smoke`` trims the data and the seeds in ``args``."""
     out = args.out.expanduser().absolute()
     (out / "arms").mkdir(parents=True, exist_ok=True)
     settings = Settings(model=args.model, engine="hf", log_level="warning")
@@ -198,106 +253,106 @@ def main(argv: list[str] | None = None) -> int:
     pool_file = write_jsonl(out / "pool.jsonl", pool)
     write_jsonl(out / "heldout.jsonl", heldout)
     budget = Budget.parse(args.budget)
-    size = budget.resolve(len(pool))
-    generation = GenerationOptions(max_new_tokens=8 if args.smoke else args.max_new_tokens)
-    proxy = ProxyOptions(checkpoints=3, epochs=1, batch_size=2) if args.smoke else ProxyOptions()
-    training_kw = {"max_steps": 2, "batch_size": 2} if args.smoke else {"epochs": args.epochs}
-    logger.info("pool %d, held out %d, budget %s = %d examples", len(pool), len(heldout), budget, size)
-
+    experiment = Experiment(
+        out=out,
+        settings=settings,
+        model_dir=model_dir,
+        pool=pool,
+        heldout=heldout,
+        pool_file=pool_file,
+        budget=budget,
+        size=budget.resolve(len(pool)),
+        generation=GenerationOptions(max_new_tokens=8 if args.smoke else args.max_new_tokens),
+        proxy=ProxyOptions(checkpoints=3, epochs=1, batch_size=2) if args.smoke else ProxyOptions(),
+        training_kw={"max_steps": 2, "batch_size": 2} if args.smoke else {"epochs": args.epochs},
+        beta=args.beta,
+        s2l_seeds=args.s2l_seeds,
+        s2l_proxy=args.s2l_proxy,
+    )
+    logger.info("pool %d, held out %d, budget %s = %d examples", len(pool), len(heldout), budget, experiment.size)
     sft_answers = generate_negatives(
-        model_dir, None, heldout, out / "heldout_sft.jsonl", generation, HELDOUT_SEED, desc="held-out SFT answers"
+        model_dir,
+        None,
+        heldout,
+        out / "heldout_sft.jsonl",
+        experiment.generation,
+        HELDOUT_SEED,
+        desc="held-out SFT answers",
     )
-    by_id = {r["id"]: r["text"] for r in sft_answers}
+    experiment.sft_by_id = {r["id"]: r["text"] for r in sft_answers}
+    return experiment
 
-    def selected(method: str, seed: int) -> Path:
-        """The folder of ``alignd select <method>`` on the pool with this seed (selected now if missing)."""
-        folder = out / "selections" / f"{method}-{seed}"
-        if not (folder / SELECTION_FILE).is_file():
-            run_selection(
-                SelectionRun(
-                    settings=settings.model_copy(update={"seed": seed}),
-                    data_file=pool_file,
-                    out=folder,
-                    budget=Budget(count=size),
-                    method=method,
-                    proxy=dataclasses.replace(proxy, seed=seed),
-                )
-            )
-        return folder
 
-    arms = (
-        ([] if args.no_full else [("full", None)])
-        + [("random", s) for s in args.random_seeds]
-        + [("s2l", s) for s in args.s2l_seeds]
-    )
-    for method, seed in arms:
-        name = method if seed is None else f"{method}-{seed}"
-        result_file = out / "arms" / f"{name}.json"
-        if result_file.is_file():
-            result = json.loads(result_file.read_text())
-            if "margins" not in result:  # judged before the held-out loss was kept: judge its adapter again
-                result.update(judge(model_dir, out / "adapters" / name, args.beta, heldout, by_id))
-                result_file.write_text(json.dumps(result, indent=2) + "\n")
-                logger.info("%s: judged again (held-out loss %.4f)", name, result["heldout_loss"])
-            else:
-                logger.info("%s: done before", name)
-            continue
-        started = time.perf_counter()
-        arm_settings = settings.model_copy(update={"seed": seed or 0})
-        selection_s = 0.0
-        if method == "full":
-            subset = pool_file
-        else:
-            t0 = time.perf_counter()
-            if method == "s2l" and args.s2l_proxy == "shared" and seed != args.s2l_seeds[0]:
-                folder = out / "selections" / name
-                if not (folder / SELECTION_FILE).is_file():
-                    resample_s2l(selected("s2l", args.s2l_seeds[0]), pool_file, folder, size, seed)
-            else:
-                folder = selected(method, seed)
-            selection_s = time.perf_counter() - t0
-            subset = folder / "subset.jsonl"
-        adapter = out / "adapters" / name
-        t0 = time.perf_counter()
-        if not (adapter / "alignd_adapter.json").is_file():
-            run_irft(
-                IRFTRun(
-                    settings=arm_settings,
-                    demonstrations_file=subset,
-                    out=adapter,
-                    rounds=1,
-                    generation=generation,
-                    training=TrainingOptions(beta=args.beta, seed=seed or 0, **training_kw),
-                )
-            )
-        train_s = time.perf_counter() - t0
-        result = {
-            "arm": name,
-            "method": method,
-            "seed": seed,
-            "examples": len(read_demonstrations(subset)),
-            "heldout": len(heldout),
-            **judge(model_dir, adapter, args.beta, heldout, by_id),
-            "selection_s": round(selection_s, 1),
-            "train_s": round(train_s, 1),
-            "wall_s": round(time.perf_counter() - started, 1),
-        }
+def resume_arm(experiment: Experiment, name: str, result_file: Path) -> None:
+    """A finished arm: nothing to do, unless it was judged before the held-out loss was kept (then its
+    adapter is judged again)."""
+    result = json.loads(result_file.read_text())
+    if "margins" not in result:
+        result.update(experiment.judge(experiment.out / "adapters" / name))
         result_file.write_text(json.dumps(result, indent=2) + "\n")
-        logger.info(
-            "%s: accuracy %.3f, margin %.3f (%d examples, %.0f s)",
-            name,
-            result["accuracy"],
-            result["mean_margin"],
-            result["examples"],
-            result["wall_s"],
-        )
+        logger.info("%s: judged again (held-out loss %.4f)", name, result["heldout_loss"])
+    else:
+        logger.info("%s: done before", name)
 
-    results = [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
+
+def run_arm(experiment: Experiment, method: str, seed: int | None) -> None:
+    """One arm: its subset selected, its IRFT adapter trained and judged, the result written to
+    ``<out>/arms/<arm>.json`` (a finished arm is resumed)."""
+    name = method if seed is None else f"{method}-{seed}"
+    result_file = experiment.out / "arms" / f"{name}.json"
+    if result_file.is_file():
+        resume_arm(experiment, name, result_file)
+        return
+    started = time.perf_counter()
+    arm_settings = experiment.settings.model_copy(update={"seed": seed or 0})
+    t0 = time.perf_counter()
+    subset = experiment.subset(method, seed, name)
+    selection_s = 0.0 if method == "full" else time.perf_counter() - t0
+    adapter = experiment.out / "adapters" / name
+    t0 = time.perf_counter()
+    if not (adapter / "alignd_adapter.json").is_file():
+        run_irft(
+            IRFTRun(
+                settings=arm_settings,
+                demonstrations_file=subset,
+                out=adapter,
+                rounds=1,
+                generation=experiment.generation,
+                training=TrainingOptions(beta=experiment.beta, seed=seed or 0, **experiment.training_kw),
+            )
+        )
+    train_s = time.perf_counter() - t0
+    result = {
+        "arm": name,
+        "method": method,
+        "seed": seed,
+        "examples": len(read_demonstrations(subset)),
+        "heldout": len(experiment.heldout),
+        **experiment.judge(adapter),
+        "selection_s": round(selection_s, 1),
+        "train_s": round(train_s, 1),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    result_file.write_text(json.dumps(result, indent=2) + "\n")
+    logger.info(
+        "%s: accuracy %.3f, margin %.3f (%d examples, %.0f s)",
+        name,
+        result["accuracy"],
+        result["mean_margin"],
+        result["examples"],
+        result["wall_s"],
+    )
+
+
+def summarize_arms(experiment: Experiment) -> dict:
+    """Every finished arm's result, per method the spread of its metrics over seeds, and S2L against random;
+    written to ``<out>/summary.json``."""
+    results = [json.loads(p.read_text()) for p in sorted((experiment.out / "arms").glob("*.json"))]
     summary = {
-        "pool": len(pool),
-        "heldout": len(heldout),
-        "budget": str(budget),
-        "budget_examples": size,
+        "pool": len(experiment.pool),
+        "heldout": len(experiment.heldout),
+        "budget": str(experiment.budget),
+        "budget_examples": experiment.size,
         "arms": results,
         "by_method": {},
     }
@@ -313,10 +368,15 @@ def main(argv: list[str] | None = None) -> int:
                 },
             }
     summary["s2l_vs_random"] = compare(results)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (experiment.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    """The arms' table, each method's spread over seeds and S2L against random, on stdout."""
     print("| arm | examples | held-out accuracy | mean margin | held-out loss | selection s | training s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
+    for r in summary["arms"]:
         print(
             f"| {r['arm']} | {r['examples']} | {r['accuracy']:.3f} | {r['mean_margin']:.4f} | "
             f"{r.get('heldout_loss', float('nan')):.4f} | {r['selection_s']:.0f} | {r['train_s']:.0f} |"
@@ -329,6 +389,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     if summary["s2l_vs_random"]:
         print(f"S2L vs random: {json.dumps(summary['s2l_vs_random'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("alignd").setLevel(logging.WARNING)
+    experiment = prepare(args, parser)
+    arms = (
+        ([] if args.no_full else [("full", None)])
+        + [("random", s) for s in args.random_seeds]
+        + [("s2l", s) for s in args.s2l_seeds]
+    )
+    for method, seed in arms:
+        run_arm(experiment, method, seed)
+    print_summary(summarize_arms(experiment))
     return 0
 
 

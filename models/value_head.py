@@ -207,6 +207,109 @@ def _folder_is(folder: Path, marker: dict) -> bool:
         return False
 
 
+def _base_config(base: Path) -> tuple[Path, dict]:
+    """The path and contents of ``base``'s config.json, checked to be a model alignd's value-guided class
+    extends (and not a value-guided folder already)."""
+    config_path = base / "config.json"
+    if not config_path.is_file():
+        raise ConfigurationError(f"{base} is not a model folder (no config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"unreadable model config {config_path}: {exc}") from None
+    architectures = list(config.get("architectures") or [])
+    if architectures == [VALUE_GUIDED_ARCHITECTURE]:
+        raise ConfigurationError(
+            f"{base} is already a value-guided folder; prepare one from its base model "
+            f"({config.get('alignd_base_model', 'named in its config.json')})"
+        )
+    if not architectures or not set(architectures) <= set(VALUE_GUIDED_BASE_ARCHITECTURES):
+        raise ConfigurationError(
+            f"{base} is a {architectures or 'model of unknown architecture'}; alignd's value head "
+            f"runs inside vLLM for {', '.join(VALUE_GUIDED_BASE_ARCHITECTURES)} models only"
+        )
+    return config_path, config
+
+
+def _check_guidance(
+    base: Path, config: dict, head_path: Path | None, baseline: BaselineStack | None, base_weights_digest: str | None
+) -> None:
+    """There is a head or a baseline stack, and each is the base model's (a mismatch names both)."""
+    if head_path is None and baseline is None:
+        raise ConfigurationError("a value-guided folder needs a value head, a baseline stack, or both")
+    if head_path is not None:
+        load_value_head(
+            head_path,
+            vocab_size=config.get("vocab_size"),
+            hidden_size=config.get("hidden_size"),
+            base_weights_digest=base_weights_digest,
+            base_name=str(base),
+        )
+    if baseline is not None:
+        check_stacks_match(config, baseline.path, sft_name=str(base))
+
+
+def _value_guided_marker(base: Path, config_path: Path, head_path: Path | None, baseline: BaselineStack | None) -> dict:
+    """What a value-guided folder is made from: the base model's files it links (``linked``), digests of
+    the configs and of the head's manifest. A folder whose marker equals it needs no rebuilding."""
+    linked = sorted(
+        entry.name
+        for entry in base.iterdir()
+        if entry.name not in ("config.json", VALUE_GUIDED_MARKER) and not entry.name.startswith(".")
+    )
+    return {
+        "format": VALUE_GUIDED_FORMAT,
+        "base_model": str(base),
+        "base_config_sha256": _sha256(config_path),
+        "linked": linked,
+        "value_head": str(head_path) if head_path is not None else None,
+        "value_head_manifest_sha256": _sha256(head_path / HEAD_MANIFEST) if head_path is not None else None,
+        **(
+            {"baseline": baseline.to_config(), "baseline_config_sha256": _sha256(Path(baseline.path) / "config.json")}
+            if baseline is not None
+            else {}
+        ),
+    }
+
+
+def _build_in_place(
+    out: Path, base: Path, config: dict, head_path: Path | None, baseline: BaselineStack | None, marker: dict
+) -> Path:
+    """Build the folder ``marker`` describes under a temporary name beside ``out``, then rename it to
+    ``out`` (replacing a stale one), so that a folder under ``out``'s name is always complete."""
+    import os
+    import shutil
+    import uuid
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        for name in marker["linked"]:
+            (staging / name).symlink_to(base / name, target_is_directory=(base / name).is_dir())
+        served = {**config, "architectures": [VALUE_GUIDED_ARCHITECTURE], "alignd_base_model": str(base)}
+        if head_path is not None:
+            served[CONFIG_HEAD_KEY] = str(head_path)
+        if baseline is not None:
+            served[CONFIG_BASELINE_KEY] = baseline.to_config()
+        (staging / "config.json").write_text(json.dumps(served, indent=2) + "\n")
+        (staging / VALUE_GUIDED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            os.rename(staging, out)  # atomic; fails when out exists (stale, or made concurrently)
+        except OSError:
+            if _folder_is(out, marker):  # another process made the same folder meanwhile
+                shutil.rmtree(staging)
+                return out
+            retired = out.parent / f".{out.name}.retired-{uuid.uuid4().hex[:12]}"
+            os.rename(out, retired)
+            os.rename(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
 def prepare_value_guided_folder(
     base_model_dir: str | Path,
     head_dir: str | Path | None,
@@ -233,91 +336,14 @@ def prepare_value_guided_folder(
     ``baseline`` adds a baseline's decoder stack (:mod:`alignd.models.baseline_stack`: TQ* with its implicit
     Q in the same step), checked to match the base model; ``head_dir`` may then be None (a folder with a
     baseline stack and no head)."""
-    import os
-    import shutil
-    import uuid
-
     base = Path(base_model_dir).expanduser().resolve()
     head_path = Path(head_dir).expanduser().resolve() if head_dir is not None else None
     out = Path(out_dir).expanduser().absolute()
-    config_path = base / "config.json"
-    if not config_path.is_file():
-        raise ConfigurationError(f"{base} is not a model folder (no config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"unreadable model config {config_path}: {exc}") from None
-    architectures = list(config.get("architectures") or [])
-    if architectures == [VALUE_GUIDED_ARCHITECTURE]:
-        raise ConfigurationError(
-            f"{base} is already a value-guided folder; prepare one from its base model "
-            f"({config.get('alignd_base_model', 'named in its config.json')})"
-        )
-    if not architectures or not set(architectures) <= set(VALUE_GUIDED_BASE_ARCHITECTURES):
-        raise ConfigurationError(
-            f"{base} is a {architectures or 'model of unknown architecture'}; alignd's value head "
-            f"runs inside vLLM for {', '.join(VALUE_GUIDED_BASE_ARCHITECTURES)} models only"
-        )
-    if head_path is None and baseline is None:
-        raise ConfigurationError("a value-guided folder needs a value head, a baseline stack, or both")
-    if head_path is not None:
-        load_value_head(
-            head_path,
-            vocab_size=config.get("vocab_size"),
-            hidden_size=config.get("hidden_size"),
-            base_weights_digest=base_weights_digest,
-            base_name=str(base),
-        )
-    if baseline is not None:
-        check_stacks_match(config, baseline.path, sft_name=str(base))
-
-    linked = sorted(
-        entry.name
-        for entry in base.iterdir()
-        if entry.name not in ("config.json", VALUE_GUIDED_MARKER) and not entry.name.startswith(".")
-    )
-    marker = {
-        "format": VALUE_GUIDED_FORMAT,
-        "base_model": str(base),
-        "base_config_sha256": _sha256(config_path),
-        "linked": linked,
-        "value_head": str(head_path) if head_path is not None else None,
-        "value_head_manifest_sha256": _sha256(head_path / HEAD_MANIFEST) if head_path is not None else None,
-        **(
-            {"baseline": baseline.to_config(), "baseline_config_sha256": _sha256(Path(baseline.path) / "config.json")}
-            if baseline is not None
-            else {}
-        ),
-    }
+    config_path, config = _base_config(base)
+    _check_guidance(base, config, head_path, baseline, base_weights_digest)
+    marker = _value_guided_marker(base, config_path, head_path, baseline)
     if _folder_is(out, marker):
         return out
     if out.exists() and not (out / VALUE_GUIDED_MARKER).is_file():
         raise ConfigurationError(f"{out} exists and is not a value-guided folder alignd prepared: not replacing it")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    try:
-        for name in linked:
-            (staging / name).symlink_to(base / name, target_is_directory=(base / name).is_dir())
-        served = {**config, "architectures": [VALUE_GUIDED_ARCHITECTURE], "alignd_base_model": str(base)}
-        if head_path is not None:
-            served[CONFIG_HEAD_KEY] = str(head_path)
-        if baseline is not None:
-            served[CONFIG_BASELINE_KEY] = baseline.to_config()
-        (staging / "config.json").write_text(json.dumps(served, indent=2) + "\n")
-        (staging / VALUE_GUIDED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        try:
-            os.rename(staging, out)  # atomic; fails when out exists (stale, or made concurrently)
-        except OSError:
-            if _folder_is(out, marker):  # another process made the same folder meanwhile
-                shutil.rmtree(staging)
-                return out
-            retired = out.parent / f".{out.name}.retired-{uuid.uuid4().hex[:12]}"
-            os.rename(out, retired)
-            os.rename(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return _build_in_place(out, base, config, head_path, baseline, marker)

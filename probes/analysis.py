@@ -264,26 +264,11 @@ def _values(layers: list[dict], get) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def plot_layers(result, path: str | Path | io.IOBase | None = None, *, title: str | None = None) -> bytes:
-    """A PNG with four panels over layers: intrinsic dimension (GRIDE solid, TwoNN faint), number of
-    density peaks (core fraction on the right axis), ARI per label set, overlaps (label overlap per
-    label set and the neighbourhood overlap between the two conditions).
-
-    ``result`` is :func:`analyse_conditions`'s dict (both conditions drawn, one line style each) or
-    :func:`analyse_layers`'s list. Returns the PNG bytes; also writes them to ``path`` if given.
-    Uses matplotlib's Agg canvas directly (no pyplot state), so it is safe in worker threads.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    series = _series(result)
+def _plot_conditions(series, ax_id, ax_peaks, ax_ari, ax_ov) -> None:
+    """Each condition's lines, in its own line style: the IDs, the number of peaks, the ARI and label
+    overlap per label set (one colour per label set, the same in both panels)."""
     label_names = list(dict.fromkeys(name for _, layers in series for e in layers for name in e.get("ari", {})))
     colours = {name: f"C{i % 10}" for i, name in enumerate(label_names)}
-    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_id, ax_peaks, ax_ari, ax_ov = fig.subplots(2, 2, sharex=True).ravel()
-
     for s, (cond, layers) in enumerate(series):
         ls = _STYLES[s % len(_STYLES)]
         tag = f" ({cond})" if cond else ""
@@ -309,6 +294,12 @@ def plot_layers(result, path: str | Path | io.IOBase | None = None, *, title: st
                 marker=".",
                 label=f"label overlap: {name}{tag}",
             )
+
+
+def _plot_core_fraction(series, ax_peaks):
+    """The core fraction of every condition on a right-hand axis of the peaks panel; returns that axis."""
+    from matplotlib.ticker import MaxNLocator
+
     ax_core = ax_peaks.twinx()
     for s, (cond, layers) in enumerate(series):
         tag = f" ({cond})" if cond else ""
@@ -323,6 +314,11 @@ def plot_layers(result, path: str | Path | io.IOBase | None = None, *, title: st
     ax_peaks.set_ylim(bottom=0)
     ax_peaks.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_core.set_ylabel("core fraction")
+    return ax_core
+
+
+def _plot_neighbourhood_overlap(series, ax_ov) -> None:
+    """The neighbourhood overlap between the two conditions (stored on the first), where there is one."""
     first_layers = series[0][1]
     if any(e.get("neighbourhood_overlap") is not None for e in first_layers):
         names = [c for c, _ in series]
@@ -335,6 +331,12 @@ def plot_layers(result, path: str | Path | io.IOBase | None = None, *, title: st
             markersize=3,
             label=f"neighbourhood overlap {names[0]} vs {names[-1]}" if len(names) == 2 else "neighbourhood overlap",
         )
+
+
+def _label_panels(ax_id, ax_peaks, ax_core, ax_ari, ax_ov) -> None:
+    """Titles, axis labels and ranges, grids and legends (the peaks panel's legend lists its right-hand
+    axis's lines too)."""
+    from matplotlib.ticker import MaxNLocator
 
     ax_id.set_title("intrinsic dimension")
     ax_peaks.set_title("density peaks (ADP)")
@@ -354,6 +356,28 @@ def plot_layers(result, path: str | Path | io.IOBase | None = None, *, title: st
     for ax in (ax_id, ax_ari, ax_ov):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+
+
+def plot_layers(result, path: str | Path | io.IOBase | None = None, *, title: str | None = None) -> bytes:
+    """A PNG with four panels over layers: intrinsic dimension (GRIDE solid, TwoNN faint), number of
+    density peaks (core fraction on the right axis), ARI per label set, overlaps (label overlap per
+    label set and the neighbourhood overlap between the two conditions).
+
+    ``result`` is :func:`analyse_conditions`'s dict (both conditions drawn, one line style each) or
+    :func:`analyse_layers`'s list. Returns the PNG bytes; also writes them to ``path`` if given.
+    Uses matplotlib's Agg canvas directly (no pyplot state), so it is safe in worker threads.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = _series(result)
+    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_id, ax_peaks, ax_ari, ax_ov = fig.subplots(2, 2, sharex=True).ravel()
+    _plot_conditions(series, ax_id, ax_peaks, ax_ari, ax_ov)
+    ax_core = _plot_core_fraction(series, ax_peaks)
+    _plot_neighbourhood_overlap(series, ax_ov)
+    _label_panels(ax_id, ax_peaks, ax_core, ax_ari, ax_ov)
     if title:
         fig.suptitle(title)
     buf = io.BytesIO()

@@ -28,7 +28,7 @@ class ChatMessage(StrictModel):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def as_template_message(self) -> dict:
+    def as_template_message(self) -> dict[str, str]:
         # 'developer' is OpenAI's newer name for the system role; chat templates know 'system'.
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": self.text()}

@@ -74,7 +74,7 @@ class BaselineCard(BaseModel):
         description="Its implicit reward's name in GET /v1/rewards (r_BL of indirect transfer)."
     )
     beta: float | None = None
-    provenance: dict = Field(default_factory=dict, description="An adapter's manifest: how it was made.")
+    provenance: dict[str, Any] = Field(default_factory=dict, description="An adapter's manifest: how it was made.")
     implicit_q: ImplicitQCard | None = Field(
         None,
         description="Its exact token-level Q (decoding.value='implicit'), where it is a DPO or IRFT policy of "
@@ -143,7 +143,9 @@ class ValueHeadCard(BaseModel):
         "(found by its weights digest or system prompt), or the head's own record of it "
         "followed by '(<kind>, not served here)'.",
     )
-    provenance: dict = Field(default_factory=dict, description="Its manifest: data, metrics, the exact command.")
+    provenance: dict[str, Any] = Field(
+        default_factory=dict, description="Its manifest: data, metrics, the exact command."
+    )
 
 
 class EngineHealthCard(BaseModel):

@@ -22,8 +22,8 @@ More come from ``ALIGND_REWARDS``, a JSON object ``{name: spec}``; a spec's ``ty
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from alignd.errors import ConfigurationError, RewardNotFoundError
@@ -88,20 +88,10 @@ def _spec_value(name: str, spec: dict, key: str, kind: type, default: Any = None
         raise ConfigurationError(f"reward '{name}': '{key}' must be {kind.__name__}, got {value!r}") from exc
 
 
-async def build_rewards(
-    settings: Settings, served: Engine, aligned_baselines: Mapping[str, AlignedPolicy] | None = None
-) -> RewardRegistry:
-    """Build every configured reward. ``served`` is the serving engine, reused as the reference model
-    (and as the prompted baseline) so no second copy of the weights is loaded. Each of
-    ``aligned_baselines`` (by baseline name) gets its implicit reward against the served model,
-    ``<name>_implicit``: the r_BL of indirect transfer from that baseline."""
-    from alignd.models.factory import (
-        build_adapter_engine,
-        build_reference_engine,
-        build_remote_classifier,
-        build_remote_engine,
-    )
-
+def _default_rewards(
+    settings: Settings, served: Engine, aligned_baselines: Mapping[str, AlignedPolicy] | None
+) -> dict[str, Reward]:
+    """The rewards present without configuration, and the implicit reward of each aligned baseline."""
     rewards: dict[str, Reward] = {
         "positivity": PositivityReward("positivity"),
         "length_penalty": LengthPenaltyReward("length_penalty", per_word=0.01, free_words=200),
@@ -115,8 +105,6 @@ async def build_rewards(
             f"against the served model, beta={settings.implicit_beta}",
         ),
     }
-    extra_engines: dict[str, Engine] = {}
-    engines_by_path: dict[str, Engine] = {}
     for baseline, aligned in (aligned_baselines or {}).items():
         name = f"{baseline}_implicit"
         if name in rewards:
@@ -130,101 +118,161 @@ async def build_rewards(
             aligned_system_prompt=aligned.system_prompt,
             description=f"implicit reward of the baseline '{baseline}' against the served model, beta={beta}",
         )
+    return rewards
 
-    def engine_for(reward: str, path: str) -> Engine:
+
+@dataclass
+class _RewardsBuild:
+    """One run of :func:`build_rewards`: the rewards so far, the engines started for them (by the reward
+    that needs each, and by model path, so that rewards on the same model share one engine), and the
+    weighted sums, built last since their terms may be any other reward."""
+
+    settings: Settings
+    served: Engine
+    rewards: dict[str, Reward]
+    extra_engines: dict[str, Engine] = field(default_factory=dict)
+    engines_by_path: dict[str, Engine] = field(default_factory=dict)
+    pending_sums: dict[str, dict] = field(default_factory=dict)
+
+    def engine_for(self, reward: str, path: str) -> Engine:
         # Extra models for rewards run on the transformers engine in this process: they only score
         # (no generation), and a second vLLM engine would compete with the serving one for memory.
-        if path not in engines_by_path:
-            engines_by_path[path] = build_reference_engine(path, settings)
-            extra_engines[reward] = engines_by_path[path]
-        return engines_by_path[path]
+        from alignd.models.factory import build_reference_engine
 
-    pending_sums: dict[str, dict] = {}
+        if path not in self.engines_by_path:
+            self.engines_by_path[path] = build_reference_engine(path, self.settings)
+            self.extra_engines[reward] = self.engines_by_path[path]
+        return self.engines_by_path[path]
+
+
+# A builder makes the reward `name` of one `type` from its spec; None: the reward is built later.
+_RewardBuilder = Callable[[_RewardsBuild, str, dict], Awaitable[Reward | None]]
+
+
+async def _positivity(build: _RewardsBuild, name: str, spec: dict) -> Reward:
+    return PositivityReward(name)
+
+
+async def _length_penalty(build: _RewardsBuild, name: str, spec: dict) -> Reward:
+    return LengthPenaltyReward(
+        name,
+        per_word=_spec_value(name, spec, "per_word", float, 0.01),
+        free_words=_spec_value(name, spec, "free_words", int, 0),
+    )
+
+
+async def _callable(build: _RewardsBuild, name: str, spec: dict) -> Reward:
+    return CallableReward(name, _spec_value(name, spec, "path", str, required=True), bool(spec.get("batched", False)))
+
+
+async def _classifier(build: _RewardsBuild, name: str, spec: dict) -> Reward:
+    """A reward model: a local folder (``model``), or on a remote vllm serve --runner pooling (``url``)."""
+    if "url" not in spec:
+        return load_classifier(
+            name,
+            _spec_value(name, spec, "model", str, required=True),
+            build.settings,
+            backend=_spec_value(name, spec, "backend", str, "auto"),
+            label_index=_spec_value(name, spec, "label_index", int, 0),
+            max_length=_spec_value(name, spec, "max_length", int, None),
+        )
+    if "model" in spec:
+        raise ConfigurationError(f"reward '{name}': give either 'model' (a folder) or 'url', not both")
+    from alignd.models.factory import build_remote_classifier
+
+    remote = await build_remote_classifier(
+        name, _spec_value(name, spec, "url", str), build.settings, model=_spec_value(name, spec, "served_model", str)
+    )
+    build.extra_engines[name] = remote
+    return RemoteClassifierReward(name, remote, label_index=_spec_value(name, spec, "label_index", int, 0))
+
+
+async def _implicit(build: _RewardsBuild, name: str, spec: dict) -> Reward:
+    """The implicit reward of an aligned model (an adapter, a model folder, a remote, or the reference
+    with a system prompt) against a reference (the served model unless ``reference_model``)."""
+    from alignd.models.factory import build_adapter_engine, build_remote_engine
+
+    aligned_path = _spec_value(name, spec, "aligned_model", str)
+    adapter_path = _spec_value(name, spec, "adapter", str)
+    system_prompt = _spec_value(name, spec, "aligned_system_prompt", str)
+    url = _spec_value(name, spec, "url", str)
+    if sum(x is not None for x in (aligned_path, adapter_path, system_prompt, url)) != 1:
+        raise ConfigurationError(
+            f"implicit reward '{name}' needs exactly one of 'adapter', 'aligned_model', 'url' or "
+            "'aligned_system_prompt'"
+        )
+    ref_path = _spec_value(name, spec, "reference_model", str)
+    if (adapter_path is not None or url is not None) and ref_path:
+        raise ConfigurationError(
+            f"implicit reward '{name}': the reference of an adapter or a remote aligned model is the "
+            "served model (a remote must tokenize like it); drop 'reference_model'"
+        )
+    reference = build.engine_for(name, ref_path) if ref_path else build.served
+    beta_default = build.settings.implicit_beta
+    if adapter_path is not None:
+        aligned, adapter, own = await build_adapter_engine(build.served, name, adapter_path, build.settings)
+        if own:
+            build.extra_engines[name] = aligned
+        beta_default = float(adapter.manifest.get("beta") or beta_default)
+    elif url is not None:  # the aligned model on a remote vllm serve ("served_model": its name there)
+        aligned = await build_remote_engine(
+            name, url, build.served, build.settings, model=_spec_value(name, spec, "served_model", str)
+        )
+        build.extra_engines[name] = aligned
+    else:
+        aligned = build.engine_for(name, aligned_path) if aligned_path else reference
+    return ImplicitReward(
+        name,
+        aligned=aligned,
+        reference=reference,
+        beta=_spec_value(name, spec, "beta", float, beta_default),
+        aligned_system_prompt=system_prompt,
+    )
+
+
+async def _weighted_sum(build: _RewardsBuild, name: str, spec: dict) -> None:
+    build.pending_sums[name] = spec  # built by _sum_of once every other reward exists
+
+
+def _sum_of(name: str, spec: dict, rewards: Mapping[str, Reward]) -> Reward:
+    terms = spec.get("terms")
+    if not isinstance(terms, dict) or not terms:
+        raise ConfigurationError(f"weighted reward '{name}' needs 'terms': {{reward name: weight}}")
+    missing = [t for t in terms if t not in rewards]
+    if missing:
+        raise ConfigurationError(f"weighted reward '{name}' refers to unknown rewards {missing}")
+    return WeightedSumReward(name, [(float(w), rewards[t]) for t, w in terms.items()])
+
+
+# The builder of each reward `type` of ALIGND_REWARDS (see the module docstring).
+_BUILDERS: dict[str, _RewardBuilder] = {
+    "positivity": _positivity,
+    "length_penalty": _length_penalty,
+    "callable": _callable,
+    "classifier": _classifier,
+    "implicit": _implicit,
+    "weighted_sum": _weighted_sum,
+}
+
+
+async def build_rewards(
+    settings: Settings, served: Engine, aligned_baselines: Mapping[str, AlignedPolicy] | None = None
+) -> RewardRegistry:
+    """Build every configured reward. ``served`` is the serving engine, reused as the reference model
+    (and as the prompted baseline) so no second copy of the weights is loaded. Each of
+    ``aligned_baselines`` (by baseline name) gets its implicit reward against the served model,
+    ``<name>_implicit``: the r_BL of indirect transfer from that baseline."""
+    build = _RewardsBuild(settings, served, _default_rewards(settings, served, aligned_baselines))
     for name, spec in settings.rewards.items():
         if not isinstance(spec, dict) or "type" not in spec:
             raise ConfigurationError(f"reward '{name}' must be an object with a 'type'")
         kind = spec["type"]
-        if kind == "positivity":
-            rewards[name] = PositivityReward(name)
-        elif kind == "length_penalty":
-            rewards[name] = LengthPenaltyReward(
-                name,
-                per_word=_spec_value(name, spec, "per_word", float, 0.01),
-                free_words=_spec_value(name, spec, "free_words", int, 0),
-            )
-        elif kind == "callable":
-            rewards[name] = CallableReward(
-                name, _spec_value(name, spec, "path", str, required=True), bool(spec.get("batched", False))
-            )
-        elif kind == "classifier" and "url" in spec:  # on a remote vllm serve --runner pooling
-            if "model" in spec:
-                raise ConfigurationError(f"reward '{name}': give either 'model' (a folder) or 'url', not both")
-            remote = await build_remote_classifier(
-                name, _spec_value(name, spec, "url", str), settings, model=_spec_value(name, spec, "served_model", str)
-            )
-            extra_engines[name] = remote
-            rewards[name] = RemoteClassifierReward(
-                name, remote, label_index=_spec_value(name, spec, "label_index", int, 0)
-            )
-        elif kind == "classifier":
-            rewards[name] = load_classifier(
-                name,
-                _spec_value(name, spec, "model", str, required=True),
-                settings,
-                backend=_spec_value(name, spec, "backend", str, "auto"),
-                label_index=_spec_value(name, spec, "label_index", int, 0),
-                max_length=_spec_value(name, spec, "max_length", int, None),
-            )
-        elif kind == "implicit":
-            aligned_path = _spec_value(name, spec, "aligned_model", str)
-            adapter_path = _spec_value(name, spec, "adapter", str)
-            system_prompt = _spec_value(name, spec, "aligned_system_prompt", str)
-            url = _spec_value(name, spec, "url", str)
-            if sum(x is not None for x in (aligned_path, adapter_path, system_prompt, url)) != 1:
-                raise ConfigurationError(
-                    f"implicit reward '{name}' needs exactly one of 'adapter', 'aligned_model', 'url' or "
-                    "'aligned_system_prompt'"
-                )
-            ref_path = _spec_value(name, spec, "reference_model", str)
-            if (adapter_path is not None or url is not None) and ref_path:
-                raise ConfigurationError(
-                    f"implicit reward '{name}': the reference of an adapter or a remote aligned model is the "
-                    "served model (a remote must tokenize like it); drop 'reference_model'"
-                )
-            reference = engine_for(name, ref_path) if ref_path else served
-            beta_default = settings.implicit_beta
-            if adapter_path is not None:
-                aligned, adapter, own = await build_adapter_engine(served, name, adapter_path, settings)
-                if own:
-                    extra_engines[name] = aligned
-                beta_default = float(adapter.manifest.get("beta") or beta_default)
-            elif url is not None:  # the aligned model on a remote vllm serve ("served_model": its name there)
-                aligned = await build_remote_engine(
-                    name, url, served, settings, model=_spec_value(name, spec, "served_model", str)
-                )
-                extra_engines[name] = aligned
-            else:
-                aligned = engine_for(name, aligned_path) if aligned_path else reference
-            rewards[name] = ImplicitReward(
-                name,
-                aligned=aligned,
-                reference=reference,
-                beta=_spec_value(name, spec, "beta", float, beta_default),
-                aligned_system_prompt=system_prompt,
-            )
-        elif kind == "weighted_sum":
-            pending_sums[name] = spec
-        else:
-            raise ConfigurationError(
-                f"reward '{name}': unknown type '{kind}' (positivity, length_penalty, callable, classifier, "
-                "implicit, weighted_sum)"
-            )
-    for name, spec in pending_sums.items():
-        terms = spec.get("terms")
-        if not isinstance(terms, dict) or not terms:
-            raise ConfigurationError(f"weighted reward '{name}' needs 'terms': {{reward name: weight}}")
-        missing = [t for t in terms if t not in rewards]
-        if missing:
-            raise ConfigurationError(f"weighted reward '{name}' refers to unknown rewards {missing}")
-        rewards[name] = WeightedSumReward(name, [(float(w), rewards[t]) for t, w in terms.items()])
-    return RewardRegistry(rewards, extra_engines)
+        builder = _BUILDERS.get(kind) if isinstance(kind, str) else None
+        if builder is None:
+            raise ConfigurationError(f"reward '{name}': unknown type '{kind}' ({', '.join(_BUILDERS)})")
+        reward = await builder(build, name, spec)
+        if reward is not None:
+            build.rewards[name] = reward
+    for name, spec in build.pending_sums.items():
+        build.rewards[name] = _sum_of(name, spec, build.rewards)
+    return RewardRegistry(build.rewards, build.extra_engines)

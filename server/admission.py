@@ -15,7 +15,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
-from alignd.decoding.registry import ALIGNED, PLAIN
+from alignd.decoding.registry import ALIGNED, PLAIN, Family
 from alignd.errors import DeadlineExceededError, OverloadedError, QueueTimeoutError
 from alignd.settings import Settings
 
@@ -117,12 +117,14 @@ class AdmissionController:
         }
 
     @staticmethod
-    def family_of(families: Iterable[str]) -> str:
+    def family_of(families: Iterable[Family]) -> Family:
         """The family a request of several plans is admitted under: the costliest one."""
         return ALIGNED if ALIGNED in set(families) else PLAIN
 
-    async def acquire(self, family: str, remaining_s: float | None = None) -> Slot:
+    async def acquire(self, family: Family, remaining_s: float | None = None) -> Slot:
         """A slot of ``family``; ``remaining_s`` is what is left of the request's deadline."""
         wait = self.max_queue_wait_s
-        bound = remaining_s is not None and remaining_s < wait
-        return await self.gates[family].acquire(remaining_s if bound else wait, deadline_bound=bound)
+        bound = False
+        if remaining_s is not None and remaining_s < wait:
+            wait, bound = remaining_s, True
+        return await self.gates[family].acquire(wait, deadline_bound=bound)

@@ -7,9 +7,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -128,7 +128,7 @@ class GenerationService:
         endpoint: str,
         plans: Sequence[GenerationPlan],
         ctx: RequestContext,
-        events: AsyncIterator[BaseModel | dict],
+        events: AsyncGenerator[BaseModel | dict[str, Any], None],
     ) -> AdmittedStream:
         """A streamed answer: the slot is taken now, before the response starts (so a refusal is
         still a 429/503 status); the stream frees it when it ends."""
@@ -171,7 +171,7 @@ class GenerationService:
         return await self.generation.collect(self.metered_stream(endpoint, plan, request_id), plan)
 
     async def sse_events(
-        self, events: AsyncIterator[BaseModel | dict], endpoint: str, ctx: RequestContext
+        self, events: AsyncGenerator[BaseModel | dict[str, Any], None], endpoint: str, ctx: RequestContext
     ) -> AsyncIterator[str]:
         """Server-sent events of a stream, ended by [DONE]. An error after the headers were sent
         can no longer change the status, so it becomes an error event in the OpenAI shape; so does

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +23,9 @@ from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
 from alignd.models.engine import CALL_OUTCOMES, ENGINE_CALLS
 
+if TYPE_CHECKING:
+    from alignd.server.admission import AdmissionController, FamilyGate
+
 # The *_created series double every counter's cardinality and no dashboard uses them.
 disable_created_metrics()
 
@@ -34,7 +38,21 @@ PROBE_JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._add_http_metrics(self.registry)
+        self._add_admission_metrics(self.registry)
+        self._add_decoding_metrics(self.registry)
+        self._add_engine_metrics(self.registry)
+        self._add_probe_metrics(self.registry)
+        # Event counters exist (at 0) from the start, so dashboards show 0 rather than "no data".
+        for family in ("aligned", "plain"):
+            for reason in ("queue_full", "queue_timeout"):
+                self.admission_rejected.labels(family, reason)
+        for endpoint in GENERATION_ENDPOINTS:
+            self.client_disconnects.labels(endpoint)
+            self.deadline_exceeded.labels(endpoint)
+
+    def _add_http_metrics(self, r: CollectorRegistry) -> None:
+        """Requests, latencies and tokens by endpoint."""
         self.requests = Counter(
             "alignd_requests",
             "HTTP requests by endpoint, method and status.",
@@ -67,7 +85,18 @@ class ServerMetrics:
         self.running_requests = Gauge(
             "alignd_running_requests", "Generation requests being served now.", ["endpoint"], registry=r
         )
-        # admission control (the gauges read the controller when scraped; see bind_admission)
+        self.deadline_exceeded = Counter(
+            "alignd_deadline_exceeded", "Requests stopped by their deadline.", ["endpoint"], registry=r
+        )
+        self.client_disconnects = Counter(
+            "alignd_client_disconnects",
+            "Requests whose client went away before the answer was complete (their engine work is cancelled).",
+            ["endpoint"],
+            registry=r,
+        )
+
+    def _add_admission_metrics(self, r: CollectorRegistry) -> None:
+        """Admission control (the gauges read the controller when scraped; see bind_admission)."""
         self.admission_running = Gauge(
             "alignd_admission_running", "Requests holding a slot, by decoding family.", ["family"], registry=r
         )
@@ -80,15 +109,9 @@ class ServerMetrics:
             ["family", "reason"],
             registry=r,
         )
-        self.deadline_exceeded = Counter(
-            "alignd_deadline_exceeded", "Requests stopped by their deadline.", ["endpoint"], registry=r
-        )
-        self.client_disconnects = Counter(
-            "alignd_client_disconnects",
-            "Requests whose client went away before the answer was complete (their engine work is cancelled).",
-            ["endpoint"],
-            registry=r,
-        )
+
+    def _add_decoding_metrics(self, r: CollectorRegistry) -> None:
+        """Engine requests, aligned decoding's decisions and rollouts, rewards scored."""
         self.engine_requests = Gauge(
             "alignd_engine_requests_running",
             "Engine requests started and not finished (generation, top-k steps, rollouts, log-probabilities).",
@@ -136,7 +159,8 @@ class ServerMetrics:
             registry=r,
         )
 
-        # engines by role (sft, baseline/<name>, reward/<name>); calls are reported by remote engines
+    def _add_engine_metrics(self, r: CollectorRegistry) -> None:
+        """Engines by role (sft, baseline/<name>, reward/<name>); calls are reported by remote engines."""
         self.engine_up = Gauge(
             "alignd_engine_up",
             "1 while the engine can serve, 0 while it is down (a remote that cannot be reached).",
@@ -171,7 +195,8 @@ class ServerMetrics:
             registry=r,
         )
 
-        # probe-analysis jobs (the gauge reads the job manager when scraped; see bind_probe_jobs)
+    def _add_probe_metrics(self, r: CollectorRegistry) -> None:
+        """Probe-analysis jobs (the gauge reads the job manager when scraped; see bind_probe_jobs)."""
         self.probe_jobs = Gauge(
             "alignd_probe_jobs",
             "Probe jobs held by the server now, by state (finished ones until evicted).",
@@ -188,14 +213,6 @@ class ServerMetrics:
             registry=r,
         )
 
-        # Event counters exist (at 0) from the start, so dashboards show 0 rather than "no data".
-        for family in ("aligned", "plain"):
-            for reason in ("queue_full", "queue_timeout"):
-                self.admission_rejected.labels(family, reason)
-        for endpoint in GENERATION_ENDPOINTS:
-            self.client_disconnects.labels(endpoint)
-            self.deadline_exceeded.labels(endpoint)
-
     def bind_engine(self, engine) -> None:
         self.engine_requests.set_function(engine.unfinished_requests)
 
@@ -203,9 +220,11 @@ class ServerMetrics:
         """``engines``: by role (Generation.engines). The up gauge reads each engine's last known state
         when scraped; engines that report their calls (remote ones) count them here."""
         for name, engine in engines.items():
-            self.engine_up.labels(name, engine.kind).set_function(
-                lambda engine=engine: 1.0 if engine.health().status == "up" else 0.0
-            )
+
+            def up(engine: Any = engine) -> float:
+                return 1.0 if engine.health().status == "up" else 0.0
+
+            self.engine_up.labels(name, engine.kind).set_function(up)
             self.engine_calls_running.labels(name).set_function(engine.unfinished_requests)
             # (reward classifiers on a remote are engines by role too, without a lifecycle of their own)
             self.engine_restarts.labels(name).set_function(getattr(engine, "restart_count", lambda: 0))
@@ -219,15 +238,26 @@ class ServerMetrics:
                     for outcome in CALL_OUTCOMES:
                         self.engine_calls.labels(name, call, outcome)
 
-    def bind_admission(self, admission) -> None:
+    def bind_admission(self, admission: AdmissionController) -> None:
         for family, gate in admission.gates.items():
-            self.admission_running.labels(family).set_function(lambda gate=gate: gate.running)
-            self.admission_queued.labels(family).set_function(lambda gate=gate: gate.queued)
+
+            def running(gate: FamilyGate = gate) -> int:
+                return gate.running
+
+            def queued(gate: FamilyGate = gate) -> int:
+                return gate.queued
+
+            self.admission_running.labels(family).set_function(running)
+            self.admission_queued.labels(family).set_function(queued)
 
     def bind_probe_jobs(self, count: Callable[[str], int]) -> None:
         """``count(state)``: the probe jobs held in that state now (JobManager.count)."""
         for state in PROBE_JOB_STATES:
-            self.probe_jobs.labels(state).set_function(lambda state=state: count(state))
+
+            def held(state: str = state) -> int:
+                return count(state)
+
+            self.probe_jobs.labels(state).set_function(held)
 
     def observe_probe_job(self, state: str, seconds: float | None) -> None:
         """A probe job finished in ``state``; ``seconds`` is its run time (None if it never started)."""

@@ -233,7 +233,7 @@ def test_a_tokenizer_that_cannot_encode_the_set_is_refused(tiny_llama_dir):
 def test_select_s2l_end_to_end_and_resumed_between_checkpoints(
     tiny_llama_dir, demos_file, tmp_path, env, monkeypatch, capsys
 ):
-    import alignd.train.select as select
+    import alignd.train.s2l_proxy as s2l_proxy  # the module whose proxy_trajectories takes the losses
 
     out = tmp_path / "sel"
     argv = [
@@ -252,7 +252,7 @@ def test_select_s2l_end_to_end_and_resumed_between_checkpoints(
         out,
     ]
     # interrupted while taking the losses of the second checkpoint
-    real, calls = select.example_losses, []
+    real, calls = s2l_proxy.example_losses, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -260,11 +260,11 @@ def test_select_s2l_end_to_end_and_resumed_between_checkpoints(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(select, "example_losses", interrupted)
+    monkeypatch.setattr(s2l_proxy, "example_losses", interrupted)
     assert run_cli(argv) == 130
     partial = out.with_name("sel.partial")
     assert sorted(p.name for p in (partial / "losses").iterdir()) == ["step-1.json"] and not out.exists()
-    monkeypatch.setattr(select, "example_losses", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(s2l_proxy, "example_losses", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     calls.clear()
     assert run_cli(argv) == 0
     assert len(calls) == 2  # the first checkpoint's losses were kept; the proxy was not trained again

@@ -296,6 +296,7 @@ def test_end_to_end_with_an_adapter_baseline_and_resumed_after_an_interruption(
     tiny_llama_dir, tiny_adapter, prompts_file, tmp_path, head_env, monkeypatch, capsys
 ):
     import alignd.train.value_head as value_head
+    from alignd.train.value_head import rollouts  # the module that appends each finished state
 
     out = tmp_path / "head"
     argv = head_argv(tiny_llama_dir, prompts_file, out, "--baseline", tiny_adapter)
@@ -351,7 +352,7 @@ def test_end_to_end_with_an_adapter_baseline_and_resumed_after_an_interruption(
     resumed = tmp_path / "resumed"
     argv = head_argv(tiny_llama_dir, prompts_file, resumed, "--baseline", tiny_adapter)
     made: list[int] = []
-    real_state, real_append = value_head.TargetMaker.state, value_head.append_work_records
+    real_state, real_append = value_head.TargetMaker.state, rollouts.append_work_records
 
     async def counted_state(self, slot):
         made.append(slot.index)
@@ -365,7 +366,7 @@ def test_end_to_end_with_an_adapter_baseline_and_resumed_after_an_interruption(
             raise KeyboardInterrupt
 
     monkeypatch.setattr(value_head.TargetMaker, "state", counted_state)
-    monkeypatch.setattr(value_head, "append_work_records", append_then_stop)
+    monkeypatch.setattr(rollouts, "append_work_records", append_then_stop)
     assert run_cli(argv) == 130
     assert "resume" in capsys.readouterr().err
     states_file = resumed.with_name("resumed.partial") / "states.jsonl"
@@ -373,7 +374,7 @@ def test_end_to_end_with_an_adapter_baseline_and_resumed_after_an_interruption(
     assert not resumed.exists() and len(finished) == 5
 
     made.clear()
-    monkeypatch.setattr(value_head, "append_work_records", real_append)
+    monkeypatch.setattr(rollouts, "append_work_records", real_append)
     assert run_cli(argv) == 0
     assert sorted(made) == sorted(set(range(12)) - set(finished))  # no finished state made again
     again = json.loads((resumed / HEAD_MANIFEST).read_text())

@@ -41,8 +41,10 @@ from alignd.train.data import (
 from alignd.train.manifest import manifest_header
 from alignd.train.tuning import (
     ADAPTER_FILES,
+    BaseModel,
     PreferencePair,
     TrainingOptions,
+    TrainResult,
     max_lora_rank,
     prepare_base_model,
     train_adapter,
@@ -241,42 +243,16 @@ def run_dpo(run: DPORun) -> Path:
     prompts = read_prompts(prompts_file)
     precheck_reward(settings, run.reward)
     base = prepare_base_model(settings, run.training, progress=run.progress)
-    model_dir, digest = base.folder, base.digest
     data_sha = file_sha256(prompts_file)
-
-    sampling_identity = {k: v for k, v in asdict(run.sampling).items() if k != "tie_margin"}
-    inputs = {
-        "kind": "dpo",
-        "base_weights": digest,
-        "prompts_sha256": data_sha,
-        "reward": run.reward,
-        "reward_spec": settings.rewards.get(run.reward),
-        "engine": settings.engine,
-        "sampling": sampling_identity,
-        "seed": run.training.seed,
-    }
     select = None if run.select is None else f"{run.select[0]}:{run.select[1]}"
     training_identity = {**run.training.identity(), "tie_margin": run.sampling.tie_margin, "select": select}
-    workspace.open(inputs, training_identity, training_artefacts=("training", "selection"))
+    workspace.open(
+        _run_inputs(run, base.digest, data_sha), training_identity, training_artefacts=("training", "selection")
+    )
     for note in workspace.notes:
         logger.warning("%s", note)
 
-    samples_file = workspace.partial / "samples.jsonl"
-    records = read_work_file(samples_file)
-    done = {r["id"] for r in records}
-    if len(done) < len(prompts):
-        # The engine samples the SFT model itself: no baselines (and no LoRA they would switch on).
-        updates = {"model": str(model_dir)}
-        if "baselines" in type(settings).model_fields:
-            updates["baselines"] = {}
-        engine_settings = settings.model_copy(update=updates)
-        asyncio.run(_sample_and_score(run, engine_settings, prompts, samples_file, done))
-        # Free the engine now, while the modules its finalizers need are alive (and its memory, on a GPU,
-        # before training): vLLM's AsyncLLM is otherwise collected at exit, where its __del__ fails noisily.
-        gc.collect()
-        records = read_work_file(samples_file)
-    by_id = {r["id"]: r for r in records}
-    ordered = [by_id[p.id] for p in prompts]
+    ordered = _scored_samples(run, base.folder, prompts, workspace.partial / "samples.jsonl")
     pairs, ties, reward_stats = make_pairs(ordered, run.sampling.tie_margin)
     if not pairs:
         raise TrainingError(
@@ -288,49 +264,107 @@ def run_dpo(run: DPORun) -> Path:
     all_pairs = len(pairs)
     selection = None
     if run.select is not None:
-        # S2L needs a target text per example: a pair is selected by its chosen answer. The pairs are
-        # written out as a preference-pair file, the input `alignd select` reads.
-        from alignd.train.data import append_work_records
-        from alignd.train.select import select_for_training
-
-        pairs_file = workspace.partial / "pairs.jsonl"
-        pairs_file.unlink(missing_ok=True)
-        append_work_records(pairs_file, [asdict(p) for p in pairs])
-        ids, selection = select_for_training(
-            settings, pairs_file, run.select, workspace.partial, seed=run.training.seed, progress=run.progress
-        )
-        keep = set(ids)
-        pairs = [p for p in pairs if p.id in keep]
+        pairs, selection = _selected_pairs(run, pairs, workspace.partial)
         logger.info("training on %d of %d pairs (--select %s)", len(pairs), all_pairs, select)
-    result = train_adapter(model_dir, pairs, run.training, workspace.partial / "training")
+    result = train_adapter(base.folder, pairs, run.training, workspace.partial / "training")
 
-    n = run.sampling.samples_per_prompt
-    manifest = {
+    data = {
+        "file": str(prompts_file),
+        "sha256": data_sha,
+        "prompts": len(prompts),
+        "samples": sum(len(r["samples"]) for r in ordered),
+        "samples_per_prompt": run.sampling.samples_per_prompt,
+        "pairs": len(pairs),
+        "pairs_before_selection": all_pairs,
+        "ties_skipped": ties,
+        "tie_margin": run.sampling.tie_margin,
+        "sampling": {
+            "engine": settings.engine,
+            "max_new_tokens": run.sampling.max_new_tokens,
+            "temperature": run.sampling.temperature,
+            "batch_size": run.sampling.batch_size,
+            "seed": run.training.seed,
+        },
+    }
+    sampling_s = round(sum(r.get("seconds", 0.0) for r in ordered), 3)
+    manifest = _dpo_manifest(run, base, workspace, result, selection, data, reward_stats, sampling_s, started)
+    return workspace.publish_adapter(result.adapter_dir, manifest, ADAPTER_FILES)
+
+
+def _run_inputs(run: DPORun, base_digest: str, data_sha: str) -> dict:
+    """What the samples kept in the partial folder depend on: a resumed run with other inputs starts over."""
+    sampling_identity = {k: v for k, v in asdict(run.sampling).items() if k != "tie_margin"}
+    return {
+        "kind": "dpo",
+        "base_weights": base_digest,
+        "prompts_sha256": data_sha,
+        "reward": run.reward,
+        "reward_spec": run.settings.rewards.get(run.reward),
+        "engine": run.settings.engine,
+        "sampling": sampling_identity,
+        "seed": run.training.seed,
+    }
+
+
+def _scored_samples(run: DPORun, model_dir: Path, prompts: list[PromptRecord], samples_file: Path) -> list[dict]:
+    """Every prompt's scored samples, in the prompts' order: those of ``samples_file`` (an earlier run's), the
+    rest sampled and scored now and appended to it."""
+    records = read_work_file(samples_file)
+    done = {r["id"] for r in records}
+    if len(done) < len(prompts):
+        settings = run.settings
+        # The engine samples the SFT model itself: no baselines (and no LoRA they would switch on).
+        updates = {"model": str(model_dir)}
+        if "baselines" in type(settings).model_fields:
+            updates["baselines"] = {}
+        engine_settings = settings.model_copy(update=updates)
+        asyncio.run(_sample_and_score(run, engine_settings, prompts, samples_file, done))
+        # Free the engine now, while the modules its finalizers need are alive (and its memory, on a GPU,
+        # before training): vLLM's AsyncLLM is otherwise collected at exit, where its __del__ fails noisily.
+        gc.collect()
+        records = read_work_file(samples_file)
+    by_id = {r["id"]: r for r in records}
+    return [by_id[p.id] for p in prompts]
+
+
+def _selected_pairs(run: DPORun, pairs: list[PreferencePair], partial: Path) -> tuple[list[PreferencePair], dict]:
+    """The pairs of the subset ``run.select`` picks, and the selection's record for the manifest."""
+    # S2L needs a target text per example: a pair is selected by its chosen answer. The pairs are
+    # written out as a preference-pair file, the input `alignd select` reads.
+    from alignd.train.data import append_work_records
+    from alignd.train.select import select_for_training
+
+    pairs_file = partial / "pairs.jsonl"
+    pairs_file.unlink(missing_ok=True)
+    append_work_records(pairs_file, [asdict(p) for p in pairs])
+    ids, selection = select_for_training(
+        run.settings, pairs_file, run.select, partial, seed=run.training.seed, progress=run.progress
+    )
+    keep = set(ids)
+    return [p for p in pairs if p.id in keep], selection
+
+
+def _dpo_manifest(
+    run: DPORun,
+    base: BaseModel,
+    workspace: Workspace,
+    result: TrainResult,
+    selection: dict | None,
+    data: dict,
+    reward_stats: dict,
+    sampling_s: float,
+    started: float,
+) -> dict:
+    """alignd_adapter.json of the finished adapter: the target reward, the data, the training's metrics."""
+    return {
         **manifest_header("dpo", base.manifest_entry(), run.training, run.command),
         "reward": run.reward,
         "selection": selection,
-        "data": {
-            "file": str(prompts_file),
-            "sha256": data_sha,
-            "prompts": len(prompts),
-            "samples": sum(len(r["samples"]) for r in ordered),
-            "samples_per_prompt": n,
-            "pairs": len(pairs),
-            "pairs_before_selection": all_pairs,
-            "ties_skipped": ties,
-            "tie_margin": run.sampling.tie_margin,
-            "sampling": {
-                "engine": settings.engine,
-                "max_new_tokens": run.sampling.max_new_tokens,
-                "temperature": run.sampling.temperature,
-                "batch_size": run.sampling.batch_size,
-                "seed": run.training.seed,
-            },
-        },
+        "data": data,
         "metrics": {
             **result.metrics,
             "target_reward": reward_stats,
-            "sampling_s": round(sum(r.get("seconds", 0.0) for r in ordered), 3),
+            "sampling_s": sampling_s,
             "total_wall_s_this_process": round(time.perf_counter() - started, 3),
         },
         "dpo_config": result.dpo_config,
@@ -342,4 +376,3 @@ def run_dpo(run: DPORun) -> Path:
             f"aligned to '{run.reward}'",
         ],
     }
-    return workspace.publish_adapter(result.adapter_dir, manifest, ADAPTER_FILES)

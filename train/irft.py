@@ -24,6 +24,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -42,6 +43,7 @@ from alignd.train.data import (
 from alignd.train.manifest import manifest_header, peak_rss_mib
 from alignd.train.tuning import (
     ADAPTER_FILES,
+    BaseModel,
     PreferencePair,
     TrainingOptions,
     max_lora_rank,
@@ -114,6 +116,37 @@ def generate_negatives(
     done = {r["id"] for r in records}
     if all(d.id in done for d in demos):
         return records
+    policy = _load_policy(model_dir, adapter_dir)
+    with tqdm(
+        total=len(demos), initial=sum(d.id in done for d in demos), desc=desc, unit="prompt", disable=not progress
+    ) as bar:
+        for start in range(0, len(demos), opts.batch_size):
+            batch = [d for d in demos[start : start + opts.batch_size] if d.id not in done]
+            if not batch:
+                continue
+            new = _sample_negatives(policy, batch, opts, seed + start, demonstrations_file)
+            append_work_records(out_file, new)
+            records.extend(new)
+            done.update(d.id for d in batch)
+            bar.update(len(batch))
+    del policy
+    return records
+
+
+@dataclass
+class _Policy:
+    """The policy (the SFT model, with the adapter trained so far when there is one) loaded for sampling,
+    with the token ids that end or pad its generations."""
+
+    tokenizer: Any
+    model: Any
+    device: Any
+    eos_ids: set[int]
+    pad_id: int
+    context: int | None  # the model's context length, when its config gives one
+
+
+def _load_policy(model_dir: Path, adapter_dir: Path | None) -> _Policy:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,54 +163,60 @@ def generate_negatives(
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else tokenizer.eos_token_id])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
     context = getattr(model.config, "max_position_embeddings", None)
-    with tqdm(
-        total=len(demos), initial=sum(d.id in done for d in demos), desc=desc, unit="prompt", disable=not progress
-    ) as bar:
-        for start in range(0, len(demos), opts.batch_size):
-            batch = [d for d in demos[start : start + opts.batch_size] if d.id not in done]
-            if not batch:
-                continue
-            # The chat rendered as the engines render it (Engine.render_chat): template text, then tokens.
-            texts = [tokenizer.apply_chat_template(d.chat(), add_generation_prompt=True, tokenize=False) for d in batch]
-            encoded = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
-            width = encoded["input_ids"].shape[1]
-            if context is not None:
-                for d, mask in zip(batch, encoded["attention_mask"], strict=False):
-                    if int(mask.sum()) + opts.max_new_tokens > context:
-                        where = f"{demonstrations_file}:{d.line}" if demonstrations_file else f"demonstration '{d.id}'"
-                        raise TrainingInputError(
-                            f"{where}: prompt '{d.id}' is {int(mask.sum())} tokens; with --max-new-tokens "
-                            f"{opts.max_new_tokens} it exceeds the model's context of {context}"
-                        )
-            torch.manual_seed(seed + start)
-            with torch.no_grad():
-                output = model.generate(
-                    **encoded,
-                    do_sample=True,
-                    temperature=opts.temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=opts.max_new_tokens,
-                    pad_token_id=pad_id,
-                )
-            new = []
-            for d, row in zip(batch, output[:, width:].tolist(), strict=False):
-                stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
-                tokens = row if stop is None else row[: stop + 1]
-                new.append(
-                    {
-                        "id": d.id,
-                        "text": tokenizer.decode(tokens, skip_special_tokens=True),
-                        "tokens": len(tokens),
-                        "finish_reason": "length" if stop is None else "stop",
-                    }
-                )
-            append_work_records(out_file, new)
-            records.extend(new)
-            done.update(d.id for d in batch)
-            bar.update(len(batch))
-    del model
-    return records
+    return _Policy(tokenizer, model, device, eos_ids, pad_id, context)
+
+
+def _sample_negatives(
+    policy: _Policy, batch: list[Demonstration], opts: GenerationOptions, seed: int, demonstrations_file: Path | None
+) -> list[dict]:
+    """One sampled generation per prompt of ``batch``, in one ``model.generate`` call seeded with ``seed``."""
+    import torch
+
+    tokenizer = policy.tokenizer
+    # The chat rendered as the engines render it (Engine.render_chat): template text, then tokens.
+    texts = [tokenizer.apply_chat_template(d.chat(), add_generation_prompt=True, tokenize=False) for d in batch]
+    encoded = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(policy.device)
+    width = encoded["input_ids"].shape[1]
+    if policy.context is not None:
+        _check_context(policy.context, batch, encoded["attention_mask"], opts.max_new_tokens, demonstrations_file)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        output = policy.model.generate(
+            **encoded,
+            do_sample=True,
+            temperature=opts.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=opts.max_new_tokens,
+            pad_token_id=policy.pad_id,
+        )
+    new = []
+    for d, row in zip(batch, output[:, width:].tolist(), strict=False):
+        stop = next((i for i, t in enumerate(row) if t in policy.eos_ids), None)
+        tokens = row if stop is None else row[: stop + 1]
+        new.append(
+            {
+                "id": d.id,
+                "text": tokenizer.decode(tokens, skip_special_tokens=True),
+                "tokens": len(tokens),
+                "finish_reason": "length" if stop is None else "stop",
+            }
+        )
+    return new
+
+
+def _check_context(
+    context: int, batch: list[Demonstration], attention_mask, max_new_tokens: int, demonstrations_file: Path | None
+) -> None:
+    """A prompt whose tokens and the --max-new-tokens to generate after them exceed the model's context is bad
+    input, named by its line of the demonstrations file."""
+    for d, mask in zip(batch, attention_mask, strict=False):
+        if int(mask.sum()) + max_new_tokens > context:
+            where = f"{demonstrations_file}:{d.line}" if demonstrations_file else f"demonstration '{d.id}'"
+            raise TrainingInputError(
+                f"{where}: prompt '{d.id}' is {int(mask.sum())} tokens; with --max-new-tokens "
+                f"{max_new_tokens} it exceeds the model's context of {context}"
+            )
 
 
 def irft_pairs(demos: list[Demonstration], negatives: list[dict]) -> tuple[list[PreferencePair], int]:
@@ -207,20 +246,8 @@ def run_irft(run: IRFTRun) -> Path:
     demos_file = Path(run.demonstrations_file).expanduser().absolute()
     demos = read_demonstrations(demos_file)
     base = prepare_base_model(settings, run.training, progress=run.progress)
-    model_dir, digest = base.folder, base.digest
     data_sha = file_sha256(demos_file)
-    # Every round depends on the rounds before it (its negatives come from their adapter), so the
-    # training options are inputs here too; the number of rounds is not: finished rounds stay valid
-    # when a later run asks for more.
-    inputs = {
-        "kind": "irft",
-        "base_weights": digest,
-        "demonstrations_sha256": data_sha,
-        "generation": asdict(run.generation),
-        "training": run.training.identity(),
-        "select": None if run.select is None else f"{run.select[0]}:{run.select[1]}",
-    }
-    workspace.open(inputs, {})
+    workspace.open(_run_inputs(run, base.digest, data_sha), {})
     for note in workspace.notes:
         logger.warning("%s", note)
     in_file = len(demos)
@@ -235,10 +262,47 @@ def run_irft(run: IRFTRun) -> Path:
         demos = [d for d in demos if d.id in keep]
         logger.info("training on %d of %d demonstrations (--select %s:%s)", len(demos), in_file, *run.select)
 
+    rounds, adapter = _train_rounds(run, base.folder, demos, demos_file, workspace.partial)
+    data = {
+        "file": str(demos_file),
+        "sha256": data_sha,
+        "demonstrations": len(demos),
+        "demonstrations_in_file": in_file,
+        "pairs_per_round": [r["pairs"] for r in rounds],
+        "identical_skipped_per_round": [r["identical_skipped"] for r in rounds],
+        "generation": {
+            "backend": "transformers generate (PEFT model)",
+            **asdict(run.generation),
+            "seed": run.training.seed,
+        },
+    }
+    manifest = _irft_manifest(run, base, workspace, rounds, selection, data, started)
+    return workspace.publish_adapter(adapter, manifest, ADAPTER_FILES)
+
+
+def _run_inputs(run: IRFTRun, base_digest: str, data_sha: str) -> dict:
+    """What the work kept in the partial folder depends on: a resumed run with other inputs starts over."""
+    # Every round depends on the rounds before it (its negatives come from their adapter), so the
+    # training options are inputs here too; the number of rounds is not: finished rounds stay valid
+    # when a later run asks for more.
+    return {
+        "kind": "irft",
+        "base_weights": base_digest,
+        "demonstrations_sha256": data_sha,
+        "generation": asdict(run.generation),
+        "training": run.training.identity(),
+        "select": None if run.select is None else f"{run.select[0]}:{run.select[1]}",
+    }
+
+
+def _train_rounds(
+    run: IRFTRun, model_dir: Path, demos: list[Demonstration], demos_file: Path, partial: Path
+) -> tuple[list[dict], Path | None]:
+    """Every round's record (those finished by an earlier run read back, not redone) and the last adapter."""
     prev_adapter: Path | None = None
     rounds: list[dict] = []
     for t in range(1, run.rounds + 1):
-        round_dir = workspace.partial / f"round-{t}"
+        round_dir = partial / f"round-{t}"
         round_file = round_dir / "round.json"
         if round_file.is_file():
             rounds.append(json.loads(round_file.read_text()))
@@ -246,42 +310,69 @@ def run_irft(run: IRFTRun) -> Path:
             logger.info("round %d already finished", t)
             continue
         round_dir.mkdir(parents=True, exist_ok=True)
-        negatives = generate_negatives(
-            model_dir,
-            prev_adapter,
-            demos,
-            round_dir / "negatives.jsonl",
-            run.generation,
-            run.training.seed + t * _ROUND_SEED_STRIDE,
-            desc=f"round {t}/{run.rounds}: generating negatives",
-            progress=run.progress,
-            demonstrations_file=demos_file,
-        )
-        pairs, identical = irft_pairs(demos, negatives)
-        if not pairs:
-            raise TrainingError(f"round {t}: every generation equals its demonstration; nothing to contrast")
-        logger.info("round %d/%d: %d pairs (demonstration vs own generation); training", t, run.rounds, len(pairs))
-        result = train_adapter(model_dir, pairs, run.training, round_dir / "training", init_adapter=prev_adapter)
-        record = {
-            "round": t,
-            "pairs": len(pairs),
-            "identical_skipped": identical,
-            "negatives": {
-                "mean_tokens": round(statistics.fmean(r["tokens"] for r in negatives), 2),
-                "stopped": sum(r["finish_reason"] == "stop" for r in negatives),
-            },
-            "metrics": result.metrics,
-            "dpo_config": result.dpo_config,
-            "lora_config": result.lora_config,
-            "resumed_from_checkpoint": result.resumed_from,
-        }
+        record, adapter = _train_round(run, t, model_dir, demos, demos_file, round_dir, prev_adapter)
         write_json_atomic(round_file, record)
         rounds.append(record)
-        prev_adapter = result.adapter_dir
+        prev_adapter = adapter
+    return rounds, prev_adapter
 
+
+def _train_round(
+    run: IRFTRun,
+    t: int,
+    model_dir: Path,
+    demos: list[Demonstration],
+    demos_file: Path,
+    round_dir: Path,
+    prev_adapter: Path | None,
+) -> tuple[dict, Path]:
+    """Round ``t``: negatives from the policy of ``prev_adapter``, then an adapter initialised from it and
+    trained on the (demonstration, negative) pairs. Returns the round's record and its adapter."""
+    negatives = generate_negatives(
+        model_dir,
+        prev_adapter,
+        demos,
+        round_dir / "negatives.jsonl",
+        run.generation,
+        run.training.seed + t * _ROUND_SEED_STRIDE,
+        desc=f"round {t}/{run.rounds}: generating negatives",
+        progress=run.progress,
+        demonstrations_file=demos_file,
+    )
+    pairs, identical = irft_pairs(demos, negatives)
+    if not pairs:
+        raise TrainingError(f"round {t}: every generation equals its demonstration; nothing to contrast")
+    logger.info("round %d/%d: %d pairs (demonstration vs own generation); training", t, run.rounds, len(pairs))
+    result = train_adapter(model_dir, pairs, run.training, round_dir / "training", init_adapter=prev_adapter)
+    record = {
+        "round": t,
+        "pairs": len(pairs),
+        "identical_skipped": identical,
+        "negatives": {
+            "mean_tokens": round(statistics.fmean(r["tokens"] for r in negatives), 2),
+            "stopped": sum(r["finish_reason"] == "stop" for r in negatives),
+        },
+        "metrics": result.metrics,
+        "dpo_config": result.dpo_config,
+        "lora_config": result.lora_config,
+        "resumed_from_checkpoint": result.resumed_from,
+    }
+    return record, result.adapter_dir
+
+
+def _irft_manifest(
+    run: IRFTRun,
+    base: BaseModel,
+    workspace: Workspace,
+    rounds: list[dict],
+    selection: dict | None,
+    data: dict,
+    started: float,
+) -> dict:
+    """alignd_adapter.json of the finished adapter: the learned reward, the data, every round's metrics."""
     beta = run.training.beta
     last = rounds[-1]
-    manifest = {
+    return {
         **manifest_header("irft", base.manifest_entry(), run.training, run.command),
         "reward": None,
         "learned_reward": {
@@ -292,19 +383,7 @@ def run_irft(run: IRFTRun) -> Path:
         },
         "rounds": run.rounds,
         "selection": selection,
-        "data": {
-            "file": str(demos_file),
-            "sha256": data_sha,
-            "demonstrations": len(demos),
-            "demonstrations_in_file": in_file,
-            "pairs_per_round": [r["pairs"] for r in rounds],
-            "identical_skipped_per_round": [r["identical_skipped"] for r in rounds],
-            "generation": {
-                "backend": "transformers generate (PEFT model)",
-                **asdict(run.generation),
-                "seed": run.training.seed,
-            },
-        },
+        "data": data,
         "metrics": {
             "rounds": [
                 {
@@ -334,4 +413,3 @@ def run_irft(run: IRFTRun) -> Path:
             "base (SFT) model in every round.",
         ],
     }
-    return workspace.publish_adapter(prev_adapter, manifest, ADAPTER_FILES)

@@ -14,7 +14,8 @@ redundant with one another, so each way of being learned gets its share, and rar
   its optimizer state, and still records how fast each example is learned, which is what the
   trajectories are for.
 - **The losses**: each example's mean token loss of its target given its prompt, computed at every
-  checkpoint in batched forward passes (examples sorted by length, so a batch pads little).
+  checkpoint in batched forward passes (examples sorted by length, so a batch pads little). The proxy
+  and its losses are train/s2l_proxy.py; the set, the budget, the sampler and the command are here.
 - **The clusters**: scikit-learn's ``KMeans`` (k-means++, several restarts, seeded). The trajectories
   are C numbers per example and the sets alignd trains on are thousands of examples, where scikit-learn
   takes seconds; faiss would pay off only on millions of rows, and is one more native dependency.
@@ -31,7 +32,6 @@ the same command; the finished selection is moved to ``<out>/`` in one rename:
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -52,6 +52,9 @@ from alignd.train.data import (
     write_json_atomic,
 )
 from alignd.train.manifest import created_now, jsonable, peak_rss_mib, versions
+from alignd.train.s2l_proxy import ProxyOptions, proxy_trajectories
+from alignd.train.s2l_proxy import example_losses as example_losses  # re-exported: eval/, tests/
+from alignd.train.s2l_proxy import tokenize_examples as tokenize_examples  # re-exported: eval/, tests/
 from alignd.train.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -220,277 +223,6 @@ def random_sample(size: int, budget: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(size, size=budget, replace=False)).astype(np.int64)
 
 
-# ---------------------------------------------------------------------------- the proxy's losses
-@dataclass(frozen=True)
-class ProxyOptions:
-    """How the proxy is trained and its losses taken (TRL ``SFTConfig`` / PEFT ``LoraConfig``)."""
-
-    checkpoints: int = 5
-    epochs: float = 3.0
-    learning_rate: float = 2e-4
-    batch_size: int = 8
-    lora_rank: int = 16
-    max_length: int = 512
-    loss_batch_size: int = 16
-    seed: int = 0
-
-    def check(self) -> None:
-        require(
-            [
-                (
-                    self.checkpoints >= 2,
-                    f"--checkpoints must be >= 2 (a trajectory needs two points), got {self.checkpoints}",
-                ),
-                (self.epochs > 0, f"--proxy-epochs must be > 0, got {self.epochs}"),
-                (self.learning_rate > 0, f"--proxy-learning-rate must be > 0, got {self.learning_rate}"),
-                (self.batch_size >= 1, f"--proxy-batch-size must be >= 1, got {self.batch_size}"),
-                (self.lora_rank >= 1, f"--proxy-lora-rank must be >= 1, got {self.lora_rank}"),
-                (self.max_length >= 16, f"--max-length must be >= 16, got {self.max_length}"),
-                (self.loss_batch_size >= 1, f"--loss-batch-size must be >= 1, got {self.loss_batch_size}"),
-            ]
-        )
-
-    def total_steps(self, size: int) -> int:
-        return max(1, math.ceil(math.ceil(size / self.batch_size) * self.epochs))
-
-    def checkpoint_steps(self, size: int) -> list[int]:
-        """C optimizer steps, evenly spaced over the proxy's training, the last at its end."""
-        total = self.total_steps(size)
-        if total < self.checkpoints:
-            raise TrainingInputError(
-                f"the proxy trains for only {total} steps ({size} examples, batch {self.batch_size}, {self.epochs:g} "
-                f"epochs), fewer than --checkpoints {self.checkpoints}: lower --checkpoints or --proxy-batch-size, "
-                "or raise --proxy-epochs"
-            )
-        return sorted({round(total * (i + 1) / self.checkpoints) for i in range(self.checkpoints)})
-
-
-def tokenize_examples(tokenizer, examples: list[Example], max_length: int) -> tuple[list[list[int]], list[int], int]:
-    """(prompt + target token ids, where the target starts, how many were cut to ``max_length``) of each
-    example, the chat rendered as TRL renders a prompt-completion example for training. A target that
-    the tokenizer cannot encode (unknown tokens, or text that does not come back when decoded) is an
-    error naming the example."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise TrainingInputError("the proxy's tokenizer has no chat template: give a chat model as --proxy")
-    unk = tokenizer.unk_token_id
-    ids, starts, truncated = [], [], 0
-    for e in examples:
-        user = [{"role": "user", "content": e.prompt}]
-        prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": e.target}], tokenize=False)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        start = len(prompt_ids)
-        if full_ids[:start] != prompt_ids:  # a template whose prompt is not a prefix: the common prefix
-            start = next(
-                (i for i, (a, b) in enumerate(zip(full_ids, prompt_ids, strict=False)) if a != b),
-                min(len(full_ids), start),
-            )
-        target_ids = tokenizer(e.target, add_special_tokens=False)["input_ids"]
-        if unk is not None and (unk in target_ids or unk in prompt_ids):
-            raise TrainingInputError(
-                f"line {e.line} (id '{e.id}'): the proxy's tokenizer cannot encode this example (unknown tokens): "
-                "use a proxy whose tokenizer covers the set's text"
-            )
-        if " ".join(tokenizer.decode(target_ids, skip_special_tokens=True).split()) != " ".join(e.target.split()):
-            raise TrainingInputError(
-                f"line {e.line} (id '{e.id}'): the proxy's tokenizer does not encode this example's answer faithfully "
-                "(decoding it gives other text): use a proxy whose tokenizer covers the set's text"
-            )
-        if start >= max_length:
-            raise TrainingInputError(
-                f"line {e.line} (id '{e.id}'): the prompt alone is {start} tokens, at least --max-length {max_length}: "
-                "raise --max-length or shorten the prompt"
-            )
-        if len(full_ids) > max_length:
-            truncated += 1
-            full_ids = full_ids[:max_length]
-        ids.append(full_ids)
-        starts.append(start)
-    return ids, starts, truncated
-
-
-def example_losses(
-    model, token_ids: list[list[int]], starts: list[int], pad_id: int, batch_size: int, *, progress=None
-) -> np.ndarray:
-    """Each example's mean token loss (nats) of its target (tokens from ``starts[i]`` on) given what comes
-    before, in batched forward passes over examples sorted by length (right-padded)."""
-    import torch
-
-    device = next(model.parameters()).device
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    out = np.empty(len(token_ids), dtype=np.float64)
-    model.eval()
-    with torch.no_grad():
-        for b in range(0, len(order), batch_size):
-            rows = order[b : b + batch_size]
-            width = max(len(token_ids[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            target = torch.zeros((len(rows), width), dtype=torch.bool)
-            for r, i in enumerate(rows):
-                n = len(token_ids[i])
-                input_ids[r, :n] = torch.tensor(token_ids[i])
-                mask[r, :n] = 1
-                target[r, starts[i] : n] = True
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-            # token t is predicted at position t - 1
-            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            picked = logprobs.gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-            weight = target[:, 1:].to(device)
-            nll = -(picked * weight).sum(-1) / weight.sum(-1).clamp(min=1)
-            out[rows] = nll.cpu().numpy()
-            if progress is not None:
-                progress.update(len(rows))
-    return out
-
-
-def _sft_trainer(model_dir: Path, examples: list[Example], opts: ProxyOptions, output_dir: Path, schedule: list[int]):
-    """TRL's ``SFTTrainer`` for a LoRA adapter of the proxy on the set (prompt-completion, loss on the
-    completion only), saving a checkpoint at each step of ``schedule``."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from alignd.train.tuning import DEFAULT_TARGET_MODULES
-
-    steps = set(schedule)
-
-    class SaveAtSchedule(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step in steps:
-                control.should_save = True
-            return control
-
-    cuda = torch.cuda.is_available()
-    config = SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=schedule[-1],
-        learning_rate=opts.learning_rate,
-        per_device_train_batch_size=opts.batch_size,
-        seed=opts.seed,
-        data_seed=opts.seed,
-        max_length=opts.max_length,
-        completion_only_loss=True,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=False,
-        logging_steps=max(1, schedule[-1] // 20),
-        save_strategy="steps",
-        save_steps=schedule[-1] + 1,  # never by itself: the callback saves at the schedule's steps
-        save_total_limit=None,  # every checkpoint is a point of the trajectories
-        report_to="none",
-        dataloader_pin_memory=cuda,
-        lr_scheduler_type="constant",  # the trajectories show the data, not a decaying learning rate
-    )
-    dataset = Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": e.prompt}],
-                "completion": [{"role": "assistant", "content": e.target}],
-            }
-            for e in examples
-        ]
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    lora = LoraConfig(
-        r=opts.lora_rank,
-        lora_alpha=2 * opts.lora_rank,
-        lora_dropout=0.0,
-        target_modules=list(DEFAULT_TARGET_MODULES),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora,
-        callbacks=[SaveAtSchedule()],
-    )
-
-
-def proxy_trajectories(
-    model_dir: Path, examples: list[Example], opts: ProxyOptions, work: Path, *, progress: bool = True
-) -> tuple[np.ndarray, list[int], dict]:
-    """Train the proxy (resuming TRL's last checkpoint) and take every example's loss at each checkpoint
-    (each checkpoint's losses written to ``work/losses/step-<n>.json`` and reused). Returns the
-    trajectories (examples x checkpoints), the checkpoint steps and the proxy's metrics."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    schedule = opts.checkpoint_steps(len(examples))
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    token_ids, starts, truncated = tokenize_examples(tokenizer, examples, opts.max_length)
-    losses_dir = work / "losses"
-    losses_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = work / "proxy"
-    metrics: dict = {"checkpoint_steps": schedule, "truncated_examples": truncated}
-    done_file = work / "proxy.json"
-    if not done_file.is_file():
-        from alignd.train.tuning import _last_checkpoint
-
-        trainer = _sft_trainer(model_dir, examples, opts, checkpoints, schedule)
-        resume = _last_checkpoint(checkpoints)
-        if resume:
-            logger.info("resuming the proxy's training from %s", resume)
-        started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=resume)
-        logged = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
-        write_json_atomic(
-            done_file,
-            {
-                "train_wall_s": round(time.perf_counter() - started, 3),
-                "train_loss_mean": output.training_loss,
-                "log": logged,
-                "resumed_from": resume,
-            },
-        )
-        del trainer
-        gc.collect()
-    metrics.update(json.loads(done_file.read_text()))
-
-    missing = [s for s in schedule if not (losses_dir / f"step-{s}.json").is_file()]
-    started = time.perf_counter()
-    if missing:
-        from peft import PeftModel, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-        model = None
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        with tqdm(
-            total=len(missing) * len(examples), desc="losses at the checkpoints", unit="example", disable=not progress
-        ) as bar:
-            for step in missing:
-                ckpt = checkpoints / f"checkpoint-{step}"
-                if not (ckpt / "adapter_model.safetensors").is_file():
-                    raise TrainingError(f"the proxy's checkpoint {ckpt} is missing: run with --restart")
-                if model is None:
-                    model = PeftModel.from_pretrained(base, str(ckpt))
-                else:
-                    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-                values = example_losses(model, token_ids, starts, pad_id, opts.loss_batch_size, progress=bar)
-                write_json_atomic(
-                    losses_dir / f"step-{step}.json",
-                    {"step": step, "ids": [e.id for e in examples], "losses": values.tolist()},
-                )
-        del model, base
-        gc.collect()
-    metrics["loss_wall_s_this_process"] = round(time.perf_counter() - started, 3)
-    columns = []
-    for step in schedule:
-        record = json.loads((losses_dir / f"step-{step}.json").read_text())
-        if record["ids"] != [e.id for e in examples]:
-            raise TrainingError(f"{losses_dir}/step-{step}.json holds other examples: run with --restart")
-        columns.append(record["losses"])
-    return np.array(columns, dtype=np.float64).T, schedule, metrics
-
-
 # ---------------------------------------------------------------------------- the command
 @dataclass
 class SelectionRun:
@@ -572,7 +304,26 @@ def run_selection(run: SelectionRun) -> Path:
     budget = run.budget.resolve(size)
     seed = run.proxy.seed
     data_sha = file_sha256(data.path)
-    selection: dict = {
+    selection = _selection_record(run, data, budget, data_sha)
+    clustered: _Clustered | None = None
+    if run.method == "random":
+        chosen = random_sample(size, budget, seed)
+        workspace.open({"kind": "select-random", "data_sha256": data_sha}, {})
+    else:
+        chosen, clustered = _select_s2l(run, workspace, data, budget, data_sha, selection)
+    selection["selected"] = int(len(chosen))
+    selection["ids"] = [data.examples[i].id for i in chosen]
+    selection["metrics"] = {
+        "wall_s_this_process": round(time.perf_counter() - started, 3),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    _write_selection(workspace.fresh_result_dir(), data, chosen, clustered, selection)
+    return workspace.publish()
+
+
+def _selection_record(run: SelectionRun, data: SelectionSet, budget: int, data_sha: str) -> dict:
+    """What selection.json says of every selection: the method, the set, the budget and the provenance."""
+    return {
         "format": 1,
         "method": run.method,
         "created": created_now(),
@@ -580,88 +331,100 @@ def run_selection(run: SelectionRun) -> Path:
             "file": str(data.path),
             "sha256": data_sha,
             "kind": data.kind,
-            "examples": size,
+            "examples": len(data.examples),
             "target": "response" if data.kind == "demonstrations" else "chosen",
         },
         "budget": {"given": str(run.budget), "examples": budget},
-        "seed": seed,
+        "seed": run.proxy.seed,
         "command": run.command,
         "versions": versions(),
     }
-    labels = trajectories = steps = None
-    if run.method == "random":
-        chosen = random_sample(size, budget, seed)
-        workspace.open({"kind": "select-random", "data_sha256": data_sha}, {})
-    else:
-        from alignd.train.tuning import resolve_base_model
 
-        clusters = run.clusters if run.clusters is not None else default_clusters(size)
-        require(
-            [
-                (
-                    1 <= clusters <= size,
-                    f"--clusters {clusters} is more than the set's {size} examples: give at most {size} (default: "
-                    f"{default_clusters(size)})",
-                )
-            ]
-        )
-        run.proxy.check()
-        run.proxy.checkpoint_steps(size)  # the schedule fits, before any work
-        from alignd.models.weights import weights_digest
 
-        model_dir, model_name = resolve_base_model(run.settings, progress=run.progress)
-        digest = weights_digest(model_dir)
-        proxy_identity = {k: v for k, v in asdict(run.proxy).items() if k != "loss_batch_size"}
-        workspace.open(
-            {"kind": "select-s2l", "data_sha256": data_sha, "proxy_weights": digest, "proxy": proxy_identity}, {}
-        )
-        for note in workspace.notes:
-            logger.warning("%s", note)
-        trajectories, steps, proxy_metrics = proxy_trajectories(
-            model_dir, data.examples, run.proxy, workspace.partial, progress=run.progress
-        )
-        t0 = time.perf_counter()
-        labels = cluster_trajectories(trajectories, clusters, seed)
-        chosen, spread = s2l_sample(labels, budget, seed)
-        proxy_metrics["cluster_and_sample_s"] = round(time.perf_counter() - t0, 3)
-        for c in spread:
-            c["mean_trajectory"] = [round(float(v), 4) for v in trajectories[labels == c["cluster"]].mean(axis=0)]
-        selection["proxy"] = {
-            "model": {"name": model_name, "path": str(model_dir), "weights_digest": digest},
-            "options": asdict(run.proxy),
-            "checkpoint_steps": steps,
-            "trainer": "TRL SFTTrainer, LoRA (PEFT), loss on the answer only",
-            "metrics": proxy_metrics,
-        }
-        selection["clusters"] = {
-            "k": clusters,
-            "algorithm": "scikit-learn KMeans (k-means++, n_init=10)",
-            "spread": spread,
-        }
-    selection["selected"] = int(len(chosen))
-    selection["ids"] = [data.examples[i].id for i in chosen]
-    selection["metrics"] = {
-        "wall_s_this_process": round(time.perf_counter() - started, 3),
-        "peak_rss_mib": peak_rss_mib(),
+@dataclass(frozen=True)
+class _Clustered:
+    """The proxy's loss trajectories (examples x checkpoints), their clusters and the checkpoint steps."""
+
+    trajectories: np.ndarray
+    labels: np.ndarray
+    steps: list[int]
+
+
+def _select_s2l(
+    run: SelectionRun, workspace: Workspace, data: SelectionSet, budget: int, data_sha: str, selection: dict
+) -> tuple[np.ndarray, _Clustered]:
+    """S2L: the proxy trained (resumably, in the workspace), its trajectories clustered, the budget spread
+    over the clusters; ``selection`` gets the proxy's and the clusters' entries."""
+    from alignd.models.weights import weights_digest
+    from alignd.train.tuning import resolve_base_model
+
+    size, seed = len(data.examples), run.proxy.seed
+    clusters = run.clusters if run.clusters is not None else default_clusters(size)
+    require(
+        [
+            (
+                1 <= clusters <= size,
+                f"--clusters {clusters} is more than the set's {size} examples: give at most {size} (default: "
+                f"{default_clusters(size)})",
+            )
+        ]
+    )
+    run.proxy.check()
+    run.proxy.checkpoint_steps(size)  # the schedule fits, before any work
+    model_dir, model_name = resolve_base_model(run.settings, progress=run.progress)
+    digest = weights_digest(model_dir)
+    proxy_identity = {k: v for k, v in asdict(run.proxy).items() if k != "loss_batch_size"}
+    workspace.open(
+        {"kind": "select-s2l", "data_sha256": data_sha, "proxy_weights": digest, "proxy": proxy_identity}, {}
+    )
+    for note in workspace.notes:
+        logger.warning("%s", note)
+    trajectories, steps, proxy_metrics = proxy_trajectories(
+        model_dir, data.examples, run.proxy, workspace.partial, progress=run.progress
+    )
+    t0 = time.perf_counter()
+    labels = cluster_trajectories(trajectories, clusters, seed)
+    chosen, spread = s2l_sample(labels, budget, seed)
+    proxy_metrics["cluster_and_sample_s"] = round(time.perf_counter() - t0, 3)
+    for c in spread:
+        c["mean_trajectory"] = [round(float(v), 4) for v in trajectories[labels == c["cluster"]].mean(axis=0)]
+    selection["proxy"] = {
+        "model": {"name": model_name, "path": str(model_dir), "weights_digest": digest},
+        "options": asdict(run.proxy),
+        "checkpoint_steps": steps,
+        "trainer": "TRL SFTTrainer, LoRA (PEFT), loss on the answer only",
+        "metrics": proxy_metrics,
     }
+    selection["clusters"] = {"k": clusters, "algorithm": "scikit-learn KMeans (k-means++, n_init=10)", "spread": spread}
+    return chosen, _Clustered(trajectories, labels, steps)
 
-    folder = workspace.fresh_result_dir()
+
+def _write_selection(
+    folder: Path, data: SelectionSet, chosen: np.ndarray, clustered: _Clustered | None, selection: dict
+) -> None:
+    """The selection's files in ``folder``: the subset, the trajectories and their plot (S2L), the report,
+    and selection.json last (a folder with it is complete)."""
     keep = {data.examples[i].line for i in chosen}
     lines = data.path.read_text(encoding="utf-8").splitlines(keepends=True)
     with open(folder / SUBSET_FILE, "w", encoding="utf-8") as handle:
         for number, line in enumerate(lines, start=1):
             if number in keep:
                 handle.write(line if line.endswith("\n") else line + "\n")
-    if trajectories is not None:
+    if clustered is not None:
         with open(folder / TRAJECTORIES_FILE, "w", encoding="utf-8") as handle:
-            for e, row, label in zip(data.examples, trajectories, labels, strict=False):
+            for e, row, label in zip(data.examples, clustered.trajectories, clustered.labels, strict=False):
                 handle.write(
                     json.dumps({"id": e.id, "cluster": int(label), "losses": [round(float(v), 5) for v in row]}) + "\n"
                 )
-        _plot(folder / PLOT_FILE, trajectories, labels, steps, selection["clusters"]["spread"])
+        _plot(
+            folder / PLOT_FILE,
+            clustered.trajectories,
+            clustered.labels,
+            clustered.steps,
+            selection["clusters"]["spread"],
+        )
     (folder / REPORT_FILE).write_text(_report(selection), encoding="utf-8")
     write_json_atomic(folder / SELECTION_FILE, jsonable(selection))  # last: a folder with it is complete
-    return workspace.publish()
 
 
 def read_selection(folder: str | Path) -> dict:

@@ -132,9 +132,10 @@ def _model_config_being_served() -> Any | None:
     value-guided model logs that it decodes the request plainly."""
     frame = sys._getframe(1)
     for _ in range(6):
-        frame = frame.f_back
-        if frame is None:
+        back = frame.f_back
+        if back is None:
             return None
+        frame = back
         model_config = getattr(frame.f_locals.get("self"), "model_config", None)
         if isinstance(getattr(model_config, "architectures", None), (list, tuple)):
             return model_config
@@ -168,7 +169,7 @@ class _AskingRows:
         )
 
 
-class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
+class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):  # type: ignore[misc]  # bases picked by vLLM version
     """TQ* with alignd's value head over the rows whose request asks for it (module docstring)."""
 
     @classmethod
@@ -263,6 +264,7 @@ class ValueGuidedLogitsProcessor(*_RUNNER_INTERFACES):
             else:
                 self._apply_transfer_q(logits, asking)
         for row, request in self._sampled or ():
+            assert request.sampling is not None  # _sampled holds the rows that ask for seeded sampling
             # after TQ*: a seeded request that also asks for the head samples the rule's distribution
             logits[row] = sampling_scores(logits[row], request.output_ids, request.sampling).to(logits.dtype)
         return logits

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncGenerator
+from typing import cast
 
 from alignd.decoding.listing import describe_methods
 from alignd.models.engine import GeneratedTokenLogprobs
@@ -64,7 +66,7 @@ class NativeServing(GenerationService):
         prompt = (
             self.render_messages(request.messages)
             if request.messages is not None
-            else self.render_prompt(request.prompt)
+            else self.render_prompt(cast(str, request.prompt))  # _one_input: 'prompt' is given when 'messages' is not
         )
         return self.plan(request, prompt, logprobs=request.logprobs)
 
@@ -114,7 +116,7 @@ class NativeServing(GenerationService):
         prompt_ids = plan.prompt_ids
         request_id = new_id("gen")
 
-        async def events():
+        async def events() -> AsyncGenerator[GenerateStreamEvent, None]:
             completion_tokens = 0
             async for delta in self.metered_stream(GENERATE_ENDPOINT, plan, request_id):
                 completion_tokens += len(delta.token_ids)

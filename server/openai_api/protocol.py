@@ -7,7 +7,7 @@ silently ignored.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -89,8 +89,8 @@ class CompletionRequest(SamplingFields):
         """The prompt normalised to a list of strings or token-id lists."""
         p = self.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        return list(p)
+            return [cast("str | list[int]", p)]  # one prompt: a string or its token ids
+        return list(cast("list[str] | list[list[int]]", p))
 
 
 # ---------------------------------------------------------------------------- responses

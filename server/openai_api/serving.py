@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 
 from alignd.models.engine import GeneratedTokenLogprobs
 from alignd.server.generation import GenerationService, new_id
@@ -114,7 +115,7 @@ class OpenAIServing(GenerationService):
         request_id = new_id("chatcmpl")
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
-        async def events():
+        async def events() -> AsyncGenerator[ChatCompletionChunk, None]:
             started: set[int] = set()
             completion_tokens = 0
             async for delta in self.metered_stream(CHAT_ENDPOINT, plan, request_id):
@@ -194,7 +195,7 @@ class OpenAIServing(GenerationService):
         request_id = new_id("cmpl")
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
-        async def events():
+        async def events() -> AsyncGenerator[CompletionResponse, None]:
             prompt_tokens = completion_tokens = 0
             # Several prompts are streamed one after another; each gets its own choice indices.
             for i, (prompt, plan) in enumerate(prepared):

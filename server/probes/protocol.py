@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -145,7 +145,8 @@ class ProbeJobRequest(StrictModel):
 
     @property
     def n_items(self) -> int:
-        return len(self.texts) if self.texts is not None else len(self.dataset.items)
+        # _check: exactly one of 'texts' and 'dataset' is given
+        return len(self.texts) if self.texts is not None else len(cast(FewShotDataset, self.dataset).items)
 
 
 # ------------------------------------------------------------------------------------------ responses

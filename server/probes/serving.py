@@ -20,14 +20,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from alignd.errors import ConfigurationError, InvalidRequestError, NotFoundError
 from alignd.models.factory import build_reference_engine
 from alignd.models.hf_engine import num_hidden_layers, text_config
 from alignd.probes.analysis import AnalysisParams, analyse_conditions, plot_layers
 from alignd.probes.fewshot import build_prompts, dataset_labels
-from alignd.probes.hidden_states import layer_representations, resolve_layers
+from alignd.probes.hidden_states import Pooling, Site, layer_representations, resolve_layers
 from alignd.probes.jobs import Job, JobConflictError, JobManager
 from alignd.server.probes.protocol import (
     ProbeConditionInfo,
@@ -66,8 +66,8 @@ class _Spec:
     conditions: list[_Condition]
     labels: dict[str, list[str]]
     layers: list[int]
-    pooling: str
-    site: str
+    pooling: Pooling
+    site: Site
     params: AnalysisParams
 
 
@@ -108,7 +108,7 @@ class ProbeServing:
         """Probes of the served engine's model; reuses the engine itself when it gives hidden states. A
         remote SFT engine's model is probed in a local copy (its folder, loaded on the first probe job):
         hidden states never cross vLLM's HTTP API."""
-        path = engine.info.extra.get("local_model_dir") or engine.info.model_path
+        path = cast("str | None", engine.info.extra.get("local_model_dir")) or engine.info.model_path
         return cls(path, settings, metrics, engine=engine if engine.supports_hidden_states else None)
 
     async def close(self) -> None:
@@ -118,8 +118,9 @@ class ProbeServing:
     def _observe(self, job: Job) -> None:
         if self.metrics is None:
             return
-        ran = job.started_at is not None and job.finished_at is not None
-        self.metrics.observe_probe_job(job.status, job.finished_at - job.started_at if ran else None)
+        started, finished = job.started_at, job.finished_at
+        seconds = finished - started if started is not None and finished is not None else None
+        self.metrics.observe_probe_job(job.status, seconds)
 
     # ------------------------------------------------------------------ models
     def _path(self, key: str) -> str:
@@ -141,7 +142,8 @@ class ProbeServing:
                 from transformers import AutoConfig, AutoTokenizer
 
                 # a tokenizer of its own: the engine's may be busy in a running job's thread
-                tokenizer = AutoTokenizer.from_pretrained(path) if path else engine.tokenizer
+                # (no folder: only with an open engine, as in tests)
+                tokenizer = AutoTokenizer.from_pretrained(path) if path else cast(Any, engine).tokenizer
                 if engine is not None:  # what the open engine reports
                     layers, limit = engine.info.num_layers, engine.info.max_model_len
                 else:  # the folder's config, without loading the weights
@@ -183,13 +185,14 @@ class ProbeServing:
                 conditions[0].name = request.name
             labels = {**dataset_labels(ds.items), **labels}
         else:
-            conditions = [_Condition(request.name or "A", SERVED, list(request.texts))]
+            # ProbeJobRequest._check: 'texts' is given when 'dataset' is not
+            conditions = [_Condition(request.name or "A", SERVED, list(cast("list[str]", request.texts)))]
         if request.compare is not None:
             c = request.compare
             model = c.model if c.model is not None else SERVED
             self._path(model)  # unknown names fail here
             texts = list(c.texts) if c.texts is not None else list(conditions[0].texts)
-            name = c.name or (c.model if c.texts is None else "B")
+            name = cast(str, c.name or (c.model if c.texts is None else "B"))  # _something: without texts, a model
             conditions.append(_Condition(name, model, texts, shots=conditions[0].shots if c.texts is None else None))
         if len({c.name for c in conditions}) != len(conditions):
             raise InvalidRequestError(
@@ -315,13 +318,17 @@ class ProbeServing:
             timing["load_s"] = timing.get("load_s", 0.0) + time.perf_counter() - t
             job.report(_HIDDEN * ci / n_cond)  # raises if cancelled meanwhile
             t = time.perf_counter()
+
+            def progress(f: float, ci: int = ci) -> None:
+                job.report(_HIDDEN * (ci + f) / n_cond)
+
             reps[cond.name] = await layer_representations(
                 engine,
                 cond.texts,
                 spec.layers,
                 spec.pooling,
                 self.settings.probe_batch_size,
-                lambda f, ci=ci: job.report(_HIDDEN * (ci + f) / n_cond),
+                progress,
                 site=spec.site,
                 max_batch_tokens=self.settings.probe_max_batch_tokens,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -40,7 +41,8 @@ class RewardRequest(StrictModel):
         return self
 
     def reward_names(self) -> list[str]:
-        return [self.reward] if self.reward is not None else list(dict.fromkeys(self.rewards))
+        # _one_reward_field: 'rewards' is given when 'reward' is not
+        return [self.reward] if self.reward is not None else list(dict.fromkeys(cast("list[str]", self.rewards)))
 
 
 class TokenValue(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import math
 
 from alignd.errors import InvalidRequestError, RewardFailedError
@@ -31,7 +32,8 @@ class RewardServing:
     def list(self) -> RewardList:
         return RewardList(data=[RewardInfo(**r.describe()) for r in self.registry.all()])
 
-    async def _score(self, name: str, items: list[RewardItem], token_values: bool, truncate: bool):
+    # builtins.list: in this class body, ``list`` is the method above
+    async def _score(self, name: str, items: builtins.list[RewardItem], token_values: bool, truncate: bool):
         reward = self.registry.get(name)
         if token_values and not reward.supports_token_values:
             raise InvalidRequestError(
