@@ -14,6 +14,17 @@ def default_data_file(name: str) -> Path:
     return Path(alignd.train.__file__).resolve().parent / "data" / name
 
 
+def add_prompts_option(group: argparse._ArgumentGroup) -> None:
+    """--prompts of the commands that train on prompts (dpo, irft, value-head)."""
+    group.add_argument(
+        "--prompts",
+        type=Path,
+        default=default_data_file("prompts.jsonl"),
+        metavar="FILE",
+        help='JSONL of {"id", "prompt"} lines (default: train/data/prompts.jsonl)',
+    )
+
+
 def _modules(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",") if m.strip())
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from alignd.cli.settings_flags import add_settings_flags
-from alignd.cli.train_options import add_training_options, default_data_file
+from alignd.cli.train_options import add_prompts_option, add_training_options, default_data_file
 from alignd.cli.value_head_parser import value_head_parser
 
 
@@ -42,13 +42,7 @@ def _dpo_parser(verbs) -> argparse.ArgumentParser:
         "DPOTrainer against the SFT model. Interrupt at any time; the same command resumes.",
     )
     data = parser.add_argument_group("data and sampling")
-    data.add_argument(
-        "--prompts",
-        type=Path,
-        default=default_data_file("prompts.jsonl"),
-        metavar="FILE",
-        help='JSONL of {"id", "prompt"} lines (default: train/data/prompts.jsonl)',
-    )
+    add_prompts_option(data)
     data.add_argument(
         "--reward",
         default=None,

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignd.cli.train_options import add_output_options, default_data_file
+from alignd.cli.train_options import add_output_options, add_prompts_option
 
 if TYPE_CHECKING:
     from alignd.train.value_head import HeadTrainingOptions, TargetOptions
@@ -45,13 +45,7 @@ def _add_target_source_options(data: argparse._ArgumentGroup, t: TargetOptions) 
     """The prompts, and whose answers and which reward give the targets."""
     from alignd.train.value_head import DEFAULT_EVAL_PROMPTS, TARGET_KINDS
 
-    data.add_argument(
-        "--prompts",
-        type=Path,
-        default=default_data_file("prompts.jsonl"),
-        metavar="FILE",
-        help='JSONL of {"id", "prompt"} lines (default: train/data/prompts.jsonl)',
-    )
+    add_prompts_option(data)
     data.add_argument(
         "--eval-prompts",
         type=Path,
